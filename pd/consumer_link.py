@@ -1,0 +1,131 @@
+"""Producer's control connection to one consumer endpoint (ZMQ DEALER).
+
+Handshakes on first use, and again whenever the consumer says it does not know us:
+that is how a restarted consumer (new incarnation) is noticed; the stale NIXL remote
+agent is dropped and the new one added, with no restart on this side.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+
+import zmq
+
+from pd import wire
+from pd.layout import KVLayout
+from transfer.nixl_agent import NixlAgent
+
+log = logging.getLogger("kvbridge.producer")
+
+
+class HandshakeRejected(RuntimeError):
+    """The consumer's layout differs; `reasons` names each differing field."""
+
+    def __init__(self, address: str, reasons: list[str]) -> None:
+        super().__init__(f"consumer {address} rejected the handshake: " + "; ".join(reasons))
+        self.reasons = reasons
+
+
+class PeerUnreachable(RuntimeError):
+    """No reply within the timeout: the consumer is down or unreachable."""
+
+
+class PeerError(RuntimeError):
+    """The consumer answered with an error reply."""
+
+    def __init__(self, address: str, code: str, message: str) -> None:
+        super().__init__(f"consumer {address}: {code}: {message}")
+        self.code = code
+
+
+class ConsumerLink:
+    def __init__(self, address: str, agent: NixlAgent, layout: KVLayout, producer_id: str,
+                 incarnation: str, secret: str | None = None, timeout_s: float = 2.0) -> None:
+        self.address = address
+        self._agent = agent
+        self._layout = layout
+        self._producer_id = producer_id
+        self._incarnation = incarnation
+        self._secret = secret
+        self._timeout_ms = int(timeout_s * 1000)
+        self._rid = itertools.count(1)
+        self._lock = threading.Lock()
+        self._sock: zmq.Socket | None = None
+        self.welcome: wire.Welcome | None = None
+
+    def ensure(self) -> wire.Welcome:
+        if self.welcome is None:
+            self._hello()
+        return self.welcome
+
+    def alloc(self, transfer_id: str, n_chunks: int, ttl_s: float) -> wire.Grant | wire.NoCapacity:
+        self.ensure()
+        msg = wire.Alloc(incarnation=self._incarnation, transfer_id=transfer_id, n_chunks=n_chunks, ttl_s=ttl_s)
+        try:
+            return self._call(msg, (wire.Grant, wire.NoCapacity))
+        except PeerError as e:
+            if e.code != "handshake_required":
+                raise
+            log.info("consumer %s does not know us (restarted?): handshaking again", self.address)
+            self._hello()
+            return self._call(msg, (wire.Grant, wire.NoCapacity))
+
+    def renew(self, transfer_id: str, epoch: int, ttl_s: float) -> bool:
+        return self._call(wire.Renew(transfer_id=transfer_id, epoch=epoch, ttl_s=ttl_s), (wire.Ack,)).ok
+
+    def release(self, transfer_id: str, epoch: int) -> bool:
+        return self._call(wire.Release(transfer_id=transfer_id, epoch=epoch), (wire.Ack,)).ok
+
+    def stats(self) -> wire.PoolStatus:
+        return self._call(wire.Stats(), (wire.PoolStatus,))
+
+    def close(self) -> None:
+        with self._lock:
+            self._reset_socket()
+        if self.welcome is not None:
+            self._agent.remove_remote(self.welcome.agent_name)
+            self.welcome = None
+
+    def _hello(self) -> None:
+        hello = wire.Hello(producer_id=self._producer_id, incarnation=self._incarnation,
+                           layout=self._layout, agent_name=self._agent.name, agent_meta=self._agent.metadata())
+        reply = self._call(hello, (wire.Welcome, wire.Reject))
+        if isinstance(reply, wire.Reject):
+            raise HandshakeRejected(self.address, reply.reasons)
+        old = self.welcome
+        if old is not None and old.incarnation != reply.incarnation:
+            log.info("consumer %s restarted (incarnation %s -> %s): dropping stale agent",
+                     self.address, old.incarnation[:12], reply.incarnation[:12])
+        if old is not None:
+            self._agent.remove_remote(old.agent_name)
+        self._agent.add_remote(reply.agent_meta)
+        self.welcome = reply
+
+    def _call(self, msg: wire._Msg, expect: tuple[type, ...]):
+        msg.secret = self._secret
+        with self._lock:
+            msg.rid = next(self._rid)
+            if self._sock is None:
+                self._sock = zmq.Context.instance().socket(zmq.DEALER)
+                self._sock.setsockopt(zmq.LINGER, 0)
+                self._sock.connect(f"tcp://{self.address}")
+            self._sock.send(wire.encode(msg))
+            while True:
+                if not self._sock.poll(self._timeout_ms):
+                    self._reset_socket()
+                    raise PeerUnreachable(f"consumer {self.address} did not answer {msg.type} "
+                                          f"within {self._timeout_ms} ms")
+                reply = wire.decode_reply(self._sock.recv())
+                if reply.rid == msg.rid:
+                    break
+        if isinstance(reply, wire.Error):
+            raise PeerError(self.address, reply.code, reply.message)
+        if not isinstance(reply, expect):
+            raise PeerError(self.address, "unexpected", f"{reply.type} in answer to {msg.type}")
+        return reply
+
+    def _reset_socket(self) -> None:
+        if self._sock is not None:
+            self._sock.close(0)
+            self._sock = None

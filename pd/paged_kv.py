@@ -1,0 +1,86 @@
+"""Gather paged KV blocks into one contiguous chunk, and scatter a chunk back into blocks.
+
+Every supported cache layout is reduced to a list of *block-major* tensors (dim 0 is the
+block id): vLLM CPU `LBHNC` gives one per layer (`[blocks, heads, block_size, 2*head]`),
+GPU `NHD`/`HND` give two per layer (K and V of `[2, blocks, ...]`). A chunk is, for each
+of those tensors in layer order, the slabs of its blocks one after another. Both peers
+agree on the layout in the handshake, so a slab is copied as opaque bytes.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from pd.layout import KVLayout
+
+_LAYER_INDEX = re.compile(r"(?:layers|h|blocks)\.(\d+)\.")
+
+
+class LayoutUnsupported(ValueError):
+    pass
+
+
+def _layer_index(name: str) -> int:
+    m = _LAYER_INDEX.search(name)
+    return int(m.group(1)) if m else -1
+
+
+def block_major_tensors(kv_caches: dict[str, torch.Tensor], cache_layout: str) -> list[torch.Tensor]:
+    """Split vLLM's per-layer caches into block-major tensors, in layer order."""
+    out = []
+    for name in sorted(kv_caches, key=lambda n: (_layer_index(n), n)):
+        t = kv_caches[name]
+        if cache_layout == "LBHNC":
+            out.append(t)
+        elif cache_layout in ("NHD", "HND"):
+            if t.shape[0] != 2:
+                raise LayoutUnsupported(f"{name}: {cache_layout} cache should start with a K/V dim of 2, "
+                                        f"got shape {tuple(t.shape)}")
+            out.extend([t[0], t[1]])
+        else:
+            raise LayoutUnsupported(f"cache layout {cache_layout!r} is not supported "
+                                    "(known: LBHNC, NHD, HND)")
+    return out
+
+
+class PagedKV:
+    """One rank's paged KV cache seen as block slabs; `gather`/`scatter` move whole blocks."""
+
+    def __init__(self, kv_caches: dict[str, torch.Tensor], layout: KVLayout) -> None:
+        self.layout = layout
+        self.tensors = block_major_tensors(kv_caches, layout.cache_layout)
+        self.slab_bytes = [t[0].numel() * t.element_size() for t in self.tensors]
+        expected = layout.bytes_per_block
+        if sum(self.slab_bytes) != expected:
+            raise LayoutUnsupported(f"caches hold {sum(self.slab_bytes)} bytes per block, layout "
+                                    f"{layout.cache_layout} with these fields implies {expected}")
+
+    def chunk_nbytes(self, n_blocks: int) -> int:
+        return n_blocks * self.layout.bytes_per_block
+
+    def gather(self, block_ids: list[int], out: torch.Tensor) -> int:
+        """Copy the blocks into `out` (uint8, contiguous); returns bytes written."""
+        idx = torch.tensor(block_ids, dtype=torch.long, device=self.tensors[0].device)
+        off = 0
+        for t, slab in zip(self.tensors, self.slab_bytes):
+            n = slab * len(block_ids)
+            dst = out[off:off + n].view(t.dtype).view(len(block_ids), *t.shape[1:])
+            torch.index_select(t, 0, idx, out=dst)
+            off += n
+        return off
+
+    def scatter(self, block_ids: list[int], src: torch.Tensor, skip: int = 0) -> None:
+        """Copy a chunk from `src` into the blocks; the first `skip` blocks are left alone
+        (they already hold locally computed prefix KV)."""
+        keep = list(range(skip, len(block_ids)))
+        if not keep:
+            return
+        idx = torch.tensor([block_ids[i] for i in keep], dtype=torch.long, device=self.tensors[0].device)
+        pos = torch.tensor(keep, dtype=torch.long, device=src.device)
+        off = 0
+        for t, slab in zip(self.tensors, self.slab_bytes):
+            n = slab * len(block_ids)
+            part = src[off:off + n].view(t.dtype).view(len(block_ids), *t.shape[1:])
+            t.index_copy_(0, idx, part if skip == 0 else part.index_select(0, pos))
+            off += n

@@ -1,0 +1,256 @@
+"""Producer push engine: lease slots on a consumer, write staged chunks, renew, clean up.
+
+The engine thread calls `begin` when a request first appears and `stage` as soon as a
+chunk's KV exists (per scheduler step), so writes leave while prefill continues. One
+background thread talks to consumers and drives NIXL; it sleeps on a condition variable
+when there is nothing to post or poll.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from pd import wire
+from pd.consumer_link import ConsumerLink
+from pd.layout import KVLayout
+from pd.states import State, Transfer
+from transfer.nixl_agent import NixlAgent, TransferError
+from transfer.notice import ChunkNotice
+from transfer.staging import StagingBuffer
+
+log = logging.getLogger("kvbridge.producer")
+
+
+@dataclass
+class ProducerSettings:
+    producer_id: str = "prefill"
+    staging_chunks: int = 16
+    lease_ttl_s: float = 5.0
+    write_margin_s: float = 1.0
+    alloc_timeout_s: float = 5.0
+    staging_wait_s: float = 2.0
+    rpc_timeout_s: float = 2.0
+    checksum: bool = False
+    secret: str | None = None
+    device: str = "cpu"
+
+
+@dataclass
+class _Job:
+    t: Transfer
+    consumer: str
+    n_chunks: int
+    staged: dict[int, tuple[int, int]] = field(default_factory=dict)   # chunk -> (staging slot, nbytes)
+    inflight: dict[int, tuple[object, int]] = field(default_factory=dict)  # chunk -> (handle, slot)
+    sent: int = 0
+    grant: wire.Grant | None = None
+    deadline: float = 0.0
+    next_renew: float = 0.0
+    retry_at: float = 0.0
+    abort: bool = False
+
+
+class Producer:
+    def __init__(self, layout: KVLayout, chunk_tokens: int, settings: ProducerSettings) -> None:
+        self.layout = layout
+        self.chunk_tokens = chunk_tokens
+        self.cfg = settings
+        self.incarnation = uuid.uuid4().hex
+        self.agent = NixlAgent(f"kvb-producer-{settings.producer_id}-{self.incarnation[:12]}")
+        self.staging = StagingBuffer(self.agent, settings.staging_chunks, layout.chunk_bytes(chunk_tokens),
+                                     settings.device)
+        self._links: dict[str, ConsumerLink] = {}
+        self._jobs: dict[str, _Job] = {}
+        self._finished: list[Transfer] = []
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="kvbridge-producer", daemon=True)
+        self._thread.start()
+
+    def begin(self, transfer_id: str, consumer: str, n_chunks: int) -> None:
+        with self._cv:
+            self._jobs[transfer_id] = _Job(Transfer(transfer_id, "producer"), consumer, n_chunks)
+            self._cv.notify()
+
+    def stage(self, transfer_id: str, chunk: int, fill: Callable[[torch.Tensor], int]) -> bool:
+        """Gather one chunk into staging (caller's thread) and queue its write.
+        False when the transfer already ended or staging stayed full (the transfer then fails)."""
+        with self._cv:
+            job = self._jobs.get(transfer_id)
+            if job is None or job.t.done:
+                return False
+        slot = self.staging.acquire(self.cfg.staging_wait_s)
+        if slot is None:
+            self._fail(transfer_id, f"staging full for {self.cfg.staging_wait_s}s")
+            return False
+        nbytes = fill(self.staging.view(slot))
+        with self._cv:
+            if job.t.done:
+                self.staging.release(slot)
+                return False
+            job.staged[chunk] = (slot, nbytes)
+            self._cv.notify()
+        return True
+
+    def abort(self, transfer_id: str) -> None:
+        with self._cv:
+            job = self._jobs.get(transfer_id)
+            if job is not None:
+                job.abort = True
+                self._cv.notify()
+
+    def take_finished(self) -> list[Transfer]:
+        with self._cv:
+            out, self._finished = self._finished, []
+            return out
+
+    def link(self, consumer: str) -> ConsumerLink:
+        if consumer not in self._links:
+            self._links[consumer] = ConsumerLink(consumer, self.agent, self.layout, self.cfg.producer_id,
+                                                 self.incarnation, self.cfg.secret, self.cfg.rpc_timeout_s)
+        return self._links[consumer]
+
+    @property
+    def active(self) -> int:
+        with self._cv:
+            return len(self._jobs)
+
+    def close(self) -> None:
+        with self._cv:
+            self._stop = True
+            for job in self._jobs.values():
+                job.abort = True
+            self._cv.notify()
+        self._thread.join(timeout=10)
+        for link in self._links.values():
+            link.close()
+        self.staging.close()
+
+    def _fail(self, transfer_id: str, reason: str) -> None:
+        with self._cv:
+            job = self._jobs.get(transfer_id)
+            if job is not None:
+                job.t.to(State.FAILED, reason)
+                self._cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                if self._stop and not self._jobs:
+                    return
+                jobs = list(self._jobs.values())
+            now = time.monotonic()
+            for job in jobs:
+                self._step(job, now)
+            with self._cv:
+                busy = any(j.inflight or (j.staged and j.t.state == State.SENDING) for j in self._jobs.values())
+                waits = [j.retry_at - now for j in self._jobs.values() if j.t.state in (State.NEW, State.ALLOCATING)]
+                waits += [j.next_renew - now for j in self._jobs.values() if j.t.state == State.SENDING]
+                timeout = 0.0002 if busy else max(0.0, min(waits, default=1.0))
+                if timeout > 0:
+                    self._cv.wait(timeout)
+
+    def _step(self, job: _Job, now: float) -> None:
+        t = job.t
+        if job.abort and not t.done:
+            t.to(State.ABORTED, "aborted by the engine")
+        if t.state in (State.NEW, State.ALLOCATING) and now >= job.retry_at:
+            self._allocate(job, now)
+        if t.state == State.SENDING:
+            self._post(job, now)
+        self._poll(job)
+        if t.state == State.SENDING and job.sent == job.n_chunks:
+            t.to(State.SENT)
+        if t.done and not job.inflight:
+            self._cleanup(job)
+
+    def _allocate(self, job: _Job, now: float) -> None:
+        t = job.t
+        if t.state == State.NEW:
+            t.to(State.ALLOCATING)
+        sent_at = time.monotonic()
+        try:
+            reply = self.link(job.consumer).alloc(t.transfer_id, job.n_chunks, self.cfg.lease_ttl_s)
+        except Exception as e:
+            t.to(State.FAILED, str(e))
+            return
+        if isinstance(reply, wire.NoCapacity):
+            if now - t.times[State.ALLOCATING.value] > self.cfg.alloc_timeout_s:
+                t.to(State.FAILED, f"consumer {job.consumer} had no free slots for {self.cfg.alloc_timeout_s}s")
+            job.retry_at = now + reply.retry_after_s
+            return
+        job.grant = reply
+        job.deadline = sent_at + reply.ttl_s - self.cfg.write_margin_s
+        job.next_renew = sent_at + reply.ttl_s / 3
+        t.to(State.SENDING)
+
+    def _post(self, job: _Job, now: float) -> None:
+        if job.staged and now >= job.deadline:
+            job.t.to(State.FAILED, "lease deadline reached before all chunks were written")
+            return
+        link = self._links[job.consumer]
+        with self._cv:
+            ready = [(c, job.staged.pop(c)) for c in sorted(job.staged)]
+        for i, (chunk, (slot, nbytes)) in enumerate(ready):
+            data = self.staging.view(slot)[:nbytes]
+            notice = ChunkNotice(transfer_id=job.t.transfer_id, chunk=chunk, epoch=job.grant.epoch,
+                                 incarnation=self.incarnation, nbytes=nbytes,
+                                 crc=zlib.crc32(data.cpu().numpy()) if self.cfg.checksum else None)
+            w = link.welcome
+            try:
+                handle = self.agent.write(self.staging.region, [(self.staging.offset(slot), job.grant.offsets[chunk],
+                                                                 nbytes)], w.agent_name, w.mem_type, w.dev_id,
+                                          notice.encode())
+            except TransferError as e:
+                self.staging.release(slot)
+                with self._cv:
+                    job.staged.update(dict(ready[i + 1:]))
+                job.t.to(State.FAILED, str(e))
+                return
+            job.inflight[chunk] = (handle, slot)
+        if now >= job.next_renew and not job.t.done:
+            try:
+                ok = link.renew(job.t.transfer_id, job.grant.epoch, self.cfg.lease_ttl_s)
+            except Exception as e:
+                ok, why = False, str(e)
+            else:
+                why = "consumer no longer holds the lease"
+            if not ok:
+                job.t.to(State.FAILED, f"renewal failed: {why}")
+                return
+            job.deadline = now + self.cfg.lease_ttl_s - self.cfg.write_margin_s
+            job.next_renew = now + self.cfg.lease_ttl_s / 3
+
+    def _poll(self, job: _Job) -> None:
+        for chunk, (handle, slot) in list(job.inflight.items()):
+            state = self.agent.poll(handle)
+            if state == "PROC":
+                continue
+            self.agent.release(handle)
+            self.staging.release(slot)
+            del job.inflight[chunk]
+            if state == "DONE":
+                job.sent += 1
+            else:
+                job.t.to(State.FAILED, f"write of chunk {chunk} to {job.consumer} failed")
+
+    def _cleanup(self, job: _Job) -> None:
+        for slot, _ in job.staged.values():
+            self.staging.release(slot)
+        job.staged.clear()
+        if job.t.state != State.SENT and job.grant is not None:
+            try:
+                self._links[job.consumer].release(job.t.transfer_id, job.grant.epoch)
+            except Exception as e:
+                log.info("release of %s on %s not confirmed (%s); the lease will expire",
+                         job.t.transfer_id, job.consumer, e)
+        with self._cv:
+            self._jobs.pop(job.t.transfer_id, None)
+            self._finished.append(job.t)

@@ -1,0 +1,162 @@
+"""Handshake and lease control messages: one versioned module, msgpack on the wire, no pickle.
+
+Every request carries the protocol version `v`, a request id `rid` echoed in the reply
+(so a late reply is never mistaken for the answer to a newer request) and, when the
+consumer requires one, the shared `secret`.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+import msgpack
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from pd.layout import KVLayout
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE_BYTES = 1 << 20
+
+
+class WireError(ValueError):
+    """A frame that is not a valid message; `code` goes back to the peer in an Error reply."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    v: int = PROTOCOL_VERSION
+    rid: int = 0
+
+
+class _Request(_Msg):
+    secret: str | None = None
+
+
+class Hello(_Request):
+    type: Literal["hello"] = "hello"
+    producer_id: str = Field(min_length=1, max_length=256)
+    incarnation: str
+    layout: KVLayout
+    agent_name: str
+    agent_meta: bytes
+
+
+class Alloc(_Request):
+    type: Literal["alloc"] = "alloc"
+    incarnation: str
+    transfer_id: str = Field(min_length=1, max_length=256)
+    n_chunks: int = Field(gt=0)
+    ttl_s: float = Field(gt=0, le=600)
+
+
+class Renew(_Request):
+    type: Literal["renew"] = "renew"
+    transfer_id: str
+    epoch: int
+    ttl_s: float = Field(gt=0, le=600)
+
+
+class Release(_Request):
+    type: Literal["release"] = "release"
+    transfer_id: str
+    epoch: int
+
+
+class Stats(_Request):
+    type: Literal["stats"] = "stats"
+
+
+class Welcome(_Msg):
+    type: Literal["welcome"] = "welcome"
+    incarnation: str
+    layout: KVLayout
+    agent_name: str
+    agent_meta: bytes
+    chunk_tokens: int
+    slot_bytes: int
+    num_slots: int
+    region_addr: int
+    mem_type: str
+    dev_id: int
+
+
+class Reject(_Msg):
+    type: Literal["reject"] = "reject"
+    reasons: list[str]
+
+
+class Grant(_Msg):
+    type: Literal["grant"] = "grant"
+    transfer_id: str
+    epoch: int
+    offsets: list[int]
+    ttl_s: float
+
+
+class NoCapacity(_Msg):
+    type: Literal["no_capacity"] = "no_capacity"
+    transfer_id: str
+    free_slots: int
+    retry_after_s: float
+
+
+class Ack(_Msg):
+    type: Literal["ack"] = "ack"
+    ok: bool
+
+
+class PoolStatus(_Msg):
+    type: Literal["pool_status"] = "pool_status"
+    incarnation: str
+    total: int
+    free: int
+    used: int
+    quarantined: int
+    expired_total: int
+    dropped_total: int
+
+
+class Error(_Msg):
+    type: Literal["error"] = "error"
+    code: str
+    message: str
+
+
+Request = Annotated[Union[Hello, Alloc, Renew, Release, Stats], Field(discriminator="type")]
+Reply = Annotated[Union[Welcome, Reject, Grant, NoCapacity, Ack, PoolStatus, Error],
+                  Field(discriminator="type")]
+_requests = TypeAdapter(Request)
+_replies = TypeAdapter(Reply)
+
+
+def encode(msg: _Msg) -> bytes:
+    return msgpack.packb(msg.model_dump(mode="python"), use_bin_type=True)
+
+
+def _decode(raw: bytes, adapter: TypeAdapter):
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise WireError("too_large", f"message of {len(raw)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    try:
+        obj = msgpack.unpackb(raw, raw=False)
+    except Exception as e:  # msgpack raises several unrelated types for garbage
+        raise WireError("malformed", f"not a msgpack frame: {type(e).__name__}: {e}") from e
+    if not isinstance(obj, dict):
+        raise WireError("malformed", f"expected a map, got {type(obj).__name__}")
+    if obj.get("v") != PROTOCOL_VERSION:
+        raise WireError("version", f"protocol version {obj.get('v')!r}, this peer speaks {PROTOCOL_VERSION}")
+    try:
+        return adapter.validate_python(obj)
+    except ValidationError as e:
+        raise WireError("invalid", f"invalid {obj.get('type')!r} message: {e.errors()[0]['loc']}: "
+                                   f"{e.errors()[0]['msg']}") from e
+
+
+def decode_request(raw: bytes) -> Hello | Alloc | Renew | Release | Stats:
+    return _decode(raw, _requests)
+
+
+def decode_reply(raw: bytes) -> Welcome | Reject | Grant | NoCapacity | Ack | PoolStatus | Error:
+    return _decode(raw, _replies)

@@ -1,0 +1,240 @@
+"""Transfer engine + handshake with real NIXL between two processes."""
+from __future__ import annotations
+
+import socket
+import time
+import zlib
+
+import msgpack
+import pytest
+import torch
+import zmq
+
+from pd import wire
+from pd.consumer_link import ConsumerLink, HandshakeRejected
+from pd.layout import KVLayout
+from pd.producer import Producer, ProducerSettings
+from pd.states import State
+from transfer.notice import ChunkNotice
+from tests.consumer_proc import ConsumerProcess
+
+LAYOUT = KVLayout(model_id="tiny", num_layers=2, num_kv_heads=2, kv_heads_per_rank=2, head_size=32,
+                  dtype="float32", block_size=16, cache_layout="LBHNC")
+CHUNK_TOKENS = 64
+CHUNK_BYTES = LAYOUT.chunk_bytes(CHUNK_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def consumer():
+    c = ConsumerProcess(LAYOUT, chunk_tokens=CHUNK_TOKENS, num_slots=16, quarantine_s=0.3)
+    yield c
+    c.stop()
+
+
+@pytest.fixture(autouse=True)
+def pool_returns_full(request):
+    yield
+    if "consumer" in request.fixturenames:
+        c = request.getfixturevalue("consumer")
+        if c.proc.is_alive():
+            wait_for(lambda: c.call("stats").free == c.call("stats").total, 5)
+
+
+def wait_for(pred, timeout: float):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.01)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+def make_producer(name: str, **kw) -> Producer:
+    return Producer(LAYOUT, CHUNK_TOKENS, ProducerSettings(producer_id=name, checksum=True, **kw))
+
+
+def push(p: Producer, consumer: ConsumerProcess, tid: str, n_chunks: int, last_bytes: int = CHUNK_BYTES):
+    """Push random chunks; returns the crc of each chunk's bytes."""
+    crcs = []
+    p.begin(tid, consumer.address, n_chunks)
+    for i in range(n_chunks):
+        nbytes = last_bytes if i == n_chunks - 1 else CHUNK_BYTES
+        data = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)
+        crcs.append(zlib.crc32(data.numpy()))
+
+        def fill(view, data=data):
+            view[:len(data)].copy_(data)
+            return len(data)
+        assert p.stage(tid, i, fill)
+    return crcs
+
+
+def finished(p: Producer, want: set[str]) -> dict[str, State]:
+    got: dict[str, State] = {}
+
+    def done():
+        got.update({t.transfer_id: t.state for t in p.take_finished()})
+        return want <= set(got)
+    wait_for(done, 10)
+    return got
+
+
+def check_landed(consumer: ConsumerProcess, tid: str, crcs: list[int], last_bytes: int = CHUNK_BYTES):
+    lease = wait_for(lambda: (l := consumer.call("lease", tid)) and l["complete"] and l, 5)
+    assert lease["bad"] == []
+    landed = lease["crcs"][:-1]
+    assert landed == crcs[:-1]
+    if last_bytes == CHUNK_BYTES:
+        assert lease["crcs"][-1] == crcs[-1]
+    assert consumer.call("release", tid)
+
+
+@pytest.mark.parametrize("n_chunks,last", [(1, CHUNK_BYTES), (7, 1000)])
+def test_bytes_arrive_equal(consumer, n_chunks, last):
+    p = make_producer("p1")
+    try:
+        crcs = push(p, consumer, f"t-{n_chunks}", n_chunks, last)
+        assert finished(p, {f"t-{n_chunks}"})[f"t-{n_chunks}"] == State.SENT
+        check_landed(consumer, f"t-{n_chunks}", crcs, last)
+        assert p.staging.free == p.staging.num_slots
+    finally:
+        p.close()
+
+
+def test_two_producers_concurrent(consumer):
+    ps = [make_producer("pa"), make_producer("pb")]
+    try:
+        sent = {}
+        for k in range(3):
+            for j, p in enumerate(ps):
+                tid = f"c-{j}-{k}"
+                sent[tid] = push(p, consumer, tid, 2)
+        for j, p in enumerate(ps):
+            states = finished(p, {f"c-{j}-{k}" for k in range(3)})
+            assert set(states.values()) == {State.SENT}
+        for tid, crcs in sent.items():
+            check_landed(consumer, tid, crcs)
+    finally:
+        for p in ps:
+            p.close()
+
+
+def test_unused_lease_expires_and_late_chunk_is_dropped(consumer):
+    # A producer that took a lease, went silent past its deadline, then wrote anyway.
+    p = make_producer("late")
+    try:
+        link = p.link(consumer.address)
+        before = consumer.call("stats")
+        grant = link.alloc("late-1", 1, 0.3)
+        assert isinstance(grant, wire.Grant) and consumer.call("stats").used == 1
+        time.sleep(0.4)
+        after = consumer.call("stats")
+        assert after.expired_total == before.expired_total + 1
+        assert after.used == 0 and after.quarantined == 1  # not handed to the next holder yet
+        assert consumer.call("lease", "late-1") is None
+        notice = ChunkNotice(transfer_id="late-1", chunk=0, epoch=grant.epoch, incarnation=p.incarnation,
+                             nbytes=1024)
+        w = link.welcome
+        h = p.agent.write(p.staging.region, [(0, grant.offsets[0], 1024)], w.agent_name, w.mem_type,
+                          w.dev_id, notice.encode())
+        wait_for(lambda: p.agent.poll(h) == "DONE", 5)
+        p.agent.release(h)
+        wait_for(lambda: consumer.call("stats").dropped_total == before.dropped_total + 1, 5)
+        assert consumer.call("lease", "late-1") is None
+    finally:
+        p.close()
+
+
+def test_pool_full_answers_no_capacity_at_once(consumer):
+    link_owner = make_producer("full")
+    try:
+        link = link_owner.link(consumer.address)
+        big = link.alloc("hog", 16, 5.0)
+        assert isinstance(big, wire.Grant)
+        t0 = time.monotonic()
+        reply = link.alloc("starved", 1, 5.0)
+        assert isinstance(reply, wire.NoCapacity) and reply.free_slots == 0
+        assert time.monotonic() - t0 < 0.5
+        assert link.release("hog", big.epoch)
+        assert link.release("hog", big.epoch) is False  # idempotent: second release is a no-op
+    finally:
+        link_owner.close()
+
+
+def test_layout_mismatch_names_fields(consumer):
+    other = LAYOUT.model_copy(update={"block_size": 128, "dtype": "bfloat16"})
+    p = Producer(other, 128, ProducerSettings(producer_id="bad"))
+    try:
+        with pytest.raises(HandshakeRejected) as e:
+            p.link(consumer.address).ensure()
+        text = str(e.value)
+        assert "block_size=16" in text and "producer has block_size=128" in text
+        assert "dtype='float32'" in text
+    finally:
+        p.close()
+
+
+def raw_call(address: str, payload: bytes) -> wire._Msg:
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(f"tcp://{address}")
+    s.send(payload)
+    assert s.poll(3000), "no reply"
+    reply = wire.decode_reply(s.recv())
+    s.close(0)
+    return reply
+
+
+@pytest.mark.parametrize("payload,code", [
+    (b"\xc1garbage", "malformed"),
+    (msgpack.packb([1, 2, 3]), "malformed"),
+    (msgpack.packb({"v": 99, "type": "stats"}), "version"),
+    (msgpack.packb({"v": 1, "type": "alloc", "transfer_id": "x"}), "invalid"),
+    (msgpack.packb({"v": 1, "type": "nope"}), "invalid"),
+    (b"\x00" * (wire.MAX_MESSAGE_BYTES + 10), "too_large"),
+])
+def test_hostile_frames_get_error_and_service_keeps_serving(consumer, payload, code):
+    reply = raw_call(consumer.address, payload)
+    assert isinstance(reply, wire.Error) and reply.code == code
+    ok = raw_call(consumer.address, wire.encode(wire.Stats()))
+    assert isinstance(ok, wire.PoolStatus)
+
+
+def test_secret_required():
+    c = ConsumerProcess(LAYOUT, chunk_tokens=CHUNK_TOKENS, num_slots=2, secret="s3cret")
+    try:
+        bad = raw_call(c.address, wire.encode(wire.Stats(secret="wrong")))
+        assert isinstance(bad, wire.Error) and bad.code == "unauthorized"
+        good = raw_call(c.address, wire.encode(wire.Stats(secret="s3cret")))
+        assert isinstance(good, wire.PoolStatus)
+    finally:
+        c.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_consumer_restart_is_noticed_and_producer_reconnects():
+    port = free_port()
+    c1 = ConsumerProcess(LAYOUT, chunk_tokens=CHUNK_TOKENS, num_slots=4, port=port)
+    p = make_producer("survivor")
+    try:
+        crcs = push(p, c1, "r-1", 2)
+        assert finished(p, {"r-1"})["r-1"] == State.SENT
+        first = p.link(c1.address).welcome.incarnation
+        c1.kill()
+        c2 = ConsumerProcess(LAYOUT, chunk_tokens=CHUNK_TOKENS, num_slots=4, port=port)
+        try:
+            crcs = push(p, c2, "r-2", 2)
+            assert finished(p, {"r-2"})["r-2"] == State.SENT
+            assert p.link(c2.address).welcome.incarnation == c2.incarnation != first
+            check_landed(c2, "r-2", crcs)
+            assert c2.call("stats").free == 4
+        finally:
+            c2.stop()
+    finally:
+        p.close()

@@ -1,0 +1,116 @@
+"""A small owner-driven wrapper over one NIXL agent (UCX backend), DRAM or VRAM.
+
+The progress thread is off (it spins a whole core); whoever owns the agent drives
+progress by polling transfer state and notifications, sleeping when there is nothing
+in flight. All calls go through one lock, so the agent can be shared by a control
+thread and a data thread.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+import torch
+
+try:
+    from nixl._api import nixl_agent, nixl_agent_config
+except ImportError:  # the CUDA-12 wheel installs its module under this name
+    from nixl_cu12._api import nixl_agent, nixl_agent_config
+
+log = logging.getLogger(__name__)
+
+
+class TransferError(RuntimeError):
+    """NIXL refused or failed a transfer; the message names the peer and the step."""
+
+
+@dataclass(frozen=True)
+class Region:
+    """A registered, contiguous piece of memory (the tensor keeps it alive)."""
+
+    tensor: torch.Tensor
+    addr: int
+    nbytes: int
+    mem_type: str
+    dev_id: int
+    handle: object
+
+
+def mem_type_of(t: torch.Tensor) -> tuple[str, int]:
+    return ("VRAM", t.device.index or 0) if t.is_cuda else ("DRAM", 0)
+
+
+class NixlAgent:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._lock = threading.Lock()
+        cfg = nixl_agent_config(enable_prog_thread=False, backends=[])
+        self._agent = nixl_agent(name, cfg)
+        # Shared-memory UCX transports refuse to start with error handling on (PLATFORM.md);
+        # peer death is detected above NIXL, by lease deadlines and heartbeats.
+        self._agent.create_backend("UCX", {"ucx_error_handling_mode": "none"})
+        self._remotes: set[str] = set()
+
+    def register(self, tensor: torch.Tensor) -> Region:
+        if not tensor.is_contiguous():
+            raise ValueError("only contiguous tensors can be registered")
+        mem_type, dev = mem_type_of(tensor)
+        nbytes = tensor.numel() * tensor.element_size()
+        with self._lock:
+            handle = self._agent.register_memory([(tensor.data_ptr(), nbytes, dev, "")], mem_type)
+        return Region(tensor, tensor.data_ptr(), nbytes, mem_type, dev, handle)
+
+    def deregister(self, region: Region) -> None:
+        with self._lock:
+            self._agent.deregister_memory(region.handle)
+
+    def metadata(self) -> bytes:
+        with self._lock:
+            return self._agent.get_agent_metadata()
+
+    def add_remote(self, metadata: bytes) -> str:
+        with self._lock:
+            name = self._agent.add_remote_agent(metadata)
+            name = name.decode() if isinstance(name, bytes) else name
+            self._remotes.add(name)
+            return name
+
+    def remove_remote(self, name: str) -> None:
+        with self._lock:
+            if name in self._remotes:
+                self._remotes.discard(name)
+                self._agent.remove_remote_agent(name)
+
+    def write(self, local: Region, spans: list[tuple[int, int, int]], remote: str,
+              remote_mem_type: str, remote_dev: int, notif: bytes) -> object:
+        """Post one WRITE of (local_offset, remote_addr, nbytes) spans, with a notification
+        delivered to the remote after the bytes. Returns a handle for `poll`."""
+        src = [(local.addr + off, n, local.dev_id) for off, _, n in spans]
+        dst = [(raddr, n, remote_dev) for _, raddr, n in spans]
+        with self._lock:
+            ldesc = self._agent.get_xfer_descs(src, local.mem_type)
+            rdesc = self._agent.get_xfer_descs(dst, remote_mem_type)
+            try:
+                handle = self._agent.initialize_xfer("WRITE", ldesc, rdesc, remote, notif)
+            except Exception as e:
+                raise TransferError(f"cannot start write to {remote}: {e}") from e
+            state = self._agent.transfer(handle)
+        if state == "ERR":
+            self.release(handle)
+            raise TransferError(f"write to {remote} failed when posted")
+        return handle
+
+    def poll(self, handle: object) -> str:
+        """'DONE', 'PROC' or 'ERR'; drives UCX progress."""
+        with self._lock:
+            return self._agent.check_xfer_state(handle)
+
+    def release(self, handle: object) -> None:
+        with self._lock:
+            self._agent.release_xfer_handle(handle)
+
+    def notifications(self) -> dict[str, list[bytes]]:
+        """New notifications by sender; calling this also drives receive-side progress."""
+        with self._lock:
+            return self._agent.get_new_notifs()

@@ -1,0 +1,44 @@
+"""The NIXL notification that follows each chunk write (versioned, msgpack, no pickle).
+
+It names transfer id, chunk index, lease epoch and producer incarnation so the consumer
+can match it against a live lease; `crc` (when the producer computes one) lets the
+consumer prove the slot still holds exactly what was sent.
+"""
+from __future__ import annotations
+
+import msgpack
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+NOTICE_VERSION = 1
+MAX_NOTICE_BYTES = 4096
+
+
+class NoticeError(ValueError):
+    """A notification that is not a valid chunk notice."""
+
+
+class ChunkNotice(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    v: int = NOTICE_VERSION
+    transfer_id: str
+    chunk: int
+    epoch: int
+    incarnation: str
+    nbytes: int
+    crc: int | None = None
+
+    def encode(self) -> bytes:
+        return msgpack.packb(self.model_dump())
+
+    @classmethod
+    def decode(cls, raw: bytes) -> ChunkNotice:
+        if len(raw) > MAX_NOTICE_BYTES:
+            raise NoticeError(f"notice of {len(raw)} bytes exceeds {MAX_NOTICE_BYTES}")
+        try:
+            notice = cls.model_validate(msgpack.unpackb(raw, raw=False))
+        except (ValueError, ValidationError, msgpack.UnpackException, TypeError) as e:
+            raise NoticeError(f"malformed chunk notice: {e}") from e
+        if notice.v != NOTICE_VERSION:
+            raise NoticeError(f"chunk notice version {notice.v}, expected {NOTICE_VERSION}")
+        return notice
