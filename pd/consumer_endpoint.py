@@ -19,6 +19,7 @@ import zmq
 
 from pd import wire
 from pd.layout import KVLayout
+from transfer.threads import start_io_thread
 from transfer.nixl_agent import NixlAgent
 from transfer.notice import ChunkNotice, NoticeError
 from transfer.slot_pool import Lease, SlotPool
@@ -43,6 +44,7 @@ class ConsumerEndpoint:
         self.region = self.agent.register(torch.zeros(num_slots * self.slot_bytes, dtype=torch.uint8,
                                                       device=device))
         self.pool = SlotPool(num_slots, self.slot_bytes, quarantine_s)
+        self.counters: dict[str, int] = {}
         self._producers: dict[str, tuple[str, str]] = {}  # incarnation -> (producer_id, agent name)
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.ROUTER)
@@ -55,8 +57,7 @@ class ConsumerEndpoint:
         self.address = f"{host}:{port}"
         self._stop = threading.Event()
         self._arrived = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="kvbridge-consumer", daemon=True)
-        self._thread.start()
+        self._thread = start_io_thread(self._run, "kvbridge-consumer")
         log.info("consumer endpoint %s incarnation %s: %d slots x %d bytes (%d tokens)",
                  self.address, self.incarnation[:12], num_slots, self.slot_bytes, chunk_tokens)
 
@@ -72,6 +73,10 @@ class ConsumerEndpoint:
                 if zlib.crc32(data.cpu().numpy()) != notice.crc:
                     bad.append(idx)
         return bad
+
+    def count(self, name: str, n: int = 1) -> None:
+        """Connector counters, reported in the Stats reply (the worker has no HTTP /metrics of its own)."""
+        self.counters[name] = self.counters.get(name, 0) + n
 
     def wait_arrivals(self, timeout_s: float) -> None:
         """Block until any chunk arrives or the timeout passes (for callers that need to wait)."""
@@ -166,7 +171,7 @@ class ConsumerEndpoint:
         s = self.pool.stats()
         return wire.PoolStatus(incarnation=self.incarnation, total=s.total, free=s.free, used=s.used,
                                quarantined=s.quarantined, expired_total=s.expired_total,
-                               dropped_total=s.dropped_total)
+                               dropped_total=s.dropped_total, counters=dict(self.counters))
 
     def _pump_notifications(self) -> None:
         got = False
@@ -180,6 +185,8 @@ class ConsumerEndpoint:
                     continue
                 if self.pool.accept(notice):
                     got = True
+                    self.count("chunks_received")
+                    self.count("bytes_received", notice.nbytes)
                     lease = self.pool.live(notice.transfer_id)
                     if lease is not None and lease.complete:
                         self.pool.renew(lease.transfer_id, lease.epoch, self.unclaimed_ttl_s)

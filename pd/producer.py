@@ -21,6 +21,7 @@ from pd import wire
 from pd.consumer_link import ConsumerLink
 from pd.layout import KVLayout
 from pd.states import State, Transfer
+from transfer.threads import start_io_thread
 from transfer.nixl_agent import NixlAgent, TransferError
 from transfer.notice import ChunkNotice
 from transfer.staging import StagingBuffer
@@ -71,8 +72,7 @@ class Producer:
         self._finished: list[Transfer] = []
         self._cv = threading.Condition()
         self._stop = False
-        self._thread = threading.Thread(target=self._run, name="kvbridge-producer", daemon=True)
-        self._thread.start()
+        self._thread = start_io_thread(self._run, "kvbridge-producer")
 
     def begin(self, transfer_id: str, consumer: str, n_chunks: int) -> None:
         with self._cv:

@@ -73,8 +73,10 @@ class Transfer:
         self.state, self.reason = state, reason
         self.times[state.value] = time.monotonic()
         TRANSITIONS_TOTAL.labels(self.role, state.value).inc()
-        level = logging.WARNING if state in (S.FAILED, S.EXPIRED) else logging.DEBUG
-        log.log(level, "%s %s -> %s%s", self.role, self.transfer_id, state.value, f" ({reason})" if reason else "")
+        level = logging.WARNING if state in (S.FAILED, S.EXPIRED) else \
+            logging.INFO if self.done else logging.DEBUG
+        log.log(level, "%s %s -> %s%s %s", self.role, self.transfer_id, state.value,
+                f" ({reason})" if reason else "", self.trace()["ms"] if self.done else "")
         if self.done and self._on_terminal is not None:
             self._on_terminal(self)
         return True

@@ -117,6 +117,7 @@ class PoolStatus(_Msg):
     quarantined: int
     expired_total: int
     dropped_total: int
+    counters: dict[str, int] = {}
 
 
 class Error(_Msg):

@@ -1,0 +1,90 @@
+"""KVBridgeConnector: the thin facade vLLM loads; it delegates to the scheduler and worker sides.
+
+    --kv-transfer-config '{"kv_connector": "KVBridgeConnector", "kv_connector_module_path": "pd.connector",
+                           "kv_role": "kv_producer" | "kv_consumer" | "kv_both",
+                           "kv_load_failure_policy": "recompute" | "fail",
+                           "kv_connector_extra_config": {...}}'   # see pd/connector_config.py
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorMetadata,
+                                                               KVConnectorRole, KVConnectorTransferResults)
+
+from pd.connector_config import ConnectorConfig
+from pd.scheduler_side import BridgeMetadata, SchedulerSide
+
+
+def _route_logs_through_vllm() -> None:
+    """kvbridge's loggers print with vLLM's handlers and format, at KVBRIDGE_LOG_LEVEL (INFO)."""
+    ours = logging.getLogger("kvbridge")
+    if not ours.handlers:
+        ours.handlers = list(logging.getLogger("vllm").handlers)
+        ours.setLevel(os.environ.get("KVBRIDGE_LOG_LEVEL", "INFO").upper())
+        ours.propagate = False
+
+
+class KVBridgeConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        _route_logs_through_vllm()
+        tc = vllm_config.kv_transfer_config
+        cfg = ConnectorConfig.from_extra(tc.kv_connector_extra_config)
+        is_producer, is_consumer = tc.kv_role in ("kv_producer", "kv_both"), tc.kv_role in ("kv_consumer", "kv_both")
+        self.scheduler_side: SchedulerSide | None = None
+        self.worker_side = None
+        if role == KVConnectorRole.SCHEDULER:
+            self.scheduler_side = SchedulerSide(vllm_config.cache_config.block_size, is_producer, is_consumer)
+        else:
+            from pd.worker_side import WorkerSide  # NIXL and torch buffers live only in the worker
+            self.worker_side = WorkerSide(cfg, vllm_config, is_producer, is_consumer)
+
+    # scheduler side
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
+        return self.scheduler_side.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        self.scheduler_side.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
+        return self.scheduler_side.build_connector_meta(scheduler_output)
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        self.scheduler_side.update_connector_output(connector_output)
+
+    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        return self.scheduler_side.request_finished(request, block_ids)
+
+    # worker side
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self.worker_side.register_kv_caches(kv_caches)
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        self.worker_side.start_load_kv(self._meta())
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return None  # loads complete before the request is scheduled (async receive)
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        return None  # chunks span all layers; they are gathered once per step in wait_for_save
+
+    def wait_for_save(self) -> None:
+        self.worker_side.wait_for_save(self._meta())
+
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        return self.worker_side.get_transfer_results(self._meta().idle)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        r = self.get_transfer_results(finished_req_ids)
+        return r.finished_sending or None, r.finished_recving or None
+
+    def shutdown(self) -> None:
+        if self.worker_side is not None:
+            self.worker_side.shutdown()
+
+    def _meta(self) -> BridgeMetadata:
+        return self._get_connector_metadata() if self.has_connector_metadata() else BridgeMetadata()

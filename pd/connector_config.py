@@ -1,0 +1,45 @@
+"""The connector's settings, read from vLLM's `kv_connector_extra_config` and validated.
+
+A typo or a nonsense value stops vLLM at start-up with the field named, instead of a
+transfer that fails at the first request.
+"""
+from __future__ import annotations
+
+import os
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConnectorConfigError(ValueError):
+    pass
+
+
+class ConnectorConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    instance_id: str = Field(default="", description="name in logs and lease ownership; defaults to role-port")
+    model_id: str = Field(default="", description="identity checked in the handshake; defaults to the model dir name")
+    listen_host: str = "127.0.0.1"
+    listen_port: int = Field(default=5600, ge=0, le=65535, description="consumer handshake port (+ TP rank)")
+    chunk_tokens: int = Field(default=256, gt=0, description="tokens per pushed chunk; rounded up to whole blocks")
+    num_slots: int = Field(default=64, gt=0, description="consumer receive slots, one chunk each")
+    staging_chunks: int = Field(default=16, gt=0, description="producer staging slots, one chunk each")
+    lease_ttl_s: float = Field(default=5.0, gt=0, description="lease lifetime; renewed while a push is alive")
+    write_margin_s: float = Field(default=1.0, ge=0, description="producer stops writing this long before the deadline")
+    quarantine_s: float = Field(default=2.0, ge=0, description="expired slots rest this long before reuse")
+    alloc_timeout_s: float = Field(default=5.0, gt=0, description="how long a producer waits for consumer slots")
+    load_timeout_s: float = Field(default=10.0, gt=0, description="how long a consumer waits for KV that never starts")
+    unclaimed_ttl_s: float = Field(default=30.0, gt=0, description="how long arrived KV waits for its decode request")
+    checksum: bool = Field(default=False, description="crc32 per chunk, verified before scatter")
+    secret: str | None = Field(default=None, description="shared secret; or set KVBRIDGE_SECRET")
+
+    @classmethod
+    def from_extra(cls, extra: dict | None) -> ConnectorConfig:
+        extra = dict(extra or {})
+        extra.setdefault("secret", os.environ.get("KVBRIDGE_SECRET") or None)
+        try:
+            return cls.model_validate(extra)
+        except ValidationError as e:
+            lines = [f"kv_connector_extra_config.{'.'.join(map(str, err['loc']))}: {err['msg']}"
+                     for err in e.errors()]
+            raise ConnectorConfigError("invalid kvbridge connector config:\n  " + "\n  ".join(lines)) from None

@@ -1,0 +1,46 @@
+"""Shared fixtures: one tiny model and one aggregated + prefill + decode vLLM trio for the whole run."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from pd.tiny_model import make_tiny_model
+from tests.pd_client import pool_status
+from tests.servers import MODEL_DIR, VllmServer
+
+PREFILL_EXTRA = {"checksum": True, "alloc_timeout_s": 3.0, "lease_ttl_s": 3.0}
+DECODE_EXTRA = {"checksum": True, "load_timeout_s": 4.0, "num_slots": 32, "quarantine_s": 0.5}
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    return make_tiny_model(MODEL_DIR)
+
+
+@pytest.fixture(scope="session")
+def servers(tiny_model):
+    """Started together (they load in parallel), shared by every end-to-end test."""
+    trio = {"agg": VllmServer("agg"),
+            "decode": VllmServer("decode-0", "kv_consumer", DECODE_EXTRA),
+            "prefill": VllmServer("prefill-0", "kv_producer", PREFILL_EXTRA)}
+    try:
+        for s in trio.values():
+            s.wait_ready()
+        yield trio
+    finally:
+        for s in trio.values():
+            s.stop()
+
+
+@pytest.fixture
+def decode_pool_full_after(servers):
+    """Every test that moves KV must leave the decode slot pool 100 % free."""
+    yield
+    end = time.monotonic() + 10
+    while True:
+        st = pool_status(servers["decode"].handshake)
+        if st.free == st.total or time.monotonic() > end:
+            break
+        time.sleep(0.1)
+    assert st.free == st.total, f"decode pool not back to full: {st}"

@@ -1,0 +1,69 @@
+"""Test-side helpers that play the router: send both legs of a PD request at once."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import random
+import uuid
+
+import requests
+import zmq
+
+from pd import wire
+
+_pool = cf.ThreadPoolExecutor(16)
+
+
+def pool_status(address: str) -> wire.PoolStatus:
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(f"tcp://{address}")
+    try:
+        s.send(wire.encode(wire.Stats(rid=1)))
+        assert s.poll(5000), f"no stats reply from {address}"
+        return wire.decode_reply(s.recv())
+    finally:
+        s.close(0)
+
+
+def post(url: str, path: str, body: dict, timeout: float = 120) -> tuple[int, dict]:
+    r = requests.post(url + path, json=body, timeout=timeout)
+    return r.status_code, r.json()
+
+
+def pd_request(servers: dict, path: str, body: dict, push_to: str | None = None, prefill: bool = True,
+               transfer_id: str | None = None) -> tuple[tuple[int, dict] | None, tuple[int, dict]]:
+    """Both legs concurrently, as the router does; returns (prefill reply, decode reply)."""
+    tid = transfer_id or uuid.uuid4().hex
+    pre_body = dict(body, max_tokens=1, stream=False,
+                    kv_transfer_params={"kvbridge": {"transfer_id": tid,
+                                                     "push_to": push_to or servers["decode"].handshake}})
+    dec_body = dict(body, kv_transfer_params={"kvbridge": {"transfer_id": tid, "receive": True}})
+    f_pre = _pool.submit(post, servers["prefill"].url, path, pre_body) if prefill else None
+    f_dec = _pool.submit(post, servers["decode"].url, path, dec_body)
+    return (f_pre.result() if f_pre else None), f_dec.result()
+
+
+def text_of(reply: dict) -> str:
+    c = reply["choices"][0]
+    return c["text"] if "text" in c else c["message"]["content"]
+
+
+def random_token_prompt(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(10, 1000) for _ in range(n)]
+
+
+def random_words(n: int, seed: int) -> str:
+    rng = random.Random(seed)
+    syll = ["ka", "lo", "mi", "re", "tu", "sa", "ne", "vo", "pi", "da", "shi", "ran"]
+    return " ".join("".join(rng.choice(syll) for _ in range(rng.randint(1, 3))) for _ in range(n))
+
+
+def source_tokens(url: str) -> dict[str, float]:
+    """vLLM's own count of prompt tokens by where their KV came from."""
+    out = {}
+    for line in requests.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("vllm:prompt_tokens_by_source_total"):
+            src = line.split('source="')[1].split('"')[0]
+            out[src] = float(line.rsplit(" ", 1)[1])
+    return out

@@ -1,0 +1,88 @@
+"""Real vLLM servers for end-to-end tests: started in fixtures, killed by process group."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL_DIR = ROOT / ".kvbridge" / "models" / "tiny"
+LOG_DIR = ROOT / ".kvbridge" / "logs"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_env() -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_NUM_OF_RESERVED_CPU="1",
+               PYTHONPATH=str(ROOT))
+    return env
+
+
+class VllmServer:
+    def __init__(self, name: str, role: str | None = None, extra: dict | None = None,
+                 policy: str = "recompute") -> None:
+        self.name = name
+        self.port = free_port()
+        self.handshake_port = free_port() if role in ("kv_consumer", "kv_both") else None
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(MODEL_DIR),
+               "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(self.port), "--enforce-eager",
+               "--dtype", "float32", "--max-model-len", "2048", "--max-num-seqs", "32"]
+        if role:
+            extra = dict(extra or {}, instance_id=name)
+            if self.handshake_port:
+                extra["listen_port"] = self.handshake_port
+            cmd += ["--kv-transfer-config", json.dumps({
+                "kv_connector": "KVBridgeConnector", "kv_connector_module_path": "pd.connector", "kv_role": role,
+                "kv_load_failure_policy": policy, "kv_connector_extra_config": extra})]
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+        self.log_path = LOG_DIR / f"{name}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=server_env(),
+                                     start_new_session=True, cwd=ROOT)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def handshake(self) -> str:
+        return f"127.0.0.1:{self.handshake_port}"
+
+    def wait_ready(self, timeout: float = 400) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see {self.log_path}:\n"
+                                   + self.log_path.read_text(errors="replace")[-3000:])
+            try:
+                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"{self.name} not healthy after {timeout}s; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(20)
+            except (subprocess.TimeoutExpired, ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._log.close()
+
+    def kill9(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
