@@ -1,0 +1,98 @@
+"""`kvbridge` command line: model generation, config checks, serving roles, local deployments, benches."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from router.config import ConfigError
+
+
+def _make_model(a: argparse.Namespace) -> None:
+    from pd.tiny_model import make_tiny_model
+    print(make_tiny_model(a.dir, a.size, a.seed))
+
+
+def _check(a: argparse.Namespace) -> None:
+    from pd.role_config import DeploymentConfig, load_config
+    failed = False
+    for path in a.files:
+        try:
+            cfg = load_config(path)
+            if isinstance(cfg, DeploymentConfig):
+                cfg.load()
+            print(f"{path}: ok ({cfg.role})")
+        except ConfigError as e:
+            print(e, file=sys.stderr)
+            failed = True
+    sys.exit(1 if failed else 0)
+
+
+def _serve(a: argparse.Namespace) -> None:
+    from pd.role_config import RoleConfig, load_config
+    cfg = load_config(a.file)
+    if not isinstance(cfg, RoleConfig):
+        raise SystemExit(f"{a.file}: role '{cfg.role}' is not a vLLM role (prefill, decode, both)")
+    cmd = cfg.vllm_command()
+    env = dict(os.environ, **cfg.env)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
+    print("exec:", " ".join(cmd), flush=True)
+    os.execvpe(cmd[0], cmd, env)
+
+
+def _up(a: argparse.Namespace) -> None:
+    from pd.deployment import run_deployment
+    run_deployment(a.file, demo=a.demo, log_dir=a.log_dir)
+
+
+def _router(a: argparse.Namespace) -> None:
+    from router.app import main
+    main(["--config", a.config] + (["--port", str(a.port)] if a.port else []))
+
+
+def _bench(a: argparse.Namespace) -> None:
+    from transfer.bench import main
+    main(a.args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ap = argparse.ArgumentParser(prog="kvbridge", description="disaggregated prefill/decode for vLLM")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("make-tiny-model", help="generate a random-weight Llama + tokenizer")
+    p.add_argument("dir")
+    p.add_argument("--size", default="tiny", choices=["tiny", "bench"])
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=_make_model)
+    p = sub.add_parser("config", help="config tools")
+    csub = p.add_subparsers(dest="sub", required=True)
+    c = csub.add_parser("check", help="validate role, router or deployment YAML files")
+    c.add_argument("files", nargs="+")
+    c.set_defaults(fn=_check)
+    p = sub.add_parser("serve", help="run one vLLM role (prefill/decode/both) from its YAML")
+    p.add_argument("file")
+    p.set_defaults(fn=_serve)
+    p = sub.add_parser("up", help="start a whole deployment and wait for Ctrl-C")
+    p.add_argument("file")
+    p.add_argument("--demo", action="store_true", help="send demo requests, print results, stop")
+    p.add_argument("--log-dir", default=".kvbridge/logs")
+    p.set_defaults(fn=_up)
+    p = sub.add_parser("router", help="run the OpenAI-compatible PD router")
+    p.add_argument("--config", required=True)
+    p.add_argument("--port", type=int)
+    p.set_defaults(fn=_router)
+    p = sub.add_parser("bench", help="benchmarks")
+    bsub = p.add_subparsers(dest="sub", required=True)
+    b = bsub.add_parser("transfer", help="NIXL transfer bench (see python -m transfer.bench -h)")
+    b.add_argument("args", nargs=argparse.REMAINDER)
+    b.set_defaults(fn=_bench)
+    a = ap.parse_args(argv)
+    try:
+        a.fn(a)
+    except ConfigError as e:
+        raise SystemExit(str(e))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""The README's demo: real requests through the router, answers printed, transfer figures shown."""
+from __future__ import annotations
+
+import json
+import time
+
+import requests
+import zmq
+
+from pd import wire
+
+PROMPTS = [
+    ("completion", {"prompt": "the ka lo mi re tu sa ne vo pi da shi ran " * 20, "max_tokens": 24}),
+    ("chat", {"messages": [{"role": "system", "content": "you are a tiny random model"},
+                           {"role": "user", "content": "tell me about ka lo mi " * 30}], "max_tokens": 24}),
+    ("chat, streamed", {"messages": [{"role": "user", "content": "stream please: sa ne vo " * 40}],
+                        "max_tokens": 24, "stream": True}),
+]
+
+
+def decode_stats(address: str) -> wire.PoolStatus:
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(f"tcp://{address}")
+    try:
+        s.send(wire.encode(wire.Stats(rid=1)))
+        if not s.poll(3000):
+            raise TimeoutError(f"no answer from {address}")
+        return wire.decode_reply(s.recv())
+    finally:
+        s.close(0)
+
+
+def run_demo(url: str, model: str, kv_addresses: list[str]) -> None:
+    before = [decode_stats(a).counters for a in kv_addresses]
+    for label, body in PROMPTS:
+        body = dict(body, model=model, temperature=0)
+        path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+        t0 = time.perf_counter()
+        r = requests.post(url + path, json=body, stream=bool(body.get("stream")), timeout=120)
+        r.raise_for_status()
+        print(f"\n== {label} ({path})")
+        ttft = None
+        if body.get("stream"):
+            for line in r.iter_lines():
+                if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                    continue
+                delta = json.loads(line[6:])["choices"][0].get("delta", {}).get("content") or ""
+                ttft = ttft or time.perf_counter() - t0
+                print(delta, end="", flush=True)
+            print()
+        else:
+            data = r.json()
+            c = data["choices"][0]
+            print(c.get("text") or c["message"]["content"])
+            print(f"usage: {data['usage']}")
+        total = time.perf_counter() - t0
+        trace = requests.get(f"{url}/debug/requests/{r.headers['x-kvbridge-request-id']}", timeout=5).json()
+        phases = ", ".join(f"{e['phase']}@{e['ms']:.0f}ms" for e in trace["events"])
+        print(f"latency {total * 1000:.0f} ms" + (f", first token {ttft * 1000:.0f} ms" if ttft else "")
+              + f" | router trace: {phases}")
+    print("\n== transfer figures (decode connector counters, this demo)")
+    for addr, old in zip(kv_addresses, before):
+        st = decode_stats(addr)
+        delta = {k: v - old.get(k, 0) for k, v in st.counters.items()}
+        print(f"{addr}: {delta.get('transfers_scattered', 0)} transfers scattered, "
+              f"{delta.get('chunks_received', 0)} chunks, {delta.get('bytes_received', 0) / 1024:.0f} KiB received, "
+              f"{delta.get('tokens_scattered', 0)} prompt tokens not recomputed; slots free {st.free}/{st.total}")

@@ -1,0 +1,86 @@
+"""YAML configs for vLLM roles (prefill / decode / both) and for a whole deployment graph.
+
+A role file turns into one stock-vLLM command line with kvbridge's connector; nothing
+in vLLM is patched. Validation errors name the file and the field.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pd.connector_config import ConnectorConfig
+from router.config import ConfigError, RouterConfig, format_errors, load_yaml
+
+KV_ROLE = {"prefill": "kv_producer", "decode": "kv_consumer", "both": "kv_both"}
+
+
+class RoleConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["prefill", "decode", "both"]
+    name: str
+    model: str
+    served_model_name: str
+    host: str = "127.0.0.1"
+    port: int = Field(ge=1, le=65535)
+    load_failure_policy: Literal["recompute", "fail"] = "recompute"
+    vllm_args: list[str] = Field(default_factory=lambda: ["--enforce-eager"])
+    env: dict[str, str] = Field(default_factory=dict)
+    connector: ConnectorConfig = Field(default_factory=ConnectorConfig)
+
+    @property
+    def kv_address(self) -> str:
+        return f"{self.connector.listen_host}:{self.connector.listen_port}"
+
+    def vllm_command(self) -> list[str]:
+        extra = self.connector.model_dump(exclude_defaults=True)
+        extra.setdefault("instance_id", self.name)
+        kv = {"kv_connector": "KVBridgeConnector", "kv_connector_module_path": "pd.connector",
+              "kv_role": KV_ROLE[self.role], "kv_load_failure_policy": self.load_failure_policy,
+              "kv_connector_extra_config": extra}
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
+                "--served-model-name", self.served_model_name, "--host", self.host, "--port", str(self.port),
+                "--kv-transfer-config", json.dumps(kv), *self.vllm_args]
+
+
+class DeploymentConfig(BaseModel):
+    """The graph: which role files make up one deployment (Dynamo-style), checked for consistency."""
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["deployment"] = "deployment"
+    name: str
+    prefill: list[str] = Field(min_length=1)
+    decode: list[str] = Field(min_length=1)
+    router: str
+    env: dict[str, str] = Field(default_factory=dict)
+    base_dir: Path = Path(".")
+
+    @model_validator(mode="after")
+    def _files_exist(self) -> DeploymentConfig:
+        missing = [p for p in self.prefill + self.decode + [self.router] if not (self.base_dir / p).is_file()]
+        if missing:
+            raise ValueError(f"role files not found (relative to {self.base_dir}): {missing}")
+        return self
+
+    def load(self) -> tuple[list[RoleConfig], list[RoleConfig], RouterConfig]:
+        pre = [load_config(self.base_dir / p) for p in self.prefill]
+        dec = [load_config(self.base_dir / p) for p in self.decode]
+        router = load_config(self.base_dir / self.router)
+        served = {c.served_model_name for c in pre + dec} | {router.model}
+        if len(served) != 1:
+            raise ConfigError(f"deployment {self.name}: every role must serve the same model name, got {served}")
+        return pre, dec, router
+
+
+def load_config(path: str | Path) -> RoleConfig | RouterConfig | DeploymentConfig:
+    data = load_yaml(path)
+    role = data.get("role")
+    model = {"router": RouterConfig, "deployment": DeploymentConfig}.get(role, RoleConfig)
+    if model is DeploymentConfig:
+        data.setdefault("base_dir", str(Path(path).parent))
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_errors(e, str(path))) from None

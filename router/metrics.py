@@ -1,0 +1,15 @@
+"""Router metrics (Prometheus, served on /metrics)."""
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+REQUESTS = Counter("kvbridge_router_requests_total", "Requests by endpoint and HTTP status", ["endpoint", "status"])
+LATENCY = Histogram("kvbridge_router_request_seconds", "End-to-end request latency", ["endpoint"],
+                    buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120))
+TTFT = Histogram("kvbridge_router_ttft_seconds", "Time to first byte of the decode answer", ["endpoint"],
+                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+PREFILL_FAILURES = Counter("kvbridge_router_prefill_failures_total", "Prefill legs that failed", ["action"])
+CANCELLED = Counter("kvbridge_router_cancelled_total", "Requests whose client went away")
+INSTANCE_HEALTHY = Gauge("kvbridge_router_instance_healthy", "1 if the instance passes health checks",
+                         ["kind", "instance"])
+OUTSTANDING = Gauge("kvbridge_router_outstanding", "Requests in flight per instance", ["kind", "instance"])

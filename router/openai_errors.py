@@ -1,0 +1,52 @@
+"""Client request checks and OpenAI-format errors, so bad input never reaches a backend."""
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def response(self) -> web.Response:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return web.json_response(body, status=self.status)
+
+
+def parse_request(raw: bytes, endpoint: str, model: str, max_tokens_limit: int) -> dict:
+    """The validated body, with any client-supplied kv_transfer_params removed (never trusted)."""
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise APIError(400, f"request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "request body must be a JSON object")
+    if "model" not in body:
+        raise APIError(400, "missing required field 'model'", param="model")
+    if body["model"] != model:
+        raise APIError(404, f"the model '{body['model']}' does not exist; this router serves '{model}'",
+                       param="model", code="model_not_found")
+    if endpoint == "completions":
+        p = body.get("prompt")
+        if p is None:
+            raise APIError(400, "missing required field 'prompt'", param="prompt")
+        if not isinstance(p, (str, list)) or (isinstance(p, list) and not p) or p == "":
+            raise APIError(400, "'prompt' must be a non-empty string or list", param="prompt")
+    else:
+        msgs = body.get("messages")
+        if msgs is None:
+            raise APIError(400, "missing required field 'messages'", param="messages")
+        if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and "role" in m for m in msgs):
+            raise APIError(400, "'messages' must be a non-empty list of objects with a 'role'", param="messages")
+    for key in ("max_tokens", "max_completion_tokens"):
+        v = body.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= max_tokens_limit):
+            raise APIError(400, f"'{key}' must be an integer between 1 and {max_tokens_limit}, got {v!r}", param=key)
+    if not isinstance(body.get("stream", False), bool):
+        raise APIError(400, "'stream' must be a boolean", param="stream")
+    body.pop("kv_transfer_params", None)
+    return body
