@@ -165,7 +165,7 @@ class Producer:
             self._allocate(job, now)
         if t.state == State.SENDING:
             self._post(job, now)
-        self._poll(job)
+        self._poll(job, now)
         if t.state == State.SENDING and job.sent == job.n_chunks:
             t.to(State.SENT)
         if t.done and not job.inflight:
@@ -228,12 +228,18 @@ class Producer:
             job.deadline = now + self.cfg.lease_ttl_s - self.cfg.write_margin_s
             job.next_renew = now + self.cfg.lease_ttl_s / 3
 
-    def _poll(self, job: _Job) -> None:
+    def _poll(self, job: _Job, now: float) -> None:
+        # A write to a peer that died may never complete (UCX without error handling):
+        # past the lease deadline plus the margin nobody will read those bytes, so give up.
+        stuck = bool(job.inflight) and now > job.deadline + self.cfg.write_margin_s
         for chunk, (handle, slot) in list(job.inflight.items()):
-            state = self.agent.poll(handle)
+            state = "ERR" if stuck else self.agent.poll(handle)
             if state == "PROC":
                 continue
-            self.agent.release(handle)
+            try:
+                self.agent.release(handle)
+            except Exception as e:  # a handle to a dead peer may refuse release; the slot is ours again
+                log.info("release of a write handle to %s failed: %s", job.consumer, e)
             self.staging.release(slot)
             del job.inflight[chunk]
             if state == "DONE":

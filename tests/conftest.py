@@ -7,7 +7,7 @@ import pytest
 
 from pd.tiny_model import make_tiny_model
 from tests.pd_client import pool_status
-from tests.servers import MODEL_DIR, VllmServer
+from tests.servers import MODEL_DIR, RouterProcess, VllmServer
 
 PREFILL_EXTRA = {"checksum": True, "alloc_timeout_s": 3.0, "lease_ttl_s": 3.0}
 DECODE_EXTRA = {"checksum": True, "load_timeout_s": 4.0, "num_slots": 32, "quarantine_s": 0.5}
@@ -44,3 +44,10 @@ def decode_pool_full_after(servers):
             break
         time.sleep(0.1)
     assert st.free == st.total, f"decode pool not back to full: {st}"
+
+
+@pytest.fixture(scope="session")
+def router(servers):
+    r = RouterProcess(servers["prefill"], servers["decode"])
+    yield r
+    r.stop()

@@ -35,6 +35,13 @@ class VllmServer:
         self.name = name
         self.port = free_port()
         self.handshake_port = free_port() if role in ("kv_consumer", "kv_both") else None
+        self._args = (role, extra, policy)
+        self.start()
+
+    def start(self) -> None:
+        """(Re)start on the same ports: a restart is a new incarnation at the same address."""
+        role, extra, policy = self._args
+        name = self.name
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(MODEL_DIR),
                "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(self.port), "--enforce-eager",
                "--dtype", "float32", "--max-model-len", "2048", "--max-num-seqs", "32"]
@@ -47,7 +54,7 @@ class VllmServer:
                 "kv_load_failure_policy": policy, "kv_connector_extra_config": extra})]
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         self.log_path = LOG_DIR / f"{name}.log"
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=server_env(),
                                      start_new_session=True, cwd=ROOT)
 
@@ -86,3 +93,45 @@ class VllmServer:
     def kill9(self) -> None:
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
+
+
+class RouterProcess:
+    """The kvbridge router in front of the shared trio, as a real subprocess."""
+
+    def __init__(self, prefill: VllmServer, decode: VllmServer, **overrides) -> None:
+        import yaml
+        self.port = free_port()
+        cfg = {"role": "router", "host": "127.0.0.1", "port": self.port, "model": "tiny",
+               "health_interval_s": 0.5, "unhealthy_after": 1,
+               "prefill": [{"name": prefill.name, "url": prefill.url}],
+               "decode": [{"name": decode.name, "url": decode.url, "kv_address": decode.handshake}], **overrides}
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+        self.config_path = LOG_DIR / f"router-{self.port}.yaml"
+        self.config_path.write_text(yaml.safe_dump(cfg))
+        self._log = open(LOG_DIR / f"router-{self.port}.log", "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "router.app", "--config", str(self.config_path)],
+                                     stdout=self._log, stderr=subprocess.STDOUT, env=server_env(),
+                                     start_new_session=True, cwd=ROOT)
+        end = time.monotonic() + 30
+        while True:
+            try:
+                requests.get(self.url + "/v1/models", timeout=1)
+                break
+            except requests.RequestException:
+                if time.monotonic() > end or self.proc.poll() is not None:
+                    raise RuntimeError("router did not start")
+                time.sleep(0.2)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
