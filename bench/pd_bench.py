@@ -1,0 +1,145 @@
+"""PD TTFT overhead, kvbridge vs vLLM's own NixlConnector, both over aggregated serving, in one run.
+
+Phases on this machine, same model and prompts: (1) one aggregated vLLM; (2) kvbridge prefill + decode,
+both legs sent at once as the router does; (3) NixlConnector prefill + decode, sequential as vLLM's
+proxy does (prefill answers with the pull handle, then decode pulls). TTFT is measured to the first
+streamed token; each point is the median of repeats. Tokens of every PD answer are checked against
+the aggregated answer.
+
+    python bench/pd_bench.py [--lengths 128 1000 2000] [--repeats 5]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from pd.tiny_model import make_tiny_model  # noqa: E402
+from tests import servers as srv  # noqa: E402
+
+MODEL = ROOT / ".kvbridge" / "models" / "bench"
+
+
+def stream_ttft(url: str, body: dict) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    ttft, text = None, []
+    with requests.post(url + "/v1/completions", json=dict(body, stream=True), stream=True, timeout=300) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith(b"data: ") and line != b"data: [DONE]":
+                ttft = ttft or time.perf_counter() - t0
+                text.append(json.loads(line[6:])["choices"][0]["text"])
+    return ttft, "".join(text)
+
+
+def start(name: str, kv: dict | None, env: dict | None = None) -> srv.VllmServer:
+    s = srv.VllmServer.__new__(srv.VllmServer)
+    s.name, s.port, s.handshake_port = name, srv.free_port(), None
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(MODEL), "--served-model-name",
+           "tiny", "--host", "127.0.0.1", "--port", str(s.port), "--enforce-eager", "--dtype", "float32",
+           "--max-model-len", "4096"]
+    if kv:
+        if kv.get("kv_connector") == "KVBridgeConnector" and kv["kv_role"] == "kv_consumer":
+            s.handshake_port = srv.free_port()
+            kv["kv_connector_extra_config"] = {"listen_port": s.handshake_port, "instance_id": name}
+        cmd += ["--kv-transfer-config", json.dumps(kv)]
+    import subprocess
+    srv.LOG_DIR.mkdir(parents=True, exist_ok=True)
+    s.log_path = srv.LOG_DIR / f"bench-{name}.log"
+    s._log = open(s.log_path, "wb")
+    s.proc = subprocess.Popen(cmd, stdout=s._log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT,
+                              env=dict(srv.server_env(), **(env or {})))
+    return s
+
+
+def kvbridge_once(p: srv.VllmServer, d: srv.VllmServer, body: dict) -> tuple[float, str]:
+    import concurrent.futures as cf
+    tid = uuid.uuid4().hex
+    pre = dict(body, max_tokens=1, kv_transfer_params={"kvbridge": {"transfer_id": tid, "push_to": d.handshake}})
+    dec = dict(body, kv_transfer_params={"kvbridge": {"transfer_id": tid, "receive": True}})
+    with cf.ThreadPoolExecutor(1) as ex:
+        f = ex.submit(requests.post, p.url + "/v1/completions", json=pre, timeout=300)
+        ttft, text = stream_ttft(d.url, dec)
+        f.result().raise_for_status()
+    return ttft, text
+
+
+def nixl_once(p: srv.VllmServer, d: srv.VllmServer, body: dict) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    pre = dict(body, max_tokens=1, kv_transfer_params={"do_remote_decode": True, "do_remote_prefill": False,
+                                                       "remote_engine_id": None, "remote_block_ids": None,
+                                                       "remote_host": None, "remote_port": None})
+    r = requests.post(p.url + "/v1/completions", json=pre, timeout=300)
+    r.raise_for_status()
+    params = r.json()["kv_transfer_params"]
+    prefill_s = time.perf_counter() - t0
+    ttft, text = stream_ttft(d.url, dict(body, kv_transfer_params=params))
+    return prefill_s + ttft, text
+
+
+def run_phase(label: str, servers: list, once, bodies: dict, repeats: int) -> dict:
+    for s in servers:
+        s.wait_ready(900)
+    out = {}
+    try:
+        for n, body in bodies.items():
+            once(body)  # warm-up
+            runs = [once(body) for _ in range(repeats)]
+            out[n] = {"ttft_ms": statistics.median(t for t, _ in runs) * 1000, "text": runs[0][1]}
+            print(f"  {label:10} {n:5} tokens: TTFT {out[n]['ttft_ms']:.1f} ms", flush=True)
+    finally:
+        for s in servers:
+            s.stop()
+    return out
+
+
+def push_times_ms(log_path: Path) -> list[float]:
+    pat = re.compile(r"producer \w+ -> SENT  \{.*'SENDING': ([\d.]+), 'SENT': ([\d.]+)\}")
+    return [float(b) - float(a) for a, b in pat.findall(log_path.read_text(errors="replace"))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lengths", type=int, nargs="+", default=[128, 1000, 2000])
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    make_tiny_model(MODEL, "bench")
+    rng = random.Random(0)
+    bodies = {n: {"model": "tiny", "prompt": [rng.randrange(10, 1000) for _ in range(n)], "max_tokens": 8,
+                  "temperature": 0} for n in args.lengths}
+    print("phase 1: aggregated")
+    agg = start("agg", None)
+    base = run_phase("aggregated", [agg], lambda b: stream_ttft(agg.url, b), bodies, args.repeats)
+    print("phase 2: kvbridge (push)")
+    kp = start("kvb-prefill", {"kv_connector": "KVBridgeConnector", "kv_connector_module_path": "pd.connector",
+                               "kv_role": "kv_producer"})
+    kd = start("kvb-decode", {"kv_connector": "KVBridgeConnector", "kv_connector_module_path": "pd.connector",
+                              "kv_role": "kv_consumer"})
+    ours = run_phase("kvbridge", [kp, kd], lambda b: kvbridge_once(kp, kd, b), bodies, args.repeats)
+    pushes = push_times_ms(kp.log_path)
+    print("phase 3: NixlConnector (pull)")
+    nixl_kv = {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu"}
+    npf = start("nixl-prefill", nixl_kv, {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(srv.free_port())})
+    nd = start("nixl-decode", dict(nixl_kv), {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(srv.free_port())})
+    theirs = run_phase("nixl", [npf, nd], lambda b: nixl_once(npf, nd, b), bodies, args.repeats)
+    print("\nprompt  agg TTFT  kvbridge +ms  NixlConnector +ms  ratio  tokens equal (ours, theirs)")
+    for n in args.lengths:
+        a, o, t = base[n]["ttft_ms"], ours[n]["ttft_ms"], theirs[n]["ttft_ms"]
+        print(f"{n:6} {a:9.1f} {o - a:13.1f} {t - a:18.1f} {(o - a) / (t - a) if t != a else float('nan'):6.2f}  "
+              f"{ours[n]['text'] == base[n]['text']}, {theirs[n]['text'] == base[n]['text']}")
+    if pushes:
+        print(f"kvbridge push time per request (producer SENDING->SENT): median {statistics.median(pushes):.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
