@@ -105,6 +105,11 @@ def main(argv: list[str] | None = None) -> None:
         cfg = cfg.model_copy(update={"port": args.port})
     log.info("router on %s:%d serving %s: prefill %s, decode %s", cfg.host, cfg.port, cfg.model,
              [i.name for i in cfg.prefill], [i.name for i in cfg.decode])
+    try:
+        import uvloop  # a faster event loop when installed (vLLM installs it); plain asyncio otherwise
+        uvloop.install()
+    except ImportError:
+        pass
     web.run_app(build_app(cfg), host=cfg.host, port=cfg.port, access_log=None, handler_cancellation=True,
                 print=None)
 

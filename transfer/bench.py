@@ -89,11 +89,13 @@ def run(device: str, repeats: int) -> list[dict]:
     for size in SIZES:
         t_nixl = _median_s(lambda: w.write([[(0, 0, size)]]), repeats, device)
         t_copy = _median_s(lambda: dst[:size].copy_(src[:size]), repeats, device)
-        rows.append(_row(f"contiguous {size // MiB} MiB", size, t_nixl, t_copy))
+        rows.append(_row(f"contiguous {size // MiB} MiB", size, t_nixl, t_copy,
+                         _copy_1t(dst, src, size, repeats, device)))
     size, piece = 16 * MiB, 64 * 1024
     t_desc = _median_s(lambda: w.write([[(o, o, piece) for o in range(0, size, piece)]]), repeats, device)
     t_copy = _median_s(lambda: dst[:size].copy_(src[:size]), repeats, device)
-    rows.append(_row("16 MiB as 256 x 64 KiB descriptors", size, t_desc, t_copy))
+    rows.append(_row("16 MiB as 256 x 64 KiB descriptors", size, t_desc, t_copy,
+                     _copy_1t(dst, src, size, repeats, device)))
 
     caches, blocks, per_chunk = _paged_workload(device)
     slab = caches[0][0].numel() * caches[0].element_size()
@@ -115,16 +117,27 @@ def run(device: str, repeats: int) -> list[dict]:
     t_paged = _median_s(gather_and_write, repeats, device)
     t_copy = _median_s(lambda: dst[:nbytes].copy_(src[:nbytes]), repeats, device)
     rows.append(_row(f"paged KV {nbytes // MiB} MiB: gather + {len(blocks) // per_chunk} chunk writes", nbytes,
-                     t_paged, t_copy))
+                     t_paged, t_copy, _copy_1t(dst, src, nbytes, repeats, device)))
     conn.send("done")
     proc.join(10)
     return rows
 
 
-def _row(name: str, nbytes: int, t: float, t_copy: float) -> dict:
-    gbs, copy_gbs = nbytes / t / 1e9, nbytes / t_copy / 1e9
+def _copy_1t(dst: torch.Tensor, src: torch.Tensor, n: int, repeats: int, device: str) -> float:
+    """One-thread memcpy: UCX copies with one thread, torch's copy_ with every core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _median_s(lambda: dst[:n].copy_(src[:n]), repeats, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _row(name: str, nbytes: int, t: float, t_copy: float, t_copy_1t: float) -> dict:
+    gbs, copy_gbs, copy1 = nbytes / t / 1e9, nbytes / t_copy / 1e9, nbytes / t_copy_1t / 1e9
     return {"case": name, "bytes": nbytes, "gb_s": round(gbs, 2), "memcpy_gb_s": round(copy_gbs, 2),
-            "ratio": round(gbs / copy_gbs, 3)}
+            "ratio": round(gbs / copy_gbs, 3), "memcpy_1thread_gb_s": round(copy1, 2),
+            "ratio_1thread": round(gbs / copy1, 3)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -137,9 +150,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         print(json.dumps(rows, indent=1))
         return
-    print(f"{'case':58} {'GB/s':>8} {'memcpy':>8} {'ratio':>6}")
+    print(f"{'case':58} {'GB/s':>7} {'memcpy':>7} {'ratio':>6} {'memcpy1t':>8} {'ratio1t':>7}")
     for r in rows:
-        print(f"{r['case']:58} {r['gb_s']:8.2f} {r['memcpy_gb_s']:8.2f} {r['ratio']:6.2f}")
+        print(f"{r['case']:58} {r['gb_s']:7.2f} {r['memcpy_gb_s']:7.2f} {r['ratio']:6.2f} "
+              f"{r['memcpy_1thread_gb_s']:8.2f} {r['ratio_1thread']:7.2f}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,76 @@
+"""Gather/scatter GB/s for a Llama-8B-shaped cache (32 layers, 8 KV heads, head 128, bf16, 4096 tokens),
+next to a plain copy of the same bytes and torch's per-layer index_select, all in one run (medians).
+
+    python bench/kv_copy_bench.py [--device cuda] [--layout NHD] [--repeats 10]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from pd import kv_copy  # noqa: E402
+
+LAYERS, HEADS, HEAD, BS, TOKENS = 32, 8, 128, 16, 4096
+
+
+def timed(fn, device: str, repeats: int) -> float:
+    fn()
+    out = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--layout", default="NHD", choices=["NHD", "HND"])
+    ap.add_argument("--block-size", type=int, default=BS)
+    ap.add_argument("--repeats", type=int, default=10)
+    a = ap.parse_args()
+    dev, bs = torch.device(a.device), a.block_size
+    n_blocks = TOKENS // bs
+    shape = (2, 2 * n_blocks, bs, HEADS, HEAD) if a.layout == "NHD" else (2, 2 * n_blocks, HEADS, bs, HEAD)
+    caches = [torch.randn(shape, device=dev).to(torch.bfloat16) for _ in range(LAYERS)]
+    tensors = [half for c in caches for half in (c[0], c[1])]
+    blocks = torch.randperm(2 * n_blocks)[:n_blocks].tolist()
+    nbytes = sum(t[0].numel() for t in tensors) * 2 * n_blocks
+    chunk = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    seg = kv_copy.segments(tensors, a.layout, blocks, 0, TOKENS, bs, HEADS, HEAD, chunk.data_ptr())
+    src_flat = torch.empty_like(chunk)
+    idx = torch.tensor(blocks, device=dev)
+
+    def torch_gather() -> None:
+        off = 0
+        for t in tensors:
+            n = t[0].numel() * 2 * n_blocks
+            torch.index_select(t, 0, idx, out=chunk[off:off + n].view(torch.bfloat16).view(n_blocks, *t.shape[1:]))
+            off += n
+
+    rows = {
+        "copy (same bytes)": timed(lambda: chunk.copy_(src_flat), a.device, a.repeats),
+        "gather (csrc)": timed(lambda: kv_copy.gather(seg, dev), a.device, a.repeats),
+        "scatter (csrc)": timed(lambda: kv_copy.scatter(seg, dev), a.device, a.repeats),
+        "torch index_select per layer": timed(torch_gather, a.device, a.repeats),
+    }
+    base = nbytes / rows["copy (same bytes)"] / 1e9
+    print(f"{nbytes / 2**20:.0f} MiB, {len(seg)} segments, layout {a.layout}, block {bs}, device {a.device}")
+    for name, t in rows.items():
+        gbs = nbytes / t / 1e9
+        print(f"{name:30} {gbs:8.1f} GB/s  {gbs / base:5.2f} x copy")
+
+
+if __name__ == "__main__":
+    main()
