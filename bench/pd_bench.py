@@ -92,10 +92,12 @@ def run_phase(label: str, servers: list, once, bodies: dict, repeats: int) -> di
         s.wait_ready(900)
     out = {}
     try:
-        for n, body in bodies.items():
-            once(body)  # warm-up
-            runs = [once(body) for _ in range(repeats)]
-            out[n] = {"ttft_ms": statistics.median(t for t, _ in runs) * 1000, "text": runs[0][1]}
+        once(bodies["warmup"][0])
+        for n, variants in bodies.items():
+            if n == "warmup":
+                continue
+            runs = [once(b) for b in variants[:repeats]]  # fresh prompts: no prefix-cache hits
+            out[n] = {"ttft_ms": statistics.median(t for t, _ in runs) * 1000, "texts": [x for _, x in runs]}
             print(f"  {label:10} {n:5} tokens: TTFT {out[n]['ttft_ms']:.1f} ms", flush=True)
     finally:
         for s in servers:
@@ -115,28 +117,35 @@ def main() -> None:
     args = ap.parse_args()
     make_tiny_model(MODEL, "bench")
     rng = random.Random(0)
-    bodies = {n: {"model": "tiny", "prompt": [rng.randrange(10, 1000) for _ in range(n)], "max_tokens": 8,
-                  "temperature": 0} for n in args.lengths}
+    def body(n: int) -> dict:
+        return {"model": "tiny", "prompt": [rng.randrange(10, 1000) for _ in range(n)], "max_tokens": 8,
+                "temperature": 0}
+    bodies = {n: [body(n) for _ in range(args.repeats)] for n in args.lengths}
+    bodies["warmup"] = [body(64)]
     print("phase 1: aggregated")
-    agg = start("agg", None)
+    # One core each for prefill and decode compute, as two nodes would have; aggregated gets core 0.
+    agg = start("agg", None, {"VLLM_CPU_OMP_THREADS_BIND": "0"})
     base = run_phase("aggregated", [agg], lambda b: stream_ttft(agg.url, b), bodies, args.repeats)
     print("phase 2: kvbridge (push)")
     kp = start("kvb-prefill", {"kv_connector": "KVBridgeConnector", "kv_connector_module_path": "pd.connector",
-                               "kv_role": "kv_producer"})
+                               "kv_role": "kv_producer", "kv_load_failure_policy": "recompute"}, {"VLLM_CPU_OMP_THREADS_BIND": "0"})
     kd = start("kvb-decode", {"kv_connector": "KVBridgeConnector", "kv_connector_module_path": "pd.connector",
-                              "kv_role": "kv_consumer"})
+                              "kv_role": "kv_consumer", "kv_load_failure_policy": "recompute"}, {"VLLM_CPU_OMP_THREADS_BIND": "1"})
     ours = run_phase("kvbridge", [kp, kd], lambda b: kvbridge_once(kp, kd, b), bodies, args.repeats)
     pushes = push_times_ms(kp.log_path)
     print("phase 3: NixlConnector (pull)")
-    nixl_kv = {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu"}
-    npf = start("nixl-prefill", nixl_kv, {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(srv.free_port())})
-    nd = start("nixl-decode", dict(nixl_kv), {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(srv.free_port())})
+    nixl_kv = {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu",
+               "kv_load_failure_policy": "recompute"}
+    npf = start("nixl-prefill", nixl_kv, {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(srv.free_port()),
+                                          "VLLM_CPU_OMP_THREADS_BIND": "0"})
+    nd = start("nixl-decode", dict(nixl_kv), {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(srv.free_port()),
+                                              "VLLM_CPU_OMP_THREADS_BIND": "1"})
     theirs = run_phase("nixl", [npf, nd], lambda b: nixl_once(npf, nd, b), bodies, args.repeats)
     print("\nprompt  agg TTFT  kvbridge +ms  NixlConnector +ms  ratio  tokens equal (ours, theirs)")
     for n in args.lengths:
         a, o, t = base[n]["ttft_ms"], ours[n]["ttft_ms"], theirs[n]["ttft_ms"]
         print(f"{n:6} {a:9.1f} {o - a:13.1f} {t - a:18.1f} {(o - a) / (t - a) if t != a else float('nan'):6.2f}  "
-              f"{ours[n]['text'] == base[n]['text']}, {theirs[n]['text'] == base[n]['text']}")
+              f"{ours[n]['texts'] == base[n]['texts']}, {theirs[n]['texts'] == base[n]['texts']}")
     if pushes:
         print(f"kvbridge push time per request (producer SENDING->SENT): median {statistics.median(pushes):.1f} ms")
 

@@ -26,7 +26,28 @@ REPLY = {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": "ti
          "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}}
 
 
+def run_pool_stub(port: int) -> None:
+    """Answers the router's pool-occupancy probe the way a decode connector does."""
+    import threading
+
+    import zmq
+
+    from pd import wire
+
+    def serve() -> None:
+        sock = zmq.Context.instance().socket(zmq.ROUTER)
+        sock.bind(f"tcp://127.0.0.1:{port}")
+        while True:
+            ident, raw = sock.recv_multipart()
+            req = wire.decode_request(raw)
+            sock.send_multipart([ident, wire.encode(wire.PoolStatus(rid=req.rid, incarnation="stub", total=64,
+                                                                     free=64, used=0, quarantined=0,
+                                                                     expired_total=0, dropped_total=0))])
+    threading.Thread(target=serve, daemon=True).start()
+
+
 def run_stub(port: int) -> None:
+    run_pool_stub(port + 1)
     async def completions(_: web.Request) -> web.Response:
         return web.json_response(REPLY)
 
@@ -77,7 +98,7 @@ def main() -> None:
     stub_port, router_port = 18601, 18600
     cfg = {"role": "router", "port": router_port, "model": "tiny", "health_interval_s": 5,
            "prefill": [{"name": "p", "url": f"http://127.0.0.1:{stub_port}"}],
-           "decode": [{"name": "d", "url": f"http://127.0.0.1:{stub_port}", "kv_address": "127.0.0.1:1"}]}
+           "decode": [{"name": "d", "url": f"http://127.0.0.1:{stub_port}", "kv_address": f"127.0.0.1:{stub_port + 1}"}]}
     cfg_path = ROOT / ".kvbridge" / "router-bench.yaml"
     cfg_path.parent.mkdir(exist_ok=True)
     cfg_path.write_text(yaml.safe_dump(cfg))

@@ -60,6 +60,11 @@ class KVBridgeConnector(KVConnectorBase_V1):
         return self.scheduler_side.request_finished(request, block_ids)
 
     # worker side
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        if self.worker_side is not None:
+            self.worker_side.on_bind(connector_metadata)  # before the forward: lease requests go out now
+
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self.worker_side.register_kv_caches(kv_caches)
 

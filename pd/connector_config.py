@@ -30,6 +30,8 @@ class ConnectorConfig(BaseModel):
     alloc_timeout_s: float = Field(default=5.0, gt=0, description="how long a producer waits for consumer slots")
     load_timeout_s: float = Field(default=10.0, gt=0, description="how long a consumer waits for KV that never starts")
     unclaimed_ttl_s: float = Field(default=30.0, gt=0, description="how long arrived KV waits for its decode request")
+    idle_wait_ms: float = Field(default=20.0, gt=0, le=1000,
+                                description="an idle decode engine sleeps this long per step while KV is on its way")
     checksum: bool = Field(default=False, description="crc32 per chunk, verified before scatter")
     secret: str | None = Field(default=None, description="shared secret; or set KVBRIDGE_SECRET")
 

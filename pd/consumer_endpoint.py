@@ -45,6 +45,8 @@ class ConsumerEndpoint:
                                                       device=device))
         self.pool = SlotPool(num_slots, self.slot_bytes, quarantine_s)
         self.counters: dict[str, int] = {}
+        self._discarded: dict[str, float] = {}
+        self._discard_lock = threading.Lock()
         self._producers: dict[str, tuple[str, str]] = {}  # incarnation -> (producer_id, agent name)
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.ROUTER)
@@ -73,6 +75,20 @@ class ConsumerEndpoint:
                 if zlib.crc32(data.cpu().numpy()) != notice.crc:
                     bad.append(idx)
         return bad
+
+    def discard(self, transfer_id: str, remember_s: float = 60.0) -> None:
+        """The decode request this transfer was for has ended: free its lease now, and refuse (or free on
+        arrival) anything a producer still sends for it. The producer's next renewal fails and it stops."""
+        with self._discard_lock:
+            now = time.monotonic()
+            self._discarded = {t: exp for t, exp in self._discarded.items() if exp > now}
+            self._discarded[transfer_id] = now + remember_s
+        if self.pool.release(transfer_id):
+            self.count("transfers_discarded")
+
+    def _is_discarded(self, transfer_id: str) -> bool:
+        with self._discard_lock:
+            return self._discarded.get(transfer_id, 0) > time.monotonic()
 
     def count(self, name: str, n: int = 1) -> None:
         """Connector counters, reported in the Stats reply (the worker has no HTTP /metrics of its own)."""
@@ -151,6 +167,8 @@ class ConsumerEndpoint:
         if msg.incarnation not in self._producers:
             return wire.Error(code="handshake_required",
                               message=f"consumer incarnation {self.incarnation[:12]} has not met this producer")
+        if self._is_discarded(msg.transfer_id):
+            return wire.Error(code="cancelled", message=f"transfer {msg.transfer_id} was cancelled by its consumer")
         if msg.n_chunks > self.pool.num_slots:
             return wire.Error(code="too_large", message=f"{msg.n_chunks} chunks requested, "
                               f"the pool has {self.pool.num_slots} slots in all")
@@ -188,7 +206,9 @@ class ConsumerEndpoint:
                     self.count("chunks_received")
                     self.count("bytes_received", notice.nbytes)
                     lease = self.pool.live(notice.transfer_id)
-                    if lease is not None and lease.complete:
+                    if self._is_discarded(notice.transfer_id):
+                        self.pool.release(notice.transfer_id)
+                    elif lease is not None and lease.complete:
                         self.pool.renew(lease.transfer_id, lease.epoch, self.unclaimed_ttl_s)
                 else:
                     log.info("dropped chunk %d of %s: no live lease with epoch %d",

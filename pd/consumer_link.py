@@ -39,6 +39,23 @@ class PeerError(RuntimeError):
         self.code = code
 
 
+def fetch_pool_status(address: str, secret: str | None = None, timeout_s: float = 5.0) -> wire.PoolStatus:
+    """One-off `stats` query to a consumer endpoint (for tools and tests; needs no NIXL agent)."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"tcp://{address}")
+    try:
+        sock.send(wire.encode(wire.Stats(rid=1, secret=secret)))
+        if not sock.poll(int(timeout_s * 1000)):
+            raise PeerUnreachable(f"consumer {address} did not answer stats within {timeout_s}s")
+        reply = wire.decode_reply(sock.recv())
+    finally:
+        sock.close(0)
+    if not isinstance(reply, wire.PoolStatus):
+        raise PeerError(address, getattr(reply, "code", "unexpected"), getattr(reply, "message", reply.type))
+    return reply
+
+
 class ConsumerLink:
     def __init__(self, address: str, agent: NixlAgent, layout: KVLayout, producer_id: str,
                  incarnation: str, secret: str | None = None, timeout_s: float = 2.0) -> None:

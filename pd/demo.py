@@ -5,9 +5,8 @@ import json
 import time
 
 import requests
-import zmq
 
-from pd import wire
+from pd.consumer_link import fetch_pool_status
 
 PROMPTS = [
     ("completion", {"prompt": "the ka lo mi re tu sa ne vo pi da shi ran " * 20, "max_tokens": 24}),
@@ -18,21 +17,8 @@ PROMPTS = [
 ]
 
 
-def decode_stats(address: str) -> wire.PoolStatus:
-    s = zmq.Context.instance().socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
-    s.connect(f"tcp://{address}")
-    try:
-        s.send(wire.encode(wire.Stats(rid=1)))
-        if not s.poll(3000):
-            raise TimeoutError(f"no answer from {address}")
-        return wire.decode_reply(s.recv())
-    finally:
-        s.close(0)
-
-
 def run_demo(url: str, model: str, kv_addresses: list[str]) -> None:
-    before = [decode_stats(a).counters for a in kv_addresses]
+    before = [fetch_pool_status(a).counters for a in kv_addresses]
     for label, body in PROMPTS:
         body = dict(body, model=model, temperature=0)
         path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
@@ -61,7 +47,7 @@ def run_demo(url: str, model: str, kv_addresses: list[str]) -> None:
               + f" | router trace: {phases}")
     print("\n== transfer figures (decode connector counters, this demo)")
     for addr, old in zip(kv_addresses, before):
-        st = decode_stats(addr)
+        st = fetch_pool_status(addr)
         delta = {k: v - old.get(k, 0) for k, v in st.counters.items()}
         print(f"{addr}: {delta.get('transfers_scattered', 0)} transfers scattered, "
               f"{delta.get('chunks_received', 0)} chunks, {delta.get('bytes_received', 0) / 1024:.0f} KiB received, "

@@ -52,6 +52,7 @@ class BridgeMetadata(KVConnectorMetadata):
     pushes: list[PushTask] = field(default_factory=list)
     loads: list[LoadTask] = field(default_factory=list)
     aborts: list[str] = field(default_factory=list)   # request ids whose transfer must stop now
+    discards: list[str] = field(default_factory=list)  # transfer ids whose decode request has ended
     idle: bool = False                                # nothing computed this step: worker may wait briefly
 
 
@@ -77,6 +78,7 @@ class SchedulerSide:
         self._loading: set[str] = set()
         self._received: set[str] = set()
         self._aborts: list[str] = []
+        self._discards: list[str] = []
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
         p = bridge_params(request) if self.is_consumer else None
@@ -101,9 +103,9 @@ class SchedulerSide:
                                                 request.num_computed_tokens // self.block_size))
 
     def build_connector_meta(self, out: Any) -> BridgeMetadata:
-        meta = BridgeMetadata(loads=self._new_loads, aborts=self._aborts,
+        meta = BridgeMetadata(loads=self._new_loads, aborts=self._aborts, discards=self._discards,
                               idle=out.total_num_scheduled_tokens == 0)
-        self._new_loads, self._aborts = [], []
+        self._new_loads, self._aborts, self._discards = [], [], []
         for rid in out.preempted_req_ids or ():
             if self._pushes.pop(rid, None) is not None:
                 meta.aborts.append(rid)
@@ -138,4 +140,6 @@ class SchedulerSide:
         if self._pushes.pop(rid, None) is not None or rid in self._loading:
             self._aborts.append(rid)  # vLLM keeps a still-loading request's blocks until we report it
         p = bridge_params(request)
+        if p is not None and p.receive and self.is_consumer:
+            self._discards.append(p.transfer_id)  # covers requests aborted before their KV was ever claimed
         return False, ({PARAMS_KEY: {"transfer_id": p.transfer_id}} if p else None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -70,6 +71,9 @@ class WorkerSide:
         self._failed_recv: set[str] = set()
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        # Our control threads share the GIL with vLLM's busy main thread; the default 5 ms switch
+        # interval would add that much to every lease RPC and every UCX progress call.
+        sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
         layout = layout_from_vllm(self.vllm_config, kv_caches, self.cfg.model_id)
         self.kv = PagedKV(kv_caches, layout)
         bs = layout.block_size
@@ -96,9 +100,19 @@ class WorkerSide:
     def _n_chunks(self, n_tokens: int) -> int:
         return -(-n_tokens // (self.blocks_per_chunk * self.kv.layout.block_size))
 
+    def on_bind(self, meta: BridgeMetadata) -> None:
+        """Ask consumers for leases while this step's forward computes, so a long prefill shows up on the
+        consumer as a live, renewed lease instead of silence that its load timeout would end."""
+        for task in meta.pushes:
+            if task.req_id not in self._pushing:
+                self.producer.begin(task.transfer_id, task.consumer, self._n_chunks(task.num_tokens))
+                self._pushing[task.req_id] = (task.transfer_id, 0)
+
     def start_load_kv(self, meta: BridgeMetadata) -> None:
         for rid in meta.aborts:
             self._abort(rid)
+        for tid in meta.discards:
+            self.endpoint.discard(tid)
         for task in meta.loads:
             self._loads[task.req_id] = _Load(task, Transfer(task.transfer_id, "consumer"),
                                               self._n_chunks(task.num_tokens), time.monotonic())
@@ -108,10 +122,10 @@ class WorkerSide:
             self._push_ready_chunks(task)
 
     def _push_ready_chunks(self, task: PushTask) -> None:
-        tid, nxt = self._pushing.get(task.req_id, (task.transfer_id, 0))
-        n_chunks = self._n_chunks(task.num_tokens)
         if task.req_id not in self._pushing:
-            self.producer.begin(tid, task.consumer, n_chunks)
+            return  # ended early (failed or aborted); the consumer falls back by policy
+        tid, nxt = self._pushing[task.req_id]
+        n_chunks = self._n_chunks(task.num_tokens)
         tokens_per_chunk = self.blocks_per_chunk * self.kv.layout.block_size
         while nxt < n_chunks and min((nxt + 1) * tokens_per_chunk, task.num_tokens) <= task.ready_tokens:
             lo, hi = self._chunk_blocks(task.num_tokens, nxt)
@@ -130,7 +144,9 @@ class WorkerSide:
         if self._loads:
             self._check_loads()
             if idle and not self._done_recv and self._loads:
-                self.endpoint.wait_arrivals(0.005)  # nothing to compute: wait for bytes, not spin
+                # Nothing to compute: sleep until a chunk lands (or idle_wait_ms) instead of letting
+                # the engine spin through empty steps on the cores the prefill may need.
+                self.endpoint.wait_arrivals(self.cfg.idle_wait_ms / 1000)
                 self._check_loads()
         done, failed = self._done_recv, self._failed_recv
         self._done_recv, self._failed_recv = set(), set()

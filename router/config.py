@@ -38,6 +38,7 @@ class RouterConfig(BaseModel):
     request_timeout_s: float = Field(default=600.0, gt=0)
     max_tokens_limit: int = Field(default=32768, gt=0)
     trace_history: int = Field(default=1000, ge=0)
+    kv_secret: str | None = Field(default=None, description="decode connectors' shared secret, for pool stats")
 
     @model_validator(mode="after")
     def _unique_names(self) -> RouterConfig:

@@ -13,3 +13,5 @@ CANCELLED = Counter("kvbridge_router_cancelled_total", "Requests whose client we
 INSTANCE_HEALTHY = Gauge("kvbridge_router_instance_healthy", "1 if the instance passes health checks",
                          ["kind", "instance"])
 OUTSTANDING = Gauge("kvbridge_router_outstanding", "Requests in flight per instance", ["kind", "instance"])
+DECODE_POOL_FREE = Gauge("kvbridge_router_decode_pool_free", "Free fraction of a decode connector's slots",
+                         ["instance"])

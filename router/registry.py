@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import aiohttp
 
 from router.config import DecodeInstance, Instance, RouterConfig
-from router.metrics import INSTANCE_HEALTHY, OUTSTANDING
+from router.metrics import DECODE_POOL_FREE, INSTANCE_HEALTHY, OUTSTANDING
+from router.pool_probe import pool_free_fraction
 
 log = logging.getLogger("kvbridge.router")
 
@@ -25,6 +26,7 @@ class Backend:
     healthy: bool = False
     fails: int = 0
     outstanding: int = 0
+    pool_free: float = 1.0  # decode only: fraction of its connector's slots that are free
 
     @property
     def name(self) -> str:
@@ -66,7 +68,7 @@ class Registry:
             return None
         if self.cfg.policy == "round_robin":
             return live[next(self._rr[kind]) % len(live)]
-        return min(live, key=lambda b: b.outstanding)
+        return min(live, key=lambda b: (b.pool_free == 0, b.outstanding, -b.pool_free))
 
     def acquire(self, b: Backend) -> None:
         b.outstanding += 1
@@ -81,7 +83,8 @@ class Registry:
         b.set_health(False, why)
 
     def snapshot(self) -> dict:
-        return {k: [{"name": b.name, "url": b.inst.url, "healthy": b.healthy, "outstanding": b.outstanding}
+        return {k: [{"name": b.name, "url": b.inst.url, "healthy": b.healthy, "outstanding": b.outstanding,
+                     **({"pool_free": round(b.pool_free, 3)} if b.kv_address else {})}
                     for b in bs] for k, bs in self.backends.items()}
 
     async def check_all(self) -> None:
@@ -99,6 +102,11 @@ class Registry:
                 ok, why = r.status == 200, f"/health answered {r.status}"
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             ok, why = False, f"/health failed: {type(e).__name__}"
+        if ok and b.kv_address:
+            free = await pool_free_fraction(b.kv_address, self.cfg.health_timeout_s, self.cfg.kv_secret)
+            ok, why = free is not None, "its kvbridge connector does not answer"
+            b.pool_free = free if free is not None else 0.0
+            DECODE_POOL_FREE.labels(b.name).set(b.pool_free)
         if ok:
             b.fails = 0
             b.set_health(True)

@@ -37,6 +37,9 @@ class ConsumerProcess:
         self._conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_serve, args=(child, layout.model_dump_json(), kwargs), daemon=True)
         self.proc.start()
+        if not self._conn.poll(60):
+            self.proc.kill()
+            raise TimeoutError("consumer endpoint process did not start within 60s")
         self.address, self.incarnation = self._conn.recv()
 
     def call(self, cmd: str, arg=None):

@@ -6,23 +6,14 @@ import random
 import uuid
 
 import requests
-import zmq
 
-from pd import wire
+from pd.consumer_link import fetch_pool_status
 
 _pool = cf.ThreadPoolExecutor(16)
 
 
-def pool_status(address: str) -> wire.PoolStatus:
-    s = zmq.Context.instance().socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
-    s.connect(f"tcp://{address}")
-    try:
-        s.send(wire.encode(wire.Stats(rid=1)))
-        assert s.poll(5000), f"no stats reply from {address}"
-        return wire.decode_reply(s.recv())
-    finally:
-        s.close(0)
+def pool_status(address: str):
+    return fetch_pool_status(address)
 
 
 def post(url: str, path: str, body: dict, timeout: float = 120) -> tuple[int, dict]:

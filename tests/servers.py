@@ -55,7 +55,9 @@ class VllmServer:
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         self.log_path = LOG_DIR / f"{name}.log"
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=server_env(),
+        # Decode computes on core 1, everything else on core 0: two nodes' worth of cores on one box.
+        env = dict(server_env(), VLLM_CPU_OMP_THREADS_BIND="1" if role == "kv_consumer" else "0")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True, cwd=ROOT)
 
     @property
