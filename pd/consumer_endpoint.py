@@ -185,6 +185,13 @@ class ConsumerEndpoint:
     def _on_release(self, msg: wire.Release) -> wire._Msg:
         return wire.Ack(ok=self.pool.release(msg.transfer_id, msg.epoch))
 
+    def _on_cancel(self, msg: wire.Cancel) -> wire._Msg:
+        self.discard(msg.transfer_id)
+        return wire.Ack(ok=True)
+
+    def is_discarded(self, transfer_id: str) -> bool:
+        return self._is_discarded(transfer_id)
+
     def _on_stats(self, msg: wire.Stats) -> wire._Msg:
         s = self.pool.stats()
         return wire.PoolStatus(incarnation=self.incarnation, total=s.total, free=s.free, used=s.used,

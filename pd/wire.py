@@ -65,6 +65,12 @@ class Release(_Request):
     epoch: int
 
 
+class Cancel(_Request):
+    """From the router: the request behind this transfer is gone; free its slots, refuse its chunks."""
+    type: Literal["cancel"] = "cancel"
+    transfer_id: str = Field(min_length=1, max_length=256)
+
+
 class Stats(_Request):
     type: Literal["stats"] = "stats"
 
@@ -126,7 +132,7 @@ class Error(_Msg):
     message: str
 
 
-Request = Annotated[Union[Hello, Alloc, Renew, Release, Stats], Field(discriminator="type")]
+Request = Annotated[Union[Hello, Alloc, Renew, Release, Cancel, Stats], Field(discriminator="type")]
 Reply = Annotated[Union[Welcome, Reject, Grant, NoCapacity, Ack, PoolStatus, Error],
                   Field(discriminator="type")]
 _requests = TypeAdapter(Request)
@@ -155,7 +161,7 @@ def _decode(raw: bytes, adapter: TypeAdapter):
                                    f"{e.errors()[0]['msg']}") from e
 
 
-def decode_request(raw: bytes) -> Hello | Alloc | Renew | Release | Stats:
+def decode_request(raw: bytes) -> Hello | Alloc | Renew | Release | Cancel | Stats:
     return _decode(raw, _requests)
 
 

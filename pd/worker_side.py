@@ -155,6 +155,9 @@ class WorkerSide:
     def _check_loads(self) -> None:
         now = time.monotonic()
         for rid, ld in list(self._loads.items()):
+            if self.endpoint.is_discarded(ld.task.transfer_id):
+                self._finish_load(rid, State.EXPIRED, "cancelled: the prefill leg failed or went away")
+                continue
             lease = self.endpoint.pool.live(ld.task.transfer_id)
             if lease is None:
                 if ld.seen or now - ld.started > self.cfg.load_timeout_s:

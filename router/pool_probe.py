@@ -1,5 +1,5 @@
-"""Asks a decode connector how full its slot pool is (the `stats` control message, no NIXL involved),
-so the router can prefer decode instances with room."""
+"""The router's two control messages to a decode connector (no NIXL involved): `stats`, to prefer
+decode instances with room, and `cancel`, to free a transfer whose request is gone."""
 from __future__ import annotations
 
 import asyncio
@@ -25,5 +25,18 @@ async def pool_free_fraction(address: str, timeout_s: float, secret: str | None 
         return reply.free / reply.total if isinstance(reply, wire.PoolStatus) and reply.total else None
     except (zmq.ZMQError, wire.WireError, asyncio.CancelledError):
         return None
+    finally:
+        sock.close(0)
+
+
+async def cancel_transfer(address: str, transfer_id: str, timeout_s: float, secret: str | None = None) -> bool:
+    sock = _ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(f"tcp://{address}")
+        await sock.send(wire.encode(wire.Cancel(rid=1, transfer_id=transfer_id, secret=secret)))
+        return bool(await sock.poll(int(timeout_s * 1000)))
+    except (zmq.ZMQError, asyncio.CancelledError):
+        return False
     finally:
         sock.close(0)

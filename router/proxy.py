@@ -21,6 +21,7 @@ from aiohttp import web
 from router.config import RouterConfig
 from router.metrics import CANCELLED, PREFILL_FAILURES, TTFT
 from router.openai_errors import APIError
+from router.pool_probe import cancel_transfer
 from router.registry import Backend, Registry
 
 log = logging.getLogger("kvbridge.router")
@@ -67,18 +68,27 @@ class Proxy:
                                 kv_transfer_params={"kvbridge": {"transfer_id": tid, "push_to": decode.kv_address}})
             prefill_body.pop("max_completion_tokens", None)
             prefill_body.pop("stream_options", None)
-            prefill_task = asyncio.create_task(self._prefill(prefill, path, prefill_body, trace))
+            prefill_task = asyncio.create_task(self._prefill(prefill, path, prefill_body, trace, decode, tid))
         elif self.cfg.on_prefill_failure == "error":
             raise APIError(503, "no healthy prefill instance", "service_unavailable", code="no_prefill")
         trace["events"].append(("dispatched", f"prefill={prefill.name if prefill else None} decode={decode.name}",
                                 self._ms(trace)))
+        finished = False
         try:
-            return await self._decode(request, path, decode_body, decode, trace, prefill_task)
+            resp = await self._decode(request, path, decode_body, decode, trace, prefill_task)
+            finished = resp.status == 200
+            return resp
         finally:
-            if prefill_task is not None and not prefill_task.done():
-                prefill_task.cancel()
+            if prefill_task is not None:
+                if not prefill_task.done():
+                    prefill_task.cancel()
+                if not finished:
+                    # The client left or the decode leg failed: whatever the prefill pushed must not wait
+                    # for a decode request that will never claim it.
+                    asyncio.ensure_future(cancel_transfer(decode.kv_address, tid, self.cfg.health_timeout_s,
+                                                          self.cfg.kv_secret))
 
-    async def _prefill(self, b: Backend, path: str, body: dict, trace: dict) -> bool:
+    async def _prefill(self, b: Backend, path: str, body: dict, trace: dict, decode: Backend, tid: str) -> bool:
         self.registry.acquire(b)
         try:
             async with self.session.post(b.inst.url + path, json=body) as r:
@@ -94,6 +104,7 @@ class Proxy:
         if not ok:
             PREFILL_FAILURES.labels(self.cfg.on_prefill_failure).inc()
             log.warning("prefill leg on %s failed (%s); decode instance falls back by its load policy", b.name, why)
+            await cancel_transfer(decode.kv_address, tid, self.cfg.health_timeout_s, self.cfg.kv_secret)
         return ok
 
     async def _decode(self, request: web.Request, path: str, body: dict, b: Backend, trace: dict,
