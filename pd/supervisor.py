@@ -54,7 +54,7 @@ class Supervisor:
             time.sleep(1)
 
     def stop(self) -> None:
-        for name, p in self.procs.items():
+        for p in self.procs.values():
             if p.poll() is None:
                 try:
                     os.killpg(p.pid, signal.SIGTERM)

@@ -11,7 +11,7 @@ import torch
 import zmq
 
 from pd import wire
-from pd.consumer_link import ConsumerLink, HandshakeRejected
+from pd.consumer_link import HandshakeRejected
 from pd.layout import KVLayout
 from pd.producer import Producer, ProducerSettings
 from pd.states import State
@@ -81,7 +81,7 @@ def finished(p: Producer, want: set[str]) -> dict[str, State]:
 
 
 def check_landed(consumer: ConsumerProcess, tid: str, crcs: list[int], last_bytes: int = CHUNK_BYTES):
-    lease = wait_for(lambda: (l := consumer.call("lease", tid)) and l["complete"] and l, 5)
+    lease = wait_for(lambda: (got := consumer.call("lease", tid)) and got["complete"] and got, 5)
     assert lease["bad"] == []
     landed = lease["crcs"][:-1]
     assert landed == crcs[:-1]

@@ -118,7 +118,7 @@ class SlotPool:
     def release_producer(self, producer: str) -> int:
         """End every lease of a producer incarnation that is gone (restart or death)."""
         with self._lock:
-            gone = [l for l in self._leases.values() if l.producer == producer]
+            gone = [lease for lease in self._leases.values() if lease.producer == producer]
             for lease in gone:
                 self._end_locked(lease, complete=False)
             return len(gone)
@@ -143,7 +143,7 @@ class SlotPool:
 
     def _reap_locked(self) -> None:
         now = self._clock()
-        for lease in [l for l in self._leases.values() if l.deadline <= now]:
+        for lease in [x for x in self._leases.values() if x.deadline <= now]:
             self.expired_total += 1
             self._end_locked(lease, complete=False)
         if self._quarantine:
