@@ -94,9 +94,6 @@ class ConsumerLink:
     def release(self, transfer_id: str, epoch: int) -> bool:
         return self._call(wire.Release(transfer_id=transfer_id, epoch=epoch), (wire.Ack,)).ok
 
-    def stats(self) -> wire.PoolStatus:
-        return self._call(wire.Stats(), (wire.PoolStatus,))
-
     def close(self) -> None:
         with self._lock:
             self._reset_socket()

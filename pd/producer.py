@@ -117,11 +117,6 @@ class Producer:
                                                  self.incarnation, self.cfg.secret, self.cfg.rpc_timeout_s)
         return self._links[consumer]
 
-    @property
-    def active(self) -> int:
-        with self._cv:
-            return len(self._jobs)
-
     def close(self) -> None:
         with self._cv:
             self._stop = True
