@@ -86,7 +86,7 @@ class ConsumerEndpoint:
         if self.pool.release(transfer_id):
             self.count("transfers_discarded")
 
-    def _is_discarded(self, transfer_id: str) -> bool:
+    def is_discarded(self, transfer_id: str) -> bool:
         with self._discard_lock:
             return self._discarded.get(transfer_id, 0) > time.monotonic()
 
@@ -167,7 +167,7 @@ class ConsumerEndpoint:
         if msg.incarnation not in self._producers:
             return wire.Error(code="handshake_required",
                               message=f"consumer incarnation {self.incarnation[:12]} has not met this producer")
-        if self._is_discarded(msg.transfer_id):
+        if self.is_discarded(msg.transfer_id):
             return wire.Error(code="cancelled", message=f"transfer {msg.transfer_id} was cancelled by its consumer")
         if msg.n_chunks > self.pool.num_slots:
             return wire.Error(code="too_large", message=f"{msg.n_chunks} chunks requested, "
@@ -188,9 +188,6 @@ class ConsumerEndpoint:
     def _on_cancel(self, msg: wire.Cancel) -> wire._Msg:
         self.discard(msg.transfer_id)
         return wire.Ack(ok=True)
-
-    def is_discarded(self, transfer_id: str) -> bool:
-        return self._is_discarded(transfer_id)
 
     def _on_stats(self, msg: wire.Stats) -> wire._Msg:
         s = self.pool.stats()
@@ -213,7 +210,7 @@ class ConsumerEndpoint:
                     self.count("chunks_received")
                     self.count("bytes_received", notice.nbytes)
                     lease = self.pool.live(notice.transfer_id)
-                    if self._is_discarded(notice.transfer_id):
+                    if self.is_discarded(notice.transfer_id):
                         self.pool.release(notice.transfer_id)
                     elif lease is not None and lease.complete:
                         self.pool.renew(lease.transfer_id, lease.epoch, self.unclaimed_ttl_s)
