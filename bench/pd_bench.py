@@ -42,24 +42,9 @@ def stream_ttft(url: str, body: dict) -> tuple[float, str]:
     return ttft, "".join(text)
 
 
-def start(name: str, kv: dict | None, env: dict | None = None) -> srv.VllmServer:
-    s = srv.VllmServer.__new__(srv.VllmServer)
-    s.name, s.port, s.handshake_port = name, srv.free_port(), None
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(MODEL), "--served-model-name",
-           "tiny", "--host", "127.0.0.1", "--port", str(s.port), "--enforce-eager", "--dtype", "float32",
-           "--max-model-len", "4096"]
-    if kv:
-        if kv.get("kv_connector") == "KVBridgeConnector" and kv["kv_role"] == "kv_consumer":
-            s.handshake_port = srv.free_port()
-            kv["kv_connector_extra_config"] = {"listen_port": s.handshake_port, "instance_id": name}
-        cmd += ["--kv-transfer-config", json.dumps(kv)]
-    import subprocess
-    srv.LOG_DIR.mkdir(parents=True, exist_ok=True)
-    s.log_path = srv.LOG_DIR / f"bench-{name}.log"
-    s._log = open(s.log_path, "wb")
-    s.proc = subprocess.Popen(cmd, stdout=s._log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT,
-                              env=dict(srv.server_env(), **(env or {})))
-    return s
+def start(name: str, role: str | None = None, kv_config: dict | None = None,
+          env: dict | None = None) -> srv.VllmServer:
+    return srv.VllmServer(f"bench-{name}", role, model=MODEL, max_model_len=4096, env=env, kv_config=kv_config)
 
 
 def kvbridge_once(p: srv.VllmServer, d: srv.VllmServer, body: dict) -> tuple[float, str]:
@@ -124,22 +109,19 @@ def main() -> None:
     bodies["warmup"] = [body(64)]
     print("phase 1: aggregated")
     # One core each for prefill and decode compute, as two nodes would have; aggregated gets core 0.
-    agg = start("agg", None, {"VLLM_CPU_OMP_THREADS_BIND": "0"})
+    agg = start("agg")
     base = run_phase("aggregated", [agg], lambda b: stream_ttft(agg.url, b), bodies, args.repeats)
     print("phase 2: kvbridge (push)")
-    kp = start("kvb-prefill", {"kv_connector": "KVBridgeConnector", "kv_connector_module_path": "pd.connector",
-                               "kv_role": "kv_producer", "kv_load_failure_policy": "recompute"}, {"VLLM_CPU_OMP_THREADS_BIND": "0"})
-    kd = start("kvb-decode", {"kv_connector": "KVBridgeConnector", "kv_connector_module_path": "pd.connector",
-                              "kv_role": "kv_consumer", "kv_load_failure_policy": "recompute"}, {"VLLM_CPU_OMP_THREADS_BIND": "1"})
+    kp, kd = start("kvb-prefill", "kv_producer"), start("kvb-decode", "kv_consumer")
     ours = run_phase("kvbridge", [kp, kd], lambda b: kvbridge_once(kp, kd, b), bodies, args.repeats)
     pushes = push_times_ms(kp.log_path)
     print("phase 3: NixlConnector (pull)")
     nixl_kv = {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu",
                "kv_load_failure_policy": "recompute"}
-    npf = start("nixl-prefill", nixl_kv, {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(srv.free_port()),
-                                          "VLLM_CPU_OMP_THREADS_BIND": "0"})
-    nd = start("nixl-decode", dict(nixl_kv), {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(srv.free_port()),
-                                              "VLLM_CPU_OMP_THREADS_BIND": "1"})
+    npf = start("nixl-prefill", kv_config=nixl_kv, env={"VLLM_NIXL_SIDE_CHANNEL_PORT": str(srv.free_port()),
+                                                        "VLLM_CPU_OMP_THREADS_BIND": "0"})
+    nd = start("nixl-decode", kv_config=nixl_kv, env={"VLLM_NIXL_SIDE_CHANNEL_PORT": str(srv.free_port()),
+                                                      "VLLM_CPU_OMP_THREADS_BIND": "1"})
     theirs = run_phase("nixl", [npf, nd], lambda b: nixl_once(npf, nd, b), bodies, args.repeats)
     print("\nprompt  agg TTFT  kvbridge +ms  NixlConnector +ms  ratio  tokens equal (ours, theirs)")
     for n in args.lengths:

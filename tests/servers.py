@@ -30,33 +30,38 @@ def server_env() -> dict:
 
 
 class VllmServer:
-    def __init__(self, name: str, role: str | None = None, extra: dict | None = None,
-                 policy: str = "recompute") -> None:
+    """One vLLM OpenAI server. `role` runs it with kvbridge's connector; `kv_config` with any other
+    connector (the benches use NixlConnector); neither gives an aggregated server."""
+
+    def __init__(self, name: str, role: str | None = None, extra: dict | None = None, policy: str = "recompute",
+                 model: Path = MODEL_DIR, max_model_len: int = 2048, env: dict | None = None,
+                 kv_config: dict | None = None) -> None:
         self.name = name
         self.port = free_port()
         self.handshake_port = free_port() if role in ("kv_consumer", "kv_both") else None
-        self._args = (role, extra, policy)
+        self._args = (role, extra, policy, model, max_model_len, env or {}, kv_config)
+        self.proc: subprocess.Popen | None = None
         self.start()
 
     def start(self) -> None:
         """(Re)start on the same ports: a restart is a new incarnation at the same address."""
-        role, extra, policy = self._args
-        name = self.name
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(MODEL_DIR),
+        role, extra, policy, model, max_model_len, env_over, kv = self._args
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
                "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(self.port), "--enforce-eager",
-               "--dtype", "float32", "--max-model-len", "2048", "--max-num-seqs", "32"]
+               "--dtype", "float32", "--max-model-len", str(max_model_len), "--max-num-seqs", "32"]
         if role:
-            extra = dict(extra or {}, instance_id=name)
+            extra = dict(extra or {}, instance_id=self.name)
             if self.handshake_port:
                 extra["listen_port"] = self.handshake_port
-            cmd += ["--kv-transfer-config", json.dumps({
-                "kv_connector": "KVBridgeConnector", "kv_connector_module_path": "pd.connector", "kv_role": role,
-                "kv_load_failure_policy": policy, "kv_connector_extra_config": extra})]
+            kv = {"kv_connector": "KVBridgeConnector", "kv_connector_module_path": "pd.connector", "kv_role": role,
+                  "kv_load_failure_policy": policy, "kv_connector_extra_config": extra}
+        if kv:
+            cmd += ["--kv-transfer-config", json.dumps(kv)]
         LOG_DIR.mkdir(parents=True, exist_ok=True)
-        self.log_path = LOG_DIR / f"{name}.log"
-        self._log = open(self.log_path, "ab")
+        self.log_path = LOG_DIR / f"{self.name}.log"
+        self._log = open(self.log_path, "ab" if self.proc else "wb")  # a restart appends to its own log
         # Decode computes on core 1, everything else on core 0: two nodes' worth of cores on one box.
-        env = dict(server_env(), VLLM_CPU_OMP_THREADS_BIND="1" if role == "kv_consumer" else "0")
+        env = {**server_env(), "VLLM_CPU_OMP_THREADS_BIND": "1" if role == "kv_consumer" else "0", **env_over}
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True, cwd=ROOT)
 
