@@ -78,7 +78,7 @@ class WorkerSide:
         self.kv = PagedKV(kv_caches, layout)
         bs = layout.block_size
         self.blocks_per_chunk = max(1, -(-self.cfg.chunk_tokens // bs))
-        chunk_tokens = self.blocks_per_chunk * bs
+        self.chunk_tokens = chunk_tokens = self.blocks_per_chunk * bs
         device = str(next(iter(kv_caches.values())).device)
         port = self.cfg.listen_port + layout.tp_rank if self.cfg.listen_port else 0
         name = self.cfg.instance_id or f"{'prefill' if self.is_producer else 'decode'}-{port}"
@@ -98,7 +98,7 @@ class WorkerSide:
         return chunk * self.blocks_per_chunk, min((chunk + 1) * self.blocks_per_chunk, n_blocks)
 
     def _n_chunks(self, n_tokens: int) -> int:
-        return -(-n_tokens // (self.blocks_per_chunk * self.kv.layout.block_size))
+        return -(-n_tokens // self.chunk_tokens)
 
     def on_bind(self, meta: BridgeMetadata) -> None:
         """Ask consumers for leases while this step's forward computes, so a long prefill shows up on the
@@ -126,8 +126,7 @@ class WorkerSide:
             return  # ended early (failed or aborted); the consumer falls back by policy
         tid, nxt = self._pushing[task.req_id]
         n_chunks = self._n_chunks(task.num_tokens)
-        tokens_per_chunk = self.blocks_per_chunk * self.kv.layout.block_size
-        while nxt < n_chunks and min((nxt + 1) * tokens_per_chunk, task.num_tokens) <= task.ready_tokens:
+        while nxt < n_chunks and min((nxt + 1) * self.chunk_tokens, task.num_tokens) <= task.ready_tokens:
             lo, hi = self._chunk_blocks(task.num_tokens, nxt)
             if not self.producer.stage(tid, nxt, lambda view, ids=task.block_ids[lo:hi]: self.kv.gather(ids, view)):
                 nxt = n_chunks  # the transfer ended (failed or aborted); the consumer falls back by policy
