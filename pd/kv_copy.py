@@ -8,7 +8,9 @@ list whose two sides use different layouts. Whole-block chunks have the same byt
 `PagedKV.gather`.
 
 The copy runs in csrc's CUDA kernel for GPU tensors and in its C++ loop on CPU, loaded with
-ctypes from build/ (`bash csrc/build.sh`); without the CPU library a torch loop does the same.
+ctypes from build/ (`bash csrc/build.sh`); without the CPU library a ctypes memmove loop does the
+same. On a GPU the list must live in device memory: `SegmentTable` uploads it once, so a chunk
+costs one small host-to-device copy and one launch.
 """
 from __future__ import annotations
 
@@ -53,6 +55,17 @@ def token_runs(tensor: torch.Tensor, layout: str, block: int, a: int, b: int, bl
     raise ValueError(f"unknown cache layout {layout!r}")
 
 
+def _merged(rows: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Adjacent runs (the heads of a whole HND block, say) become one longer segment."""
+    out: list[list[int]] = []
+    for addr, n in rows:
+        if out and out[-1][0] + out[-1][1] == addr:
+            out[-1][1] += n
+        else:
+            out.append([addr, n])
+    return [(a, n) for a, n in out]
+
+
 def segments(tensors: list[torch.Tensor], layout: str, block_ids: list[int], start: int, end: int,
              block_size: int, heads: int, head_size: int, chunk_addr: int) -> np.ndarray:
     """Segments (paged address, chunk address, bytes) for tokens [start, end) of a request whose
@@ -62,6 +75,7 @@ def segments(tensors: list[torch.Tensor], layout: str, block_ids: list[int], sta
         for tok in range(start - start % block_size, end, block_size):
             a, b = max(start, tok) - tok, min(end, tok + block_size) - tok
             rows.extend(token_runs(t, layout, block_ids[tok // block_size], a, b, block_size, heads, head_size))
+    rows = _merged(rows)
     out = np.empty((len(rows), 3), dtype=np.uint64)
     off = chunk_addr
     for i, (addr, n) in enumerate(rows):
@@ -70,16 +84,50 @@ def segments(tensors: list[torch.Tensor], layout: str, block_ids: list[int], sta
     return out
 
 
+class SegmentTable:
+    """A segment list resident in GPU memory, with the kernel's block width chosen for it."""
+
+    def __init__(self, src: np.ndarray, dst: np.ndarray, nbytes: np.ndarray, device: torch.device) -> None:
+        if _cuda is None:
+            raise RuntimeError("build/libkvb_copy_cuda.so is missing: run `bash csrc/build.sh` on this node")
+        self.table = torch.from_numpy(np.stack([src, dst, nbytes]).astype(np.int64)).to(device)
+        self.n = len(nbytes)
+        self.device = device
+        widest = int(nbytes.max()) if self.n else 0
+        self.threads = int(min(512, max(64, 1 << max(0, (widest // 64 - 1).bit_length()))))
+
+    def run(self) -> None:
+        stream = torch.cuda.current_stream(self.device).cuda_stream
+        rc = _cuda.kvb_copy_segments_cuda(ctypes.c_void_p(self.table.data_ptr()), ctypes.c_int64(self.n),
+                                          ctypes.c_int(self.threads), ctypes.c_void_p(stream))
+        if rc != 0:
+            raise RuntimeError(f"kvb_copy_segments_cuda failed with CUDA error {rc}")
+
+
+class BlockSlabs:
+    """Whole-block segments for a fixed set of block-major tensors (a paged cache never moves,
+    so base addresses and slab sizes are read once; a chunk's list is then a few array ops)."""
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        self.bases = np.array([t.data_ptr() for t in tensors], dtype=np.uint64)[:, None]
+        self.slabs = np.array([t.stride(0) * t.element_size() for t in tensors], dtype=np.uint64)[:, None]
+        self.prefix = np.concatenate([[0], np.cumsum(self.slabs[:-1, 0])]).astype(np.uint64)[:, None]
+
+    def segments(self, block_ids: list[int], chunk_addr: int, first: int = 0) -> np.ndarray:
+        """The chunk holds, per tensor in order, the slabs of `block_ids` back to back; only
+        positions from `first` on are listed (a scatter that leaves a computed prefix alone)."""
+        n = len(block_ids)
+        ids = np.asarray(block_ids[first:], dtype=np.uint64)
+        pos = np.arange(first, n, dtype=np.uint64)
+        src = self.bases + ids * self.slabs
+        dst = np.uint64(chunk_addr) + self.prefix * np.uint64(n) + pos * self.slabs
+        return np.stack([src.ravel(), dst.ravel(), np.broadcast_to(self.slabs, src.shape).ravel()], axis=1)
+
+
 def copy_segments(src: np.ndarray, dst: np.ndarray, nbytes: np.ndarray, device: torch.device) -> None:
     n = len(nbytes)
     if device.type == "cuda":
-        if _cuda is None:
-            raise RuntimeError("build/libkvb_copy_cuda.so is missing: run `bash csrc/build.sh` on this node")
-        arrs = [torch.from_numpy(x.astype(np.int64)).to(device) for x in (src, dst, nbytes)]
-        rc = _cuda.kvb_copy_segments_cuda(*(ctypes.c_void_p(x.data_ptr()) for x in arrs), ctypes.c_int64(n),
-                                          ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream))
-        if rc != 0:
-            raise RuntimeError(f"kvb_copy_segments_cuda failed with CUDA error {rc}")
+        SegmentTable(src, dst, nbytes, device).run()
         return
     if _cpu is not None:
         ptr = [np.ascontiguousarray(x, dtype=np.uint64) for x in (src, dst, nbytes)]

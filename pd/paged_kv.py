@@ -4,7 +4,8 @@ Every supported cache layout is reduced to a list of *block-major* tensors (dim 
 block id): vLLM CPU `LBHNC` gives one per layer (`[blocks, heads, block_size, 2*head]`),
 GPU `NHD`/`HND` give two per layer (K and V of `[2, blocks, ...]`). A chunk is, for each
 of those tensors in layer order, the slabs of its blocks one after another. Both peers
-agree on the layout in the handshake, so a slab is copied as opaque bytes.
+agree on the layout in the handshake, so a slab is copied as opaque bytes, by csrc's
+segment copy (pd/kv_copy.py) in one call per chunk.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import re
 
 import torch
 
+from pd import kv_copy
 from pd.layout import KVLayout
 
 _LAYER_INDEX = re.compile(r"(?:layers|h|blocks)\.(\d+)\.")
@@ -51,6 +53,7 @@ class PagedKV:
         self.layout = layout
         self.tensors = block_major_tensors(kv_caches, layout.cache_layout)
         self.slab_bytes = [t[0].numel() * t.element_size() for t in self.tensors]
+        self.slabs = kv_copy.BlockSlabs(self.tensors)
         expected = layout.bytes_per_block
         if sum(self.slab_bytes) != expected:
             raise LayoutUnsupported(f"caches hold {sum(self.slab_bytes)} bytes per block, layout "
@@ -61,26 +64,10 @@ class PagedKV:
 
     def gather(self, block_ids: list[int], out: torch.Tensor) -> int:
         """Copy the blocks into `out` (uint8, contiguous); returns bytes written."""
-        idx = torch.tensor(block_ids, dtype=torch.long, device=self.tensors[0].device)
-        off = 0
-        for t, slab in zip(self.tensors, self.slab_bytes):
-            n = slab * len(block_ids)
-            dst = out[off:off + n].view(t.dtype).view(len(block_ids), *t.shape[1:])
-            torch.index_select(t, 0, idx, out=dst)
-            off += n
-        return off
+        kv_copy.gather(self.slabs.segments(block_ids, out.data_ptr()), out.device)
+        return self.chunk_nbytes(len(block_ids))
 
     def scatter(self, block_ids: list[int], src: torch.Tensor, skip: int = 0) -> None:
         """Copy a chunk from `src` into the blocks; the first `skip` blocks are left alone
         (they already hold locally computed prefix KV)."""
-        keep = list(range(skip, len(block_ids)))
-        if not keep:
-            return
-        idx = torch.tensor([block_ids[i] for i in keep], dtype=torch.long, device=self.tensors[0].device)
-        pos = torch.tensor(keep, dtype=torch.long, device=src.device)
-        off = 0
-        for t, slab in zip(self.tensors, self.slab_bytes):
-            n = slab * len(block_ids)
-            part = src[off:off + n].view(t.dtype).view(len(block_ids), *t.shape[1:])
-            t.index_copy_(0, idx, part if skip == 0 else part.index_select(0, pos))
-            off += n
+        kv_copy.scatter(self.slabs.segments(block_ids, src.data_ptr(), skip), src.device)

@@ -2,10 +2,11 @@
 
 For each size it times one contiguous WRITE (post -> DONE, median of repeats) and a
 single-process memcpy of the same bytes in the same run, and prints the ratio. Two
-extra rows show why kvbridge gathers: a paged-KV workload (gather blocks into staging,
-then one write per chunk, all chunks in flight) and the same bytes as 64 KiB descriptors.
+extra rows show why kvbridge gathers: a paged-KV workload (csrc gathers blocks into staging,
+then one write per chunk, all chunks in flight; each half also timed alone) and the same bytes
+as 64 KiB descriptors.
 
-    python -m transfer.bench [--device cuda] [--repeats 7] [--json]
+    python -m transfer.bench [--device cuda] [--repeats 7] [--json] [--max-mib 256] [--desc-mib 16]
 """
 from __future__ import annotations
 
@@ -17,10 +18,10 @@ import time
 
 import torch
 
+from pd import kv_copy
 from transfer.nixl_agent import NixlAgent
 
 MiB = 1 << 20
-SIZES = [1 * MiB, 16 * MiB, 256 * MiB]
 
 
 def _consumer(conn, nbytes: int, device: str) -> None:
@@ -73,10 +74,11 @@ def _paged_workload(device: str):
     return caches, blocks, chunk_tokens // bs
 
 
-def run(device: str, repeats: int) -> list[dict]:
+def run(device: str, repeats: int, max_mib: int = 256, desc_mib: int = 16) -> list[dict]:
     ctx = mp.get_context("spawn")
     conn, child = ctx.Pipe()
-    total = max(SIZES)
+    sizes = [s * MiB for s in (1, 16, 256, 512, 1024) if s <= max_mib]
+    total = max(sizes + [desc_mib * MiB])
     proc = ctx.Process(target=_consumer, args=(child, total, device), daemon=True)
     proc.start()
     meta, raddr, rmem, rdev = conn.recv()
@@ -86,38 +88,42 @@ def run(device: str, repeats: int) -> list[dict]:
     w = _Writer(agent, local, agent.add_remote(meta), raddr, rmem, rdev)
     dst = torch.empty_like(src)
     rows = []
-    for size in SIZES:
+    for size in sizes:
         t_nixl = _median_s(lambda: w.write([[(0, 0, size)]]), repeats, device)
         t_copy = _median_s(lambda: dst[:size].copy_(src[:size]), repeats, device)
         rows.append(_row(f"contiguous {size // MiB} MiB", size, t_nixl, t_copy,
                          _copy_1t(dst, src, size, repeats, device)))
-    size, piece = 16 * MiB, 64 * 1024
+    size, piece = desc_mib * MiB, 64 * 1024
     t_desc = _median_s(lambda: w.write([[(o, o, piece) for o in range(0, size, piece)]]), repeats, device)
     t_copy = _median_s(lambda: dst[:size].copy_(src[:size]), repeats, device)
-    rows.append(_row("16 MiB as 256 x 64 KiB descriptors", size, t_desc, t_copy,
+    rows.append(_row(f"{desc_mib} MiB as {size // piece} x 64 KiB descriptors", size, t_desc, t_copy,
                      _copy_1t(dst, src, size, repeats, device)))
 
     caches, blocks, per_chunk = _paged_workload(device)
     slab = caches[0][0].numel() * caches[0].element_size()
     nbytes = slab * len(blocks) * len(caches)
     staging = src[:nbytes]
+    chunk_bytes = nbytes // (len(blocks) // per_chunk)
+    chunks = [(c0, blocks[c0:c0 + per_chunk].tolist()) for c0 in range(0, len(blocks), per_chunk)]
+    slabs = kv_copy.BlockSlabs(caches)
 
-    def gather_and_write() -> None:
-        off, spans = 0, []
-        for c0 in range(0, len(blocks), per_chunk):
-            idx, start = blocks[c0:c0 + per_chunk], off
-            for cache in caches:
-                n = slab * len(idx)
-                torch.index_select(cache, 0, idx, out=staging[off:off + n].view(torch.bfloat16).view(len(idx),
-                                                                                                   *cache.shape[1:]))
-                off += n
-            spans.append([(start, start, off - start)])
+    def gather() -> list[list[tuple[int, int, int]]]:
+        spans = []
+        for i, (_, ids) in enumerate(chunks):
+            start = i * chunk_bytes
+            seg = slabs.segments(ids, staging.data_ptr() + start)
+            kv_copy.gather(seg, staging.device)
+            spans.append([(start, start, chunk_bytes)])
         _sync(device)
-        w.write(spans)
-    t_paged = _median_s(gather_and_write, repeats, device)
-    t_copy = _median_s(lambda: dst[:nbytes].copy_(src[:nbytes]), repeats, device)
-    rows.append(_row(f"paged KV {nbytes // MiB} MiB: gather + {len(blocks) // per_chunk} chunk writes", nbytes,
-                     t_paged, t_copy, _copy_1t(dst, src, nbytes, repeats, device)))
+        return spans
+    spans = gather()
+    for name, fn in ((f"paged KV {nbytes // MiB} MiB: csrc gather only", gather),
+                     (f"paged KV {nbytes // MiB} MiB: {len(spans)} chunk writes only", lambda: w.write(spans)),
+                     (f"paged KV {nbytes // MiB} MiB: gather + {len(spans)} chunk writes",
+                      lambda: w.write(gather()))):
+        t = _median_s(fn, repeats, device)
+        t_copy = _median_s(lambda: dst[:nbytes].copy_(src[:nbytes]), repeats, device)
+        rows.append(_row(name, nbytes, t, t_copy, _copy_1t(dst, src, nbytes, repeats, device)))
     conn.send("done")
     proc.join(10)
     return rows
@@ -145,8 +151,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--max-mib", type=int, default=256, help="largest contiguous write (1, 16, 256, 512, 1024)")
+    ap.add_argument("--desc-mib", type=int, default=16, help="bytes moved as 64 KiB descriptors")
     args = ap.parse_args(argv)
-    rows = run(args.device, args.repeats)
+    rows = run(args.device, args.repeats, args.max_mib, args.desc_mib)
     if args.json:
         print(json.dumps(rows, indent=1))
         return

@@ -15,8 +15,11 @@ import torch
 
 try:
     from nixl._api import nixl_agent, nixl_agent_config
-except ImportError:  # the CUDA-12 wheel installs its module under this name
-    from nixl_cu12._api import nixl_agent, nixl_agent_config
+except ImportError:  # the CUDA-12 / CUDA-13 wheels install their module under these names
+    try:
+        from nixl_cu12._api import nixl_agent, nixl_agent_config
+    except ImportError:
+        from nixl_cu13._api import nixl_agent, nixl_agent_config
 
 log = logging.getLogger(__name__)
 
