@@ -1,0 +1,140 @@
+"""Local-disk tier: one file per chunk under a directory, LRU within a byte budget, kept across restarts.
+
+Crash safety: a chunk is written to a `.part` file, fsynced, then renamed over its final name,
+so a reader sees a whole file or none; leftover `.part` files from a killed writer are removed at
+start. Each file carries a header (magic, version, length, crc32) that a read checks, so a file
+damaged any other way is deleted and read as a miss, never returned as KV. The LRU order is the
+files' mtimes (a read touches its file), so it survives a restart too.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import uuid
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from storage.framing import HEADER, BadChunk, check, header, parse_header
+from storage.tier import BYTES_WRITTEN, ERRORS, EVICTIONS, USED_BYTES, count_read, timed
+
+log = logging.getLogger("kvbridge.store")
+
+
+class DiskTier:
+    def __init__(self, path: str | Path, capacity_bytes: int, name: str = "disk") -> None:
+        if capacity_bytes <= 0:
+            raise ValueError(f"disk tier capacity must be positive, got {capacity_bytes}")
+        self.name = name
+        self.root = Path(path)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.capacity = capacity_bytes
+        self._lock = threading.Lock()
+        self._index: OrderedDict[str, int] = OrderedDict()  # key -> file bytes, least recently used first
+        self.used = 0
+        self._scan()
+
+    def _path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.kvc"
+
+    def _scan(self) -> None:
+        found = []
+        for p in self.root.glob("*/*"):
+            if p.suffix == ".part":
+                p.unlink(missing_ok=True)
+                log.warning("disk tier %s: removed %s left by a writer that did not finish", self.root, p.name)
+            elif p.suffix == ".kvc":
+                st = p.stat()
+                found.append((st.st_mtime_ns, p.stem, st.st_size))
+        for _, key, size in sorted(found):
+            self._index[key] = size
+            self.used += size
+        self._evict(0)
+        USED_BYTES.labels(self.name).set(self.used)
+        if found:
+            log.info("disk tier %s: %d chunks, %d bytes kept from before", self.root, len(self._index), self.used)
+
+    def _evict(self, incoming: int) -> None:
+        while self._index and self.used + incoming > self.capacity:
+            key, size = self._index.popitem(last=False)
+            self._path(key).unlink(missing_ok=True)
+            self.used -= size
+            EVICTIONS.labels(self.name).inc()
+
+    def put(self, key: str, data: torch.Tensor) -> bool:
+        payload = data.reshape(-1).view(torch.uint8).contiguous().numpy()
+        size = HEADER.size + payload.nbytes
+        if size > self.capacity:
+            return False
+        with self._lock:
+            if key in self._index:
+                self._index.move_to_end(key)
+                return True
+        final = self._path(key)
+        part = final.parent / f"{key}.{uuid.uuid4().hex[:8]}.part"
+        try:
+            with timed(self.name, "put"):
+                final.parent.mkdir(exist_ok=True)
+                with open(part, "wb") as f:
+                    f.write(header(payload))
+                    f.write(memoryview(payload))
+                    f.flush()
+                    os.fsync(f.fileno())
+                with self._lock:
+                    self._evict(size)
+                    os.replace(part, final)
+                    self._index[key] = size
+                    self.used += size
+                    USED_BYTES.labels(self.name).set(self.used)
+        except OSError as e:
+            part.unlink(missing_ok=True)
+            ERRORS.labels(self.name, "put").inc()
+            log.warning("disk tier %s: could not write chunk %s: %s", self.root, key[:12], e)
+            return False
+        BYTES_WRITTEN.labels(self.name).inc(payload.nbytes)
+        return True
+
+    def get(self, key: str) -> torch.Tensor | None:
+        with self._lock:
+            if key not in self._index:
+                return count_read(self.name, None)
+            self._index.move_to_end(key)
+        path = self._path(key)
+        with timed(self.name, "get"):
+            data = self._read(path, key)
+        if data is None:
+            with self._lock:
+                size = self._index.pop(key, 0)
+                self.used -= size
+        else:
+            os.utime(path)
+        return count_read(self.name, data)
+
+    def _read(self, path: Path, key: str) -> torch.Tensor | None:
+        try:
+            with open(path, "rb") as f:
+                n, crc = parse_header(f.read(HEADER.size), os.fstat(f.fileno()).st_size)
+                out = torch.empty(n, dtype=torch.uint8)
+                if f.readinto(memoryview(out.numpy())) != n:
+                    raise BadChunk("file ended early")
+                check(out.numpy(), crc)
+                return out
+        except (OSError, BadChunk) as e:
+            ERRORS.labels(self.name, "get").inc()
+            log.warning("disk tier %s: dropping unreadable chunk %s: %s", self.root, key[:12], e)
+            path.unlink(missing_ok=True)
+            return None
+
+    def contains(self, keys: list[str]) -> list[bool]:
+        with self._lock:
+            return [k in self._index for k in keys]
+
+    def keys(self) -> list[str]:
+        """Least recently used first."""
+        with self._lock:
+            return list(self._index)
+
+    def close(self) -> None:
+        return None

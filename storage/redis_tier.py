@@ -1,0 +1,104 @@
+"""Redis tier: chunks shared across nodes through a real Redis server (the `redis` client).
+
+Redis owns capacity and eviction (`maxmemory` + an LRU policy on the server); keys may also get
+a TTL. A Redis that is down or slow degrades the store, never a request: every call has a short
+socket timeout, and after a failure the tier answers "not here" at once for `retry_s` before it
+tries the server again. Batches (lookups, background writes) go in one pipelined round trip.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import redis
+import torch
+
+from storage.framing import HEADER, BadChunk, check, header, parse_header
+from storage.tier import BYTES_WRITTEN, ERRORS, count_read, timed
+
+log = logging.getLogger("kvbridge.store")
+
+
+class RedisTier:
+    def __init__(self, url: str, ttl_s: float | None = None, timeout_s: float = 0.5, retry_s: float = 2.0,
+                 prefix: str = "kvbridge:chunk:", name: str = "redis") -> None:
+        self.name = name
+        self.url = url
+        self.ttl_ms = int(ttl_s * 1000) if ttl_s else None
+        self.retry_s = retry_s
+        self.prefix = prefix
+        self._client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self._down_until = 0.0
+        self._lock = threading.Lock()
+
+    @property
+    def available(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def _failed(self, op: str, e: Exception) -> None:
+        ERRORS.labels(self.name, op).inc()
+        with self._lock:
+            if self.available:
+                log.warning("redis tier %s: %s failed (%s); treating it as empty for %.1fs", self.url, op, e,
+                            self.retry_s)
+            self._down_until = time.monotonic() + self.retry_s
+
+    def put(self, key: str, data: torch.Tensor) -> bool:
+        return self.put_many([(key, data)]) == 1
+
+    def put_many(self, items: list[tuple[str, torch.Tensor]]) -> int:
+        """Write a batch in one pipelined round trip; returns how many were written."""
+        if not items or not self.available:
+            return 0
+        try:
+            with timed(self.name, "put"):
+                pipe = self._client.pipeline(transaction=False)
+                total = 0
+                for key, data in items:
+                    payload = data.reshape(-1).view(torch.uint8).contiguous().numpy()
+                    pipe.set(self.prefix + key, header(payload) + payload.tobytes(), px=self.ttl_ms)
+                    total += payload.nbytes
+                pipe.execute()
+        except redis.RedisError as e:
+            self._failed("put", e)
+            return 0
+        BYTES_WRITTEN.labels(self.name).inc(total)
+        return len(items)
+
+    def get(self, key: str) -> torch.Tensor | None:
+        if not self.available:
+            return count_read(self.name, None)
+        try:
+            with timed(self.name, "get"):
+                raw = self._client.get(self.prefix + key)
+        except redis.RedisError as e:
+            self._failed("get", e)
+            return count_read(self.name, None)
+        if raw is None:
+            return count_read(self.name, None)
+        try:
+            n, crc = parse_header(raw, len(raw))
+            out = torch.frombuffer(bytearray(memoryview(raw)[HEADER.size:]), dtype=torch.uint8)
+            check(out.numpy(), crc)
+        except BadChunk as e:
+            ERRORS.labels(self.name, "get").inc()
+            log.warning("redis tier %s: ignoring bad value for chunk %s: %s", self.url, key[:12], e)
+            return count_read(self.name, None)
+        return count_read(self.name, out)
+
+    def contains(self, keys: list[str]) -> list[bool]:
+        if not keys or not self.available:
+            return [False] * len(keys)
+        try:
+            with timed(self.name, "contains"):
+                pipe = self._client.pipeline(transaction=False)
+                for k in keys:
+                    pipe.exists(self.prefix + k)
+                return [bool(x) for x in pipe.execute()]
+        except redis.RedisError as e:
+            self._failed("contains", e)
+            return [False] * len(keys)
+
+    def close(self) -> None:
+        self._client.close()

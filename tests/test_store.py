@@ -1,0 +1,208 @@
+"""The tiered store's parts on their own: keys, memory / disk / Redis tiers, and the stack."""
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+import redis
+import torch
+
+from storage.chunk_keys import chain_seed, chunk_keys
+from storage.config import StoreConfig
+from storage.disk_tier import DiskTier
+from storage.memory_tier import MemoryTier
+from storage.redis_tier import RedisTier
+from storage.tiered_store import TieredStore
+from tests.redis_server import RedisServer, redis_url_from_env
+
+SEED = chain_seed("tiny|LBHNC|float32|block128|tp0/1")
+
+
+def chunk(n: int = 4096, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    url = redis_url_from_env()
+    if url:
+        redis.Redis.from_url(url).flushdb()
+        yield url
+        return
+    server = RedisServer()
+    yield server.url
+    server.stop()
+
+
+def test_keys_chain_over_the_prefix_and_ignore_hash_seed():
+    toks = list(range(1000))
+    keys = chunk_keys(toks, 256, SEED)
+    assert len(keys) == 3 and len(set(keys)) == 3  # 1000 tokens: three whole chunks, the tail is not keyed
+    changed = chunk_keys([7] + toks[1:], 256, SEED)
+    assert all(a != b for a, b in zip(keys, changed)), "a change in chunk 0 must change every later key"
+    assert chunk_keys(toks[:600] + [1] * 400, 256, SEED)[:2] == keys[:2]
+    assert chunk_keys(toks, 256, chain_seed("other model")) [0] != keys[0]
+    code = ("from storage.chunk_keys import chain_seed, chunk_keys; "
+            "print(','.join(chunk_keys(list(range(1000)), 256, chain_seed('tiny|LBHNC|float32|block128|tp0/1'))))")
+    for hash_seed in ("1", "2"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONHASHSEED": hash_seed}).stdout.strip()
+        assert out.split(",") == keys
+
+
+def test_memory_tier_roundtrip_capacity_lru():
+    tier = MemoryTier(10 * 4096)
+    src = chunk()
+    assert tier.put("a", src) and torch.equal(tier.get("a"), src)
+    src[0] ^= 1
+    assert not torch.equal(tier.get("a"), src), "the tier keeps its own copy"
+    rng = random.Random(1)
+    for i in range(100):
+        tier.put(f"k{i}", chunk(rng.choice([1024, 4096, 8192]), i))
+        assert tier.used <= tier.capacity
+    tier = MemoryTier(3 * 4096)
+    for k in "abc":
+        tier.put(k, chunk())
+    tier.get("a")
+    tier.put("d", chunk())
+    assert tier.keys() == ["c", "a", "d"], "b was least recently used"
+    assert not tier.put("huge", chunk(4 * 4096)) and tier.get("huge") is None
+
+
+def test_disk_tier_roundtrip_capacity_lru_and_restart(tmp_path):
+    tier = DiskTier(tmp_path, 3 * (4096 + 64))
+    data = {k: chunk(seed=i) for i, k in enumerate(["a" * 32, "b" * 32, "c" * 32])}
+    for k, v in data.items():
+        assert tier.put(k, v)
+        time.sleep(0.01)  # distinct mtimes: the LRU order on disk
+    assert torch.equal(tier.get("a" * 32), data["a" * 32])
+    time.sleep(0.01)
+    tier.put("d" * 32, chunk(seed=9))
+    assert tier.keys() == ["c" * 32, "a" * 32, "d" * 32] and tier.used <= tier.capacity
+    again = DiskTier(tmp_path, 3 * (4096 + 64))
+    assert again.keys() == ["c" * 32, "a" * 32, "d" * 32], "contents and LRU order survive a restart"
+    assert torch.equal(again.get("c" * 32), data["c" * 32])
+    for i in range(30):
+        again.put(f"{i:032x}", chunk(random.Random(i).choice([100, 4096, 9000]), i))
+        assert again.used <= again.capacity
+        assert sum(p.stat().st_size for p in tmp_path.glob("*/*.kvc")) <= again.capacity
+
+
+def test_disk_tier_damaged_or_torn_files_are_never_read(tmp_path):
+    tier = DiskTier(tmp_path, 1 << 20)
+    for k in ("1" * 32, "2" * 32, "3" * 32):
+        tier.put(k, chunk(seed=int(k[0])))
+    flipped = tmp_path / "11" / f"{'1' * 32}.kvc"
+    raw = bytearray(flipped.read_bytes())
+    raw[100] ^= 0xFF
+    flipped.write_bytes(raw)
+    truncated = tmp_path / "22" / f"{'2' * 32}.kvc"
+    truncated.write_bytes(truncated.read_bytes()[:1000])
+    assert tier.get("1" * 32) is None and not flipped.exists()
+    assert tier.get("2" * 32) is None and not truncated.exists()
+    assert torch.equal(tier.get("3" * 32), chunk(seed=3))
+
+    # A writer killed mid-write (after half the payload, before the rename) leaves only a .part file.
+    writer = ("import os, sys, time, torch, storage.disk_tier as d\n"
+              "real = os.fsync\n"
+              "def stall(fd):\n"
+              "    print('writing', flush=True); time.sleep(60)\n"
+              "os.fsync = stall\n"
+              f"d.DiskTier({str(tmp_path)!r}, 1 << 30).put('4' * 32, torch.ones(1 << 22, dtype=torch.uint8))\n")
+    proc = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    proc.kill()
+    proc.wait()
+    assert list(tmp_path.glob("44/*.part")), "the killed writer should have left its partial file"
+    after = DiskTier(tmp_path, 1 << 20)
+    assert after.get("4" * 32) is None and not list(tmp_path.glob("*/*.part"))
+    assert after.keys() == ["3" * 32]
+
+
+def test_redis_tier_roundtrip_batches_and_capacity(redis_url):
+    tier = RedisTier(redis_url, prefix="kvbridge-test:rt:")
+    items = [(f"{i:032x}", chunk(4096, i)) for i in range(20)]
+    assert tier.put_many(items) == 20
+    assert tier.contains([k for k, _ in items] + ["f" * 32]) == [True] * 20 + [False]
+    for k, v in items:
+        assert torch.equal(tier.get(k), v)
+    redis.Redis.from_url(redis_url).set("kvbridge-test:rt:" + "e" * 32, b"not a chunk")
+    assert tier.get("e" * 32) is None, "a foreign value is a miss, not KV"
+
+    small = RedisServer(maxmemory="4mb")
+    try:
+        capped = RedisTier(small.url)
+        for i in range(40):
+            capped.put(f"{i:032x}", chunk(256 * 1024, i))
+        info = redis.Redis.from_url(small.url).info("memory")
+        assert info["used_memory"] <= 4 * 2**20 * 1.05, "the server's maxmemory bounds the Redis tier"
+        assert capped.get(f"{39:032x}") is not None, "the newest chunk survives LRU eviction"
+    finally:
+        small.stop()
+
+
+def test_redis_down_means_misses_not_exceptions():
+    server = RedisServer()
+    tier = RedisTier(server.url, timeout_s=0.2, retry_s=0.5)
+    assert tier.put("a" * 32, chunk())
+    server.stop()
+    t0 = time.monotonic()
+    assert tier.get("a" * 32) is None
+    assert tier.contains(["a" * 32]) == [False] and not tier.put("b" * 32, chunk())
+    for _ in range(100):  # while marked down, answers are immediate
+        assert tier.get("a" * 32) is None
+    assert time.monotonic() - t0 < 2.0
+    store = TieredStore([MemoryTier(1 << 20), tier])
+    store.put("c" * 32, chunk(seed=3))
+    assert store.flush(5) and torch.equal(store.get("c" * 32), chunk(seed=3))
+    back = RedisServer(port=server.port)
+    try:
+        time.sleep(0.6)
+        assert tier.put("d" * 32, chunk(seed=4)) and torch.equal(tier.get("d" * 32), chunk(seed=4))
+    finally:
+        store.close()
+        back.stop()
+
+
+def test_tiered_store_writes_behind_promotes_and_looks_up(tmp_path, redis_url):
+    cfg = StoreConfig(memory_bytes=2 * 4096, disk_path=str(tmp_path), disk_bytes="1MiB", redis_url=redis_url)
+    store = cfg.build()
+    keys = chunk_keys(list(range(5 * 64)), 64, SEED)
+    for i, k in enumerate(keys):
+        store.put(k, chunk(seed=i))
+    assert store.flush(10)
+    memory, disk, red = store.tiers
+    assert memory.keys() == keys[-2:] and disk.keys() == keys and all(red.contains(keys))
+    assert store.lookup(keys) == ["disk", "disk", "disk", "memory", "memory"]
+    assert store.lookup(keys[:1] + ["0" * 32] + keys[2:]) == ["disk"], "lookup stops at the first missing chunk"
+    assert torch.equal(store.get(keys[0]), chunk(seed=0))
+    assert memory.keys()[-1] == keys[0], "a disk hit is promoted to memory"
+    store.close()
+
+    cold = StoreConfig(memory_bytes=4096, disk_path=str(tmp_path / "fresh"), redis_url=redis_url).build()
+    assert cold.lookup(keys) == ["redis"] * 5
+    assert torch.equal(cold.get(keys[3]), chunk(seed=3))
+    assert cold.flush(10) and cold.tiers[1].keys() == [keys[3]], "a Redis hit is promoted to disk in the background"
+    cold.close()
+
+
+def test_full_write_queue_drops_cold_copies_without_blocking(tmp_path):
+    class SlowTier(MemoryTier):
+        def put(self, key, data):
+            time.sleep(0.2)
+            return super().put(key, data)
+
+    slow = SlowTier(1 << 20, name="slow")
+    store = TieredStore([MemoryTier(1 << 20), slow], write_queue=2)
+    t0 = time.monotonic()
+    for i in range(20):
+        store.put(f"{i:032x}", chunk(seed=i))
+    assert time.monotonic() - t0 < 0.5, "put must not wait for a slow cold tier"
+    assert store.flush(10)
+    assert 0 < len(slow.keys()) < 20 and len(store.memory.keys()) == 20
+    store.close()
