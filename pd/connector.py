@@ -12,8 +12,13 @@ import os
 from typing import Any
 
 import torch
-from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorMetadata,
-                                                               KVConnectorRole, KVConnectorTransferResults)
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorHandshakeMetadata,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    KVConnectorTransferResults,
+)
 
 from pd.connector_config import ConnectorConfig
 from pd.scheduler_side import BridgeMetadata, SchedulerSide
@@ -38,9 +43,12 @@ class KVBridgeConnector(KVConnectorBase_V1):
         self.scheduler_side: SchedulerSide | None = None
         self.worker_side = None
         if role == KVConnectorRole.SCHEDULER:
-            self.scheduler_side = SchedulerSide(vllm_config.cache_config.block_size, is_producer, is_consumer)
+            self.scheduler_side = SchedulerSide(vllm_config.cache_config.block_size, is_producer, is_consumer,
+                                                cfg.store.lookup_timeout_s if cfg.store else None)
         else:
-            from pd.worker_side import WorkerSide  # NIXL and torch buffers live only in the worker
+            from pd.worker_side import (
+                WorkerSide,  # NIXL and torch buffers live only in the worker
+            )
             self.worker_side = WorkerSide(cfg, vllm_config, is_producer, is_consumer)
 
     # scheduler side
@@ -55,6 +63,9 @@ class KVBridgeConnector(KVConnectorBase_V1):
 
     def update_connector_output(self, connector_output: Any) -> None:
         self.scheduler_side.update_connector_output(connector_output)
+
+    def set_xfer_handshake_metadata(self, metadata: dict[int, KVConnectorHandshakeMetadata]) -> None:
+        self.scheduler_side.set_store_handshakes(metadata)
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         return self.scheduler_side.request_finished(request, block_ids)
@@ -82,6 +93,12 @@ class KVBridgeConnector(KVConnectorBase_V1):
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
         return self.worker_side.get_transfer_results(self._meta().idle)
+
+    def get_handshake_metadata(self) -> KVConnectorHandshakeMetadata | None:
+        return self.worker_side.handshake_metadata()
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self.worker_side.get_block_ids_with_load_errors()
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         r = self.get_transfer_results(finished_req_ids)

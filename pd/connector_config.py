@@ -9,6 +9,8 @@ import os
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from storage.config import StoreConfig
+
 
 class ConnectorConfigError(ValueError):
     pass
@@ -34,6 +36,9 @@ class ConnectorConfig(BaseModel):
                                 description="an idle decode engine sleeps this long per step while KV is on its way")
     checksum: bool = Field(default=False, description="crc32 per chunk, verified before scatter")
     secret: str | None = Field(default=None, description="shared secret; or set KVBRIDGE_SECRET")
+    metrics_port: int = Field(default=0, ge=0, le=65535,
+                              description="Prometheus /metrics of the engine process (+ TP rank); 0 = off")
+    store: StoreConfig | None = Field(default=None, description="tiered prefix store (producer); unset = off")
 
     @classmethod
     def from_extra(cls, extra: dict | None) -> ConnectorConfig:

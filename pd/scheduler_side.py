@@ -1,4 +1,4 @@
-"""Scheduler-side half of the connector: decides what each worker step pushes or receives.
+"""Scheduler-side half of the connector: decides what each worker step pushes, keeps, loads or receives.
 
 Runs inside vLLM's scheduler, so nothing here may raise on bad request input (that
 would take the EngineCore down): malformed `kv_transfer_params` are logged and the
@@ -7,15 +7,20 @@ request is served without kvbridge.
 Request params (set by the router):
   prefill leg  {"kvbridge": {"transfer_id": T, "push_to": "host:port"}}
   decode leg   {"kvbridge": {"transfer_id": T, "receive": true}}
+
+With a store configured, a producer also reports the prompt's leading chunks found in the store
+as external tokens (loaded synchronously before the forward) and has every new whole chunk kept.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+
+from pd.store_lookup import LookupClient, StoreHandshake
 
 log = logging.getLogger("kvbridge.scheduler")
 PARAMS_KEY = "kvbridge"
@@ -29,13 +34,28 @@ class BridgeParams(BaseModel):
 
 
 @dataclass
-class PushTask:
+class OutgoingTask:
+    """Chunks leaving this node's blocks as their tokens get computed: pushed to `consumer` (when
+    set) and kept in the store from chunk `store_from` on (`store_keys` holds every whole chunk's key)."""
     req_id: str
-    transfer_id: str
-    consumer: str
+    transfer_id: str | None
+    consumer: str | None
     num_tokens: int
     block_ids: list[int] = field(default_factory=list)
     ready_tokens: int = 0
+    store_keys: list[str] = field(default_factory=list)
+    store_from: int = 0
+
+
+@dataclass
+class StoreLoadTask:
+    """Chunks `first_chunk`.. of a request to fill from the store (keys in order), leaving its first
+    `skip_blocks` blocks (vLLM's own prefix-cache hit) alone."""
+    req_id: str
+    keys: list[str]
+    first_chunk: int
+    block_ids: list[int]
+    skip_blocks: int
 
 
 @dataclass
@@ -49,8 +69,9 @@ class LoadTask:
 
 @dataclass
 class BridgeMetadata(KVConnectorMetadata):
-    pushes: list[PushTask] = field(default_factory=list)
+    outgoing: list[OutgoingTask] = field(default_factory=list)
     loads: list[LoadTask] = field(default_factory=list)
+    store_loads: list[StoreLoadTask] = field(default_factory=list)
     aborts: list[str] = field(default_factory=list)   # request ids whose transfer must stop now
     discards: list[str] = field(default_factory=list)  # transfer ids whose decode request has ended
     idle: bool = False                                # nothing computed this step: worker may wait briefly
@@ -69,32 +90,65 @@ def bridge_params(request: Any) -> BridgeParams | None:
 
 
 class SchedulerSide:
-    def __init__(self, block_size: int, is_producer: bool, is_consumer: bool) -> None:
+    def __init__(self, block_size: int, is_producer: bool, is_consumer: bool,
+                 store_lookup_timeout_s: float | None = None) -> None:
         self.block_size = block_size
         self.is_producer = is_producer
         self.is_consumer = is_consumer
-        self._pushes: dict[str, PushTask] = {}
+        self.lookup_timeout_s = store_lookup_timeout_s if is_producer else None
+        self._lookups: list[LookupClient] = []
+        self._outgoing: dict[str, OutgoingTask] = {}
         self._new_loads: list[LoadTask] = []
+        self._new_store_loads: list[StoreLoadTask] = []
+        # req_id -> (chunk keys, chunks held, tokens vLLM had computed locally when it asked)
+        self._store_hits: dict[str, tuple[list[str], int, int]] = {}
         self._loading: set[str] = set()
         self._received: set[str] = set()
         self._aborts: list[str] = []
         self._discards: list[str] = []
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
-        p = bridge_params(request) if self.is_consumer else None
-        if p is None or not p.receive or request.request_id in self._received:
-            return 0, False
-        n = len(request.prompt_token_ids or ()) - num_computed_tokens
-        return (n, True) if n > 0 else (0, False)
+        p = bridge_params(request)
+        if self.is_consumer and p is not None and p.receive:
+            if request.request_id in self._received:
+                return 0, False
+            n = len(request.prompt_token_ids or ()) - num_computed_tokens
+            return (n, True) if n > 0 else (0, False)
+        if self._lookups:
+            return self._store_match(request, num_computed_tokens), False
+        return 0, False
+
+    def set_store_handshakes(self, metadata: dict[int, Any]) -> None:
+        hs = [m for m in metadata.values() if isinstance(m, StoreHandshake)]
+        if self.lookup_timeout_s is not None and hs:
+            self._lookups = [LookupClient(h, self.lookup_timeout_s) for h in hs]
+            log.info("store lookups go to %s", ", ".join(c.address for c in self._lookups))
+
+    def _store_match(self, request: Any, num_computed_tokens: int) -> int:
+        prompt = list(request.prompt_token_ids or ())
+        keys = self._lookups[0].keys(prompt)
+        held = min(c.held(keys) for c in self._lookups)  # every TP rank must hold a chunk to skip it
+        self._store_hits[request.request_id] = (keys, held, num_computed_tokens)
+        c = self._lookups[0].chunk_tokens
+        usable = min(held, (len(prompt) - 1) // c)  # vLLM computes at least the last prompt token
+        return max(0, usable * c - num_computed_tokens)
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
-        p = bridge_params(request)
-        if p is None:
-            return
         rid = request.request_id
-        if p.push_to and self.is_producer and rid not in self._pushes:
-            self._pushes[rid] = PushTask(rid, p.transfer_id, p.push_to, len(request.prompt_token_ids or ()))
-        if p.receive and self.is_consumer and rid not in self._received:
+        p = bridge_params(request)
+        if self.is_producer and rid not in self._outgoing:
+            keys, held, local = self._store_hits.pop(rid, ([], 0, 0))
+            if num_external_tokens > 0:
+                c = self._lookups[0].chunk_tokens
+                first, last = local // c, (local + num_external_tokens) // c
+                self._new_store_loads.append(StoreLoadTask(rid, keys[first:last], first,
+                                                           list(blocks.get_block_ids()[0]), local // self.block_size))
+            push = p is not None and p.push_to is not None
+            if push or held < len(keys):
+                self._outgoing[rid] = OutgoingTask(rid, p.transfer_id if push else None, p.push_to if push else None,
+                                                   len(request.prompt_token_ids or ()), store_keys=keys,
+                                                   store_from=held)
+        if p is not None and p.receive and self.is_consumer and rid not in self._received:
             self._received.add(rid)
             if num_external_tokens > 0:
                 self._loading.add(rid)
@@ -103,32 +157,31 @@ class SchedulerSide:
                                                 request.num_computed_tokens // self.block_size))
 
     def build_connector_meta(self, out: Any) -> BridgeMetadata:
-        meta = BridgeMetadata(loads=self._new_loads, aborts=self._aborts, discards=self._discards,
-                              idle=out.total_num_scheduled_tokens == 0)
-        self._new_loads, self._aborts, self._discards = [], [], []
+        meta = BridgeMetadata(loads=self._new_loads, store_loads=self._new_store_loads, aborts=self._aborts,
+                              discards=self._discards, idle=out.total_num_scheduled_tokens == 0)
+        self._new_loads, self._new_store_loads, self._aborts, self._discards = [], [], [], []
         for rid in out.preempted_req_ids or ():
-            if self._pushes.pop(rid, None) is not None:
+            if self._outgoing.pop(rid, None) is not None:
                 meta.aborts.append(rid)
         for new in out.scheduled_new_reqs:
-            task = self._pushes.get(new.req_id)
+            task = self._outgoing.get(new.req_id)
             if task is not None:
                 task.block_ids = list(new.block_ids[0])
                 self._advance(task, new.num_computed_tokens + out.num_scheduled_tokens[new.req_id], meta)
         cached = out.scheduled_cached_reqs
         for i, rid in enumerate(cached.req_ids):
-            task = self._pushes.get(rid)
+            task = self._outgoing.get(rid)
             if task is not None:
                 if cached.new_block_ids[i] is not None:
                     task.block_ids.extend(cached.new_block_ids[i][0])
                 self._advance(task, cached.num_computed_tokens[i] + out.num_scheduled_tokens[rid], meta)
         return meta
 
-    def _advance(self, task: PushTask, ready: int, meta: BridgeMetadata) -> None:
+    def _advance(self, task: OutgoingTask, ready: int, meta: BridgeMetadata) -> None:
         task.ready_tokens = min(ready, task.num_tokens)
-        meta.pushes.append(PushTask(task.req_id, task.transfer_id, task.consumer, task.num_tokens,
-                                    list(task.block_ids), task.ready_tokens))
+        meta.outgoing.append(replace(task, block_ids=list(task.block_ids)))
         if task.ready_tokens >= task.num_tokens:
-            del self._pushes[task.req_id]
+            del self._outgoing[task.req_id]
 
     def update_connector_output(self, output: Any) -> None:
         for rid in output.finished_recving or ():
@@ -137,7 +190,8 @@ class SchedulerSide:
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict | None]:
         rid = request.request_id
         self._received.discard(rid)
-        if self._pushes.pop(rid, None) is not None or rid in self._loading:
+        self._store_hits.pop(rid, None)
+        if self._outgoing.pop(rid, None) is not None or rid in self._loading:
             self._aborts.append(rid)  # vLLM keeps a still-loading request's blocks until we report it
         p = bridge_params(request)
         if p is not None and p.receive and self.is_consumer:

@@ -132,6 +132,20 @@ class Error(_Msg):
     message: str
 
 
+class StoreLookup(_Msg):
+    """Engine -> its own worker: how many of these leading chunk keys does your store hold?"""
+    type: Literal["store_lookup"] = "store_lookup"
+    keys: list[Annotated[str, Field(max_length=128)]] = Field(max_length=65536)
+
+
+class StoreHeld(_Msg):
+    type: Literal["store_held"] = "store_held"
+    held: int = Field(ge=0)
+
+
+_lookups = TypeAdapter(StoreLookup)
+_helds = TypeAdapter(StoreHeld)
+
 Request = Annotated[Union[Hello, Alloc, Renew, Release, Cancel, Stats], Field(discriminator="type")]
 Reply = Annotated[Union[Welcome, Reject, Grant, NoCapacity, Ack, PoolStatus, Error],
                   Field(discriminator="type")]
@@ -167,3 +181,11 @@ def decode_request(raw: bytes) -> Hello | Alloc | Renew | Release | Cancel | Sta
 
 def decode_reply(raw: bytes) -> Welcome | Reject | Grant | NoCapacity | Ack | PoolStatus | Error:
     return _decode(raw, _replies)
+
+
+def decode_lookup(raw: bytes) -> StoreLookup:
+    return _decode(raw, _lookups)
+
+
+def decode_held(raw: bytes) -> StoreHeld:
+    return _decode(raw, _helds)

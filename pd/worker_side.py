@@ -2,7 +2,9 @@
 
 Producer: after each forward (`wait_for_save`) every chunk whose tokens now exist is
 gathered into staging and handed to the push engine, so chunks leave while later
-prefill chunks compute. Consumer: each step checks its expected transfers; a complete
+prefill chunks compute; with a store, each new whole chunk is also kept there, and chunks
+the scheduler found in the store are scattered into their blocks before the forward
+(`start_load_kv`; one that went missing is reported as a load error and recomputed). Consumer: each step checks its expected transfers; a complete
 one is verified, scattered into the blocks vLLM allocated and its slots released; one
 that expires or fails is reported as a failed receive, and vLLM's
 `kv_load_failure_policy` (recompute | fail) decides what the request sees.
@@ -16,15 +18,18 @@ import time
 from dataclasses import dataclass
 
 import torch
+from prometheus_client import start_http_server
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
 
 from pd.connector_config import ConnectorConfig
 from pd.consumer_endpoint import ConsumerEndpoint
 from pd.layout import KVLayout
 from pd.paged_kv import PagedKV
+from pd.prefix_store import PROMPT_TOKENS, PrefixStore
 from pd.producer import Producer, ProducerSettings
-from pd.scheduler_side import BridgeMetadata, LoadTask, PushTask
+from pd.scheduler_side import BridgeMetadata, LoadTask, OutgoingTask, StoreLoadTask
 from pd.states import State, Transfer
+from pd.store_lookup import LookupServer, StoreHandshake
 
 log = logging.getLogger("kvbridge.worker")
 
@@ -62,10 +67,14 @@ class WorkerSide:
         self.cfg = cfg
         self.vllm_config = vllm_config
         self.is_producer, self.is_consumer = is_producer, is_consumer
+        self.store: PrefixStore | None = None
+        self.lookup_server: LookupServer | None = None
         self.kv: PagedKV | None = None
         self.producer: Producer | None = None
         self.endpoint: ConsumerEndpoint | None = None
-        self._pushing: dict[str, tuple[str, int]] = {}  # req_id -> (transfer id, next chunk to stage)
+        self._scratch: torch.Tensor | None = None  # one chunk, for saving chunks that are not pushed
+        self._out: dict[str, tuple[str | None, int]] = {}  # req_id -> (transfer id if pushing, next chunk)
+        self._load_errors: set[int] = set()
         self._loads: dict[str, _Load] = {}
         self._done_recv: set[str] = set()
         self._failed_recv: set[str] = set()
@@ -90,6 +99,11 @@ class WorkerSide:
                 producer_id=name, staging_chunks=self.cfg.staging_chunks, lease_ttl_s=self.cfg.lease_ttl_s,
                 write_margin_s=self.cfg.write_margin_s, alloc_timeout_s=self.cfg.alloc_timeout_s,
                 checksum=self.cfg.checksum, secret=self.cfg.secret, device=device))
+        if self.cfg.store is not None and self.is_producer:
+            self.store = PrefixStore(self.cfg.store, layout, chunk_tokens, self.vllm_config.model_config.model)
+            self.lookup_server = LookupServer(self.store, self.cfg.listen_host)
+        if self.cfg.metrics_port:
+            start_http_server(self.cfg.metrics_port + layout.tp_rank, addr=self.cfg.listen_host)
         log.info("kvbridge %s ready: %s, %d tokens/chunk (%d bytes)", name, layout.model_dump(), chunk_tokens,
                  layout.chunk_bytes(chunk_tokens))
 
@@ -103,10 +117,11 @@ class WorkerSide:
     def on_bind(self, meta: BridgeMetadata) -> None:
         """Ask consumers for leases while this step's forward computes, so a long prefill shows up on the
         consumer as a live, renewed lease instead of silence that its load timeout would end."""
-        for task in meta.pushes:
-            if task.req_id not in self._pushing:
-                self.producer.begin(task.transfer_id, task.consumer, self._n_chunks(task.num_tokens))
-                self._pushing[task.req_id] = (task.transfer_id, 0)
+        for task in meta.outgoing:
+            if task.req_id not in self._out:
+                if task.consumer is not None:
+                    self.producer.begin(task.transfer_id, task.consumer, self._n_chunks(task.num_tokens))
+                self._out[task.req_id] = (task.transfer_id, 0)
 
     def start_load_kv(self, meta: BridgeMetadata) -> None:
         for rid in meta.aborts:
@@ -116,26 +131,81 @@ class WorkerSide:
         for task in meta.loads:
             self._loads[task.req_id] = _Load(task, Transfer(task.transfer_id, "consumer"),
                                               self._n_chunks(task.num_tokens), time.monotonic())
+        for st in meta.store_loads:
+            self._load_from_store(st)
+
+    def _load_from_store(self, task: StoreLoadTask) -> None:
+        """Scatter stored chunks into the request's blocks; from the first chunk that is gone (evicted
+        since the lookup, damaged) on, report the blocks as load errors so vLLM recomputes them."""
+        expect = self.kv.chunk_nbytes(self.blocks_per_chunk)
+        loaded = 0
+        for i, key in enumerate(task.keys):
+            c = task.first_chunk + i
+            ids = task.block_ids[c * self.blocks_per_chunk:(c + 1) * self.blocks_per_chunk]
+            data = self.store.get(key)
+            if data is None or data.numel() != expect:
+                bad = [b for k in range(c, task.first_chunk + len(task.keys))
+                       for b in task.block_ids[k * self.blocks_per_chunk:(k + 1) * self.blocks_per_chunk]]
+                self._load_errors.update(bad)
+                PROMPT_TOKENS.labels("load_failed").inc((len(task.keys) - i) * self.chunk_tokens)
+                log.warning("request %s: stored chunk %d is gone (%s); its blocks will be recomputed", task.req_id,
+                            c, "missing" if data is None else f"{data.numel()} bytes, expected {expect}")
+                break
+            skip = max(0, task.skip_blocks - c * self.blocks_per_chunk)
+            self.kv.scatter(ids, data.to(self.kv.tensors[0].device), skip)
+            loaded += self.chunk_tokens - skip * self.kv.layout.block_size
+        PROMPT_TOKENS.labels("loaded").inc(loaded)
+        log.debug("request %s: %d prompt tokens loaded from the store", task.req_id, loaded)
+
+    def handshake_metadata(self) -> StoreHandshake | None:
+        """What the scheduler needs to ask this worker's store (see pd/store_lookup.py)."""
+        if self.lookup_server is None:
+            return None
+        return StoreHandshake(self.lookup_server.address, self.store.seed, self.store.chunk_tokens)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
 
     def wait_for_save(self, meta: BridgeMetadata) -> None:
-        for task in meta.pushes:
-            self._push_ready_chunks(task)
+        for task in meta.outgoing:
+            self._send_ready_chunks(task)
 
-    def _push_ready_chunks(self, task: PushTask) -> None:
-        if task.req_id not in self._pushing:
-            return  # ended early (failed or aborted); the consumer falls back by policy
-        tid, nxt = self._pushing[task.req_id]
+    def _send_ready_chunks(self, task: OutgoingTask) -> None:
+        if task.req_id not in self._out:
+            return  # aborted
+        tid, nxt = self._out[task.req_id]
         n_chunks = self._n_chunks(task.num_tokens)
         while nxt < n_chunks and min((nxt + 1) * self.chunk_tokens, task.num_tokens) <= task.ready_tokens:
             lo, hi = self._chunk_blocks(task.num_tokens, nxt)
-            if not self.producer.stage(tid, nxt, lambda view, ids=task.block_ids[lo:hi]: self.kv.gather(ids, view)):
-                nxt = n_chunks  # the transfer ended (failed or aborted); the consumer falls back by policy
-                break
+            ids = task.block_ids[lo:hi]
+            key = task.store_keys[nxt] if task.store_from <= nxt < len(task.store_keys) else None
+            kept = False
+
+            def fill(view: torch.Tensor, ids: list[int] = ids, key: str | None = key) -> int:
+                nonlocal kept
+                n = self.kv.gather(ids, view)
+                if key is not None:
+                    self.store.put(key, view[:n])
+                    kept = True
+                return n
+            if tid is not None and not self.producer.stage(tid, nxt, fill):
+                tid = None  # the transfer ended (failed or aborted); the consumer falls back by policy
+            if key is not None and not kept:
+                fill(self._scratch_chunk())
+            if key is not None:
+                PROMPT_TOKENS.labels("saved").inc(self.chunk_tokens)
             nxt += 1
-        if nxt < n_chunks:
-            self._pushing[task.req_id] = (tid, nxt)
+        if nxt < n_chunks and (tid is not None or nxt < len(task.store_keys)):
+            self._out[task.req_id] = (tid, nxt)
         else:
-            self._pushing.pop(task.req_id, None)
+            self._out.pop(task.req_id, None)
+
+    def _scratch_chunk(self) -> torch.Tensor:
+        if self._scratch is None:
+            self._scratch = torch.empty(self.kv.chunk_nbytes(self.blocks_per_chunk), dtype=torch.uint8,
+                                        device=self.kv.tensors[0].device)
+        return self._scratch
 
     def get_transfer_results(self, idle: bool) -> KVConnectorTransferResults:
         if self.producer is not None:
@@ -197,11 +267,15 @@ class WorkerSide:
     def _abort(self, rid: str) -> None:
         if rid in self._loads:
             self._finish_load(rid, State.ABORTED, "request finished before its KV was used")
-        pushing = self._pushing.pop(rid, None)
-        if pushing is not None:
-            self.producer.abort(pushing[0])
+        out = self._out.pop(rid, None)
+        if out is not None and out[0] is not None:
+            self.producer.abort(out[0])
 
     def shutdown(self) -> None:
+        if self.lookup_server is not None:
+            self.lookup_server.close()
+        if self.store is not None:
+            self.store.close()
         if self.producer is not None:
             self.producer.close()
         if self.endpoint is not None:

@@ -34,6 +34,7 @@ class StoreConfig(BaseModel):
     redis_ttl_s: float | None = Field(default=None, gt=0, description="expiry of chunks written to Redis")
     redis_timeout_s: float = Field(default=0.5, gt=0, description="socket timeout per Redis call")
     write_queue: int = Field(default=256, gt=0, description="background writes waiting for colder tiers")
+    lookup_timeout_s: float = Field(default=1.0, gt=0, description="a lookup slower than this counts as a miss")
 
     _sizes = field_validator("memory_bytes", "disk_bytes", mode="before")(parse_bytes)
 

@@ -78,7 +78,7 @@ class RedisTier:
         if raw is None:
             return count_read(self.name, None)
         try:
-            n, crc = parse_header(raw, len(raw))
+            _, crc = parse_header(raw, len(raw))
             out = torch.frombuffer(bytearray(memoryview(raw)[HEADER.size:]), dtype=torch.uint8)
             check(out.numpy(), crc)
         except BadChunk as e:

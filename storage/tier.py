@@ -7,8 +7,9 @@ answer "not here", so a store problem costs a recompute, never a request.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import torch
 from prometheus_client import Counter, Gauge, Histogram

@@ -17,6 +17,7 @@ from prometheus_client import Counter
 
 from storage.memory_tier import MemoryTier
 from storage.tier import Tier
+from transfer.threads import start_io_thread
 
 log = logging.getLogger("kvbridge.store")
 DROPPED = Counter("kvbridge_store_dropped_writes_total", "Background writes dropped because the queue was full")
@@ -31,8 +32,7 @@ class TieredStore:
         self.memory = tiers[0] if isinstance(tiers[0], MemoryTier) else None
         self._cold = tiers[1:] if self.memory else tiers
         self._queue: queue.Queue = queue.Queue(maxsize=write_queue)
-        self._writer = threading.Thread(target=self._write_loop, name="kvbridge-store-writer", daemon=True)
-        self._writer.start()
+        self._writer = start_io_thread(self._write_loop, "kvbridge-store-writer")
 
     def put(self, key: str, data: torch.Tensor) -> None:
         """Keep a chunk: in memory now, in colder tiers soon. `data` may be reused by the caller."""

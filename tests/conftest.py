@@ -4,10 +4,12 @@ from __future__ import annotations
 import time
 
 import pytest
+import redis
 
 from pd.tiny_model import make_tiny_model
 from tests.pd_client import pool_status
-from tests.servers import MODEL_DIR, RouterProcess, VllmServer
+from tests.redis_server import RedisServer, redis_url_from_env
+from tests.servers import MODEL_DIR, RouterProcess, VllmServer, free_port
 
 PREFILL_EXTRA = {"checksum": True, "alloc_timeout_s": 3.0, "lease_ttl_s": 3.0}
 DECODE_EXTRA = {"checksum": True, "load_timeout_s": 4.0, "num_slots": 32, "quarantine_s": 0.5}
@@ -19,11 +21,34 @@ def tiny_model():
 
 
 @pytest.fixture(scope="session")
-def servers(tiny_model):
-    """Started together (they load in parallel), shared by every end-to-end test."""
+def redis_url():
+    """launch/test.sh's redis-server when it runs one, else one of our own for this run."""
+    url = redis_url_from_env()
+    if url:
+        redis.Redis.from_url(url).flushdb()
+        yield url
+        return
+    server = RedisServer(maxmemory="256mb")
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def store_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("store")
+
+
+@pytest.fixture(scope="session")
+def servers(tiny_model, redis_url, store_dir):
+    """Started together (they load in parallel), shared by every end-to-end test. The prefill node
+    keeps prefills in the tiered store (memory, disk, Redis) instead of vLLM's own prefix cache, so
+    every repeated prompt in the suite also exercises the store's load path."""
+    prefill_extra = dict(PREFILL_EXTRA, metrics_port=free_port(),
+                         store={"memory_bytes": "64MiB", "disk_path": str(store_dir), "disk_bytes": "256MiB",
+                                "redis_url": redis_url})
     trio = {"agg": VllmServer("agg"),
             "decode": VllmServer("decode-0", "kv_consumer", DECODE_EXTRA),
-            "prefill": VllmServer("prefill-0", "kv_producer", PREFILL_EXTRA)}
+            "prefill": VllmServer("prefill-0", "kv_producer", prefill_extra, args=("--no-enable-prefix-caching",))}
     try:
         for s in trio.values():
             s.wait_ready()

@@ -35,20 +35,21 @@ class VllmServer:
 
     def __init__(self, name: str, role: str | None = None, extra: dict | None = None, policy: str = "recompute",
                  model: Path = MODEL_DIR, max_model_len: int = 2048, env: dict | None = None,
-                 kv_config: dict | None = None) -> None:
+                 kv_config: dict | None = None, args: tuple[str, ...] = ()) -> None:
         self.name = name
+        self.extra = dict(extra or {})
         self.port = free_port()
         self.handshake_port = free_port() if role in ("kv_consumer", "kv_both") else None
-        self._args = (role, extra, policy, model, max_model_len, env or {}, kv_config)
+        self._args = (role, extra, policy, model, max_model_len, env or {}, kv_config, args)
         self.proc: subprocess.Popen | None = None
         self.start()
 
     def start(self) -> None:
         """(Re)start on the same ports: a restart is a new incarnation at the same address."""
-        role, extra, policy, model, max_model_len, env_over, kv = self._args
+        role, extra, policy, model, max_model_len, env_over, kv, args = self._args
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
                "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(self.port), "--enforce-eager",
-               "--dtype", "float32", "--max-model-len", str(max_model_len), "--max-num-seqs", "32"]
+               "--dtype", "float32", "--max-model-len", str(max_model_len), "--max-num-seqs", "32", *args]
         if role:
             extra = dict(extra or {}, instance_id=self.name)
             if self.handshake_port:

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 import redis
 import torch
 
@@ -17,7 +16,7 @@ from storage.disk_tier import DiskTier
 from storage.memory_tier import MemoryTier
 from storage.redis_tier import RedisTier
 from storage.tiered_store import TieredStore
-from tests.redis_server import RedisServer, redis_url_from_env
+from tests.redis_server import RedisServer
 
 SEED = chain_seed("tiny|LBHNC|float32|block128|tp0/1")
 
@@ -25,18 +24,6 @@ SEED = chain_seed("tiny|LBHNC|float32|block128|tp0/1")
 def chunk(n: int = 4096, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
-
-
-@pytest.fixture(scope="module")
-def redis_url():
-    url = redis_url_from_env()
-    if url:
-        redis.Redis.from_url(url).flushdb()
-        yield url
-        return
-    server = RedisServer()
-    yield server.url
-    server.stop()
 
 
 def test_keys_chain_over_the_prefix_and_ignore_hash_seed():

@@ -1,0 +1,65 @@
+"""The tiered store as the worker sees it: chunk keys seeded by what the KV bytes mean.
+
+The worker seeds the key chain with the KV layout it registered (model, layers, heads, dtype,
+block size, cache layout, TP size) and a fingerprint of the model's weights, so a chunk is found
+only by a node whose KV bytes mean the same thing: regenerated weights under the same name do not
+read old KV back from disk or Redis. Under tensor parallelism each rank keeps its own heads'
+bytes, under the same key plus its rank.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+from prometheus_client import Counter
+
+from pd.layout import KVLayout
+from storage.chunk_keys import chain_seed
+from storage.config import StoreConfig
+
+log = logging.getLogger("kvbridge.store")
+PROMPT_TOKENS = Counter("kvbridge_store_prompt_tokens_total",
+                        "Prompt tokens whose KV was saved to, loaded from, or failed to load from the store",
+                        ["outcome"])
+
+
+def model_fingerprint(model_path: str) -> str:
+    """Config plus the first and last MiB of every weight file of a local model; the name otherwise."""
+    root = Path(model_path)
+    if not root.is_dir():
+        return model_path
+    h = hashlib.blake2b(digest_size=16)
+    for p in sorted(root.iterdir()):
+        if p.name == "config.json" or p.suffix in (".safetensors", ".bin", ".pt"):
+            size = p.stat().st_size
+            h.update(f"{p.name}:{size}".encode())
+            with open(p, "rb") as f:
+                h.update(f.read(1 << 20))
+                f.seek(max(0, size - (1 << 20)))
+                h.update(f.read(1 << 20))
+    return h.hexdigest()
+
+
+class PrefixStore:
+    def __init__(self, cfg: StoreConfig, layout: KVLayout, chunk_tokens: int, model_path: str) -> None:
+        self.store = cfg.build()
+        identity = sorted(layout.model_dump(exclude={"tp_rank"}).items())
+        self.seed = chain_seed(f"{identity}|chunk{chunk_tokens}|{model_fingerprint(model_path)}")
+        self.chunk_tokens = chunk_tokens
+        self._suffix = f".{layout.tp_rank}" if layout.tp_size > 1 else ""
+        log.info("store ready: tiers %s", ", ".join(t.name for t in self.store.tiers))
+
+    def lookup(self, keys: list[str]) -> int:
+        """How many leading chunks are held (in any tier)."""
+        return len(self.store.lookup([k + self._suffix for k in keys]))
+
+    def get(self, key: str) -> torch.Tensor | None:
+        return self.store.get(key + self._suffix)
+
+    def put(self, key: str, data: torch.Tensor) -> None:
+        self.store.put(key + self._suffix, data)
+
+    def close(self) -> None:
+        self.store.close()

@@ -1,0 +1,99 @@
+"""The tiered store inside real vLLM: a shared prefix is loaded, not recomputed, and the answer is the same.
+
+prefill-0 (tests/conftest.py) runs with the store (memory + disk + Redis) and without vLLM's own
+prefix cache, so every skipped token below came from the store. vLLM's counters say where each
+prompt token's KV came from; the connector's own metrics say which tier served it.
+"""
+from __future__ import annotations
+
+import time
+
+import redis
+import requests
+
+from tests.pd_client import (
+    pd_request,
+    post,
+    random_token_prompt,
+    source_tokens,
+    text_of,
+)
+
+CHUNK = 256
+
+
+def connector_metrics(server) -> dict[str, float]:
+    text = requests.get(f"http://127.0.0.1:{server.extra['metrics_port']}/metrics", timeout=10).text
+    return {name: float(value) for name, value in (line.rsplit(" ", 1) for line in text.splitlines()
+                                                    if line.startswith("kvbridge_store") and "_created" not in line)}
+
+
+def delta(after: dict, before: dict, key: str) -> float:
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+def complete(url: str, prompt: list[int]) -> str:
+    status, reply = post(url, "/v1/completions", {"model": "tiny", "prompt": prompt, "max_tokens": 8,
+                                                  "temperature": 0})
+    assert status == 200, reply
+    return text_of(reply)
+
+
+def wait_for(cond, timeout: float = 20.0) -> bool:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def test_shared_prefix_is_loaded_from_the_store(servers, decode_pool_full_after):
+    pre, agg = servers["prefill"], servers["agg"]
+    prefix = random_token_prompt(1000, 501)
+    first = prefix + random_token_prompt(100, 502)
+    assert complete(pre.url, first) == complete(agg.url, first)
+
+    second = prefix + random_token_prompt(130, 503)
+    src0, m0 = source_tokens(pre.url), connector_metrics(pre)
+    assert complete(pre.url, second) == complete(agg.url, second), "store-loaded KV must give the same tokens"
+    src1, m1 = source_tokens(pre.url), connector_metrics(pre)
+    shared = (1000 // CHUNK) * CHUNK  # whole chunks of the shared prefix: 768 tokens
+    assert delta(src1, src0, "external_kv_transfer") == shared
+    assert delta(src1, src0, "local_compute") == len(second) - shared
+    assert delta(m1, m0, 'kvbridge_store_prompt_tokens_total{outcome="loaded"}') == shared
+    assert delta(m1, m0, 'kvbridge_store_hits_total{tier="memory"}') == shared // CHUNK
+
+    # The same prefix on the PD path: the prefill node loads it from the store, then pushes everything.
+    third = prefix + random_token_prompt(60, 504)
+    src2 = source_tokens(pre.url)
+    _, (status, reply) = pd_request(servers, "/v1/completions", {"model": "tiny", "prompt": third, "max_tokens": 8,
+                                                                 "temperature": 0})
+    assert status == 200 and text_of(reply) == complete(agg.url, third)
+    assert delta(source_tokens(pre.url), src2, "external_kv_transfer") == shared
+
+
+def test_store_survives_a_prefill_restart_through_its_disk_tier(servers, redis_url, decode_pool_full_after):
+    pre, agg = servers["prefill"], servers["agg"]
+    prefix = random_token_prompt(1000, 601)
+    first = prefix + random_token_prompt(40, 602)
+    before, r = connector_metrics(pre), redis.Redis.from_url(redis_url)
+    in_redis = len(r.keys("kvbridge:chunk:*"))
+    assert complete(pre.url, first) == complete(agg.url, first)
+    written = 4 * CHUNK * 2 * 2 * 2 * 32 * 4  # 4 whole chunks x 2 layers x K,V x 2 heads x 32 x fp32
+    assert wait_for(lambda: delta(connector_metrics(pre), before,
+                                  'kvbridge_store_written_bytes_total{tier="disk"}') >= written), \
+        "background writes never reached the disk tier"
+    assert wait_for(lambda: len(r.keys("kvbridge:chunk:*")) >= in_redis + 4), "and Redis, for other nodes"
+
+    pre.stop()
+    pre.start()
+    pre.wait_ready()
+    second = prefix + random_token_prompt(90, 603)
+    src0 = source_tokens(pre.url)
+    assert complete(pre.url, second) == complete(agg.url, second)
+    src1, m1 = source_tokens(pre.url), connector_metrics(pre)
+    shared = (1000 // CHUNK) * CHUNK
+    assert delta(src1, src0, "external_kv_transfer") == shared
+    assert m1.get('kvbridge_store_hits_total{tier="disk"}', 0) == shared // CHUNK, "a fresh process reads from disk"
+    assert m1.get('kvbridge_store_hits_total{tier="memory"}', 0) == 0
