@@ -36,7 +36,7 @@ class TieredStore:
 
     def put(self, key: str, data: torch.Tensor) -> None:
         """Keep a chunk: in memory now, in colder tiers soon. `data` may be reused by the caller."""
-        copy = self.memory.copy_of(data) if self.memory else data.reshape(-1).view(torch.uint8).clone()
+        copy = self.memory.copy_of(data) if self.memory else data.reshape(-1).view(torch.uint8).to("cpu", copy=True)
         if self.memory:
             self.memory.adopt(key, copy)
         self._enqueue(key, copy, self._cold)
