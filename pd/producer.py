@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from prometheus_client import Gauge
 
 from pd import wire
 from pd.consumer_link import ConsumerLink
@@ -27,6 +28,9 @@ from transfer.notice import ChunkNotice
 from transfer.staging import StagingBuffer
 
 log = logging.getLogger("kvbridge.producer")
+STAGING_FREE = Gauge("kvbridge_producer_staging_free_slots", "Producer staging slots not holding a chunk")
+STAGING_TOTAL = Gauge("kvbridge_producer_staging_slots", "Producer staging slots in all")
+ACTIVE = Gauge("kvbridge_producer_active_transfers", "Transfers this producer has not finished yet")
 
 
 @dataclass
@@ -69,6 +73,9 @@ class Producer:
                                      settings.device)
         self._links: dict[str, ConsumerLink] = {}
         self._jobs: dict[str, _Job] = {}
+        STAGING_FREE.set_function(lambda: self.staging.free)
+        STAGING_TOTAL.set(settings.staging_chunks)
+        ACTIVE.set_function(lambda: len(self._jobs))
         self._finished: list[Transfer] = []
         self._cv = threading.Condition()
         self._stop = False
@@ -143,7 +150,12 @@ class Producer:
                 jobs = list(self._jobs.values())
             now = time.monotonic()
             for job in jobs:
-                self._step(job, now)
+                try:
+                    self._step(job, now)
+                except Exception as e:  # one transfer's surprise must not stop every other push on this node
+                    log.exception("transfer %s: unexpected error; failing it", job.t.transfer_id)
+                    job.t.to(State.FAILED, f"unexpected {type(e).__name__}: {e}")
+                    self._give_up(job)
             with self._cv:
                 busy = any(j.inflight or (j.staged and j.t.state == State.SENDING) for j in self._jobs.values())
                 waits = [j.retry_at - now for j in self._jobs.values() if j.t.state in (State.NEW, State.ALLOCATING)]
@@ -242,6 +254,17 @@ class Producer:
             else:
                 job.t.to(State.FAILED, f"write of chunk {chunk} to {job.consumer} failed")
 
+    def _give_up(self, job: _Job) -> None:
+        """Free everything a failed job holds, in-flight writes included (their bytes go nowhere we read)."""
+        for handle, slot in job.inflight.values():
+            try:
+                self.agent.release(handle)
+            except Exception as e:
+                log.info("release of a write handle to %s failed: %s", job.consumer, e)
+            self.staging.release(slot)
+        job.inflight.clear()
+        self._cleanup(job)
+
     def _cleanup(self, job: _Job) -> None:
         for slot, _ in job.staged.values():
             self.staging.release(slot)
@@ -253,5 +276,5 @@ class Producer:
                 log.info("release of %s on %s not confirmed (%s); the lease will expire",
                          job.t.transfer_id, job.consumer, e)
         with self._cv:
-            self._jobs.pop(job.t.transfer_id, None)
-            self._finished.append(job.t)
+            if self._jobs.pop(job.t.transfer_id, None) is not None:
+                self._finished.append(job.t)

@@ -98,16 +98,28 @@ class NixlAgent:
                 handle = self._agent.initialize_xfer("WRITE", ldesc, rdesc, remote, notif)
             except Exception as e:
                 raise TransferError(f"cannot start write to {remote}: {e}") from e
-            state = self._agent.transfer(handle)
+            try:
+                state = self._agent.transfer(handle)
+            except Exception as e:  # NIXL raises (e.g. NIXL_ERR_REMOTE_DISCONNECT) for a peer that died
+                state, why = "ERR", f": {type(e).__name__}: {e}"
+            else:
+                why = ""
         if state == "ERR":
-            self.release(handle)
-            raise TransferError(f"write to {remote} failed when posted")
+            try:
+                self.release(handle)
+            except Exception as e:
+                log.info("release of a failed write handle to %s: %s", remote, e)
+            raise TransferError(f"write to {remote} failed when posted{why}")
         return handle
 
     def poll(self, handle: object) -> str:
-        """'DONE', 'PROC' or 'ERR'; drives UCX progress."""
+        """'DONE', 'PROC' or 'ERR'; drives UCX progress. A NIXL error for the transfer is 'ERR'."""
         with self._lock:
-            return self._agent.check_xfer_state(handle)
+            try:
+                return self._agent.check_xfer_state(handle)
+            except Exception as e:
+                log.info("transfer state check failed: %s: %s", type(e).__name__, e)
+                return "ERR"
 
     def release(self, handle: object) -> None:
         with self._lock:
