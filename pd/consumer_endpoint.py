@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 import zlib
+from collections import OrderedDict
 
 import torch
 import zmq
@@ -46,7 +47,8 @@ class ConsumerEndpoint:
         self.pool = SlotPool(num_slots, self.slot_bytes, quarantine_s)
         self.counters: dict[str, int] = {}
         self._discarded: dict[str, float] = {}
-        self._discard_lock = threading.Lock()
+        self._discard_lock = threading.Lock()  # guards _discarded and _traces (worker and endpoint threads)
+        self._traces: OrderedDict[str, dict] = OrderedDict()
         self._producers: dict[str, tuple[str, str]] = {}  # incarnation -> (producer_id, agent name)
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.ROUTER)
@@ -93,6 +95,13 @@ class ConsumerEndpoint:
     def count(self, name: str, n: int = 1) -> None:
         """Connector counters, reported in the Stats reply (the worker has no HTTP /metrics of its own)."""
         self.counters[name] = self.counters.get(name, 0) + n
+
+    def record_trace(self, trace: dict, keep: int = 1024) -> None:
+        """A finished transfer's state history, kept for the router's /debug/requests."""
+        with self._discard_lock:
+            self._traces[trace["transfer_id"]] = trace
+            while len(self._traces) > keep:
+                self._traces.popitem(last=False)
 
     def wait_arrivals(self, timeout_s: float) -> None:
         """Block until any chunk arrives or the timeout passes (for callers that need to wait)."""
@@ -194,6 +203,13 @@ class ConsumerEndpoint:
         return wire.PoolStatus(incarnation=self.incarnation, total=s.total, free=s.free, used=s.used,
                                quarantined=s.quarantined, expired_total=s.expired_total,
                                dropped_total=s.dropped_total, counters=dict(self.counters))
+
+    def _on_trace(self, msg: wire.TraceQuery) -> wire._Msg:
+        with self._discard_lock:
+            t = self._traces.get(msg.transfer_id)
+        if t is None:
+            return wire.TransferTrace(found=False)
+        return wire.TransferTrace(found=True, state=t["state"], reason=t["reason"], ms=t["ms"])
 
     def _pump_notifications(self) -> None:
         got = False

@@ -75,6 +75,12 @@ class Stats(_Request):
     type: Literal["stats"] = "stats"
 
 
+class TraceQuery(_Request):
+    """Router -> consumer: the consumer-side state history of one transfer (for /debug/requests)."""
+    type: Literal["trace"] = "trace"
+    transfer_id: str = Field(min_length=1, max_length=256)
+
+
 class Welcome(_Msg):
     type: Literal["welcome"] = "welcome"
     incarnation: str
@@ -126,6 +132,14 @@ class PoolStatus(_Msg):
     counters: dict[str, int] = {}
 
 
+class TransferTrace(_Msg):
+    type: Literal["transfer_trace"] = "transfer_trace"
+    found: bool
+    state: str = ""
+    reason: str = ""
+    ms: dict[str, float] = {}
+
+
 class Error(_Msg):
     type: Literal["error"] = "error"
     code: str
@@ -146,8 +160,8 @@ class StoreHeld(_Msg):
 _lookups = TypeAdapter(StoreLookup)
 _helds = TypeAdapter(StoreHeld)
 
-Request = Annotated[Union[Hello, Alloc, Renew, Release, Cancel, Stats], Field(discriminator="type")]
-Reply = Annotated[Union[Welcome, Reject, Grant, NoCapacity, Ack, PoolStatus, Error],
+Request = Annotated[Union[Hello, Alloc, Renew, Release, Cancel, Stats, TraceQuery], Field(discriminator="type")]
+Reply = Annotated[Union[Welcome, Reject, Grant, NoCapacity, Ack, PoolStatus, TransferTrace, Error],
                   Field(discriminator="type")]
 _requests = TypeAdapter(Request)
 _replies = TypeAdapter(Reply)
@@ -175,11 +189,11 @@ def _decode(raw: bytes, adapter: TypeAdapter):
                                    f"{e.errors()[0]['msg']}") from e
 
 
-def decode_request(raw: bytes) -> Hello | Alloc | Renew | Release | Cancel | Stats:
+def decode_request(raw: bytes) -> Hello | Alloc | Renew | Release | Cancel | Stats | TraceQuery:
     return _decode(raw, _requests)
 
 
-def decode_reply(raw: bytes) -> Welcome | Reject | Grant | NoCapacity | Ack | PoolStatus | Error:
+def decode_reply(raw: bytes) -> Welcome | Reject | Grant | NoCapacity | Ack | PoolStatus | TransferTrace | Error:
     return _decode(raw, _replies)
 
 

@@ -11,8 +11,10 @@ that expires or fails is reported as a failed receive, and vLLM's
 """
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -80,6 +82,7 @@ class WorkerSide:
         self._failed_recv: set[str] = set()
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        faulthandler.register(signal.SIGUSR2, all_threads=True)  # `kill -USR2 <worker>`: every thread's stack
         # Our control threads share the GIL with vLLM's busy main thread; the default 5 ms switch
         # interval would add that much to every lease RPC and every UCX progress call.
         sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
@@ -261,6 +264,7 @@ class WorkerSide:
         ld = self._loads.pop(rid)
         self.endpoint.pool.release(ld.task.transfer_id)
         ld.t.to(state, reason)
+        self.endpoint.record_trace(ld.t.trace())
         self.endpoint.count(f"transfers_{state.value.lower()}")
         (self._done_recv if state == State.SCATTERED else self._failed_recv).add(rid)
 

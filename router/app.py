@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from router.config import ConfigError, RouterConfig, load_router_config
 from router.metrics import LATENCY, REQUESTS
 from router.openai_errors import APIError, parse_request
+from router.pool_probe import transfer_trace
 from router.proxy import Proxy
 from router.registry import Registry
 
@@ -77,8 +78,13 @@ def build_app(cfg: RouterConfig) -> web.Application:
         t = app["proxy"].traces.get(request.match_info["rid"])
         if t is None:
             return APIError(404, "no such request in the trace history", code="not_found").response()
-        return web.json_response({"id": t["id"], "path": t["path"],
-                                  "events": [{"phase": p, "detail": d, "ms": ms} for p, d, ms in t["events"]]})
+        out = {"id": t["id"], "path": t["path"],
+               "events": [{"phase": p, "detail": d, "ms": ms} for p, d, ms in t["events"]]}
+        if "transfer" in t:  # the decode connector's own phases (EXPECTED, RECEIVING, RECEIVED, SCATTERED...)
+            address, tid = t["transfer"]
+            out["transfer_id"] = tid
+            out["decode_connector"] = await transfer_trace(address, tid, cfg.health_timeout_s, cfg.kv_secret)
+        return web.json_response(out)
 
     app.router.add_post("/v1/completions", openai_endpoint("/v1/completions", "completions"))
     app.router.add_post("/v1/chat/completions", openai_endpoint("/v1/chat/completions", "chat"))

@@ -1,5 +1,5 @@
-"""The router's two control messages to a decode connector (no NIXL involved): `stats`, to prefer
-decode instances with room, and `cancel`, to free a transfer whose request is gone."""
+"""The router's control messages to a decode connector (no NIXL involved): `stats`, to prefer decode
+instances with room; `cancel`, to free a transfer whose request is gone; `trace`, for /debug/requests."""
 from __future__ import annotations
 
 import asyncio
@@ -38,5 +38,24 @@ async def cancel_transfer(address: str, transfer_id: str, timeout_s: float, secr
         return bool(await sock.poll(int(timeout_s * 1000)))
     except (zmq.ZMQError, asyncio.CancelledError):
         return False
+    finally:
+        sock.close(0)
+
+
+async def transfer_trace(address: str, transfer_id: str, timeout_s: float, secret: str | None = None) -> dict | None:
+    """The decode connector's state history for a transfer, or None when it has none or does not answer."""
+    sock = _ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(f"tcp://{address}")
+        await sock.send(wire.encode(wire.TraceQuery(rid=1, transfer_id=transfer_id, secret=secret)))
+        if not await sock.poll(int(timeout_s * 1000)):
+            return None
+        reply = wire.decode_reply(await sock.recv())
+        if not isinstance(reply, wire.TransferTrace) or not reply.found:
+            return None
+        return {"state": reply.state, "reason": reply.reason, "ms": reply.ms}
+    except (zmq.ZMQError, wire.WireError, asyncio.CancelledError):
+        return None
     finally:
         sock.close(0)

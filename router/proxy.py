@@ -73,6 +73,8 @@ class Proxy:
             raise APIError(503, "no healthy prefill instance", "service_unavailable", code="no_prefill")
         trace["events"].append(("dispatched", f"prefill={prefill.name if prefill else None} decode={decode.name}",
                                 self._ms(trace)))
+        if prefill_task is not None:
+            trace["transfer"] = (decode.kv_address, tid)
         finished = False
         try:
             resp = await self._decode(request, path, decode_body, decode, trace, prefill_task)
