@@ -76,3 +76,28 @@ def router(servers):
     r = RouterProcess(servers["prefill"], servers["decode"])
     yield r
     r.stop()
+
+
+_REPORT: list[dict] = []
+
+
+@pytest.fixture
+def failure_report(request):
+    """Failure tests record what they measured; the table is printed at the end of the run (and is the
+    one in the issue notes: scenario, what happened, time to detect, time to recover, leaks)."""
+    def add(scenario: str, happened: str, detect_s: float | None, recover_s: float | None, leaks: str) -> None:
+        _REPORT.append({"scenario": scenario, "happened": happened, "detect_s": detect_s, "recover_s": recover_s,
+                        "leaks": leaks, "command": f"bash launch/test.sh '{request.node.nodeid}'"})
+    return add
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _REPORT:
+        return
+    fmt = lambda v: "-" if v is None else f"{v:.2f} s"  # noqa: E731
+    terminalreporter.section("kvbridge failure report")
+    terminalreporter.write_line("| scenario | what happened | detect | recover | leaks | reproduce |")
+    terminalreporter.write_line("|---|---|---|---|---|---|")
+    for r in _REPORT:
+        terminalreporter.write_line(f"| {r['scenario']} | {r['happened']} | {fmt(r['detect_s'])} | "
+                                    f"{fmt(r['recover_s'])} | {r['leaks']} | `{r['command']}` |")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import random
+import time
 import uuid
 
 import requests
@@ -54,3 +55,23 @@ def source_tokens(url: str) -> dict[str, float]:
             src = line.split('source="')[1].split('"')[0]
             out[src] = float(line.rsplit(" ", 1)[1])
     return out
+
+
+def connector_metrics(server) -> dict[str, float]:
+    """kvbridge's own metrics from a node's engine process (the connector's `metrics_port`)."""
+    text = requests.get(f"http://127.0.0.1:{server.extra['metrics_port']}/metrics", timeout=10).text
+    return {name: float(value) for name, value in (line.rsplit(" ", 1) for line in text.splitlines()
+                                                    if line.startswith("kvbridge_") and "_created" not in line)}
+
+
+def wait_producer_idle(server, timeout: float = 15.0) -> float:
+    """Seconds until the node's producer holds no transfer and every staging slot is free."""
+    t0 = time.monotonic()
+    while True:
+        m = connector_metrics(server)
+        if (m.get("kvbridge_producer_active_transfers") == 0 and
+                m.get("kvbridge_producer_staging_free_slots") == m.get("kvbridge_producer_staging_slots")):
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"producer still busy after {timeout}s: {m}")
+        time.sleep(0.1)

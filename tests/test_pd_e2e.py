@@ -12,7 +12,7 @@ from pd.layout import KVLayout
 from pd.producer import Producer, ProducerSettings
 from pd.states import State
 from tests.pd_client import (pd_request, pool_status, post, random_token_prompt, random_words, source_tokens,
-                             text_of)
+                             text_of, wait_producer_idle)
 from tests.servers import free_port
 
 pytestmark = pytest.mark.usefixtures("decode_pool_full_after")
@@ -94,7 +94,7 @@ def test_corrupted_kv_changes_the_output(servers):
         rogue.close()
 
 
-def test_kv_that_never_arrives_is_recomputed(servers):
+def test_kv_that_never_arrives_is_recomputed(servers, failure_report):
     body = {"model": "tiny", "prompt": random_token_prompt(200, seed=11), "max_tokens": MAX_TOKENS,
             "temperature": 0}
     want = reference(servers, "/v1/completions", body)
@@ -103,12 +103,20 @@ def test_kv_that_never_arrives_is_recomputed(servers):
     took = time.monotonic() - t0
     assert dec[0] == 200 and text_of(dec[1]) == want
     assert took < 4.0 + 5.0, f"recompute took {took:.1f}s, bound is load_timeout_s + 5s"
+    failure_report("prefill never pushes (policy=recompute)", "decode recomputed after load_timeout_s=4, correct "
+                   "tokens", took, None, "none: slots full")
 
 
-def test_unreachable_consumer_falls_back_to_recompute(servers):
+def test_unreachable_consumer_falls_back_to_recompute(servers, failure_report):
     body = {"model": "tiny", "prompt": random_token_prompt(200, seed=12), "max_tokens": MAX_TOKENS,
             "temperature": 0}
     want = reference(servers, "/v1/completions", body)
+    t0 = time.monotonic()
     pre, dec = pd_request(servers, "/v1/completions", body, push_to=f"127.0.0.1:{free_port()}")
+    took = time.monotonic() - t0
     assert pre[0] == 200, pre  # the prefill leg itself succeeds; its push fails and is logged
     assert dec[0] == 200 and text_of(dec[1]) == want
+    cleanup = wait_producer_idle(servers["prefill"])
+    failure_report("consumer unreachable (prefill pushes to a dead address)", "prefill answered; its transfer "
+                   f"failed and released its staging; decode recomputed, correct", took, cleanup,
+                   "none: prefill staging full")

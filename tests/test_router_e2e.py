@@ -1,13 +1,19 @@
-"""The router in front of real vLLM prefill/decode: OpenAI client parity, bad input, a decode node dying."""
+"""The router in front of real vLLM prefill/decode: OpenAI client parity, bad and hostile input, a decode
+node dying."""
 from __future__ import annotations
 
+import json
+import socket
 import time
 
 import openai
 import pytest
 import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from tests.pd_client import pool_status, random_words
+from router.app import MAX_BODY
+from tests.pd_client import pool_status, random_words, wait_producer_idle
 
 pytestmark = pytest.mark.usefixtures("decode_pool_full_after")
 
@@ -87,6 +93,9 @@ def test_models_health_metrics_trace(router):
                       timeout=60)
     trace = requests.get(f"{router.url}/debug/requests/{r.headers['x-kvbridge-request-id']}", timeout=5).json()
     assert [e["phase"] for e in trace["events"]][0] == "dispatched" and trace["events"][-1]["phase"] == "done"
+    conn = trace["decode_connector"]  # the decode connector's own phases, under the state machine's names
+    assert conn["state"] == "SCATTERED" and {"EXPECTED", "RECEIVED", "SCATTERED"} <= set(conn["ms"]), conn
+    assert conn["ms"]["EXPECTED"] <= conn["ms"]["RECEIVED"] <= conn["ms"]["SCATTERED"]
     assert "kvbridge_router_requests_total" in requests.get(router.url + "/metrics", timeout=5).text
 
 
@@ -100,7 +109,7 @@ def wait_health(router, healthy: bool, timeout: float) -> float:
     raise AssertionError(f"decode never became {'healthy' if healthy else 'unhealthy'}")
 
 
-def test_decode_killed_mid_request_then_recovers(servers, router):
+def test_decode_killed_mid_request_then_recovers(servers, router, failure_report):
     """kill -9 of the decode node: clean error, router marks it unhealthy; after restart (a new incarnation
     on the same address) the prefill node reconnects on its own and PD works again."""
     import concurrent.futures as cf
@@ -108,16 +117,25 @@ def test_decode_killed_mid_request_then_recovers(servers, router):
     old_incarnation = pool_status(decode.handshake).incarnation
     body = {"model": "tiny", "prompt": random_words(300, seed=5), "max_tokens": 1200, "temperature": 0,
             "ignore_eos": True}
-    with cf.ThreadPoolExecutor(1) as ex:
+    pushes = [{"model": "tiny", "prompt": random_words(1200, seed=50 + i), "max_tokens": 4} for i in range(3)]
+    with cf.ThreadPoolExecutor(4) as ex:
         fut = ex.submit(requests.post, router.url + "/v1/completions", json=body, timeout=60)
         time.sleep(0.5)
+        mid = [ex.submit(requests.post, router.url + "/v1/completions", json=b, timeout=60) for b in pushes]
+        time.sleep(0.05)  # their prefills are computing and pushing
         decode.kill9()
+        t_kill = time.monotonic()
         r = fut.result()
+        for f in mid:
+            assert f.result().status_code in (200, 502, 503)
     assert r.status_code in (502, 503) and r.json()["error"]["message"]
     wait_health(router, False, 5)
+    detect = time.monotonic() - t_kill  # until /health says unhealthy
+    cleanup = wait_producer_idle(servers["prefill"], 15)  # staging slots back, no transfer left behind
     r = requests.post(router.url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2},
                       timeout=10)
     assert r.status_code == 503 and r.json()["error"]["code"] == "no_decode"
+    t_restart = time.monotonic()
     decode.start()
     decode.wait_ready()
     wait_health(router, True, 10)
@@ -125,3 +143,49 @@ def test_decode_killed_mid_request_then_recovers(servers, router):
     text = random_words(300, seed=6)
     assert complete(router.url, text, False) == complete(servers["agg"].url, text, False)
     assert pool_status(decode.handshake).counters.get("transfers_scattered", 0) == 1
+    failure_report("kill -9 decode mid-request (3 prefills pushing)", f"client got HTTP {r.status_code} with an "
+                   f"OpenAI error; router marked decode unhealthy; prefill staging all free {cleanup:.1f}s after; "
+                   "restarted decode reconnected by the prefill on its own", detect,
+                   time.monotonic() - t_restart, "none: prefill staging full, no producer transfer left")
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False)
+                           | st.text(max_size=12),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
+                                                                                        max_size=3), max_leaves=8)
+request_bodies = st.dictionaries(st.sampled_from(["model", "prompt", "messages", "max_tokens", "stream", "n",
+                                                  "temperature", "kv_transfer_params", "stop", "logprobs"]),
+                                 json_values, max_size=6)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
+       raw=st.one_of(st.binary(max_size=200), request_bodies.map(lambda d: json.dumps(d).encode())),
+       ctype=st.sampled_from(["application/json", "text/plain", "application/x-www-form-urlencoded"]))
+def test_hostile_http_bodies_get_4xx_and_the_router_keeps_serving(router, path, raw, ctype):
+    r = requests.post(router.url + path, data=raw, headers={"content-type": ctype}, timeout=60)
+    assert r.status_code < 500, (raw, r.status_code, r.text[:200])
+    if r.status_code >= 400:
+        assert r.json()["error"]["message"]
+
+
+def test_hostile_http_framing_and_paths(router):
+    host, port = router.url.removeprefix("http://").split(":")
+    for junk in (b"\x00\xff" * 100 + b"\r\n\r\n", b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 99999\r\n\r\nshort",
+                 b"POST /v1/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"):
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            s.sendall(junk)
+            s.shutdown(socket.SHUT_WR)
+            s.settimeout(5)
+            try:
+                s.recv(4096)
+            except (TimeoutError, ConnectionResetError):
+                pass
+    big = requests.post(router.url + "/v1/completions", data=b"x" * (MAX_BODY + 1),
+                        headers={"content-type": "application/json"}, timeout=30)
+    assert big.status_code == 413
+    for p in ("/debug/requests/%00%ff", "/debug/requests/" + "a" * 5000, "/v1/nothing", "/../../etc/passwd"):
+        assert 400 <= requests.get(router.url + p, timeout=5).status_code < 500
+    ok = requests.post(router.url + "/v1/completions", json={"model": "tiny", "prompt": "still here", "max_tokens": 2},
+                       timeout=60)
+    assert ok.status_code == 200

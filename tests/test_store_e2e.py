@@ -9,23 +9,10 @@ from __future__ import annotations
 import time
 
 import redis
-import requests
 
-from tests.pd_client import (
-    pd_request,
-    post,
-    random_token_prompt,
-    source_tokens,
-    text_of,
-)
+from tests.pd_client import connector_metrics, pd_request, post, random_token_prompt, source_tokens, text_of
 
 CHUNK = 256
-
-
-def connector_metrics(server) -> dict[str, float]:
-    text = requests.get(f"http://127.0.0.1:{server.extra['metrics_port']}/metrics", timeout=10).text
-    return {name: float(value) for name, value in (line.rsplit(" ", 1) for line in text.splitlines()
-                                                    if line.startswith("kvbridge_store") and "_created" not in line)}
 
 
 def delta(after: dict, before: dict, key: str) -> float:

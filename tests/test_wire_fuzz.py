@@ -16,14 +16,14 @@ values = st.recursive(st.none() | st.booleans() | st.integers(-2**63, 2**63 - 1)
                       lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
                                                                                    max_size=4), max_leaves=12)
 frames = st.dictionaries(st.sampled_from(["v", "type", "rid", "secret", "transfer_id", "n_chunks", "ttl_s",
-                                          "epoch", "incarnation", "layout", "agent_meta", "producer_id"]),
+                                          "epoch", "incarnation", "layout", "agent_meta", "producer_id", "keys"]),
                          values, max_size=8)
 
 
 @settings(max_examples=400, deadline=None)
 @given(st.binary(max_size=300))
 def test_any_bytes(raw):
-    for decode in (wire.decode_request, wire.decode_reply):
+    for decode in (wire.decode_request, wire.decode_reply, wire.decode_lookup, wire.decode_held):
         try:
             decode(raw)
         except wire.WireError as e:
@@ -35,7 +35,8 @@ def test_any_bytes(raw):
 
 
 @settings(max_examples=400, deadline=None)
-@given(frames, st.sampled_from(["hello", "alloc", "renew", "release", "stats", "grant", None, 7]))
+@given(frames, st.sampled_from(["hello", "alloc", "renew", "release", "stats", "trace", "grant", "store_lookup",
+                                None, 7]))
 def test_any_map(obj, type_):
     obj = dict(obj, type=type_)
     obj.setdefault("v", wire.PROTOCOL_VERSION)
@@ -48,7 +49,9 @@ def test_any_map(obj, type_):
 
 @given(st.text(min_size=1, max_size=50), st.integers(1, 64), st.floats(0.01, 600), st.integers(0, 2**31))
 def test_valid_messages_roundtrip(tid, n, ttl, rid):
+    assert wire.decode_lookup(wire.encode(wire.StoreLookup(rid=rid, keys=[tid] * n))).keys == [tid] * n
     for msg in (wire.Alloc(rid=rid, incarnation="i", transfer_id=tid, n_chunks=n, ttl_s=ttl),
+                wire.TraceQuery(rid=rid, transfer_id=tid),
                 wire.Hello(rid=rid, producer_id="p", incarnation="i", layout=LAYOUT, agent_name="a",
                            agent_meta=b"\x00\xff" * 10)):
         assert wire.decode_request(wire.encode(msg)) == msg
