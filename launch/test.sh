@@ -14,6 +14,7 @@ REDIS_PORT=$(python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1',
 redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no --maxmemory 256mb \
   --maxmemory-policy allkeys-lru >/dev/null &
 REDIS_PID=$!
+for _ in $(seq 100); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
 trap 'kill "$REDIS_PID" 2>/dev/null; wait "$REDIS_PID" 2>/dev/null' EXIT
 export KVBRIDGE_TEST_REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0"
 python -m pytest -q "$@"
