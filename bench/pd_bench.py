@@ -4,7 +4,9 @@ Phases on this machine, same model and prompts: (1) one aggregated vLLM; (2) kvb
 both legs sent at once as the router does; (3) NixlConnector prefill + decode, sequential as vLLM's
 proxy does (prefill answers with the pull handle, then decode pulls). TTFT is measured to the first
 streamed token; each point is the median of repeats. Tokens of every PD answer are checked against
-the aggregated answer.
+the aggregated answer. The NixlConnector rows print each leg's time: on a 2-core box its prefill leg is
+several times slower than aggregated compute because its UCX progress thread keeps a core busy even when
+idle (see bench/idle_cpu.py), so that column measures NixlConnector as vLLM deploys it here, not its wire.
 
     python bench/pd_bench.py [--lengths 128 1000 2000] [--repeats 5]
 """
@@ -69,6 +71,7 @@ def nixl_once(p: srv.VllmServer, d: srv.VllmServer, body: dict) -> tuple[float, 
     params = r.json()["kv_transfer_params"]
     prefill_s = time.perf_counter() - t0
     ttft, text = stream_ttft(d.url, dict(body, kv_transfer_params=params))
+    print(f"    nixl leg times: prefill {prefill_s * 1000:.1f} ms, decode TTFT {ttft * 1000:.1f} ms", flush=True)
     return prefill_s + ttft, text
 
 
