@@ -29,7 +29,8 @@ def run_deployment(path: str, demo: bool = False, log_dir: str = ".kvbridge/logs
         log.info("deployment %s is up: OpenAI API at %s/v1", dep.name, url)
         if demo:
             from pd.demo import run_demo
-            run_demo(url, router.model, [d.kv_address for d in decode])
+            run_demo(url, router.model, [d.kv_address for d in decode],
+                     [f"http://{p.host}:{p.port}" for p in prefill])
             return
         log.info("Ctrl-C stops everything")
         try:
