@@ -89,6 +89,13 @@ def bridge_params(request: Any) -> BridgeParams | None:
         return None
 
 
+def storable(request: Any) -> bool:
+    """Token ids alone decide the KV only without LoRA, multimodal inputs, prompt embeddings or a cache
+    salt; such requests neither use nor fill the store (their keys would need those inputs too)."""
+    return not (getattr(request, "lora_request", None) or getattr(request, "mm_features", None)
+                or getattr(request, "cache_salt", None) or getattr(request, "prompt_embeds", None) is not None)
+
+
 class SchedulerSide:
     def __init__(self, block_size: int, is_producer: bool, is_consumer: bool,
                  store_lookup_timeout_s: float | None = None) -> None:
@@ -125,6 +132,8 @@ class SchedulerSide:
             log.info("store lookups go to %s", ", ".join(c.address for c in self._lookups))
 
     def _store_match(self, request: Any, num_computed_tokens: int) -> int:
+        if not storable(request):
+            return 0
         prompt = list(request.prompt_token_ids or ())
         keys = self._lookups[0].keys(prompt)
         held = min(c.held(keys) for c in self._lookups)  # every TP rank must hold a chunk to skip it

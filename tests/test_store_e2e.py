@@ -60,6 +60,20 @@ def test_shared_prefix_is_loaded_from_the_store(servers, decode_pool_full_after)
     assert delta(source_tokens(pre.url), src2, "external_kv_transfer") == shared
 
 
+def test_a_salted_request_neither_uses_nor_fills_the_store(servers):
+    """KV is not a function of the token ids alone under a cache salt (or LoRA, images, embeddings)."""
+    pre, agg = servers["prefill"], servers["agg"]
+    prefix = random_token_prompt(600, 701)
+    assert complete(pre.url, prefix + [5, 6, 7]) == complete(agg.url, prefix + [5, 6, 7])
+    src0, m0 = source_tokens(pre.url), connector_metrics(pre)
+    status, reply = post(pre.url, "/v1/completions", {"model": "tiny", "prompt": prefix + [8, 9], "max_tokens": 8,
+                                                      "temperature": 0, "cache_salt": "tenant-a"})
+    assert status == 200, reply
+    src1, m1 = source_tokens(pre.url), connector_metrics(pre)
+    assert delta(src1, src0, "external_kv_transfer") == 0
+    assert delta(m1, m0, 'kvbridge_store_prompt_tokens_total{outcome="saved"}') == 0
+
+
 def test_store_survives_a_prefill_restart_through_its_disk_tier(servers, redis_url, decode_pool_full_after):
     pre, agg = servers["prefill"], servers["agg"]
     prefix = random_token_prompt(1000, 601)
