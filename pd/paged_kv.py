@@ -52,11 +52,10 @@ class PagedKV:
     def __init__(self, kv_caches: dict[str, torch.Tensor], layout: KVLayout) -> None:
         self.layout = layout
         self.tensors = block_major_tensors(kv_caches, layout.cache_layout)
-        self.slab_bytes = [t[0].numel() * t.element_size() for t in self.tensors]
         self.slabs = kv_copy.BlockSlabs(self.tensors)
-        expected = layout.bytes_per_block
-        if sum(self.slab_bytes) != expected:
-            raise LayoutUnsupported(f"caches hold {sum(self.slab_bytes)} bytes per block, layout "
+        expected, held = layout.bytes_per_block, int(self.slabs.slabs.sum())
+        if held != expected:
+            raise LayoutUnsupported(f"caches hold {held} bytes per block, layout "
                                     f"{layout.cache_layout} with these fields implies {expected}")
 
     def chunk_nbytes(self, n_blocks: int) -> int:

@@ -142,19 +142,18 @@ class WorkerSide:
         since the lookup, damaged) on, report the blocks as load errors so vLLM recomputes them."""
         expect = self.kv.chunk_nbytes(self.blocks_per_chunk)
         loaded = 0
+        bpc = self.blocks_per_chunk
         for i, key in enumerate(task.keys):
             c = task.first_chunk + i
-            ids = task.block_ids[c * self.blocks_per_chunk:(c + 1) * self.blocks_per_chunk]
+            ids = task.block_ids[c * bpc:(c + 1) * bpc]
             data = self.store.get(key)
             if data is None or data.numel() != expect:
-                bad = [b for k in range(c, task.first_chunk + len(task.keys))
-                       for b in task.block_ids[k * self.blocks_per_chunk:(k + 1) * self.blocks_per_chunk]]
-                self._load_errors.update(bad)
+                self._load_errors.update(task.block_ids[c * bpc:(task.first_chunk + len(task.keys)) * bpc])
                 PROMPT_TOKENS.labels("load_failed").inc((len(task.keys) - i) * self.chunk_tokens)
                 log.warning("request %s: stored chunk %d is gone (%s); its blocks will be recomputed", task.req_id,
                             c, "missing" if data is None else f"{data.numel()} bytes, expected {expect}")
                 break
-            skip = max(0, task.skip_blocks - c * self.blocks_per_chunk)
+            skip = max(0, task.skip_blocks - c * bpc)
             self.kv.scatter(ids, data.to(self.kv.tensors[0].device), skip)
             loaded += self.chunk_tokens - skip * self.kv.layout.block_size
         PROMPT_TOKENS.labels("loaded").inc(loaded)

@@ -12,50 +12,35 @@ from pd import wire
 _ctx = zmq.asyncio.Context.instance()
 
 
-async def pool_free_fraction(address: str, timeout_s: float, secret: str | None = None) -> float | None:
-    """Free slots / total, or None when the connector does not answer in time."""
+async def _ask(address: str, msg: wire._Msg, timeout_s: float):
+    """One request on a fresh DEALER socket: the decoded reply, or None when none came in time."""
     sock = _ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     try:
         sock.connect(f"tcp://{address}")
-        await sock.send(wire.encode(wire.Stats(rid=1, secret=secret)))
+        await sock.send(wire.encode(msg))
         if not await sock.poll(int(timeout_s * 1000)):
             return None
-        reply = wire.decode_reply(await sock.recv())
-        return reply.free / reply.total if isinstance(reply, wire.PoolStatus) and reply.total else None
+        return wire.decode_reply(await sock.recv())
     except (zmq.ZMQError, wire.WireError, asyncio.CancelledError):
         return None
     finally:
         sock.close(0)
 
 
+async def pool_free_fraction(address: str, timeout_s: float, secret: str | None = None) -> float | None:
+    """Free slots / total, or None when the connector does not answer in time."""
+    reply = await _ask(address, wire.Stats(rid=1, secret=secret), timeout_s)
+    return reply.free / reply.total if isinstance(reply, wire.PoolStatus) and reply.total else None
+
+
 async def cancel_transfer(address: str, transfer_id: str, timeout_s: float, secret: str | None = None) -> bool:
-    sock = _ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    try:
-        sock.connect(f"tcp://{address}")
-        await sock.send(wire.encode(wire.Cancel(rid=1, transfer_id=transfer_id, secret=secret)))
-        return bool(await sock.poll(int(timeout_s * 1000)))
-    except (zmq.ZMQError, asyncio.CancelledError):
-        return False
-    finally:
-        sock.close(0)
+    return await _ask(address, wire.Cancel(rid=1, transfer_id=transfer_id, secret=secret), timeout_s) is not None
 
 
 async def transfer_trace(address: str, transfer_id: str, timeout_s: float, secret: str | None = None) -> dict | None:
     """The decode connector's state history for a transfer, or None when it has none or does not answer."""
-    sock = _ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    try:
-        sock.connect(f"tcp://{address}")
-        await sock.send(wire.encode(wire.TraceQuery(rid=1, transfer_id=transfer_id, secret=secret)))
-        if not await sock.poll(int(timeout_s * 1000)):
-            return None
-        reply = wire.decode_reply(await sock.recv())
-        if not isinstance(reply, wire.TransferTrace) or not reply.found:
-            return None
-        return {"state": reply.state, "reason": reply.reason, "ms": reply.ms}
-    except (zmq.ZMQError, wire.WireError, asyncio.CancelledError):
+    reply = await _ask(address, wire.TraceQuery(rid=1, transfer_id=transfer_id, secret=secret), timeout_s)
+    if not isinstance(reply, wire.TransferTrace) or not reply.found:
         return None
-    finally:
-        sock.close(0)
+    return {"state": reply.state, "reason": reply.reason, "ms": reply.ms}

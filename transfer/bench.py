@@ -104,12 +104,12 @@ def run(device: str, repeats: int, max_mib: int = 256, desc_mib: int = 16) -> li
     nbytes = slab * len(blocks) * len(caches)
     staging = src[:nbytes]
     chunk_bytes = nbytes // (len(blocks) // per_chunk)
-    chunks = [(c0, blocks[c0:c0 + per_chunk].tolist()) for c0 in range(0, len(blocks), per_chunk)]
+    chunks = [blocks[c0:c0 + per_chunk].tolist() for c0 in range(0, len(blocks), per_chunk)]
     slabs = kv_copy.BlockSlabs(caches)
 
     def gather() -> list[list[tuple[int, int, int]]]:
         spans = []
-        for i, (_, ids) in enumerate(chunks):
+        for i, ids in enumerate(chunks):
             start = i * chunk_bytes
             seg = slabs.segments(ids, staging.data_ptr() + start)
             kv_copy.gather(seg, staging.device)
