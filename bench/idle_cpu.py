@@ -20,7 +20,7 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from pd.tiny_model import make_tiny_model  # noqa: E402
+from launch.tiny_model import make_tiny_model  # noqa: E402
 from tests.pd_client import random_token_prompt  # noqa: E402
 from tests.servers import MODEL_DIR, VllmServer, free_port  # noqa: E402
 

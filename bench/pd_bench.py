@@ -26,7 +26,7 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from pd.tiny_model import make_tiny_model  # noqa: E402
+from launch.tiny_model import make_tiny_model  # noqa: E402
 from tests import servers as srv  # noqa: E402
 
 MODEL = ROOT / ".kvbridge" / "models" / "bench"

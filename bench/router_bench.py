@@ -32,7 +32,7 @@ def run_pool_stub(port: int) -> None:
 
     import zmq
 
-    from pd import wire
+    from transfer import wire
 
     def serve() -> None:
         sock = zmq.Context.instance().socket(zmq.ROUTER)

@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.pd_bench import MODEL, stream_ttft  # noqa: E402
-from pd.tiny_model import make_tiny_model  # noqa: E402
+from launch.tiny_model import make_tiny_model  # noqa: E402
 from storage.disk_tier import DiskTier  # noqa: E402
 from storage.memory_tier import MemoryTier  # noqa: E402
 from storage.redis_tier import RedisTier  # noqa: E402

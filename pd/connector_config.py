@@ -10,10 +10,11 @@ import os
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from storage.config import StoreConfig
+from transfer.config_errors import ConfigError, format_errors
 
 
-class ConnectorConfigError(ValueError):
-    pass
+class ConnectorConfigError(ConfigError):
+    """The connector's settings in vLLM's `kv_connector_extra_config` are unusable."""
 
 
 class ConnectorConfig(BaseModel):
@@ -47,6 +48,4 @@ class ConnectorConfig(BaseModel):
         try:
             return cls.model_validate(extra)
         except ValidationError as e:
-            lines = [f"kv_connector_extra_config.{'.'.join(map(str, err['loc']))}: {err['msg']}"
-                     for err in e.errors()]
-            raise ConnectorConfigError("invalid kvbridge connector config:\n  " + "\n  ".join(lines)) from None
+            raise ConnectorConfigError(format_errors(e, "kv_connector_extra_config")) from None

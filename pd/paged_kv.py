@@ -14,7 +14,7 @@ import re
 import torch
 
 from pd import kv_copy
-from pd.layout import KVLayout
+from transfer.layout import KVLayout
 
 _LAYER_INDEX = re.compile(r"(?:layers|h|blocks)\.(\d+)\.")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from prometheus_client import Counter
 
-from pd.layout import KVLayout
+from transfer.layout import KVLayout
 from storage.chunk_keys import chain_seed
 from storage.config import StoreConfig
 

@@ -17,7 +17,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorHandshakeMetadata,
 )
 
-from pd import wire
+from transfer import wire
 from pd.prefix_store import PrefixStore
 from storage.chunk_keys import chunk_keys
 from transfer.threads import start_io_thread

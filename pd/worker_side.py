@@ -24,13 +24,13 @@ from prometheus_client import start_http_server
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
 
 from pd.connector_config import ConnectorConfig
-from pd.consumer_endpoint import ConsumerEndpoint
-from pd.layout import KVLayout
+from transfer.consumer_endpoint import ConsumerEndpoint
+from transfer.layout import KVLayout
 from pd.paged_kv import PagedKV
 from pd.prefix_store import PROMPT_TOKENS, PrefixStore
-from pd.producer import Producer, ProducerSettings
+from transfer.producer import Producer, ProducerSettings
 from pd.scheduler_side import BridgeMetadata, LoadTask, OutgoingTask, StoreLoadTask
-from pd.states import State, Transfer
+from transfer.states import State, Transfer
 from pd.store_lookup import LookupServer, StoreHandshake
 
 log = logging.getLogger("kvbridge.worker")

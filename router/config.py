@@ -4,12 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-
-class ConfigError(ValueError):
-    pass
+from transfer.config_errors import ConfigError, format_errors, load_yaml
 
 
 class Instance(BaseModel):
@@ -47,21 +44,6 @@ class RouterConfig(BaseModel):
         if dup:
             raise ValueError(f"instance names must be unique, repeated: {sorted(dup)}")
         return self
-
-
-def format_errors(e: ValidationError, source: str) -> str:
-    lines = [f"{source}: {'.'.join(map(str, err['loc'])) or '<root>'}: {err['msg']}" for err in e.errors()]
-    return "invalid config:\n  " + "\n  ".join(lines)
-
-
-def load_yaml(path: str | Path) -> dict:
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: cannot read YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    return data
 
 
 def load_router_config(path: str | Path) -> RouterConfig:

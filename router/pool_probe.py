@@ -2,45 +2,23 @@
 instances with room; `cancel`, to free a transfer whose request is gone; `trace`, for /debug/requests."""
 from __future__ import annotations
 
-import asyncio
-
-import zmq
-import zmq.asyncio
-
-from pd import wire
-
-_ctx = zmq.asyncio.Context.instance()
-
-
-async def _ask(address: str, msg: wire._Msg, timeout_s: float):
-    """One request on a fresh DEALER socket: the decoded reply, or None when none came in time."""
-    sock = _ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    try:
-        sock.connect(f"tcp://{address}")
-        await sock.send(wire.encode(msg))
-        if not await sock.poll(int(timeout_s * 1000)):
-            return None
-        return wire.decode_reply(await sock.recv())
-    except (zmq.ZMQError, wire.WireError, asyncio.CancelledError):
-        return None
-    finally:
-        sock.close(0)
+from transfer import wire
+from transfer.control_request import ask
 
 
 async def pool_free_fraction(address: str, timeout_s: float, secret: str | None = None) -> float | None:
     """Free slots / total, or None when the connector does not answer in time."""
-    reply = await _ask(address, wire.Stats(rid=1, secret=secret), timeout_s)
+    reply = await ask(address, wire.Stats(rid=1, secret=secret), timeout_s)
     return reply.free / reply.total if isinstance(reply, wire.PoolStatus) and reply.total else None
 
 
 async def cancel_transfer(address: str, transfer_id: str, timeout_s: float, secret: str | None = None) -> bool:
-    return await _ask(address, wire.Cancel(rid=1, transfer_id=transfer_id, secret=secret), timeout_s) is not None
+    return await ask(address, wire.Cancel(rid=1, transfer_id=transfer_id, secret=secret), timeout_s) is not None
 
 
 async def transfer_trace(address: str, transfer_id: str, timeout_s: float, secret: str | None = None) -> dict | None:
     """The decode connector's state history for a transfer, or None when it has none or does not answer."""
-    reply = await _ask(address, wire.TraceQuery(rid=1, transfer_id=transfer_id, secret=secret), timeout_s)
+    reply = await ask(address, wire.TraceQuery(rid=1, transfer_id=transfer_id, secret=secret), timeout_s)
     if not isinstance(reply, wire.TransferTrace) or not reply.found:
         return None
     return {"state": reply.state, "reason": reply.reason, "ms": reply.ms}

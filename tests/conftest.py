@@ -6,7 +6,7 @@ import time
 import pytest
 import redis
 
-from pd.tiny_model import make_tiny_model
+from launch.tiny_model import make_tiny_model
 from tests.pd_client import pool_status
 from tests.redis_server import RedisServer, redis_url_from_env
 from tests.servers import MODEL_DIR, RouterProcess, VllmServer, free_port

@@ -4,8 +4,8 @@ from __future__ import annotations
 import multiprocessing as mp
 import zlib
 
-from pd.consumer_endpoint import ConsumerEndpoint
-from pd.layout import KVLayout
+from transfer.consumer_endpoint import ConsumerEndpoint
+from transfer.layout import KVLayout
 
 
 def _serve(conn, layout_json: str, kwargs: dict) -> None:

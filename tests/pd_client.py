@@ -8,7 +8,7 @@ import uuid
 
 import requests
 
-from pd.consumer_link import fetch_pool_status as pool_status  # noqa: F401 (used by the test modules)
+from transfer.control_request import fetch_pool_status as pool_status  # noqa: F401 (used by the test modules)
 
 _pool = cf.ThreadPoolExecutor(16)
 

@@ -11,8 +11,8 @@ import time
 
 import torch
 
-from pd.layout import KVLayout
-from pd.producer import Producer, ProducerSettings
+from transfer.layout import KVLayout
+from transfer.producer import Producer, ProducerSettings
 
 TINY = KVLayout(model_id="tiny", num_layers=2, num_kv_heads=2, kv_heads_per_rank=2, head_size=32, dtype="float32",
                 block_size=128, cache_layout="LBHNC")

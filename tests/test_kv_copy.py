@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pd import kv_copy
-from pd.layout import KVLayout
+from transfer.layout import KVLayout
 from pd.paged_kv import PagedKV
 
 BS, HEADS, HEAD = 16, 4, 32

@@ -8,9 +8,9 @@ import uuid
 import pytest
 import torch
 
-from pd.layout import KVLayout
-from pd.producer import Producer, ProducerSettings
-from pd.states import State
+from transfer.layout import KVLayout
+from transfer.producer import Producer, ProducerSettings
+from transfer.states import State
 from tests.pd_client import (pd_request, pool_status, post, random_token_prompt, random_words, source_tokens,
                              text_of, wait_producer_idle)
 from tests.servers import free_port

@@ -203,7 +203,7 @@ def test_full_write_queue_drops_cold_copies_without_blocking(tmp_path):
 
 
 def test_store_lookup_listener_survives_hostile_frames():
-    from pd import wire
+    from transfer import wire
     from pd.store_lookup import LookupClient, LookupServer, StoreHandshake
 
     class Held:

@@ -10,11 +10,11 @@ import pytest
 import torch
 import zmq
 
-from pd import wire
-from pd.consumer_link import HandshakeRejected
-from pd.layout import KVLayout
-from pd.producer import Producer, ProducerSettings
-from pd.states import State
+from transfer import wire
+from transfer.consumer_link import HandshakeRejected
+from transfer.layout import KVLayout
+from transfer.producer import Producer, ProducerSettings
+from transfer.states import State
 from transfer.notice import ChunkNotice
 from tests.consumer_proc import ConsumerProcess
 

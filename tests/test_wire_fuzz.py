@@ -5,8 +5,8 @@ import msgpack
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pd import wire
-from pd.layout import KVLayout
+from transfer import wire
+from transfer.layout import KVLayout
 from transfer.notice import ChunkNotice, NoticeError
 
 LAYOUT = KVLayout(model_id="m", num_layers=2, num_kv_heads=2, kv_heads_per_rank=2, head_size=32, dtype="float32",

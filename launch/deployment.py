@@ -5,9 +5,9 @@ import logging
 import signal
 import sys
 
-from pd.role_config import DeploymentConfig, load_config
-from pd.supervisor import Supervisor
-from router.config import ConfigError
+from launch.role_config import DeploymentConfig, load_config
+from launch.supervisor import Supervisor
+from transfer.config_errors import ConfigError
 
 log = logging.getLogger("kvbridge.deployment")
 
@@ -28,7 +28,7 @@ def run_deployment(path: str, demo: bool = False, log_dir: str = ".kvbridge/logs
         url = f"http://{router.host}:{router.port}"
         log.info("deployment %s is up: OpenAI API at %s/v1", dep.name, url)
         if demo:
-            from pd.demo import run_demo
+            from launch.demo import run_demo
             run_demo(url, router.model, [d.kv_address for d in decode],
                      [f"http://{p.host}:{p.port}" for p in prefill])
             return

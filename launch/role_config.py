@@ -13,7 +13,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pd.connector_config import ConnectorConfig
-from router.config import ConfigError, RouterConfig, format_errors, load_yaml
+from router.config import RouterConfig
+from transfer.config_errors import ConfigError, format_errors, load_yaml
 
 KV_ROLE = {"prefill": "kv_producer", "decode": "kv_consumer", "both": "kv_both"}
 

@@ -7,7 +7,7 @@ import time
 
 import requests
 
-from pd.consumer_link import fetch_pool_status
+from transfer.control_request import fetch_pool_status
 
 PROMPTS = [
     ("completion", {"prompt": "the ka lo mi re tu sa ne vo pi da shi ran " * 20, "max_tokens": 24}),

@@ -12,8 +12,8 @@ import threading
 
 import zmq
 
-from pd import wire
-from pd.layout import KVLayout
+from transfer import wire
+from transfer.layout import KVLayout
 from transfer.nixl_agent import NixlAgent
 
 log = logging.getLogger("kvbridge.producer")
@@ -37,23 +37,6 @@ class PeerError(RuntimeError):
     def __init__(self, address: str, code: str, message: str) -> None:
         super().__init__(f"consumer {address}: {code}: {message}")
         self.code = code
-
-
-def fetch_pool_status(address: str, secret: str | None = None, timeout_s: float = 5.0) -> wire.PoolStatus:
-    """One-off `stats` query to a consumer endpoint (for tools and tests; needs no NIXL agent)."""
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(f"tcp://{address}")
-    try:
-        sock.send(wire.encode(wire.Stats(rid=1, secret=secret)))
-        if not sock.poll(int(timeout_s * 1000)):
-            raise PeerUnreachable(f"consumer {address} did not answer stats within {timeout_s}s")
-        reply = wire.decode_reply(sock.recv())
-    finally:
-        sock.close(0)
-    if not isinstance(reply, wire.PoolStatus):
-        raise PeerError(address, getattr(reply, "code", "unexpected"), getattr(reply, "message", reply.type))
-    return reply
 
 
 class ConsumerLink:

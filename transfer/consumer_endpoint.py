@@ -18,8 +18,8 @@ from collections import OrderedDict
 import torch
 import zmq
 
-from pd import wire
-from pd.layout import KVLayout
+from transfer import wire
+from transfer.layout import KVLayout
 from transfer.threads import start_io_thread
 from transfer.nixl_agent import NixlAgent
 from transfer.notice import ChunkNotice, NoticeError

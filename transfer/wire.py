@@ -11,7 +11,7 @@ from typing import Annotated, Literal, Union
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from pd.layout import KVLayout
+from transfer.layout import KVLayout
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 1 << 20
@@ -165,6 +165,10 @@ Reply = Annotated[Union[Welcome, Reject, Grant, NoCapacity, Ack, PoolStatus, Tra
                   Field(discriminator="type")]
 _requests = TypeAdapter(Request)
 _replies = TypeAdapter(Reply)
+
+
+Message = _Msg
+ReplyMessage = Union[Welcome, Reject, Grant, NoCapacity, Ack, PoolStatus, TransferTrace, Error]
 
 
 def encode(msg: _Msg) -> bytes:

@@ -18,10 +18,10 @@ from typing import Callable
 import torch
 from prometheus_client import Gauge
 
-from pd import wire
-from pd.consumer_link import ConsumerLink
-from pd.layout import KVLayout
-from pd.states import State, Transfer
+from transfer import wire
+from transfer.consumer_link import ConsumerLink
+from transfer.layout import KVLayout
+from transfer.states import State, Transfer
 from transfer.threads import start_io_thread
 from transfer.nixl_agent import NixlAgent, TransferError
 from transfer.notice import ChunkNotice

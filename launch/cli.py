@@ -6,16 +6,16 @@ import logging
 import os
 import sys
 
-from router.config import ConfigError
+from transfer.config_errors import ConfigError
 
 
 def _make_model(a: argparse.Namespace) -> None:
-    from pd.tiny_model import make_tiny_model
+    from launch.tiny_model import make_tiny_model
     print(make_tiny_model(a.dir, a.size, a.seed))
 
 
 def _check(a: argparse.Namespace) -> None:
-    from pd.role_config import DeploymentConfig, load_config
+    from launch.role_config import DeploymentConfig, load_config
     failed = False
     for path in a.files:
         try:
@@ -30,7 +30,7 @@ def _check(a: argparse.Namespace) -> None:
 
 
 def _serve(a: argparse.Namespace) -> None:
-    from pd.role_config import RoleConfig, load_config
+    from launch.role_config import RoleConfig, load_config
     cfg = load_config(a.file)
     if not isinstance(cfg, RoleConfig):
         raise SystemExit(f"{a.file}: role '{cfg.role}' is not a vLLM role (prefill, decode, both)")
@@ -42,7 +42,7 @@ def _serve(a: argparse.Namespace) -> None:
 
 
 def _up(a: argparse.Namespace) -> None:
-    from pd.deployment import run_deployment
+    from launch.deployment import run_deployment
     run_deployment(a.file, demo=a.demo, log_dir=a.log_dir)
 
 
@@ -52,7 +52,7 @@ def _router(a: argparse.Namespace) -> None:
 
 
 def _bench(a: argparse.Namespace) -> None:
-    from transfer.bench import main
+    from bench.transfer_bench import main
     main(a.args)
 
 
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(fn=_router)
     p = sub.add_parser("bench", help="benchmarks")
     bsub = p.add_subparsers(dest="sub", required=True)
-    b = bsub.add_parser("transfer", help="NIXL transfer bench (see python -m transfer.bench -h)")
+    b = bsub.add_parser("transfer", help="NIXL transfer bench (see python -m bench.transfer_bench -h)")
     b.add_argument("args", nargs=argparse.REMAINDER)
     b.set_defaults(fn=_bench)
     a = ap.parse_args(argv)

@@ -6,7 +6,7 @@ extra rows show why kvbridge gathers: a paged-KV workload (csrc gathers blocks i
 then one write per chunk, all chunks in flight; each half also timed alone) and the same bytes
 as 64 KiB descriptors.
 
-    python -m transfer.bench [--device cuda] [--repeats 7] [--json] [--max-mib 256] [--desc-mib 16]
+    python -m bench.transfer_bench [--device cuda] [--repeats 7] [--json] [--max-mib 256] [--desc-mib 16]
 """
 from __future__ import annotations
 
