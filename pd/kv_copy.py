@@ -9,8 +9,8 @@ list whose two sides use different layouts. Whole-block chunks have the same byt
 
 The copy runs in csrc's CUDA kernel for GPU tensors and in its C++ loop on CPU, loaded with
 ctypes from build/ (`bash csrc/build.sh`); without the CPU library a ctypes memmove loop does the
-same. On a GPU the list must live in device memory: `SegmentTable` uploads it once, so a chunk
-costs one small host-to-device copy and one launch.
+same. On a GPU the list must live in device memory: `SegmentTable` copies it there from pageable
+host memory (a copy that waits for the current stream) before the one kernel launch.
 """
 from __future__ import annotations
 

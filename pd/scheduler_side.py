@@ -6,7 +6,11 @@ request is served without kvbridge.
 
 Request params (set by the router):
   prefill leg  {"kvbridge": {"transfer_id": T, "push_to": "host:port"}}
-  decode leg   {"kvbridge": {"transfer_id": T, "receive": true}}
+  decode leg   {"kvbridge": {"transfer_id": T, "receive": true, "claims": n}}
+
+Each engine request's transfer is keyed by T and a hash of its own prompt tokens (transfer/identity.py),
+so the engine requests of one OpenAI request (a list of prompts) never share KV; `claims` is how many
+engine requests read one prompt's transfer on the decode node (`n` of parallel sampling).
 
 With a store configured, a producer also reports the prompt's leading chunks found in the store
 as external tokens (loaded synchronously before the forward) and has every new whole chunk kept.
@@ -17,10 +21,11 @@ import logging
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
 from pd.store_lookup import LookupClient, StoreHandshake
+from transfer.identity import TransferSpec
 
 log = logging.getLogger("kvbridge.scheduler")
 PARAMS_KEY = "kvbridge"
@@ -28,9 +33,10 @@ PARAMS_KEY = "kvbridge"
 
 class BridgeParams(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    transfer_id: str
-    push_to: str | None = None
+    transfer_id: str = Field(min_length=1, max_length=200)
+    push_to: str | None = Field(default=None, max_length=300)
     receive: bool = False
+    claims: int = Field(default=1, ge=1, le=256)
 
 
 @dataclass
@@ -38,7 +44,7 @@ class OutgoingTask:
     """Chunks leaving this node's blocks as their tokens get computed: pushed to `consumer` (when
     set) and kept in the store from chunk `store_from` on (`store_keys` holds every whole chunk's key)."""
     req_id: str
-    transfer_id: str | None
+    spec: TransferSpec | None
     consumer: str | None
     num_tokens: int
     block_ids: list[int] = field(default_factory=list)
@@ -61,8 +67,8 @@ class StoreLoadTask:
 @dataclass
 class LoadTask:
     req_id: str
-    transfer_id: str
-    num_tokens: int
+    spec: TransferSpec
+    claims: int
     block_ids: list[int]
     skip_blocks: int
 
@@ -73,7 +79,7 @@ class BridgeMetadata(KVConnectorMetadata):
     loads: list[LoadTask] = field(default_factory=list)
     store_loads: list[StoreLoadTask] = field(default_factory=list)
     aborts: list[str] = field(default_factory=list)   # request ids whose transfer must stop now
-    discards: list[str] = field(default_factory=list)  # transfer ids whose decode request has ended
+    discards: list[str] = field(default_factory=list)  # transfer keys whose decode request ended unserved
     idle: bool = False                                # nothing computed this step: worker may wait briefly
 
 
@@ -111,6 +117,7 @@ class SchedulerSide:
         self._store_hits: dict[str, tuple[list[str], int, int]] = {}
         self._loading: set[str] = set()
         self._received: set[str] = set()
+        self._attempts: dict[str, int] = {}  # req_id -> scheduling attempt (grows with each preemption)
         self._aborts: list[str] = []
         self._discards: list[str] = []
 
@@ -145,24 +152,26 @@ class SchedulerSide:
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         rid = request.request_id
         p = bridge_params(request)
-        if self.is_producer and rid not in self._outgoing:
+        receiving = p is not None and p.receive and self.is_consumer
+        if self.is_producer and rid not in self._outgoing and not receiving:
             keys, held, local = self._store_hits.pop(rid, ([], 0, 0))
-            if num_external_tokens > 0:
+            if num_external_tokens > 0 and keys:
                 c = self._lookups[0].chunk_tokens
                 first, last = local // c, (local + num_external_tokens) // c
                 self._new_store_loads.append(StoreLoadTask(rid, keys[first:last], first,
                                                            list(blocks.get_block_ids()[0]), local // self.block_size))
             push = p is not None and p.push_to is not None
             if push or held < len(keys):
-                self._outgoing[rid] = OutgoingTask(rid, p.transfer_id if push else None, p.push_to if push else None,
-                                                   len(request.prompt_token_ids or ()), store_keys=keys,
-                                                   store_from=held)
-        if p is not None and p.receive and self.is_consumer and rid not in self._received:
+                prompt = list(request.prompt_token_ids or ())
+                spec = TransferSpec.for_prompt(p.transfer_id, prompt, self._attempts.get(rid, 0)) if push else None
+                self._outgoing[rid] = OutgoingTask(rid, spec, p.push_to if push else None, len(prompt),
+                                                   store_keys=keys, store_from=held)
+        if receiving and rid not in self._received:
             self._received.add(rid)
             if num_external_tokens > 0:
                 self._loading.add(rid)
-                self._new_loads.append(LoadTask(rid, p.transfer_id, len(request.prompt_token_ids),
-                                                list(blocks.get_block_ids()[0]),
+                self._new_loads.append(LoadTask(rid, TransferSpec.for_prompt(p.transfer_id, request.prompt_token_ids),
+                                                p.claims, list(blocks.get_block_ids()[0]),
                                                 request.num_computed_tokens // self.block_size))
 
     def build_connector_meta(self, out: Any) -> BridgeMetadata:
@@ -171,7 +180,8 @@ class SchedulerSide:
         self._new_loads, self._new_store_loads, self._aborts, self._discards = [], [], [], []
         for rid in out.preempted_req_ids or ():
             if self._outgoing.pop(rid, None) is not None:
-                meta.aborts.append(rid)
+                meta.aborts.append(rid)  # this attempt's push ends; the rescheduled request pushes anew
+                self._attempts[rid] = self._attempts.get(rid, 0) + 1
         for new in out.scheduled_new_reqs:
             task = self._outgoing.get(new.req_id)
             if task is not None:
@@ -198,11 +208,14 @@ class SchedulerSide:
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict | None]:
         rid = request.request_id
+        got_load = rid in self._received
         self._received.discard(rid)
         self._store_hits.pop(rid, None)
+        self._attempts.pop(rid, None)
         if self._outgoing.pop(rid, None) is not None or rid in self._loading:
             self._aborts.append(rid)  # vLLM keeps a still-loading request's blocks until we report it
         p = bridge_params(request)
-        if p is not None and p.receive and self.is_consumer:
-            self._discards.append(p.transfer_id)  # covers requests aborted before their KV was ever claimed
+        if p is not None and p.receive and self.is_consumer and not got_load:
+            # ended before it was ever scheduled: whatever its producer pushes is refused and freed
+            self._discards.append(TransferSpec.for_prompt(p.transfer_id, request.prompt_token_ids or ()).key)
         return False, ({PARAMS_KEY: {"transfer_id": p.transfer_id}} if p else None)

@@ -15,6 +15,7 @@ import faulthandler
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -24,12 +25,13 @@ from prometheus_client import start_http_server
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
 
 from pd.connector_config import ConnectorConfig
-from transfer.consumer_endpoint import ConsumerEndpoint
+from transfer.consumer_endpoint import ConsumerEndpoint, ConsumerSettings
 from transfer.layout import KVLayout
 from pd.paged_kv import PagedKV
-from pd.prefix_store import PROMPT_TOKENS, PrefixStore
+from pd.prefix_store import PROMPT_TOKENS, PrefixStore, model_fingerprint
 from transfer.producer import Producer, ProducerSettings
 from pd.scheduler_side import BridgeMetadata, LoadTask, OutgoingTask, StoreLoadTask
+from transfer.receive_book import Arrival
 from transfer.states import State, Transfer
 from pd.store_lookup import LookupServer, StoreHandshake
 
@@ -52,16 +54,15 @@ def layout_from_vllm(vllm_config, kv_caches: dict[str, torch.Tensor], model_id: 
                     num_kv_heads=mc.get_total_num_kv_heads(), kv_heads_per_rank=mc.get_num_kv_heads(pc),
                     head_size=mc.get_head_size(), dtype=str(first.dtype).removeprefix("torch."),
                     block_size=block_size, cache_layout=detect_cache_layout(first, block_size),
-                    tp_size=pc.tensor_parallel_size, tp_rank=get_tensor_model_parallel_rank())
+                    tp_size=pc.tensor_parallel_size, tp_rank=get_tensor_model_parallel_rank(),
+                    weights_fingerprint=model_fingerprint(mc.model))
 
 
 @dataclass
 class _Load:
     task: LoadTask
     t: Transfer
-    n_chunks: int
-    started: float
-    seen: bool = False
+    last_sign: float  # the load times out this long after the transfer last showed life
 
 
 class WorkerSide:
@@ -93,13 +94,17 @@ class WorkerSide:
         self.chunk_tokens = chunk_tokens = self.blocks_per_chunk * bs
         device = str(next(iter(kv_caches.values())).device)
         port = self.cfg.listen_port + layout.tp_rank if self.cfg.listen_port else 0
-        name = self.cfg.instance_id or f"{'prefill' if self.is_producer else 'decode'}-{port}"
+        # Unique per process unless configured: two nodes started from the same command never collide.
+        name = self.cfg.instance_id or \
+            f"{'prefill' if self.is_producer else 'decode'}-{socket.gethostname()}-{os.getpid()}"
         if self.is_consumer:
-            self.endpoint = ConsumerEndpoint(layout, chunk_tokens, self.cfg.num_slots, self.cfg.listen_host, port,
-                                             self.cfg.secret, device, self.cfg.quarantine_s, self.cfg.unclaimed_ttl_s)
+            self.endpoint = ConsumerEndpoint(layout, ConsumerSettings(
+                chunk_tokens=chunk_tokens, num_slots=self.cfg.num_slots, host=self.cfg.listen_host, port=port,
+                secret=self.cfg.secret, device=device, quarantine_s=self.cfg.quarantine_s,
+                unclaimed_ttl_s=self.cfg.unclaimed_ttl_s))
         if self.is_producer:
             self.producer = Producer(layout, chunk_tokens, ProducerSettings(
-                producer_id=name, staging_chunks=self.cfg.staging_chunks, lease_ttl_s=self.cfg.lease_ttl_s,
+                producer_id=f"{name}/rank{layout.tp_rank}", staging_chunks=self.cfg.staging_chunks, lease_ttl_s=self.cfg.lease_ttl_s,
                 write_margin_s=self.cfg.write_margin_s, alloc_timeout_s=self.cfg.alloc_timeout_s,
                 checksum=self.cfg.checksum, secret=self.cfg.secret, device=device))
         if self.cfg.store is not None and self.is_producer:
@@ -119,21 +124,21 @@ class WorkerSide:
 
     def on_bind(self, meta: BridgeMetadata) -> None:
         """Ask consumers for leases while this step's forward computes, so a long prefill shows up on the
-        consumer as a live, renewed lease instead of silence that its load timeout would end."""
-        for task in meta.outgoing:
-            if task.req_id not in self._out:
-                if task.consumer is not None:
-                    self.producer.begin(task.transfer_id, task.consumer, self._n_chunks(task.num_tokens))
-                self._out[task.req_id] = (task.transfer_id, 0)
-
-    def start_load_kv(self, meta: BridgeMetadata) -> None:
+        consumer as a live, renewed lease instead of silence that its load timeout would end. Aborts come
+        first: a preempted request's old attempt ends before its new attempt begins."""
         for rid in meta.aborts:
             self._abort(rid)
-        for tid in meta.discards:
-            self.endpoint.discard(tid)
+        for task in meta.outgoing:
+            if task.req_id not in self._out:
+                handle = self.producer.begin(task.spec, task.consumer) if task.consumer is not None else None
+                self._out[task.req_id] = (handle, 0)
+
+    def start_load_kv(self, meta: BridgeMetadata) -> None:
+        for key in meta.discards:
+            self.endpoint.book.discard(key)
         for task in meta.loads:
-            self._loads[task.req_id] = _Load(task, Transfer(task.transfer_id, "consumer"),
-                                              self._n_chunks(task.num_tokens), time.monotonic())
+            self.endpoint.book.expect(task.spec.key, task.spec.num_tokens, task.spec.token_hash, task.claims)
+            self._loads[task.req_id] = _Load(task, Transfer(task.spec.key, "consumer"), time.monotonic())
         for st in meta.store_loads:
             self._load_from_store(st)
 
@@ -225,46 +230,43 @@ class WorkerSide:
 
     def _check_loads(self) -> None:
         now = time.monotonic()
+        book = self.endpoint.book
         for rid, ld in list(self._loads.items()):
-            if self.endpoint.is_discarded(ld.task.transfer_id):
-                self._finish_load(rid, State.EXPIRED, "cancelled: the prefill leg failed or went away")
-                continue
-            lease = self.endpoint.pool.live(ld.task.transfer_id)
-            if lease is None:
-                if ld.seen or now - ld.started > self.cfg.load_timeout_s:
-                    why = "lease ended before all chunks arrived" if ld.seen else \
-                        f"no KV arrived within {self.cfg.load_timeout_s}s"
-                    self._finish_load(rid, State.EXPIRED, why)
-                continue
-            if not ld.seen:
-                ld.seen = True
-                ld.t.to(State.RECEIVING)
-            if lease.complete:
-                self._scatter(rid, ld, lease)
+            arrival, reason = book.status(ld.task.spec.key)
+            if arrival == Arrival.ENDED:
+                self._finish_load(rid, State.FAILED, reason)
+            elif arrival == Arrival.WAITING:
+                if now - ld.last_sign > self.cfg.load_timeout_s:
+                    self._finish_load(rid, State.EXPIRED, f"no sign of the transfer for {self.cfg.load_timeout_s}s")
+            else:
+                ld.last_sign = now
+                if ld.t.state == State.EXPECTED:
+                    ld.t.to(State.RECEIVING)
+                if arrival == Arrival.COMPLETE:
+                    self._scatter(rid, ld)
 
-    def _scatter(self, rid: str, ld: _Load, lease) -> None:
-        if len(lease.slots) != ld.n_chunks:
-            self._finish_load(rid, State.FAILED, f"producer sent {len(lease.slots)} chunks, expected {ld.n_chunks}")
+    def _scatter(self, rid: str, ld: _Load) -> None:
+        lease, why = self.endpoint.book.claim(ld.task.spec.key)
+        if lease is None:
+            self._finish_load(rid, State.FAILED, why)
             return
         bad = self.endpoint.verify(lease)
         if bad:
-            self._finish_load(rid, State.FAILED, f"checksum mismatch in chunks {bad}")
+            self._finish_load(rid, State.FAILED, f"checksum mismatch in chunks {bad}", lease)
             return
         ld.t.to(State.RECEIVED)
-        for c, slot in enumerate(lease.slots):
-            lo, hi = self._chunk_blocks(ld.task.num_tokens, c)
-            ids = ld.task.block_ids[lo:hi]
-            skip = max(0, min(ld.task.skip_blocks - lo, len(ids)))
-            self.kv.scatter(ids, self.endpoint.slot_view(slot)[:lease.arrived[c].nbytes], skip)
-        self.endpoint.count("tokens_scattered", ld.task.num_tokens - ld.task.skip_blocks * self.kv.layout.block_size)
-        self._finish_load(rid, State.SCATTERED)
+        task = ld.task
+        for c, view in enumerate(self.endpoint.chunk_views(lease)):
+            lo, hi = self._chunk_blocks(task.spec.num_tokens, c)
+            ids = task.block_ids[lo:hi]
+            self.kv.scatter(ids, view, max(0, min(task.skip_blocks - lo, len(ids))))
+        self.endpoint.book.count("tokens_scattered", task.spec.num_tokens - task.skip_blocks * self.kv.layout.block_size)
+        self._finish_load(rid, State.SCATTERED, lease=lease)
 
-    def _finish_load(self, rid: str, state: State, reason: str = "") -> None:
+    def _finish_load(self, rid: str, state: State, reason: str = "", lease=None) -> None:
         ld = self._loads.pop(rid)
-        self.endpoint.pool.release(ld.task.transfer_id)
         ld.t.to(state, reason)
-        self.endpoint.record_trace(ld.t.trace())
-        self.endpoint.count(f"transfers_{state.value.lower()}")
+        self.endpoint.book.finish(ld.task.spec.key, lease, ld.t.trace())
         (self._done_recv if state == State.SCATTERED else self._failed_recv).add(rid)
 
     def _abort(self, rid: str) -> None:

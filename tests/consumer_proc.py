@@ -4,12 +4,12 @@ from __future__ import annotations
 import multiprocessing as mp
 import zlib
 
-from transfer.consumer_endpoint import ConsumerEndpoint
+from transfer.consumer_endpoint import ConsumerEndpoint, ConsumerSettings
 from transfer.layout import KVLayout
 
 
 def _serve(conn, layout_json: str, kwargs: dict) -> None:
-    ep = ConsumerEndpoint(KVLayout.model_validate_json(layout_json), **kwargs)
+    ep = ConsumerEndpoint(KVLayout.model_validate_json(layout_json), ConsumerSettings(**kwargs))
     conn.send((ep.address, ep.incarnation))
     while True:
         cmd, arg = conn.recv()
@@ -25,10 +25,14 @@ def _serve(conn, layout_json: str, kwargs: dict) -> None:
                 conn.send(None)
             else:
                 conn.send({"complete": lease.complete, "epoch": lease.epoch, "slots": lease.slots,
-                           "crcs": [zlib.crc32(ep.slot_view(s).numpy()) for s in lease.slots],
+                           "crcs": [zlib.crc32(v.numpy()) for v in ep.chunk_views(lease)],
                            "bad": ep.verify(lease)})
         elif cmd == "release":
             conn.send(ep.pool.release(arg))
+        elif cmd == "expect":  # (key, num_tokens, token_hash): a decode request now waits for this transfer
+            conn.send(ep.book.expect(*arg))
+        elif cmd == "status":
+            conn.send(tuple(ep.book.status(arg)))
 
 
 class ConsumerProcess:

@@ -1,7 +1,7 @@
 """A kvbridge producer in its own process, so a test can freeze it (SIGSTOP) mid-transfer like a peer
 stalled by swap or a debugger, and let it go on (SIGCONT) after its lease expired.
 
-    python -m tests.producer_proc CONSUMER TRANSFER_ID N_CHUNKS LEASE_TTL_S
+    python -m tests.producer_proc CONSUMER KEY NUM_TOKENS TOKEN_HASH WEIGHTS_FINGERPRINT LEASE_TTL_S
 stdin "stage C\\n" stages chunk C with random bytes; "wait\\n" prints the transfer's final state and reason.
 """
 from __future__ import annotations
@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from transfer.identity import TransferSpec
 from transfer.layout import KVLayout
 from transfer.producer import Producer, ProducerSettings
 
@@ -19,14 +20,16 @@ TINY = KVLayout(model_id="tiny", num_layers=2, num_kv_heads=2, kv_heads_per_rank
 
 
 def main() -> None:
-    consumer, tid, n_chunks, ttl = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
-    p = Producer(TINY, 256, ProducerSettings(producer_id="stalling-producer", lease_ttl_s=ttl, write_margin_s=0.3))
-    p.begin(tid, consumer, n_chunks)
+    consumer, key, num_tokens, token_hash, weights, ttl = sys.argv[1:7]
+    layout = TINY.model_copy(update={"weights_fingerprint": weights})
+    p = Producer(layout, 256, ProducerSettings(producer_id="stalling-producer", lease_ttl_s=float(ttl),
+                                               write_margin_s=0.3))
+    tid = p.begin(TransferSpec(key, int(num_tokens), token_hash), consumer)
     print("begun", flush=True)
     for line in sys.stdin:
         cmd = line.split()
         if cmd[0] == "stage":
-            nbytes = 2 * TINY.bytes_per_block
+            nbytes = p.geometry.chunk_nbytes(int(num_tokens), int(cmd[1]))
             ok = p.stage(tid, int(cmd[1]), lambda v: v[:nbytes].copy_(torch.randn(nbytes // 4).view(torch.uint8))
                          .numel())
             print(f"staged {ok}", flush=True)

@@ -1,7 +1,6 @@
 """Transfer engine + handshake with real NIXL between two processes."""
 from __future__ import annotations
 
-import socket
 import time
 import zlib
 
@@ -12,16 +11,25 @@ import zmq
 
 from transfer import wire
 from transfer.consumer_link import HandshakeRejected
+from transfer.identity import TransferSpec
 from transfer.layout import KVLayout
 from transfer.producer import Producer, ProducerSettings
 from transfer.states import State
 from transfer.notice import ChunkNotice
+from launch.local_servers import free_port
+from launch.polling import wait_for
 from tests.consumer_proc import ConsumerProcess
 
 LAYOUT = KVLayout(model_id="tiny", num_layers=2, num_kv_heads=2, kv_heads_per_rank=2, head_size=32,
                   dtype="float32", block_size=16, cache_layout="LBHNC")
 CHUNK_TOKENS = 64
 CHUNK_BYTES = LAYOUT.chunk_bytes(CHUNK_TOKENS)
+BLOCK_BYTES = LAYOUT.bytes_per_block
+
+
+def spec(key: str, n_chunks: int, last_tokens: int = CHUNK_TOKENS, attempt: int = 0) -> TransferSpec:
+    """A transfer of n_chunks chunks whose last one carries `last_tokens` tokens (whole blocks on the wire)."""
+    return TransferSpec(key, (n_chunks - 1) * CHUNK_TOKENS + last_tokens, "ab" * 16, attempt)
 
 
 @pytest.fixture(scope="module")
@@ -37,36 +45,27 @@ def pool_returns_full(request):
     if "consumer" in request.fixturenames:
         c = request.getfixturevalue("consumer")
         if c.proc.is_alive():
-            wait_for(lambda: c.call("stats").free == c.call("stats").total, 5)
-
-
-def wait_for(pred, timeout: float):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.01)
-    raise AssertionError(f"condition not met within {timeout}s")
+            wait_for(lambda: c.call("stats").free == c.call("stats").total, 5, 0.01, "consumer pool back to full")
 
 
 def make_producer(name: str, **kw) -> Producer:
     return Producer(LAYOUT, CHUNK_TOKENS, ProducerSettings(producer_id=name, checksum=True, **kw))
 
 
-def push(p: Producer, consumer: ConsumerProcess, tid: str, n_chunks: int, last_bytes: int = CHUNK_BYTES):
-    """Push random chunks; returns the crc of each chunk's bytes."""
+def push(p: Producer, consumer: ConsumerProcess, tid: str, n_chunks: int, last_tokens: int = CHUNK_TOKENS,
+         attempt: int = 0) -> list[int]:
+    """Push random chunks of exactly the bytes each chunk index holds; returns the crc of each chunk."""
     crcs = []
-    p.begin(tid, consumer.address, n_chunks)
+    s = spec(tid, n_chunks, last_tokens, attempt)
+    handle = p.begin(s, consumer.address)
     for i in range(n_chunks):
-        nbytes = last_bytes if i == n_chunks - 1 else CHUNK_BYTES
-        data = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)
+        data = torch.randint(0, 256, (p.geometry.chunk_nbytes(s.num_tokens, i),), dtype=torch.uint8)
         crcs.append(zlib.crc32(data.numpy()))
 
         def fill(view, data=data):
             view[:len(data)].copy_(data)
             return len(data)
-        assert p.stage(tid, i, fill)
+        assert p.stage(handle, i, fill)
     return crcs
 
 
@@ -74,29 +73,27 @@ def finished(p: Producer, want: set[str]) -> dict[str, State]:
     got: dict[str, State] = {}
 
     def done():
-        got.update({t.transfer_id: t.state for t in p.take_finished()})
+        for t in p.take_finished():  # by handle (key@attempt) and by key
+            got[t.transfer_id] = got[t.transfer_id.rsplit("@", 1)[0]] = t.state
         return want <= set(got)
-    wait_for(done, 10)
+    wait_for(done, 10, 0.01, "transfers finished")
     return got
 
 
-def check_landed(consumer: ConsumerProcess, tid: str, crcs: list[int], last_bytes: int = CHUNK_BYTES):
-    lease = wait_for(lambda: (got := consumer.call("lease", tid)) and got["complete"] and got, 5)
+def check_landed(consumer: ConsumerProcess, tid: str, crcs: list[int]):
+    lease = wait_for(lambda: (got := consumer.call("lease", tid)) and got["complete"] and got, 5, 0.01, "lease complete")
     assert lease["bad"] == []
-    landed = lease["crcs"][:-1]
-    assert landed == crcs[:-1]
-    if last_bytes == CHUNK_BYTES:
-        assert lease["crcs"][-1] == crcs[-1]
+    assert lease["crcs"] == crcs
     assert consumer.call("release", tid)
 
 
-@pytest.mark.parametrize("n_chunks,last", [(1, CHUNK_BYTES), (7, 1000)])
+@pytest.mark.parametrize("n_chunks,last", [(1, CHUNK_TOKENS), (7, 20)])
 def test_bytes_arrive_equal(consumer, n_chunks, last):
     p = make_producer("p1")
     try:
         crcs = push(p, consumer, f"t-{n_chunks}", n_chunks, last)
         assert finished(p, {f"t-{n_chunks}"})[f"t-{n_chunks}"] == State.SENT
-        check_landed(consumer, f"t-{n_chunks}", crcs, last)
+        check_landed(consumer, f"t-{n_chunks}", crcs)
         assert p.staging.free == p.staging.num_slots
     finally:
         p.close()
@@ -126,7 +123,7 @@ def test_unused_lease_expires_and_late_chunk_is_dropped(consumer):
     try:
         link = p.link(consumer.address)
         before = consumer.call("stats")
-        grant = link.alloc("late-1", 1, 0.3)
+        grant = link.alloc(spec("late-1", 1), 0.3)
         assert isinstance(grant, wire.Grant) and consumer.call("stats").used == 1
         time.sleep(0.4)
         after = consumer.call("stats")
@@ -134,13 +131,13 @@ def test_unused_lease_expires_and_late_chunk_is_dropped(consumer):
         assert after.used == 0 and after.quarantined == 1  # not handed to the next holder yet
         assert consumer.call("lease", "late-1") is None
         notice = ChunkNotice(transfer_id="late-1", chunk=0, epoch=grant.epoch, incarnation=p.incarnation,
-                             nbytes=1024)
+                             nbytes=CHUNK_BYTES)
         w = link.welcome
-        h = p.agent.write(p.staging.region, [(0, grant.offsets[0], 1024)], w.agent_name, w.mem_type,
+        h = p.agent.write(p.staging.region, [(0, grant.offsets[0], CHUNK_BYTES)], w.agent_name, w.mem_type,
                           w.dev_id, notice.encode())
-        wait_for(lambda: p.agent.poll(h) == "DONE", 5)
+        wait_for(lambda: p.agent.poll(h) == "DONE", 5, 0.01, "late write done")
         p.agent.release(h)
-        wait_for(lambda: consumer.call("stats").dropped_total == before.dropped_total + 1, 5)
+        wait_for(lambda: consumer.call("stats").dropped_total == before.dropped_total + 1, 5, 0.01, "late chunk dropped")
         assert consumer.call("lease", "late-1") is None
     finally:
         p.close()
@@ -150,10 +147,10 @@ def test_pool_full_answers_no_capacity_at_once(consumer):
     link_owner = make_producer("full")
     try:
         link = link_owner.link(consumer.address)
-        big = link.alloc("hog", 16, 5.0)
+        big = link.alloc(spec("hog", 16), 5.0)
         assert isinstance(big, wire.Grant)
         t0 = time.monotonic()
-        reply = link.alloc("starved", 1, 5.0)
+        reply = link.alloc(spec("starved", 1), 5.0)
         assert isinstance(reply, wire.NoCapacity) and reply.free_slots == 0
         assert time.monotonic() - t0 < 0.5
         assert link.release("hog", big.epoch)
@@ -190,8 +187,8 @@ def raw_call(address: str, payload: bytes) -> wire._Msg:
     (b"\xc1garbage", "malformed"),
     (msgpack.packb([1, 2, 3]), "malformed"),
     (msgpack.packb({"v": 99, "type": "stats"}), "version"),
-    (msgpack.packb({"v": 1, "type": "alloc", "transfer_id": "x"}), "invalid"),
-    (msgpack.packb({"v": 1, "type": "nope"}), "invalid"),
+    (msgpack.packb({"v": wire.PROTOCOL_VERSION, "type": "alloc", "transfer_id": "x"}), "invalid"),
+    (msgpack.packb({"v": wire.PROTOCOL_VERSION, "type": "nope"}), "invalid"),
     (b"\x00" * (wire.MAX_MESSAGE_BYTES + 10), "too_large"),
 ])
 def test_hostile_frames_get_error_and_service_keeps_serving(consumer, payload, code):
@@ -210,12 +207,6 @@ def test_secret_required():
         assert isinstance(good, wire.PoolStatus)
     finally:
         c.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_consumer_restart_is_noticed_and_producer_reconnects():

@@ -15,7 +15,7 @@ values = st.recursive(st.none() | st.booleans() | st.integers(-2**63, 2**63 - 1)
                       | st.binary(max_size=20),
                       lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
                                                                                    max_size=4), max_leaves=12)
-frames = st.dictionaries(st.sampled_from(["v", "type", "rid", "secret", "transfer_id", "n_chunks", "ttl_s",
+frames = st.dictionaries(st.sampled_from(["v", "type", "rid", "secret", "transfer_id", "num_tokens", "token_hash", "attempt", "ttl_s",
                                           "epoch", "incarnation", "layout", "agent_meta", "producer_id", "keys"]),
                          values, max_size=8)
 
@@ -50,9 +50,12 @@ def test_any_map(obj, type_):
 @given(st.text(min_size=1, max_size=50), st.integers(1, 64), st.floats(0.01, 600), st.integers(0, 2**31))
 def test_valid_messages_roundtrip(tid, n, ttl, rid):
     assert wire.decode_lookup(wire.encode(wire.StoreLookup(rid=rid, keys=[tid] * n))).keys == [tid] * n
-    for msg in (wire.Alloc(rid=rid, incarnation="i", transfer_id=tid, n_chunks=n, ttl_s=ttl),
+    for msg in (wire.Alloc(rid=rid, incarnation="i", transfer_id=tid, num_tokens=n, token_hash="ab" * 16,
+                           attempt=n % 3, ttl_s=ttl),
+                wire.Release(rid=rid, transfer_id=tid, epoch=0, reason="staging full"),
                 wire.TraceQuery(rid=rid, transfer_id=tid),
-                wire.Hello(rid=rid, producer_id="p", incarnation="i", layout=LAYOUT, agent_name="a",
+                wire.Hello(rid=rid, producer_id="p", generation=rid, incarnation="i", layout=LAYOUT,
+                           chunk_tokens=64, agent_name="a",
                            agent_meta=b"\x00\xff" * 10)):
         assert wire.decode_request(wire.encode(msg)) == msg
 

@@ -13,7 +13,7 @@ import threading
 import zmq
 
 from transfer import wire
-from transfer.layout import KVLayout
+from transfer.identity import TransferSpec
 from transfer.nixl_agent import NixlAgent
 
 log = logging.getLogger("kvbridge.producer")
@@ -40,13 +40,13 @@ class PeerError(RuntimeError):
 
 
 class ConsumerLink:
-    def __init__(self, address: str, agent: NixlAgent, layout: KVLayout, producer_id: str,
-                 incarnation: str, secret: str | None = None, timeout_s: float = 2.0) -> None:
+    def __init__(self, address: str, agent: NixlAgent, hello: wire.Hello, secret: str | None = None,
+                 timeout_s: float = 2.0) -> None:
+        """`hello` is this producer's introduction (id, generation, layout, chunk geometry, agent)."""
         self.address = address
         self._agent = agent
-        self._layout = layout
-        self._producer_id = producer_id
-        self._incarnation = incarnation
+        self._hello_msg = hello
+        self._incarnation = hello.incarnation
         self._secret = secret
         self._timeout_ms = int(timeout_s * 1000)
         self._rid = itertools.count(1)
@@ -59,9 +59,11 @@ class ConsumerLink:
             self._hello()
         return self.welcome
 
-    def alloc(self, transfer_id: str, n_chunks: int, ttl_s: float) -> wire.Grant | wire.NoCapacity:
+    def alloc(self, spec: TransferSpec, ttl_s: float) -> wire.Grant | wire.NoCapacity:
         self.ensure()
-        msg = wire.Alloc(incarnation=self._incarnation, transfer_id=transfer_id, n_chunks=n_chunks, ttl_s=ttl_s)
+        msg = wire.Alloc(incarnation=self._incarnation, transfer_id=spec.key, attempt=spec.attempt,
+                         num_tokens=spec.num_tokens, token_hash=spec.token_hash,
+                         weights_fingerprint=self._hello_msg.layout.weights_fingerprint, ttl_s=ttl_s)
         try:
             return self._call(msg, (wire.Grant, wire.NoCapacity))
         except PeerError as e:
@@ -74,8 +76,9 @@ class ConsumerLink:
     def renew(self, transfer_id: str, epoch: int, ttl_s: float) -> bool:
         return self._call(wire.Renew(transfer_id=transfer_id, epoch=epoch, ttl_s=ttl_s), (wire.Ack,)).ok
 
-    def release(self, transfer_id: str, epoch: int) -> bool:
-        return self._call(wire.Release(transfer_id=transfer_id, epoch=epoch), (wire.Ack,)).ok
+    def release(self, transfer_id: str, epoch: int, reason: str = "") -> bool:
+        """End our lease (epoch 0: we never got one); a `reason` tells the consumer we gave up."""
+        return self._call(wire.Release(transfer_id=transfer_id, epoch=epoch, reason=reason[:1024]), (wire.Ack,)).ok
 
     def close(self) -> None:
         with self._lock:
@@ -85,9 +88,7 @@ class ConsumerLink:
             self.welcome = None
 
     def _hello(self) -> None:
-        hello = wire.Hello(producer_id=self._producer_id, incarnation=self._incarnation,
-                           layout=self._layout, agent_name=self._agent.name, agent_meta=self._agent.metadata())
-        reply = self._call(hello, (wire.Welcome, wire.Reject))
+        reply = self._call(self._hello_msg.model_copy(), (wire.Welcome, wire.Reject))
         if isinstance(reply, wire.Reject):
             raise HandshakeRejected(self.address, reply.reasons)
         old = self.welcome

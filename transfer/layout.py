@@ -16,7 +16,7 @@ DTYPE_BYTES = {
 # Fields that must match for a slab to mean the same thing on both sides.
 MATCHED_FIELDS = (
     "model_id", "num_layers", "num_kv_heads", "kv_heads_per_rank", "head_size",
-    "dtype", "block_size", "cache_layout", "tp_size",
+    "dtype", "block_size", "cache_layout", "tp_size", "weights_fingerprint",
 )
 
 
@@ -41,6 +41,8 @@ class KVLayout(BaseModel):
     cache_layout: str
     tp_size: int = Field(default=1, gt=0)
     tp_rank: int = Field(default=0, ge=0)
+    weights_fingerprint: str = Field(default="", max_length=64,
+                                     description="hash of the model's weights: same name, other weights = other KV")
 
     @property
     def elem_bytes(self) -> int:

@@ -19,7 +19,9 @@ import torch
 from prometheus_client import Gauge
 
 from transfer import wire
-from transfer.consumer_link import ConsumerLink
+from transfer.consumer_link import ConsumerLink, PeerUnreachable
+from transfer.geometry import ChunkGeometry
+from transfer.identity import TransferSpec
 from transfer.layout import KVLayout
 from transfer.states import State, Transfer
 from transfer.threads import start_io_thread
@@ -35,7 +37,7 @@ ACTIVE = Gauge("kvbridge_producer_active_transfers", "Transfers this producer ha
 
 @dataclass
 class ProducerSettings:
-    producer_id: str = "prefill"
+    producer_id: str = "prefill"  # node and rank; unique in a deployment (the worker makes it so)
     staging_chunks: int = 16
     lease_ttl_s: float = 5.0
     write_margin_s: float = 1.0
@@ -50,6 +52,7 @@ class ProducerSettings:
 @dataclass
 class _Job:
     t: Transfer
+    spec: TransferSpec
     consumer: str
     n_chunks: int
     staged: dict[int, tuple[int, int]] = field(default_factory=dict)   # chunk -> (staging slot, nbytes)
@@ -60,6 +63,7 @@ class _Job:
     next_renew: float = 0.0
     retry_at: float = 0.0
     abort: bool = False
+    peer_down: bool = False  # the consumer did not answer: nothing more to tell it
 
 
 class Producer:
@@ -67,10 +71,14 @@ class Producer:
         self.layout = layout
         self.chunk_tokens = chunk_tokens
         self.cfg = settings
+        self.geometry = ChunkGeometry(layout, chunk_tokens)
         self.incarnation = uuid.uuid4().hex
+        self.generation = time.time_ns()  # a restart of the same producer id is a newer generation
         self.agent = NixlAgent(f"kvb-producer-{settings.producer_id}-{self.incarnation[:12]}")
-        self.staging = StagingBuffer(self.agent, settings.staging_chunks, layout.chunk_bytes(chunk_tokens),
-                                     settings.device)
+        self.staging = StagingBuffer(self.agent, settings.staging_chunks, self.geometry.slot_bytes, settings.device)
+        self._hello = wire.Hello(producer_id=settings.producer_id, generation=self.generation,
+                                 incarnation=self.incarnation, layout=layout, chunk_tokens=chunk_tokens,
+                                 agent_name=self.agent.name, agent_meta=self.agent.metadata())
         self._links: dict[str, ConsumerLink] = {}
         self._jobs: dict[str, _Job] = {}
         STAGING_FREE.set_function(lambda: self.staging.free)
@@ -81,21 +89,25 @@ class Producer:
         self._stop = False
         self._thread = start_io_thread(self._run, "kvbridge-producer")
 
-    def begin(self, transfer_id: str, consumer: str, n_chunks: int) -> None:
+    def begin(self, spec: TransferSpec, consumer: str) -> str:
+        """Start pushing one transfer attempt; returns its handle for `stage` and `abort`."""
+        handle = f"{spec.key}@{spec.attempt}"
         with self._cv:
-            self._jobs[transfer_id] = _Job(Transfer(transfer_id, "producer"), consumer, n_chunks)
+            self._jobs[handle] = _Job(Transfer(handle, "producer"), spec, consumer,
+                                      self.geometry.n_chunks(spec.num_tokens))
             self._cv.notify()
+        return handle
 
-    def stage(self, transfer_id: str, chunk: int, fill: Callable[[torch.Tensor], int]) -> bool:
+    def stage(self, handle: str, chunk: int, fill: Callable[[torch.Tensor], int]) -> bool:
         """Gather one chunk into staging (caller's thread) and queue its write.
         False when the transfer already ended or staging stayed full (the transfer then fails)."""
         with self._cv:
-            job = self._jobs.get(transfer_id)
+            job = self._jobs.get(handle)
             if job is None or job.t.done:
                 return False
         slot = self.staging.acquire(self.cfg.staging_wait_s)
         if slot is None:
-            self._fail(transfer_id, f"staging full for {self.cfg.staging_wait_s}s")
+            self._fail(handle, f"staging full for {self.cfg.staging_wait_s}s")
             return False
         nbytes = fill(self.staging.view(slot))
         with self._cv:
@@ -106,9 +118,9 @@ class Producer:
             self._cv.notify()
         return True
 
-    def abort(self, transfer_id: str) -> None:
+    def abort(self, handle: str) -> None:
         with self._cv:
-            job = self._jobs.get(transfer_id)
+            job = self._jobs.get(handle)
             if job is not None:
                 job.abort = True
                 self._cv.notify()
@@ -120,8 +132,8 @@ class Producer:
 
     def link(self, consumer: str) -> ConsumerLink:
         if consumer not in self._links:
-            self._links[consumer] = ConsumerLink(consumer, self.agent, self.layout, self.cfg.producer_id,
-                                                 self.incarnation, self.cfg.secret, self.cfg.rpc_timeout_s)
+            self._links[consumer] = ConsumerLink(consumer, self.agent, self._hello, self.cfg.secret,
+                                                 self.cfg.rpc_timeout_s)
         return self._links[consumer]
 
     def close(self) -> None:
@@ -184,8 +196,9 @@ class Producer:
             t.to(State.ALLOCATING)
         sent_at = time.monotonic()
         try:
-            reply = self.link(job.consumer).alloc(t.transfer_id, job.n_chunks, self.cfg.lease_ttl_s)
+            reply = self.link(job.consumer).alloc(job.spec, self.cfg.lease_ttl_s)
         except Exception as e:
+            job.peer_down = isinstance(e, PeerUnreachable)
             t.to(State.FAILED, str(e))
             return
         if isinstance(reply, wire.NoCapacity):
@@ -206,8 +219,16 @@ class Producer:
         with self._cv:
             ready = [(c, job.staged.pop(c)) for c in sorted(job.staged)]
         for i, (chunk, (slot, nbytes)) in enumerate(ready):
+            want = self.geometry.chunk_nbytes(job.spec.num_tokens, chunk)
+            if nbytes != want or nbytes > link.welcome.slot_bytes:
+                self.staging.release(slot)
+                with self._cv:
+                    job.staged.update(dict(ready[i + 1:]))
+                job.t.to(State.FAILED, f"chunk {chunk} holds {nbytes} bytes, it must hold {want} "
+                                       f"(slot {link.welcome.slot_bytes})")
+                return
             data = self.staging.view(slot)[:nbytes]
-            notice = ChunkNotice(transfer_id=job.t.transfer_id, chunk=chunk, epoch=job.grant.epoch,
+            notice = ChunkNotice(transfer_id=job.spec.key, chunk=chunk, epoch=job.grant.epoch,
                                  incarnation=self.incarnation, nbytes=nbytes,
                                  crc=zlib.crc32(data.cpu().numpy()) if self.cfg.checksum else None)
             w = link.welcome
@@ -224,7 +245,7 @@ class Producer:
             job.inflight[chunk] = (handle, slot)
         if now >= job.next_renew and not job.t.done:
             try:
-                ok = link.renew(job.t.transfer_id, job.grant.epoch, self.cfg.lease_ttl_s)
+                ok = link.renew(job.spec.key, job.grant.epoch, self.cfg.lease_ttl_s)
             except Exception as e:
                 ok, why = False, str(e)
             else:
@@ -269,9 +290,13 @@ class Producer:
         for slot, _ in job.staged.values():
             self.staging.release(slot)
         job.staged.clear()
-        if job.t.state != State.SENT and job.grant is not None:
+        gave_up = job.t.state == State.FAILED
+        if job.t.state != State.SENT and not job.peer_down and (job.grant is not None or gave_up):
+            # A failure is reported so the decode request follows its policy now; an abort (preemption,
+            # request gone) only frees the lease: a new attempt may follow.
             try:
-                self._links[job.consumer].release(job.t.transfer_id, job.grant.epoch)
+                self.link(job.consumer).release(job.spec.key, job.grant.epoch if job.grant else 0,
+                                                job.t.reason if gave_up else "")
             except Exception as e:
                 log.info("release of %s on %s not confirmed (%s); the lease will expire",
                          job.t.transfer_id, job.consumer, e)

@@ -5,8 +5,14 @@ quarantine, not from checks on arrival:
 - the producer stops writing `write_margin_s` before the lease deadline it was told;
 - slots of a lease that ends without all its chunks (expiry, abort) sit in quarantine for
   `quarantine_s` before reuse, so a late write can only land in a slot nobody holds;
-- a notice for a chunk is accepted only if transfer id, epoch and producer incarnation
-  match a live lease; anything else is dropped and counted.
+- a notice for a chunk is accepted only if transfer key, epoch and producer incarnation
+  match a live lease and its byte count is exactly what that chunk index must hold;
+  anything else is dropped and counted;
+- a lease the worker is scattering from is *pinned*: it neither expires nor gives its slots
+  back until the last pin is gone, whatever ends it meanwhile (a cancel, a new attempt).
+
+Invariant: every slot is in exactly one of free, a live lease, a draining (pinned, ended)
+lease, or quarantine; `stats()` adds up to `num_slots`.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from transfer.identity import KEY_SEPARATOR
 from transfer.notice import ChunkNotice
 
 
@@ -25,7 +32,10 @@ class Lease:
     epoch: int
     deadline: float
     producer: str
+    chunk_nbytes: list[int]
+    attempt: int = 0
     arrived: dict[int, ChunkNotice] = field(default_factory=dict)
+    pins: int = 0
 
     @property
     def complete(self) -> bool:
@@ -44,32 +54,43 @@ class PoolStats:
 
 class SlotPool:
     def __init__(self, num_slots: int, slot_bytes: int, quarantine_s: float = 2.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 on_expire: Callable[[str], None] | None = None) -> None:
+        """`on_expire(transfer_id)` runs (under the pool's lock: it must not call back into the pool)
+        when a lease reaches its deadline: its producer went silent."""
         self.num_slots = num_slots
         self.slot_bytes = slot_bytes
         self.quarantine_s = quarantine_s
         self._clock = clock
+        self._on_expire = on_expire
         self._lock = threading.Lock()
         self._free: list[int] = list(range(num_slots - 1, -1, -1))
         self._quarantine: list[tuple[float, list[int]]] = []
         self._leases: dict[str, Lease] = {}
+        self._draining: list[Lease] = []  # ended while pinned: slots return at the last unpin
         self._next_epoch = 1
         self.expired_total = 0
         self.dropped_total = 0
 
-    def grant(self, transfer_id: str, n_chunks: int, ttl_s: float, producer: str) -> Lease | None:
-        """Lease `n_chunks` slots, or None when they are not free right now (caller says NO_CAPACITY)."""
+    def grant(self, transfer_id: str, chunk_nbytes: list[int], ttl_s: float, producer: str,
+              attempt: int = 0) -> Lease | None:
+        """Lease one slot per chunk, or None when they are not free right now (caller says NO_CAPACITY).
+        The same producer asking again for the same attempt gets its lease back (a lost reply); a new
+        attempt, or another producer, ends the old lease first."""
+        if any(n <= 0 or n > self.slot_bytes for n in chunk_nbytes):
+            raise ValueError(f"chunk sizes {chunk_nbytes} do not fit {self.slot_bytes}-byte slots")
         with self._lock:
             self._reap_locked()
             old = self._leases.get(transfer_id)
             if old is not None:
-                if old.producer == producer:
+                if old.producer == producer and old.attempt == attempt:
                     return old
                 self._end_locked(old, complete=False)
-            if n_chunks > len(self._free):
+            if len(chunk_nbytes) > len(self._free):
                 return None
-            slots = [self._free.pop() for _ in range(n_chunks)]
-            lease = Lease(transfer_id, slots, self._next_epoch, self._clock() + ttl_s, producer)
+            slots = [self._free.pop() for _ in chunk_nbytes]
+            lease = Lease(transfer_id, slots, self._next_epoch, self._clock() + ttl_s, producer,
+                          list(chunk_nbytes), attempt)
             self._next_epoch += 1
             self._leases[transfer_id] = lease
             return lease
@@ -80,7 +101,7 @@ class SlotPool:
             lease = self._leases.get(transfer_id)
             if lease is None or lease.epoch != epoch:
                 return None
-            lease.deadline = self._clock() + ttl_s
+            lease.deadline = max(lease.deadline, self._clock() + ttl_s)
             return lease
 
     def live(self, transfer_id: str) -> Lease | None:
@@ -88,23 +109,56 @@ class SlotPool:
             self._reap_locked()
             return self._leases.get(transfer_id)
 
-    def accept(self, notice: ChunkNotice) -> bool:
-        """Record an arrived chunk if it belongs to a live lease; count and drop it otherwise."""
+    def accept(self, notice: ChunkNotice) -> str:
+        """Record an arrived chunk; '' when accepted, else why it was dropped (and counted)."""
         with self._lock:
             self._reap_locked()
             lease = self._leases.get(notice.transfer_id)
-            ok = (lease is not None and lease.epoch == notice.epoch
-                  and lease.producer == notice.incarnation
-                  and 0 <= notice.chunk < len(lease.slots))
-            if not ok:
-                self.dropped_total += 1
-                return False
-            lease.arrived[notice.chunk] = notice
-            return True
+            if lease is None or lease.epoch != notice.epoch or lease.producer != notice.incarnation:
+                why = "no live lease with that epoch and producer"
+            elif not 0 <= notice.chunk < len(lease.slots):
+                why = f"chunk index {notice.chunk} outside 0..{len(lease.slots) - 1}"
+            elif notice.nbytes != lease.chunk_nbytes[notice.chunk]:
+                why = f"chunk {notice.chunk} has {notice.nbytes} bytes, it must hold {lease.chunk_nbytes[notice.chunk]}"
+            else:
+                lease.arrived[notice.chunk] = notice
+                return ""
+            self.dropped_total += 1
+            return why
+
+    def keys_of(self, transfer_id: str) -> list[str]:
+        """Live lease names that are `transfer_id` or one of its per-prompt keys (`transfer_id/hash`)."""
+        with self._lock:
+            return [k for k in self._leases if k == transfer_id or k.startswith(transfer_id + KEY_SEPARATOR)]
+
+    def receiving(self) -> bool:
+        """Whether any live lease still waits for chunks (the endpoint then polls fast)."""
+        with self._lock:
+            return any(not lease.complete for lease in self._leases.values())
 
     def count_drop(self) -> None:
         with self._lock:
             self.dropped_total += 1
+
+    def pin(self, transfer_id: str) -> Lease | None:
+        """Hold a complete lease's slots for reading: they stay put until `unpin`."""
+        with self._lock:
+            self._reap_locked()
+            lease = self._leases.get(transfer_id)
+            if lease is None or not lease.complete:
+                return None
+            lease.pins += 1
+            return lease
+
+    def unpin(self, lease: Lease, release: bool) -> None:
+        """Drop one pin; with `release`, end the lease too (its slots are free once no pin is left)."""
+        with self._lock:
+            lease.pins -= 1
+            if release and self._leases.get(lease.transfer_id) is lease:
+                self._end_locked(lease, complete=True)
+            elif lease.pins == 0 and lease in self._draining:
+                self._draining.remove(lease)
+                self._free.extend(lease.slots)
 
     def release(self, transfer_id: str, epoch: int | None = None) -> bool:
         """End a lease; idempotent. Slots of an incomplete lease go to quarantine."""
@@ -123,10 +177,6 @@ class SlotPool:
                 self._end_locked(lease, complete=False)
             return len(gone)
 
-    def reap(self) -> None:
-        with self._lock:
-            self._reap_locked()
-
     def stats(self) -> PoolStats:
         with self._lock:
             self._reap_locked()
@@ -136,16 +186,20 @@ class SlotPool:
 
     def _end_locked(self, lease: Lease, complete: bool) -> None:
         del self._leases[lease.transfer_id]
-        if complete:
+        if lease.pins:
+            self._draining.append(lease)  # a reader holds these slots: they are neither free nor reusable
+        elif complete:
             self._free.extend(lease.slots)
         else:
             self._quarantine.append((self._clock() + self.quarantine_s, lease.slots))
 
     def _reap_locked(self) -> None:
         now = self._clock()
-        for lease in [x for x in self._leases.values() if x.deadline <= now]:
+        for lease in [x for x in self._leases.values() if x.deadline <= now and not x.pins]:
             self.expired_total += 1
             self._end_locked(lease, complete=False)
+            if self._on_expire is not None:
+                self._on_expire(lease.transfer_id)
         if self._quarantine:
             keep = []
             for until, slots in self._quarantine:

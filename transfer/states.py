@@ -3,15 +3,14 @@
 producer: NEW -> ALLOCATING -> SENDING -> SENT | FAILED | ABORTED
 consumer: EXPECTED -> RECEIVING -> RECEIVED -> SCATTERED | EXPIRED | FAILED | ABORTED
 
-Entering a terminal state runs the owner's release callback exactly once; later
-transitions are ignored, which makes release idempotent by construction.
+A terminal state is final: later transitions are ignored (and return False), so whoever frees a
+transfer's resources on the transition that ended it does so exactly once.
 """
 from __future__ import annotations
 
 import logging
 import time
 from enum import Enum
-from typing import Callable
 
 from prometheus_client import Counter
 
@@ -50,13 +49,12 @@ TERMINAL = {S.SENT, S.SCATTERED, S.EXPIRED, S.FAILED, S.ABORTED}
 class Transfer:
     """One transfer's lifecycle on one side, with a timestamp per state for traces."""
 
-    def __init__(self, transfer_id: str, role: str, on_terminal: Callable[[Transfer], None] | None = None) -> None:
+    def __init__(self, transfer_id: str, role: str) -> None:
         self.transfer_id = transfer_id
         self.role = role
         self.state = S.NEW if role == "producer" else S.EXPECTED
         self.reason = ""
         self.times: dict[str, float] = {self.state.value: time.monotonic()}
-        self._on_terminal = on_terminal
         TRANSITIONS_TOTAL.labels(role, self.state.value).inc()
 
     @property
@@ -77,8 +75,6 @@ class Transfer:
             logging.INFO if self.done else logging.DEBUG
         log.log(level, "%s %s -> %s%s %s", self.role, self.transfer_id, state.value,
                 f" ({reason})" if reason else "", self.trace()["ms"] if self.done else "")
-        if self.done and self._on_terminal is not None:
-            self._on_terminal(self)
         return True
 
     def trace(self) -> dict:

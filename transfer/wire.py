@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from transfer.layout import KVLayout
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_MESSAGE_BYTES = 1 << 20
 
 
@@ -36,19 +36,28 @@ class _Request(_Msg):
 
 
 class Hello(_Request):
+    """A producer introduces itself. `producer_id` names the node and rank; `generation` grows with each
+    start of that producer, so a restart ends the old process's leases and a stale one cannot."""
     type: Literal["hello"] = "hello"
     producer_id: str = Field(min_length=1, max_length=256)
-    incarnation: str
+    generation: int = Field(ge=0)
+    incarnation: str = Field(max_length=64)
     layout: KVLayout
-    agent_name: str
+    chunk_tokens: int = Field(gt=0)
+    agent_name: str = Field(max_length=256)
     agent_meta: bytes
 
 
 class Alloc(_Request):
+    """Lease slots for one transfer (see transfer/identity.py): the key, the attempt, and the proof of
+    what it carries (prompt length, prompt token hash, weights), checked against the expected request."""
     type: Literal["alloc"] = "alloc"
-    incarnation: str
+    incarnation: str = Field(max_length=64)
     transfer_id: str = Field(min_length=1, max_length=256)
-    n_chunks: int = Field(gt=0)
+    attempt: int = Field(default=0, ge=0)
+    num_tokens: int = Field(gt=0)
+    token_hash: str = Field(min_length=1, max_length=64)
+    weights_fingerprint: str = Field(default="", max_length=64)
     ttl_s: float = Field(gt=0, le=600)
 
 
@@ -60,9 +69,13 @@ class Renew(_Request):
 
 
 class Release(_Request):
+    """The producer is done with a lease it will not complete. A `reason` means it gave up: the
+    consumer fails the waiting request at once instead of waiting for its load timeout. `epoch` 0
+    names a transfer that never got a lease (refused handshake, no capacity)."""
     type: Literal["release"] = "release"
-    transfer_id: str
-    epoch: int
+    transfer_id: str = Field(min_length=1, max_length=256)
+    epoch: int = Field(ge=0)
+    reason: str = Field(default="", max_length=1024)
 
 
 class Cancel(_Request):

@@ -1,0 +1,115 @@
+"""Verified delivery between a real producer and consumer (real NIXL, two processes): a transfer proves
+what it carries, chunk geometry is agreed, producers cannot end each other's leases, attempts are
+separate, and a producer that gives up tells the consumer at once."""
+from __future__ import annotations
+
+import pytest
+
+from launch.polling import wait_for
+from tests.consumer_proc import ConsumerProcess
+from tests.test_transfer import CHUNK_TOKENS, LAYOUT, check_landed, finished, make_producer, push, spec
+from transfer.consumer_link import HandshakeRejected, PeerError
+from transfer.notice import ChunkNotice
+from transfer.producer import Producer, ProducerSettings
+from transfer.states import State
+
+
+@pytest.fixture(scope="module")
+def consumer():
+    c = ConsumerProcess(LAYOUT, chunk_tokens=CHUNK_TOKENS, num_slots=16, quarantine_s=0.3)
+    yield c
+    c.stop()
+
+
+@pytest.fixture(autouse=True)
+def pool_returns_full(consumer):
+    yield
+    wait_for(lambda: (s := consumer.call("stats")).free == s.total, 5, 0.01, "consumer pool back to full")
+
+
+def ended_reason(consumer: ConsumerProcess, key: str) -> str:
+    arrival, reason = wait_for(lambda: (st := consumer.call("status", key))[0] == "ENDED" and st, 5, 0.01,
+                               f"{key} ended")
+    return reason
+
+
+def test_alloc_for_another_prompt_is_refused_and_its_request_fails_at_once(consumer):
+    p = make_producer("hostile-hash")
+    try:
+        consumer.call("expect", ("h-1", 3 * CHUNK_TOKENS, "cd" * 16))  # the request has another prompt
+        with pytest.raises(PeerError) as e:
+            p.link(consumer.address).alloc(spec("h-1", 3), 5.0)
+        assert e.value.code == "refused" and "does not match the request" in str(e.value)
+        assert "does not match" in ended_reason(consumer, "h-1")
+        assert consumer.call("lease", "h-1") is None
+    finally:
+        p.close()
+
+
+def test_a_chunk_with_the_wrong_byte_count_fails_the_transfer(consumer):
+    p = make_producer("hostile-size")
+    try:
+        link = p.link(consumer.address)
+        grant = link.alloc(spec("s-1", 2), 5.0)
+        w = link.welcome
+        bad = ChunkNotice(transfer_id="s-1", chunk=0, epoch=grant.epoch, incarnation=p.incarnation,
+                          nbytes=w.slot_bytes - 1)
+        h = p.agent.write(p.staging.region, [(0, grant.offsets[0], w.slot_bytes - 1)], w.agent_name,
+                          w.mem_type, w.dev_id, bad.encode())
+        wait_for(lambda: p.agent.poll(h) == "DONE", 5, 0.01, "write done")
+        p.agent.release(h)
+        assert "must hold" in ended_reason(consumer, "s-1")
+        assert consumer.call("lease", "s-1") is None
+    finally:
+        p.close()
+
+
+def test_a_producer_with_other_chunk_geometry_is_refused_naming_both_values(consumer):
+    p = Producer(LAYOUT, 2 * CHUNK_TOKENS, ProducerSettings(producer_id="big-chunks"))
+    try:
+        with pytest.raises(HandshakeRejected) as e:
+            p.link(consumer.address).ensure()
+        assert f"chunk_tokens={CHUNK_TOKENS}" in str(e.value) and f"chunk_tokens={2 * CHUNK_TOKENS}" in str(e.value)
+    finally:
+        p.close()
+
+
+def test_an_older_producer_cannot_end_a_newer_ones_leases_under_the_same_id(consumer):
+    old, new = make_producer("same-id"), make_producer("same-id")
+    assert new.generation > old.generation
+    try:
+        crcs = push(new, consumer, "g-1", 2)
+        assert finished(new, {"g-1"})["g-1"] == State.SENT
+        with pytest.raises(HandshakeRejected) as e:
+            old.link(consumer.address).ensure()
+        assert "not newer than the live generation" in str(e.value)
+        check_landed(consumer, "g-1", crcs)  # the newer producer's lease survived the stale HELLO
+    finally:
+        old.close()
+        new.close()
+
+
+def test_a_new_attempt_replaces_the_old_one_and_only_its_bytes_land(consumer):
+    p = make_producer("preempted")
+    try:
+        first = p.begin(spec("a-1", 2, attempt=0), consumer.address)
+        wait_for(lambda: consumer.call("lease", "a-1"), 5, 0.01, "attempt 0 leased")
+        p.abort(first)
+        crcs = push(p, consumer, "a-1", 2, attempt=1)
+        states = finished(p, {"a-1@0", "a-1@1"})
+        assert (states["a-1@0"], states["a-1@1"]) == (State.ABORTED, State.SENT)
+        check_landed(consumer, "a-1", crcs)
+    finally:
+        p.close()
+
+
+def test_a_producer_that_cannot_push_tells_the_consumer_before_any_timeout(consumer):
+    p = make_producer("too-big")
+    try:
+        consumer.call("expect", ("big-1", 40 * CHUNK_TOKENS, "ab" * 16))
+        handle = p.begin(spec("big-1", 40), consumer.address)  # 40 chunks, the pool has 16 slots
+        reason = ended_reason(consumer, "big-1")  # the book only ends it on the producer's word, never by timeout
+        assert "producer gave up" in reason and "16 slots" in reason, reason
+        assert finished(p, {"big-1"})["big-1"] == State.FAILED and handle.startswith("big-1@")
+    finally:
+        p.close()

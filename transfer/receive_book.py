@@ -1,0 +1,177 @@
+"""The consumer's book of transfers: what the decode engine expects, what arrived, what failed.
+
+The worker (engine thread) says which transfers it expects (`expect`), asks where each stands
+(`status`), takes a complete one to scatter (`claim`) and says when it is done (`finish`). The
+endpoint thread records grants, failures reported by producers, cancels from the router and
+expired leases. Both threads meet only here, under one lock.
+
+A transfer read by `n > 1` engine requests (parallel sampling) is claimed `claims` times; its
+slots are freed after the last claim. A failure is remembered for `remember_s` even when no request
+expects the transfer yet, so a request scheduled after its producer gave up fails at once.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from enum import Enum
+
+from transfer.identity import transfer_id_of
+from transfer.slot_pool import Lease, SlotPool
+
+
+class Arrival(str, Enum):
+    WAITING = "WAITING"      # no lease yet (or the last attempt's lease ended without a failure)
+    RECEIVING = "RECEIVING"  # leased, chunks still on their way
+    COMPLETE = "COMPLETE"    # every chunk arrived: ready to claim
+    ENDED = "ENDED"          # failed, cancelled or expired: the reason says which
+
+
+@dataclass
+class _Expected:
+    num_tokens: int
+    token_hash: str
+    claims_left: int
+
+
+class ReceiveBook:
+    def __init__(self, pool: SlotPool, unclaimed_ttl_s: float, remember_s: float = 60.0, keep_traces: int = 1024,
+                 clock=time.monotonic) -> None:
+        self.pool = pool
+        self.unclaimed_ttl_s = unclaimed_ttl_s
+        self.remember_s = remember_s
+        self.keep_traces = keep_traces
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._expected: dict[str, _Expected] = {}
+        self._granted: dict[str, tuple[int, int, str]] = {}   # key -> (epoch, num_tokens, token_hash)
+        self._ended: dict[str, tuple[str, float]] = {}        # key or transfer id -> (reason, forget at)
+        self._traces: OrderedDict[str, dict] = OrderedDict()
+        self.counters: dict[str, int] = {}
+
+    # --- engine (worker) side
+    def expect(self, key: str, num_tokens: int, token_hash: str, claims: int = 1) -> None:
+        """A decode request will read this transfer (called once per engine request; children of one
+        prompt share the key and the first call's claim count)."""
+        with self._lock:
+            self._expected.setdefault(key, _Expected(num_tokens, token_hash, max(1, claims)))
+
+    def status(self, key: str) -> tuple[Arrival, str]:
+        reason = self._ended_reason(key)
+        if reason:
+            return Arrival.ENDED, reason
+        lease = self.pool.live(key)
+        if lease is None:
+            return Arrival.WAITING, ""
+        return (Arrival.COMPLETE if lease.complete else Arrival.RECEIVING), ""
+
+    def claim(self, key: str) -> tuple[Lease | None, str]:
+        """Pin a complete lease for scattering after checking it carries the expected prompt:
+        (lease, '') or (None, why it must not be used)."""
+        lease = self.pool.pin(key)
+        if lease is None:
+            return None, "no complete lease to claim"
+        with self._lock:
+            exp, granted = self._expected.get(key), self._granted.get(key)
+        why = ""
+        if exp is None:
+            why = "no request expects this transfer"
+        elif granted is None or granted[0] != lease.epoch:
+            why = f"lease epoch {lease.epoch} was not granted through ALLOC"
+        elif granted[1:] != (exp.num_tokens, exp.token_hash):
+            why = (f"transfer carries {granted[1]} tokens hashing to {granted[2][:12]}, the request has "
+                   f"{exp.num_tokens} tokens hashing to {exp.token_hash[:12]}")
+        if why:
+            self.pool.unpin(lease, release=True)
+            return None, why
+        return lease, ""
+
+    def finish(self, key: str, lease: Lease | None, trace: dict) -> None:
+        """One claimer is done (scattered, failed, expired or aborted): unpin, and after the last claim
+        free the slots and forget the expectation. Records the trace and a counter of its final state."""
+        with self._lock:
+            exp = self._expected.get(key)
+            last = exp is None or exp.claims_left <= 1
+            if exp is not None:
+                exp.claims_left -= 1
+                if last:
+                    del self._expected[key]
+                    self._granted.pop(key, None)
+            self._traces[key] = trace
+            self._traces.move_to_end(key)
+            while len(self._traces) > self.keep_traces:
+                self._traces.popitem(last=False)
+        self.count(f"transfers_{trace['state'].lower()}")
+        if lease is not None:
+            self.pool.unpin(lease, release=last)
+            if not last:
+                self.pool.renew(key, lease.epoch, self.unclaimed_ttl_s)  # the other claimers still read it
+        elif last:
+            self.pool.release(key)
+
+    # --- endpoint (control thread) side
+    def check_alloc(self, key: str, num_tokens: int, token_hash: str) -> str:
+        """'' when an ALLOC may be granted; else why not (and the transfer is failed for its request)."""
+        reason = self._ended_reason(key)
+        if reason:
+            return reason
+        with self._lock:
+            exp = self._expected.get(key)
+        if exp is not None and (exp.num_tokens, exp.token_hash) != (num_tokens, token_hash):
+            why = (f"ALLOC for {num_tokens} tokens hashing to {token_hash[:12]} does not match the request "
+                   f"({exp.num_tokens} tokens hashing to {exp.token_hash[:12]})")
+            self.fail(key, why)
+            return why
+        return ""
+
+    def granted(self, key: str, epoch: int, num_tokens: int, token_hash: str) -> None:
+        with self._lock:
+            self._granted[key] = (epoch, num_tokens, token_hash)
+
+    def fail(self, key: str, reason: str) -> None:
+        """The transfer cannot be delivered (its producer gave up, a chunk was wrong, its lease expired):
+        its request follows the load-failure policy now, and its slots are released."""
+        self._remember(key, reason)
+        self.pool.release(key)
+
+    def expired(self, key: str) -> None:
+        """The pool's expiry hook (runs under the pool's lock, so it only takes note)."""
+        self._remember(key, "lease expired: its producer stopped renewing it")
+
+    def discard(self, transfer_id: str) -> None:
+        """The router's request is gone: every transfer of it is refused from now on and freed."""
+        self._remember(transfer_id, "cancelled: the request ended")
+        for lease_key in self.pool.keys_of(transfer_id):
+            if self.pool.release(lease_key):
+                self.count("transfers_discarded")
+
+    def trace(self, transfer_id: str) -> dict | None:
+        with self._lock:
+            for key in reversed(self._traces):
+                if key == transfer_id or transfer_id_of(key) == transfer_id:
+                    return self._traces[key]
+        return None
+
+    def count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.counters[name] = self.counters.get(name, 0) + n
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.counters)
+
+    def _remember(self, key: str, reason: str) -> None:
+        with self._lock:
+            now = self._clock()
+            self._ended = {k: v for k, v in self._ended.items() if v[1] > now}
+            self._ended.setdefault(key, (reason, now + self.remember_s))
+
+    def _ended_reason(self, key: str) -> str:
+        with self._lock:
+            now = self._clock()
+            for k in (key, transfer_id_of(key)):
+                hit = self._ended.get(k)
+                if hit is not None and hit[1] > now:
+                    return hit[0]
+        return ""
