@@ -1,19 +1,25 @@
-"""The router's aiohttp application: OpenAI endpoints, health, metrics and request traces.
+"""The router's aiohttp applications: the OpenAI API (with /health) and the admin side (/metrics,
+/debug/requests), served on one address or, with `admin_port`, on two.
 
     python -m router.app --config configs/router.yaml
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import signal
 import time
+from typing import Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from router.auth import bearer_matches, load_secret
 from router.config import ConfigError, RouterConfig, load_router_config
 from router.metrics import LATENCY, REQUESTS
+from router.models_proxy import backend_models
 from router.openai_errors import APIError, parse_request
 from router.pool_probe import transfer_trace
 from router.proxy import Proxy
@@ -21,30 +27,68 @@ from router.registry import Registry
 
 log = logging.getLogger("kvbridge.router")
 MAX_BODY = 32 << 20
+READ_BUFSIZE = 1 << 20  # upstream read buffer: SSE events are read whole
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+SESSION = web.AppKey("session", aiohttp.ClientSession)
+PROXY = web.AppKey("proxy", Proxy)
+
+
+def api_key_middleware(key: str) -> Callable:
+    @web.middleware
+    async def require_key(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.startswith("/v1/") and not bearer_matches(request.headers, key):
+            return APIError(401, "missing or wrong API key (send Authorization: Bearer <key>)",
+                            code="invalid_api_key").response()
+        return await handler(request)
+    return require_key
+
+
+def add_admin_routes(app: web.Application, api: web.Application, cfg: RouterConfig) -> None:
+    """/metrics and /debug/requests/{id}, reading the API app's proxy."""
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def trace(request: web.Request) -> web.Response:
+        t = api[PROXY].traces.get(request.match_info["rid"])
+        if t is None:
+            return APIError(404, "no such request in the trace history", code="not_found").response()
+        out = {"id": t.id, "path": t.path, "events": [{"phase": p, "detail": d, "ms": ms} for p, d, ms in t.events]}
+        if t.transfer:  # the decode connector's own phases (EXPECTED, RECEIVING, RECEIVED, SCATTERED...)
+            address, tid = t.transfer
+            out["transfer_id"] = tid
+            out["decode_connector"] = await transfer_trace(address, tid, cfg.health_timeout_s, cfg.kv_secret)
+        return web.json_response(out)
+
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/debug/requests/{rid}", trace)
 
 
 def build_app(cfg: RouterConfig) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY)
+    """The API application. Raises ConfigError when a configured key cannot be read."""
+    client_key = load_secret(cfg.api_key_env, cfg.api_key_file, "router api key")
+    backend_key = load_secret(cfg.backend_api_key_env, cfg.backend_api_key_file, "backend api key")
+    app = web.Application(client_max_size=MAX_BODY,
+                          middlewares=[api_key_middleware(client_key)] if client_key else [])
     registry = Registry(cfg)
 
     async def on_startup(app: web.Application) -> None:
         conn = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
-        app["session"] = aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(
-            total=cfg.request_timeout_s, sock_connect=5))
-        await registry.start(app["session"])
-        app["proxy"] = Proxy(cfg, registry, app["session"])
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout_s)
+        app[SESSION] = aiohttp.ClientSession(connector=conn, timeout=timeout, read_bufsize=READ_BUFSIZE)
+        await registry.start(app[SESSION])
+        app[PROXY] = Proxy(cfg, registry, app[SESSION], backend_key)
 
     async def on_cleanup(app: web.Application) -> None:
         await registry.stop()
-        await app["session"].close()
+        await app[SESSION].close()
 
-    def openai_endpoint(path: str, kind: str):
+    def openai_endpoint(path: str, kind: str) -> Handler:
         async def handler(request: web.Request) -> web.StreamResponse:
             t0 = time.perf_counter()
             status = 500
             try:
                 body = parse_request(await request.read(), kind, cfg.model, cfg.max_tokens_limit)
-                resp = await app["proxy"].handle(request, path, body)
+                resp = await app[PROXY].handle(request, path, body)
                 status = resp.status
                 return resp
             except APIError as e:
@@ -53,48 +97,59 @@ def build_app(cfg: RouterConfig) -> web.Application:
             except web.HTTPRequestEntityTooLarge:
                 status = 413
                 return APIError(413, f"request body exceeds {MAX_BODY} bytes").response()
-            except (aiohttp.ClientError, TimeoutError) as e:
-                status = 502
-                log.warning("upstream error on %s: %s", path, e)
-                return APIError(502, f"upstream error: {type(e).__name__}", "upstream_error").response()
             finally:
                 REQUESTS.labels(path, str(status)).inc()
                 LATENCY.labels(path).observe(time.perf_counter() - t0)
         return handler
 
-    async def models(_: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [
-            {"id": cfg.model, "object": "model", "created": 0, "owned_by": "kvbridge"}]})
+    async def models(request: web.Request) -> web.Response:
+        try:
+            return await backend_models(request, registry, app[SESSION], backend_key, cfg.health_timeout_s * 5)
+        except APIError as e:
+            return e.response()
 
     async def health(_: web.Request) -> web.Response:
         snap = registry.snapshot()
         ok = any(b["healthy"] for b in snap["decode"])
         return web.json_response({"status": "ok" if ok else "degraded", "instances": snap}, status=200 if ok else 503)
 
-    async def metrics(_: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    async def trace(request: web.Request) -> web.Response:
-        t = app["proxy"].traces.get(request.match_info["rid"])
-        if t is None:
-            return APIError(404, "no such request in the trace history", code="not_found").response()
-        out = {"id": t["id"], "path": t["path"],
-               "events": [{"phase": p, "detail": d, "ms": ms} for p, d, ms in t["events"]]}
-        if "transfer" in t:  # the decode connector's own phases (EXPECTED, RECEIVING, RECEIVED, SCATTERED...)
-            address, tid = t["transfer"]
-            out["transfer_id"] = tid
-            out["decode_connector"] = await transfer_trace(address, tid, cfg.health_timeout_s, cfg.kv_secret)
-        return web.json_response(out)
-
     app.router.add_post("/v1/completions", openai_endpoint("/v1/completions", "completions"))
     app.router.add_post("/v1/chat/completions", openai_endpoint("/v1/chat/completions", "chat"))
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/debug/requests/{rid}", trace)
+    if cfg.admin_port is None:
+        add_admin_routes(app, app, cfg)
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
     return app
+
+
+def build_admin_app(api: web.Application, cfg: RouterConfig) -> web.Application:
+    admin = web.Application()
+    add_admin_routes(admin, api, cfg)
+    return admin
+
+
+async def serve(cfg: RouterConfig) -> None:
+    """Both applications until SIGTERM or SIGINT, then a clean shutdown (connections closed, probes stopped)."""
+    api = build_app(cfg)
+    runners = [web.AppRunner(api, access_log=None, handler_cancellation=True)]
+    sites = [(runners[0], cfg.host, cfg.port)]
+    if cfg.admin_port is not None:
+        runners.append(web.AppRunner(build_admin_app(api, cfg), access_log=None))
+        sites.append((runners[1], cfg.admin_host, cfg.admin_port))
+    try:
+        for r in runners:
+            await r.setup()
+        for r, host, port in sites:
+            await web.TCPSite(r, host, port).start()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        for r in reversed(runners):
+            await r.cleanup()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -105,20 +160,21 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_router_config(args.config)
+        if args.port:
+            cfg = cfg.model_copy(update={"port": args.port})
+        log.info("router on %s:%d serving %s: prefill %s, decode %s%s", cfg.host, cfg.port, cfg.model,
+                 [i.name for i in cfg.prefill], [i.name for i in cfg.decode],
+                 f"; /metrics and /debug on {cfg.admin_host}:{cfg.admin_port}" if cfg.admin_port else "")
+        try:
+            import uvloop  # a faster event loop when installed (vLLM installs it); plain asyncio otherwise
+            uvloop.install()
+        except ImportError:
+            pass
+        asyncio.run(serve(cfg))
     except ConfigError as e:
         raise SystemExit(str(e))
-    if args.port:
-        cfg = cfg.model_copy(update={"port": args.port})
-    log.info("router on %s:%d serving %s: prefill %s, decode %s", cfg.host, cfg.port, cfg.model,
-             [i.name for i in cfg.prefill], [i.name for i in cfg.decode])
-    try:
-        import uvloop  # a faster event loop when installed (vLLM installs it); plain asyncio otherwise
-        uvloop.install()
-    except ImportError:
-        pass
-    web.run_app(build_app(cfg), host=cfg.host, port=cfg.port, access_log=None, handler_cancellation=True,
-                print=None)
 
 
 if __name__ == "__main__":
     main()
+

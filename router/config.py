@@ -24,6 +24,9 @@ class RouterConfig(BaseModel):
     role: Literal["router"] = "router"
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
+    admin_host: str = Field(default="127.0.0.1", description="where /metrics and /debug listen when admin_port is set")
+    admin_port: int | None = Field(default=None, ge=1, le=65535,
+                                   description="serve /metrics and /debug here instead of on the API port")
     model: str = Field(description="served model name clients must ask for")
     prefill: list[Instance] = Field(min_length=1)
     decode: list[DecodeInstance] = Field(min_length=1)
@@ -31,8 +34,23 @@ class RouterConfig(BaseModel):
     on_prefill_failure: Literal["decode_prefills", "error"] = "decode_prefills"
     health_interval_s: float = Field(default=2.0, gt=0)
     health_timeout_s: float = Field(default=1.0, gt=0)
-    unhealthy_after: int = Field(default=2, ge=1, description="consecutive failed checks before removal")
-    request_timeout_s: float = Field(default=600.0, gt=0)
+    unhealthy_after: int = Field(default=2, ge=1, description="consecutive failed health checks before removal")
+    down_after_failures: int = Field(default=3, ge=2, description="consecutive failed requests before removal; "
+                                     "one failed request only makes an instance suspect")
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    first_byte_timeout_s: float = Field(default=600.0, gt=0, description="streamed: until the decode's first "
+                                        "event (queueing + prefill); the prefill leg: until its 1-token answer")
+    read_timeout_s: float = Field(default=300.0, gt=0, description="streamed: longest silence between two events")
+    unstreamed_timeout_s: float = Field(default=7200.0, gt=0, description="a non-streamed answer comes whole, "
+                                        "so this must fit a whole generation (32k tokens at 5 tok/s)")
+    max_inflight_total: int | None = Field(default=2048, ge=1, description="past it: 429 with Retry-After")
+    max_inflight_per_instance: int | None = Field(default=512, ge=1, description="per prefill or decode instance")
+    retry_after_s: int = Field(default=1, ge=0)
+    api_key_env: str | None = Field(default=None, description="env var holding the key clients must present")
+    api_key_file: Path | None = Field(default=None, description="file holding the key clients must present")
+    backend_api_key_env: str | None = Field(default=None, description="env var with the backends' --api-key; "
+                                            "unset: the client's Authorization header passes through")
+    backend_api_key_file: Path | None = None
     max_tokens_limit: int = Field(default=32768, gt=0)
     trace_history: int = Field(default=1000, ge=0)
     kv_secret: str | None = Field(default=None, description="decode connectors' shared secret, for pool stats")
@@ -43,6 +61,10 @@ class RouterConfig(BaseModel):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"instance names must be unique, repeated: {sorted(dup)}")
+        if self.api_key_env and self.api_key_file:
+            raise ValueError("set api_key_env or api_key_file, not both")
+        if self.backend_api_key_env and self.backend_api_key_file:
+            raise ValueError("set backend_api_key_env or backend_api_key_file, not both")
         return self
 
 

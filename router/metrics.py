@@ -15,3 +15,9 @@ INSTANCE_HEALTHY = Gauge("kvbridge_router_instance_healthy", "1 if the instance 
 OUTSTANDING = Gauge("kvbridge_router_outstanding", "Requests in flight per instance", ["kind", "instance"])
 DECODE_POOL_FREE = Gauge("kvbridge_router_decode_pool_free", "Free fraction of a decode connector's slots",
                          ["instance"])
+REJECTED = Counter("kvbridge_router_rejected_total", "Requests refused with 429, by which cap", ["cap"])
+RETRIES = Counter("kvbridge_router_retries_total", "Requests re-dispatched before their first byte", ["kind"])
+STREAM_ERRORS = Counter("kvbridge_router_stream_errors_total", "Started streams ended by an upstream failure")
+AGGREGATED = Counter("kvbridge_router_aggregated_total", "Requests served on the decode node without a "
+                     "prefill leg because transferred KV cannot honour them", ["reason"])
+INSTANCE_STATE = Gauge("kvbridge_router_instance_state", "0 up, 1 suspect, 2 down", ["kind", "instance"])

@@ -1,152 +1,151 @@
-"""One PD request: pick instances, mint a transfer id, send both legs at once, stream the decode leg.
+"""One PD request: admit it, pick instances, mint a transfer id, send both legs at once, relay the decode leg.
 
-The prefill leg carries `max_tokens=1` and names the decode instance's kv address; the
-decode leg says KV is coming. Both go out concurrently: the connector does not care
-which arrives first. If the prefill leg fails, the decode instance recomputes
-(`decode_prefills`) or the client gets a clean 502 (`error`). A client that goes away
-cancels both legs (aiohttp cancels the handler; closing the upstream connections makes
-vLLM abort them, and the connector releases what they held).
+The prefill leg carries `max_tokens=1` and names the decode instance's kv address; the decode leg
+says KV is coming. Both go out concurrently: the connector does not care which arrives first.
+
+Failures are sorted by whose they are (router/failures.py). A decode failure before anything was
+sent to the client is retried once on another decode instance, with a fresh transfer; after the
+first byte it ends the stream with an error event. Whenever an attempt ends without a complete
+answer (client gone, decode failed, any error) its legs are cancelled at once: the upstream
+connections are closed, which makes vLLM abort both requests, and the decode connector is told to
+drop the transfer, so slots and staging come back now rather than after a TTL.
 """
 from __future__ import annotations
 
 import asyncio
-import logging
-import time
 import uuid
-from collections import OrderedDict
 
 import aiohttp
 from aiohttp import web
 
+from router.admission import Admission
+from router.auth import upstream_headers
 from router.config import RouterConfig
-from router.metrics import CANCELLED, PREFILL_FAILURES, TTFT
+from router.decode_relay import RelayOutcome, relay_stream, relay_whole
+from router.failures import UpstreamFailure
+from router.leg_bodies import decode_body, needs_aggregated, prefill_body
+from router.metrics import AGGREGATED, CANCELLED, RETRIES, STREAM_ERRORS, TTFT
 from router.openai_errors import APIError
 from router.pool_probe import cancel_transfer
+from router.prefill_leg import run_prefill
 from router.registry import Backend, Registry
+from router.request_trace import Trace, TraceBook
+from router.upstream import post
 
-log = logging.getLogger("kvbridge.router")
-HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "content-encoding", "keep-alive"}
+MAX_ATTEMPTS = 2  # the first dispatch and one retry, only while nothing was sent
 
 
 class Proxy:
-    def __init__(self, cfg: RouterConfig, registry: Registry, session: aiohttp.ClientSession) -> None:
-        self.cfg, self.registry, self.session = cfg, registry, session
-        self.traces: OrderedDict[str, dict] = OrderedDict()
+    def __init__(self, cfg: RouterConfig, registry: Registry, session: aiohttp.ClientSession,
+                 backend_key: str | None) -> None:
+        self.cfg, self.registry, self.session, self.backend_key = cfg, registry, session, backend_key
+        self.traces = TraceBook(cfg.trace_history)
+        self.admission = Admission(cfg.max_inflight_total, cfg.retry_after_s)
+        self._background: set[asyncio.Task] = set()
 
     async def handle(self, request: web.Request, path: str, body: dict) -> web.StreamResponse:
-        rid = f"kvb-{uuid.uuid4().hex}"
-        trace = self._trace(rid, path)
+        self.admission.enter()
+        trace = self.traces.new(f"kvb-{uuid.uuid4().hex}", path)
+        headers = upstream_headers(request.headers, self.backend_key)
         tried: set[str] = set()
+        last: UpstreamFailure | None = None
         try:
-            while True:
+            for attempt in range(MAX_ATTEMPTS):
                 decode = self.registry.pick("decode", exclude=tried)
                 if decode is None:
-                    raise APIError(503, "no healthy decode instance", "service_unavailable", code="no_decode")
+                    break
                 tried.add(decode.name)
+                if attempt:
+                    RETRIES.labels("decode").inc()
+                    trace.add("retry", f"on {decode.name} after: {last}")
                 try:
-                    return await self._one_attempt(request, path, body, decode, trace)
-                except aiohttp.ClientConnectionError as e:
-                    # Nothing was sent to the client yet: another decode instance may serve it.
-                    self.registry.report_failure(decode, f"{type(e).__name__}: {e}")
-                    trace["events"].append(("decode_failed", decode.name, self._ms(trace)))
+                    return await self._attempt(request, path, body, headers, decode, trace)
+                except UpstreamFailure as e:
+                    self.registry.report_failure(decode, e.why)
+                    trace.add("decode_failed", str(e))
+                    last = e
+            if last is not None:
+                raise APIError(502, f"upstream error: {last}", "upstream_error", code="upstream_failed")
+            raise APIError(503, "no healthy decode instance", "service_unavailable", code="no_decode")
         except asyncio.CancelledError:
             CANCELLED.inc()
-            trace["events"].append(("cancelled", "", self._ms(trace)))
+            trace.add("cancelled")
             raise
         finally:
-            trace["events"].append(("done", "", self._ms(trace)))
+            self.admission.leave()
+            trace.add("done")
 
-    async def _one_attempt(self, request: web.Request, path: str, body: dict, decode: Backend,
-                           trace: dict) -> web.StreamResponse:
+    async def _attempt(self, request: web.Request, path: str, body: dict, headers: dict[str, str],
+                       decode: Backend, trace: Trace) -> web.StreamResponse:
         tid = uuid.uuid4().hex
-        prefill = self.registry.pick("prefill")
-        decode_body = dict(body)
-        prefill_task = None
-        if prefill is not None and decode.kv_address:
-            decode_body["kv_transfer_params"] = {"kvbridge": {"transfer_id": tid, "receive": True}}
-            prefill_body = dict(body, max_tokens=1, stream=False,
-                                kv_transfer_params={"kvbridge": {"transfer_id": tid, "push_to": decode.kv_address}})
-            prefill_body.pop("max_completion_tokens", None)
-            prefill_body.pop("stream_options", None)
-            prefill_task = asyncio.create_task(self._prefill(prefill, path, prefill_body, trace, decode, tid))
+        aggregated = needs_aggregated(body)
+        prefill = None if aggregated or not decode.kv_address else self.registry.pick("prefill")
+        prefill_task: asyncio.Task | None = None
+        if prefill is not None:
+            prefill_task = asyncio.create_task(run_prefill(
+                self.cfg, self.registry, self.session, prefill, path, prefill_body(body, tid, decode.kv_address),
+                headers, trace, decode.kv_address, tid))
+            decode_leg = decode_body(body, tid)
+            trace.transfer = (decode.kv_address, tid)
+        elif aggregated:
+            AGGREGATED.labels(aggregated).inc()
+            decode_leg = dict(body)
         elif self.cfg.on_prefill_failure == "error":
             raise APIError(503, "no healthy prefill instance", "service_unavailable", code="no_prefill")
-        trace["events"].append(("dispatched", f"prefill={prefill.name if prefill else None} decode={decode.name}",
-                                self._ms(trace)))
+        else:
+            decode_leg = dict(body)
+        trace.add("dispatched", f"prefill={prefill.name if prefill else None} decode={decode.name}"
+                  + (f" aggregated ({aggregated})" if aggregated else ""))
+        up: aiohttp.ClientResponse | None = None
+        outcome: RelayOutcome | None = None
+        self.registry.acquire(decode)
+        try:
+            up = await post(self.session, decode, path, decode_leg, headers, self._first_wait(body))
+            if prefill_task is not None and self.cfg.on_prefill_failure == "error" and not await prefill_task:
+                raise APIError(502, "the prefill instance failed", "upstream_error", code="prefill_failed")
+            if body.get("stream") and up.status == 200:
+                outcome = await relay_stream(request, up, decode, trace.id, self.cfg.first_byte_timeout_s,
+                                             self.cfg.read_timeout_s)
+            else:
+                outcome = await relay_whole(up, decode, trace.id, self._first_wait(body))
+            TTFT.labels(path).observe(trace.ms() / 1000)
+            self._settle(outcome, decode, trace)
+            return outcome.response
+        finally:
+            self.registry.release(decode)
+            if outcome is None or not outcome.complete:
+                self._abort_legs(up, prefill_task, decode, tid)
+            else:
+                up.release()  # a stream may stop reading at [DONE], before the chunked terminator
+                if prefill_task is not None and not prefill_task.done():
+                    prefill_task.cancel()  # the answer is complete: whatever the prefill still does is moot
+
+    def _first_wait(self, body: dict) -> float:
+        """A streamed answer starts with its first token; a whole one arrives when generation is done."""
+        return self.cfg.first_byte_timeout_s if body.get("stream") else self.cfg.unstreamed_timeout_s
+
+    def _settle(self, outcome: RelayOutcome, decode: Backend, trace: Trace) -> None:
+        if outcome.failure is not None:
+            STREAM_ERRORS.inc()
+            self.registry.report_failure(decode, outcome.failure.why)
+            trace.add("stream_failed", str(outcome.failure))
+        elif outcome.client_gone:
+            CANCELLED.inc()
+            trace.add("cancelled", "client went away mid-stream")
+        else:
+            self.registry.report_success(decode)
+            trace.add("decode_done", f"{decode.name} HTTP {outcome.response.status}")
+
+    def _abort_legs(self, up: aiohttp.ClientResponse | None, prefill_task: asyncio.Task | None, decode: Backend,
+                    tid: str) -> None:
+        """Close the decode connection (vLLM aborts the request), cancel the prefill leg (same), and tell
+        the decode connector to drop the transfer now. Runs inside cancellation, so nothing here awaits."""
+        if up is not None:
+            up.close()
         if prefill_task is not None:
-            trace["transfer"] = (decode.kv_address, tid)
-        finished = False
-        try:
-            resp = await self._decode(request, path, decode_body, decode, trace, prefill_task)
-            finished = resp.status == 200
-            return resp
-        finally:
-            if prefill_task is not None:
-                if not prefill_task.done():
-                    prefill_task.cancel()
-                if not finished:
-                    # The client left or the decode leg failed: whatever the prefill pushed must not wait
-                    # for a decode request that will never claim it.
-                    asyncio.ensure_future(cancel_transfer(decode.kv_address, tid, self.cfg.health_timeout_s,
-                                                          self.cfg.kv_secret))
-
-    async def _prefill(self, b: Backend, path: str, body: dict, trace: dict, decode: Backend, tid: str) -> bool:
-        self.registry.acquire(b)
-        try:
-            async with self.session.post(b.inst.url + path, json=body) as r:
-                await r.read()
-                ok = r.status == 200
-                why = f"HTTP {r.status}"
-        except aiohttp.ClientConnectionError as e:
-            self.registry.report_failure(b, f"{type(e).__name__}: {e}")
-            ok, why = False, type(e).__name__
-        finally:
-            self.registry.release(b)
-        trace["events"].append(("prefill_done" if ok else "prefill_failed", f"{b.name} {why}", self._ms(trace)))
-        if not ok:
-            PREFILL_FAILURES.labels(self.cfg.on_prefill_failure).inc()
-            log.warning("prefill leg on %s failed (%s); decode instance falls back by its load policy", b.name, why)
-            await cancel_transfer(decode.kv_address, tid, self.cfg.health_timeout_s, self.cfg.kv_secret)
-        return ok
-
-    async def _decode(self, request: web.Request, path: str, body: dict, b: Backend, trace: dict,
-                      prefill_task: asyncio.Task | None) -> web.StreamResponse:
-        self.registry.acquire(b)
-        try:
-            async with self.session.post(b.inst.url + path, json=body) as up:
-                if prefill_task is not None and self.cfg.on_prefill_failure == "error":
-                    if not await prefill_task:
-                        raise APIError(502, "the prefill instance failed", "upstream_error", code="prefill_failed")
-                headers = {k: v for k, v in up.headers.items() if k.lower() not in HOP_HEADERS}
-                headers["x-kvbridge-request-id"] = trace["id"]
-                if not body.get("stream"):
-                    data = await up.read()
-                    TTFT.labels(path).observe(self._ms(trace) / 1000)
-                    trace["events"].append(("decode_done", f"{b.name} HTTP {up.status}", self._ms(trace)))
-                    return web.Response(body=data, status=up.status, headers=headers)
-                resp = web.StreamResponse(status=up.status, headers=headers)
-                await resp.prepare(request)
-                first = True
-                async for piece in up.content.iter_any():
-                    if first:
-                        TTFT.labels(path).observe(self._ms(trace) / 1000)
-                        trace["events"].append(("first_token", b.name, self._ms(trace)))
-                        first = False
-                    await resp.write(piece)
-                await resp.write_eof()
-                trace["events"].append(("decode_done", b.name, self._ms(trace)))
-                return resp
-        finally:
-            self.registry.release(b)
-
-    def _trace(self, rid: str, path: str) -> dict:
-        trace = {"id": rid, "path": path, "t0": time.monotonic(), "events": []}
-        if self.cfg.trace_history:
-            self.traces[rid] = trace
-            while len(self.traces) > self.cfg.trace_history:
-                self.traces.popitem(last=False)
-        return trace
-
-    @staticmethod
-    def _ms(trace: dict) -> float:
-        return round((time.monotonic() - trace["t0"]) * 1000, 3)
+            if not prefill_task.done():
+                prefill_task.cancel()
+            task = asyncio.ensure_future(cancel_transfer(decode.kv_address, tid, self.cfg.health_timeout_s,
+                                                         self.cfg.kv_secret))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)

@@ -1,32 +1,43 @@
-"""Instance registry: health checks take dead instances out and put recovered ones back.
+"""Instance registry: each backend is up, suspect or down, and only backend failures move it.
 
-Failures seen while proxying count too (`report_failure`), so a node killed between
-two health checks is dropped at its first failed request, not seconds later.
+One failed request makes an instance *suspect*: requests go to up instances while there are any,
+and to a suspect one when it is all there is (removing the last instance of a kind on one error
+would turn one glitch into an outage). `down_after_failures` consecutive failed requests, or
+`unhealthy_after` failed health checks, take it *down*; a passing health check brings it back.
+Going down cancels whatever still waits on the instance (`DownWatch`), so no request hangs on a
+node that vanished without closing its connections.
 """
 from __future__ import annotations
 
 import asyncio
 import itertools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable, Literal
 
 import aiohttp
 
+from router.admission import AtCapacity
 from router.config import DecodeInstance, Instance, RouterConfig
-from router.metrics import DECODE_POOL_FREE, INSTANCE_HEALTHY, OUTSTANDING
+from router.failures import UpstreamFailure
+from router.metrics import DECODE_POOL_FREE, INSTANCE_HEALTHY, INSTANCE_STATE, OUTSTANDING
 from router.pool_probe import pool_free_fraction
 
 log = logging.getLogger("kvbridge.router")
+State = Literal["up", "suspect", "down"]
+STATE_CODE = {"up": 0, "suspect": 1, "down": 2}
 
 
-@dataclass
+@dataclass(eq=False)
 class Backend:
     inst: Instance
     kind: str
-    healthy: bool = False
-    fails: int = 0
+    state: State = "down"
+    request_fails: int = 0
+    health_fails: int = 0
     outstanding: int = 0
     pool_free: float = 1.0  # decode only: fraction of its connector's slots that are free
+    watchers: set[Callable[[], None]] = field(default_factory=set)
 
     @property
     def name(self) -> str:
@@ -36,12 +47,38 @@ class Backend:
     def kv_address(self) -> str | None:
         return self.inst.kv_address if isinstance(self.inst, DecodeInstance) else None
 
-    def set_health(self, ok: bool, why: str = "") -> None:
-        if ok != self.healthy:
-            log.warning("%s %s is now %s%s", self.kind, self.name, "healthy" if ok else "UNHEALTHY",
-                        f" ({why})" if why else "")
-        self.healthy = ok
-        INSTANCE_HEALTHY.labels(self.kind, self.name).set(1 if ok else 0)
+    def set_state(self, state: State, why: str = "") -> None:
+        if state != self.state:
+            log.warning("%s %s is now %s%s", self.kind, self.name, state.upper(), f" ({why})" if why else "")
+        self.state = state
+        INSTANCE_HEALTHY.labels(self.kind, self.name).set(1 if state == "up" else 0)
+        INSTANCE_STATE.labels(self.kind, self.name).set(STATE_CODE[state])
+        if state == "down":
+            for fire in list(self.watchers):
+                fire()
+
+
+class DownWatch:
+    """While inside, the current task is cancelled if `backend` goes down; the cancel leaves the block
+    as an UpstreamFailure (or stays a cancel when the client left at the same time)."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend, self.fired = backend, False
+        self.task: asyncio.Task | None = None
+
+    def _fire(self) -> None:
+        self.fired = True
+        self.task.cancel()
+
+    def __enter__(self) -> DownWatch:
+        self.task = asyncio.current_task()
+        self.backend.watchers.add(self._fire)
+        return self
+
+    def __exit__(self, et: type | None, e: BaseException | None, tb: object) -> None:
+        self.backend.watchers.discard(self._fire)
+        if self.fired and isinstance(e, asyncio.CancelledError) and self.task.uncancel() == 0:
+            raise UpstreamFailure(self.backend.name, "marked down while this request waited on it") from None
 
 
 class Registry:
@@ -63,7 +100,14 @@ class Registry:
             self._task.cancel()
 
     def pick(self, kind: str, exclude: set[str] = frozenset()) -> Backend | None:
-        live = [b for b in self.backends[kind] if b.healthy and b.name not in exclude]
+        """An up instance (a suspect one only when no up one is left), or None when none is alive.
+        Raises AtCapacity when instances are alive but each holds its cap of requests."""
+        alive = [b for b in self.backends[kind] if b.state != "down" and b.name not in exclude]
+        cap = self.cfg.max_inflight_per_instance
+        room = [b for b in alive if cap is None or b.outstanding < cap]
+        if alive and not room:
+            raise AtCapacity(f"{kind} instances", cap, self.cfg.retry_after_s)
+        live = [b for b in room if b.state == "up"] or room
         if not live:
             return None
         if self.cfg.policy == "round_robin":
@@ -79,12 +123,19 @@ class Registry:
         OUTSTANDING.labels(b.kind, b.name).set(b.outstanding)
 
     def report_failure(self, b: Backend, why: str) -> None:
-        b.fails = self.cfg.unhealthy_after
-        b.set_health(False, why)
+        """A request to `b` failed through `b`'s fault: suspect at once, down after repeated failures."""
+        b.request_fails += 1
+        if b.request_fails >= self.cfg.down_after_failures:
+            b.set_state("down", f"{b.request_fails} failed requests in a row, last: {why}")
+        elif b.state == "up":
+            b.set_state("suspect", why)
+
+    def report_success(self, b: Backend) -> None:
+        b.request_fails = 0
 
     def snapshot(self) -> dict:
-        return {k: [{"name": b.name, "url": b.inst.url, "healthy": b.healthy, "outstanding": b.outstanding,
-                     **({"pool_free": round(b.pool_free, 3)} if b.kv_address else {})}
+        return {k: [{"name": b.name, "url": b.inst.url, "state": b.state, "healthy": b.state != "down",
+                     "outstanding": b.outstanding, **({"pool_free": round(b.pool_free, 3)} if b.kv_address else {})}
                     for b in bs] for k, bs in self.backends.items()}
 
     async def check_all(self) -> None:
@@ -108,9 +159,13 @@ class Registry:
             b.pool_free = free if free is not None else 0.0
             DECODE_POOL_FREE.labels(b.name).set(b.pool_free)
         if ok:
-            b.fails = 0
-            b.set_health(True)
+            b.health_fails = 0
+            if b.state != "up":
+                b.request_fails = 0
+                b.set_state("up")
         else:
-            b.fails += 1
-            if b.fails >= self.cfg.unhealthy_after or not b.healthy:
-                b.set_health(False, why)
+            b.health_fails += 1
+            if b.health_fails >= self.cfg.unhealthy_after or b.state == "down":
+                b.set_state("down", why)
+            elif b.state == "up":
+                b.set_state("suspect", why)

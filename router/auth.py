@@ -1,0 +1,52 @@
+"""API keys and the headers that travel to both legs.
+
+The router's own key (clients must present it) and the backends' key (vLLM's --api-key) come from an
+environment variable or a file, never from argv or the YAML itself, and are never logged. Without a
+backend key the client's own `Authorization` passes through, so a router in front of key-protected
+backends works without learning the key.
+"""
+from __future__ import annotations
+
+import hmac
+import os
+from pathlib import Path
+
+from multidict import CIMultiDictProxy
+
+from transfer.config_errors import ConfigError
+
+# Request headers that follow the request to both legs (tracing and request ids, and auth unless overridden).
+PASS_THROUGH = ("authorization", "x-request-id", "traceparent", "tracestate")
+
+
+def load_secret(env: str | None, file: Path | None, what: str) -> str | None:
+    """The secret named by `env` or stored in `file` (stripped), or None when neither is configured."""
+    if env:
+        value = os.environ.get(env)
+        if not value:
+            raise ConfigError(f"{what}: environment variable {env} is not set or empty")
+        return value
+    if file:
+        try:
+            value = Path(file).read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"{what}: cannot read {file}: {e.strerror}") from None
+        if not value:
+            raise ConfigError(f"{what}: {file} is empty")
+        return value
+    return None
+
+
+def bearer_matches(headers: CIMultiDictProxy[str], key: str) -> bool:
+    """Constant-time check of `Authorization: Bearer <key>`."""
+    got = headers.get("authorization", "")
+    scheme, _, token = got.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+
+def upstream_headers(client_headers: CIMultiDictProxy[str], backend_key: str | None) -> dict[str, str]:
+    """Headers for both legs: the pass-through set, with the backends' own key when one is configured."""
+    out = {h: client_headers[h] for h in PASS_THROUGH if h in client_headers}
+    if backend_key:
+        out["authorization"] = f"Bearer {backend_key}"
+    return out

@@ -1,0 +1,117 @@
+"""Relaying the decode leg's answer to the client.
+
+A stream's headers go to the client only once the decode leg's first event arrived, so a decode
+node that fails before producing anything can still be replaced (nothing was sent). After that the
+router never sends a second response: an upstream failure ends the stream with an OpenAI-shaped
+`error` event and `data: [DONE]`. Client writes raise ClientGone, never a connection error that
+could be taken for the backend's. `kv_transfer_params` is internal and is removed from every answer.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from router.failures import ClientGone, UpstreamFailure
+from router.registry import Backend
+from router.upstream import read_all, read_event
+
+HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "content-encoding", "keep-alive"}
+DONE = b"data: [DONE]"
+
+
+@dataclass
+class RelayOutcome:
+    response: web.StreamResponse
+    failure: UpstreamFailure | None = None  # the decode failed after the stream started
+    client_gone: bool = False
+
+    @property
+    def complete(self) -> bool:
+        return self.failure is None and not self.client_gone
+
+
+def client_headers(up: aiohttp.ClientResponse, request_id: str) -> dict[str, str]:
+    headers = {k: v for k, v in up.headers.items() if k.lower() not in HOP_HEADERS}
+    headers["x-kvbridge-request-id"] = request_id
+    return headers
+
+
+def without_kv_params(data: bytes) -> bytes:
+    """`data` (a JSON object) without its top-level kv_transfer_params; anything else unchanged."""
+    if b'"kv_transfer_params"' not in data:
+        return data
+    try:
+        obj = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return data
+    if isinstance(obj, dict):
+        obj.pop("kv_transfer_params", None)
+        return json.dumps(obj).encode()
+    return data
+
+
+def rewrite_event(event: bytes) -> bytes:
+    if b'"kv_transfer_params"' not in event:
+        return event
+    lines = event.split(b"\n")
+    return b"\n".join(b"data: " + without_kv_params(ln[6:]) if ln.startswith(b"data: ") else ln for ln in lines)
+
+
+def error_event(message: str) -> bytes:
+    """OpenAI's shape for an error inside a stream (the openai client raises APIError on it), then [DONE]."""
+    err = {"error": {"message": message, "type": "upstream_error", "param": None, "code": "upstream_failed"}}
+    return b"data: " + json.dumps(err).encode() + b"\n\n" + DONE + b"\n\n"
+
+
+async def write(resp: web.StreamResponse, data: bytes) -> None:
+    try:
+        await resp.write(data)
+    except ConnectionError as e:
+        raise ClientGone(f"client went away: {e}") from None
+
+
+async def relay_whole(up: aiohttp.ClientResponse, b: Backend, request_id: str, timeout_s: float) -> RelayOutcome:
+    """A non-streamed answer (or a stream's 4xx), read in full before anything is sent: an
+    UpstreamFailure here leaves the request free to be retried."""
+    data = await read_all(up, b, timeout_s)
+    return RelayOutcome(web.Response(body=without_kv_params(data), status=up.status,
+                                     headers=client_headers(up, request_id)))
+
+
+async def relay_stream(request: web.Request, up: aiohttp.ClientResponse, b: Backend, request_id: str,
+                       first_byte_timeout_s: float, read_timeout_s: float) -> RelayOutcome:
+    first = await read_event(up, b, first_byte_timeout_s)  # a failure here: nothing sent, retryable
+    if not first.strip():
+        raise UpstreamFailure(b.name, "stream ended before its first event")
+    resp = web.StreamResponse(status=up.status, headers=client_headers(up, request_id))
+    out = RelayOutcome(resp)
+    try:
+        try:
+            await resp.prepare(request)
+        except ConnectionError as e:
+            raise ClientGone(str(e)) from None
+        await write(resp, rewrite_event(first))
+        done = first.startswith(DONE)
+        while not done:
+            try:
+                event = await read_event(up, b, read_timeout_s)
+            except UpstreamFailure as e:
+                out.failure = e
+                break
+            if not event:
+                out.failure = UpstreamFailure(b.name, "stream ended without [DONE]")
+                break
+            done = event.startswith(DONE)
+            await write(resp, rewrite_event(event))
+        if out.failure:
+            await write(resp, error_event(f"the decode instance failed mid-stream: {out.failure}"))
+        try:
+            await resp.write_eof()
+        except ConnectionError:
+            raise ClientGone("client went away before the end of the stream") from None
+    except ClientGone:
+        out.client_gone = True
+    return out

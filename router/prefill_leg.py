@@ -1,0 +1,49 @@
+"""The prefill leg: a 1-token request that makes the prefill node compute the prompt and push its KV.
+
+Its failure is the prefill node's (counted) unless it was cancelled because the client left or the
+decode leg ended first (not counted). A failed leg cancels the transfer at the decode connector, which
+then recomputes the prompt itself instead of waiting for KV that will not come.
+"""
+from __future__ import annotations
+
+import logging
+
+import aiohttp
+
+from router.config import RouterConfig
+from router.failures import UpstreamFailure
+from router.metrics import PREFILL_FAILURES
+from router.pool_probe import cancel_transfer
+from router.registry import Backend, Registry
+from router.request_trace import Trace
+from router.upstream import post, read_all
+
+log = logging.getLogger("kvbridge.router")
+
+
+async def run_prefill(cfg: RouterConfig, registry: Registry, session: aiohttp.ClientSession, b: Backend,
+                      path: str, body: dict, headers: dict[str, str], trace: Trace, kv_address: str,
+                      transfer_id: str) -> bool:
+    """True when the prefill node answered 200 (its KV is pushed or being pushed)."""
+    registry.acquire(b)
+    try:
+        up = await post(session, b, path, body, headers, cfg.first_byte_timeout_s)
+        try:
+            await read_all(up, b, cfg.first_byte_timeout_s)
+        finally:
+            up.release()
+        ok, why = up.status == 200, f"HTTP {up.status}"
+        if ok:
+            registry.report_success(b)
+    except UpstreamFailure as e:
+        registry.report_failure(b, e.why)
+        ok, why = False, e.why
+    finally:
+        registry.release(b)
+    trace.add("prefill_done" if ok else "prefill_failed", f"{b.name} {why}")
+    if not ok:
+        PREFILL_FAILURES.labels(cfg.on_prefill_failure).inc()
+        log.warning("prefill leg on %s failed (%s); the decode instance falls back by its load policy", b.name, why)
+        await cancel_transfer(kv_address, transfer_id, cfg.health_timeout_s, cfg.kv_secret)
+    return ok
+
