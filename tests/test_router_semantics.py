@@ -1,0 +1,299 @@
+"""The router's semantics against in-process stub backends (aiohttp, a fake decode connector on ZMQ): whose
+fault a failure is, retries before the first byte only, no hang on a dead node, legs released when the client
+leaves, timeouts, per-leg parameters, headers and keys, admission. `test_four_minute_stream_is_not_cut` takes
+4 minutes of wall time on purpose; skip it with `-k 'not four_minute'`."""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+import aiohttp
+import pytest
+import zmq
+from aiohttp import web
+from multidict import CIMultiDict
+
+from router.app import PROXY, build_admin_app, build_app
+from router.config import RouterConfig
+from transfer import wire
+
+class StubNode:
+    """A fake vLLM node. `mode`: ok | reset (drop the connection) | die (abort after `die_after` events)
+    | silent (go quiet after one event) | hang (never answer, and fail /health from then on)."""
+
+    def __init__(self, name: str, mode: str = "ok", events: int = 4, interval: float = 0.0, die_after: int = 2,
+                 kv: bool = False) -> None:
+        self.name, self.mode, self.events, self.interval, self.die_after = name, mode, events, interval, die_after
+        self.bodies, self.headers, self.cancels = [], [], []  # what each leg and the connector received
+        self.aborted, self.healthy = 0, True  # aborted: requests the router closed before their answer was whole
+        self._stop = threading.Event()
+        self.kv_port = self._start_connector() if kv else None
+
+    def _start_connector(self) -> int:
+        sock = zmq.Context.instance().socket(zmq.ROUTER)
+        port = sock.bind_to_random_port("tcp://127.0.0.1")
+
+        def serve() -> None:
+            while not self._stop.is_set():
+                if not sock.poll(100):
+                    continue
+                ident, raw = sock.recv_multipart()
+                req = wire.decode_request(raw)
+                if isinstance(req, wire.Cancel):
+                    self.cancels.append(req.transfer_id)
+                reply = wire.Ack(rid=req.rid, ok=True) if isinstance(req, wire.Cancel) else wire.PoolStatus(
+                    rid=req.rid, incarnation="stub", total=8, free=8, used=0, quarantined=0, expired_total=0,
+                    dropped_total=0)
+                sock.send_multipart([ident, wire.encode(reply)])
+            sock.close(0)
+        threading.Thread(target=serve, daemon=True).start()
+        return port
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/v1/models", self.models)
+        self.runner = web.AppRunner(app, handler_cancellation=True)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
+        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await self.runner.cleanup()
+
+    def instance(self) -> dict:
+        return {"name": self.name, "url": self.url, **({"kv_address": f"127.0.0.1:{self.kv_port}"} if self.kv_port else {})}
+
+    async def health(self, _: web.Request) -> web.Response:
+        return web.Response(status=200 if self.healthy else 500)
+
+    async def models(self, _: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "tiny", "object": "model", "root": "/models/tiny",
+                                                              "max_model_len": 2048, "permission": [{}]}]})
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.bodies.append(body)
+        self.headers.append(request.headers.copy())
+        try:
+            if self.mode == "reset":
+                request.transport.abort()
+                return web.Response()
+            if self.mode == "hang":
+                self.healthy = False
+                await asyncio.sleep(3600)
+            if not body.get("stream"):
+                await asyncio.sleep(self.interval)
+                return web.json_response({"object": "text_completion", "choices": [{"index": 0, "text": self.name}],
+                                          "kv_transfer_params": {"kvbridge": {}}})
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "X-Request-Id": "from-" + self.name})
+            await resp.prepare(request)
+            for i in range(self.events):
+                if self.mode == "die" and i == self.die_after:
+                    request.transport.abort()
+                    return resp
+                if self.mode == "silent" and i == 1:
+                    await asyncio.sleep(3600)
+                chunk = {"choices": [{"index": 0, "text": f"t{i}"}], **({"kv_transfer_params": {"kvbridge": {}}} if i == 0 else {})}
+                await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+                await asyncio.sleep(self.interval)
+            await resp.write(b"data: [DONE]\n\n")
+            return resp
+        except asyncio.CancelledError:
+            self.aborted += 1
+            raise
+
+
+@pytest.fixture
+async def make():
+    """make(prefill=[StubNode], decode=[StubNode], **router config) -> (router url, api app); all stopped after."""
+    started: list = []
+
+    async def _make(prefill: list[StubNode], decode: list[StubNode], **cfg) -> tuple[str, web.Application]:
+        for s in prefill + decode:
+            await s.start()
+            started.append(s)
+        config = RouterConfig.model_validate({"model": "tiny", "health_interval_s": 0.2, "unhealthy_after": 1,
+                                              "prefill": [s.instance() for s in prefill],
+                                              "decode": [s.instance() for s in decode], **cfg})
+        api = build_app(config)
+        runners = [web.AppRunner(api, handler_cancellation=True)]
+        if config.admin_port:
+            runners.append(web.AppRunner(build_admin_app(api, config)))
+        for r, port in zip(runners, (0, config.admin_port)):
+            await r.setup()
+            await web.TCPSite(r, "127.0.0.1", port).start()
+            started.append(r)
+        return f"http://127.0.0.1:{runners[0].addresses[0][1]}", api
+    yield _make
+    for s in reversed(started):
+        await (s.stop() if isinstance(s, StubNode) else s.cleanup())
+
+
+def states(api: web.Application, kind: str = "decode") -> list[str]:
+    return [b.state for b in api[PROXY].registry.backends[kind]]
+
+
+async def post(url: str, body: dict, headers: dict | None = None) -> tuple[int, CIMultiDict, bytes]:
+    async with aiohttp.ClientSession() as s, s.post(url + "/v1/completions", json=body, headers=headers,
+                                                    timeout=aiohttp.ClientTimeout(total=30)) as r:
+        return r.status, r.headers.copy(), await r.read()
+
+
+def events(raw: bytes) -> list[str]:
+    return [e.removeprefix("data: ") for e in raw.decode().split("\n\n") if e.strip()]
+
+
+REQ = {"model": "tiny", "prompt": "hello", "max_tokens": 8}
+
+
+async def eventually(cond) -> bool:
+    """cond() within ~5 s: the stubs see closed connections and CANCELs a moment after the router acts."""
+    for _ in range(100):
+        if cond():
+            return True
+        await asyncio.sleep(0.05)
+    return cond()
+
+
+async def test_clients_leaving_mid_stream_never_count_against_decode(make):
+    pre, dec = StubNode("p"), StubNode("d", events=200, interval=0.02, kv=True)
+    url, api = await make([pre], [dec])
+
+    async def leave_after(n_events: int) -> None:
+        async with aiohttp.ClientSession() as s:
+            r = await s.post(url + "/v1/completions", json=dict(REQ, stream=True))
+            for _ in range(n_events):
+                await r.content.readuntil(b"\n\n")
+            r.close()  # the client goes away mid-stream
+    await asyncio.gather(*(leave_after(1 + i % 5) for i in range(24)))
+    status, _, raw = await post(url, dict(REQ, stream=True))
+    assert status == 200 and events(raw)[-1] == "[DONE]"
+    assert states(api) == ["up"] and api[PROXY].registry.backends["decode"][0].request_fails == 0
+    # every abandoned request: its decode connection closed (vLLM would abort it) and its transfer CANCELled
+    assert await eventually(lambda: dec.aborted == 24 and len(dec.cancels) == 24), (dec.aborted, dec.cancels)
+
+
+async def test_client_leaving_during_prefill_cancels_both_legs(make):
+    pre, dec = StubNode("p", interval=30), StubNode("d", interval=30, kv=True)
+    url, api = await make([pre], [dec])
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(post(url, REQ), 0.5)
+    tid = dec.bodies[0]["kv_transfer_params"]["kvbridge"]["transfer_id"]
+    assert await eventually(lambda: (pre.aborted, dec.aborted, dec.cancels) == (1, 1, [tid]))
+    assert states(api, "prefill") == ["up"] and states(api) == ["up"]
+
+
+async def test_decode_dying_mid_stream_ends_with_error_event_and_done_without_retry(make):
+    d0, d1 = StubNode("d0", mode="die", events=6, kv=True), StubNode("d1", kv=True)
+    url, api = await make([StubNode("p")], [d0, d1], policy="round_robin")
+    status, _, raw = await post(url, dict(REQ, stream=True))  # round robin starts at d0
+    ev = events(raw)
+    assert status == 200 and [json.loads(e)["choices"][0]["text"] for e in ev[:2]] == ["t0", "t1"]
+    assert json.loads(ev[2])["error"]["code"] == "upstream_failed" and ev[3:] == ["[DONE]"]
+    assert len(d1.bodies) == 0  # never re-dispatched after the first byte
+    assert states(api)[0] == "suspect"  # one failure: suspect, not down
+
+
+@pytest.mark.parametrize("mode,stream", [("reset", False), ("die", True)])
+async def test_failure_before_the_first_byte_is_retried_on_another_decode(make, mode, stream):
+    d0, d1 = StubNode("d0", mode=mode, die_after=0, kv=True), StubNode("d1", kv=True)
+    url, api = await make([StubNode("p")], [d0, d1], policy="round_robin")  # round robin starts at d0
+    status, _, raw = await post(url, dict(REQ, stream=stream))
+    assert status == 200 and "error" not in raw.decode() and (events(raw)[-1] == "[DONE]") == stream
+    assert (len(d0.bodies), len(d1.bodies)) == (1, 1) and states(api) == ["suspect", "up"]
+
+
+async def test_only_one_retry_and_the_last_decode_stays_routable(make):
+    nodes = [StubNode(f"d{i}", mode="reset", kv=True) for i in range(3)]
+    url, api = await make([StubNode("p")], nodes)
+    status, _, raw = await post(url, REQ)
+    assert status == 502 and json.loads(raw)["error"]["code"] == "upstream_failed"
+    assert sum(len(n.bodies) for n in nodes) == 2 and "down" not in states(api)
+
+
+async def test_request_on_a_node_that_goes_silent_ends_when_it_is_marked_down(make):
+    """d0 keeps the connection open, never answers, fails /health: the request moves to d1 (nothing was sent)."""
+    d0, d1 = StubNode("d0", mode="hang", kv=True), StubNode("d1", kv=True)
+    url, api = await make([StubNode("p")], [d0, d1], policy="round_robin")
+    status, _, raw = await post(url, REQ)  # post's 30 s client timeout would fail this test on a hang
+    assert status == 200 and json.loads(raw)["choices"][0]["text"] == "d1"
+    assert states(api)[0] == "down"
+
+
+async def test_silence_between_tokens_past_the_read_timeout_ends_the_stream(make):
+    url, api = await make([StubNode("p")], [StubNode("d", mode="silent", kv=True)], read_timeout_s=1.0)
+    status, _, raw = await post(url, dict(REQ, stream=True))
+    ev = events(raw)
+    assert status == 200 and "timed out" in json.loads(ev[-2])["error"]["message"] and ev[-1] == "[DONE]"
+
+
+@pytest.mark.timeout(330)
+async def test_four_minute_stream_is_not_cut(make):
+    """LONG (4 min of wall time): a token every 5 s for 240 s passes whole under the default timeouts."""
+    url, _ = await make([StubNode("p")], [StubNode("d", events=48, interval=5.0, kv=True)])
+    async with aiohttp.ClientSession() as s, s.post(url + "/v1/completions", json=dict(REQ, stream=True),
+                                                    timeout=aiohttp.ClientTimeout(total=300)) as r:
+        raw = await r.read()
+    assert len(ev := events(raw)) == 49 and ev[-1] == "[DONE]" and "error" not in raw.decode()
+
+
+async def test_leg_parameters_and_kv_transfer_params_never_reach_the_client(make):
+    pre, dec = StubNode("p"), StubNode("d", kv=True)
+    url, _ = await make([pre], [dec])
+    extra = {"n": 2, "min_tokens": 4, "logprobs": 2, "stream_options": {"include_usage": True}, "stream": True}
+    status, _, raw = await post(url, dict(REQ, **extra))
+    assert status == 200 and "kv_transfer_params" not in raw.decode()
+    p, d = pre.bodies[0], dec.bodies[0]
+    assert p["max_tokens"] == 1 and p["stream"] is False and not {"n", "min_tokens", "logprobs", "stream_options"} & set(p)
+    assert d["n"] == 2 and d["min_tokens"] == 4 and d["kv_transfer_params"]["kvbridge"]["claims"] == 2
+    assert d["kv_transfer_params"]["kvbridge"]["transfer_id"] == p["kv_transfer_params"]["kvbridge"]["transfer_id"]
+    status, _, raw = await post(url, REQ)
+    assert status == 200 and "kv_transfer_params" not in json.loads(raw)
+
+
+@pytest.mark.parametrize("extra", [{"echo": True}, {"prompt_logprobs": 1}])
+async def test_echo_and_prompt_logprobs_are_served_aggregated_on_decode(make, extra):
+    pre, dec = StubNode("p"), StubNode("d", kv=True)
+    url, _ = await make([pre], [dec])
+    status, _, _ = await post(url, dict(REQ, **extra))
+    assert status == 200 and pre.bodies == [] and "kv_transfer_params" not in dec.bodies[0]
+
+
+async def test_headers_pass_to_both_legs_and_router_key_is_required(make, monkeypatch):
+    monkeypatch.setenv("ROUTER_TEST_KEY", "s3cret")
+    pre, dec = StubNode("p"), StubNode("d", kv=True)
+    url, _ = await make([pre], [dec], api_key_env="ROUTER_TEST_KEY")
+    assert (await post(url, REQ))[0] == 401
+    assert (await post(url, REQ, {"Authorization": "Bearer wrong"}))[0] == 401
+    sent = {"Authorization": "Bearer s3cret", "X-Request-Id": "req-42", "traceparent": "00-abc-def-01"}
+    status, headers, _ = await post(url, dict(REQ, stream=True), sent)
+    assert status == 200 and headers.get("X-Request-Id") == "from-d", headers
+    assert [{k: leg.get(k) for k in sent} for leg in (pre.headers[0], dec.headers[0])] == [sent, sent]
+
+
+async def test_models_proxied_and_admin_routes_on_their_own_port(make, unused_tcp_port):
+    url, _ = await make([StubNode("p")], [StubNode("d", kv=True)], admin_port=unused_tcp_port)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url + "/v1/models") as r:
+            m = (await r.json())["data"][0]
+        assert (m["root"], m["max_model_len"], m["permission"]) == ("/models/tiny", 2048, [{}])
+        async with s.get(url + "/metrics") as r:
+            assert r.status == 404
+        async with s.get(f"http://127.0.0.1:{unused_tcp_port}/metrics") as r:
+            assert r.status == 200 and "kvbridge_router_requests_total" in await r.text()
+
+
+@pytest.mark.parametrize("caps", [{"max_inflight_total": 2}, {"max_inflight_per_instance": 2}])
+async def test_past_the_cap_a_429_with_retry_after(make, caps):
+    dec = StubNode("d", interval=2.0, kv=True)
+    url, _ = await make([StubNode("p")], [dec], retry_after_s=3, **caps)
+    held = [asyncio.create_task(post(url, REQ)) for _ in range(2)]
+    while len(dec.bodies) < 2:  # both admitted and waiting on the decode
+        await asyncio.sleep(0.01)
+    status, headers, raw = await post(url, REQ)
+    assert status == 429 and headers["Retry-After"] == "3" and json.loads(raw)["error"]["code"] == "at_capacity"
+    assert [r[0] for r in await asyncio.gather(*held)] == [200, 200]
