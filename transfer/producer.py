@@ -90,9 +90,12 @@ class Producer:
         self._thread = start_io_thread(self._run, "kvbridge-producer")
 
     def begin(self, spec: TransferSpec, consumer: str) -> str:
-        """Start pushing one transfer attempt; returns its handle for `stage` and `abort`."""
+        """Start pushing one transfer attempt; returns its handle for `stage` and `abort` ('' when this
+        key is already being pushed: its consumer gets the bytes once)."""
         handle = f"{spec.key}@{spec.attempt}"
         with self._cv:
+            if any(j.spec.key == spec.key and not (j.abort or j.t.done) for j in self._jobs.values()):
+                return ""  # the same prompt is on its way already (n > 1, a repeated prompt): one push is enough
             self._jobs[handle] = _Job(Transfer(handle, "producer"), spec, consumer,
                                       self.geometry.n_chunks(spec.num_tokens))
             self._cv.notify()
