@@ -130,7 +130,7 @@ class WorkerSide:
             self._abort(rid)
         for task in meta.outgoing:
             if task.req_id not in self._out:
-                handle = self.producer.begin(task.spec, task.consumer) if task.consumer is not None else None
+                handle = self.producer.begin(task.spec, task.consumer) or None if task.consumer is not None else None
                 self._out[task.req_id] = (handle, 0)
 
     def start_load_kv(self, meta: BridgeMetadata) -> None:
