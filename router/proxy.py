@@ -118,7 +118,9 @@ class Proxy:
             else:
                 up.release()  # a stream may stop reading at [DONE], before the chunked terminator
                 if prefill_task is not None and not prefill_task.done():
-                    prefill_task.cancel()  # the answer is complete: whatever the prefill still does is moot
+                    # The answer is complete (the decode recomputed the prompt): nothing will claim what
+                    # the still-running prefill pushes.
+                    self._abort_legs(None, prefill_task, decode, tid)
 
     def _first_wait(self, body: dict) -> float:
         """A streamed answer starts with its first token; a whole one arrives when generation is done."""

@@ -48,8 +48,9 @@ class Backend:
         return self.inst.kv_address if isinstance(self.inst, DecodeInstance) else None
 
     def set_state(self, state: State, why: str = "") -> None:
-        if state != self.state:
-            log.warning("%s %s is now %s%s", self.kind, self.name, state.upper(), f" ({why})" if why else "")
+        if state == self.state:
+            return
+        log.warning("%s %s is now %s%s", self.kind, self.name, state.upper(), f" ({why})" if why else "")
         self.state = state
         INSTANCE_HEALTHY.labels(self.kind, self.name).set(1 if state == "up" else 0)
         INSTANCE_STATE.labels(self.kind, self.name).set(STATE_CODE[state])
@@ -67,8 +68,9 @@ class DownWatch:
         self.task: asyncio.Task | None = None
 
     def _fire(self) -> None:
-        self.fired = True
-        self.task.cancel()
+        if not self.fired:  # one cancel, so that any second one is known to be the client's
+            self.fired = True
+            self.task.cancel()
 
     def __enter__(self) -> DownWatch:
         self.task = asyncio.current_task()
