@@ -1,0 +1,195 @@
+"""The router under load against real vLLM (issue 13).
+
+A storm: hundreds of requests, a third of the clients leaving at random moments mid-prefill and
+mid-stream. Every client that stayed gets the aggregated server's answer (greedy), the router never
+marks the healthy decode node anything but up, and the decode slots and prefill staging are back to
+full right after the last request (not after a TTL).
+
+A decode node killed (-9) under load, with a second decode node: started streams end with an error
+event and [DONE] at once, non-streamed requests are retried on the other node, nothing hangs."""
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+
+import time
+
+import aiohttp
+import pytest
+import requests
+
+from launch.local_servers import SERVED_MODEL, free_port, start_router, start_vllm
+from launch.polling import wait_for
+from launch.tiny_prompts import random_words
+from router.config import RouterConfig
+from tests.pd_client import pool_status, wait_producer_idle
+
+pytestmark = pytest.mark.usefixtures("decode_pool_full_after")
+REQUESTS, CONCURRENCY, PROMPTS, MAX_TOKENS = 300, 24, 24, 16
+RELEASE_WITHIN_S = 2.5  # the connector's own expiry would take load_timeout_s (4 s) or a lease TTL
+
+
+def reference_answers(agg_url: str) -> list[str]:
+    out = []
+    for i in range(PROMPTS):
+        body = {"model": "tiny", "prompt": random_words(20 + 7 * i, seed=1300 + i), "max_tokens": MAX_TOKENS,
+                "temperature": 0}
+        out.append(requests.post(agg_url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"])
+    return out
+
+
+async def one_client(s: aiohttp.ClientSession, url: str, rng: random.Random, i: int) -> tuple[str, int, str]:
+    """(how this client behaved, HTTP status, text it got). A third leave: mid-prefill (before any answer)
+    or mid-stream (after a few events)."""
+    p = i % PROMPTS
+    stream = rng.random() < 0.6
+    leave = rng.choice(["mid_prefill", "mid_stream", None, None, None, None]) if stream else \
+        rng.choice(["mid_prefill", None])
+    body = {"model": "tiny", "prompt": random_words(20 + 7 * p, seed=1300 + p), "max_tokens": MAX_TOKENS,
+            "temperature": 0, "stream": stream}
+    if leave == "mid_prefill":
+        try:
+            await asyncio.wait_for(s.post(url + "/v1/completions", json=body), rng.uniform(0.01, 0.4))
+        except asyncio.TimeoutError:
+            return "left", 0, ""
+    async with s.post(url + "/v1/completions", json=body) as r:
+        if r.status != 200 or not stream:
+            raw = await r.read()
+            return "stayed", r.status, json.loads(raw)["choices"][0]["text"] if r.status == 200 else raw.decode()
+        if leave == "mid_stream":
+            for _ in range(rng.randint(1, 3)):
+                await r.content.readuntil(b"\n\n")
+            r.close()
+            return "left", 0, ""
+        text = []
+        for event in (await r.read()).decode().split("\n\n"):
+            data = event.removeprefix("data: ").strip()
+            if data and data != "[DONE]":
+                chunk = json.loads(data)
+                assert "error" not in chunk and "kv_transfer_params" not in chunk, chunk
+                text.append(chunk["choices"][0]["text"])
+        return "stayed", 200, "".join(text)
+
+
+async def storm(url: str) -> tuple[list[tuple[int, str, int, str]], set[str]]:
+    rng = random.Random(13)
+    results, states_seen, done = [], set(), asyncio.Event()
+    todo = iter(range(REQUESTS))
+
+    async def worker(s: aiohttp.ClientSession) -> None:
+        for i in todo:
+            results.append((i, *await one_client(s, url, rng, i)))
+
+    async def watch_health(s: aiohttp.ClientSession) -> None:
+        while not done.is_set():
+            async with s.get(url + "/health") as r:
+                states_seen.update(b["state"] for b in (await r.json())["instances"]["decode"])
+            await asyncio.sleep(0.05)
+
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as s:
+        watcher = asyncio.create_task(watch_health(s))
+        await asyncio.gather(*(worker(s) for _ in range(CONCURRENCY)))
+        done.set()
+        await watcher
+    return results, states_seen
+
+
+def test_storm_with_a_third_of_clients_leaving(servers, router):
+    expected = reference_answers(servers["agg"].url)
+    results, states_seen = asyncio.run(storm(router.url))
+    # released at once: slots and staging back to full right after the last request
+    wait_for(lambda: (st := pool_status(servers["decode"].handshake)).free == st.total, RELEASE_WITHIN_S,
+             what="decode slot pool back to full")
+    wait_producer_idle(servers["prefill"], RELEASE_WITHIN_S)
+    stayed = [r for r in results if r[1] == "stayed"]
+    left = len(results) - len(stayed)
+    assert len(results) == REQUESTS and REQUESTS // 5 < left < REQUESTS // 2, left
+    wrong = [(i, status, text, expected[i % PROMPTS]) for i, _, status, text in stayed
+             if status != 200 or text != expected[i % PROMPTS]]
+    assert wrong == [], wrong[:5]
+    assert states_seen == {"up"}, states_seen
+    health = requests.get(router.url + "/health", timeout=5).json()
+    assert [b["state"] for b in health["instances"]["decode"]] == ["up"]
+
+
+@pytest.fixture(scope="module")
+def two_decode_router(servers):
+    """A second decode node (this module's own, so killing it leaves the shared ones alone) and a router
+    in front of the shared prefill and both decode nodes."""
+    extra = start_vllm("decode-1", "decode", {"checksum": True, "load_timeout_s": 4.0, "num_slots": 32})
+    try:
+        extra.wait_ready()
+        decodes = [servers["decode"], extra]
+        router = start_router(RouterConfig(
+            port=free_port(), model=SERVED_MODEL, policy="round_robin", health_interval_s=0.5, unhealthy_after=1,
+            prefill=[{"name": servers["prefill"].name, "url": servers["prefill"].url}],
+            decode=[{"name": d.name, "url": d.url, "kv_address": d.handshake} for d in decodes]))
+        yield router, extra
+        router.stop()
+    finally:
+        extra.stop()
+
+
+KILL_PROMPTS, KILL_TOKENS, KILL_REQUESTS = 8, 40, 160
+
+
+async def kill_under_load(url: str, victim) -> tuple[list[dict], float]:
+    """KILL_REQUESTS at once (half streamed); decode-1 killed once streams are flowing and it holds requests."""
+    first_events, t_kill = asyncio.Event(), [0.0]
+
+    async def client(s: aiohttp.ClientSession, i: int) -> dict:
+        p, stream = i % KILL_PROMPTS, i % 2 == 0
+        body = {"model": "tiny", "prompt": random_words(30 + 5 * p, seed=1700 + p), "max_tokens": KILL_TOKENS,
+                "temperature": 0, "ignore_eos": True, "stream": stream}
+        async with s.post(url + "/v1/completions", json=body) as r:
+            if not stream:
+                return {"i": i, "stream": False, "status": r.status, "body": await r.read(), "end": time.monotonic()}
+            events = []
+            while event := await r.content.readuntil(b"\n\n"):
+                events.append(event.decode().removeprefix("data: ").strip())
+                first_events.set()
+            return {"i": i, "stream": True, "status": r.status, "events": events, "end": time.monotonic()}
+
+    async def killer(s: aiohttp.ClientSession) -> None:
+        await first_events.wait()
+        while True:  # decode-1 holds requests in flight
+            async with s.get(url + "/health") as r:
+                if (await r.json())["instances"]["decode"][1]["outstanding"] >= 8:
+                    break
+            await asyncio.sleep(0.02)
+        victim.kill9()
+        t_kill[0] = time.monotonic()
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=90),
+                                     connector=aiohttp.TCPConnector(limit=0)) as s:
+        *results, _ = await asyncio.gather(*(client(s, i) for i in range(KILL_REQUESTS)), killer(s))
+    return results, t_kill[0]
+
+
+def test_decode_killed_under_load_streams_end_with_error_and_unstreamed_are_retried(servers, two_decode_router):
+    router, victim = two_decode_router
+    expected = []
+    for p in range(KILL_PROMPTS):
+        body = {"model": "tiny", "prompt": random_words(30 + 5 * p, seed=1700 + p), "max_tokens": KILL_TOKENS,
+                "temperature": 0, "ignore_eos": True}
+        expected.append(requests.post(servers["agg"].url + "/v1/completions", json=body, timeout=60).json())
+    results, t_kill = asyncio.run(kill_under_load(router.url, victim))
+    texts = [e["choices"][0]["text"] for e in expected]
+    for r in (r for r in results if not r["stream"]):  # nothing sent yet when decode-1 died: retried on decode-0
+        assert r["status"] == 200 and json.loads(r["body"])["choices"][0]["text"] == texts[r["i"] % KILL_PROMPTS]
+    cut = []
+    for r in (r for r in results if r["stream"]):
+        assert r["status"] == 200 and r["events"][-1] == "[DONE]", r
+        chunks = [json.loads(e) for e in r["events"][:-1]]
+        text = "".join(c["choices"][0]["text"] for c in chunks if "choices" in c)
+        if "error" in chunks[-1]:  # cut mid-stream: an error event right after the kill, what came before is right
+            cut.append(r["end"] - t_kill)
+            assert texts[r["i"] % KILL_PROMPTS].startswith(text)
+        else:
+            assert text == texts[r["i"] % KILL_PROMPTS]
+    assert cut and max(cut) < 5.0, cut  # kill -9 closes the sockets: no stream waits on a node that is gone
+    health = requests.get(router.url + "/health", timeout=5).json()["instances"]["decode"]
+    assert [d["state"] for d in health] == ["up", "down"]
+    wait_producer_idle(servers["prefill"], 15)
