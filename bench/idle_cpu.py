@@ -9,20 +9,18 @@ Prints CPU-seconds per wall-second for each server's whole process group (API se
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import subprocess
-import sys
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import requests
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from launch.tiny_model import make_tiny_model  # noqa: E402
-from tests.pd_client import random_token_prompt  # noqa: E402
-from tests.servers import MODEL_DIR, VllmServer, free_port  # noqa: E402
+from launch.local_servers import MODEL_DIR, free_port, start_vllm
+from launch.servers import VllmServer
+from launch.tiny_model import make_tiny_model
+from launch.tiny_prompts import random_token_prompt
 
 
 def group_cpu_s(pid: int) -> dict[str, float]:
@@ -61,10 +59,11 @@ def main() -> None:
     make_tiny_model(MODEL_DIR)
     nixl = {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu",
             "kv_load_failure_policy": "recompute"}
-    servers = {"aggregated (no connector)": VllmServer("idle-agg"),
-               "kvbridge producer": VllmServer("idle-kvb-producer", "kv_producer", {}),
-               "kvbridge consumer": VllmServer("idle-kvb-consumer", "kv_consumer", {"load_timeout_s": 60.0}),
-               "NixlConnector (kv_both)": VllmServer("idle-nixl", kv_config=nixl,
+    servers = {"aggregated (no connector)": start_vllm("idle-agg"),
+               "kvbridge producer": start_vllm("idle-kvb-producer", "prefill", {}),
+               "kvbridge consumer": start_vllm("idle-kvb-consumer", "decode", {"load_timeout_s": 60.0}),
+               "NixlConnector (kv_both)": start_vllm("idle-nixl",
+                                                     vllm_args=("--kv-transfer-config", json.dumps(nixl)),
                                                      env={"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port())})}
     try:
         for s in servers.values():

@@ -7,14 +7,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from pd import kv_copy  # noqa: E402
+from pd import kv_copy
 
 LAYERS, HEADS, HEAD, BS, TOKENS = 32, 8, 128, 16, 4096
 

@@ -17,19 +17,17 @@ import json
 import random
 import re
 import statistics
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from launch.tiny_model import make_tiny_model  # noqa: E402
-from tests import servers as srv  # noqa: E402
+from launch.local_servers import MODEL_DIR, free_port, start_vllm
+from launch.servers import VllmServer
+from launch.tiny_model import make_tiny_model
 
-MODEL = ROOT / ".kvbridge" / "models" / "bench"
+MODEL = MODEL_DIR.parent / "bench"
 
 
 def stream_ttft(url: str, body: dict) -> tuple[float, str]:
@@ -44,12 +42,14 @@ def stream_ttft(url: str, body: dict) -> tuple[float, str]:
     return ttft, "".join(text)
 
 
-def start(name: str, role: str | None = None, kv_config: dict | None = None,
-          env: dict | None = None) -> srv.VllmServer:
-    return srv.VllmServer(f"bench-{name}", role, model=MODEL, max_model_len=4096, env=env, kv_config=kv_config)
+def start(name: str, role: str = "aggregated", kv_config: dict | None = None,
+          env: dict | None = None) -> VllmServer:
+    """A bench server on the bench model; `kv_config` runs an aggregated-role vLLM with that connector."""
+    args = ("--kv-transfer-config", json.dumps(kv_config)) if kv_config else ()
+    return start_vllm(f"bench-{name}", role, model=MODEL, max_model_len=4096, env=env, vllm_args=args)
 
 
-def kvbridge_once(p: srv.VllmServer, d: srv.VllmServer, body: dict) -> tuple[float, str]:
+def kvbridge_once(p: VllmServer, d: VllmServer, body: dict) -> tuple[float, str]:
     import concurrent.futures as cf
     tid = uuid.uuid4().hex
     pre = dict(body, max_tokens=1, kv_transfer_params={"kvbridge": {"transfer_id": tid, "push_to": d.handshake}})
@@ -61,7 +61,7 @@ def kvbridge_once(p: srv.VllmServer, d: srv.VllmServer, body: dict) -> tuple[flo
     return ttft, text
 
 
-def nixl_once(p: srv.VllmServer, d: srv.VllmServer, body: dict) -> tuple[float, str]:
+def nixl_once(p: VllmServer, d: VllmServer, body: dict) -> tuple[float, str]:
     t0 = time.perf_counter()
     pre = dict(body, max_tokens=1, kv_transfer_params={"do_remote_decode": True, "do_remote_prefill": False,
                                                        "remote_engine_id": None, "remote_block_ids": None,
@@ -115,15 +115,15 @@ def main() -> None:
     agg = start("agg")
     base = run_phase("aggregated", [agg], lambda b: stream_ttft(agg.url, b), bodies, args.repeats)
     print("phase 2: kvbridge (push)")
-    kp, kd = start("kvb-prefill", "kv_producer"), start("kvb-decode", "kv_consumer")
+    kp, kd = start("kvb-prefill", "prefill"), start("kvb-decode", "decode")
     ours = run_phase("kvbridge", [kp, kd], lambda b: kvbridge_once(kp, kd, b), bodies, args.repeats)
     pushes = push_times_ms(kp.log_path)
     print("phase 3: NixlConnector (pull)")
     nixl_kv = {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu",
                "kv_load_failure_policy": "recompute"}
-    npf = start("nixl-prefill", kv_config=nixl_kv, env={"VLLM_NIXL_SIDE_CHANNEL_PORT": str(srv.free_port()),
+    npf = start("nixl-prefill", kv_config=nixl_kv, env={"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()),
                                                         "VLLM_CPU_OMP_THREADS_BIND": "0"})
-    nd = start("nixl-decode", kv_config=nixl_kv, env={"VLLM_NIXL_SIDE_CHANNEL_PORT": str(srv.free_port()),
+    nd = start("nixl-decode", kv_config=nixl_kv, env={"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()),
                                                       "VLLM_CPU_OMP_THREADS_BIND": "1"})
     theirs = run_phase("nixl", [npf, nd], lambda b: nixl_once(npf, nd, b), bodies, args.repeats)
     print("\nprompt  agg TTFT  kvbridge +ms  NixlConnector +ms  ratio  tokens equal (ours, theirs)")

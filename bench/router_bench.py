@@ -11,16 +11,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import aiohttp
-import yaml
 from aiohttp import web
 
-ROOT = Path(__file__).resolve().parent.parent
+from launch.local_servers import LOG_DIR, start_router
+from launch.process_handle import ProcessHandle
+from router.config import RouterConfig
+
 REPLY = {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": "tiny",
          "choices": [{"index": 0, "text": " hello", "finish_reason": "length", "logprobs": None}],
          "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}}
@@ -96,18 +96,19 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     stub_port, router_port = 18601, 18600
-    cfg = {"role": "router", "port": router_port, "model": "tiny", "health_interval_s": 5,
-           "prefill": [{"name": "p", "url": f"http://127.0.0.1:{stub_port}"}],
-           "decode": [{"name": "d", "url": f"http://127.0.0.1:{stub_port}", "kv_address": f"127.0.0.1:{stub_port + 1}"}]}
-    cfg_path = ROOT / ".kvbridge" / "router-bench.yaml"
-    cfg_path.parent.mkdir(exist_ok=True)
-    cfg_path.write_text(yaml.safe_dump(cfg))
-    procs = [subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
-                               f"from bench.router_bench import run_stub; run_stub({stub_port})"]),
-             subprocess.Popen([sys.executable, "-m", "router.app", "--config", str(cfg_path)], cwd=ROOT,
-                              stderr=subprocess.DEVNULL)]
+    # The stub runs this module's run_stub() in its own process, started like every other server.
+    stub = ProcessHandle("router-bench-stub", [sys.executable, "-c", "from bench.router_bench import run_stub; "
+                                               f"run_stub({stub_port})"],
+                         f"http://127.0.0.1:{stub_port}/health", None, LOG_DIR)
+    cfg = RouterConfig(port=router_port, model="tiny", health_interval_s=5,
+                       prefill=[{"name": "p", "url": f"http://127.0.0.1:{stub_port}"}],
+                       decode=[{"name": "d", "url": f"http://127.0.0.1:{stub_port}",
+                                "kv_address": f"127.0.0.1:{stub_port + 1}"}])
+    procs = [stub]
     try:
-        time.sleep(3)
+        stub.start()
+        stub.wait_ready(30)
+        procs.append(start_router(cfg))
         rows = {"direct": [], "router": []}
         for _ in range(args.repeats):
             rows["direct"].append(asyncio.run(measure(f"http://127.0.0.1:{stub_port}", args.requests)))
@@ -122,8 +123,7 @@ def main() -> None:
               f"(each routed request makes two upstream calls: prefill leg + decode leg)")
     finally:
         for p in procs:
-            p.terminate()
-            p.wait()
+            p.stop()
 
 
 if __name__ == "__main__":

@@ -13,23 +13,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from bench.pd_bench import MODEL, stream_ttft  # noqa: E402
-from launch.tiny_model import make_tiny_model  # noqa: E402
-from storage.disk_tier import DiskTier  # noqa: E402
-from storage.memory_tier import MemoryTier  # noqa: E402
-from storage.redis_tier import RedisTier  # noqa: E402
-from tests.pd_client import random_token_prompt  # noqa: E402
-from tests.redis_server import RedisServer  # noqa: E402
-from tests.servers import VllmServer  # noqa: E402
+from bench.pd_bench import MODEL, stream_ttft
+from launch.local_servers import start_vllm
+from launch.redis_server import RedisServer
+from launch.tiny_model import make_tiny_model
+from launch.tiny_prompts import random_token_prompt
+from storage.disk_tier import DiskTier
+from storage.memory_tier import MemoryTier
+from storage.redis_tier import RedisTier
 
 
 def median_s(fn, n: int) -> float:
@@ -65,9 +61,9 @@ def ttft_rows(repeats: int) -> tuple[float, float, bool]:
     with tempfile.TemporaryDirectory() as d:
         store = {"memory_bytes": "2GiB", "disk_path": d}
         args = ("--no-enable-prefix-caching",)
-        servers = [VllmServer("bench-store", "kv_producer", {"store": store}, model=MODEL, max_model_len=4096,
-                              args=args),
-                   VllmServer("bench-nostore", "kv_producer", {}, model=MODEL, max_model_len=4096, args=args)]
+        servers = [start_vllm("bench-store", "prefill", {"store": store}, model=MODEL, max_model_len=4096,
+                              vllm_args=args),
+                   start_vllm("bench-nostore", "prefill", {}, model=MODEL, max_model_len=4096, vllm_args=args)]
         try:
             for s in servers:
                 s.wait_ready(900)

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
 
 from launch.role_config import DeploymentConfig, load_config
+from launch.servers import RouterServer, VllmServer
 from launch.supervisor import Supervisor
 from transfer.config_errors import ConfigError
 
@@ -17,20 +17,19 @@ def run_deployment(path: str, demo: bool = False, log_dir: str = ".kvbridge/logs
     if not isinstance(dep, DeploymentConfig):
         raise ConfigError(f"{path}: expected role: deployment")
     prefill, decode, router = dep.load()
-    with Supervisor(log_dir) as sup:
+    with Supervisor() as sup:
         for role in prefill + decode:
-            sup.start(role.name, role.vllm_command(), f"http://{role.host}:{role.port}/health",
-                      {**dep.env, **role.env})
+            sup.start(VllmServer(role, log_dir, env=dep.env, keep_old_log=True))
         sup.wait_healthy()
-        sup.start("router", [sys.executable, "-m", "router.app", "--config", str(dep.base_dir / dep.router)],
-                  f"http://{router.host}:{router.port}/health", dep.env)
+        proxy = RouterServer(dep.base_dir / dep.router, log_dir, env=dep.env, keep_old_log=True)
+        sup.start(proxy)
         sup.wait_healthy()
-        url = f"http://{router.host}:{router.port}"
+        url = proxy.url
         log.info("deployment %s is up: OpenAI API at %s/v1", dep.name, url)
         if demo:
             from launch.demo import run_demo
             run_demo(url, router.model, [d.kv_address for d in decode],
-                     [f"http://{p.host}:{p.port}" for p in prefill])
+                     [p.url for p in prefill])
             return
         log.info("Ctrl-C stops everything")
         try:

@@ -1,7 +1,9 @@
-"""YAML configs for vLLM roles (prefill / decode / both) and for a whole deployment graph.
+"""YAML configs for vLLM roles (prefill / decode / both / aggregated) and for a whole deployment graph.
 
-A role file turns into one stock-vLLM command line with kvbridge's connector; nothing
-in vLLM is patched. Validation errors name the file and the field.
+A role file turns into one stock-vLLM command line; nothing in vLLM is patched. prefill, decode
+and both run kvbridge's connector. aggregated runs none of kvbridge: the plain server PD answers
+are compared against, or, with a --kv-transfer-config in its vllm_args, vLLM with another connector
+(the benches' NixlConnector peer). Validation errors name the file and the field.
 """
 from __future__ import annotations
 
@@ -17,11 +19,13 @@ from router.config import RouterConfig
 from transfer.config_errors import ConfigError, format_errors, load_yaml
 
 KV_ROLE = {"prefill": "kv_producer", "decode": "kv_consumer", "both": "kv_both"}
+KV_TRANSFER_FLAG = "--kv-transfer-config"
 
 
 class RoleConfig(BaseModel):
+    """One stock-vLLM server: its role, the settings of its command line and the environment it runs in."""
     model_config = ConfigDict(extra="forbid")
-    role: Literal["prefill", "decode", "both"]
+    role: Literal["prefill", "decode", "both", "aggregated"]
     name: str
     model: str
     served_model_name: str
@@ -32,19 +36,38 @@ class RoleConfig(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
     connector: ConnectorConfig = Field(default_factory=ConnectorConfig)
 
+    @model_validator(mode="after")
+    def _one_connector(self) -> RoleConfig:
+        """kvbridge's roles own --kv-transfer-config; aggregated has no kvbridge settings to take."""
+        if self.role == "aggregated":
+            unused = sorted({"connector", "load_failure_policy"} & self.model_fields_set)
+            if unused:
+                raise ValueError(f"role aggregated runs no kvbridge connector; remove {unused}")
+        elif any(a.split("=")[0] == KV_TRANSFER_FLAG for a in self.vllm_args):
+            raise ValueError(f"vllm_args must not hold {KV_TRANSFER_FLAG}: role {self.role} sets kvbridge's "
+                             "connector (use role: aggregated to run vLLM with another connector)")
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
     @property
     def kv_address(self) -> str:
+        """The consumer handshake address producers push to (decode and both roles)."""
         return f"{self.connector.listen_host}:{self.connector.listen_port}"
 
     def vllm_command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
+               "--served-model-name", self.served_model_name, "--host", self.host, "--port", str(self.port)]
+        if self.role == "aggregated":
+            return cmd + self.vllm_args
         extra = self.connector.model_dump(exclude_defaults=True)
         extra.setdefault("instance_id", self.name)
         kv = {"kv_connector": "KVBridgeConnector", "kv_connector_module_path": "pd.connector",
               "kv_role": KV_ROLE[self.role], "kv_load_failure_policy": self.load_failure_policy,
               "kv_connector_extra_config": extra}
-        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
-                "--served-model-name", self.served_model_name, "--host", self.host, "--port", str(self.port),
-                "--kv-transfer-config", json.dumps(kv), *self.vllm_args]
+        return cmd + [KV_TRANSFER_FLAG, json.dumps(kv), *self.vllm_args]
 
 
 class DeploymentConfig(BaseModel):
@@ -69,6 +92,10 @@ class DeploymentConfig(BaseModel):
         pre = [load_config(self.base_dir / p) for p in self.prefill]
         dec = [load_config(self.base_dir / p) for p in self.decode]
         router = load_config(self.base_dir / self.router)
+        aggregated = [c.name for c in pre + dec if c.role == "aggregated"]
+        if aggregated:
+            raise ConfigError(f"deployment {self.name}: {aggregated} run no kvbridge connector (role aggregated) "
+                              "and cannot be prefill or decode nodes")
         served = {c.served_model_name for c in pre + dec} | {router.model}
         if len(served) != 1:
             raise ConfigError(f"deployment {self.name}: every role must serve the same model name, got {served}")

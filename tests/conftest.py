@@ -1,15 +1,17 @@
 """Shared fixtures: one tiny model and one aggregated + prefill + decode vLLM trio for the whole run."""
 from __future__ import annotations
 
-import time
+import os
 
 import pytest
 import redis
 
+from launch.local_servers import MODEL_DIR, SERVED_MODEL, free_port, start_router, start_vllm
+from launch.polling import wait_for
+from launch.redis_server import RedisServer
 from launch.tiny_model import make_tiny_model
+from router.config import RouterConfig
 from tests.pd_client import pool_status
-from tests.redis_server import RedisServer, redis_url_from_env
-from tests.servers import MODEL_DIR, RouterProcess, VllmServer, free_port
 
 PREFILL_EXTRA = {"checksum": True, "alloc_timeout_s": 3.0, "lease_ttl_s": 3.0}
 DECODE_EXTRA = {"checksum": True, "load_timeout_s": 4.0, "num_slots": 32, "quarantine_s": 0.5}
@@ -23,7 +25,7 @@ def tiny_model():
 @pytest.fixture(scope="session")
 def redis_url():
     """launch/test.sh's redis-server when it runs one, else one of our own for this run."""
-    url = redis_url_from_env()
+    url = os.environ.get("KVBRIDGE_TEST_REDIS_URL")
     if url:
         redis.Redis.from_url(url).flushdb()
         yield url
@@ -46,9 +48,9 @@ def servers(tiny_model, redis_url, store_dir):
     prefill_extra = dict(PREFILL_EXTRA, metrics_port=free_port(),
                          store={"memory_bytes": "64MiB", "disk_path": str(store_dir), "disk_bytes": "256MiB",
                                 "redis_url": redis_url})
-    trio = {"agg": VllmServer("agg"),
-            "decode": VllmServer("decode-0", "kv_consumer", DECODE_EXTRA),
-            "prefill": VllmServer("prefill-0", "kv_producer", prefill_extra, args=("--no-enable-prefix-caching",))}
+    trio = {"agg": start_vllm("agg"),
+            "decode": start_vllm("decode-0", "decode", DECODE_EXTRA),
+            "prefill": start_vllm("prefill-0", "prefill", prefill_extra, vllm_args=("--no-enable-prefix-caching",))}
     try:
         for s in trio.values():
             s.wait_ready()
@@ -62,18 +64,21 @@ def servers(tiny_model, redis_url, store_dir):
 def decode_pool_full_after(servers):
     """Every test that moves KV must leave the decode slot pool 100 % free."""
     yield
-    end = time.monotonic() + 10
-    while True:
-        st = pool_status(servers["decode"].handshake)
-        if st.free == st.total or time.monotonic() > end:
-            break
-        time.sleep(0.1)
-    assert st.free == st.total, f"decode pool not back to full: {st}"
+    handshake = servers["decode"].handshake
+    try:
+        wait_for(lambda: (st := pool_status(handshake)).free == st.total, 10)
+    except TimeoutError:
+        raise AssertionError(f"decode pool not back to full: {pool_status(handshake)}") from None
 
 
 @pytest.fixture(scope="session")
 def router(servers):
-    r = RouterProcess(servers["prefill"], servers["decode"])
+    """The kvbridge router in front of the shared prefill and decode nodes, quick to notice a dead node."""
+    prefill, decode = servers["prefill"], servers["decode"]
+    r = start_router(RouterConfig(port=free_port(), model=SERVED_MODEL, health_interval_s=0.5, unhealthy_after=1,
+                                  prefill=[{"name": prefill.name, "url": prefill.url}],
+                                  decode=[{"name": decode.name, "url": decode.url,
+                                           "kv_address": decode.handshake}]))
     yield r
     r.stop()
 

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
-import random
 import time
 import uuid
 
 import requests
 
+from launch.polling import wait_for
+from launch.servers import VllmServer
 from transfer.control_request import fetch_pool_status as pool_status  # noqa: F401 (used by the test modules)
 
 _pool = cf.ThreadPoolExecutor(16)
@@ -36,17 +37,6 @@ def text_of(reply: dict) -> str:
     return c["text"] if "text" in c else c["message"]["content"]
 
 
-def random_token_prompt(n: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(10, 1000) for _ in range(n)]
-
-
-def random_words(n: int, seed: int) -> str:
-    rng = random.Random(seed)
-    syll = ["ka", "lo", "mi", "re", "tu", "sa", "ne", "vo", "pi", "da", "shi", "ran"]
-    return " ".join("".join(rng.choice(syll) for _ in range(rng.randint(1, 3))) for _ in range(n))
-
-
 def source_tokens(url: str) -> dict[str, float]:
     """vLLM's own count of prompt tokens by where their KV came from."""
     out = {}
@@ -57,21 +47,22 @@ def source_tokens(url: str) -> dict[str, float]:
     return out
 
 
-def connector_metrics(server) -> dict[str, float]:
+def connector_metrics(server: VllmServer) -> dict[str, float]:
     """kvbridge's own metrics from a node's engine process (the connector's `metrics_port`)."""
-    text = requests.get(f"http://127.0.0.1:{server.extra['metrics_port']}/metrics", timeout=10).text
+    text = requests.get(f"http://127.0.0.1:{server.config.connector.metrics_port}/metrics", timeout=10).text
     return {name: float(value) for name, value in (line.rsplit(" ", 1) for line in text.splitlines()
                                                     if line.startswith("kvbridge_") and "_created" not in line)}
 
 
-def wait_producer_idle(server, timeout: float = 15.0) -> float:
+def wait_producer_idle(server: VllmServer, timeout: float = 15.0) -> float:
     """Seconds until the node's producer holds no transfer and every staging slot is free."""
-    t0 = time.monotonic()
-    while True:
+    def idle() -> bool:
         m = connector_metrics(server)
-        if (m.get("kvbridge_producer_active_transfers") == 0 and
-                m.get("kvbridge_producer_staging_free_slots") == m.get("kvbridge_producer_staging_slots")):
-            return time.monotonic() - t0
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"producer still busy after {timeout}s: {m}")
-        time.sleep(0.1)
+        return (m.get("kvbridge_producer_active_transfers") == 0 and
+                m.get("kvbridge_producer_staging_free_slots") == m.get("kvbridge_producer_staging_slots"))
+    t0 = time.monotonic()
+    try:
+        wait_for(idle, timeout)
+    except TimeoutError:
+        raise AssertionError(f"producer still busy after {timeout}s: {connector_metrics(server)}") from None
+    return time.monotonic() - t0

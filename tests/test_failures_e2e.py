@@ -16,8 +16,11 @@ import aiohttp
 import pytest
 import requests
 
-from tests.pd_client import pd_request, pool_status, post, random_token_prompt, text_of, wait_producer_idle
-from tests.servers import ROOT, VllmServer
+from launch.local_servers import start_vllm
+from launch.polling import wait_for
+from launch.process_handle import ROOT
+from launch.tiny_prompts import random_token_prompt
+from tests.pd_client import pd_request, pool_status, post, text_of, wait_producer_idle
 
 pytestmark = pytest.mark.usefixtures("decode_pool_full_after")
 
@@ -29,11 +32,12 @@ def kv_usage(url: str) -> float:
     raise AssertionError("vllm:kv_cache_usage_perc not exported")
 
 
-def wait_kv_free(url: str, timeout: float = 10) -> float:
-    end = time.monotonic() + timeout
-    while (u := kv_usage(url)) > 0 and time.monotonic() < end:
-        time.sleep(0.2)
-    return u
+def wait_kv_free(url: str, timeout: float = 10) -> None:
+    """Until vLLM's own block pool on `url` is 0 % used: nothing of a finished or aborted request is left."""
+    try:
+        wait_for(lambda: kv_usage(url) == 0, timeout, interval=0.2)
+    except TimeoutError:
+        raise AssertionError(f"{url}: vLLM KV cache still {kv_usage(url):.1%} used after {timeout}s") from None
 
 
 def test_pool_exhaustion_everything_completes_correctly(servers, failure_report):
@@ -49,7 +53,8 @@ def test_pool_exhaustion_everything_completes_correctly(servers, failure_report)
     for (pre, dec), want in zip(got, wants):
         assert pre[0] == 200 and dec[0] == 200
         assert text_of(dec[1]) == want
-    assert wait_kv_free(servers["decode"].url) == 0 and wait_kv_free(servers["prefill"].url) == 0
+    wait_kv_free(servers["decode"].url)
+    wait_kv_free(servers["prefill"].url)
     wait_producer_idle(servers["prefill"])
     failure_report("pool exhaustion", f"12 x 1000-token prompts want 48 slots, 32 exist: NO_CAPACITY, producers "
                    f"waited, all 12 correct in {took:.1f}s", None, None, "none")
@@ -84,8 +89,8 @@ def test_abort_storm_releases_everything(servers, router, failure_report):
     completed = [(i, t) for i, t in results if t is not None]
     assert len(completed) >= n - n // 5
     t1 = time.monotonic()
-    assert wait_kv_free(servers["decode"].url, 20) == 0
-    assert wait_kv_free(servers["prefill"].url, 20) == 0
+    wait_kv_free(servers["decode"].url, 20)
+    wait_kv_free(servers["prefill"].url, 20)
     wait_producer_idle(servers["prefill"])
     settle = time.monotonic() - t1
     with cf.ThreadPoolExecutor(4) as ex:
@@ -120,7 +125,7 @@ def test_prefill_killed_decode_recomputes_then_reconnects(servers, failure_repor
         took = time.monotonic() - t0
         assert dec[0] == 200 and text_of(dec[1]) == want
         assert took < 4.0 + 5.0, f"took {took:.1f}s; bound is load_timeout_s (4) + 5"
-        assert wait_kv_free(servers["decode"].url) == 0
+        wait_kv_free(servers["decode"].url)
     finally:
         t_restart = time.monotonic()
         servers["prefill"].start()  # later tests share this node
@@ -136,7 +141,7 @@ def test_prefill_killed_decode_recomputes_then_reconnects(servers, failure_repor
 
 @pytest.fixture(scope="module")
 def decode_fail_policy(tiny_model):
-    s = VllmServer("decode-failpolicy", "kv_consumer", {"load_timeout_s": 2.0, "num_slots": 4}, policy="fail")
+    s = start_vllm("decode-failpolicy", "decode", {"load_timeout_s": 2.0, "num_slots": 4}, policy="fail")
     try:
         s.wait_ready()
         yield s
@@ -189,10 +194,8 @@ def test_lease_expiring_mid_transfer_never_serves_partial_or_reused_slots(server
             proc.stdin.write("stage 0\n")
             proc.stdin.flush()
             assert read_until(proc, "staged") == "staged True"
-            end = time.monotonic() + 5
-            while pool_status(hs).counters.get("chunks_received", 0) == before.counters.get("chunks_received", 0):
-                assert time.monotonic() < end, "chunk 0 never arrived"
-                time.sleep(0.02)
+            wait_for(lambda: pool_status(hs).counters.get("chunks_received", 0)
+                     != before.counters.get("chunks_received", 0), 5, interval=0.02, what="chunk 0 arriving")
             os.kill(proc.pid, signal.SIGSTOP)
             t_stop = time.monotonic()
             status, reply = dec.result(timeout=30)

@@ -8,12 +8,13 @@ import uuid
 import pytest
 import torch
 
+from launch.local_servers import free_port
+from launch.polling import wait_for
+from launch.tiny_prompts import random_token_prompt, random_words
 from transfer.layout import KVLayout
 from transfer.producer import Producer, ProducerSettings
 from transfer.states import State
-from tests.pd_client import (pd_request, pool_status, post, random_token_prompt, random_words, source_tokens,
-                             text_of, wait_producer_idle)
-from tests.servers import free_port
+from tests.pd_client import pd_request, pool_status, post, source_tokens, text_of, wait_producer_idle
 
 pytestmark = pytest.mark.usefixtures("decode_pool_full_after")
 MAX_TOKENS = 12
@@ -83,10 +84,8 @@ def test_corrupted_kv_changes_the_output(servers):
             nbytes = blocks * layout.bytes_per_block
             assert rogue.stage(tid, chunk, lambda v, nb=nbytes: v[:nb].copy_(
                 torch.randn(nb // 4).view(torch.uint8)).numel())
-        end = time.monotonic() + 10
-        while not (done := rogue.take_finished()) and time.monotonic() < end:
-            time.sleep(0.05)
-        assert done and done[0].state == State.SENT
+        done = wait_for(rogue.take_finished, 10, interval=0.05, what="the rogue push finishing")
+        assert done[0].state == State.SENT
         _, dec = pd_request(servers, "/v1/completions", body, prefill=False, transfer_id=tid)
         assert dec[0] == 200
         assert text_of(dec[1]) != want

@@ -12,8 +12,10 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from launch.polling import wait_for
+from launch.tiny_prompts import random_words
 from router.app import MAX_BODY
-from tests.pd_client import pool_status, random_words, wait_producer_idle
+from tests.pd_client import pool_status, wait_producer_idle
 
 pytestmark = pytest.mark.usefixtures("decode_pool_full_after")
 
@@ -99,14 +101,10 @@ def test_models_health_metrics_trace(router):
     assert "kvbridge_router_requests_total" in requests.get(router.url + "/metrics", timeout=5).text
 
 
-def wait_health(router, healthy: bool, timeout: float) -> float:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        h = requests.get(router.url + "/health", timeout=5).json()
-        if h["instances"]["decode"][0]["healthy"] == healthy:
-            return time.monotonic() - t0
-        time.sleep(0.1)
-    raise AssertionError(f"decode never became {'healthy' if healthy else 'unhealthy'}")
+def wait_health(router, healthy: bool, timeout: float) -> None:
+    """Until the router's /health says its decode node is (or is not) healthy."""
+    wait_for(lambda: requests.get(router.url + "/health", timeout=5).json()["instances"]["decode"][0]["healthy"]
+             == healthy, timeout, what=f"router seeing decode {'healthy' if healthy else 'unhealthy'}")
 
 
 def test_decode_killed_mid_request_then_recovers(servers, router, failure_report):

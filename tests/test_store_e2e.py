@@ -6,11 +6,11 @@ prompt token's KV came from; the connector's own metrics say which tier served i
 """
 from __future__ import annotations
 
-import time
-
 import redis
 
-from tests.pd_client import connector_metrics, pd_request, post, random_token_prompt, source_tokens, text_of
+from launch.polling import wait_for
+from launch.tiny_prompts import random_token_prompt
+from tests.pd_client import connector_metrics, pd_request, post, source_tokens, text_of
 
 CHUNK = 256
 
@@ -24,15 +24,6 @@ def complete(url: str, prompt: list[int]) -> str:
                                                   "temperature": 0})
     assert status == 200, reply
     return text_of(reply)
-
-
-def wait_for(cond, timeout: float = 20.0) -> bool:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 def test_shared_prefix_is_loaded_from_the_store(servers, decode_pool_full_after):
@@ -82,10 +73,9 @@ def test_store_survives_a_prefill_restart_through_its_disk_tier(servers, redis_u
     in_redis = len(r.keys("kvbridge:chunk:*"))
     assert complete(pre.url, first) == complete(agg.url, first)
     written = 4 * CHUNK * 2 * 2 * 2 * 32 * 4  # 4 whole chunks x 2 layers x K,V x 2 heads x 32 x fp32
-    assert wait_for(lambda: delta(connector_metrics(pre), before,
-                                  'kvbridge_store_written_bytes_total{tier="disk"}') >= written), \
-        "background writes never reached the disk tier"
-    assert wait_for(lambda: len(r.keys("kvbridge:chunk:*")) >= in_redis + 4), "and Redis, for other nodes"
+    wait_for(lambda: delta(connector_metrics(pre), before, 'kvbridge_store_written_bytes_total{tier="disk"}')
+             >= written, 20, what="background writes reaching the disk tier")
+    wait_for(lambda: len(r.keys("kvbridge:chunk:*")) >= in_redis + 4, 20, what="and Redis, for other nodes")
 
     pre.stop()
     pre.start()

@@ -1,0 +1,69 @@
+"""Servers on this one machine, on free ports, as the tests and benches start them.
+
+The same RoleConfig / RouterConfig and ProcessHandle as `kvbridge up`, with the settings of a small
+box: the generated tiny model, fp32, eager mode, 1 GiB of KV cache, and the decode node computing on
+core 1 while everything else computes on core 0 (two nodes' worth of cores on a 2-core machine).
+"""
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Literal, Sequence
+
+import yaml
+
+from launch.process_handle import ROOT
+from launch.role_config import RoleConfig
+from launch.servers import RouterServer, VllmServer
+from router.config import RouterConfig
+
+MODEL_DIR = ROOT / ".kvbridge" / "models" / "tiny"
+LOG_DIR = ROOT / ".kvbridge" / "logs"
+SERVED_MODEL = "tiny"
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (the OS picks it), for servers started side by side."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_vllm(name: str, role: Literal["prefill", "decode", "both", "aggregated"] = "aggregated",
+               connector: dict | None = None, *, policy: Literal["recompute", "fail"] | None = None,
+               model: Path = MODEL_DIR, max_model_len: int = 2048, env: dict[str, str] | None = None,
+               vllm_args: Sequence[str] = ()) -> VllmServer:
+    """Start (without waiting for) one vLLM server on a free port, its log in LOG_DIR/<name>.log; start
+    several, then wait_ready() each, and they load in parallel. `connector` is kvbridge's connector
+    settings (the decode and both roles also get a free handshake port; instance_id is `name`);
+    role aggregated runs no kvbridge connector, and `vllm_args` may give it another one."""
+    data: dict = {
+        "role": role, "name": name, "model": str(model), "served_model_name": SERVED_MODEL, "port": free_port(),
+        "vllm_args": ["--enforce-eager", "--dtype", "float32", "--max-model-len", str(max_model_len),
+                      "--max-num-seqs", "32", *vllm_args],
+        "env": {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "1",
+                "VLLM_CPU_OMP_THREADS_BIND": "1" if role == "decode" else "0", **(env or {})}}
+    if role != "aggregated" or connector is not None:
+        data["connector"] = dict(connector or {})
+        if role in ("decode", "both"):
+            data["connector"].setdefault("listen_port", free_port())
+    if policy is not None:
+        data["load_failure_policy"] = policy
+    server = VllmServer(RoleConfig.model_validate(data), LOG_DIR)
+    server.start()
+    return server
+
+
+def start_router(config: RouterConfig, timeout: float = 30) -> RouterServer:
+    """Write `config` where the router's log goes, start the router from it and wait until it is healthy."""
+    path = LOG_DIR / f"router-{config.port}.yaml"
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json", exclude_unset=True)))
+    router = RouterServer(path, LOG_DIR, name=f"router-{config.port}")
+    router.start()
+    try:
+        router.wait_ready(timeout)
+    except BaseException:
+        router.stop()
+        raise
+    return router
