@@ -113,3 +113,30 @@ def test_a_producer_that_cannot_push_tells_the_consumer_before_any_timeout(consu
         assert finished(p, {"big-1"})["big-1"] == State.FAILED and handle.startswith("big-1@")
     finally:
         p.close()
+
+
+def test_each_producer_rank_reaches_only_its_own_consumer_rank():
+    """TP=2 on both roles: rank r's producer pushes to rank r's endpoint (listen_port + r); a rank that
+    reaches the other rank's endpoint, or a producer with another TP size, is refused with a sentence."""
+    ranks = [LAYOUT.model_copy(update={"tp_size": 2, "tp_rank": r, "kv_heads_per_rank": 1}) for r in (0, 1)]
+    consumers = [ConsumerProcess(layout, chunk_tokens=CHUNK_TOKENS, num_slots=4) for layout in ranks]
+    producers = [Producer(layout, CHUNK_TOKENS, ProducerSettings(producer_id=f"tp-prefill/rank{r}"))
+                 for r, layout in enumerate(ranks)]
+    try:
+        for r in (0, 1):
+            assert producers[r].link(consumers[r].address).ensure().layout.tp_rank == r
+        with pytest.raises(HandshakeRejected) as e:
+            producers[1].link(consumers[0].address).ensure()
+        assert "producer rank 1 reached consumer" in str(e.value) and "serves rank 0" in str(e.value)
+        tp1 = Producer(LAYOUT, CHUNK_TOKENS, ProducerSettings(producer_id="tp1-prefill"))
+        try:
+            with pytest.raises(HandshakeRejected) as e:
+                tp1.link(consumers[0].address).ensure()
+            assert "TP=2, producer TP=1" in str(e.value) and "not supported" in str(e.value)
+        finally:
+            tp1.close()
+    finally:
+        for p in producers:
+            p.close()
+        for c in consumers:
+            c.stop()
