@@ -16,10 +16,12 @@ import aiohttp
 import pytest
 import requests
 
-from launch.local_servers import start_vllm
+from launch.local_servers import MODEL_DIR, start_vllm
 from launch.polling import wait_for
 from launch.process_handle import ROOT
 from launch.tiny_prompts import random_token_prompt
+from pd.prefix_store import model_fingerprint
+from transfer.identity import TransferSpec
 from tests.pd_client import pd_request, pool_status, post, text_of, wait_producer_idle
 
 pytestmark = pytest.mark.usefixtures("decode_pool_full_after")
@@ -184,7 +186,9 @@ def test_lease_expiring_mid_transfer_never_serves_partial_or_reused_slots(server
     want = text_of(post(servers["agg"].url, "/v1/completions", body)[1])
     tid = uuid.uuid4().hex
     before = pool_status(hs)
-    proc = subprocess.Popen([sys.executable, "-m", "tests.producer_proc", hs, tid, "2", "1.5"],
+    spec = TransferSpec.for_prompt(tid, body["prompt"])
+    proc = subprocess.Popen([sys.executable, "-m", "tests.producer_proc", hs, spec.key, str(spec.num_tokens),
+                             spec.token_hash, model_fingerprint(str(MODEL_DIR)), "1.5"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         assert read_until(proc, "begun") == "begun"

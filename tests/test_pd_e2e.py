@@ -117,5 +117,5 @@ def test_unreachable_consumer_falls_back_to_recompute(servers, failure_report):
     assert dec[0] == 200 and text_of(dec[1]) == want
     cleanup = wait_producer_idle(servers["prefill"])
     failure_report("consumer unreachable (prefill pushes to a dead address)", "prefill answered; its transfer "
-                   f"failed and released its staging; decode recomputed, correct", took, cleanup,
+                   "failed and released its staging; decode recomputed, correct", took, cleanup,
                    "none: prefill staging full")

@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -27,6 +27,7 @@ from transfer.states import State, Transfer
 from transfer.threads import start_io_thread
 from transfer.nixl_agent import NixlAgent, TransferError
 from transfer.notice import ChunkNotice
+from transfer.push_job import PushJob
 from transfer.staging import StagingBuffer
 
 log = logging.getLogger("kvbridge.producer")
@@ -49,23 +50,6 @@ class ProducerSettings:
     device: str = "cpu"
 
 
-@dataclass
-class _Job:
-    t: Transfer
-    spec: TransferSpec
-    consumer: str
-    n_chunks: int
-    staged: dict[int, tuple[int, int]] = field(default_factory=dict)   # chunk -> (staging slot, nbytes)
-    inflight: dict[int, tuple[object, int]] = field(default_factory=dict)  # chunk -> (handle, slot)
-    sent: int = 0
-    grant: wire.Grant | None = None
-    deadline: float = 0.0
-    next_renew: float = 0.0
-    retry_at: float = 0.0
-    abort: bool = False
-    peer_down: bool = False  # the consumer did not answer: nothing more to tell it
-
-
 class Producer:
     def __init__(self, layout: KVLayout, chunk_tokens: int, settings: ProducerSettings) -> None:
         self.layout = layout
@@ -80,7 +64,7 @@ class Producer:
                                  incarnation=self.incarnation, layout=layout, chunk_tokens=chunk_tokens,
                                  agent_name=self.agent.name, agent_meta=self.agent.metadata())
         self._links: dict[str, ConsumerLink] = {}
-        self._jobs: dict[str, _Job] = {}
+        self._jobs: dict[str, PushJob] = {}
         STAGING_FREE.set_function(lambda: self.staging.free)
         STAGING_TOTAL.set(settings.staging_chunks)
         ACTIVE.set_function(lambda: len(self._jobs))
@@ -96,7 +80,7 @@ class Producer:
         with self._cv:
             if any(j.spec.key == spec.key and not (j.abort or j.t.done) for j in self._jobs.values()):
                 return ""  # the same prompt is on its way already (n > 1, a repeated prompt): one push is enough
-            self._jobs[handle] = _Job(Transfer(handle, "producer"), spec, consumer,
+            self._jobs[handle] = PushJob(Transfer(handle, "producer"), spec, consumer,
                                       self.geometry.n_chunks(spec.num_tokens))
             self._cv.notify()
         return handle
@@ -179,7 +163,7 @@ class Producer:
                 if timeout > 0:
                     self._cv.wait(timeout)
 
-    def _step(self, job: _Job, now: float) -> None:
+    def _step(self, job: PushJob, now: float) -> None:
         t = job.t
         if job.abort and not t.done:
             t.to(State.ABORTED, "aborted by the engine")
@@ -193,7 +177,7 @@ class Producer:
         if t.done and not job.inflight:
             self._cleanup(job)
 
-    def _allocate(self, job: _Job, now: float) -> None:
+    def _allocate(self, job: PushJob, now: float) -> None:
         t = job.t
         if t.state == State.NEW:
             t.to(State.ALLOCATING)
@@ -214,7 +198,7 @@ class Producer:
         job.next_renew = sent_at + reply.ttl_s / 3
         t.to(State.SENDING)
 
-    def _post(self, job: _Job, now: float) -> None:
+    def _post(self, job: PushJob, now: float) -> None:
         if job.staged and now >= job.deadline:
             job.t.to(State.FAILED, "lease deadline reached before all chunks were written")
             return
@@ -259,7 +243,7 @@ class Producer:
             job.deadline = now + self.cfg.lease_ttl_s - self.cfg.write_margin_s
             job.next_renew = now + self.cfg.lease_ttl_s / 3
 
-    def _poll(self, job: _Job, now: float) -> None:
+    def _poll(self, job: PushJob, now: float) -> None:
         # A write to a peer that died may never complete (UCX without error handling):
         # past the lease deadline plus the margin nobody will read those bytes, so give up.
         stuck = bool(job.inflight) and now > job.deadline + self.cfg.write_margin_s
@@ -278,7 +262,7 @@ class Producer:
             else:
                 job.t.to(State.FAILED, f"write of chunk {chunk} to {job.consumer} failed")
 
-    def _give_up(self, job: _Job) -> None:
+    def _give_up(self, job: PushJob) -> None:
         """Free everything a failed job holds, in-flight writes included (their bytes go nowhere we read)."""
         for handle, slot in job.inflight.values():
             try:
@@ -289,7 +273,7 @@ class Producer:
         job.inflight.clear()
         self._cleanup(job)
 
-    def _cleanup(self, job: _Job) -> None:
+    def _cleanup(self, job: PushJob) -> None:
         for slot, _ in job.staged.values():
             self.staging.release(slot)
         job.staged.clear()
