@@ -35,6 +35,8 @@ class RouterConfig(BaseModel):
     health_interval_s: float = Field(default=2.0, gt=0)
     health_timeout_s: float = Field(default=1.0, gt=0)
     unhealthy_after: int = Field(default=2, ge=1, description="consecutive failed health checks before removal")
+    abandon_after_s: float = Field(default=3.0, ge=0, description="a node down by its health checks this long "
+                                   "has the requests still waiting on it ended (retried if nothing was sent)")
     down_after_failures: int = Field(default=3, ge=2, description="consecutive failed requests before removal; "
                                      "one failed request only makes an instance suspect")
     connect_timeout_s: float = Field(default=5.0, gt=0)

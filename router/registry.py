@@ -4,14 +4,17 @@ One failed request makes an instance *suspect*: requests go to up instances whil
 and to a suspect one when it is all there is (removing the last instance of a kind on one error
 would turn one glitch into an outage). `down_after_failures` consecutive failed requests, or
 `unhealthy_after` failed health checks, take it *down*; a passing health check brings it back.
-Going down cancels whatever still waits on the instance (`DownWatch`), so no request hangs on a
-node that vanished without closing its connections.
+A node that stays down by its health checks for `abandon_after_s` has whatever still waits on it
+cancelled (`DownWatch`), so no request hangs on a node that vanished without closing its
+connections; the grace keeps a node that is only slow to answer /health under load from losing
+its in-flight requests (a node that really died closes its connections, which fails them at once).
 """
 from __future__ import annotations
 
 import asyncio
 import itertools
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
@@ -37,6 +40,7 @@ class Backend:
     health_fails: int = 0
     outstanding: int = 0
     pool_free: float = 1.0  # decode only: fraction of its connector's slots that are free
+    down_since: float | None = None
     watchers: set[Callable[[], None]] = field(default_factory=set)
 
     @property
@@ -52,16 +56,19 @@ class Backend:
             return
         log.warning("%s %s is now %s%s", self.kind, self.name, state.upper(), f" ({why})" if why else "")
         self.state = state
+        self.down_since = time.monotonic() if state == "down" else None
         INSTANCE_HEALTHY.labels(self.kind, self.name).set(1 if state == "up" else 0)
         INSTANCE_STATE.labels(self.kind, self.name).set(STATE_CODE[state])
-        if state == "down":
-            for fire in list(self.watchers):
-                fire()
+
+    def abandon_waiters(self) -> None:
+        """End every request still waiting on this node (each DownWatch fires once)."""
+        for fire in list(self.watchers):
+            fire()
 
 
 class DownWatch:
-    """While inside, the current task is cancelled if `backend` goes down; the cancel leaves the block
-    as an UpstreamFailure (or stays a cancel when the client left at the same time)."""
+    """While inside, the current task is cancelled if `backend` is abandoned (down for abandon_after_s);
+    the cancel leaves the block as an UpstreamFailure (or stays a cancel when the client left too)."""
 
     def __init__(self, backend: Backend) -> None:
         self.backend, self.fired = backend, False
@@ -80,7 +87,7 @@ class DownWatch:
     def __exit__(self, et: type | None, e: BaseException | None, tb: object) -> None:
         self.backend.watchers.discard(self._fire)
         if self.fired and isinstance(e, asyncio.CancelledError) and self.task.uncancel() == 0:
-            raise UpstreamFailure(self.backend.name, "marked down while this request waited on it") from None
+            raise UpstreamFailure(self.backend.name, "down (health checks) while this request waited on it") from None
 
 
 class Registry:
@@ -169,5 +176,7 @@ class Registry:
             b.health_fails += 1
             if b.health_fails >= self.cfg.unhealthy_after or b.state == "down":
                 b.set_state("down", why)
+                if time.monotonic() - b.down_since >= self.cfg.abandon_after_s:
+                    b.abandon_waiters()
             elif b.state == "up":
                 b.set_state("suspect", why)

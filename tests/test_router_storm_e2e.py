@@ -123,7 +123,7 @@ def two_decode_router(servers):
         extra.wait_ready()
         decodes = [servers["decode"], extra]
         router = start_router(RouterConfig(
-            port=free_port(), model=SERVED_MODEL, policy="round_robin", health_interval_s=0.5, unhealthy_after=1,
+            port=free_port(), model=SERVED_MODEL, policy="round_robin", health_interval_s=0.5, health_timeout_s=3,
             prefill=[{"name": servers["prefill"].name, "url": servers["prefill"].url}],
             decode=[{"name": d.name, "url": d.url, "kv_address": d.handshake} for d in decodes]))
         yield router, extra
@@ -132,12 +132,18 @@ def two_decode_router(servers):
         extra.stop()
 
 
-KILL_PROMPTS, KILL_TOKENS, KILL_REQUESTS = 8, 40, 160
+KILL_PROMPTS, KILL_TOKENS, KILL_REQUESTS = 8, 96, 160
+
+
+async def dispatch_of(s: aiohttp.ClientSession, url: str, r: aiohttp.ClientResponse) -> str:
+    """Where the router sent this request last (its trace's last `dispatched` event)."""
+    async with s.get(f"{url}/debug/requests/{r.headers['x-kvbridge-request-id']}") as t:
+        return [e for e in (await t.json())["events"] if e["phase"] == "dispatched"][-1]["detail"]
 
 
 async def kill_under_load(url: str, victim) -> tuple[list[dict], float]:
-    """KILL_REQUESTS at once (half streamed); decode-1 killed once streams are flowing and it holds requests."""
-    first_events, t_kill = asyncio.Event(), [0.0]
+    """KILL_REQUESTS at once (half streamed); decode-1 killed as soon as one of its streams is flowing."""
+    victim_streaming, t_kill = asyncio.Event(), [0.0]
 
     async def client(s: aiohttp.ClientSession, i: int) -> dict:
         p, stream = i % KILL_PROMPTS, i % 2 == 0
@@ -149,22 +155,18 @@ async def kill_under_load(url: str, victim) -> tuple[list[dict], float]:
             events = []
             while event := await r.content.readuntil(b"\n\n"):
                 events.append(event.decode().removeprefix("data: ").strip())
-                first_events.set()
+                if len(events) == 1 and r.status == 200 and "decode=decode-1" in await dispatch_of(s, url, r):
+                    victim_streaming.set()
             return {"i": i, "stream": True, "status": r.status, "events": events, "end": time.monotonic()}
 
-    async def killer(s: aiohttp.ClientSession) -> None:
-        await first_events.wait()
-        while True:  # decode-1 holds requests in flight
-            async with s.get(url + "/health") as r:
-                if (await r.json())["instances"]["decode"][1]["outstanding"] >= 8:
-                    break
-            await asyncio.sleep(0.02)
+    async def killer() -> None:
+        await victim_streaming.wait()
         victim.kill9()
         t_kill[0] = time.monotonic()
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=90),
                                      connector=aiohttp.TCPConnector(limit=0)) as s:
-        *results, _ = await asyncio.gather(*(client(s, i) for i in range(KILL_REQUESTS)), killer(s))
+        *results, _ = await asyncio.gather(*(client(s, i) for i in range(KILL_REQUESTS)), killer())
     return results, t_kill[0]
 
 
@@ -192,4 +194,7 @@ def test_decode_killed_under_load_streams_end_with_error_and_unstreamed_are_retr
     assert cut and max(cut) < 5.0, cut  # kill -9 closes the sockets: no stream waits on a node that is gone
     health = requests.get(router.url + "/health", timeout=5).json()["instances"]["decode"]
     assert [d["state"] for d in health] == ["up", "down"]
+    retries = [ln for ln in requests.get(router.url + "/metrics", timeout=5).text.splitlines()
+               if ln.startswith("kvbridge_router_retries_total")]
+    assert retries and float(retries[0].rsplit(" ", 1)[1]) > 0, retries  # some moved to decode-0 before a byte
     wait_producer_idle(servers["prefill"], 15)
