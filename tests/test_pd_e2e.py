@@ -8,13 +8,15 @@ import uuid
 import pytest
 import torch
 
-from launch.local_servers import free_port
+from launch.local_servers import MODEL_DIR, free_port
 from launch.polling import wait_for
 from launch.tiny_prompts import random_token_prompt, random_words
-from transfer.layout import KVLayout
+from pd.prefix_store import model_fingerprint
+from tests.pd_client import pd_request, pool_status, post, source_tokens, text_of, wait_producer_idle
+from tests.producer_proc import TINY
+from transfer.identity import TransferSpec
 from transfer.producer import Producer, ProducerSettings
 from transfer.states import State
-from tests.pd_client import pd_request, pool_status, post, source_tokens, text_of, wait_producer_idle
 
 pytestmark = pytest.mark.usefixtures("decode_pool_full_after")
 MAX_TOKENS = 12
@@ -70,23 +72,25 @@ def test_concurrent_requests_all_match(servers):
 
 
 def test_corrupted_kv_changes_the_output(servers):
-    """A rogue producer pushes random bytes under a valid lease: decode must use them (and so differ)."""
+    """A producer pushes random bytes under the request's honest key: decode must use them (and so differ)."""
     n = 300
     body = {"model": "tiny", "prompt": random_token_prompt(n, seed=7), "max_tokens": MAX_TOKENS, "temperature": 0}
     want = reference(servers, "/v1/completions", body)
-    layout = KVLayout(model_id="tiny", num_layers=2, num_kv_heads=2, kv_heads_per_rank=2, head_size=32,
-                      dtype="float32", block_size=128, cache_layout="LBHNC")
-    rogue = Producer(layout, 256, ProducerSettings(producer_id="rogue"))
+    rogue = Producer(TINY.model_copy(update={"weights_fingerprint": model_fingerprint(str(MODEL_DIR))}), 256,
+                     ProducerSettings(producer_id=f"rogue-{uuid.uuid4().hex[:8]}"))
     tid = uuid.uuid4().hex
+    spec = TransferSpec.for_prompt(tid, body["prompt"])
     try:
-        rogue.begin(tid, servers["decode"].handshake, 2)
-        for chunk, blocks in enumerate((2, 1)):
-            nbytes = blocks * layout.bytes_per_block
-            assert rogue.stage(tid, chunk, lambda v, nb=nbytes: v[:nb].copy_(
-                torch.randn(nb // 4).view(torch.uint8)).numel())
-        done = wait_for(rogue.take_finished, 10, interval=0.05, what="the rogue push finishing")
-        assert done[0].state == State.SENT
-        _, dec = pd_request(servers, "/v1/completions", body, prefill=False, transfer_id=tid)
+        with cf.ThreadPoolExecutor(1) as ex:
+            fut = ex.submit(pd_request, servers, "/v1/completions", body, prefill=False, transfer_id=tid)
+            handle = rogue.begin(spec, servers["decode"].handshake)
+            for chunk in range(rogue.geometry.n_chunks(n)):
+                nb = rogue.geometry.chunk_nbytes(n, chunk)
+                assert rogue.stage(handle, chunk, lambda v, nb=nb: v[:nb].copy_(
+                    torch.randint(0, 256, (nb,), dtype=torch.uint8)).numel())
+            done = wait_for(rogue.take_finished, 30, interval=0.05, what="the rogue push finishing")
+            assert done[0].state == State.SENT
+            _, dec = fut.result(timeout=60)
         assert dec[0] == 200
         assert text_of(dec[1]) != want
     finally:
