@@ -20,7 +20,7 @@ class ConnectorConfigError(ConfigError):
 class ConnectorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    instance_id: str = Field(default="", description="name in logs and lease ownership; defaults to role-port")
+    instance_id: str = Field(default="", description="name in logs; defaults to role-hostname-pid")
     model_id: str = Field(default="", description="identity checked in the handshake; defaults to the model dir name")
     listen_host: str = "127.0.0.1"
     listen_port: int = Field(default=5600, ge=0, le=65535, description="consumer handshake port (+ TP rank)")

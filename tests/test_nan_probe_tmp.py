@@ -1,0 +1,126 @@
+"""PD through real vLLM: prefill (kv_producer) pushes, decode (kv_consumer) receives."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import time
+import uuid
+
+import pytest
+import torch
+
+from launch.local_servers import MODEL_DIR, free_port
+from launch.polling import wait_for
+from launch.tiny_prompts import random_token_prompt, random_words
+from pd.prefix_store import model_fingerprint
+from tests.pd_client import pd_request, pool_status, post, source_tokens, text_of, wait_producer_idle
+from tests.producer_proc import TINY
+from transfer.identity import TransferSpec
+from transfer.producer import Producer, ProducerSettings
+from transfer.states import State
+
+pytestmark = pytest.mark.usefixtures("decode_pool_full_after")
+MAX_TOKENS = 12
+
+
+def reference(servers, path: str, body: dict) -> str:
+    code, reply = post(servers["agg"].url, path, body)
+    assert code == 200, reply
+    return text_of(reply)
+
+
+@pytest.mark.parametrize("n", [1, 2, 127, 128, 129, 255, 256, 257, 1000])
+def test_completion_tokens_equal_aggregated(servers, n):
+    body = {"model": "tiny", "prompt": random_token_prompt(n, seed=n), "max_tokens": MAX_TOKENS, "temperature": 0}
+    want = reference(servers, "/v1/completions", body)
+    before_src = source_tokens(servers["decode"].url)
+    before = pool_status(servers["decode"].handshake).counters
+    pre, dec = pd_request(servers, "/v1/completions", body)
+    assert pre[0] == 200 and dec[0] == 200, (pre, dec)
+    assert text_of(dec[1]) == want
+    assert dec[1]["usage"]["prompt_tokens"] == n and dec[1]["usage"]["completion_tokens"] == MAX_TOKENS
+    # The KV was really used: the connector scattered exactly the prompt's tokens and vLLM counts every
+    # prompt token as transferred, none computed from scratch (a 1-token prompt is the exception: vLLM
+    # always recomputes the last prompt token, which there is the whole prompt).
+    after_src = source_tokens(servers["decode"].url)
+    transferred = n if n > 1 else 0
+    assert after_src["external_kv_transfer"] - before_src["external_kv_transfer"] == transferred
+    assert after_src["local_compute"] - before_src["local_compute"] == n - transferred
+    after = pool_status(servers["decode"].handshake).counters
+    assert after["tokens_scattered"] - before.get("tokens_scattered", 0) == n
+
+
+@pytest.mark.parametrize("words", [3, 90, 400])
+def test_chat_tokens_equal_aggregated(servers, words):
+    body = {"model": "tiny", "messages": [{"role": "system", "content": "be brief"},
+                                          {"role": "user", "content": random_words(words, seed=words)}],
+            "max_tokens": MAX_TOKENS, "temperature": 0}
+    want = reference(servers, "/v1/chat/completions", body)
+    pre, dec = pd_request(servers, "/v1/chat/completions", body)
+    assert pre[0] == 200 and dec[0] == 200, (pre, dec)
+    assert text_of(dec[1]) == want
+
+
+def test_concurrent_requests_all_match(servers):
+    bodies = [{"model": "tiny", "prompt": random_token_prompt(n, seed=100 + n), "max_tokens": MAX_TOKENS,
+               "temperature": 0} for n in (50, 130, 300, 520, 700, 900)]
+    with cf.ThreadPoolExecutor(len(bodies)) as ex:
+        wants = list(ex.map(lambda b: reference(servers, "/v1/completions", b), bodies))
+        got = list(ex.map(lambda b: pd_request(servers, "/v1/completions", b), bodies))
+    for (pre, dec), want in zip(got, wants):
+        assert pre[0] == 200 and dec[0] == 200
+        assert text_of(dec[1]) == want
+
+
+def test_corrupted_kv_changes_the_output(servers):
+    """A producer pushes random bytes under the request's honest key: decode must use them (and so differ)."""
+    n = 300
+    body = {"model": "tiny", "prompt": random_token_prompt(n, seed=7), "max_tokens": MAX_TOKENS, "temperature": 0}
+    want = reference(servers, "/v1/completions", body)
+    rogue = Producer(TINY.model_copy(update={"weights_fingerprint": model_fingerprint(str(MODEL_DIR))}), 256,
+                     ProducerSettings(producer_id=f"rogue-{uuid.uuid4().hex[:8]}"))
+    tid = uuid.uuid4().hex
+    spec = TransferSpec.for_prompt(tid, body["prompt"])
+    try:
+        with cf.ThreadPoolExecutor(1) as ex:
+            fut = ex.submit(pd_request, servers, "/v1/completions", body, prefill=False, transfer_id=tid)
+            handle = rogue.begin(spec, servers["decode"].handshake)
+            for chunk in range(rogue.geometry.n_chunks(n)):
+                nb = rogue.geometry.chunk_nbytes(n, chunk)
+                # Finite values: NaN bytes left in a freed block poison later requests on vLLM's CPU attention.
+                assert rogue.stage(handle, chunk, lambda v, nb=nb: v[:nb].copy_(
+                    torch.randint(0, 256, (nb,), dtype=torch.uint8)).numel())
+            done = wait_for(rogue.take_finished, 30, interval=0.05, what="the rogue push finishing")
+            assert done[0].state == State.SENT
+            _, dec = fut.result(timeout=60)
+        assert dec[0] == 200
+        assert text_of(dec[1]) != want
+    finally:
+        rogue.close()
+
+
+def test_kv_that_never_arrives_is_recomputed(servers, failure_report):
+    body = {"model": "tiny", "prompt": random_token_prompt(200, seed=11), "max_tokens": MAX_TOKENS,
+            "temperature": 0}
+    want = reference(servers, "/v1/completions", body)
+    t0 = time.monotonic()
+    _, dec = pd_request(servers, "/v1/completions", body, prefill=False)
+    took = time.monotonic() - t0
+    assert dec[0] == 200 and text_of(dec[1]) == want
+    assert took < 4.0 + 5.0, f"recompute took {took:.1f}s, bound is load_timeout_s + 5s"
+    failure_report("prefill never pushes (policy=recompute)", "decode recomputed after load_timeout_s=4, correct "
+                   "tokens", took, None, "none: slots full")
+
+
+def test_unreachable_consumer_falls_back_to_recompute(servers, failure_report):
+    body = {"model": "tiny", "prompt": random_token_prompt(200, seed=12), "max_tokens": MAX_TOKENS,
+            "temperature": 0}
+    want = reference(servers, "/v1/completions", body)
+    t0 = time.monotonic()
+    pre, dec = pd_request(servers, "/v1/completions", body, push_to=f"127.0.0.1:{free_port()}")
+    took = time.monotonic() - t0
+    assert pre[0] == 200, pre  # the prefill leg itself succeeds; its push fails and is logged
+    assert dec[0] == 200 and text_of(dec[1]) == want
+    cleanup = wait_producer_idle(servers["prefill"])
+    failure_report("consumer unreachable (prefill pushes to a dead address)", "prefill answered; its transfer "
+                   "failed and released its staging; decode recomputed, correct", took, cleanup,
+                   "none: prefill staging full")
