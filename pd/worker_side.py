@@ -160,7 +160,7 @@ class WorkerSide:
                             c, "missing" if data is None else f"{data.numel()} bytes, expected {expect}")
                 break
             skip = max(0, task.skip_blocks - c * bpc)
-            self.kv.scatter(ids, data, skip)
+            self.kv.scatter(ids, data.to(self.kv.device), skip)  # a host tensor the store may free: copy it over
             loaded += self.chunk_tokens - skip * self.kv.layout.block_size
         PROMPT_TOKENS.labels("loaded").inc(loaded)
         log.debug("request %s: %d prompt tokens loaded from the store", task.req_id, loaded)
