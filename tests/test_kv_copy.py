@@ -63,3 +63,22 @@ def test_building_the_wheel_builds_the_native_libraries_into_it(tmp_path):
     assert "pd/native/libkvb_copy_cpu.so" in names
     if shutil.which("nvcc"):
         assert "pd/native/libkvb_copy_cuda.so" in names
+
+
+def test_a_missing_cuda_library_is_a_sentence_that_says_how_to_build_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(native_copy, "NATIVE_DIR", tmp_path)
+    with pytest.raises(native_copy.NativeUnavailable, match="libkvb_copy_cuda.so is missing: reinstall kvbridge"):
+        native_copy.cuda_copier(torch.device("cuda"))
+
+
+def test_without_the_native_copy_the_connector_falls_back_to_torch_with_a_warning(monkeypatch, caplog):
+    from pd import block_copy
+
+    def unavailable(*_):
+        raise native_copy.NativeUnavailable("libkvb_copy_cuda.so is missing: " + native_copy.HOW_TO_BUILD)
+    monkeypatch.setattr(block_copy, "SegmentBlockCopy", unavailable)
+    views = [torch.zeros(4, 2, 16, 8)]
+    with caplog.at_level("WARNING", logger="kvbridge.copy"):
+        copier = block_copy.block_copy_for(views, torch.device("cpu"))
+    assert isinstance(copier, block_copy.TorchBlockCopy)
+    assert "torch index copies" in caplog.text and "pip install -e ." in caplog.text
