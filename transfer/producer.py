@@ -3,7 +3,9 @@
 The engine thread calls `begin` when a request first appears and `stage` as soon as a
 chunk's KV exists (per scheduler step), so writes leave while prefill continues. One
 background thread talks to consumers and drives NIXL; it sleeps on a condition variable
-when there is nothing to post or poll.
+when there is nothing to post or poll. A consumer whose connection closes (a killed decode
+node) fails every transfer leased there on the next pass, without an RPC per transfer: the
+push thread serves every consumer, so it must never wait out timeouts on a dead one in turn.
 """
 from __future__ import annotations
 
@@ -148,9 +150,10 @@ class Producer:
                     return
                 jobs = list(self._jobs.values())
             now = time.monotonic()
+            gone = {c for c, link in list(self._links.items()) if link.gone}  # asked once per link, not per job
             for job in jobs:
                 try:
-                    self._step(job, now)
+                    self._step(job, now, job.consumer in gone)
                 except Exception as e:  # one transfer's surprise must not stop every other push on this node
                     log.exception("transfer %s: unexpected error; failing it", job.t.transfer_id)
                     job.t.to(State.FAILED, f"unexpected {type(e).__name__}: {e}")
@@ -163,10 +166,13 @@ class Producer:
                 if timeout > 0:
                     self._cv.wait(timeout)
 
-    def _step(self, job: PushJob, now: float) -> None:
+    def _step(self, job: PushJob, now: float, consumer_gone: bool) -> None:
         t = job.t
         if job.abort and not t.done:
             t.to(State.ABORTED, "aborted by the engine")
+        if t.state == State.SENDING and consumer_gone:  # before allocating: a grant made now is live
+            job.peer_down = True  # its lease died with it: nothing to renew or release there
+            t.to(State.FAILED, f"consumer {job.consumer} closed its connection (process gone?)")
         if t.state in (State.NEW, State.ALLOCATING) and now >= job.retry_at:
             self._allocate(job, now)
         if t.state == State.SENDING:
@@ -235,6 +241,7 @@ class Producer:
                 ok = link.renew(job.spec.key, job.grant.epoch, self.cfg.lease_ttl_s)
             except Exception as e:
                 ok, why = False, str(e)
+                job.peer_down = isinstance(e, PeerUnreachable)
             else:
                 why = "consumer no longer holds the lease"
             if not ok:
