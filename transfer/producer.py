@@ -233,6 +233,7 @@ class Producer:
                 self.staging.release(slot)
                 with self._cv:
                     job.staged.update(dict(ready[i + 1:]))
+                job.peer_down = e.peer_gone  # NIXL saw the consumer die: its lease went with it
                 job.t.to(State.FAILED, str(e))
                 return
             job.inflight[chunk] = (handle, slot)
@@ -267,7 +268,9 @@ class Producer:
             if state == "DONE":
                 job.sent += 1
             else:
-                job.t.to(State.FAILED, f"write of chunk {chunk} to {job.consumer} failed")
+                job.peer_down = job.peer_down or state == "GONE"
+                job.t.to(State.FAILED, f"write of chunk {chunk} to {job.consumer} failed"
+                                       + (" (consumer disconnected)" if state == "GONE" else ""))
 
     def _give_up(self, job: PushJob) -> None:
         """Free everything a failed job holds, in-flight writes included (their bytes go nowhere we read)."""
