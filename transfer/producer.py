@@ -1,11 +1,10 @@
 """Producer push engine: lease slots on a consumer, write staged chunks, renew, clean up.
 
-The engine thread calls `begin` when a request first appears and `stage` as soon as a
-chunk's KV exists (per scheduler step), so writes leave while prefill continues. One
-background thread talks to consumers and drives NIXL; it sleeps on a condition variable
-when there is nothing to post or poll. A consumer whose connection closes (a killed decode
-node) fails every transfer leased there on the next pass, without an RPC per transfer: the
-push thread serves every consumer, so it must never wait out timeouts on a dead one in turn.
+The engine thread calls `begin` when a request first appears and `stage` as soon as a chunk's KV
+exists (per scheduler step), so writes leave while prefill continues. One background thread talks to
+consumers and drives NIXL; it sleeps on a condition variable when there is nothing to post or poll.
+A consumer that died (its connection closed, or NIXL saw it disconnect) fails every transfer leased
+there at once, with no RPC to it: that thread serves every consumer and must not wait on a dead one.
 """
 from __future__ import annotations
 
@@ -269,8 +268,7 @@ class Producer:
                 job.sent += 1
             else:
                 job.peer_down = job.peer_down or state == "GONE"
-                job.t.to(State.FAILED, f"write of chunk {chunk} to {job.consumer} failed"
-                                       + (" (consumer disconnected)" if state == "GONE" else ""))
+                job.t.to(State.FAILED, f"write of chunk {chunk} to {job.consumer} failed ({state})")
 
     def _give_up(self, job: PushJob) -> None:
         """Free everything a failed job holds, in-flight writes included (their bytes go nowhere we read)."""
