@@ -20,7 +20,8 @@ from transfer import wire
 
 class StubNode:
     """A fake vLLM node. `mode`: ok | reset (drop the connection) | die (abort after `die_after` events)
-    | silent (go quiet after one event) | hang (never answer, and fail /health from then on)."""
+    | silent (go quiet after one event) | hang (never answer, and fail /health from then on) | late (headers
+    at once, then no first event and no unstreamed answer for an hour, /health passing: a stuck prefill)."""
 
     def __init__(self, name: str, mode: str = "ok", events: int = 4, interval: float = 0.0, die_after: int = 2,
                  kv: bool = False) -> None:
@@ -86,7 +87,7 @@ class StubNode:
                 self.healthy = False
                 await asyncio.sleep(3600)
             if not body.get("stream"):
-                await asyncio.sleep(self.interval)
+                await asyncio.sleep(3600 if self.mode == "late" else self.interval)
                 return web.json_response({"object": "text_completion", "choices": [{"index": 0, "text": self.name}],
                                           "kv_transfer_params": {"kvbridge": {}}})
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "X-Request-Id": "from-" + self.name})
@@ -95,7 +96,7 @@ class StubNode:
                 if self.mode == "die" and i == self.die_after:
                     request.transport.abort()
                     return resp
-                if self.mode == "silent" and i == 1:
+                if (self.mode == "silent" and i == 1) or (self.mode == "late" and i == 0):
                     await asyncio.sleep(3600)
                 chunk = {"choices": [{"index": 0, "text": f"t{i}"}], **({"kv_transfer_params": {"kvbridge": {}}} if i == 0 else {})}
                 await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")

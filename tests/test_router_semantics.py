@@ -140,6 +140,11 @@ async def test_models_proxied_and_admin_routes_on_their_own_port(make, unused_tc
             assert r.status == 404
         async with s.get(f"http://127.0.0.1:{unused_tcp_port}/metrics") as r:
             assert r.status == 200 and "kvbridge_router_requests_total" in await r.text()
+        rid = (await post(url, REQ))[1]["x-kvbridge-request-id"]
+        async with s.get(f"{url}/debug/requests/{rid}") as r:
+            assert r.status == 404
+        async with s.get(f"http://127.0.0.1:{unused_tcp_port}/debug/requests/{rid}") as r:
+            assert r.status == 200 and (await r.json())["id"] == rid
 
 
 @pytest.mark.parametrize("caps", [{"max_inflight_total": 2}, {"max_inflight_per_instance": 2}])
