@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
+import signal
 
 import time
 
@@ -145,8 +147,13 @@ async def dispatch_of(s: aiohttp.ClientSession, url: str, r: aiohttp.ClientRespo
 
 
 async def kill_under_load(url: str, victim) -> tuple[list[dict], float]:
-    """KILL_REQUESTS at once (half streamed); decode-1 killed as soon as one of its streams is flowing."""
-    victim_streaming, t_kill = asyncio.Event(), [0.0]
+    """KILL_REQUESTS at once (half streamed); decode-1 killed while at least one of its streams is flowing.
+
+    A stream can finish on the server before its client (sharing one busy event loop with 159 others) has
+    read its first event, so the victim is frozen (SIGSTOP) first; once no event of its has arrived for a
+    moment, what its clients saw is all it sent: if one of its streams is then unfinished it is killed,
+    else it goes on (SIGCONT) until the next of its streams begins."""
+    victim_streaming, flowing, last_event, t_kill = asyncio.Event(), set(), [0.0], [0.0]
 
     async def client(s: aiohttp.ClientSession, i: int) -> dict:
         p, stream = i % KILL_PROMPTS, i % 4 < 2  # round robin alternates decodes: each gets both kinds
@@ -155,15 +162,27 @@ async def kill_under_load(url: str, victim) -> tuple[list[dict], float]:
         async with s.post(url + "/v1/completions", json=body) as r:
             if not stream:
                 return {"i": i, "stream": False, "status": r.status, "body": await r.read(), "end": time.monotonic()}
-            events = []
+            events, on_victim = [], False
             while event := await r.content.readuntil(b"\n\n"):
                 events.append(event.decode().removeprefix("data: ").strip())
-                if len(events) == 1 and r.status == 200 and "decode=decode-1" in await dispatch_of(s, url, r):
+                if len(events) == 1 and r.status == 200:
+                    on_victim = "decode=decode-1" in await dispatch_of(s, url, r)
+                if on_victim:
+                    last_event[0] = time.monotonic()
+                    (flowing.discard if events[-1] == "[DONE]" else flowing.add)(i)
                     victim_streaming.set()
             return {"i": i, "stream": True, "status": r.status, "events": events, "end": time.monotonic()}
 
     async def killer() -> None:
-        await asyncio.wait_for(victim_streaming.wait(), 60)
+        while True:
+            await asyncio.wait_for(victim_streaming.wait(), 60)
+            os.killpg(victim.proc.pid, signal.SIGSTOP)
+            while time.monotonic() - last_event[0] < 1.0:  # its clients read what it sent before it froze
+                await asyncio.sleep(0.1)
+            if flowing:
+                break
+            victim_streaming.clear()
+            os.killpg(victim.proc.pid, signal.SIGCONT)
         victim.kill9()
         t_kill[0] = time.monotonic()
 
