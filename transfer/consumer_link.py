@@ -8,7 +8,8 @@ A consumer that dies closes its TCP connection (or refuses a new one). The socke
 sees that, so a call waiting on a dead consumer ends at once and later calls fail fast
 instead of each waiting out the RPC timeout on the producer's single push thread; ZMQ keeps
 reconnecting, and a consumer restarted on the same address is used again as soon as the
-connection is back.
+connection is back. A consumer that keeps its connection but stops answering (frozen, swapping)
+costs one timeout: calls in the next timeout's span fail at once, then one probes again.
 """
 from __future__ import annotations
 
@@ -66,6 +67,7 @@ class ConsumerLink:
         self._sock: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None
         self._lost_since: float | None = None  # when the connection was lost and not back since
+        self._quiet_until = 0.0  # a call timed out: calls fail at once until then
         self.welcome: wire.Welcome | None = None
 
     def ensure(self) -> wire.Welcome:
@@ -96,11 +98,11 @@ class ConsumerLink:
 
     @property
     def gone(self) -> bool:
-        """The consumer closed its connection (or refuses one) and has not come back: a lease held
-        there is lost with it, without asking."""
+        """The consumer closed its connection (or refuses one) and has not come back, or just left a
+        call unanswered: a lease held there is lost (or soon expires) without asking."""
         with self._lock:
             self._read_monitor()
-            return self._lost_since is not None
+            return self._lost_since is not None or time.monotonic() < self._quiet_until
 
     def close(self) -> None:
         with self._lock:
@@ -126,6 +128,9 @@ class ConsumerLink:
         msg.secret = self._secret
         with self._lock:
             msg.rid = next(self._rid)
+            if time.monotonic() < self._quiet_until:
+                raise PeerUnreachable(f"consumer {self.address} left a call unanswered for {self._timeout_ms} ms "
+                                      f"moments ago (not sent: {msg.type})")
             self._open()
             self._read_monitor()
             if self._lost_since is not None and not self._wait_back():
@@ -141,6 +146,7 @@ class ConsumerLink:
                 ready = dict(poller.poll(max(0, int((deadline - time.monotonic()) * 1000))))
                 if not ready:
                     self._reset_socket()
+                    self._quiet_until = time.monotonic() + self._timeout_ms / 1000
                     raise PeerUnreachable(f"consumer {self.address} did not answer {msg.type} "
                                           f"within {self._timeout_ms} ms")
                 if self._monitor in ready:
