@@ -98,11 +98,12 @@ class ConsumerLink:
 
     @property
     def gone(self) -> bool:
-        """The consumer closed its connection (or refuses one) and has not come back, or just left a
-        call unanswered: a lease held there is lost (or soon expires) without asking."""
+        """The consumer closed its connection (or refuses one) and has not come back: a lease held
+        there is lost with it, without asking. (One that only left a call unanswered is not gone:
+        transfers that need no call go on, the others fail at their next call, at once.)"""
         with self._lock:
             self._read_monitor()
-            return self._lost_since is not None or time.monotonic() < self._quiet_until
+            return self._lost_since is not None
 
     def close(self) -> None:
         with self._lock:

@@ -170,8 +170,8 @@ class Producer:
         if job.abort and not t.done:
             t.to(State.ABORTED, "aborted by the engine")
         if t.state == State.SENDING and consumer_gone:  # before allocating: a grant made now is live
-            job.peer_down = True  # its lease dies with it or runs out: no RPC to a consumer that cannot answer
-            t.to(State.FAILED, f"consumer {job.consumer} closed its connection or stopped answering")
+            job.peer_down = True  # its lease died with it: nothing to renew or release there
+            t.to(State.FAILED, f"consumer {job.consumer} closed its connection (process gone?)")
         if t.state in (State.NEW, State.ALLOCATING) and now >= job.retry_at:
             self._allocate(job, now)
         if t.state == State.SENDING:
