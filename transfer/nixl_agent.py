@@ -123,14 +123,13 @@ class NixlAgent:
         return handle
 
     def poll(self, handle: object) -> str:
-        """'DONE', 'PROC' or 'ERR'; drives UCX progress. A NIXL error for the transfer is 'ERR', or
-        'GONE' when the remote agent disconnected (its process died)."""
+        """'DONE', 'PROC' or 'ERR'; drives UCX progress. A NIXL error for the transfer is 'ERR'."""
         with self._lock:
             try:
                 return self._agent.check_xfer_state(handle)
             except Exception as e:
                 log.info("transfer state check failed: %s: %s", type(e).__name__, e)
-                return "GONE" if is_remote_disconnect(e) else "ERR"
+                return "ERR"
 
     def release(self, handle: object) -> None:
         with self._lock:

@@ -1,10 +1,9 @@
 """Producer push engine: lease slots on a consumer, write staged chunks, renew, clean up.
 
-The engine thread calls `begin` when a request first appears and `stage` as soon as a chunk's KV
-exists (per scheduler step), so writes leave while prefill continues. One background thread talks to
-consumers and drives NIXL; it sleeps on a condition variable when there is nothing to post or poll.
-A consumer that died (its connection closed, or NIXL saw it disconnect) fails every transfer leased
-there at once, with no RPC to it: that thread serves every consumer and must not wait on a dead one.
+The engine thread calls `begin` when a request first appears and `stage` as soon as a
+chunk's KV exists (per scheduler step), so writes leave while prefill continues. One
+background thread talks to consumers and drives NIXL; it sleeps on a condition variable
+when there is nothing to post or poll.
 """
 from __future__ import annotations
 
@@ -149,10 +148,9 @@ class Producer:
                     return
                 jobs = list(self._jobs.values())
             now = time.monotonic()
-            gone = {c for c, link in list(self._links.items()) if link.gone}  # asked once per link, not per job
             for job in jobs:
                 try:
-                    self._step(job, now, job.consumer in gone)
+                    self._step(job, now)
                 except Exception as e:  # one transfer's surprise must not stop every other push on this node
                     log.exception("transfer %s: unexpected error; failing it", job.t.transfer_id)
                     job.t.to(State.FAILED, f"unexpected {type(e).__name__}: {e}")
@@ -165,13 +163,12 @@ class Producer:
                 if timeout > 0:
                     self._cv.wait(timeout)
 
-    def _step(self, job: PushJob, now: float, consumer_gone: bool) -> None:
+    def _step(self, job: PushJob, now: float) -> None:
         t = job.t
         if job.abort and not t.done:
             t.to(State.ABORTED, "aborted by the engine")
-        if t.state == State.SENDING and consumer_gone:  # before allocating: a grant made now is live
-            job.peer_down = True  # its lease died with it: nothing to renew or release there
-            t.to(State.FAILED, f"consumer {job.consumer} closed its connection (process gone?)")
+        if t.state == State.SENDING and self._links[job.consumer].gone:  # its lease died with it: no RPC there
+            job.peer_down = t.to(State.FAILED, f"consumer {job.consumer} closed its connection (process gone?)")
         if t.state in (State.NEW, State.ALLOCATING) and now >= job.retry_at:
             self._allocate(job, now)
         if t.state == State.SENDING:
@@ -240,8 +237,7 @@ class Producer:
             try:
                 ok = link.renew(job.spec.key, job.grant.epoch, self.cfg.lease_ttl_s)
             except Exception as e:
-                ok, why = False, str(e)
-                job.peer_down = isinstance(e, PeerUnreachable)
+                ok, why, job.peer_down = False, str(e), isinstance(e, PeerUnreachable)
             else:
                 why = "consumer no longer holds the lease"
             if not ok:
@@ -267,8 +263,7 @@ class Producer:
             if state == "DONE":
                 job.sent += 1
             else:
-                job.peer_down = job.peer_down or state == "GONE"
-                job.t.to(State.FAILED, f"write of chunk {chunk} to {job.consumer} failed ({state})")
+                job.t.to(State.FAILED, f"write of chunk {chunk} to {job.consumer} failed")
 
     def _give_up(self, job: PushJob) -> None:
         """Free everything a failed job holds, in-flight writes included (their bytes go nowhere we read)."""
