@@ -12,6 +12,7 @@ from launch.redis_server import RedisServer
 from launch.tiny_model import make_tiny_model
 from router.config import RouterConfig
 from tests.pd_client import pool_status
+from tests.router_stubs import make  # noqa: F401 (fixture: a router in front of stub backends)
 
 PREFILL_EXTRA = {"checksum": True, "alloc_timeout_s": 3.0, "lease_ttl_s": 3.0}
 DECODE_EXTRA = {"checksum": True, "load_timeout_s": 4.0, "num_slots": 32, "quarantine_s": 0.5}

@@ -101,6 +101,28 @@ def test_models_health_metrics_trace(router):
     assert "kvbridge_router_requests_total" in requests.get(router.url + "/metrics", timeout=5).text
 
 
+@pytest.mark.parametrize("extra", [{"echo": True, "logprobs": 1}, {"prompt_logprobs": 2}])
+def test_echo_and_prompt_logprobs_are_served_whole_on_decode_as_aggregated(servers, router, extra):
+    """Transferred KV carries no prompt logits: these are computed on the decode node (no prefill leg, no
+    transfer) and answer exactly what an aggregated server does."""
+    body = {"model": "tiny", "prompt": random_words(40, seed=77), "max_tokens": 8, "temperature": 0, **extra}
+    r = requests.post(router.url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    got, want = r.json()["choices"][0], post_json(servers["agg"].url, body)["choices"][0]
+    assert got["text"] == want["text"] and got["text"].startswith(body["prompt"]) == ("echo" in extra)
+    for field in ("logprobs", "prompt_logprobs"):
+        assert (got.get(field) is None) == (want.get(field) is None), field
+    if "prompt_logprobs" in extra:
+        assert [p and sorted(p) for p in got["prompt_logprobs"]] == [p and sorted(p) for p in want["prompt_logprobs"]]
+    trace = requests.get(f"{router.url}/debug/requests/{r.headers['x-kvbridge-request-id']}", timeout=5).json()
+    dispatched = next(e["detail"] for e in trace["events"] if e["phase"] == "dispatched")
+    assert "prefill=None" in dispatched and "aggregated" in dispatched, dispatched
+
+
+def post_json(url: str, body: dict) -> dict:
+    return requests.post(url + "/v1/completions", json=body, timeout=60).json()
+
+
 def wait_health(router, healthy: bool, timeout: float) -> None:
     """Until the router's /health says its decode node is (or is not) healthy."""
     wait_for(lambda: requests.get(router.url + "/health", timeout=5).json()["instances"]["decode"][0]["healthy"]

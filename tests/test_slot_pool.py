@@ -3,6 +3,7 @@ exact chunk sizes, attempts, pins."""
 from __future__ import annotations
 
 from transfer.notice import ChunkNotice
+from transfer.receive_book import ReceiveBook
 from transfer.slot_pool import SlotPool
 
 
@@ -111,3 +112,15 @@ def test_a_pinned_lease_keeps_its_slots_until_the_last_unpin():
     assert pool.stats().free == 0
     pool.unpin(lease, release=True)
     assert pool.stats().free == 2
+
+
+def test_a_request_that_stopped_waiting_refuses_its_late_producer():
+    """EXPIRED (no sign of the transfer within the load timeout: the request recomputes) is final for the key:
+    a producer that shows up later is refused, not leased slots nobody will claim."""
+    book = ReceiveBook(SlotPool(4, 100, clock=Clock()), unclaimed_ttl_s=30.0, clock=Clock())
+    book.expect("late", 30, "ab")
+    book.finish("late", None, {"state": "EXPIRED", "reason": "no sign of the transfer for 4.0s"})
+    assert "stopped waiting" in book.check_alloc("late", 30, "ab")
+    book.expect("on-time", 30, "ab")
+    book.finish("on-time", None, {"state": "ABORTED", "reason": "preempted"})  # a new attempt may follow
+    assert book.check_alloc("on-time", 30, "ab") == ""

@@ -3,20 +3,33 @@
 Handshakes on first use, and again whenever the consumer says it does not know us:
 that is how a restarted consumer (new incarnation) is noticed; the stale NIXL remote
 agent is dropped and the new one added, with no restart on this side.
+
+A consumer that dies closes its TCP connection (or refuses a new one). The socket's monitor
+sees that, so a call waiting on a dead consumer ends at once and later calls fail fast
+instead of each waiting out the RPC timeout on the producer's single push thread; ZMQ keeps
+reconnecting, and a consumer restarted on the same address is used again as soon as the
+connection is back. A consumer that keeps its connection but stops answering (frozen, swapping)
+costs one timeout: calls in the next timeout's span fail at once, then one probes again.
 """
 from __future__ import annotations
 
 import itertools
 import logging
 import threading
+import time
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from transfer import wire
 from transfer.identity import TransferSpec
 from transfer.nixl_agent import NixlAgent
 
 log = logging.getLogger("kvbridge.producer")
+_LOST = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED  # the peer closed on us, or nobody listens there
+_BACK = zmq.EVENT_CONNECTED
+RECONNECT_IVL_MS = 50  # how often ZMQ retries a lost connection
+RECONNECT_GRACE_S = 0.2  # a call to a lost consumer waits this long for it to be back, then fails
 
 
 class HandshakeRejected(RuntimeError):
@@ -52,6 +65,9 @@ class ConsumerLink:
         self._rid = itertools.count(1)
         self._lock = threading.Lock()
         self._sock: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None
+        self._lost_since: float | None = None  # when the connection was lost and not back since
+        self._quiet_until = 0.0  # a call timed out: calls fail at once until then
         self.welcome: wire.Welcome | None = None
 
     def ensure(self) -> wire.Welcome:
@@ -80,6 +96,15 @@ class ConsumerLink:
         """End our lease (epoch 0: we never got one); a `reason` tells the consumer we gave up."""
         return self._call(wire.Release(transfer_id=transfer_id, epoch=epoch, reason=reason[:1024]), (wire.Ack,)).ok
 
+    @property
+    def gone(self) -> bool:
+        """The consumer closed its connection (or refuses one) and has not come back: a lease held
+        there is lost with it, without asking. (One that only left a call unanswered is not gone:
+        transfers that need no call go on, the others fail at their next call, at once.)"""
+        with self._lock:
+            self._read_monitor()
+            return self._lost_since is not None
+
     def close(self) -> None:
         with self._lock:
             self._reset_socket()
@@ -104,26 +129,74 @@ class ConsumerLink:
         msg.secret = self._secret
         with self._lock:
             msg.rid = next(self._rid)
-            if self._sock is None:
-                self._sock = zmq.Context.instance().socket(zmq.DEALER)
-                self._sock.setsockopt(zmq.LINGER, 0)
-                self._sock.connect(f"tcp://{self.address}")
+            if time.monotonic() < self._quiet_until:
+                raise PeerUnreachable(f"consumer {self.address} left a call unanswered for {self._timeout_ms} ms "
+                                      f"moments ago (not sent: {msg.type})")
+            self._open()
+            self._read_monitor()
+            if self._lost_since is not None and not self._wait_back():
+                raise PeerUnreachable(f"consumer {self.address} closed its connection "
+                                      f"{time.monotonic() - self._lost_since:.1f} s ago and is not back "
+                                      f"after {RECONNECT_GRACE_S} s (not sent: {msg.type})")
             self._sock.send(wire.encode(msg))
+            poller = zmq.Poller()
+            poller.register(self._sock, zmq.POLLIN)
+            poller.register(self._monitor, zmq.POLLIN)
+            deadline = time.monotonic() + self._timeout_ms / 1000
             while True:
-                if not self._sock.poll(self._timeout_ms):
+                ready = dict(poller.poll(max(0, int((deadline - time.monotonic()) * 1000))))
+                if not ready:
                     self._reset_socket()
+                    self._quiet_until = time.monotonic() + self._timeout_ms / 1000
                     raise PeerUnreachable(f"consumer {self.address} did not answer {msg.type} "
                                           f"within {self._timeout_ms} ms")
-                reply = wire.decode_reply(self._sock.recv())
-                if reply.rid == msg.rid:
-                    break
+                if self._monitor in ready:
+                    self._read_monitor()
+                    if self._lost_since is not None:
+                        raise PeerUnreachable(f"consumer {self.address} closed its connection while "
+                                              f"we waited for the answer to {msg.type}")
+                if self._sock in ready:
+                    reply = wire.decode_reply(self._sock.recv())
+                    if reply.rid == msg.rid:
+                        break
         if isinstance(reply, wire.Error):
             raise PeerError(self.address, reply.code, reply.message)
         if not isinstance(reply, expect):
             raise PeerError(self.address, "unexpected", f"{reply.type} in answer to {msg.type}")
         return reply
 
+    def _open(self) -> None:
+        if self._sock is None:
+            self._sock = zmq.Context.instance().socket(zmq.DEALER)
+            self._sock.setsockopt(zmq.LINGER, 0)
+            self._sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+            self._monitor = self._sock.get_monitor_socket(_LOST | _BACK)
+            self._sock.connect(f"tcp://{self.address}")
+
+    def _read_monitor(self) -> None:
+        """Apply the connection events that arrived, in order; the last one says where we stand."""
+        while self._monitor is not None and self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)["event"]
+            if event & _BACK:
+                if self._lost_since is not None:
+                    log.info("consumer %s: connection back", self.address)
+                self._lost_since = None
+            elif self._lost_since is None:
+                self._lost_since = time.monotonic()
+                log.info("consumer %s: connection lost (%s)", self.address, zmq.Event(event).name)
+
+    def _wait_back(self) -> bool:
+        """Give a consumer that may have just restarted the time ZMQ needs to reconnect (a few retries),
+        no more: a dead one costs the push thread this grace, not a whole RPC timeout."""
+        end = time.monotonic() + RECONNECT_GRACE_S
+        while self._lost_since is not None and self._monitor.poll(max(0, int((end - time.monotonic()) * 1000))):
+            self._read_monitor()
+        return self._lost_since is None
+
     def _reset_socket(self) -> None:
         if self._sock is not None:
+            self._sock.disable_monitor()
+            self._monitor.close(0)
             self._sock.close(0)
-            self._sock = None
+            self._sock = self._monitor = None
+            self._lost_since = None

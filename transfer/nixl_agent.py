@@ -26,7 +26,17 @@ log = logging.getLogger(__name__)
 
 
 class TransferError(RuntimeError):
-    """NIXL refused or failed a transfer; the message names the peer and the step."""
+    """NIXL refused or failed a transfer; the message names the peer and the step. `peer_gone`: NIXL
+    said the remote agent disconnected (its process died), so nothing there can be asked any more."""
+
+    def __init__(self, message: str, peer_gone: bool = False) -> None:
+        super().__init__(message)
+        self.peer_gone = peer_gone
+
+
+def is_remote_disconnect(e: BaseException) -> bool:
+    """NIXL's error for a peer whose process is gone (NIXL_ERR_REMOTE_DISCONNECT)."""
+    return "REMOTE_DISCONNECT" in str(e) or "RemoteDisconnect" in type(e).__name__
 
 
 @dataclass(frozen=True)
@@ -122,15 +132,15 @@ class NixlAgent:
             try:
                 state = self._agent.transfer(handle)
             except Exception as e:  # NIXL raises (e.g. NIXL_ERR_REMOTE_DISCONNECT) for a peer that died
-                state, why = "ERR", f": {type(e).__name__}: {e}"
+                state, why, gone = "ERR", f": {type(e).__name__}: {e}", is_remote_disconnect(e)
             else:
-                why = ""
+                why, gone = "", False
         if state == "ERR":
             try:
                 self.release(handle)
             except Exception as e:
                 log.info("release of a failed write handle to %s: %s", remote, e)
-            raise TransferError(f"write to {remote} failed when posted{why}")
+            raise TransferError(f"write to {remote} failed when posted{why}", peer_gone=gone)
         return handle
 
     def poll(self, handle: object) -> str:

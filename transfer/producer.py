@@ -172,6 +172,8 @@ class Producer:
         t = job.t
         if job.abort and not t.done:
             t.to(State.ABORTED, "aborted by the engine")
+        if t.state == State.SENDING and self._links[job.consumer].gone:  # its lease died with it: no RPC there
+            job.peer_down = t.to(State.FAILED, f"consumer {job.consumer} closed its connection (process gone?)")
         if t.state in (State.NEW, State.ALLOCATING) and now >= job.retry_at:
             self._allocate(job, now)
         if t.state == State.SENDING:
@@ -232,6 +234,7 @@ class Producer:
                 self.staging.release(slot)
                 with self._cv:
                     job.staged.update(dict(ready[i + 1:]))
+                job.peer_down = e.peer_gone  # NIXL saw the consumer die: its lease went with it
                 job.t.to(State.FAILED, str(e))
                 return
             job.inflight[chunk] = (handle, slot)
@@ -239,7 +242,7 @@ class Producer:
             try:
                 ok = link.renew(job.spec.key, job.grant.epoch, self.cfg.lease_ttl_s)
             except Exception as e:
-                ok, why = False, str(e)
+                ok, why, job.peer_down = False, str(e), isinstance(e, PeerUnreachable)
             else:
                 why = "consumer no longer holds the lease"
             if not ok:

@@ -11,7 +11,8 @@ slot freed then could be granted and overwritten while the scatter reads it.
 
 A transfer read by `n > 1` engine requests (parallel sampling) is claimed `claims` times; its
 slots are freed after the last claim. A failure is remembered for `remember_s` even when no request
-expects the transfer yet, so a request scheduled after its producer gave up fails at once.
+expects the transfer yet, so a request scheduled after its producer gave up fails at once; a request
+that stopped waiting (EXPIRED) is remembered too, so a late producer is refused instead of leased.
 """
 from __future__ import annotations
 
@@ -110,6 +111,10 @@ class ReceiveBook:
             while len(self._traces) > self.keep_traces:
                 self._traces.popitem(last=False)
         self.count(f"transfers_{trace['state'].lower()}")
+        if last and trace["state"] == "EXPIRED":
+            # Its request stopped waiting and recomputes: KV leased after this would sit unclaimed for
+            # unclaimed_ttl_s, holding slots other requests need (a prefill queue behind a storm is late).
+            self._remember(key, f"its request stopped waiting ({trace.get('reason') or 'expired'})")
         if lease is not None:
             with self._lock:
                 self._settling.append((fence, key, lease, last))

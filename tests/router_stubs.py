@@ -1,0 +1,160 @@
+"""In-process stand-ins for the router's backends (aiohttp vLLM nodes and a fake decode connector on ZMQ),
+and a `make` fixture that starts a router in front of them: the router's semantics are tested against
+these (tests/test_router_semantics.py, tests/test_router_timeouts.py) where a real vLLM cannot be made to
+fail on cue."""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+import aiohttp
+import pytest
+import zmq
+from aiohttp import web
+from multidict import CIMultiDict
+
+from router.app import PROXY, build_admin_app, build_app
+from router.config import RouterConfig
+from transfer import wire
+
+class StubNode:
+    """A fake vLLM node. `mode`: ok | reset (drop the connection) | die (abort after `die_after` events)
+    | silent (go quiet after one event) | hang (never answer, and fail /health from then on) | late (headers
+    at once, then no first event and no unstreamed answer for an hour, /health passing: a stuck prefill)."""
+
+    def __init__(self, name: str, mode: str = "ok", events: int = 4, interval: float = 0.0, die_after: int = 2,
+                 kv: bool = False) -> None:
+        self.name, self.mode, self.events, self.interval, self.die_after = name, mode, events, interval, die_after
+        self.bodies, self.headers, self.cancels = [], [], []  # what each leg and the connector received
+        self.aborted, self.healthy = 0, True  # aborted: requests the router closed before their answer was whole
+        self._stop = threading.Event()
+        self.kv_port = self._start_connector() if kv else None
+
+    def _start_connector(self) -> int:
+        sock = zmq.Context.instance().socket(zmq.ROUTER)
+        port = sock.bind_to_random_port("tcp://127.0.0.1")
+
+        def serve() -> None:
+            while not self._stop.is_set():
+                if not sock.poll(100):
+                    continue
+                ident, raw = sock.recv_multipart()
+                req = wire.decode_request(raw)
+                if isinstance(req, wire.Cancel):
+                    self.cancels.append(req.transfer_id)
+                reply = wire.Ack(rid=req.rid, ok=True) if isinstance(req, wire.Cancel) else wire.PoolStatus(
+                    rid=req.rid, incarnation="stub", total=8, free=8, used=0, quarantined=0, expired_total=0,
+                    dropped_total=0)
+                sock.send_multipart([ident, wire.encode(reply)])
+            sock.close(0)
+        threading.Thread(target=serve, daemon=True).start()
+        return port
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/v1/models", self.models)
+        self.runner = web.AppRunner(app, handler_cancellation=True)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
+        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await self.runner.cleanup()
+
+    def instance(self) -> dict:
+        return {"name": self.name, "url": self.url, **({"kv_address": f"127.0.0.1:{self.kv_port}"} if self.kv_port else {})}
+
+    async def health(self, _: web.Request) -> web.Response:
+        return web.Response(status=200 if self.healthy else 500)
+
+    async def models(self, _: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "tiny", "object": "model", "root": "/models/tiny",
+                                                              "max_model_len": 2048, "permission": [{}]}]})
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.bodies.append(body)
+        self.headers.append(request.headers.copy())
+        try:
+            if self.mode == "reset":
+                request.transport.abort()
+                return web.Response()
+            if self.mode == "hang":
+                self.healthy = False
+                await asyncio.sleep(3600)
+            if not body.get("stream"):
+                await asyncio.sleep(3600 if self.mode == "late" else self.interval)
+                return web.json_response({"object": "text_completion", "choices": [{"index": 0, "text": self.name}],
+                                          "kv_transfer_params": {"kvbridge": {}}})
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "X-Request-Id": "from-" + self.name})
+            await resp.prepare(request)
+            for i in range(self.events):
+                if self.mode == "die" and i == self.die_after:
+                    request.transport.abort()
+                    return resp
+                if (self.mode == "silent" and i == 1) or (self.mode == "late" and i == 0):
+                    await asyncio.sleep(3600)
+                chunk = {"choices": [{"index": 0, "text": f"t{i}"}], **({"kv_transfer_params": {"kvbridge": {}}} if i == 0 else {})}
+                await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+                await asyncio.sleep(self.interval)
+            await resp.write(b"data: [DONE]\n\n")
+            return resp
+        except asyncio.CancelledError:
+            self.aborted += 1
+            raise
+
+
+@pytest.fixture
+async def make():
+    """make(prefill=[StubNode], decode=[StubNode], **router config) -> (router url, api app); all stopped after."""
+    started: list = []
+
+    async def _make(prefill: list[StubNode], decode: list[StubNode], **cfg) -> tuple[str, web.Application]:
+        for s in prefill + decode:
+            await s.start()
+            started.append(s)
+        config = RouterConfig.model_validate({"model": "tiny", "health_interval_s": 0.2, "unhealthy_after": 1,
+                                              "prefill": [s.instance() for s in prefill],
+                                              "decode": [s.instance() for s in decode], **cfg})
+        api = build_app(config)
+        runners = [web.AppRunner(api, handler_cancellation=True)]
+        if config.admin_port:
+            runners.append(web.AppRunner(build_admin_app(api, config)))
+        for r, port in zip(runners, (0, config.admin_port)):
+            await r.setup()
+            await web.TCPSite(r, "127.0.0.1", port).start()
+            started.append(r)
+        return f"http://127.0.0.1:{runners[0].addresses[0][1]}", api
+    yield _make
+    for s in reversed(started):
+        await (s.stop() if isinstance(s, StubNode) else s.cleanup())
+
+
+def states(api: web.Application, kind: str = "decode") -> list[str]:
+    return [b.state for b in api[PROXY].registry.backends[kind]]
+
+
+async def post(url: str, body: dict, headers: dict | None = None) -> tuple[int, CIMultiDict, bytes]:
+    async with aiohttp.ClientSession() as s, s.post(url + "/v1/completions", json=body, headers=headers,
+                                                    timeout=aiohttp.ClientTimeout(total=30)) as r:
+        return r.status, r.headers.copy(), await r.read()
+
+
+def events(raw: bytes) -> list[str]:
+    return [e.removeprefix("data: ") for e in raw.decode().split("\n\n") if e.strip()]
+
+
+REQ = {"model": "tiny", "prompt": "hello", "max_tokens": 8}
+
+
+async def eventually(cond) -> bool:
+    """cond() within ~5 s: the stubs see closed connections and CANCELs a moment after the router acts."""
+    for _ in range(100):
+        if cond():
+            return True
+        await asyncio.sleep(0.05)
+    return cond()

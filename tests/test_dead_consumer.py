@@ -1,0 +1,96 @@
+"""A consumer killed (-9), or frozen, while a producer holds leases on it (issue 13, "no hang on a dead node").
+
+Real NIXL between processes. The producer must notice the dead consumer from its connection (a frozen one
+from one unanswered call), fail every transfer it had there at once (not one RPC timeout after another on
+its single push thread), give its staging back, and keep pushing to a healthy consumer meanwhile; a
+consumer restarted on the same address, or woken up, is used again."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from launch.local_servers import free_port
+from launch.polling import wait_for
+from transfer.states import State
+from tests.consumer_proc import ConsumerProcess
+from tests.test_transfer import CHUNK_TOKENS, LAYOUT, check_landed, finished, make_producer, push, spec
+
+DOOMED = 8
+LEASE_TTL_S = 3.0
+RPC_TIMEOUT_S = 2.0  # ProducerSettings' default
+
+
+@pytest.fixture
+def healthy():
+    c = ConsumerProcess(LAYOUT, chunk_tokens=CHUNK_TOKENS, num_slots=8, quarantine_s=0.3)
+    yield c
+    c.stop()
+
+
+def test_transfers_to_a_killed_consumer_fail_at_once_and_free_staging(healthy):
+    port = free_port()
+    doomed = ConsumerProcess(LAYOUT, chunk_tokens=CHUNK_TOKENS, num_slots=3 * DOOMED, port=port)
+    p = make_producer("bereaved", lease_ttl_s=LEASE_TTL_S, staging_chunks=16)
+    try:
+        keys = lease_some(p, doomed, "dead")
+        doomed.kill()
+        killed = time.monotonic()
+        crcs = push(p, healthy, "alive-1", 2)  # pushed while the push thread learns the other is gone
+        states = finished(p, set(keys) | {"alive-1"})
+        detected = time.monotonic() - killed
+        assert {states[k] for k in keys} == {State.FAILED} and states["alive-1"] == State.SENT, states
+        check_landed(healthy, "alive-1", crcs)
+        # Learnt from the connection, not from leases running out one RPC timeout after another.
+        assert detected < LEASE_TTL_S, detected
+        wait_for(lambda: p.staging.free == p.staging.num_slots, LEASE_TTL_S, 0.01, "staging back to full")
+        assert not p._jobs
+
+        back = ConsumerProcess(LAYOUT, chunk_tokens=CHUNK_TOKENS, num_slots=4, port=port)
+        try:  # the same address restarted: the producer reconnects and pushes there again
+            crcs = push(p, back, "reborn-1", 2)
+            assert finished(p, {"reborn-1"})["reborn-1"] == State.SENT
+            check_landed(back, "reborn-1", crcs)
+        finally:
+            back.stop()
+    finally:
+        doomed.kill()
+        p.close()
+
+
+def lease_some(p, consumer: ConsumerProcess, prefix: str) -> list[str]:
+    """DOOMED transfers of 3 chunks each with one staged (the rest would follow as prefill goes on), leased."""
+    keys = [f"{prefix}-{i}" for i in range(DOOMED)]
+    for key in keys:
+        handle = p.begin(spec(key, 3), consumer.address)
+        assert p.stage(handle, 0, lambda v: p.geometry.chunk_nbytes(spec(key, 3).num_tokens, 0))
+    wait_for(lambda: all(consumer.call("lease", k) for k in keys), 5, 0.01, "every lease granted")
+    return keys
+
+
+def test_transfers_to_a_frozen_consumer_fail_after_one_unanswered_call(healthy):
+    frozen = ConsumerProcess(LAYOUT, chunk_tokens=CHUNK_TOKENS, num_slots=3 * DOOMED)
+    p = make_producer("patient", lease_ttl_s=LEASE_TTL_S, staging_chunks=16)
+    try:
+        keys = lease_some(p, frozen, "frozen")
+        os.kill(frozen.proc.pid, signal.SIGSTOP)  # connection open, nobody answers: a swapping or stuck node
+        stopped = time.monotonic()
+        crcs = push(p, healthy, "alive-2", 2)
+        states = finished(p, set(keys) | {"alive-2"})
+        detected = time.monotonic() - stopped
+        assert {states[k] for k in keys} == {State.FAILED} and states["alive-2"] == State.SENT, states
+        check_landed(healthy, "alive-2", crcs)
+        # one renewal's timeout, not DOOMED of them in turn (that took DOOMED x RPC_TIMEOUT_S)
+        assert detected < LEASE_TTL_S / 3 + 2 * RPC_TIMEOUT_S, detected
+        wait_for(lambda: p.staging.free == p.staging.num_slots, LEASE_TTL_S, 0.01, "staging back to full")
+        os.kill(frozen.proc.pid, signal.SIGCONT)
+        time.sleep(RPC_TIMEOUT_S)  # past the span in which calls fail at once: the next one asks again
+        crcs = push(p, frozen, "thawed-1", 2)
+        assert finished(p, {"thawed-1"})["thawed-1"] == State.SENT
+        check_landed(frozen, "thawed-1", crcs)
+    finally:
+        os.kill(frozen.proc.pid, signal.SIGCONT)
+        frozen.stop()
+        p.close()

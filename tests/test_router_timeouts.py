@@ -1,0 +1,48 @@
+"""The router's time-to-first-byte limits against stub backends (tests/router_stubs.py), issue 13: a node that
+accepted a request and then says nothing is the node's failure, found within the configured limit, and the
+request moves on while nothing was sent (the per-read limit and the 4-minute stream are in
+tests/test_router_semantics.py)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from router.app import PROXY
+from tests.router_stubs import REQ, StubNode, eventually, events, post, states
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_decode_silent_past_its_first_byte_limit_is_left_for_another(make, stream):
+    """Streamed: headers came, the first event did not within first_byte_timeout_s; unstreamed: no answer
+    within unstreamed_timeout_s. Both retried on d1 (nothing was sent), d0 only suspect, its request closed."""
+    d0, d1 = StubNode("d0", mode="late", kv=True), StubNode("d1", kv=True)
+    url, api = await make([StubNode("p")], [d0, d1], policy="round_robin", first_byte_timeout_s=1.0,
+                          unstreamed_timeout_s=1.0)  # round robin starts at d0
+    status, headers, raw = await post(url, dict(REQ, stream=stream))
+    assert status == 200 and "error" not in raw.decode()
+    if stream:
+        assert events(raw)[-1] == "[DONE]" and json.loads(events(raw)[0])["choices"][0]["text"] == "t0"
+    else:
+        assert json.loads(raw)["choices"][0]["text"] == "d1"
+    assert (len(d0.bodies), len(d1.bodies)) == (1, 1) and "down" not in states(api)  # suspect until a probe passes
+    assert failed_phase(api, headers, "decode_failed") == "d0: timed out"
+    assert await eventually(lambda: d0.aborted == 1)  # its connection closed: vLLM would abort the request
+
+
+async def test_a_prefill_leg_silent_past_the_first_byte_limit_fails_and_the_decode_recomputes(make):
+    """The prefill leg's 1-token answer is its first byte: past first_byte_timeout_s the leg is the prefill
+    node's failure, the decode connector is told to stop waiting (CANCEL), and the answer still comes."""
+    pre, dec = StubNode("p", mode="late"), StubNode("d", interval=2.0, kv=True)
+    url, api = await make([pre], [dec], first_byte_timeout_s=0.5)
+    status, headers, raw = await post(url, REQ)
+    assert status == 200 and json.loads(raw)["choices"][0]["text"] == "d"
+    tid = dec.bodies[0]["kv_transfer_params"]["kvbridge"]["transfer_id"]
+    assert dec.cancels == [tid] and "down" not in states(api, "prefill") and states(api) == ["up"]
+    assert failed_phase(api, headers, "prefill_failed") == "p timed out"
+
+
+def failed_phase(api, headers, phase: str) -> str:
+    """The detail of the request's `phase` event in the router's trace (why that leg failed)."""
+    trace = api[PROXY].traces.get(headers["x-kvbridge-request-id"])
+    return next((detail for p, detail, _ in trace.events if p == phase), f"no {phase} in {trace.events}")
