@@ -158,7 +158,7 @@ def test_an_alloc_before_its_decode_request_waits_briefly_then_gets_every_chunk(
         p.close()
 
 
-def test_chunks_the_decode_already_holds_are_neither_gathered_nor_pushed(consumer):
+def test_chunks_the_decode_already_holds_are_not_pushed(consumer):
     """A second chat turn: the decode node's prefix cache holds the first 2 chunks' blocks."""
     p = make_producer("turn-2")
     try:
