@@ -117,6 +117,9 @@ class SchedulerSide:
         self._store_hits: dict[str, tuple[list[str], int, int]] = {}
         self._loading: set[str] = set()
         self._received: set[str] = set()
+        # req_id -> tokens vLLM's own prefix cache held when it asked (request.num_computed_tokens is still 0
+        # in update_state_after_alloc for an async load, so it cannot say which blocks to leave alone)
+        self._local_hits: dict[str, int] = {}
         self._attempts: dict[str, int] = {}  # req_id -> scheduling attempt (grows with each preemption)
         self._aborts: list[str] = []
         self._discards: list[str] = []
@@ -126,6 +129,7 @@ class SchedulerSide:
         if self.is_consumer and p is not None and p.receive:
             if request.request_id in self._received:
                 return 0, False
+            self._local_hits[request.request_id] = num_computed_tokens
             n = len(request.prompt_token_ids or ()) - num_computed_tokens
             return (n, True) if n > 0 else (0, False)
         if self._lookups:
@@ -168,11 +172,11 @@ class SchedulerSide:
                                                    store_keys=keys, store_from=held)
         if receiving and rid not in self._received:
             self._received.add(rid)
+            local = self._local_hits.pop(rid, request.num_computed_tokens)
             if num_external_tokens > 0:
                 self._loading.add(rid)
                 self._new_loads.append(LoadTask(rid, TransferSpec.for_prompt(p.transfer_id, request.prompt_token_ids),
-                                                p.claims, list(blocks.get_block_ids()[0]),
-                                                request.num_computed_tokens // self.block_size))
+                                                p.claims, list(blocks.get_block_ids()[0]), local // self.block_size))
 
     def build_connector_meta(self, out: Any) -> BridgeMetadata:
         meta = BridgeMetadata(loads=self._new_loads, store_loads=self._new_store_loads, aborts=self._aborts,
@@ -212,6 +216,7 @@ class SchedulerSide:
         self._received.discard(rid)
         self._store_hits.pop(rid, None)
         self._attempts.pop(rid, None)
+        self._local_hits.pop(rid, None)
         if self._outgoing.pop(rid, None) is not None or rid in self._loading:
             self._aborts.append(rid)  # vLLM keeps a still-loading request's blocks until we report it
         p = bridge_params(request)

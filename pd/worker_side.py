@@ -138,7 +138,8 @@ class WorkerSide:
         for key in meta.discards:
             self.endpoint.book.discard(key)
         for task in meta.loads:
-            self.endpoint.book.expect(task.spec.key, task.spec.num_tokens, task.spec.token_hash, task.claims)
+            self.endpoint.book.expect(task.spec.key, task.spec.num_tokens, task.spec.token_hash, task.claims,
+                                      held_chunks=task.skip_blocks // self.blocks_per_chunk)
             self._loads[task.req_id] = _Load(task, Transfer(task.spec.key, "consumer"), time.monotonic())
         for st in meta.store_loads:
             self._load_from_store(st)
@@ -252,12 +253,14 @@ class WorkerSide:
             self._finish_load(rid, State.FAILED, why)
             return
         bad = self.endpoint.verify(lease)
-        if bad:
-            self._finish_load(rid, State.FAILED, f"checksum mismatch in chunks {bad}", lease)
+        if bad or lease.first_chunk * self.blocks_per_chunk > ld.task.skip_blocks:
+            why = (f"checksum mismatch in chunks {bad}" if bad else f"the transfer starts at chunk {lease.first_chunk}, "
+                   f"this request holds only {ld.task.skip_blocks} blocks itself")
+            self._finish_load(rid, State.FAILED, why, lease)
             return
         ld.t.to(State.RECEIVED)
         task = ld.task
-        for c, view in enumerate(self.endpoint.chunk_views(lease)):
+        for c, view in enumerate(self.endpoint.chunk_views(lease), start=lease.first_chunk):
             lo, hi = self._chunk_blocks(task.spec.num_tokens, c)
             ids = task.block_ids[lo:hi]
             self.kv.scatter(ids, view, max(0, min(task.skip_blocks - lo, len(ids))))

@@ -32,6 +32,8 @@ def _serve(conn, layout_json: str, kwargs: dict) -> None:
             conn.send(ep.pool.release(arg))
         elif cmd == "expect":  # (key, num_tokens, token_hash): a decode request now waits for this transfer
             conn.send(ep.book.expect(*arg))
+        elif cmd == "counters":
+            conn.send(ep.book.snapshot())
         elif cmd == "status":
             conn.send(tuple(ep.book.status(arg)))
 

@@ -8,6 +8,7 @@ import pytest
 from launch.polling import wait_for
 from tests.consumer_proc import ConsumerProcess
 from tests.test_transfer import CHUNK_TOKENS, LAYOUT, check_landed, finished, make_producer, push, spec
+from transfer import wire
 from transfer.consumer_link import HandshakeRejected, PeerError
 from transfer.notice import ChunkNotice
 from transfer.producer import Producer, ProducerSettings
@@ -50,6 +51,7 @@ def test_a_chunk_with_the_wrong_byte_count_fails_the_transfer(consumer):
     p = make_producer("hostile-size")
     try:
         link = p.link(consumer.address)
+        consumer.call("expect", ("s-1", 2 * CHUNK_TOKENS, "ab" * 16))
         grant = link.alloc(spec("s-1", 2), 5.0)
         w = link.welcome
         bad = ChunkNotice(transfer_id="s-1", chunk=0, epoch=grant.epoch, incarnation=p.incarnation,
@@ -140,3 +142,35 @@ def test_each_producer_rank_reaches_only_its_own_consumer_rank():
             p.close()
         for c in consumers:
             c.stop()
+
+
+def test_an_alloc_before_its_decode_request_waits_briefly_then_gets_every_chunk(consumer):
+    p = make_producer("early")
+    try:
+        link = p.link(consumer.address)
+        first = link.alloc(spec("e-1", 2), 5.0)
+        assert isinstance(first, wire.NoCapacity) and first.retry_after_s <= 0.01
+        grant = wait_for(lambda: (g := link.alloc(spec("e-1", 2), 5.0)) and isinstance(g, wire.Grant) and g,
+                         2, 0.01, "grant after the wait for the request")
+        assert grant.skip_chunks == 0 and len(grant.offsets) == 2
+        assert consumer.call("release", "e-1")
+    finally:
+        p.close()
+
+
+def test_chunks_the_decode_already_holds_are_not_pushed(consumer):
+    """A second chat turn: the decode node's prefix cache holds the first 2 chunks' blocks."""
+    p = make_producer("turn-2")
+    try:
+        before = consumer.call("counters").get("bytes_received", 0)
+        consumer.call("expect", ("t2-1", 4 * CHUNK_TOKENS, "ab" * 16, 1, 2))
+        crcs = push(p, consumer, "t2-1", 4)
+        assert finished(p, {"t2-1"})["t2-1"] == State.SENT
+        lease = consumer.call("lease", "t2-1")
+        assert lease["complete"] and len(lease["slots"]) == 2
+        check_landed(consumer, "t2-1", crcs[2:])
+        moved = consumer.call("counters")["bytes_received"] - before
+        assert moved == 2 * p.geometry.chunk_nbytes(4 * CHUNK_TOKENS, 2)
+        assert p.staging.free == p.staging.num_slots
+    finally:
+        p.close()

@@ -60,6 +60,24 @@ def test_chat_tokens_equal_aggregated(servers, words):
     assert text_of(dec[1]) == want
 
 
+def test_a_second_chat_turn_pushes_only_what_the_decode_node_lacks(servers):
+    """Turn 2 extends turn 1: the decode node's prefix cache holds turn 1's whole blocks (4 x 128 tokens, 2
+    chunks), so the producer pushes only the chunks after them, and the answers still equal aggregated."""
+    turn1 = random_token_prompt(600, seed=4242)
+    moved = []
+    for prompt in (turn1, turn1 + random_token_prompt(300, seed=4243)):
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0}
+        want = reference(servers, "/v1/completions", body)
+        before = pool_status(servers["decode"].handshake).counters.get("bytes_received", 0)
+        pre, dec = pd_request(servers, "/v1/completions", body)
+        assert pre[0] == 200 and dec[0] == 200, (pre, dec)
+        assert text_of(dec[1]) == want
+        moved.append(pool_status(servers["decode"].handshake).counters["bytes_received"] - before)
+    print(f"bytes pushed: turn 1 (600 tokens) {moved[0]}, turn 2 (900 tokens) {moved[1]}")
+    assert moved[0] == TINY.chunk_bytes(600 + 40)  # whole blocks: 5 x 128 tokens
+    assert moved[1] == TINY.chunk_bytes(900 + 124 - 512)  # blocks 4..7 of 8: the decode holds the first 4
+
+
 def test_concurrent_requests_all_match(servers):
     bodies = [{"model": "tiny", "prompt": random_token_prompt(n, seed=100 + n), "max_tokens": MAX_TOKENS,
                "temperature": 0} for n in (50, 130, 300, 520, 700, 900)]

@@ -34,7 +34,7 @@ def spec(key: str, n_chunks: int, last_tokens: int = CHUNK_TOKENS, attempt: int 
 
 @pytest.fixture(scope="module")
 def consumer():
-    c = ConsumerProcess(LAYOUT, chunk_tokens=CHUNK_TOKENS, num_slots=16, quarantine_s=0.3)
+    c = ConsumerProcess(LAYOUT, chunk_tokens=CHUNK_TOKENS, num_slots=16, quarantine_s=0.3, expect_wait_s=0)
     yield c
     c.stop()
 

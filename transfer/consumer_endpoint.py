@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import logging
 import threading
+import time
 import uuid
 import zlib
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ class ConsumerSettings:
     device: str = "cpu"  # where the slots live: "cpu", "cuda:N", or "pinned" host memory
     quarantine_s: float = 2.0
     unclaimed_ttl_s: float = 30.0
+    expect_wait_s: float = 0.05  # an ALLOC before its decode request is scheduled waits this long for it
     busy_poll_s: float = 0.0005
     idle_poll_s: float = 0.05
 
@@ -66,6 +68,7 @@ class ConsumerEndpoint:
         else:
             port = self._sock.bind_to_random_port(f"tcp://{settings.host}")
         self.address = f"{settings.host}:{port}"
+        self._first_alloc: dict[str, float] = {}  # key -> when an ALLOC for it first came before its request
         self._stop = threading.Event()
         self._arrived = threading.Condition()
         self._thread = start_io_thread(self._run, "kvbridge-consumer")
@@ -171,17 +174,36 @@ class ConsumerEndpoint:
         refused = self.book.check_alloc(msg.transfer_id, msg.num_tokens, msg.token_hash)
         if refused:
             return wire.Error(code="refused", message=f"transfer {msg.transfer_id}: {refused}")
+        held = self.book.held_chunks(msg.transfer_id)
+        if held is None and self._wait_for_request(msg.transfer_id):
+            return wire.NoCapacity(transfer_id=msg.transfer_id, free_slots=self.pool.stats().free, retry_after_s=0.005)
+        self._first_alloc.pop(msg.transfer_id, None)
         sizes = self.geometry.all_chunk_nbytes(msg.num_tokens)
+        skip = min(held or 0, len(sizes) - 1)  # the decode computes at least the last prompt token itself
+        sizes = sizes[skip:]
         if len(sizes) > self.pool.num_slots:
             return wire.Error(code="too_large", message=f"{len(sizes)} chunks requested, "
                               f"the pool has {self.pool.num_slots} slots in all")
-        lease = self.pool.grant(msg.transfer_id, sizes, msg.ttl_s, msg.incarnation, msg.attempt)
+        lease = self.pool.grant(msg.transfer_id, sizes, msg.ttl_s, msg.incarnation, msg.attempt, skip)
         if lease is None:
             free = self.pool.stats().free
             return wire.NoCapacity(transfer_id=msg.transfer_id, free_slots=free, retry_after_s=0.05)
         self.book.granted(msg.transfer_id, lease.epoch, msg.num_tokens, msg.token_hash)
         offsets = [self.region.addr + s * self.slot_bytes for s in lease.slots]
-        return wire.Grant(transfer_id=msg.transfer_id, epoch=lease.epoch, offsets=offsets, ttl_s=msg.ttl_s)
+        if lease.first_chunk:
+            self.book.count("chunks_not_sent_held_by_decode", lease.first_chunk)
+        return wire.Grant(transfer_id=msg.transfer_id, epoch=lease.epoch, offsets=offsets, ttl_s=msg.ttl_s,
+                          skip_chunks=lease.first_chunk)
+
+    def _wait_for_request(self, key: str) -> bool:
+        """Whether an ALLOC that came before its decode request should be retried shortly: the request is
+        usually scheduled within milliseconds, and it says which leading chunks the decode already holds.
+        After `expect_wait_s` the grant goes ahead for every chunk."""
+        now = time.monotonic()
+        if len(self._first_alloc) > 4096:  # bounded: ALLOCs whose request never came are forgotten
+            self._first_alloc = {k: t for k, t in self._first_alloc.items() if now - t < 10}
+        first = self._first_alloc.setdefault(key, now)
+        return now - first < self.cfg.expect_wait_s
 
     def _on_renew(self, msg: wire.Renew) -> wire.Message:
         return wire.Ack(ok=self.pool.renew(msg.transfer_id, msg.epoch, msg.ttl_s) is not None)

@@ -91,11 +91,13 @@ class Producer:
     def stage(self, handle: str, chunk: int, fill: Callable[[torch.Tensor], int]) -> bool:
         """Queue the gather of one chunk into staging (caller's thread) and its write, which the push
         thread posts once the gather's fence is done. False when the transfer already ended or staging
-        stayed full (the transfer then fails)."""
+        stayed full (the transfer then fails). A chunk the consumer already holds is not gathered."""
         with self._cv:
             job = self._jobs.get(handle)
             if job is None or job.t.done:
                 return False
+            if job.grant is not None and chunk < job.grant.skip_chunks:
+                return True
         slot = self.staging.acquire(self.cfg.staging_wait_s)
         if slot is None:
             self._fail(handle, f"staging full for {self.cfg.staging_wait_s}s")
@@ -179,7 +181,7 @@ class Producer:
         if t.state == State.SENDING:
             self._post(job, now)
         self._poll(job, now)
-        if t.state == State.SENDING and job.sent == job.n_chunks:
+        if t.state == State.SENDING and job.sent == job.n_chunks - job.grant.skip_chunks:
             t.to(State.SENT)
         if t.done and not job.inflight:
             self._cleanup(job)
@@ -212,7 +214,11 @@ class Producer:
         link = self._links[job.consumer]
         with self._cv:
             ready = [(c, job.staged.pop(c)) for c in sorted(job.staged) if job.staged[c][2].done()]
+        skip = job.grant.skip_chunks
         for i, (chunk, (slot, nbytes, _)) in enumerate(ready):
+            if chunk < skip:  # staged before the grant said the consumer holds it
+                self.staging.release(slot)
+                continue
             want = self.geometry.chunk_nbytes(job.spec.num_tokens, chunk)
             if nbytes != want or nbytes > link.welcome.slot_bytes:
                 self.staging.release(slot)
@@ -222,12 +228,12 @@ class Producer:
                                        f"(slot {link.welcome.slot_bytes})")
                 return
             data = self.staging.view(slot)[:nbytes]
-            notice = ChunkNotice(transfer_id=job.spec.key, chunk=chunk, epoch=job.grant.epoch,
+            notice = ChunkNotice(transfer_id=job.spec.key, chunk=chunk - skip, epoch=job.grant.epoch,
                                  incarnation=self.incarnation, nbytes=nbytes,
                                  crc=zlib.crc32(data.cpu().numpy()) if self.cfg.checksum else None)
             w = link.welcome
             try:
-                handle = self.agent.write(self.staging.region, [(self.staging.offset(slot), job.grant.offsets[chunk],
+                handle = self.agent.write(self.staging.region, [(self.staging.offset(slot), job.grant.offsets[chunk - skip],
                                                                  nbytes)], w.agent_name, w.mem_type, w.dev_id,
                                           notice.encode())
             except TransferError as e:

@@ -39,6 +39,7 @@ class _Expected:
     num_tokens: int
     token_hash: str
     claims_left: int
+    held_chunks: int  # leading chunks the decode node computed itself (its prefix cache): not to be pushed
 
 
 class ReceiveBook:
@@ -58,11 +59,18 @@ class ReceiveBook:
         self.counters: dict[str, int] = {}
 
     # --- engine (worker) side
-    def expect(self, key: str, num_tokens: int, token_hash: str, claims: int = 1) -> None:
+    def expect(self, key: str, num_tokens: int, token_hash: str, claims: int = 1, held_chunks: int = 0) -> None:
         """A decode request will read this transfer (called once per engine request; children of one
-        prompt share the key and the first call's claim count)."""
+        prompt share the key and the first call's claim count). `held_chunks` leading chunks are already
+        in its blocks (the decode node's own prefix cache): the producer is told not to push them."""
         with self._lock:
-            self._expected.setdefault(key, _Expected(num_tokens, token_hash, max(1, claims)))
+            self._expected.setdefault(key, _Expected(num_tokens, token_hash, max(1, claims), held_chunks))
+
+    def held_chunks(self, key: str) -> int | None:
+        """Leading chunks the expecting request already holds; None while no request expects the key."""
+        with self._lock:
+            exp = self._expected.get(key)
+            return None if exp is None else exp.held_chunks
 
     def status(self, key: str) -> tuple[Arrival, str]:
         reason = self._ended_reason(key)

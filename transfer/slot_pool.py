@@ -34,6 +34,7 @@ class Lease:
     producer: str
     chunk_nbytes: list[int]
     attempt: int = 0
+    first_chunk: int = 0  # slot i holds chunk first_chunk + i (leading chunks the consumer holds are not sent)
     arrived: dict[int, ChunkNotice] = field(default_factory=dict)
     pins: int = 0
 
@@ -73,7 +74,7 @@ class SlotPool:
         self.dropped_total = 0
 
     def grant(self, transfer_id: str, chunk_nbytes: list[int], ttl_s: float, producer: str,
-              attempt: int = 0) -> Lease | None:
+              attempt: int = 0, first_chunk: int = 0) -> Lease | None:
         """Lease one slot per chunk, or None when they are not free right now (caller says NO_CAPACITY).
         The same producer asking again for the same attempt gets its lease back (a lost reply); a new
         attempt, or another producer, ends the old lease first."""
@@ -90,7 +91,7 @@ class SlotPool:
                 return None
             slots = [self._free.pop() for _ in chunk_nbytes]
             lease = Lease(transfer_id, slots, self._next_epoch, self._clock() + ttl_s, producer,
-                          list(chunk_nbytes), attempt)
+                          list(chunk_nbytes), attempt, first_chunk)
             self._next_epoch += 1
             self._leases[transfer_id] = lease
             return lease

@@ -119,6 +119,8 @@ class Grant(_Msg):
     epoch: int
     offsets: list[int]
     ttl_s: float
+    # leading chunks the consumer already holds (its own prefix cache): not pushed; offsets[i] is chunk skip + i
+    skip_chunks: int = Field(default=0, ge=0)
 
 
 class NoCapacity(_Msg):
