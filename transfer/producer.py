@@ -12,7 +12,6 @@ import threading
 import time
 import uuid
 import zlib
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -20,7 +19,7 @@ from prometheus_client import Gauge
 
 from transfer import wire
 from transfer.consumer_link import ConsumerLink, PeerUnreachable
-from transfer.device_fence import Fence, recorder_for
+from transfer.device_fence import recorder_for
 from transfer.geometry import ChunkGeometry
 from transfer.identity import TransferSpec
 from transfer.layout import KVLayout
@@ -28,6 +27,7 @@ from transfer.states import State, Transfer
 from transfer.threads import start_io_thread
 from transfer.nixl_agent import NixlAgent, TransferError
 from transfer.notice import ChunkNotice
+from transfer.producer_settings import ProducerSettings
 from transfer.push_job import PushJob
 from transfer.staging import StagingBuffer
 
@@ -35,21 +35,6 @@ log = logging.getLogger("kvbridge.producer")
 STAGING_FREE = Gauge("kvbridge_producer_staging_free_slots", "Producer staging slots not holding a chunk")
 STAGING_TOTAL = Gauge("kvbridge_producer_staging_slots", "Producer staging slots in all")
 ACTIVE = Gauge("kvbridge_producer_active_transfers", "Transfers this producer has not finished yet")
-
-
-@dataclass
-class ProducerSettings:
-    producer_id: str = "prefill"  # node and rank; unique in a deployment (the worker makes it so)
-    staging_chunks: int = 16
-    lease_ttl_s: float = 5.0
-    write_margin_s: float = 1.0
-    alloc_timeout_s: float = 5.0
-    staging_wait_s: float = 2.0
-    rpc_timeout_s: float = 2.0
-    checksum: bool = False
-    secret: str | None = None
-    device: str = "cpu"
-    fence: Callable[[], Fence] | None = None  # recorded after each gather; default: per `device`
 
 
 class Producer:
