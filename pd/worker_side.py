@@ -65,9 +65,11 @@ class WorkerSide:
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         faulthandler.register(signal.SIGUSR2, all_threads=True)  # `kill -USR2 <worker>`: every thread's stack
-        # Our control threads share the GIL with vLLM's busy main thread; the default 5 ms switch
-        # interval would add that much to every lease RPC and every UCX progress call.
-        sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
+        # The push thread shares the interpreter with vLLM's busy main thread: at the default 5 ms switch
+        # interval every lease RPC and UCX progress call on a prefill node would wait that long.
+        interval_ms = self.cfg.gil_switch_interval_ms or (0.5 if self.is_producer else None)
+        if interval_ms is not None:
+            sys.setswitchinterval(interval_ms / 1000)
         layout, views = layout_from_vllm(self.vllm_config, kv_caches, self.cfg.model_id,
                                          model_fingerprint(self.vllm_config.model_config.model))
         self.kv = PagedKV(views, layout)
