@@ -21,7 +21,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from pd.connector_config import ConnectorConfig
-from pd.hook_timer import HookTimer
+from pd.hook_timer import SCHEDULER_HOOKS, WORKER_HOOKS
 from pd.scheduler_side import BridgeMetadata, SchedulerSide
 
 
@@ -32,10 +32,6 @@ def _route_logs_through_vllm() -> None:
         ours.handlers = list(logging.getLogger("vllm").handlers)
         ours.setLevel(os.environ.get("KVBRIDGE_LOG_LEVEL", "INFO").upper())
         ours.propagate = False
-
-
-SCHEDULER_HOOKS = HookTimer("build_connector_meta")  # the scheduler process: one build per engine step
-WORKER_HOOKS = HookTimer("bind_connector_metadata")  # a worker process: one bind per engine step
 
 
 class KVBridgeConnector(KVConnectorBase_V1):

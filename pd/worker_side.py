@@ -27,6 +27,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransfe
 from pd.connector_config import ConnectorConfig
 from transfer.consumer_endpoint import ConsumerEndpoint, ConsumerSettings
 from pd.cache_layout import layout_from_vllm
+from pd.hook_timer import WORKER_HOOKS
 from pd.paged_kv import PagedKV
 from pd.prefix_store import PROMPT_TOKENS, PrefixStore, model_fingerprint
 from transfer.producer import Producer, ProducerSettings
@@ -225,7 +226,9 @@ class WorkerSide:
             if idle and not self._done_recv and self._loads:
                 # Nothing to compute: sleep until a chunk lands (or idle_wait_ms) instead of letting
                 # the engine spin through empty steps on the cores the prefill may need.
+                t0 = time.perf_counter_ns()
                 self.endpoint.wait_arrivals(self.cfg.idle_wait_ms / 1000)
+                WORKER_HOOKS.idle(time.perf_counter_ns() - t0)
                 self._check_loads()
         done, failed = self._done_recv, self._failed_recv
         self._done_recv, self._failed_recv = set(), set()

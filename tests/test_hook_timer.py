@@ -26,6 +26,8 @@ def test_hooks_are_timed_and_the_mean_per_step_is_logged_once_per_window(caplog)
     @timer.timed
     def other() -> str:
         clock.ns += 1_000
+        clock.ns += 50_000  # then asleep on purpose: nothing to compute
+        timer.idle(50_000)
         return "kept"
 
     calls_before = HOOK_CALLS.labels("step")._value.get()
@@ -39,4 +41,4 @@ def test_hooks_are_timed_and_the_mean_per_step_is_logged_once_per_window(caplog)
     assert HOOK_CALLS.labels("step")._value.get() - calls_before == 5
     (line,) = [r.getMessage() for r in caplog.records]
     # 4 x (3 + 1) us + 3 us over 5 steps
-    assert line.startswith("connector hooks: 3.8 us/step over 5 steps (other 0.8, step 3.0)")
+    assert line == "connector hooks: 3.8 us/step over 5 steps (other 0.8, step 3.0); idle wait 40.0 us/step"
