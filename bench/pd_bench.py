@@ -30,16 +30,18 @@ from launch.tiny_model import make_tiny_model
 MODEL = MODEL_DIR.parent / "bench"
 
 
-def stream_ttft(url: str, body: dict) -> tuple[float, str]:
+def stream_ttft(url: str, body: dict) -> tuple[float, str, float]:
+    """(time to the first streamed token, the text, time per output token after the first)."""
     t0 = time.perf_counter()
-    ttft, text = None, []
+    stamps, text = [], []
     with requests.post(url + "/v1/completions", json=dict(body, stream=True), stream=True, timeout=300) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if line.startswith(b"data: ") and line != b"data: [DONE]":
-                ttft = ttft or time.perf_counter() - t0
+                stamps.append(time.perf_counter() - t0)
                 text.append(json.loads(line[6:])["choices"][0]["text"])
-    return ttft, "".join(text)
+    tpot = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else float("nan")
+    return stamps[0], "".join(text), tpot
 
 
 def start(name: str, role: str = "aggregated", kv_config: dict | None = None,
@@ -49,19 +51,19 @@ def start(name: str, role: str = "aggregated", kv_config: dict | None = None,
     return start_vllm(f"bench-{name}", role, model=MODEL, max_model_len=4096, env=env, vllm_args=args)
 
 
-def kvbridge_once(p: VllmServer, d: VllmServer, body: dict) -> tuple[float, str]:
+def kvbridge_once(p: VllmServer, d: VllmServer, body: dict) -> tuple[float, str, float]:
     import concurrent.futures as cf
     tid = uuid.uuid4().hex
     pre = dict(body, max_tokens=1, kv_transfer_params={"kvbridge": {"transfer_id": tid, "push_to": d.handshake}})
     dec = dict(body, kv_transfer_params={"kvbridge": {"transfer_id": tid, "receive": True}})
     with cf.ThreadPoolExecutor(1) as ex:
         f = ex.submit(requests.post, p.url + "/v1/completions", json=pre, timeout=300)
-        ttft, text = stream_ttft(d.url, dec)
+        ttft, text, tpot = stream_ttft(d.url, dec)
         f.result().raise_for_status()
-    return ttft, text
+    return ttft, text, tpot
 
 
-def nixl_once(p: VllmServer, d: VllmServer, body: dict) -> tuple[float, str]:
+def nixl_once(p: VllmServer, d: VllmServer, body: dict) -> tuple[float, str, float]:
     t0 = time.perf_counter()
     pre = dict(body, max_tokens=1, kv_transfer_params={"do_remote_decode": True, "do_remote_prefill": False,
                                                        "remote_engine_id": None, "remote_block_ids": None,
@@ -70,9 +72,9 @@ def nixl_once(p: VllmServer, d: VllmServer, body: dict) -> tuple[float, str]:
     r.raise_for_status()
     params = r.json()["kv_transfer_params"]
     prefill_s = time.perf_counter() - t0
-    ttft, text = stream_ttft(d.url, dict(body, kv_transfer_params=params))
+    ttft, text, tpot = stream_ttft(d.url, dict(body, kv_transfer_params=params))
     print(f"    nixl leg times: prefill {prefill_s * 1000:.1f} ms, decode TTFT {ttft * 1000:.1f} ms", flush=True)
-    return prefill_s + ttft, text
+    return prefill_s + ttft, text, tpot
 
 
 def run_phase(label: str, servers: list, once, bodies: dict, repeats: int) -> dict:
@@ -85,8 +87,10 @@ def run_phase(label: str, servers: list, once, bodies: dict, repeats: int) -> di
             if n == "warmup":
                 continue
             runs = [once(b) for b in variants[:repeats]]  # fresh prompts: no prefix-cache hits
-            out[n] = {"ttft_ms": statistics.median(t for t, _ in runs) * 1000, "texts": [x for _, x in runs]}
-            print(f"  {label:10} {n:5} tokens: TTFT {out[n]['ttft_ms']:.1f} ms", flush=True)
+            out[n] = {"ttft_ms": statistics.median(r[0] for r in runs) * 1000, "texts": [r[1] for r in runs],
+                      "tpot_ms": statistics.median(r[2] for r in runs) * 1000}
+            print(f"  {label:10} {n:5} tokens: TTFT {out[n]['ttft_ms']:.1f} ms, per output token "
+                  f"{out[n]['tpot_ms']:.2f} ms", flush=True)
     finally:
         for s in servers:
             s.stop()
@@ -102,11 +106,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", type=int, nargs="+", default=[128, 1000, 2000])
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--skip-nixl", action="store_true", help="aggregated and kvbridge only")
+    ap.add_argument("--decode-connector", type=json.loads, default={},
+                    help='extra kvbridge settings for the decode node, e.g. \'{"gil_switch_interval_ms": 0.5}\'')
     args = ap.parse_args()
     make_tiny_model(MODEL, "bench")
     rng = random.Random(0)
     def body(n: int) -> dict:
-        return {"model": "tiny", "prompt": [rng.randrange(10, 1000) for _ in range(n)], "max_tokens": 8,
+        return {"model": "tiny", "prompt": [rng.randrange(10, 1000) for _ in range(n)], "max_tokens": args.max_tokens,
                 "temperature": 0}
     bodies = {n: [body(n) for _ in range(args.repeats)] for n in args.lengths}
     bodies["warmup"] = [body(64)]
@@ -115,25 +123,42 @@ def main() -> None:
     agg = start("agg")
     base = run_phase("aggregated", [agg], lambda b: stream_ttft(agg.url, b), bodies, args.repeats)
     print("phase 2: kvbridge (push)")
-    kp, kd = start("kvb-prefill", "prefill"), start("kvb-decode", "decode")
+    kp = start("kvb-prefill", "prefill")
+    kd = start_vllm("bench-kvb-decode", "decode", args.decode_connector, model=MODEL, max_model_len=4096)
     ours = run_phase("kvbridge", [kp, kd], lambda b: kvbridge_once(kp, kd, b), bodies, args.repeats)
     pushes = push_times_ms(kp.log_path)
-    print("phase 3: NixlConnector (pull)")
-    nixl_kv = {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu",
-               "kv_load_failure_policy": "recompute"}
-    npf = start("nixl-prefill", kv_config=nixl_kv, env={"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()),
-                                                        "VLLM_CPU_OMP_THREADS_BIND": "0"})
-    nd = start("nixl-decode", kv_config=nixl_kv, env={"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()),
-                                                      "VLLM_CPU_OMP_THREADS_BIND": "1"})
-    theirs = run_phase("nixl", [npf, nd], lambda b: nixl_once(npf, nd, b), bodies, args.repeats)
+    hooks = hook_costs_us(kd.log_path)
+    theirs = {}
+    if not args.skip_nixl:
+        print("phase 3: NixlConnector (pull)")
+        nixl_kv = {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu",
+                   "kv_load_failure_policy": "recompute"}
+        npf = start("nixl-prefill", kv_config=nixl_kv, env={"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()),
+                                                            "VLLM_CPU_OMP_THREADS_BIND": "0"})
+        nd = start("nixl-decode", kv_config=nixl_kv, env={"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()),
+                                                          "VLLM_CPU_OMP_THREADS_BIND": "1"})
+        theirs = run_phase("nixl", [npf, nd], lambda b: nixl_once(npf, nd, b), bodies, args.repeats)
+    nan = {"ttft_ms": float("nan"), "tpot_ms": float("nan"), "texts": None}
     print("\nprompt  agg TTFT  kvbridge +ms  NixlConnector +ms  ratio  tokens equal (ours, theirs)")
     for n in args.lengths:
-        a, o, t = base[n]["ttft_ms"], ours[n]["ttft_ms"], theirs[n]["ttft_ms"]
+        a, o, t = base[n]["ttft_ms"], ours[n]["ttft_ms"], theirs.get(n, nan)["ttft_ms"]
         print(f"{n:6} {a:9.1f} {o - a:13.1f} {t - a:18.1f} {(o - a) / (t - a) if t != a else float('nan'):6.2f}  "
-              f"{ours[n]['texts'] == base[n]['texts']}, {theirs[n]['texts'] == base[n]['texts']}")
+              f"{ours[n]['texts'] == base[n]['texts']}, {theirs.get(n, nan)['texts'] == base[n]['texts']}")
+    print("\nper output token after the first (ms, median): prompt  aggregated  kvbridge decode (ratio)  "
+          "NixlConnector decode (ratio)")
+    for n in args.lengths:
+        a, o, t = base[n]["tpot_ms"], ours[n]["tpot_ms"], theirs.get(n, nan)["tpot_ms"]
+        print(f"{n:6} {a:10.2f} {o:10.2f} ({o / a:4.2f}) {t:10.2f} ({t / a:4.2f})")
     if pushes:
         print(f"kvbridge push time per request (producer SENDING->SENT): median {statistics.median(pushes):.1f} ms")
+    if hooks:
+        print(f"kvbridge decode node, connector hooks per engine step (worker): median {statistics.median(hooks):.1f} us")
 
+
+def hook_costs_us(log_path: Path) -> list[float]:
+    """The worker's periodic 'connector hooks: X us/step' lines (pd/hook_timer.py)."""
+    text = log_path.read_text(errors="replace")
+    return [float(x) for x in re.findall(r"connector hooks: ([\d.]+) us/step .*bind_connector_metadata", text)]
 
 if __name__ == "__main__":
     main()

@@ -21,6 +21,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from pd.connector_config import ConnectorConfig
+from pd.hook_timer import SCHEDULER_HOOKS, WORKER_HOOKS
 from pd.scheduler_side import BridgeMetadata, SchedulerSide
 
 
@@ -52,25 +53,31 @@ class KVBridgeConnector(KVConnectorBase_V1):
             self.worker_side = WorkerSide(cfg, vllm_config, is_producer, is_consumer)
 
     # scheduler side
+    @SCHEDULER_HOOKS.timed
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
         return self.scheduler_side.get_num_new_matched_tokens(request, num_computed_tokens)
 
+    @SCHEDULER_HOOKS.timed
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         self.scheduler_side.update_state_after_alloc(request, blocks, num_external_tokens)
 
+    @SCHEDULER_HOOKS.timed
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
         return self.scheduler_side.build_connector_meta(scheduler_output)
 
+    @SCHEDULER_HOOKS.timed
     def update_connector_output(self, connector_output: Any) -> None:
         self.scheduler_side.update_connector_output(connector_output)
 
     def set_xfer_handshake_metadata(self, metadata: dict[int, KVConnectorHandshakeMetadata]) -> None:
         self.scheduler_side.set_store_handshakes(metadata)
 
+    @SCHEDULER_HOOKS.timed
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         return self.scheduler_side.request_finished(request, block_ids)
 
     # worker side
+    @WORKER_HOOKS.timed
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)
         if self.worker_side is not None:
@@ -79,6 +86,7 @@ class KVBridgeConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self.worker_side.register_kv_caches(kv_caches)
 
+    @WORKER_HOOKS.timed
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         self.worker_side.start_load_kv(self._meta())
 
@@ -88,15 +96,18 @@ class KVBridgeConnector(KVConnectorBase_V1):
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
         return None  # chunks span all layers; they are gathered once per step in wait_for_save
 
+    @WORKER_HOOKS.timed
     def wait_for_save(self) -> None:
         self.worker_side.wait_for_save(self._meta())
 
+    @WORKER_HOOKS.timed
     def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
         return self.worker_side.get_transfer_results(self._meta().idle)
 
     def get_handshake_metadata(self) -> KVConnectorHandshakeMetadata | None:
         return self.worker_side.handshake_metadata()
 
+    @WORKER_HOOKS.timed
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker_side.get_block_ids_with_load_errors()
 

@@ -40,6 +40,10 @@ class ConnectorConfig(BaseModel):
     idle_wait_ms: float = Field(default=20.0, gt=0, le=1000,
                                 description="an idle decode engine sleeps this long per step while KV is on its way")
     checksum: bool = Field(default=False, description="crc32 per chunk, verified before scatter")
+    gil_switch_interval_ms: float = Field(
+        default=0.5, gt=0, le=100, description="the engine process's interpreter switch interval: kvbridge's "
+        "threads must get the interpreter while the engine computes (5 ms, Python's default, delays every lease "
+        "call and chunk notice by up to that much)")
     secret: str | None = Field(default=None, description="shared secret; or set KVBRIDGE_SECRET")
     metrics_port: int = Field(default=0, ge=0, le=65535,
                               description="Prometheus /metrics of the engine process (+ TP rank); 0 = off")
