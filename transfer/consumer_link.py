@@ -13,6 +13,7 @@ import threading
 import zmq
 
 from transfer import wire
+from transfer.control_auth import AuthError, Credential
 from transfer.identity import TransferSpec
 from transfer.nixl_agent import NixlAgent
 
@@ -40,14 +41,15 @@ class PeerError(RuntimeError):
 
 
 class ConsumerLink:
-    def __init__(self, address: str, agent: NixlAgent, hello: wire.Hello, secret: str | None = None,
+    def __init__(self, address: str, agent: NixlAgent, hello: wire.Hello, secret: bytes | None = None,
                  timeout_s: float = 2.0) -> None:
-        """`hello` is this producer's introduction (id, generation, layout, chunk geometry, agent)."""
+        """`hello` is this producer's introduction (id, generation, layout, chunk geometry, agent); every
+        message is signed with the key of `producer/<its id>` derived from `secret` (control_auth.py)."""
         self.address = address
         self._agent = agent
         self._hello_msg = hello
         self._incarnation = hello.incarnation
-        self._secret = secret
+        self._cred = Credential(f"producer/{hello.producer_id}", secret)
         self._timeout_ms = int(timeout_s * 1000)
         self._rid = itertools.count(1)
         self._lock = threading.Lock()
@@ -101,20 +103,25 @@ class ConsumerLink:
         self.welcome = reply
 
     def _call(self, msg: wire._Msg, expect: tuple[type, ...]):
-        msg.secret = self._secret
         with self._lock:
             msg.rid = next(self._rid)
             if self._sock is None:
                 self._sock = zmq.Context.instance().socket(zmq.DEALER)
                 self._sock.setsockopt(zmq.LINGER, 0)
                 self._sock.connect(f"tcp://{self.address}")
-            self._sock.send(wire.encode(msg))
+            frame, nonce = self._cred.seal(wire.encode(msg))
+            self._sock.send(frame)
             while True:
                 if not self._sock.poll(self._timeout_ms):
                     self._reset_socket()
                     raise PeerUnreachable(f"consumer {self.address} did not answer {msg.type} "
                                           f"within {self._timeout_ms} ms")
-                reply = wire.decode_reply(self._sock.recv())
+                try:
+                    reply = wire.decode_reply(self._cred.open_reply(self._sock.recv(), nonce))
+                except AuthError as e:
+                    if e.code == "stale":
+                        continue  # the late answer to a request we gave up on
+                    raise PeerError(self.address, e.code, str(e)) from None
                 if reply.rid == msg.rid:
                     break
         if isinstance(reply, wire.Error):

@@ -46,7 +46,7 @@ class ProducerSettings:
     staging_wait_s: float = 2.0
     rpc_timeout_s: float = 2.0
     checksum: bool = False
-    secret: str | None = None
+    secret: bytes | None = None  # deployment secret: control messages are signed with a key derived from it
     device: str = "cpu"
 
 
