@@ -7,7 +7,9 @@ expired leases. Both threads meet only here, under one lock.
 
 A transfer read by `n > 1` engine requests (parallel sampling) is claimed `claims` times; its
 slots are freed after the last claim. A failure is remembered for `remember_s` even when no request
-expects the transfer yet, so a request scheduled after its producer gave up fails at once.
+expects the transfer yet, so a request scheduled after its producer gave up fails at once. Remembered
+failures and cancels (at most `max_ended`, oldest forgotten first) and traces (`keep_traces`) are
+bounded: a flood of cancels cannot grow the consumer's memory.
 """
 from __future__ import annotations
 
@@ -37,7 +39,8 @@ class _Expected:
 
 class ReceiveBook:
     def __init__(self, pool: SlotPool, unclaimed_ttl_s: float, remember_s: float = 60.0, keep_traces: int = 1024,
-                 clock=time.monotonic) -> None:
+                 clock=time.monotonic, max_ended: int = 65536) -> None:
+        self.max_ended = max_ended
         self.pool = pool
         self.unclaimed_ttl_s = unclaimed_ttl_s
         self.remember_s = remember_s
@@ -164,7 +167,10 @@ class ReceiveBook:
     def _remember(self, key: str, reason: str) -> None:
         with self._lock:
             now = self._clock()
-            self._ended = {k: v for k, v in self._ended.items() if v[1] > now}
+            if len(self._ended) >= self.max_ended or len(self._ended) % 256 == 0:
+                self._ended = {k: v for k, v in self._ended.items() if v[1] > now}
+            while len(self._ended) >= self.max_ended:
+                del self._ended[next(iter(self._ended))]
             self._ended.setdefault(key, (reason, now + self.remember_s))
 
     def _ended_reason(self, key: str) -> str:
