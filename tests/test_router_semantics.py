@@ -17,6 +17,7 @@ from multidict import CIMultiDict
 from router.app import PROXY, build_admin_app, build_app
 from router.config import RouterConfig
 from transfer import wire
+from transfer.control_auth import Authenticator
 
 class StubNode:
     """A fake vLLM node. `mode`: ok | reset (drop the connection) | die (abort after `die_after` events)
@@ -33,19 +34,21 @@ class StubNode:
     def _start_connector(self) -> int:
         sock = zmq.Context.instance().socket(zmq.ROUTER)
         port = sock.bind_to_random_port("tcp://127.0.0.1")
+        auth = Authenticator(None)  # a deployment without a secret: frames unsigned, as the router sends them
 
         def serve() -> None:
             while not self._stop.is_set():
                 if not sock.poll(100):
                     continue
                 ident, raw = sock.recv_multipart()
-                req = wire.decode_request(raw)
+                opened = auth.open(raw)
+                req = wire.decode_request(opened.body)
                 if isinstance(req, wire.Cancel):
                     self.cancels.append(req.transfer_id)
                 reply = wire.Ack(rid=req.rid, ok=True) if isinstance(req, wire.Cancel) else wire.PoolStatus(
                     rid=req.rid, incarnation="stub", total=8, free=8, used=0, quarantined=0, expired_total=0,
                     dropped_total=0)
-                sock.send_multipart([ident, wire.encode(reply)])
+                sock.send_multipart([ident, auth.seal_reply(opened, wire.encode(reply))])
             sock.close(0)
         threading.Thread(target=serve, daemon=True).start()
         return port
