@@ -25,7 +25,9 @@ def test_a_token_is_valid_for_its_transfer_target_and_lifetime_only():
     exp, mac = token.split(".")
     assert "does not match" in POLICY.refusal("t1", TARGET, f"{int(exp) + 60_000}.{mac}")  # stretched expiry
     assert "does not match" in POLICY.refusal("t1", TARGET, f"{exp}.{'0' * 64}")
-    assert "does not match" in POLICY.refusal("t1", TARGET, "1.\u00e9")  # not even ASCII: refused, no crash
+    for junk in ("1.\u00e9", "\u00b2.ab", ".", "9" * 150):  # not even ASCII, odd digits: refused, no crash
+        assert "does not match" in POLICY.refusal("t1", TARGET, junk)
+    assert "no push token" in POLICY.refusal("t1", TARGET, "")
     assert "expired" in POLICY.refusal("t1", TARGET, token, now=time.time() + 31)
     assert "no push token" in POLICY.refusal("t1", TARGET, None)
 
@@ -34,6 +36,7 @@ def test_allow_list_and_secretless_loopback():
     assert PushPolicy(KEY, frozenset({TARGET})).refusal("t", TARGET, None) == ""
     assert PushPolicy().refusal("t", "127.0.0.1:5600", None) == ""
     assert "not loopback" in PushPolicy().refusal("t", TARGET, None)
+    assert "not loopback" in PushPolicy().refusal("t", "attacker.example:5600", None)
     assert PushPolicy(insecure=True).refusal("t", TARGET, None) == ""
 
 

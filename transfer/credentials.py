@@ -42,12 +42,14 @@ def derive(secret: bytes, purpose: str) -> bytes:
     return hmac.digest(secret, b"kvbridge/" + purpose.encode(), hashlib.sha256)
 
 
-def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and names that resolve only to them (`localhost`)."""
+def is_loopback(host: str, resolve: bool = True) -> bool:
+    """True for 127.0.0.0/8, ::1, `localhost`, and (with `resolve`) names that resolve only to loopback."""
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         pass
+    if host == "localhost" or not resolve:
+        return host == "localhost"
     try:
         addrs = {info[4][0] for info in socket.getaddrinfo(host, None)}
     except OSError:

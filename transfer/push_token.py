@@ -42,18 +42,19 @@ class PushPolicy:
 
     def refusal(self, transfer_id: str, push_to: str, token: str | None, now: float | None = None) -> str:
         """'' when the producer may push this transfer to `push_to`; else why not (for the log and the
-        request's answer: it names no secret)."""
+        request's answer: it names no secret). Never raises: it runs in vLLM's scheduler."""
         if push_to in self.allow:
             return ""
         if self.key is None:
             host = push_to.rsplit(":", 1)[0].strip("[]")
-            if self.insecure or is_loopback(host):
+            if self.insecure or is_loopback(host, resolve=False):  # no DNS lookup in vLLM's scheduler
                 return ""
             return f"push target {push_to} is not loopback nor in push_allow, and no secret is set to sign it"
         if not token:
             return "push target carries no push token (only the router may name one)"
         exp, _, mac = token.partition(".")
-        if not exp.isdigit() or not hmac.compare_digest(mac.encode(), _mac(self.key, transfer_id, push_to, int(exp)).encode()):
+        want = _mac(self.key, transfer_id, push_to, int(exp)) if exp.isascii() and exp.isdigit() else ""
+        if not want or not hmac.compare_digest(mac.encode(), want.encode()):
             return "push token does not match this transfer and target"
         if int(exp) < ((time.time() if now is None else now) * 1000):
             return "push token expired"
