@@ -23,7 +23,7 @@ SECRET = b"consumer-auth-test-secret"
 LAYOUT = KVLayout(model_id="tiny", num_layers=2, num_kv_heads=2, kv_heads_per_rank=2, head_size=32,
                   dtype="float32", block_size=16, cache_layout="LBHNC")
 CHUNK = 64
-REFUSED = wire.Error(code="refused", message="refused")
+REFUSED = wire.Error(code="unauthenticated", message="refused")
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_producer_without_the_credential_learns_no_nixl_metadata_and_no_layout(c
         try:
             with pytest.raises(PeerError) as e:
                 p.link(consumer.address).ensure()
-            assert e.value.code in ("refused", "unauthenticated") and p.link(consumer.address).welcome is None
+            assert e.value.code == "unauthenticated" and p.link(consumer.address).welcome is None
         finally:
             p.close()
     serves(consumer)
@@ -109,6 +109,13 @@ def test_spoofed_producer_id_cannot_end_or_renew_another_producers_lease(consume
         grant = victim.link(consumer.address).alloc(TransferSpec("v-1", CHUNK, "ab" * 16), 5.0)
         assert isinstance(grant, wire.Grant)
         attacker = Credential("producer/attacker", SECRET)  # a real credential, but not the victim's
+        rival = producer("rival")  # a real, handshaken producer asking for the victim's transfer: no takeover
+        try:
+            with pytest.raises(PeerError) as e:
+                rival.link(consumer.address).alloc(TransferSpec("v-1", CHUNK, "ab" * 16, attempt=5), 5.0)
+            assert e.value.code == "forbidden"
+        finally:
+            rival.close()
         for msg in (hello("victim", generation=2**62),
                     wire.Release(transfer_id="v-1", epoch=grant.epoch, reason="spoofed give-up"),
                     wire.Release(transfer_id="v-1", epoch=grant.epoch),

@@ -103,7 +103,7 @@ def test_prefill_leg_without_a_valid_token_pushes_nothing_and_is_answered(secure
 
 def test_unauthenticated_peer_is_refused_and_the_decode_node_keeps_serving(secure):
     reply = asyncio.run(ask(secure["decode"].handshake, wire.Stats(), 3.0, Credential("router", None)))
-    assert reply == wire.Error(code="refused", message="refused")
+    assert reply == wire.Error(code="unauthenticated", message="refused")
     assert isinstance(asyncio.run(ask(secure["decode"].handshake, wire.Stats(), 3.0,
                                       Credential("router", SECRET.encode()))), wire.PoolStatus)
     frame, _ = Credential("producer/x", b"guess").seal(wire.encode(wire.Stats()))
@@ -114,7 +114,7 @@ def test_unauthenticated_peer_is_refused_and_the_decode_node_keeps_serving(secur
     assert s.poll(3000)
     raw = s.recv()
     s.close(0)
-    assert b"agent" not in raw and wire.decode_reply(control_auth.parse(raw)[3]).code == "refused"
+    assert b"agent" not in raw and wire.decode_reply(control_auth.parse(raw)[3]).code == "unauthenticated"
 
 
 def test_no_process_and_no_log_shows_the_secret(secure):

@@ -35,7 +35,7 @@ from transfer.slot_pool import Lease, SlotPool
 from transfer.threads import start_io_thread
 
 log = logging.getLogger("kvbridge.consumer")
-REFUSED = wire.Error(code="refused", message="refused")  # all an unauthenticated peer ever learns
+REFUSED = wire.Error(code="unauthenticated", message="refused")  # all an unauthenticated peer ever learns
 ROUTER_MESSAGES = frozenset({"stats", "cancel", "trace"})
 PRODUCER_MESSAGES = frozenset({"hello", "alloc", "renew", "release", "stats"})
 
@@ -186,7 +186,7 @@ class ConsumerEndpoint:
             return f"credential of producer {pid} cannot introduce producer {msg.producer_id}"
         if isinstance(msg, wire.Alloc) and self.producers.owner(msg.incarnation) not in (None, pid):
             return f"incarnation {msg.incarnation[:12]} belongs to another producer"
-        if isinstance(msg, (wire.Renew, wire.Release)):
+        if isinstance(msg, (wire.Alloc, wire.Renew, wire.Release)):  # an ALLOC would replace the lease
             lease = self.pool.live(msg.transfer_id)
             if lease is not None and self.producers.owner(lease.producer) != pid:
                 return f"the lease on {msg.transfer_id} belongs to another producer"

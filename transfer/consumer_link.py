@@ -124,8 +124,8 @@ class ConsumerLink:
                     raise PeerError(self.address, e.code, str(e)) from None
                 if reply.rid == msg.rid or (isinstance(reply, wire.Error) and reply.rid == 0):
                     break  # rid 0: the endpoint could not read our frame, so it could not echo the rid
-        if isinstance(reply, wire.Error) and reply.code == "refused":
-            raise PeerError(self.address, "refused", "the consumer refused our frame without reading it: it "
+        if isinstance(reply, wire.Error) and reply.code == "unauthenticated":
+            raise PeerError(self.address, reply.code, "the consumer refused our frame without reading it: it "
                             "requires a deployment secret this producer lacks or has wrong, or our clock is off")
         if isinstance(reply, wire.Error):
             raise PeerError(self.address, reply.code, reply.message)
