@@ -57,3 +57,15 @@ def test_remembered_cancels_and_traces_are_bounded():
         book.finish(f"k-{i}", None, {"state": "ABORTED", "reason": "", "ms": {}})
     assert len(book._ended) <= 100 and len(book._traces) <= 10
     assert book.status("cancel-4999")[1].startswith("cancelled"), "the newest are the ones remembered"
+
+
+def test_a_transfer_ended_again_after_its_memory_expired_is_remembered_again():
+    now = [0.0]
+    book = ReceiveBook(SlotPool(2, 1024, 0.0), 30.0, remember_s=60, clock=lambda: now[0])
+    book.fail("k", "first")
+    book.fail("k", "second")
+    assert book.status("k")[1] == "first", "the first reason stands while it is remembered"
+    now[0] = 61.0
+    assert book.status("k")[0].value == "WAITING"
+    book.discard("k")
+    assert book.status("k")[1].startswith("cancelled")

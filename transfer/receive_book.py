@@ -167,11 +167,15 @@ class ReceiveBook:
     def _remember(self, key: str, reason: str) -> None:
         with self._lock:
             now = self._clock()
-            if len(self._ended) >= self.max_ended or len(self._ended) % 256 == 0:
+            old = self._ended.get(key)
+            if old is not None and old[1] > now:
+                return  # the first reason stands
+            self._ended.pop(key, None)
+            if len(self._ended) >= self.max_ended:
                 self._ended = {k: v for k, v in self._ended.items() if v[1] > now}
             while len(self._ended) >= self.max_ended:
                 del self._ended[next(iter(self._ended))]
-            self._ended.setdefault(key, (reason, now + self.remember_s))
+            self._ended[key] = (reason, now + self.remember_s)
 
     def _ended_reason(self, key: str) -> str:
         with self._lock:
