@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from pd import kv_copy
+from pd.block_copy import block_copy_for
 from transfer.nixl_agent import NixlAgent
 
 MiB = 1 << 20
@@ -78,7 +78,7 @@ def run(device: str, repeats: int, max_mib: int = 256, desc_mib: int = 16) -> li
     ctx = mp.get_context("spawn")
     conn, child = ctx.Pipe()
     sizes = [s * MiB for s in (1, 16, 256, 512, 1024) if s <= max_mib]
-    total = max(sizes + [desc_mib * MiB])
+    total = max(sizes + [desc_mib * MiB, 64 * MiB])  # 64 MiB: the paged workload below
     proc = ctx.Process(target=_consumer, args=(child, total, device), daemon=True)
     proc.start()
     meta, raddr, rmem, rdev = conn.recv()
@@ -105,14 +105,13 @@ def run(device: str, repeats: int, max_mib: int = 256, desc_mib: int = 16) -> li
     staging = src[:nbytes]
     chunk_bytes = nbytes // (len(blocks) // per_chunk)
     chunks = [blocks[c0:c0 + per_chunk].tolist() for c0 in range(0, len(blocks), per_chunk)]
-    slabs = kv_copy.BlockSlabs(caches)
+    copier = block_copy_for(caches, torch.device(device))
 
     def gather() -> list[list[tuple[int, int, int]]]:
         spans = []
         for i, ids in enumerate(chunks):
             start = i * chunk_bytes
-            seg = slabs.segments(ids, staging.data_ptr() + start)
-            kv_copy.gather(seg, staging.device)
+            copier.gather(ids, staging[start:start + chunk_bytes])
             spans.append([(start, start, chunk_bytes)])
         _sync(device)
         return spans

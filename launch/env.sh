@@ -17,7 +17,7 @@ if [ ! -f "$STAMP" ]; then
   "$VENV/bin/pip" install -q -e "$ROOT[test]"
   touch "$STAMP"
 fi
-[ -f "$ROOT/build/libkvb_copy_cpu.so" ] || bash "$ROOT/csrc/build.sh"
+[ -f "$ROOT/pd/native/libkvb_copy_cpu.so" ] || bash "$ROOT/csrc/build.sh"
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"

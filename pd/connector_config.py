@@ -7,6 +7,8 @@ environment variable `secret_env` or from `secret_file` (`secret()`).
 """
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from storage.config import StoreConfig
@@ -28,6 +30,9 @@ class ConnectorConfig(BaseModel):
     listen_port: int = Field(default=5600, ge=0, le=65535, description="consumer handshake port (+ TP rank)")
     chunk_tokens: int = Field(default=256, gt=0, description="tokens per pushed chunk; rounded up to whole blocks")
     num_slots: int = Field(default=64, gt=0, description="consumer receive slots, one chunk each")
+    slot_memory: Literal["device", "host"] = Field(
+        default="device", description="where a GPU consumer keeps its slots: device memory, or pinned host memory "
+        "(no VRAM taken; the scatter reads over PCIe)")
     staging_chunks: int = Field(default=16, gt=0, description="producer staging slots, one chunk each")
     lease_ttl_s: float = Field(default=5.0, gt=0, description="lease lifetime; renewed while a push is alive")
     write_margin_s: float = Field(default=1.0, ge=0, description="producer stops writing this long before the deadline")

@@ -26,36 +26,17 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransfe
 
 from pd.connector_config import ConnectorConfig
 from transfer.consumer_endpoint import ConsumerEndpoint, ConsumerSettings
-from transfer.layout import KVLayout
+from pd.cache_layout import layout_from_vllm
 from pd.paged_kv import PagedKV
 from pd.prefix_store import PROMPT_TOKENS, PrefixStore, model_fingerprint, store_key
 from transfer.producer import Producer, ProducerSettings
 from pd.scheduler_side import BridgeMetadata, LoadTask, OutgoingTask, StoreLoadTask
+from transfer.device_fence import COMPLETED, Fence, recorder_for
 from transfer.receive_book import Arrival
 from transfer.states import State, Transfer
 from pd.store_lookup import LookupServer, StoreHandshake
 
 log = logging.getLogger("kvbridge.worker")
-
-
-def detect_cache_layout(t: torch.Tensor, block_size: int) -> str:
-    if t.device.type == "cpu":
-        return "LBHNC"
-    return "NHD" if t.dim() == 5 and t.shape[2] == block_size else "HND"
-
-
-def layout_from_vllm(vllm_config, kv_caches: dict[str, torch.Tensor], model_id: str) -> KVLayout:
-    from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
-
-    mc, pc = vllm_config.model_config, vllm_config.parallel_config
-    first = next(iter(kv_caches.values()))
-    block_size = vllm_config.cache_config.block_size
-    return KVLayout(model_id=model_id or os.path.basename(mc.model.rstrip("/")), num_layers=len(kv_caches),
-                    num_kv_heads=mc.get_total_num_kv_heads(), kv_heads_per_rank=mc.get_num_kv_heads(pc),
-                    head_size=mc.get_head_size(), dtype=str(first.dtype).removeprefix("torch."),
-                    block_size=block_size, cache_layout=detect_cache_layout(first, block_size),
-                    tp_size=pc.tensor_parallel_size, tp_rank=get_tensor_model_parallel_rank(),
-                    weights_fingerprint=model_fingerprint(mc.model))
 
 
 @dataclass
@@ -89,12 +70,14 @@ class WorkerSide:
         # Our control threads share the GIL with vLLM's busy main thread; the default 5 ms switch
         # interval would add that much to every lease RPC and every UCX progress call.
         sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
-        layout = layout_from_vllm(self.vllm_config, kv_caches, self.cfg.model_id)
-        self.kv = PagedKV(kv_caches, layout)
+        layout, views = layout_from_vllm(self.vllm_config, kv_caches, self.cfg.model_id,
+                                         model_fingerprint(self.vllm_config.model_config.model))
+        self.kv = PagedKV(views, layout)
+        self._fence = recorder_for(str(self.kv.device))
         bs = layout.block_size
         self.blocks_per_chunk = max(1, -(-self.cfg.chunk_tokens // bs))
         self.chunk_tokens = chunk_tokens = self.blocks_per_chunk * bs
-        device = str(next(iter(kv_caches.values())).device)
+        device = str(self.kv.device)
         port = self.cfg.listen_port + layout.tp_rank if self.cfg.listen_port else 0
         # Unique per process unless configured: two nodes started from the same command never collide.
         name = self.cfg.instance_id or \
@@ -102,7 +85,8 @@ class WorkerSide:
         if self.is_consumer:
             self.endpoint = ConsumerEndpoint(layout, ConsumerSettings(
                 chunk_tokens=chunk_tokens, num_slots=self.cfg.num_slots, host=self.cfg.listen_host, port=port,
-                secret=self._secret, insecure=self.cfg.insecure, device=device, quarantine_s=self.cfg.quarantine_s,
+                secret=self._secret, insecure=self.cfg.insecure,
+                device="pinned" if self.cfg.slot_memory == "host" else device, quarantine_s=self.cfg.quarantine_s,
                 unclaimed_ttl_s=self.cfg.unclaimed_ttl_s))
         if self.is_producer:
             self.producer = Producer(layout, chunk_tokens, ProducerSettings(
@@ -117,6 +101,23 @@ class WorkerSide:
             start_http_server(self.cfg.metrics_port + layout.tp_rank, addr=self.cfg.listen_host)
         log.info("kvbridge %s ready: %s, %d tokens/chunk (%d bytes)", name, layout.model_dump(), chunk_tokens,
                  layout.chunk_bytes(chunk_tokens))
+        self._report_device_memory()
+
+    def _report_device_memory(self) -> None:
+        """kvbridge's buffers come on top of the KV cache vLLM sized to gpu_memory_utilization: say how much."""
+        if self.kv.device.type != "cuda":
+            return
+        regions = {"consumer slots": self.endpoint.region if self.endpoint else None,
+                   "producer staging": self.producer.staging.region if self.producer else None}
+        held = {k: r.nbytes for k, r in regions.items() if r is not None and r.mem_type == "VRAM"}
+        if self.store is not None:
+            held["store scratch chunk"] = self.kv.chunk_nbytes(self.blocks_per_chunk)
+        total = torch.cuda.get_device_properties(self.kv.device).total_memory
+        gib = sum(held.values()) / 2**30
+        log.info("kvbridge holds %.2f GiB of GPU memory outside vLLM's KV cache (%.1f%% of %s; %s): leave that much "
+                 "headroom under gpu_memory_utilization, or set slot_memory: host on a decode node", gib,
+                 100 * gib * 2**30 / total, self.kv.device,
+                 ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in held.items()))
 
     def _chunk_blocks(self, n_tokens: int, chunk: int) -> tuple[int, int]:
         n_blocks = -(-n_tokens // self.kv.layout.block_size)
@@ -162,7 +163,7 @@ class WorkerSide:
                             c, "missing" if data is None else f"{data.numel()} bytes, expected {expect}")
                 break
             skip = max(0, task.skip_blocks - c * bpc)
-            self.kv.scatter(ids, data.to(self.kv.tensors[0].device), skip)
+            self.kv.scatter(ids, data.to(self.kv.device), skip)  # a host tensor the store may free: copy it over
             loaded += self.chunk_tokens - skip * self.kv.layout.block_size
         PROMPT_TOKENS.labels("loaded").inc(loaded)
         log.debug("request %s: %d prompt tokens loaded from the store", task.req_id, loaded)
@@ -214,7 +215,7 @@ class WorkerSide:
     def _scratch_chunk(self) -> torch.Tensor:
         if self._scratch is None:
             self._scratch = torch.empty(self.kv.chunk_nbytes(self.blocks_per_chunk), dtype=torch.uint8,
-                                        device=self.kv.tensors[0].device)
+                                        device=self.kv.device)
         return self._scratch
 
     def get_transfer_results(self, idle: bool) -> KVConnectorTransferResults:
@@ -264,12 +265,12 @@ class WorkerSide:
             ids = task.block_ids[lo:hi]
             self.kv.scatter(ids, view, max(0, min(task.skip_blocks - lo, len(ids))))
         self.endpoint.book.count("tokens_scattered", task.spec.num_tokens - task.skip_blocks * self.kv.layout.block_size)
-        self._finish_load(rid, State.SCATTERED, lease=lease)
+        self._finish_load(rid, State.SCATTERED, lease=lease, fence=self._fence())  # slots free once it ran
 
-    def _finish_load(self, rid: str, state: State, reason: str = "", lease=None) -> None:
+    def _finish_load(self, rid: str, state: State, reason: str = "", lease=None, fence: Fence = COMPLETED) -> None:
         ld = self._loads.pop(rid)
         ld.t.to(state, reason)
-        self.endpoint.book.finish(ld.task.spec.key, lease, ld.t.trace())
+        self.endpoint.book.finish(ld.task.spec.key, lease, ld.t.trace(), fence)
         (self._done_recv if state == State.SCATTERED else self._failed_recv).add(rid)
 
     def _abort(self, rid: str) -> None:

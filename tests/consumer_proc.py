@@ -25,6 +25,7 @@ def _serve(conn, layout_json: str, kwargs: dict) -> None:
                 conn.send(None)
             else:
                 conn.send({"complete": lease.complete, "epoch": lease.epoch, "slots": lease.slots,
+                           "arrived": sorted(lease.arrived),
                            "crcs": [zlib.crc32(v.numpy()) for v in ep.chunk_views(lease)],
                            "bad": ep.verify(lease)})
         elif cmd == "release":

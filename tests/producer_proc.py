@@ -15,8 +15,9 @@ from transfer.identity import TransferSpec
 from transfer.layout import KVLayout
 from transfer.producer import Producer, ProducerSettings
 
-TINY = KVLayout(model_id="tiny", num_layers=2, num_kv_heads=2, kv_heads_per_rank=2, head_size=32, dtype="float32",
-                block_size=128, cache_layout="LBHNC")
+TINY = KVLayout(model_id="tiny", num_layers=2, num_kv_heads=2, kv_heads_per_rank=2, head_size=32, content_size=64,
+                dtype="float32", kv_cache_dtype="float32", block_size=128,
+                cache_layout="LBHNC")
 
 
 def main() -> None:

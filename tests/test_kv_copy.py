@@ -1,121 +1,84 @@
-"""csrc gather/scatter. On CPU nodes the C++ library runs; where torch sees a GPU every test also runs
-on it with fresh random inputs, checked against the CPU reference (the CUDA build is compiled by
-csrc/build.sh with warnings as errors on every node that has nvcc)."""
+"""csrc's copy libraries: built by the package's install, found where the package is, and moving exactly
+the bytes a segment table names (the CUDA library is compiled with warnings as errors wherever nvcc is,
+and checked against the CPU path where torch sees a GPU: tests/test_cache_layouts.py)."""
 from __future__ import annotations
 
-import random
 import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from pd import kv_copy
-from transfer.layout import KVLayout
-from pd.paged_kv import PagedKV
+from pd import native_copy
 
-BS, HEADS, HEAD = 16, 4, 32
-DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn]
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+ROOT = Path(__file__).resolve().parent.parent
 
 
-def make_cache(layout: str, dtype: torch.dtype, n_blocks: int = 24, device: str = "cpu") -> torch.Tensor:
-    shape = {"NHD": (2, n_blocks, BS, HEADS, HEAD), "HND": (2, n_blocks, HEADS, BS, HEAD),
-             "LBHNC": (n_blocks, HEADS, BS, 2 * HEAD)}[layout]
-    return torch.randn(shape, device=device).to(dtype)
-
-
-def tensors_of(cache: torch.Tensor, layout: str) -> list[torch.Tensor]:
-    return [cache] if layout == "LBHNC" else [cache[0], cache[1]]
-
-
-def token_view(t: torch.Tensor, layout: str, block: int, tok: int) -> torch.Tensor:
-    """Every value of one token in one block-major tensor (reference indexing, no csrc)."""
-    if layout == "NHD":
-        return t[block, tok]
-    if layout == "HND":
-        return t[block, :, tok]
-    flat = t[block].reshape(HEADS, -1)  # per head: K of every token, then V of every token
-    return torch.cat([flat[:, tok * HEAD:(tok + 1) * HEAD], flat[:, (BS + tok) * HEAD:(BS + tok + 1) * HEAD]], 1)
-
-
-def test_cpu_library_is_built():
-    assert kv_copy._cpu is not None, "run bash csrc/build.sh"
+def test_native_libraries_are_built_inside_the_package():
+    assert native_copy._cpu is not None, f"{native_copy.NATIVE_DIR} has no CPU library: {native_copy.HOW_TO_BUILD}"
     if shutil.which("nvcc"):
-        assert (kv_copy.BUILD / "libkvb_copy_cuda.so").exists(), "nvcc is present but the CUDA library was not built"
+        assert (native_copy.NATIVE_DIR / "libkvb_copy_cuda.so").exists()
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("layout", ["NHD", "HND", "LBHNC"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_roundtrip_random_blocks_ragged_ranges(layout, dtype, device):
-    rng = random.Random(f"{layout}{dtype}{device}")
-    for _ in range(5):
-        src = make_cache(layout, dtype, device=device)
-        blocks = rng.sample(range(24), 8)
-        start = rng.randrange(0, 60)
-        end = rng.randrange(start + 1, 8 * BS + 1)
-        tensors = tensors_of(src, layout)
-        nbytes = sum(t[0].numel() for t in tensors) // BS * (end - start) * src.element_size()
-        chunk = torch.zeros(nbytes, dtype=torch.uint8, device=device)
-        seg = kv_copy.segments(tensors, layout, blocks, start, end, BS, HEADS, HEAD, chunk.data_ptr())
-        assert int(seg[:, 2].sum()) == nbytes
-        kv_copy.gather(seg, chunk.device)
-        dst = torch.zeros_like(src)
-        dseg = kv_copy.segments(tensors_of(dst, layout), layout, blocks, start, end, BS, HEADS, HEAD,
-                                chunk.data_ptr())
-        kv_copy.scatter(dseg, chunk.device)
-        if device != "cpu":
-            cpu_src = src.cpu()
-            ref = torch.zeros(nbytes, dtype=torch.uint8)
-            kv_copy.gather(kv_copy.segments(tensors_of(cpu_src, layout), layout, blocks, start, end, BS, HEADS,
-                                            HEAD, ref.data_ptr()), ref.device)
-            assert torch.equal(chunk.cpu(), ref)
-            src, dst = cpu_src, dst.cpu()
-            tensors = tensors_of(src, layout)
-        for t_src, t_dst in zip(tensors, tensors_of(dst, layout)):
-            for tok in range(8 * BS):
-                b, i = blocks[tok // BS], tok % BS
-                got = token_view(t_dst, layout, b, i).view(torch.uint8)
-                want = token_view(t_src, layout, b, i).view(torch.uint8)
-                assert torch.equal(got, want if start <= tok < end else torch.zeros_like(want)), (tok, start, end)
+def test_a_segment_table_moves_exactly_the_named_bytes():
+    src = torch.randint(0, 256, (4096,), dtype=torch.uint8)
+    dst = torch.zeros(4096, dtype=torch.uint8)
+    s, d = src.data_ptr(), dst.data_ptr()
+    native_copy.copy_cpu(np.array([[s + 10, d + 2000, 300], [s, d, 7], [s + 4000, d + 100, 96]], dtype=np.uint64))
+    want = torch.zeros(4096, dtype=torch.uint8)
+    want[2000:2300], want[0:7], want[100:196] = src[10:310], src[0:7], src[4000:4096]
+    assert torch.equal(dst, want)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("layout", ["NHD", "HND", "LBHNC"])
-def test_paged_kv_whole_blocks_match_torch_indexing(layout, device):
-    cache = make_cache(layout, torch.float16, device=device)
-    kv_layout = KVLayout(model_id="m", num_layers=1, num_kv_heads=HEADS, kv_heads_per_rank=HEADS, head_size=HEAD,
-                         dtype="float16", block_size=BS, cache_layout=layout)
-    paged = PagedKV({"model.layers.0.attn": cache}, kv_layout)
-    blocks = [5, 2, 17]
-    ref = torch.cat([t[blocks].reshape(-1).view(torch.uint8) for t in tensors_of(cache, layout)])
-    out = torch.zeros(paged.chunk_nbytes(3), dtype=torch.uint8, device=device)
-    assert paged.gather(blocks, out) == out.numel()
-    assert torch.equal(out, ref)
-    seg = kv_copy.segments(paged.tensors, layout, blocks, 0, 3 * BS, BS, HEADS, HEAD, out.data_ptr())
-    assert len(seg) == len(paged.tensors) * len(blocks), "whole-block runs should merge to one segment per slab"
-    again = torch.zeros_like(out)
-    kv_copy.gather(kv_copy.segments(paged.tensors, layout, blocks, 0, 3 * BS, BS, HEADS, HEAD, again.data_ptr()),
-                   out.device)
-    assert torch.equal(again, ref)
-
-    dst = PagedKV({"model.layers.0.attn": torch.zeros_like(cache)}, kv_layout)
-    before = [t.clone() for t in dst.tensors]
-    dst.scatter([9, 4, 11], out, skip=1)
-    for t_new, t_old, t_src in zip(dst.tensors, before, tensors_of(cache, layout)):
-        assert torch.equal(t_new[[4, 11]].view(torch.uint8), t_src[[2, 17]].view(torch.uint8))
-        untouched = [b for b in range(24) if b not in (4, 11)]
-        assert torch.equal(t_new[untouched], t_old[untouched]), "skip=1 must leave block 9 and all others alone"
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="runs csrc's kernel on a GPU")
+def test_cuda_copier_reuses_table_buffers_only_after_their_kernel_ran():
+    dev = torch.device("cuda")
+    copier = native_copy.cuda_copier(dev)
+    src = torch.randint(0, 256, (1 << 20,), dtype=torch.uint8, device=dev)
+    outs = [torch.zeros_like(src) for _ in range(8)]
+    for o in outs:  # queued back to back behind each other: every table must survive until its kernel ran
+        copier.run(np.array([[src.data_ptr() + i * 4096, o.data_ptr() + i * 4096, 4096] for i in range(256)],
+                            dtype=np.uint64))
+    torch.cuda.synchronize()
+    assert all(torch.equal(o, src) for o in outs)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_nhd_to_hnd_transform(device):
-    src = make_cache("NHD", torch.bfloat16, device=device)
-    dst = torch.zeros(2, 24, HEADS, BS, HEAD, dtype=torch.bfloat16, device=device)
-    src_blocks, dst_blocks = [3, 9, 1], [7, 0, 12]
-    seg = kv_copy.transform_segments(tensors_of(src, "NHD"), "NHD", tensors_of(dst, "HND"), "HND",
-                                     src_blocks, dst_blocks, 40, BS, HEADS, HEAD)
-    kv_copy.copy_segments(seg[:, 0], seg[:, 1], seg[:, 2], src.device)
-    for t in range(40):
-        sb, db, i = src_blocks[t // BS], dst_blocks[t // BS], t % BS
-        assert torch.equal(dst[:, db, :, i].view(torch.uint8), src[:, sb, i].view(torch.uint8))
+@pytest.mark.timeout(300)
+def test_building_the_wheel_builds_the_native_libraries_into_it(tmp_path):
+    """What `pip install .` runs on a fresh machine: the wheel must carry pd/native (CUDA too where nvcc is)."""
+    src = tmp_path / "src"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for f in files:
+        if (ROOT / f).is_file():
+            (src / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, src / f)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path / "dist"), str(src)], check=True, timeout=280)
+    names = zipfile.ZipFile(next((tmp_path / "dist").glob("kvbridge-*.whl"))).namelist()
+    assert "pd/native/libkvb_copy_cpu.so" in names
+    if shutil.which("nvcc"):
+        assert "pd/native/libkvb_copy_cuda.so" in names
+
+
+def test_a_missing_cuda_library_is_a_sentence_that_says_how_to_build_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(native_copy, "NATIVE_DIR", tmp_path)
+    with pytest.raises(native_copy.NativeUnavailable, match="libkvb_copy_cuda.so is missing: reinstall kvbridge"):
+        native_copy.cuda_copier(torch.device("cuda"))
+
+
+def test_without_the_native_copy_the_connector_falls_back_to_torch_with_a_warning(monkeypatch, caplog):
+    from pd import block_copy
+
+    def unavailable(*_):
+        raise native_copy.NativeUnavailable("libkvb_copy_cuda.so is missing: " + native_copy.HOW_TO_BUILD)
+    monkeypatch.setattr(block_copy, "SegmentBlockCopy", unavailable)
+    views = [torch.zeros(4, 2, 16, 8)]
+    with caplog.at_level("WARNING", logger="kvbridge.copy"):
+        copier = block_copy.block_copy_for(views, torch.device("cpu"))
+    assert isinstance(copier, block_copy.TorchBlockCopy)
+    assert "torch index copies" in caplog.text and "pip install -e ." in caplog.text

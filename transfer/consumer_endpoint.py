@@ -27,7 +27,7 @@ from transfer.control_auth import AuthError, Authenticator, Opened
 from transfer.credentials import require_secret
 from transfer.geometry import ChunkGeometry
 from transfer.layout import KVLayout
-from transfer.nixl_agent import NixlAgent
+from transfer.nixl_agent import NixlAgent, zeroed_buffer
 from transfer.notice import ChunkNotice, NoticeError
 from transfer.producer_registry import ProducerRegistry
 from transfer.receive_book import ReceiveBook
@@ -48,7 +48,7 @@ class ConsumerSettings:
     port: int = 0
     secret: bytes | None = None
     insecure: bool = False  # a routable listener without a secret starts (with a warning) instead of refusing
-    device: str = "cpu"
+    device: str = "cpu"  # where the slots live: "cpu", "cuda:N", or "pinned" host memory
     quarantine_s: float = 2.0
     unclaimed_ttl_s: float = 30.0
     busy_poll_s: float = 0.0005
@@ -68,8 +68,7 @@ class ConsumerEndpoint:
         self.slot_bytes = self.geometry.slot_bytes
         self.incarnation = uuid.uuid4().hex
         self.agent = NixlAgent(f"kvb-consumer-{self.incarnation[:12]}")
-        self.region = self.agent.register(torch.zeros(settings.num_slots * self.slot_bytes, dtype=torch.uint8,
-                                                      device=settings.device))
+        self.region = self.agent.register(zeroed_buffer(settings.num_slots * self.slot_bytes, settings.device))
         self.pool = SlotPool(settings.num_slots, self.slot_bytes, settings.quarantine_s,
                              on_expire=lambda key: self.book.expired(key))
         self.book = ReceiveBook(self.pool, settings.unclaimed_ttl_s)
@@ -122,7 +121,8 @@ class ConsumerEndpoint:
         poller.register(self._sock, zmq.POLLIN)
         busy_ms, idle_ms = self.cfg.busy_poll_s * 1000, self.cfg.idle_poll_s * 1000
         while not self._stop.is_set():
-            events = dict(poller.poll(busy_ms if self.pool.receiving() else idle_ms))
+            busy = self.book.settle() or self.pool.receiving()  # a scatter still reading a slot: poll fast
+            events = dict(poller.poll(busy_ms if busy else idle_ms))
             if self._sock in events:
                 self._drain_socket()
             self._pump_notifications()

@@ -10,23 +10,26 @@ from pydantic import BaseModel, ConfigDict, Field
 
 DTYPE_BYTES = {
     "float32": 4, "float16": 2, "bfloat16": 2,
-    "float8_e4m3fn": 1, "float8_e5m2": 1, "uint8": 1,
+    "float8_e4m3fn": 1, "float8_e5m2": 1, "uint8": 1, "int8": 1,
 }
 
 # Fields that must match for a slab to mean the same thing on both sides.
 MATCHED_FIELDS = (
     "model_id", "num_layers", "num_kv_heads", "kv_heads_per_rank", "head_size",
-    "dtype", "block_size", "cache_layout", "tp_size", "weights_fingerprint",
+    "content_size", "dtype", "kv_cache_dtype", "kv_scaled", "block_size", "cache_layout", "tp_size",
+    "weights_fingerprint",
 )
 
 
 class KVLayout(BaseModel):
     """Shape of one rank's paged KV cache.
 
-    `cache_layout` names how a block is laid out in memory: vLLM's CPU backend uses
-    `LBHNC` (per layer `[blocks, heads, block_size, 2*head_size]`, K then V inside a
-    (block, head) slab); GPU flash-attn uses `NHD` (`[2, blocks, block_size, heads, head]`)
-    and `HND` (`[2, blocks, heads, block_size, head]`).
+    `cache_layout` is the name vLLM gives the physical order of `[layer, block, head, token,
+    content]` (`LBHNC`, `LBNHC`, `LHBNC`, `BLHNC`, `BLNHC`, `BHLNC`). `content_size` is the
+    elements per (head, token) cell: K and V side by side (2 x head_size), or MLA's latent vector.
+    `dtype` is the element type the cache is stored as; `kv_cache_dtype` the exact variant vLLM
+    was asked for (`fp8_e4m3` and `fp8_e5m2` are both stored as bytes) and `kv_scaled` whether
+    scales apply to the stored values.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -36,7 +39,10 @@ class KVLayout(BaseModel):
     num_kv_heads: int = Field(gt=0)
     kv_heads_per_rank: int = Field(gt=0)
     head_size: int = Field(gt=0)
+    content_size: int = Field(default=0, ge=0, description="elements per (head, token); 0 = 2 x head_size")
     dtype: str
+    kv_cache_dtype: str = Field(default="", max_length=32)
+    kv_scaled: bool = False
     block_size: int = Field(gt=0)
     cache_layout: str
     tp_size: int = Field(default=1, gt=0)
@@ -50,8 +56,9 @@ class KVLayout(BaseModel):
 
     @property
     def bytes_per_token(self) -> int:
-        """K and V, all layers, this rank's heads."""
-        return self.num_layers * 2 * self.kv_heads_per_rank * self.head_size * self.elem_bytes
+        """K and V (or the latent vector), all layers, this rank's heads."""
+        content = self.content_size or 2 * self.head_size
+        return self.num_layers * self.kv_heads_per_rank * content * self.elem_bytes
 
     @property
     def bytes_per_block(self) -> int:

@@ -8,6 +8,7 @@ thread and a data thread.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass
 
@@ -44,16 +45,36 @@ def mem_type_of(t: torch.Tensor) -> tuple[str, int]:
     return ("VRAM", t.device.index or 0) if t.is_cuda else ("DRAM", 0)
 
 
+def zeroed_buffer(nbytes: int, device: str) -> torch.Tensor:
+    """A zeroed byte buffer to register: on `device` ('cpu', 'cuda:0'), or 'pinned' host memory, which a
+    GPU's copy kernels reach directly and which takes no GPU memory (plain host memory without a GPU)."""
+    if device == "pinned":
+        return torch.zeros(nbytes, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+    return torch.zeros(nbytes, dtype=torch.uint8, device=device)
+
+
 class NixlAgent:
     def __init__(self, name: str) -> None:
         self.name = name
         self._lock = threading.Lock()
         cfg = nixl_agent_config(enable_prog_thread=False, backends=[])
         self._agent = nixl_agent(name, cfg)
-        # Shared-memory UCX transports refuse to start with error handling on (PLATFORM.md);
-        # peer death is detected above NIXL, by lease deadlines and heartbeats.
-        self._agent.create_backend("UCX", {"ucx_error_handling_mode": "none"})
+        self.error_handling = self._create_ucx_backend()
         self._remotes: set[str] = set()
+
+    def _create_ucx_backend(self) -> str:
+        """UCX with peer error handling, so a dead peer fails its transfers instead of hanging them (on
+        InfiniBand, RoCE, cuda_ipc). Where the transports UCX selected cannot do it (shared-memory transports
+        refuse to start with it), error handling is off and peer death is left to lease deadlines."""
+        try:
+            self._agent.create_backend("UCX", {"ucx_error_handling_mode": "peer"})
+            return "peer"
+        except Exception as e:
+            log.warning("NIXL agent %s: UCX refused peer error handling with the transports it selected "
+                        "(UCX_TLS=%s): %s; running without it, a dead peer is noticed by lease deadlines",
+                        self.name, os.environ.get("UCX_TLS", "all"), e)
+            self._agent.create_backend("UCX", {"ucx_error_handling_mode": "none"})
+            return "none"
 
     def register(self, tensor: torch.Tensor) -> Region:
         if not tensor.is_contiguous():

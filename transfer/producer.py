@@ -20,6 +20,7 @@ from prometheus_client import Gauge
 
 from transfer import wire
 from transfer.consumer_link import ConsumerLink, PeerUnreachable
+from transfer.device_fence import Fence, recorder_for
 from transfer.geometry import ChunkGeometry
 from transfer.identity import TransferSpec
 from transfer.layout import KVLayout
@@ -48,6 +49,7 @@ class ProducerSettings:
     checksum: bool = False
     secret: bytes | None = None  # deployment secret: control messages are signed with a key derived from it
     device: str = "cpu"
+    fence: Callable[[], Fence] | None = None  # recorded after each gather; default: per `device`
 
 
 class Producer:
@@ -59,6 +61,7 @@ class Producer:
         self.incarnation = uuid.uuid4().hex
         self.generation = time.time_ns()  # a restart of the same producer id is a newer generation
         self.agent = NixlAgent(f"kvb-producer-{settings.producer_id}-{self.incarnation[:12]}")
+        self._record_fence = settings.fence or recorder_for(settings.device)
         self.staging = StagingBuffer(self.agent, settings.staging_chunks, self.geometry.slot_bytes, settings.device)
         self._hello = wire.Hello(producer_id=settings.producer_id, generation=self.generation,
                                  incarnation=self.incarnation, layout=layout, chunk_tokens=chunk_tokens,
@@ -86,8 +89,9 @@ class Producer:
         return handle
 
     def stage(self, handle: str, chunk: int, fill: Callable[[torch.Tensor], int]) -> bool:
-        """Gather one chunk into staging (caller's thread) and queue its write.
-        False when the transfer already ended or staging stayed full (the transfer then fails)."""
+        """Queue the gather of one chunk into staging (caller's thread) and its write, which the push
+        thread posts once the gather's fence is done. False when the transfer already ended or staging
+        stayed full (the transfer then fails)."""
         with self._cv:
             job = self._jobs.get(handle)
             if job is None or job.t.done:
@@ -97,11 +101,12 @@ class Producer:
             self._fail(handle, f"staging full for {self.cfg.staging_wait_s}s")
             return False
         nbytes = fill(self.staging.view(slot))
+        fence = self._record_fence()
         with self._cv:
             if job.t.done:
                 self.staging.release(slot)
                 return False
-            job.staged[chunk] = (slot, nbytes)
+            job.staged[chunk] = (slot, nbytes, fence)
             self._cv.notify()
         return True
 
@@ -204,8 +209,8 @@ class Producer:
             return
         link = self._links[job.consumer]
         with self._cv:
-            ready = [(c, job.staged.pop(c)) for c in sorted(job.staged)]
-        for i, (chunk, (slot, nbytes)) in enumerate(ready):
+            ready = [(c, job.staged.pop(c)) for c in sorted(job.staged) if job.staged[c][2].done()]
+        for i, (chunk, (slot, nbytes, _)) in enumerate(ready):
             want = self.geometry.chunk_nbytes(job.spec.num_tokens, chunk)
             if nbytes != want or nbytes > link.welcome.slot_bytes:
                 self.staging.release(slot)
@@ -274,7 +279,7 @@ class Producer:
         self._cleanup(job)
 
     def _cleanup(self, job: PushJob) -> None:
-        for slot, _ in job.staged.values():
+        for slot, *_ in job.staged.values():
             self.staging.release(slot)
         job.staged.clear()
         gave_up = job.t.state == State.FAILED

@@ -5,6 +5,10 @@ The worker (engine thread) says which transfers it expects (`expect`), asks wher
 endpoint thread records grants, failures reported by producers, cancels from the router and
 expired leases. Both threads meet only here, under one lock.
 
+A claimed lease stays pinned until the fence recorded after its scatter is done (`settle`, called by
+the endpoint thread and by `finish`): on a GPU the scatter is still queued when `finish` is called, and a
+slot freed then could be granted and overwritten while the scatter reads it.
+
 A transfer read by `n > 1` engine requests (parallel sampling) is claimed `claims` times; its
 slots are freed after the last claim. A failure is remembered for `remember_s` even when no request
 expects the transfer yet, so a request scheduled after its producer gave up fails at once. Remembered
@@ -19,6 +23,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from enum import Enum
 
+from transfer.device_fence import COMPLETED, Fence
 from transfer.identity import transfer_id_of
 from transfer.slot_pool import Lease, SlotPool
 
@@ -51,6 +56,7 @@ class ReceiveBook:
         self._granted: dict[str, tuple[int, int, str]] = {}   # key -> (epoch, num_tokens, token_hash)
         self._ended: dict[str, tuple[str, float]] = {}        # key or transfer id -> (reason, forget at)
         self._traces: OrderedDict[str, dict] = OrderedDict()
+        self._settling: list[tuple[Fence, str, Lease, bool]] = []  # (scatter's fence, key, lease, last claim)
         self.counters: dict[str, int] = {}
 
     # --- engine (worker) side
@@ -90,9 +96,10 @@ class ReceiveBook:
             return None, why
         return lease, ""
 
-    def finish(self, key: str, lease: Lease | None, trace: dict) -> None:
-        """One claimer is done (scattered, failed, expired or aborted): unpin, and after the last claim
-        free the slots and forget the expectation. Records the trace and a counter of its final state."""
+    def finish(self, key: str, lease: Lease | None, trace: dict, fence: Fence = COMPLETED) -> None:
+        """One claimer is done (scattered, failed, expired or aborted): once `fence` is done, unpin, and
+        after the last claim free the slots; the expectation is forgotten now. Records the trace and a
+        counter of its final state."""
         with self._lock:
             exp = self._expected.get(key)
             last = exp is None or exp.claims_left <= 1
@@ -107,11 +114,24 @@ class ReceiveBook:
                 self._traces.popitem(last=False)
         self.count(f"transfers_{trace['state'].lower()}")
         if lease is not None:
+            with self._lock:
+                self._settling.append((fence, key, lease, last))
+            self.settle()
+        elif last:
+            self.pool.release(key)
+
+    def settle(self) -> int:
+        """Unpin the leases whose scatter has completed on the device; returns how many still wait."""
+        with self._lock:
+            done, waiting = [], []
+            for s in self._settling:
+                (done if s[0].done() else waiting).append(s)
+            self._settling = waiting
+        for _, key, lease, last in done:
             self.pool.unpin(lease, release=last)
             if not last:
                 self.pool.renew(key, lease.epoch, self.unclaimed_ttl_s)  # the other claimers still read it
-        elif last:
-            self.pool.release(key)
+        return len(waiting)
 
     # --- endpoint (control thread) side
     def check_alloc(self, key: str, num_tokens: int, token_hash: str) -> str:

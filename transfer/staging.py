@@ -11,15 +11,14 @@ import threading
 
 import torch
 
-from transfer.nixl_agent import NixlAgent, Region
+from transfer.nixl_agent import NixlAgent, Region, zeroed_buffer
 
 
 class StagingBuffer:
     def __init__(self, agent: NixlAgent, num_slots: int, slot_bytes: int, device: str = "cpu") -> None:
         self.slot_bytes = slot_bytes
         self.num_slots = num_slots
-        self.region: Region = agent.register(
-            torch.zeros(num_slots * slot_bytes, dtype=torch.uint8, device=device))
+        self.region: Region = agent.register(zeroed_buffer(num_slots * slot_bytes, device))
         self._agent = agent
         self._free = list(range(num_slots - 1, -1, -1))
         self._cv = threading.Condition()

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from transfer.layout import KVLayout
 
-PROTOCOL_VERSION = 3  # 3: messages travel in HMAC frames (control_auth.py); no `secret` field
+PROTOCOL_VERSION = 4  # 4: messages travel in HMAC frames (control_auth.py), no `secret` field
 MAX_MESSAGE_BYTES = 1 << 20
 
 
