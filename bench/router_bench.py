@@ -33,16 +33,19 @@ def run_pool_stub(port: int) -> None:
     import zmq
 
     from transfer import wire
+    from transfer.control_auth import Authenticator
 
     def serve() -> None:
         sock = zmq.Context.instance().socket(zmq.ROUTER)
         sock.bind(f"tcp://127.0.0.1:{port}")
+        auth = Authenticator(None)  # no deployment secret: unsigned frames, as the bench's router sends them
         while True:
             ident, raw = sock.recv_multipart()
-            req = wire.decode_request(raw)
-            sock.send_multipart([ident, wire.encode(wire.PoolStatus(rid=req.rid, incarnation="stub", total=64,
-                                                                     free=64, used=0, quarantined=0,
-                                                                     expired_total=0, dropped_total=0))])
+            opened = auth.open(raw)
+            req = wire.decode_request(opened.body)
+            reply = wire.PoolStatus(rid=req.rid, incarnation="stub", total=64, free=64, used=0, quarantined=0,
+                                    expired_total=0, dropped_total=0)
+            sock.send_multipart([ident, auth.seal_reply(opened, wire.encode(reply))])
     threading.Thread(target=serve, daemon=True).start()
 
 

@@ -34,8 +34,11 @@ def _serve(a: argparse.Namespace) -> None:
     cfg = load_config(a.file)
     if not isinstance(cfg, RoleConfig):
         raise SystemExit(f"{a.file}: role '{cfg.role}' is not a vLLM role (prefill, decode, both)")
-    cmd = cfg.vllm_command()
+    cmd = cfg.vllm_command()  # holds no secret: the connector reads it from the environment or a file
     env = dict(os.environ, **cfg.env)
+    warning = cfg.listener_warning(env)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
     print("exec:", " ".join(cmd), flush=True)
     os.execvpe(cmd[0], cmd, env)

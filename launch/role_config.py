@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pd.connector_config import ConnectorConfig
 from router.config import RouterConfig
 from transfer.config_errors import ConfigError, format_errors, load_yaml
+from transfer.credentials import CredentialError, require_secret
 
 KV_ROLE = {"prefill": "kv_producer", "decode": "kv_consumer", "both": "kv_both"}
 KV_TRANSFER_FLAG = "--kv-transfer-config"
@@ -56,6 +57,18 @@ class RoleConfig(BaseModel):
     def kv_address(self) -> str:
         """The consumer handshake address producers push to (decode and both roles)."""
         return f"{self.connector.listen_host}:{self.connector.listen_port}"
+
+    def listener_warning(self, env: dict[str, str]) -> str:
+        """Before vLLM starts: refuse (ConfigError) a decode listener on a routable address with no secret in
+        `env` or secret_file unless `insecure: true`; the warning to print in that case, else ''."""
+        if self.role not in ("decode", "both"):
+            return ""
+        c = self.connector
+        try:
+            secret = c.secret() if c.secret_file else (env.get(c.secret_env) or None)
+            return require_secret(c.listen_host, secret, c.insecure, f"{self.name}'s kvbridge connector")
+        except (CredentialError, ConfigError) as e:
+            raise ConfigError(f"{self.name}: {e}") from None
 
     def vllm_command(self) -> list[str]:
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,

@@ -41,16 +41,18 @@ class KVBridgeConnector(KVConnectorBase_V1):
         tc = vllm_config.kv_transfer_config
         cfg = ConnectorConfig.from_extra(tc.kv_connector_extra_config)
         is_producer, is_consumer = tc.kv_role in ("kv_producer", "kv_both"), tc.kv_role in ("kv_consumer", "kv_both")
+        secret = cfg.secret()  # from the environment or a file, never from the config (see connector_config.py)
         self.scheduler_side: SchedulerSide | None = None
         self.worker_side = None
         if role == KVConnectorRole.SCHEDULER:
             self.scheduler_side = SchedulerSide(vllm_config.cache_config.block_size, is_producer, is_consumer,
-                                                cfg.store.lookup_timeout_s if cfg.store else None)
+                                                cfg.store.lookup_timeout_s if cfg.store else None,
+                                                cfg.push_policy(secret))
         else:
             from pd.worker_side import (
                 WorkerSide,  # NIXL and torch buffers live only in the worker
             )
-            self.worker_side = WorkerSide(cfg, vllm_config, is_producer, is_consumer)
+            self.worker_side = WorkerSide(cfg, vllm_config, is_producer, is_consumer, secret)
 
     # scheduler side
     @SCHEDULER_HOOKS.timed

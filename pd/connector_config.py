@@ -1,17 +1,20 @@
 """The connector's settings, read from vLLM's `kv_connector_extra_config` and validated.
 
 A typo or a nonsense value stops vLLM at start-up with the field named, instead of a
-transfer that fails at the first request.
+transfer that fails at the first request. The deployment secret is never a value here: this dict
+is vLLM's command line, visible to every local user through `ps`. It is read at run time from the
+environment variable `secret_env` or from `secret_file` (`secret()`).
 """
 from __future__ import annotations
 
-import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from storage.config import StoreConfig
 from transfer.config_errors import ConfigError, format_errors
+from transfer.credentials import DEFAULT_SECRET_ENV, CredentialError, load_secret
+from transfer.push_token import PushPolicy, push_key
 
 
 class ConnectorConfigError(ConfigError):
@@ -44,15 +47,37 @@ class ConnectorConfig(BaseModel):
         default=0.5, gt=0, le=100, description="the engine process's interpreter switch interval: kvbridge's "
         "threads must get the interpreter while the engine computes (5 ms, Python's default, delays every lease "
         "call and chunk notice by up to that much)")
-    secret: str | None = Field(default=None, description="shared secret; or set KVBRIDGE_SECRET")
+    secret_env: str = Field(default=DEFAULT_SECRET_ENV, description="env var holding the deployment secret")
+    secret_file: str | None = Field(default=None, description="file holding the deployment secret (wins over env)")
+    insecure: bool = Field(default=False, description="let a routable listener start without a secret (warned "
+                           "at every start) and push to any target unsigned; for isolated test networks only")
+    push_allow: list[str] = Field(default_factory=list, description="consumer host:port a producer pushes to "
+                                  "without a router-signed token (deployments without a router)")
     metrics_port: int = Field(default=0, ge=0, le=65535,
                               description="Prometheus /metrics of the engine process (+ TP rank); 0 = off")
     store: StoreConfig | None = Field(default=None, description="tiered prefix store (producer); unset = off")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_literal_secret(cls, data: object) -> object:
+        if isinstance(data, dict) and "secret" in data:
+            raise ValueError(f"secret: a secret in the config reaches vLLM's command line and logs; put it in the "
+                             f"environment ({DEFAULT_SECRET_ENV}) or a file (secret_file) instead")
+        return data
+
+    def secret(self) -> bytes | None:
+        """The deployment secret, read now from `secret_file` or `secret_env`; None when neither holds one."""
+        try:
+            return load_secret(self.secret_env, self.secret_file)
+        except CredentialError as e:
+            raise ConnectorConfigError(f"kv_connector_extra_config: {e}") from None
+
+    def push_policy(self, secret: bytes | None) -> PushPolicy:
+        return PushPolicy(push_key(secret) if secret is not None else None, frozenset(self.push_allow), self.insecure)
+
     @classmethod
     def from_extra(cls, extra: dict | None) -> ConnectorConfig:
         extra = dict(extra or {})
-        extra.setdefault("secret", os.environ.get("KVBRIDGE_SECRET") or None)
         try:
             return cls.model_validate(extra)
         except ValidationError as e:

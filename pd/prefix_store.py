@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from prometheus_client import Counter
 
+from transfer.credentials import derive
 from transfer.layout import KVLayout
 from storage.chunk_keys import chain_seed
 from storage.config import StoreConfig
@@ -23,6 +24,11 @@ log = logging.getLogger("kvbridge.store")
 PROMPT_TOKENS = Counter("kvbridge_store_prompt_tokens_total",
                         "Prompt tokens whose KV was saved to, loaded from, or failed to load from the store",
                         ["outcome"])
+
+
+def store_key(secret: bytes) -> bytes:
+    """The key chunks at rest are MACed with (storage/framing.py): one per deployment."""
+    return derive(secret, "store")
 
 
 def model_fingerprint(model_path: str) -> str:
@@ -43,8 +49,9 @@ def model_fingerprint(model_path: str) -> str:
 
 
 class PrefixStore:
-    def __init__(self, cfg: StoreConfig, layout: KVLayout, chunk_tokens: int, model_path: str) -> None:
-        self.store = cfg.build()
+    def __init__(self, cfg: StoreConfig, layout: KVLayout, chunk_tokens: int, model_path: str,
+                 mac_key: bytes | None = None) -> None:
+        self.store = cfg.build(mac_key)
         identity = sorted(layout.model_dump(exclude={"tp_rank"}).items())
         self.seed = chain_seed(f"{identity}|chunk{chunk_tokens}|{model_fingerprint(model_path)}")
         self.chunk_tokens = chunk_tokens

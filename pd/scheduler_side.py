@@ -5,8 +5,13 @@ would take the EngineCore down): malformed `kv_transfer_params` are logged and t
 request is served without kvbridge.
 
 Request params (set by the router):
-  prefill leg  {"kvbridge": {"transfer_id": T, "push_to": "host:port"}}
+  prefill leg  {"kvbridge": {"transfer_id": T, "push_to": "host:port", "push_token": signed by the router}}
   decode leg   {"kvbridge": {"transfer_id": T, "receive": true, "claims": n}}
+
+A push target is used only if the producer's PushPolicy accepts it (transfer/push_token.py): a client
+talking to the prefill port directly cannot make it push anywhere. A refused target is logged and
+reported in the request's answer (`push_refused`); the request is computed as usual and its decode leg
+follows its load-failure policy.
 
 Each engine request's transfer is keyed by T and a hash of its own prompt tokens (transfer/identity.py),
 so the engine requests of one OpenAI request (a list of prompts) never share KV; `claims` is how many
@@ -26,6 +31,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadat
 
 from pd.store_lookup import LookupClient, StoreHandshake
 from transfer.identity import TransferSpec
+from transfer.push_token import PushPolicy
 
 log = logging.getLogger("kvbridge.scheduler")
 PARAMS_KEY = "kvbridge"
@@ -35,6 +41,7 @@ class BridgeParams(BaseModel):
     model_config = ConfigDict(extra="ignore")
     transfer_id: str = Field(min_length=1, max_length=200)
     push_to: str | None = Field(default=None, max_length=300)
+    push_token: str | None = Field(default=None, max_length=200)
     receive: bool = False
     claims: int = Field(default=1, ge=1, le=256)
 
@@ -104,8 +111,12 @@ def storable(request: Any) -> bool:
 
 class SchedulerSide:
     def __init__(self, block_size: int, is_producer: bool, is_consumer: bool,
-                 store_lookup_timeout_s: float | None = None) -> None:
+                 store_lookup_timeout_s: float | None = None, push_policy: PushPolicy = PushPolicy()) -> None:
         self.block_size = block_size
+        self.push_policy = push_policy
+        # req_id -> '' (push target accepted) or why it was refused; checked once, so a preempted
+        # request's later attempt is not refused for a token that expired while it waited
+        self._push_checked: dict[str, str] = {}
         self.is_producer = is_producer
         self.is_consumer = is_consumer
         self.lookup_timeout_s = store_lookup_timeout_s if is_producer else None
@@ -164,7 +175,7 @@ class SchedulerSide:
                 first, last = local // c, (local + num_external_tokens) // c
                 self._new_store_loads.append(StoreLoadTask(rid, keys[first:last], first,
                                                            list(blocks.get_block_ids()[0]), local // self.block_size))
-            push = p is not None and p.push_to is not None
+            push = p is not None and p.push_to is not None and self._push_allowed(rid, p)
             if push or held < len(keys):
                 prompt = list(request.prompt_token_ids or ())
                 spec = TransferSpec.for_prompt(p.transfer_id, prompt, self._attempts.get(rid, 0)) if push else None
@@ -177,6 +188,13 @@ class SchedulerSide:
                 self._loading.add(rid)
                 self._new_loads.append(LoadTask(rid, TransferSpec.for_prompt(p.transfer_id, request.prompt_token_ids),
                                                 p.claims, list(blocks.get_block_ids()[0]), local // self.block_size))
+
+    def _push_allowed(self, rid: str, p: BridgeParams) -> bool:
+        if rid not in self._push_checked:
+            why = self._push_checked[rid] = self.push_policy.refusal(p.transfer_id, p.push_to, p.push_token)
+            if why:
+                log.warning("request %s: not pushing to %s: %s", rid, p.push_to, why)
+        return not self._push_checked[rid]
 
     def build_connector_meta(self, out: Any) -> BridgeMetadata:
         meta = BridgeMetadata(loads=self._new_loads, store_loads=self._new_store_loads, aborts=self._aborts,
@@ -223,4 +241,7 @@ class SchedulerSide:
         if p is not None and p.receive and self.is_consumer and not got_load:
             # ended before it was ever scheduled: whatever its producer pushes is refused and freed
             self._discards.append(TransferSpec.for_prompt(p.transfer_id, request.prompt_token_ids or ()).key)
-        return False, ({PARAMS_KEY: {"transfer_id": p.transfer_id}} if p else None)
+        refused = self._push_checked.pop(rid, "")
+        if p is None:
+            return False, None
+        return False, {PARAMS_KEY: {"transfer_id": p.transfer_id, **({"push_refused": refused} if refused else {})}}

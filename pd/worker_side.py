@@ -29,7 +29,7 @@ from transfer.consumer_endpoint import ConsumerEndpoint, ConsumerSettings
 from pd.cache_layout import layout_from_vllm
 from pd.hook_timer import WORKER_HOOKS
 from pd.paged_kv import PagedKV
-from pd.prefix_store import PROMPT_TOKENS, PrefixStore, model_fingerprint
+from pd.prefix_store import PROMPT_TOKENS, PrefixStore, model_fingerprint, store_key
 from transfer.producer import Producer, ProducerSettings
 from pd.scheduler_side import BridgeMetadata, LoadTask, OutgoingTask, StoreLoadTask
 from transfer.device_fence import COMPLETED, Fence, recorder_for
@@ -48,8 +48,10 @@ class _Load:
 
 
 class WorkerSide:
-    def __init__(self, cfg: ConnectorConfig, vllm_config, is_producer: bool, is_consumer: bool) -> None:
+    def __init__(self, cfg: ConnectorConfig, vllm_config, is_producer: bool, is_consumer: bool,
+                 secret: bytes | None = None) -> None:
         self.cfg = cfg
+        self._secret = secret  # the deployment secret: control-message keys and the store's MAC key derive from it
         self.vllm_config = vllm_config
         self.is_producer, self.is_consumer = is_producer, is_consumer
         self.store: PrefixStore | None = None
@@ -85,17 +87,18 @@ class WorkerSide:
         if self.is_consumer:
             self.endpoint = ConsumerEndpoint(layout, ConsumerSettings(
                 chunk_tokens=chunk_tokens, num_slots=self.cfg.num_slots, host=self.cfg.listen_host, port=port,
-                secret=self.cfg.secret, device="pinned" if self.cfg.slot_memory == "host" else device,
-                quarantine_s=self.cfg.quarantine_s,
+                secret=self._secret, insecure=self.cfg.insecure,
+                device="pinned" if self.cfg.slot_memory == "host" else device, quarantine_s=self.cfg.quarantine_s,
                 unclaimed_ttl_s=self.cfg.unclaimed_ttl_s))
         if self.is_producer:
             self.producer = Producer(layout, chunk_tokens, ProducerSettings(
                 producer_id=f"{name}/rank{layout.tp_rank}", staging_chunks=self.cfg.staging_chunks, lease_ttl_s=self.cfg.lease_ttl_s,
                 write_margin_s=self.cfg.write_margin_s, alloc_timeout_s=self.cfg.alloc_timeout_s,
-                checksum=self.cfg.checksum, secret=self.cfg.secret, device=device))
+                checksum=self.cfg.checksum, secret=self._secret, device=device))
         if self.cfg.store is not None and self.is_producer:
-            self.store = PrefixStore(self.cfg.store, layout, chunk_tokens, self.vllm_config.model_config.model)
-            self.lookup_server = LookupServer(self.store, self.cfg.listen_host)
+            self.store = PrefixStore(self.cfg.store, layout, chunk_tokens, self.vllm_config.model_config.model,
+                                     store_key(self._secret) if self._secret is not None else None)
+            self.lookup_server = LookupServer(self.store)  # loopback only: the scheduler is on this host
         if self.cfg.metrics_port:
             start_http_server(self.cfg.metrics_port + layout.tp_rank, addr=self.cfg.listen_host)
         log.info("kvbridge %s ready: %s, %d tokens/chunk (%d bytes)", name, layout.model_dump(), chunk_tokens,

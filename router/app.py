@@ -56,7 +56,7 @@ def add_admin_routes(app: web.Application, api: web.Application, cfg: RouterConf
         if t.transfer:  # the decode connector's own phases (EXPECTED, RECEIVING, RECEIVED, SCATTERED...)
             address, tid = t.transfer
             out["transfer_id"] = tid
-            out["decode_connector"] = await transfer_trace(address, tid, cfg.health_timeout_s, cfg.kv_secret)
+            out["decode_connector"] = await transfer_trace(address, tid, cfg.health_timeout_s, cfg.kv_cred)
         return web.json_response(out)
 
     app.router.add_get("/metrics", metrics)
@@ -67,6 +67,9 @@ def build_app(cfg: RouterConfig) -> web.Application:
     """The API application. Raises ConfigError when a configured key cannot be read."""
     client_key = load_secret(cfg.api_key_env, cfg.api_key_file, "router api key")
     backend_key = load_secret(cfg.backend_api_key_env, cfg.backend_api_key_file, "backend api key")
+    if cfg.push_key is None:  # reads the deployment secret now: an unreadable secret file stops the start
+        log.warning("no deployment secret (%s or kv_secret_file): control messages and push targets are unsigned; "
+                    "decode and prefill nodes must then run without one too, on loopback", cfg.kv_secret_env)
     app = web.Application(client_max_size=MAX_BODY,
                           middlewares=[api_key_middleware(client_key)] if client_key else [])
     registry = Registry(cfg)

@@ -1,12 +1,16 @@
 """Router configuration (YAML), validated by pydantic; errors name the file, path and field."""
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from transfer.config_errors import ConfigError, format_errors, load_yaml
+from transfer.control_auth import Credential
+from transfer.credentials import DEFAULT_SECRET_ENV, CredentialError, load_secret
+from transfer.push_token import push_key
 
 
 class Instance(BaseModel):
@@ -55,7 +59,11 @@ class RouterConfig(BaseModel):
     backend_api_key_file: Path | None = None
     max_tokens_limit: int = Field(default=32768, gt=0)
     trace_history: int = Field(default=1000, ge=0)
-    kv_secret: str | None = Field(default=None, description="decode connectors' shared secret, for pool stats")
+    kv_secret_env: str = Field(default=DEFAULT_SECRET_ENV, description="env var holding the deployment secret "
+                               "(signs control messages to decode connectors and prefill push targets)")
+    kv_secret_file: Path | None = Field(default=None, description="file holding it instead (wins over the env var)")
+    push_token_ttl_s: float = Field(default=60.0, gt=0, description="how long a prefill leg's signed push target "
+                                    "stays valid: it must cover the leg's wait in the prefill node's queue")
 
     @model_validator(mode="after")
     def _unique_names(self) -> RouterConfig:
@@ -68,6 +76,23 @@ class RouterConfig(BaseModel):
         if self.backend_api_key_env and self.backend_api_key_file:
             raise ValueError("set backend_api_key_env or backend_api_key_file, not both")
         return self
+
+    @cached_property
+    def _kv_secret(self) -> bytes | None:
+        try:
+            return load_secret(self.kv_secret_env, self.kv_secret_file)
+        except CredentialError as e:
+            raise ConfigError(f"router kv secret: {e}") from None
+
+    @cached_property
+    def kv_cred(self) -> Credential:
+        """How the router signs its control messages to decode connectors (read once, at start)."""
+        return Credential("router", self._kv_secret)
+
+    @cached_property
+    def push_key(self) -> bytes | None:
+        """The key prefill push targets are signed with; None without a deployment secret."""
+        return push_key(self._kv_secret) if self._kv_secret is not None else None
 
 
 def load_router_config(path: str | Path) -> RouterConfig:

@@ -13,6 +13,8 @@ the decode node: no prefill leg, no kv params — correct, at the decode node's 
 """
 from __future__ import annotations
 
+from transfer.push_token import sign
+
 PREFILL_DROPS = frozenset({
     "n", "best_of", "min_tokens", "stream_options", "logprobs", "top_logprobs", "echo", "prompt_logprobs",
     "max_completion_tokens", "response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
@@ -30,10 +32,15 @@ def needs_aggregated(body: dict) -> str | None:
     return None
 
 
-def prefill_body(body: dict, transfer_id: str, push_to: str) -> dict:
+def prefill_body(body: dict, transfer_id: str, push_to: str, push_key: bytes | None = None,
+                 token_ttl_s: float = 60.0) -> dict:
+    """The prefill leg; with a deployment secret its push target is signed (transfer/push_token.py),
+    and a client's own `kv_transfer_params` never reach the prefill node."""
+    params = {"transfer_id": transfer_id, "push_to": push_to}
+    if push_key is not None:
+        params["push_token"] = sign(push_key, transfer_id, push_to, token_ttl_s)
     leg = {k: v for k, v in body.items() if k not in PREFILL_DROPS}
-    leg.update(max_tokens=1, stream=False,
-               kv_transfer_params={"kvbridge": {"transfer_id": transfer_id, "push_to": push_to}})
+    leg.update(max_tokens=1, stream=False, kv_transfer_params={"kvbridge": params})
     return leg
 
 

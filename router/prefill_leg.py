@@ -44,6 +44,6 @@ async def run_prefill(cfg: RouterConfig, registry: Registry, session: aiohttp.Cl
     if not ok:
         PREFILL_FAILURES.labels(cfg.on_prefill_failure).inc()
         log.warning("prefill leg on %s failed (%s); the decode instance falls back by its load policy", b.name, why)
-        await cancel_transfer(kv_address, transfer_id, cfg.health_timeout_s, cfg.kv_secret)
+        await cancel_transfer(kv_address, transfer_id, cfg.health_timeout_s, cfg.kv_cred)
     return ok
 

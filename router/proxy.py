@@ -83,7 +83,8 @@ class Proxy:
         prefill_task: asyncio.Task | None = None
         if prefill is not None:
             prefill_task = asyncio.create_task(run_prefill(
-                self.cfg, self.registry, self.session, prefill, path, prefill_body(body, tid, decode.kv_address),
+                self.cfg, self.registry, self.session, prefill, path, prefill_body(body, tid, decode.kv_address,
+                                                                      self.cfg.push_key, self.cfg.push_token_ttl_s),
                 headers, trace, decode.kv_address, tid))
             decode_leg = decode_body(body, tid)
             trace.transfer = (decode.kv_address, tid)
@@ -148,6 +149,6 @@ class Proxy:
             if not prefill_task.done():
                 prefill_task.cancel()
             task = asyncio.ensure_future(cancel_transfer(decode.kv_address, tid, self.cfg.health_timeout_s,
-                                                         self.cfg.kv_secret))
+                                                         self.cfg.kv_cred))
             self._background.add(task)
             task.add_done_callback(self._background.discard)

@@ -163,7 +163,7 @@ class Registry:
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             ok, why = False, f"/health failed: {type(e).__name__}"
         if ok and b.kv_address:
-            free = await pool_free_fraction(b.kv_address, self.cfg.health_timeout_s, self.cfg.kv_secret)
+            free = await pool_free_fraction(b.kv_address, self.cfg.health_timeout_s, self.cfg.kv_cred)
             ok, why = free is not None, "its kvbridge connector does not answer"
             b.pool_free = free if free is not None else 0.0
             DECODE_POOL_FREE.labels(b.name).set(b.pool_free)

@@ -38,14 +38,15 @@ class StoreConfig(BaseModel):
 
     _sizes = field_validator("memory_bytes", "disk_bytes", mode="before")(parse_bytes)
 
-    def build(self) -> TieredStore:
+    def build(self, mac_key: bytes | None = None) -> TieredStore:
+        """The tiers; disk and Redis values carry a MAC under `mac_key` (storage/framing.py)."""
         tiers = []
         if self.memory_bytes:
             tiers.append(MemoryTier(self.memory_bytes))
         if self.disk_path:
-            tiers.append(DiskTier(self.disk_path, self.disk_bytes))
+            tiers.append(DiskTier(self.disk_path, self.disk_bytes, mac_key=mac_key))
         if self.redis_url:
-            tiers.append(RedisTier(self.redis_url, self.redis_ttl_s, self.redis_timeout_s))
+            tiers.append(RedisTier(self.redis_url, self.redis_ttl_s, self.redis_timeout_s, mac_key=mac_key))
         if not tiers:
             raise ValueError("store: every tier is off (set memory_bytes, disk_path or redis_url)")
         return TieredStore(tiers, self.write_queue)

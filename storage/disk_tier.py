@@ -2,8 +2,9 @@
 
 Crash safety: a chunk is written to a `.part` file, fsynced, then renamed over its final name,
 so a reader sees a whole file or none; leftover `.part` files from a killed writer are removed at
-start. Each file carries a header (magic, version, length, crc32) that a read checks, so a file
-damaged any other way is deleted and read as a miss, never returned as KV. The LRU order is the
+start. Each file carries a header (magic, version, length, MAC over key and bytes, see framing.py)
+that a read checks, so a file damaged or written by anyone without the store key is deleted and read
+as a miss, never returned as KV. The LRU order is the
 files' mtimes (a read touches its file), so it survives a restart too.
 """
 from __future__ import annotations
@@ -18,16 +19,17 @@ from pathlib import Path
 import torch
 
 from storage.framing import HEADER, BadChunk, check, header, parse_header
-from storage.tier import BYTES_WRITTEN, ERRORS, EVICTIONS, USED_BYTES, count_read, timed
+from storage.tier import BYTES_WRITTEN, ERRORS, EVICTIONS, REJECTED, USED_BYTES, count_read, timed
 
 log = logging.getLogger("kvbridge.store")
 
 
 class DiskTier:
-    def __init__(self, path: str | Path, capacity_bytes: int, name: str = "disk") -> None:
+    def __init__(self, path: str | Path, capacity_bytes: int, name: str = "disk", mac_key: bytes | None = None) -> None:
         if capacity_bytes <= 0:
             raise ValueError(f"disk tier capacity must be positive, got {capacity_bytes}")
         self.name = name
+        self._mac_key = mac_key
         self.root = Path(path)
         self.root.mkdir(parents=True, exist_ok=True)
         self.capacity = capacity_bytes
@@ -78,7 +80,7 @@ class DiskTier:
             with timed(self.name, "put"):
                 final.parent.mkdir(exist_ok=True)
                 with open(part, "wb") as f:
-                    f.write(header(payload))
+                    f.write(header(self._mac_key, key, payload))
                     f.write(memoryview(payload))
                     f.flush()
                     os.fsync(f.fileno())
@@ -115,14 +117,14 @@ class DiskTier:
     def _read(self, path: Path, key: str) -> torch.Tensor | None:
         try:
             with open(path, "rb") as f:
-                n, crc = parse_header(f.read(HEADER.size), os.fstat(f.fileno()).st_size)
+                n, tag = parse_header(f.read(HEADER.size), os.fstat(f.fileno()).st_size)
                 out = torch.empty(n, dtype=torch.uint8)
                 if f.readinto(memoryview(out.numpy())) != n:
                     raise BadChunk("file ended early")
-                check(out.numpy(), crc)
+                check(self._mac_key, key, out.numpy(), tag)
                 return out
         except (OSError, BadChunk) as e:
-            ERRORS.labels(self.name, "get").inc()
+            (REJECTED.labels(self.name) if isinstance(e, BadChunk) else ERRORS.labels(self.name, "get")).inc()
             log.warning("disk tier %s: dropping unreadable chunk %s: %s", self.root, key[:12], e)
             path.unlink(missing_ok=True)
             return None

@@ -4,6 +4,8 @@ Redis owns capacity and eviction (`maxmemory` + an LRU policy on the server); ke
 a TTL. A Redis that is down or slow degrades the store, never a request: every call has a short
 socket timeout, and after a failure the tier answers "not here" at once for `retry_s` before it
 tries the server again. Batches (lookups, background writes) go in one pipelined round trip.
+Whoever can write to Redis can write any value: each carries a MAC over its key and bytes
+(framing.py), and one that fails it is a counted miss, never KV.
 """
 from __future__ import annotations
 
@@ -15,15 +17,16 @@ import redis
 import torch
 
 from storage.framing import HEADER, BadChunk, check, header, parse_header
-from storage.tier import BYTES_WRITTEN, ERRORS, count_read, timed
+from storage.tier import BYTES_WRITTEN, ERRORS, REJECTED, count_read, timed
 
 log = logging.getLogger("kvbridge.store")
 
 
 class RedisTier:
     def __init__(self, url: str, ttl_s: float | None = None, timeout_s: float = 0.5, retry_s: float = 2.0,
-                 prefix: str = "kvbridge:chunk:", name: str = "redis") -> None:
+                 prefix: str = "kvbridge:chunk:", name: str = "redis", mac_key: bytes | None = None) -> None:
         self.name = name
+        self._mac_key = mac_key
         self.url = url
         self.ttl_ms = int(ttl_s * 1000) if ttl_s else None
         self.retry_s = retry_s
@@ -57,7 +60,7 @@ class RedisTier:
                 total = 0
                 for key, data in items:
                     payload = data.reshape(-1).view(torch.uint8).contiguous().numpy()
-                    pipe.set(self.prefix + key, header(payload) + payload.tobytes(), px=self.ttl_ms)
+                    pipe.set(self.prefix + key, header(self._mac_key, key, payload) + payload.tobytes(), px=self.ttl_ms)
                     total += payload.nbytes
                 pipe.execute()
         except redis.RedisError as e:
@@ -78,11 +81,11 @@ class RedisTier:
         if raw is None:
             return count_read(self.name, None)
         try:
-            _, crc = parse_header(raw, len(raw))
+            _, tag = parse_header(raw, len(raw))
             out = torch.frombuffer(bytearray(memoryview(raw)[HEADER.size:]), dtype=torch.uint8)
-            check(out.numpy(), crc)
+            check(self._mac_key, key, out.numpy(), tag)
         except BadChunk as e:
-            ERRORS.labels(self.name, "get").inc()
+            REJECTED.labels(self.name).inc()
             log.warning("redis tier %s: ignoring bad value for chunk %s: %s", self.url, key[:12], e)
             return count_read(self.name, None)
         return count_read(self.name, out)

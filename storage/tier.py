@@ -21,6 +21,8 @@ BYTES_WRITTEN = Counter("kvbridge_store_written_bytes_total", "Bytes written to 
 EVICTIONS = Counter("kvbridge_store_evictions_total", "Chunks evicted to stay within capacity", ["tier"])
 ERRORS = Counter("kvbridge_store_errors_total", "Tier operations that failed and were treated as a miss",
                  ["tier", "op"])
+REJECTED = Counter("kvbridge_store_rejected_total", "Values at rest that failed their MAC or header check: "
+                   "read as misses, never loaded (damage, or a write without the store key)", ["tier"])
 USED_BYTES = Gauge("kvbridge_store_used_bytes", "Bytes held by a tier", ["tier"])
 LATENCY = Histogram("kvbridge_store_op_seconds", "Tier operation latency", ["tier", "op"],
                     buckets=(1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0))

@@ -16,7 +16,7 @@ from multidict import CIMultiDict
 
 from router.app import PROXY, build_admin_app, build_app
 from router.config import RouterConfig
-from transfer import wire
+from transfer import control_auth, wire
 
 class StubNode:
     """A fake vLLM node. `mode`: ok | reset (drop the connection) | die (abort after `die_after` events)
@@ -34,19 +34,20 @@ class StubNode:
     def _start_connector(self) -> int:
         sock = zmq.Context.instance().socket(zmq.ROUTER)
         port = sock.bind_to_random_port("tcp://127.0.0.1")
+        auth = control_auth.Authenticator(None)  # no deployment secret: frames unsigned, as the router sends them
 
         def serve() -> None:
             while not self._stop.is_set():
                 if not sock.poll(100):
                     continue
                 ident, raw = sock.recv_multipart()
-                req = wire.decode_request(raw)
+                req = wire.decode_request((opened := auth.open(raw)).body)
                 if isinstance(req, wire.Cancel):
                     self.cancels.append(req.transfer_id)
                 reply = wire.Ack(rid=req.rid, ok=True) if isinstance(req, wire.Cancel) else wire.PoolStatus(
                     rid=req.rid, incarnation="stub", total=8, free=8, used=0, quarantined=0, expired_total=0,
                     dropped_total=0)
-                sock.send_multipart([ident, wire.encode(reply)])
+                sock.send_multipart([ident, auth.seal_reply(opened, wire.encode(reply))])
             sock.close(0)
         threading.Thread(target=serve, daemon=True).start()
         return port

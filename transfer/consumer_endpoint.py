@@ -4,10 +4,14 @@ It owns the slot region (registered once at start), the slot pool, the receive b
 engine reads (`book`) and the NIXL agent that producers write into. One thread serves both
 the ZMQ ROUTER socket and NIXL notifications; it polls at `busy_poll_s` while chunks are on
 their way and sleeps in `idle_poll_s` steps otherwise, so an idle consumer costs no CPU.
+
+Every frame is opened by `control_auth.Authenticator` first. With a secret, a frame that is not
+authentic and fresh gets one generic refusal and nothing else (no layout, no reason); an authentic
+one is then checked against what its sender may do (`_forbidden`): producers handshake only under
+their own id and touch only their own leases, only the router cancels and reads traces.
 """
 from __future__ import annotations
 
-import hmac
 import logging
 import threading
 import time
@@ -19,6 +23,8 @@ import torch
 import zmq
 
 from transfer import wire
+from transfer.control_auth import AuthError, Authenticator, Opened
+from transfer.credentials import require_secret
 from transfer.geometry import ChunkGeometry
 from transfer.layout import KVLayout
 from transfer.nixl_agent import NixlAgent, zeroed_buffer
@@ -29,6 +35,9 @@ from transfer.slot_pool import Lease, SlotPool
 from transfer.threads import start_io_thread
 
 log = logging.getLogger("kvbridge.consumer")
+REFUSED = wire.Error(code="unauthenticated", message="refused")  # all an unauthenticated peer ever learns
+ROUTER_MESSAGES = frozenset({"stats", "cancel", "trace"})
+PRODUCER_MESSAGES = frozenset({"hello", "alloc", "renew", "release", "stats"})
 
 
 @dataclass(frozen=True)
@@ -37,7 +46,8 @@ class ConsumerSettings:
     num_slots: int
     host: str = "127.0.0.1"
     port: int = 0
-    secret: str | None = None
+    secret: bytes | None = None
+    insecure: bool = False  # a routable listener without a secret starts (with a warning) instead of refusing
     device: str = "cpu"  # where the slots live: "cpu", "cuda:N", or "pinned" host memory
     quarantine_s: float = 2.0
     unclaimed_ttl_s: float = 30.0
@@ -50,6 +60,11 @@ class ConsumerEndpoint:
     def __init__(self, layout: KVLayout, settings: ConsumerSettings) -> None:
         self.layout = layout
         self.cfg = settings
+        warning = require_secret(settings.host, settings.secret, settings.insecure, "the consumer endpoint")
+        if warning:
+            log.warning(warning)
+        self.auth = Authenticator(settings.secret)
+        self._refused, self._refused_logged_at = 0, 0.0
         self.geometry = ChunkGeometry(layout, settings.chunk_tokens)
         self.slot_bytes = self.geometry.slot_bytes
         self.incarnation = uuid.uuid4().hex
@@ -68,7 +83,6 @@ class ConsumerEndpoint:
         else:
             port = self._sock.bind_to_random_port(f"tcp://{settings.host}")
         self.address = f"{settings.host}:{port}"
-        self._first_alloc: dict[str, float] = {}  # key -> when an ALLOC for it first came before its request
         self._stop = threading.Event()
         self._arrived = threading.Condition()
         self._thread = start_io_thread(self._run, "kvbridge-consumer")
@@ -121,25 +135,63 @@ class ConsumerEndpoint:
             except zmq.Again:
                 return
             ident, payload = frames[0], frames[-1]
-            reply = self._handle(payload if len(frames) > 1 else b"")
-            self._sock.send_multipart([ident, wire.encode(reply)])
+            self._sock.send_multipart([ident, self._handle(payload if len(frames) > 1 else b"")])
 
-    def _handle(self, payload: bytes) -> wire.Message:
+    def _handle(self, payload: bytes) -> bytes:
         try:
-            msg = wire.decode_request(payload)
+            opened = self.auth.open(payload)
+        except AuthError as e:
+            self._count_refusal(e)
+            err = REFUSED if self.auth.required else wire.Error(code=e.code, message=str(e))
+            return self.auth.seal_reply(None, wire.encode(err))
+        try:
+            msg = wire.decode_request(opened.body)
         except wire.WireError as e:
-            log.warning("rejected frame: %s", e)
-            return wire.Error(code=e.code, message=str(e))
-        if self.cfg.secret is not None and not hmac.compare_digest(msg.secret or "", self.cfg.secret):
-            log.warning("rejected %s: wrong or missing shared secret", msg.type)
-            return wire.Error(rid=msg.rid, code="unauthorized", message="shared secret missing or wrong")
-        try:
-            reply = getattr(self, f"_on_{msg.type}")(msg)
-        except Exception as e:  # a bad request must never take the service down
-            log.exception("error handling %s", msg.type)
-            reply = wire.Error(code="internal", message=f"{type(e).__name__}: {e}")
+            log.warning("invalid message from %s: %s", opened.sender[:64], e)
+            return self.auth.seal_reply(opened, wire.encode(wire.Error(code=e.code, message=str(e))))
+        return self.auth.seal_reply(opened, wire.encode(self._dispatch(opened, msg)))
+
+    def _count_refusal(self, e: AuthError) -> None:
+        """Counted always, logged at most every 5 s: a flood of garbage must not flood the log too."""
+        self._refused += 1
+        self.book.count(f"refused_{e.code}")
+        now = time.monotonic()
+        if now - self._refused_logged_at > 5:
+            log.warning("refused control frame (%d refused so far): %s", self._refused, e)
+            self._refused_logged_at = now
+
+    def _dispatch(self, opened: Opened, msg: wire.Message) -> wire.Message:
+        why = self._forbidden(opened.sender, msg)
+        if why:
+            log.warning("forbidden %s from %s: %s", msg.type, opened.sender[:64], why)
+            self.book.count("forbidden_messages")
+            reply: wire.Message = wire.Error(code="forbidden", message=why)
+        else:
+            try:
+                reply = getattr(self, f"_on_{msg.type}")(msg)
+            except Exception as e:  # a bad request must never take the service down
+                log.exception("error handling %s", msg.type)
+                reply = wire.Error(code="internal", message=f"{type(e).__name__}: {e}")
         reply.rid = msg.rid
         return reply
+
+    def _forbidden(self, sender: str, msg: wire.Message) -> str:
+        """Why this authenticated sender may not send this message ('' when it may)."""
+        if sender == "router":
+            return "" if msg.type in ROUTER_MESSAGES else f"the router does not send {msg.type}"
+        kind, _, pid = sender.partition("/")
+        if kind != "producer" or msg.type not in PRODUCER_MESSAGES:
+            return f"{kind or sender} may not send {msg.type}"
+        self.producers.touch(pid)
+        if isinstance(msg, wire.Hello) and msg.producer_id != pid:
+            return f"credential of producer {pid} cannot introduce producer {msg.producer_id}"
+        if isinstance(msg, wire.Alloc) and self.producers.owner(msg.incarnation) not in (None, pid):
+            return f"incarnation {msg.incarnation[:12]} belongs to another producer"
+        if isinstance(msg, (wire.Alloc, wire.Renew, wire.Release)):  # an ALLOC would replace the lease
+            lease = self.pool.live(msg.transfer_id)
+            if lease is not None and self.producers.owner(lease.producer) != pid:
+                return f"the lease on {msg.transfer_id} belongs to another producer"
+        return ""
 
     def _on_hello(self, msg: wire.Hello) -> wire.Message:
         me = f"consumer {self.address}"
@@ -165,7 +217,7 @@ class ConsumerEndpoint:
                             mem_type=self.region.mem_type, dev_id=self.region.dev_id)
 
     def _on_alloc(self, msg: wire.Alloc) -> wire.Message:
-        if not self.producers.known(msg.incarnation):
+        if self.producers.owner(msg.incarnation) is None:
             return wire.Error(code="handshake_required",
                               message=f"consumer incarnation {self.incarnation[:12]} has not met this producer")
         if msg.weights_fingerprint != self.layout.weights_fingerprint:
@@ -175,9 +227,8 @@ class ConsumerEndpoint:
         if refused:
             return wire.Error(code="refused", message=f"transfer {msg.transfer_id}: {refused}")
         held = self.book.held_chunks(msg.transfer_id)
-        if held is None and self._wait_for_request(msg.transfer_id):
+        if held is None and self.book.alloc_waits(msg.transfer_id, self.cfg.expect_wait_s):
             return wire.NoCapacity(transfer_id=msg.transfer_id, free_slots=self.pool.stats().free, retry_after_s=0.005)
-        self._first_alloc.pop(msg.transfer_id, None)
         sizes = self.geometry.all_chunk_nbytes(msg.num_tokens)
         skip = min(held or 0, len(sizes) - 1)  # the decode computes at least the last prompt token itself
         sizes = sizes[skip:]
@@ -186,24 +237,12 @@ class ConsumerEndpoint:
                               f"the pool has {self.pool.num_slots} slots in all")
         lease = self.pool.grant(msg.transfer_id, sizes, msg.ttl_s, msg.incarnation, msg.attempt, skip)
         if lease is None:
-            free = self.pool.stats().free
-            return wire.NoCapacity(transfer_id=msg.transfer_id, free_slots=free, retry_after_s=0.05)
+            return wire.NoCapacity(transfer_id=msg.transfer_id, free_slots=self.pool.stats().free, retry_after_s=0.05)
         self.book.granted(msg.transfer_id, lease.epoch, msg.num_tokens, msg.token_hash)
         offsets = [self.region.addr + s * self.slot_bytes for s in lease.slots]
-        if lease.first_chunk:
-            self.book.count("chunks_not_sent_held_by_decode", lease.first_chunk)
+        self.book.count("chunks_not_sent_held_by_decode", lease.first_chunk)
         return wire.Grant(transfer_id=msg.transfer_id, epoch=lease.epoch, offsets=offsets, ttl_s=msg.ttl_s,
                           skip_chunks=lease.first_chunk)
-
-    def _wait_for_request(self, key: str) -> bool:
-        """Whether an ALLOC that came before its decode request should be retried shortly: the request is
-        usually scheduled within milliseconds, and it says which leading chunks the decode already holds.
-        After `expect_wait_s` the grant goes ahead for every chunk."""
-        now = time.monotonic()
-        if len(self._first_alloc) > 4096:  # bounded: ALLOCs whose request never came are forgotten
-            self._first_alloc = {k: t for k, t in self._first_alloc.items() if now - t < 10}
-        first = self._first_alloc.setdefault(key, now)
-        return now - first < self.cfg.expect_wait_s
 
     def _on_renew(self, msg: wire.Renew) -> wire.Message:
         return wire.Ack(ok=self.pool.renew(msg.transfer_id, msg.epoch, msg.ttl_s) is not None)

@@ -22,6 +22,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from transfer import wire
+from transfer.control_auth import AuthError, Credential
 from transfer.identity import TransferSpec
 from transfer.nixl_agent import NixlAgent
 
@@ -53,14 +54,15 @@ class PeerError(RuntimeError):
 
 
 class ConsumerLink:
-    def __init__(self, address: str, agent: NixlAgent, hello: wire.Hello, secret: str | None = None,
+    def __init__(self, address: str, agent: NixlAgent, hello: wire.Hello, secret: bytes | None = None,
                  timeout_s: float = 2.0) -> None:
-        """`hello` is this producer's introduction (id, generation, layout, chunk geometry, agent)."""
+        """`hello` is this producer's introduction (id, generation, layout, chunk geometry, agent); every
+        message is signed with the key of `producer/<its id>` derived from `secret` (control_auth.py)."""
         self.address = address
         self._agent = agent
         self._hello_msg = hello
         self._incarnation = hello.incarnation
-        self._secret = secret
+        self._cred = Credential(f"producer/{hello.producer_id}", secret)
         self._timeout_ms = int(timeout_s * 1000)
         self._rid = itertools.count(1)
         self._lock = threading.Lock()
@@ -126,7 +128,6 @@ class ConsumerLink:
         self.welcome = reply
 
     def _call(self, msg: wire._Msg, expect: tuple[type, ...]):
-        msg.secret = self._secret
         with self._lock:
             msg.rid = next(self._rid)
             if time.monotonic() < self._quiet_until:
@@ -138,7 +139,8 @@ class ConsumerLink:
                 raise PeerUnreachable(f"consumer {self.address} closed its connection "
                                       f"{time.monotonic() - self._lost_since:.1f} s ago and is not back "
                                       f"after {RECONNECT_GRACE_S} s (not sent: {msg.type})")
-            self._sock.send(wire.encode(msg))
+            frame, nonce = self._cred.seal(wire.encode(msg))
+            self._sock.send(frame)
             poller = zmq.Poller()
             poller.register(self._sock, zmq.POLLIN)
             poller.register(self._monitor, zmq.POLLIN)
@@ -155,10 +157,19 @@ class ConsumerLink:
                     if self._lost_since is not None:
                         raise PeerUnreachable(f"consumer {self.address} closed its connection while "
                                               f"we waited for the answer to {msg.type}")
-                if self._sock in ready:
-                    reply = wire.decode_reply(self._sock.recv())
-                    if reply.rid == msg.rid:
-                        break
+                if self._sock not in ready:
+                    continue
+                try:
+                    reply = wire.decode_reply(self._cred.open_reply(self._sock.recv(), nonce))
+                except AuthError as e:
+                    if e.code == "stale":
+                        continue  # the late answer to a request we gave up on
+                    raise PeerError(self.address, e.code, str(e)) from None
+                if reply.rid == msg.rid or (isinstance(reply, wire.Error) and reply.rid == 0):
+                    break  # rid 0: the endpoint could not read our frame, so it could not echo the rid
+        if isinstance(reply, wire.Error) and reply.code == "unauthenticated":
+            raise PeerError(self.address, reply.code, "the consumer refused our frame without reading it: it "
+                            "requires a deployment secret this producer lacks or has wrong, or our clock is off")
         if isinstance(reply, wire.Error):
             raise PeerError(self.address, reply.code, reply.message)
         if not isinstance(reply, expect):

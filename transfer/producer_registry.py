@@ -3,11 +3,18 @@
 A producer id names a prefill node's rank; `generation` grows with each start of that producer
 (its start time). A HELLO from a newer generation ends the old process's leases and drops its NIXL
 agent: that is how a restarted producer is recognised. A HELLO from an older generation under the
-same id is refused, so one producer can never end another's leases by reusing a name.
+same id is refused, so one producer can never end another's leases by reusing a name. The endpoint
+lets a HELLO name only the producer id its credential signs for, so with a secret a peer cannot claim
+another producer's id either; `owner` maps a lease's incarnation back to that id for the same check on
+renew and release.
+
+The table is bounded (`max_producers`, least recently heard first out) and expires: a producer not heard
+from for `idle_s` (longer than any lease lives) is forgotten with its NIXL remote agent.
 """
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -23,18 +30,40 @@ class _Producer:
     generation: int
     incarnation: str
     agent_name: str
+    last_heard: float
 
 
 class ProducerRegistry:
-    def __init__(self, agent: NixlAgent, pool: SlotPool, max_producers: int = 1024) -> None:
+    def __init__(self, agent: NixlAgent, pool: SlotPool, max_producers: int = 1024, idle_s: float = 900.0,
+                 clock=time.monotonic) -> None:
         self._agent = agent
         self._pool = pool
         self._max = max_producers
-        self._by_id: OrderedDict[str, _Producer] = OrderedDict()
-        self._incarnations: set[str] = set()
+        self._idle_s = idle_s
+        self._clock = clock
+        self._by_id: OrderedDict[str, _Producer] = OrderedDict()  # least recently heard first
+        self._incarnations: dict[str, str] = {}  # incarnation -> producer id
 
-    def known(self, incarnation: str) -> bool:
-        return incarnation in self._incarnations
+    def owner(self, incarnation: str) -> str | None:
+        """The producer id that introduced this incarnation, None when none we still know did."""
+        return self._incarnations.get(incarnation)
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def touch(self, producer_id: str) -> None:
+        """The producer was heard from: it stays; those silent past `idle_s` are forgotten."""
+        now = self._clock()
+        p = self._by_id.get(producer_id)
+        if p is not None:
+            p.last_heard = now
+            self._by_id.move_to_end(producer_id)
+        while self._by_id:
+            oldest_id, oldest = next(iter(self._by_id.items()))
+            if now - oldest.last_heard <= self._idle_s:
+                break
+            log.info("producer %s silent for %.0fs: forgotten", oldest_id, now - oldest.last_heard)
+            self._forget(oldest_id)
 
     def hello(self, msg: wire.Hello) -> str:
         """Admit the producer ('' ) or say why not."""
@@ -52,12 +81,12 @@ class ProducerRegistry:
         while len(self._by_id) >= self._max:
             self._forget(next(iter(self._by_id)))
         self._by_id[msg.producer_id] = _Producer(msg.generation, msg.incarnation,
-                                                 self._agent.add_remote(msg.agent_meta))
-        self._incarnations.add(msg.incarnation)
+                                                 self._agent.add_remote(msg.agent_meta), self._clock())
+        self._incarnations[msg.incarnation] = msg.producer_id
         return ""
 
     def _forget(self, producer_id: str) -> int:
         p = self._by_id.pop(producer_id)
-        self._incarnations.discard(p.incarnation)
+        self._incarnations.pop(p.incarnation, None)
         self._agent.remove_remote(p.agent_name)
         return self._pool.release_producer(p.incarnation)

@@ -17,6 +17,6 @@ class ProducerSettings:
     staging_wait_s: float = 2.0
     rpc_timeout_s: float = 2.0
     checksum: bool = False
-    secret: str | None = None
+    secret: bytes | None = None  # deployment secret: control messages are signed with a key derived from it
     device: str = "cpu"
     fence: Callable[[], Fence] | None = None  # recorded after each gather; default: per `device`

@@ -13,6 +13,8 @@ A transfer read by `n > 1` engine requests (parallel sampling) is claimed `claim
 slots are freed after the last claim. A failure is remembered for `remember_s` even when no request
 expects the transfer yet, so a request scheduled after its producer gave up fails at once; a request
 that stopped waiting (EXPIRED) is remembered too, so a late producer is refused instead of leased.
+Remembered failures and cancels (at most `max_ended`, oldest forgotten first) and traces (`keep_traces`)
+are bounded: a flood of cancels cannot grow the consumer's memory.
 """
 from __future__ import annotations
 
@@ -44,7 +46,8 @@ class _Expected:
 
 class ReceiveBook:
     def __init__(self, pool: SlotPool, unclaimed_ttl_s: float, remember_s: float = 60.0, keep_traces: int = 1024,
-                 clock=time.monotonic) -> None:
+                 clock=time.monotonic, max_ended: int = 65536) -> None:
+        self.max_ended = max_ended
         self.pool = pool
         self.unclaimed_ttl_s = unclaimed_ttl_s
         self.remember_s = remember_s
@@ -55,6 +58,7 @@ class ReceiveBook:
         self._granted: dict[str, tuple[int, int, str]] = {}   # key -> (epoch, num_tokens, token_hash)
         self._ended: dict[str, tuple[str, float]] = {}        # key or transfer id -> (reason, forget at)
         self._traces: OrderedDict[str, dict] = OrderedDict()
+        self._first_alloc: dict[str, float] = {}  # key -> when an ALLOC for it first came before its request
         self._settling: list[tuple[Fence, str, Lease, bool]] = []  # (scatter's fence, key, lease, last claim)
         self.counters: dict[str, int] = {}
 
@@ -144,6 +148,19 @@ class ReceiveBook:
         return len(waiting)
 
     # --- endpoint (control thread) side
+    def alloc_waits(self, key: str, wait_s: float) -> bool:
+        """Whether an ALLOC that came before its decode request should be retried shortly: the request is
+        usually scheduled within milliseconds and says which leading chunks the decode already holds.
+        After `wait_s` the grant goes ahead for every chunk."""
+        now = self._clock()
+        with self._lock:
+            if len(self._first_alloc) > 4096:  # bounded: ALLOCs whose request never came are forgotten
+                self._first_alloc = {k: t for k, t in self._first_alloc.items() if now - t < 10 * wait_s + 1}
+            waits = now - self._first_alloc.setdefault(key, now) < wait_s
+            if not waits:
+                self._first_alloc.pop(key, None)
+            return waits
+
     def check_alloc(self, key: str, num_tokens: int, token_hash: str) -> str:
         """'' when an ALLOC may be granted; else why not (and the transfer is failed for its request)."""
         reason = self._ended_reason(key)
@@ -197,8 +214,15 @@ class ReceiveBook:
     def _remember(self, key: str, reason: str) -> None:
         with self._lock:
             now = self._clock()
-            self._ended = {k: v for k, v in self._ended.items() if v[1] > now}
-            self._ended.setdefault(key, (reason, now + self.remember_s))
+            old = self._ended.get(key)
+            if old is not None and old[1] > now:
+                return  # the first reason stands
+            self._ended.pop(key, None)
+            if len(self._ended) >= self.max_ended:
+                self._ended = {k: v for k, v in self._ended.items() if v[1] > now}
+            while len(self._ended) >= self.max_ended:
+                del self._ended[next(iter(self._ended))]
+            self._ended[key] = (reason, now + self.remember_s)
 
     def _ended_reason(self, key: str) -> str:
         with self._lock:

@@ -1,8 +1,8 @@
 """Handshake and lease control messages: one versioned module, msgpack on the wire, no pickle.
 
-Every request carries the protocol version `v`, a request id `rid` echoed in the reply
-(so a late reply is never mistaken for the answer to a newer request) and, when the
-consumer requires one, the shared `secret`.
+Every message carries the protocol version `v` and a request id `rid` echoed in the reply (so a late
+reply is never mistaken for the answer to a newer request). On a socket each message travels as the
+body of an authenticated frame (`control_auth.py`); no secret is ever part of a message.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from transfer.layout import KVLayout
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4  # 4: messages travel in HMAC frames (control_auth.py), no `secret` field
 MAX_MESSAGE_BYTES = 1 << 20
 
 
@@ -32,7 +32,7 @@ class _Msg(BaseModel):
 
 
 class _Request(_Msg):
-    secret: str | None = None
+    pass
 
 
 class Hello(_Request):

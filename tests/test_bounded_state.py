@@ -1,0 +1,71 @@
+"""The consumer's per-peer state is bounded and expires: producers and their NIXL remote agents,
+remembered cancels and failures, traces, and the control plane's seen-nonce table."""
+from __future__ import annotations
+
+from transfer import wire
+from transfer.layout import KVLayout
+from transfer.producer_registry import ProducerRegistry
+from transfer.receive_book import ReceiveBook
+from transfer.slot_pool import SlotPool
+
+LAYOUT = KVLayout(model_id="m", num_layers=2, num_kv_heads=2, kv_heads_per_rank=2, head_size=32, dtype="float32",
+                  block_size=16, cache_layout="LBHNC")
+
+
+class FakeAgent:
+    """Records the remote agents the registry adds and removes (NIXL itself is tested elsewhere)."""
+
+    def __init__(self) -> None:
+        self.remotes: set[str] = set()
+
+    def add_remote(self, meta: bytes) -> str:
+        self.remotes.add(meta.decode())
+        return meta.decode()
+
+    def remove_remote(self, name: str) -> None:
+        self.remotes.discard(name)
+
+
+def hello(pid: str) -> wire.Hello:
+    return wire.Hello(producer_id=pid, generation=1, incarnation=f"inc-{pid}", layout=LAYOUT, chunk_tokens=64,
+                      agent_name=pid, agent_meta=pid.encode())
+
+
+def test_producer_table_and_remote_agents_are_bounded_and_expire():
+    now = [0.0]
+    agent, pool = FakeAgent(), SlotPool(4, 1024, 0.0)
+    reg = ProducerRegistry(agent, pool, max_producers=8, idle_s=60, clock=lambda: now[0])
+    for i in range(20):
+        assert reg.hello(hello(f"p{i}")) == ""
+    assert len(reg) == 8 and agent.remotes == {f"p{i}" for i in range(12, 20)}
+    assert reg.owner("inc-p3") is None and reg.owner("inc-p19") == "p19"
+    assert pool.grant("t", [1024], 600, "inc-p19", 0) is not None
+    now[0] = 30.0
+    reg.touch("p19")  # p19 speaks; the others stay silent
+    now[0] = 61.0
+    reg.touch("p19")
+    assert len(reg) == 1 and agent.remotes == {"p19"} and pool.live("t") is not None
+    now[0] = 200.0
+    reg.touch("nobody")
+    assert len(reg) == 0 and agent.remotes == set() and pool.live("t") is None, "its leases end with it"
+
+
+def test_remembered_cancels_and_traces_are_bounded():
+    book = ReceiveBook(SlotPool(2, 1024, 0.0), 30.0, keep_traces=10, max_ended=100)
+    for i in range(5000):
+        book.discard(f"cancel-{i}")
+        book.finish(f"k-{i}", None, {"state": "ABORTED", "reason": "", "ms": {}})
+    assert len(book._ended) <= 100 and len(book._traces) <= 10
+    assert book.status("cancel-4999")[1].startswith("cancelled"), "the newest are the ones remembered"
+
+
+def test_a_transfer_ended_again_after_its_memory_expired_is_remembered_again():
+    now = [0.0]
+    book = ReceiveBook(SlotPool(2, 1024, 0.0), 30.0, remember_s=60, clock=lambda: now[0])
+    book.fail("k", "first")
+    book.fail("k", "second")
+    assert book.status("k")[1] == "first", "the first reason stands while it is remembered"
+    now[0] = 61.0
+    assert book.status("k")[0].value == "WAITING"
+    book.discard("k")
+    assert book.status("k")[1].startswith("cancelled")
