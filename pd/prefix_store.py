@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 from prometheus_client import Counter
@@ -20,6 +21,7 @@ from storage.chunk_keys import chain_seed
 from storage.config import StoreConfig
 
 log = logging.getLogger("kvbridge.store")
+R = TypeVar("R")
 PROMPT_TOKENS = Counter("kvbridge_store_prompt_tokens_total",
                         "Prompt tokens whose KV was saved to, loaded from, or failed to load from the store",
                         ["outcome"])
@@ -55,8 +57,9 @@ class PrefixStore:
         """How many leading chunks are held (in any tier)."""
         return len(self.store.lookup([k + self._suffix for k in keys]))
 
-    def get(self, key: str) -> torch.Tensor | None:
-        return self.store.get(key + self._suffix)
+    def load(self, key: str, use: Callable[[torch.Tensor], R]) -> R | None:
+        """`use(chunk bytes)` if the store holds the chunk (a memory hit is used in place), else None."""
+        return self.store.load(key + self._suffix, use)
 
     def put(self, key: str, data: torch.Tensor) -> None:
         self.store.put(key + self._suffix, data)

@@ -152,15 +152,20 @@ class WorkerSide:
         for i, key in enumerate(task.keys):
             c = task.first_chunk + i
             ids = task.block_ids[c * bpc:(c + 1) * bpc]
-            data = self.store.get(key)
-            if data is None or data.numel() != expect:
+            skip = max(0, task.skip_blocks - c * bpc)
+
+            def scatter(data: torch.Tensor, ids: list[int] = ids, skip: int = skip) -> int:
+                if data.numel() == expect:
+                    # the store's slot is reused once we return: a blocking copy to the cache's device
+                    self.kv.scatter(ids, data.to(self.kv.device), skip)
+                return data.numel()
+            got = self.store.load(key, scatter)
+            if got != expect:
                 self._load_errors.update(task.block_ids[c * bpc:(task.first_chunk + len(task.keys)) * bpc])
                 PROMPT_TOKENS.labels("load_failed").inc((len(task.keys) - i) * self.chunk_tokens)
                 log.warning("request %s: stored chunk %d is gone (%s); its blocks will be recomputed", task.req_id,
-                            c, "missing" if data is None else f"{data.numel()} bytes, expected {expect}")
+                            c, "missing" if got is None else f"{got} bytes, expected {expect}")
                 break
-            skip = max(0, task.skip_blocks - c * bpc)
-            self.kv.scatter(ids, data.to(self.kv.device), skip)  # a host tensor the store may free: copy it over
             loaded += self.chunk_tokens - skip * self.kv.layout.block_size
         PROMPT_TOKENS.labels("loaded").inc(loaded)
         log.debug("request %s: %d prompt tokens loaded from the store", task.req_id, loaded)
@@ -193,7 +198,7 @@ class WorkerSide:
             def fill(view: torch.Tensor, ids: list[int] = ids, key: str | None = key) -> int:
                 nonlocal kept
                 n = self.kv.gather(ids, view)
-                if key is not None:
+                if key is not None:  # on a GPU, copied on the engine's stream after the gather, not waited for
                     self.store.put(key, view[:n])
                     kept = True
                 return n

@@ -1,0 +1,95 @@
+"""The store off the engine's path: arena slots, borrowed bytes that eviction cannot change, and lookups
+that answer within their budget while Redis is stopped (SIGSTOP)."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import torch
+
+from launch.redis_server import RedisServer
+from storage.arena import Arena
+from storage.memory_tier import MemoryTier
+from storage.redis_tier import RedisTier
+from storage.tiered_store import TieredStore
+
+
+def chunk(n: int = 4096, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
+
+
+def test_arena_reuses_and_merges_freed_ranges():
+    arena = Arena(4 * 4096, pin=False)
+    offs = [arena.alloc(4096) for _ in range(4)]
+    assert offs == [0, 4096, 8192, 12288] and arena.alloc(1) is None
+    arena.free(offs[1], 4096)
+    arena.free(offs[2], 4096)
+    assert arena.alloc(8192) == 4096, "two freed neighbours make one range"
+    arena.free(4096, 8192)
+    arena.free(0, 4096)
+    arena.free(12288, 4096)
+    assert arena.free_bytes() == 4 * 4096 and arena.alloc(4 * 4096) == 0
+
+
+def test_a_borrowed_slot_keeps_its_bytes_through_eviction():
+    tier = MemoryTier(2 * 4096)
+    tier.put("a", chunk(seed=1))
+    slot = tier.hold("a")
+    for i in range(10):
+        tier.put(f"k{i}", chunk(seed=10 + i))
+        assert tier.used <= tier.capacity
+    assert tier.keys() == ["a", "k9"], "a borrowed chunk is not evicted; the others cycle through the rest"
+    assert torch.equal(slot.data, chunk(seed=1)), "a borrowed slot was written over"
+    tier.release(slot)
+    for i in range(10):
+        assert tier.put(f"m{i}", chunk(seed=30 + i))
+    assert tier.keys() == ["m8", "m9"], "the released slot went back to the arena"
+    assert torch.equal(tier.get("m9"), chunk(seed=39))
+
+
+def test_store_load_uses_memory_in_place_and_promotes_cold_hits():
+    cold = MemoryTier(1 << 20, name="cold")
+    store = TieredStore([MemoryTier(1 << 20), cold])
+    store.put("a" * 32, chunk(seed=2))
+    assert store.flush(5) and cold.keys() == ["a" * 32]
+    ptrs = []
+    assert store.load("a" * 32, lambda d: ptrs.append(d.data_ptr()) or d.numel()) == 4096
+    assert store.load("a" * 32, lambda d: d.data_ptr()) == ptrs[0], "a memory hit is read in place"
+    store.memory.close()
+    assert store.load("a" * 32, lambda d: torch.equal(d, chunk(seed=2))) is True
+    assert store.memory.keys() == ["a" * 32], "a cold hit is promoted to memory"
+    assert store.load("b" * 32, lambda d: 1) is None
+    store.close()
+
+
+def test_lookup_answers_miss_within_budget_while_redis_is_stopped():
+    server = RedisServer()
+    budget = 0.05
+    store = TieredStore([MemoryTier(1 << 20), RedisTier(server.url, timeout_s=2.0, retry_s=5.0)],
+                        remote_budget_s=budget)
+    try:
+        keys = [f"{i:032x}" for i in range(4)]
+        for i, k in enumerate(keys):
+            store.tiers[1].put(k, chunk(seed=i))
+        store.put(keys[0], chunk(seed=0))
+        assert store.lookup(keys) == ["memory", "redis", "redis", "redis"]
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        try:
+            worst = 0.0
+            for _ in range(20):
+                t0 = time.perf_counter()
+                assert store.lookup(keys) == ["memory"], "a stopped Redis holds nothing"
+                worst = max(worst, time.perf_counter() - t0)
+            # the bound is the budget plus scheduling noise on a loaded machine, far under Redis's 2 s timeout
+            assert worst < budget + 0.5, f"a lookup waited {worst:.3f}s with Redis stopped"
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 10
+        while store.lookup(keys) != ["memory", "redis", "redis", "redis"]:
+            assert time.monotonic() < deadline, "Redis answered lookups again after SIGCONT"
+            time.sleep(0.1)
+    finally:
+        store.close()
+        server.stop()
