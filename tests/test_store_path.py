@@ -93,3 +93,29 @@ def test_lookup_answers_miss_within_budget_while_redis_is_stopped():
     finally:
         store.close()
         server.stop()
+
+
+def test_the_scheduler_asks_once_per_request_and_forgets_it_when_it_finishes():
+    from types import SimpleNamespace
+
+    from pd.scheduler_side import SchedulerSide
+    from storage.chunk_keys import chain_seed, chunk_keys
+
+    class Client:
+        chunk_tokens, asked = 4, 0
+
+        def keys(self, tokens: list[int]) -> list[str]:
+            return chunk_keys(tokens, 4, chain_seed("x"))
+
+        def held(self, keys: list[str]) -> int:
+            self.asked += 1
+            return 2
+
+    side = SchedulerSide(block_size=4, is_producer=True, is_consumer=False, store_lookup_timeout_s=1.0)
+    side._lookups = [client := Client()]
+    req = SimpleNamespace(request_id="r1", prompt_token_ids=list(range(13)), kv_transfer_params=None)
+    assert [side.get_num_new_matched_tokens(req, computed) for computed in (0, 0, 4, 0)] == \
+        [(8, False), (8, False), (4, False), (8, False)]
+    assert client.asked == 1, "later steps of a waiting request must not ask the worker again"
+    side.request_finished(req, [])
+    assert side.get_num_new_matched_tokens(req, 0) == (8, False) and client.asked == 2
