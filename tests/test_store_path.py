@@ -119,3 +119,21 @@ def test_the_scheduler_asks_once_per_request_and_forgets_it_when_it_finishes():
     assert client.asked == 1, "later steps of a waiting request must not ask the worker again"
     side.request_finished(req, [])
     assert side.get_num_new_matched_tokens(req, 0) == (8, False) and client.asked == 2
+
+
+def test_a_slot_whose_device_copy_is_still_queued_is_not_read():
+    """On a GPU a put queues its copy and records a fence; until the fence is done the bytes are not there."""
+    class Late:
+        ready = False
+
+        def done(self) -> bool:
+            return self.ready
+
+    tier = MemoryTier(1 << 20)
+    slot = tier.put_held("a", chunk(seed=5))
+    slot.fence = late = Late()
+    tier.release(slot)
+    assert tier.contains(["a"]) == [True], "the lookup counts it: it will be there by the time a load runs"
+    assert tier.hold("a") is None and tier.get("a") is None, "read before its copy completed"
+    late.ready = True
+    assert torch.equal(tier.get("a"), chunk(seed=5))
