@@ -5,8 +5,8 @@ and Redis stopped), and TTFT of a repeated 2k-token prefix with and without the 
     python bench/store_bench.py [--chunk-mib 8] [--repeats 7] [--skip-ttft]
 
 Tiers: memory (a copy into its arena; `get` copies out, a load reads in place), disk (`put`: one chunk per
-fsync; `put_many`: a batch of `repeats` chunks, one fsync pass, as the background writer does; reads come
-from the page cache, as repeated prefixes will), Redis (a local redis-server, the Debian package). Raw disk:
+fsync; `put_many`: a batch of `repeats` chunks, one fsync pass, as the background writer does; `load`: read
+into a memory slot, as a store load does; reads come from the page cache, as repeated prefixes will), Redis (a local redis-server, the Debian package). Raw disk:
 the same bytes written to one file with one fsync, and read back. TTFT: the bench model (8 layers, 32 KiB/token
 fp32) on two producer vLLM servers that differ only in the store, both without vLLM's own prefix cache; each
 request is a shared 2000-token prefix plus a fresh 32-token suffix, sent to both servers in turn; the first
@@ -85,7 +85,12 @@ def tier_rows(nbytes: int, repeats: int) -> list[tuple[str, float]]:
                     t.put_many([(f"{i + 1000:032x}", data) for i in range(repeats)])
                     rows.append((f"disk put_many ({repeats})", (time.perf_counter() - t0) / repeats))
                     rows.append(("disk raw read", raw_r))
-                rows.append((f"{t.name} get" + (" (copy out)" if t.name == "memory" else ""), median_s(lambda i, t=t: t.get(f"{i:032x}"), repeats)))
+                get = f"{t.name} get" + (" (copy out)" if t.name == "memory" else "")
+                rows.append((get, median_s(lambda i, t=t: t.get(f"{i:032x}"), repeats)))
+                if t.name == "disk":  # what a load does: read into a memory slot, which promotes it too
+                    store = TieredStore([MemoryTier(4 * nbytes * repeats), t])
+                    rows.append(("disk load into memory", median_s(lambda i: store.load(f"{i:032x}", len), repeats)))
+                    store.close()
                 assert torch.equal(t.get(f"{0:032x}"), data), f"{t.name} returned different bytes"
         finally:
             for t in tiers:
@@ -183,7 +188,7 @@ def main() -> None:
     print(f"tiers, {nbytes / 2**20:.1f} MiB payload, median of {n}:")
     for name, sec in rows:
         gbs = nbytes / sec / 1e9
-        raw = t["disk raw read"] if name == "disk get" else t["disk raw write (fsync)"] if "disk put" in name else 0
+        raw = t["disk raw read"] if name in ("disk get", "disk load into memory") else t["disk raw write (fsync)"] if "disk put" in name else 0
         beside = f"  {raw / sec:5.2f} x raw disk" if raw else ""
         print(f"  {name:24} {gbs:9.2f} GB/s  {gbs / base:6.2f} x memcpy{beside}")
     print(f"engine thread, {nbytes / 2**20:.1f} MiB chunks (memory + disk + Redis store; lookups of 8 keys):")

@@ -15,6 +15,7 @@ import threading
 import uuid
 from collections import OrderedDict
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -119,14 +120,16 @@ class DiskTier:
         ERRORS.labels(self.name, "put").inc()
         log.warning("disk tier %s: could not write chunk %s: %s", self.root, key[:12], e)
 
-    def get(self, key: str) -> torch.Tensor | None:
+    def get(self, key: str, into: Callable[[int], torch.Tensor | None] | None = None) -> torch.Tensor | None:
+        """The chunk's bytes, read into `into(payload bytes)` when that gives a buffer (the memory tier's
+        slot, touched already: no page faults, no second copy to promote it), else into a new tensor."""
         with self._lock:
             if key not in self._index:
                 return count_read(self.name, None)
             self._index.move_to_end(key)
         path = self._path(key)
         with timed(self.name, "get"):
-            data = self._read(path, key)
+            data = self._read(path, key, into)
         if data is None:
             with self._lock:
                 size = self._index.pop(key, 0)
@@ -135,11 +138,13 @@ class DiskTier:
             os.utime(path)
         return count_read(self.name, data)
 
-    def _read(self, path: Path, key: str) -> torch.Tensor | None:
+    def _read(self, path: Path, key: str, into: Callable[[int], torch.Tensor | None] | None) -> torch.Tensor | None:
         try:
             with open(path, "rb") as f:
                 n, crc = parse_header(f.read(HEADER.size), os.fstat(f.fileno()).st_size)
-                out = torch.empty(n, dtype=torch.uint8)
+                out = into(n) if into is not None else None
+                if out is None:
+                    out = torch.empty(n, dtype=torch.uint8)
                 if f.readinto(memoryview(out.numpy())) != n:
                     raise BadChunk("file ended early")
                 check(out.numpy(), crc)

@@ -81,6 +81,23 @@ class MemoryTier:
         BYTES_WRITTEN.labels(self.name).inc(n)
         return slot
 
+    def reserve(self, nbytes: int) -> Slot | None:
+        """A borrowed slot of `nbytes` for the caller to fill, held by nobody until `commit`; None if no room."""
+        with self._lock:
+            offset = self._make_room(nbytes) if nbytes <= self.capacity else None
+        return None if offset is None else Slot(offset, nbytes, self._arena.view(offset, nbytes), COMPLETED, refs=1)
+
+    def commit(self, key: str, slot: Slot) -> None:
+        """Hold a reserved slot under `key` (the caller still borrows it); given back if the key came meanwhile."""
+        with self._lock:
+            if key in self._items:
+                slot.evicted = True  # freed when the caller releases it
+                return
+            self._items[key] = slot
+            self.used += slot.nbytes
+            USED_BYTES.labels(self.name).set(self.used)
+        BYTES_WRITTEN.labels(self.name).inc(slot.nbytes)
+
     def _make_room(self, n: int) -> int | None:
         """Evict least recently used chunks that nobody borrows until `n` bytes fit in one range (lock
         held); None, evicting nothing, when even that could not free enough (the writer holds the rest)."""

@@ -20,6 +20,7 @@ import torch
 from prometheus_client import Counter
 
 from storage.deadline import Deadline
+from storage.disk_tier import DiskTier
 from storage.memory_tier import MemoryTier, Slot
 from storage.tier import Tier, timed
 from transfer.device_fence import COMPLETED, Fence
@@ -74,11 +75,38 @@ class TieredStore:
                 finally:
                     self.memory.release(slot)
         for i, tier in enumerate(self._cold):
-            data = tier.get(key)
+            if i == 0 and self.memory is not None and isinstance(tier, DiskTier):
+                data, slot = self._load_into_memory(key, tier)
+            else:
+                data, slot = tier.get(key), None
+                if data is not None:
+                    self._promote(key, data, self._cold[:i])
             if data is not None:
-                self._promote(key, data, self._cold[:i])
-                return use(data)
+                try:
+                    return use(data)
+                finally:
+                    if slot is not None:
+                        self.memory.release(slot)
         return None
+
+    def _load_into_memory(self, key: str, disk: DiskTier) -> tuple[torch.Tensor | None, Slot | None]:
+        """A disk chunk read straight into a memory slot, which promotes it without a copy: (bytes, the
+        borrowed slot holding them, or None when no slot could be had and the bytes are a tensor of their own)."""
+        reserved: list[Slot] = []
+
+        def into(n: int) -> torch.Tensor | None:
+            slot = self.memory.reserve(n)
+            if slot is not None:
+                reserved.append(slot)
+            return slot.data if slot is not None else None
+        data = disk.get(key, into)
+        if data is None or not reserved:
+            for slot in reserved:  # the read failed after its slot was reserved: give the slot back
+                slot.evicted = True
+                self.memory.release(slot)
+            return data, None
+        self.memory.commit(key, reserved[0])
+        return data, reserved[0]
 
     def get(self, key: str) -> torch.Tensor | None:
         """A copy of a held chunk's bytes (tests, tools; the worker loads with `load`)."""

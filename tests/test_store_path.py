@@ -137,3 +137,21 @@ def test_a_slot_whose_device_copy_is_still_queued_is_not_read():
     assert tier.hold("a") is None and tier.get("a") is None, "read before its copy completed"
     late.ready = True
     assert torch.equal(tier.get("a"), chunk(seed=5))
+
+
+def test_a_disk_hit_is_read_into_a_memory_slot(tmp_path):
+    from storage.disk_tier import DiskTier
+
+    store = TieredStore([MemoryTier(3 * 4096), DiskTier(tmp_path, 1 << 20)])
+    for i in range(4):
+        store.put(f"{i:032x}", chunk(seed=i))
+        assert store.flush(5)
+    assert store.memory.keys() == [f"{i:032x}" for i in (1, 2, 3)]
+    assert store.load(f"{0:032x}", lambda d: torch.equal(d, chunk(seed=0))) is True
+    assert store.memory.keys()[-1] == f"{0:032x}" and store.memory.used <= store.memory.capacity
+    assert store.load(f"{0:032x}", lambda d: torch.equal(d, chunk(seed=0))) is True, "now a memory hit"
+    (tmp_path / "00" / f"{1:032x}.kvc").write_bytes(b"KVBC damaged")
+    store.memory.close()
+    assert store.load(f"{1:032x}", lambda d: 1) is None, "a damaged file is a miss"
+    assert store.memory.keys() == [] and store.memory._arena.free_bytes() == 3 * 4096, "its reserved slot came back"
+    store.close()
