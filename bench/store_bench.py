@@ -6,7 +6,8 @@ and Redis stopped), and TTFT of a repeated 2k-token prefix with and without the 
 
 Tiers: memory (a copy into its arena; `get` copies out, a load reads in place), disk (`put`: one chunk per
 fsync; `put_many`: a batch of `repeats` chunks, one fsync pass, as the background writer does; `load`: read
-into a memory slot, as a store load does; reads come from the page cache, as repeated prefixes will), Redis (a local redis-server, the Debian package). Raw disk:
+into a memory slot, as a store load does; reads come from the page cache, as repeated prefixes will),
+Redis (a local redis-server, the Debian package). Raw disk:
 the same bytes written to one file with one fsync, and read back. TTFT: the bench model (8 layers, 32 KiB/token
 fp32) on two producer vLLM servers that differ only in the store, both without vLLM's own prefix cache; each
 request is a shared 2000-token prefix plus a fresh 32-token suffix, sent to both servers in turn; the first
@@ -188,7 +189,8 @@ def main() -> None:
     print(f"tiers, {nbytes / 2**20:.1f} MiB payload, median of {n}:")
     for name, sec in rows:
         gbs = nbytes / sec / 1e9
-        raw = t["disk raw read"] if name in ("disk get", "disk load into memory") else t["disk raw write (fsync)"] if "disk put" in name else 0
+        raw = (t["disk raw read"] if name in ("disk get", "disk load into memory")
+               else t["disk raw write (fsync)"] if "disk put" in name else 0)
         beside = f"  {raw / sec:5.2f} x raw disk" if raw else ""
         print(f"  {name:24} {gbs:9.2f} GB/s  {gbs / base:6.2f} x memcpy{beside}")
     print(f"engine thread, {nbytes / 2**20:.1f} MiB chunks (memory + disk + Redis store; lookups of 8 keys):")

@@ -2,8 +2,8 @@
 
 Crash safety: a chunk is written to a `.part` file, fsynced, then renamed over its final name,
 so a reader sees a whole file or none (a batch is written whole, then fsynced, then renamed, so the
-device sees one stream of writes rather than a flush per chunk); leftover `.part` files from a killed writer are removed at
-start. Each file carries a header (magic, version, length, crc32) that a read checks, so a file
+device sees one stream of writes rather than a flush per chunk); leftover `.part` files from a killed
+writer are removed at start. Each file carries a header (magic, version, length, crc32) that a read checks, so a file
 damaged any other way is deleted and read as a miss, never returned as KV. The LRU order is the
 files' mtimes (a read touches its file), so it survives a restart too.
 """
