@@ -54,8 +54,12 @@ class PrefixStore:
         log.info("store ready: tiers %s", ", ".join(t.name for t in self.store.tiers))
 
     def lookup(self, keys: list[str]) -> int:
-        """How many leading chunks are held (in any tier)."""
-        return len(self.store.lookup([k + self._suffix for k in keys]))
+        """How many leading chunks are held (in any tier); those held only in cold tiers start coming into
+        memory now, so the load that follows a step later finds them there."""
+        ks = [k + self._suffix for k in keys]
+        held = len(self.store.lookup(ks))
+        self.store.prefetch(ks[:held])
+        return held
 
     def load(self, key: str, use: Callable[[torch.Tensor], R]) -> R | None:
         """`use(chunk bytes)` if the store holds the chunk (a memory hit is used in place), else None."""

@@ -4,7 +4,8 @@ put: the memory tier keeps a copy at once (one copy into its arena, asynchronous
 tiers are written by one background thread from that same slot, so disk writes and Redis round trips
 never sit on a request's path (a full write queue drops the cold copy and counts it; the hot copy is
 kept). load: hot to cold, a hit in a cold tier is promoted to the warmer ones, and a memory hit is
-used in place. `lookup` answers which leading keys are held anywhere without moving a byte, which is
+used in place; `prefetch` brings chunks a lookup found in cold tiers into memory ahead of their load.
+`lookup` answers which leading keys are held anywhere without moving a byte, which is
 what the scheduler needs to decide how many tokens to skip; a remote tier (Redis) that does not
 answer within `remote_budget_s` counts as not holding them.
 """
@@ -22,6 +23,7 @@ from prometheus_client import Counter
 from storage.deadline import Deadline
 from storage.disk_tier import DiskTier
 from storage.memory_tier import MemoryTier, Slot
+from storage.prefetcher import Prefetcher
 from storage.tier import Tier, timed
 from transfer.device_fence import COMPLETED, Fence
 from transfer.threads import start_io_thread
@@ -33,7 +35,8 @@ R = TypeVar("R")
 
 
 class TieredStore:
-    def __init__(self, tiers: list[Tier], write_queue: int = 256, remote_budget_s: float = 0.02) -> None:
+    def __init__(self, tiers: list[Tier], write_queue: int = 256, remote_budget_s: float = 0.02,
+                 prefetch_wait_s: float = 0.5) -> None:
         if not tiers:
             raise ValueError("a store needs at least one tier")
         self.tiers = tiers
@@ -42,6 +45,8 @@ class TieredStore:
         self._remote = {t.name: Deadline(t.name, remote_budget_s) for t in tiers if getattr(t, "remote", False)}
         self._queue: queue.Queue = queue.Queue(maxsize=write_queue)
         self._writer = start_io_thread(self._write_loop, "kvbridge-store-writer")
+        self.prefetch_wait_s = prefetch_wait_s
+        self._prefetcher = Prefetcher(self._fetch) if self.memory is not None and self._cold else None
 
     def put(self, key: str, data: torch.Tensor) -> None:
         """Keep a chunk: in memory now, in colder tiers soon. `data` may be reused by the caller once
@@ -66,7 +71,10 @@ class TieredStore:
 
     def load(self, key: str, use: Callable[[torch.Tensor], R]) -> R | None:
         """`use(bytes)` for a held chunk, hot to cold; a memory hit is used in place (no copy out), a cold
-        hit is promoted. None when no tier holds it."""
+        hit is promoted. None when no tier holds it. A chunk being prefetched is waited for, up to
+        `prefetch_wait_s`, rather than read twice."""
+        if self._prefetcher is not None:
+            self._prefetcher.wait(key, self.prefetch_wait_s)  # a fetch under way ends sooner than a second read
         if self.memory is not None:
             slot = self.memory.hold(key)
             if slot is not None:
@@ -74,6 +82,17 @@ class TieredStore:
                     return use(slot.data)
                 finally:
                     self.memory.release(slot)
+        return self._load_cold(key, use)
+
+    def prefetch(self, keys: list[str]) -> None:
+        """Bring `keys` that only cold tiers hold into memory in the background (a lookup hit them)."""
+        if self._prefetcher is not None:
+            self._prefetcher.request([k for k, held in zip(keys, self.memory.contains(keys)) if not held])
+
+    def _fetch(self, key: str) -> bool:
+        return self._load_cold(key, lambda data: True) is True
+
+    def _load_cold(self, key: str, use: Callable[[torch.Tensor], R]) -> R | None:
         for i, tier in enumerate(self._cold):
             if i == 0 and self.memory is not None and isinstance(tier, DiskTier):
                 data, slot = self._load_into_memory(key, tier)
@@ -145,6 +164,8 @@ class TieredStore:
     def close(self, timeout_s: float = 10.0) -> None:
         if not self.flush(timeout_s):
             log.warning("store: background writes still queued at close; colder tiers miss them")
+        if self._prefetcher is not None:
+            self._prefetcher.close()
         self._queue.put(None)
         self._writer.join(timeout_s)
         for d in self._remote.values():

@@ -86,8 +86,8 @@ def test_store_survives_a_prefill_restart_through_its_disk_tier(servers, redis_u
     src1, m1 = source_tokens(pre.url), connector_metrics(pre)
     shared = (1000 // CHUNK) * CHUNK
     assert delta(src1, src0, "external_kv_transfer") == shared
+    # a fresh process reads each chunk from disk once: prefetched after the lookup, or by the load itself
     assert m1.get('kvbridge_store_hits_total{tier="disk"}', 0) == shared // CHUNK, "a fresh process reads from disk"
-    assert m1.get('kvbridge_store_hits_total{tier="memory"}', 0) == 0
 
 
 def test_a_stopped_redis_costs_misses_not_engine_time(servers, redis_url):

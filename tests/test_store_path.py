@@ -155,3 +155,33 @@ def test_a_disk_hit_is_read_into_a_memory_slot(tmp_path):
     assert store.load(f"{1:032x}", lambda d: 1) is None, "a damaged file is a miss"
     assert store.memory.keys() == [] and store.memory._arena.free_bytes() == 3 * 4096, "its reserved slot came back"
     store.close()
+
+
+def test_prefetch_brings_cold_chunks_into_memory_and_a_load_waits_for_it(tmp_path):
+    from storage.disk_tier import DiskTier
+    from storage.tier import HITS
+
+    class SlowDisk(DiskTier):
+        def get(self, key, into=None):
+            time.sleep(0.1)  # the load below comes while the prefetch is still reading
+            return super().get(key, into)
+
+    disk = SlowDisk(tmp_path, 1 << 20, name="slowdisk")
+    keys = [f"{i:032x}" for i in range(3)]
+    for i, k in enumerate(keys):
+        disk.put(k, chunk(seed=i))
+    store = TieredStore([MemoryTier(1 << 20), disk])
+    store.prefetch(keys)
+    assert [store.load(k, lambda d, i=i: torch.equal(d, chunk(seed=i))) for i, k in enumerate(keys)] == [True] * 3
+    assert store.memory.keys() == keys
+    store.prefetch(keys)  # all in memory now: nothing to fetch
+    assert store.load(keys[2], len) == 4096
+    assert HITS.labels("slowdisk")._value.get() == 3, "each chunk is read from disk once, by the prefetch"
+    store.close()
+
+    from launch.polling import wait_for
+    fresh = TieredStore([MemoryTier(1 << 20), disk])
+    fresh.prefetch(keys)
+    wait_for(lambda: fresh.memory.keys() == keys, 10, what="prefetched chunks in memory, with no load asking")
+    assert HITS.labels("slowdisk")._value.get() == 6
+    fresh.close()
