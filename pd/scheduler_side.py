@@ -87,6 +87,9 @@ class BridgeMetadata(KVConnectorMetadata):
     aborts: list[str] = field(default_factory=list)   # request ids whose transfer must stop now
     discards: list[str] = field(default_factory=list)  # transfer keys whose decode request ended unserved
     idle: bool = False                                # nothing computed this step: worker may wait briefly
+    # (asked | cached, seconds) per store lookup since the last step: the scheduler runs in its own process,
+    # so the worker, whose metrics endpoint is the node's, records them
+    lookup_times: list[tuple[str, float]] = field(default_factory=list)
 
 
 def bridge_params(request: Any) -> BridgeParams | None:
@@ -123,6 +126,7 @@ class SchedulerSide:
         self._store_hits: dict[str, tuple[list[str], int, int]] = {}
         # req_id -> (chunk keys, chunks held): asked once per request; vLLM asks again every step it waits
         self._store_answers: dict[str, tuple[list[str], int]] = {}
+        self._lookup_times: list[tuple[str, float]] = []
         self._loading: set[str] = set()
         self._received: set[str] = set()
         self._attempts: dict[str, int] = {}  # req_id -> scheduling attempt (grows with each preemption)
@@ -156,9 +160,9 @@ class SchedulerSide:
             keys = self._lookups[0].keys(list(prompt))
             held = min(c.held(keys) for c in self._lookups)  # every TP rank must hold a chunk to skip it
             answer = self._store_answers[request.request_id] = (keys, held)
-            LOOKUP_SECONDS.labels("asked").observe(time.perf_counter() - t0)
+            self._lookup_times.append(("asked", time.perf_counter() - t0))
         else:
-            LOOKUP_SECONDS.labels("cached").observe(time.perf_counter() - t0)
+            self._lookup_times.append(("cached", time.perf_counter() - t0))
         keys, held = answer
         self._store_hits[request.request_id] = (keys, held, num_computed_tokens)
         c = self._lookups[0].chunk_tokens
@@ -192,7 +196,9 @@ class SchedulerSide:
 
     def build_connector_meta(self, out: Any) -> BridgeMetadata:
         meta = BridgeMetadata(loads=self._new_loads, store_loads=self._new_store_loads, aborts=self._aborts,
-                              discards=self._discards, idle=out.total_num_scheduled_tokens == 0)
+                              discards=self._discards, idle=out.total_num_scheduled_tokens == 0,
+                              lookup_times=self._lookup_times[-1000:])
+        self._lookup_times = []
         self._new_loads, self._new_store_loads, self._aborts, self._discards = [], [], [], []
         for rid in out.preempted_req_ids or ():
             self._store_answers.pop(rid, None)  # its chunks may be stored by now: ask again when rescheduled

@@ -30,7 +30,7 @@ from pd.cache_layout import layout_from_vllm
 from pd.paged_kv import PagedKV
 from pd.prefix_store import PROMPT_TOKENS, PrefixStore, model_fingerprint
 from transfer.producer import Producer, ProducerSettings
-from pd.scheduler_side import BridgeMetadata, LoadTask, OutgoingTask, StoreLoadTask
+from pd.scheduler_side import LOOKUP_SECONDS, BridgeMetadata, LoadTask, OutgoingTask, StoreLoadTask
 from transfer.device_fence import COMPLETED, Fence, recorder_for
 from transfer.receive_book import Arrival
 from transfer.states import State, Transfer
@@ -135,6 +135,8 @@ class WorkerSide:
                 self._out[task.req_id] = (handle, 0)
 
     def start_load_kv(self, meta: BridgeMetadata) -> None:
+        for answer, seconds in meta.lookup_times:
+            LOOKUP_SECONDS.labels(answer).observe(seconds)
         for key in meta.discards:
             self.endpoint.book.discard(key)
         for task in meta.loads:

@@ -34,7 +34,7 @@ class StoreConfig(BaseModel):
     redis_ttl_s: float | None = Field(default=None, gt=0, description="expiry of chunks written to Redis")
     redis_timeout_s: float = Field(default=0.5, gt=0, description="socket timeout per Redis call")
     write_queue: int = Field(default=256, gt=0, description="background writes waiting for colder tiers")
-    lookup_timeout_s: float = Field(default=0.25, gt=0,
+    lookup_timeout_s: float = Field(default=1.0, gt=0,
                                     description="the scheduler counts a lookup slower than this as a miss")
     remote_budget_s: float = Field(default=0.02, gt=0,
                                    description="how long a lookup waits for Redis before counting its chunks missing")
