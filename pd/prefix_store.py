@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 from prometheus_client import Counter
@@ -21,6 +22,7 @@ from storage.chunk_keys import chain_seed
 from storage.config import StoreConfig
 
 log = logging.getLogger("kvbridge.store")
+R = TypeVar("R")
 PROMPT_TOKENS = Counter("kvbridge_store_prompt_tokens_total",
                         "Prompt tokens whose KV was saved to, loaded from, or failed to load from the store",
                         ["outcome"])
@@ -59,11 +61,16 @@ class PrefixStore:
         log.info("store ready: tiers %s", ", ".join(t.name for t in self.store.tiers))
 
     def lookup(self, keys: list[str]) -> int:
-        """How many leading chunks are held (in any tier)."""
-        return len(self.store.lookup([k + self._suffix for k in keys]))
+        """How many leading chunks are held (in any tier); those held only in cold tiers start coming into
+        memory now, so the load that follows a step later finds them there."""
+        ks = [k + self._suffix for k in keys]
+        held = len(self.store.lookup(ks))
+        self.store.prefetch(ks[:held])
+        return held
 
-    def get(self, key: str) -> torch.Tensor | None:
-        return self.store.get(key + self._suffix)
+    def load(self, key: str, use: Callable[[torch.Tensor], R]) -> R | None:
+        """`use(chunk bytes)` if the store holds the chunk (a memory hit is used in place), else None."""
+        return self.store.load(key + self._suffix, use)
 
     def put(self, key: str, data: torch.Tensor) -> None:
         self.store.put(key + self._suffix, data)

@@ -18,14 +18,17 @@ so the engine requests of one OpenAI request (a list of prompts) never share KV;
 engine requests read one prompt's transfer on the decode node (`n` of parallel sampling).
 
 With a store configured, a producer also reports the prompt's leading chunks found in the store
-as external tokens (loaded synchronously before the forward) and has every new whole chunk kept.
+as external tokens (loaded synchronously before the forward) and has every new whole chunk kept. The
+lookup is made once per request and its answer kept until the request finishes.
 """
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from prometheus_client import Histogram
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
@@ -34,6 +37,9 @@ from transfer.identity import TransferSpec
 from transfer.push_token import PushPolicy
 
 log = logging.getLogger("kvbridge.scheduler")
+LOOKUP_SECONDS = Histogram("kvbridge_store_lookup_seconds", "Scheduler time per store lookup: asked the worker, "
+                           "or answered from this request's earlier lookup", ["answer"],
+                           buckets=(1e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5))
 PARAMS_KEY = "kvbridge"
 
 
@@ -88,6 +94,9 @@ class BridgeMetadata(KVConnectorMetadata):
     aborts: list[str] = field(default_factory=list)   # request ids whose transfer must stop now
     discards: list[str] = field(default_factory=list)  # transfer keys whose decode request ended unserved
     idle: bool = False                                # nothing computed this step: worker may wait briefly
+    # (asked | cached, seconds) per store lookup since the last step: the scheduler runs in its own process,
+    # so the worker, whose metrics endpoint is the node's, records them
+    lookup_times: list[tuple[str, float]] = field(default_factory=list)
 
 
 def bridge_params(request: Any) -> BridgeParams | None:
@@ -126,6 +135,9 @@ class SchedulerSide:
         self._new_store_loads: list[StoreLoadTask] = []
         # req_id -> (chunk keys, chunks held, tokens vLLM had computed locally when it asked)
         self._store_hits: dict[str, tuple[list[str], int, int]] = {}
+        # req_id -> (chunk keys, chunks held): asked once per request; vLLM asks again every step it waits
+        self._store_answers: dict[str, tuple[list[str], int]] = {}
+        self._lookup_times: list[tuple[str, float]] = []
         self._loading: set[str] = set()
         self._received: set[str] = set()
         # req_id -> tokens vLLM's own prefix cache held when it asked (request.num_computed_tokens is still 0
@@ -156,9 +168,17 @@ class SchedulerSide:
     def _store_match(self, request: Any, num_computed_tokens: int) -> int:
         if not storable(request):
             return 0
-        prompt = list(request.prompt_token_ids or ())
-        keys = self._lookups[0].keys(prompt)
-        held = min(c.held(keys) for c in self._lookups)  # every TP rank must hold a chunk to skip it
+        t0 = time.perf_counter()
+        prompt = request.prompt_token_ids or ()
+        answer = self._store_answers.get(request.request_id)
+        if answer is None:
+            keys = self._lookups[0].keys(list(prompt))
+            held = min(c.held(keys) for c in self._lookups)  # every TP rank must hold a chunk to skip it
+            answer = self._store_answers[request.request_id] = (keys, held)
+            self._lookup_times.append(("asked", time.perf_counter() - t0))
+        else:
+            self._lookup_times.append(("cached", time.perf_counter() - t0))
+        keys, held = answer
         self._store_hits[request.request_id] = (keys, held, num_computed_tokens)
         c = self._lookups[0].chunk_tokens
         usable = min(held, (len(prompt) - 1) // c)  # vLLM computes at least the last prompt token
@@ -198,9 +218,12 @@ class SchedulerSide:
 
     def build_connector_meta(self, out: Any) -> BridgeMetadata:
         meta = BridgeMetadata(loads=self._new_loads, store_loads=self._new_store_loads, aborts=self._aborts,
-                              discards=self._discards, idle=out.total_num_scheduled_tokens == 0)
+                              discards=self._discards, idle=out.total_num_scheduled_tokens == 0,
+                              lookup_times=self._lookup_times[-1000:])
+        self._lookup_times = []
         self._new_loads, self._new_store_loads, self._aborts, self._discards = [], [], [], []
         for rid in out.preempted_req_ids or ():
+            self._store_answers.pop(rid, None)  # its chunks may be stored by now: ask again when rescheduled
             if self._outgoing.pop(rid, None) is not None:
                 meta.aborts.append(rid)  # this attempt's push ends; the rescheduled request pushes anew
                 self._attempts[rid] = self._attempts.get(rid, 0) + 1
@@ -233,6 +256,7 @@ class SchedulerSide:
         got_load = rid in self._received
         self._received.discard(rid)
         self._store_hits.pop(rid, None)
+        self._store_answers.pop(rid, None)
         self._attempts.pop(rid, None)
         self._local_hits.pop(rid, None)
         if self._outgoing.pop(rid, None) is not None or rid in self._loading:

@@ -27,11 +27,12 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransfe
 from pd.connector_config import ConnectorConfig
 from transfer.consumer_endpoint import ConsumerEndpoint, ConsumerSettings
 from pd.cache_layout import layout_from_vllm
+from pd.device_memory import report_device_memory
 from pd.hook_timer import WORKER_HOOKS
 from pd.paged_kv import PagedKV
 from pd.prefix_store import PROMPT_TOKENS, PrefixStore, model_fingerprint, store_key
 from transfer.producer import Producer, ProducerSettings
-from pd.scheduler_side import BridgeMetadata, LoadTask, OutgoingTask, StoreLoadTask
+from pd.scheduler_side import LOOKUP_SECONDS, BridgeMetadata, LoadTask, OutgoingTask, StoreLoadTask
 from transfer.device_fence import COMPLETED, Fence, recorder_for
 from transfer.receive_book import Arrival
 from transfer.states import State, Transfer
@@ -103,23 +104,9 @@ class WorkerSide:
             start_http_server(self.cfg.metrics_port + layout.tp_rank, addr=self.cfg.listen_host)
         log.info("kvbridge %s ready: %s, %d tokens/chunk (%d bytes)", name, layout.model_dump(), chunk_tokens,
                  layout.chunk_bytes(chunk_tokens))
-        self._report_device_memory()
-
-    def _report_device_memory(self) -> None:
-        """kvbridge's buffers come on top of the KV cache vLLM sized to gpu_memory_utilization: say how much."""
-        if self.kv.device.type != "cuda":
-            return
-        regions = {"consumer slots": self.endpoint.region if self.endpoint else None,
-                   "producer staging": self.producer.staging.region if self.producer else None}
-        held = {k: r.nbytes for k, r in regions.items() if r is not None and r.mem_type == "VRAM"}
-        if self.store is not None:
-            held["store scratch chunk"] = self.kv.chunk_nbytes(self.blocks_per_chunk)
-        total = torch.cuda.get_device_properties(self.kv.device).total_memory
-        gib = sum(held.values()) / 2**30
-        log.info("kvbridge holds %.2f GiB of GPU memory outside vLLM's KV cache (%.1f%% of %s; %s): leave that much "
-                 "headroom under gpu_memory_utilization, or set slot_memory: host on a decode node", gib,
-                 100 * gib * 2**30 / total, self.kv.device,
-                 ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in held.items()))
+        report_device_memory(self.kv.device, self.endpoint.region if self.endpoint else None,
+                             self.producer.staging.region if self.producer else None,
+                             scratch_bytes=self.kv.chunk_nbytes(self.blocks_per_chunk) if self.store else 0)
 
     def _chunk_blocks(self, n_tokens: int, chunk: int) -> tuple[int, int]:
         n_blocks = -(-n_tokens // self.kv.layout.block_size)
@@ -140,6 +127,8 @@ class WorkerSide:
                 self._out[task.req_id] = (handle, 0)
 
     def start_load_kv(self, meta: BridgeMetadata) -> None:
+        for answer, seconds in meta.lookup_times:
+            LOOKUP_SECONDS.labels(answer).observe(seconds)
         for key in meta.discards:
             self.endpoint.book.discard(key)
         for task in meta.loads:
@@ -158,15 +147,20 @@ class WorkerSide:
         for i, key in enumerate(task.keys):
             c = task.first_chunk + i
             ids = task.block_ids[c * bpc:(c + 1) * bpc]
-            data = self.store.get(key)
-            if data is None or data.numel() != expect:
+            skip = max(0, task.skip_blocks - c * bpc)
+
+            def scatter(data: torch.Tensor, ids: list[int] = ids, skip: int = skip) -> int:
+                if data.numel() == expect:
+                    # the store's slot is reused once we return: a blocking copy to the cache's device
+                    self.kv.scatter(ids, data.to(self.kv.device), skip)
+                return data.numel()
+            got = self.store.load(key, scatter)
+            if got != expect:
                 self._load_errors.update(task.block_ids[c * bpc:(task.first_chunk + len(task.keys)) * bpc])
                 PROMPT_TOKENS.labels("load_failed").inc((len(task.keys) - i) * self.chunk_tokens)
                 log.warning("request %s: stored chunk %d is gone (%s); its blocks will be recomputed", task.req_id,
-                            c, "missing" if data is None else f"{data.numel()} bytes, expected {expect}")
+                            c, "missing" if got is None else f"{got} bytes, expected {expect}")
                 break
-            skip = max(0, task.skip_blocks - c * bpc)
-            self.kv.scatter(ids, data.to(self.kv.device), skip)  # a host tensor the store may free: copy it over
             loaded += self.chunk_tokens - skip * self.kv.layout.block_size
         PROMPT_TOKENS.labels("loaded").inc(loaded)
         log.debug("request %s: %d prompt tokens loaded from the store", task.req_id, loaded)
@@ -199,7 +193,7 @@ class WorkerSide:
             def fill(view: torch.Tensor, ids: list[int] = ids, key: str | None = key) -> int:
                 nonlocal kept
                 n = self.kv.gather(ids, view)
-                if key is not None:
+                if key is not None:  # on a GPU, copied on the engine's stream after the gather, not waited for
                     self.store.put(key, view[:n])
                     kept = True
                 return n

@@ -34,7 +34,10 @@ class StoreConfig(BaseModel):
     redis_ttl_s: float | None = Field(default=None, gt=0, description="expiry of chunks written to Redis")
     redis_timeout_s: float = Field(default=0.5, gt=0, description="socket timeout per Redis call")
     write_queue: int = Field(default=256, gt=0, description="background writes waiting for colder tiers")
-    lookup_timeout_s: float = Field(default=1.0, gt=0, description="a lookup slower than this counts as a miss")
+    lookup_timeout_s: float = Field(default=1.0, gt=0,
+                                    description="the scheduler counts a lookup slower than this as a miss")
+    remote_budget_s: float = Field(default=0.02, gt=0,
+                                   description="how long a lookup waits for Redis before counting its chunks missing")
 
     _sizes = field_validator("memory_bytes", "disk_bytes", mode="before")(parse_bytes)
 
@@ -49,4 +52,4 @@ class StoreConfig(BaseModel):
             tiers.append(RedisTier(self.redis_url, self.redis_ttl_s, self.redis_timeout_s, mac_key=mac_key))
         if not tiers:
             raise ValueError("store: every tier is off (set memory_bytes, disk_path or redis_url)")
-        return TieredStore(tiers, self.write_queue)
+        return TieredStore(tiers, self.write_queue, self.remote_budget_s)

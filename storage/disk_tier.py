@@ -1,10 +1,11 @@
 """Local-disk tier: one file per chunk under a directory, LRU within a byte budget, kept across restarts.
 
 Crash safety: a chunk is written to a `.part` file, fsynced, then renamed over its final name,
-so a reader sees a whole file or none; leftover `.part` files from a killed writer are removed at
-start. Each file carries a header (magic, version, length, MAC over key and bytes, see framing.py)
-that a read checks, so a file damaged or written by anyone without the store key is deleted and read
-as a miss, never returned as KV. The LRU order is the
+so a reader sees a whole file or none (a batch is written whole, then fsynced, then renamed, so the
+device sees one stream of writes rather than a flush per chunk); leftover `.part` files from a killed
+writer are removed at start. Each file carries a header (magic, version, length, MAC over key and bytes,
+see framing.py) that a read checks, so a file damaged or written by anyone without the store key is
+deleted and read as a miss, never returned as KV. The LRU order is the
 files' mtimes (a read touches its file), so it survives a restart too.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import threading
 import uuid
 from collections import OrderedDict
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -66,46 +68,70 @@ class DiskTier:
             EVICTIONS.labels(self.name).inc()
 
     def put(self, key: str, data: torch.Tensor) -> bool:
-        payload = data.reshape(-1).view(torch.uint8).contiguous().numpy()
-        size = HEADER.size + payload.nbytes
-        if size > self.capacity:
-            return False
-        with self._lock:
-            if key in self._index:
-                self._index.move_to_end(key)
-                return True
-        final = self._path(key)
-        part = final.parent / f"{key}.{uuid.uuid4().hex[:8]}.part"
-        try:
-            with timed(self.name, "put"):
-                final.parent.mkdir(exist_ok=True)
-                with open(part, "wb") as f:
-                    f.write(header(self._mac_key, key, payload))
-                    f.write(memoryview(payload))
-                    f.flush()
-                    os.fsync(f.fileno())
-                with self._lock:
-                    self._evict(size)
-                    os.replace(part, final)
-                    self._index[key] = size
-                    self.used += size
-                    USED_BYTES.labels(self.name).set(self.used)
-        except OSError as e:
-            part.unlink(missing_ok=True)
-            ERRORS.labels(self.name, "put").inc()
-            log.warning("disk tier %s: could not write chunk %s: %s", self.root, key[:12], e)
-            return False
-        BYTES_WRITTEN.labels(self.name).inc(payload.nbytes)
-        return True
+        return self.put_many([(key, data)]) == 1
 
-    def get(self, key: str) -> torch.Tensor | None:
+    def put_many(self, items: list[tuple[str, torch.Tensor]]) -> int:
+        """Write a batch with one flush to the device for all of it (each file is written whole, then all
+        are fsynced, then all renamed): a chunk is under its final name only once its bytes are on disk.
+        Returns how many chunks the tier holds afterwards."""
+        staged: list[tuple[str, Path, Path, int, int]] = []  # key, part, final, file bytes, payload bytes
+        kept = 0
+        with timed(self.name, "put"):
+            for key, data in items:
+                payload = data.reshape(-1).view(torch.uint8).contiguous().numpy()
+                size = HEADER.size + payload.nbytes
+                with self._lock:
+                    if key in self._index:
+                        self._index.move_to_end(key)
+                        kept += 1
+                        continue
+                if size > self.capacity:
+                    continue
+                final = self._path(key)
+                part = final.parent / f"{key}.{uuid.uuid4().hex[:8]}.part"
+                try:
+                    final.parent.mkdir(exist_ok=True)
+                    with open(part, "wb") as f:
+                        f.write(header(self._mac_key, key, payload))
+                        f.write(memoryview(payload))
+                    staged.append((key, part, final, size, payload.nbytes))
+                except OSError as e:
+                    self._write_failed(part, key, e)
+            for key, part, final, size, nbytes in staged:
+                try:
+                    fd = os.open(part, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                    with self._lock:
+                        self._evict(size)
+                        os.replace(part, final)
+                        self._index[key] = size
+                        self.used += size
+                        USED_BYTES.labels(self.name).set(self.used)
+                except OSError as e:
+                    self._write_failed(part, key, e)
+                    continue
+                BYTES_WRITTEN.labels(self.name).inc(nbytes)
+                kept += 1
+        return kept
+
+    def _write_failed(self, part: Path, key: str, e: OSError) -> None:
+        part.unlink(missing_ok=True)
+        ERRORS.labels(self.name, "put").inc()
+        log.warning("disk tier %s: could not write chunk %s: %s", self.root, key[:12], e)
+
+    def get(self, key: str, into: Callable[[int], torch.Tensor | None] | None = None) -> torch.Tensor | None:
+        """The chunk's bytes, read into `into(payload bytes)` when that gives a buffer (the memory tier's
+        slot, touched already: no page faults, no second copy to promote it), else into a new tensor."""
         with self._lock:
             if key not in self._index:
                 return count_read(self.name, None)
             self._index.move_to_end(key)
         path = self._path(key)
         with timed(self.name, "get"):
-            data = self._read(path, key)
+            data = self._read(path, key, into)
         if data is None:
             with self._lock:
                 size = self._index.pop(key, 0)
@@ -114,11 +140,13 @@ class DiskTier:
             os.utime(path)
         return count_read(self.name, data)
 
-    def _read(self, path: Path, key: str) -> torch.Tensor | None:
+    def _read(self, path: Path, key: str, into: Callable[[int], torch.Tensor | None] | None) -> torch.Tensor | None:
         try:
             with open(path, "rb") as f:
                 n, tag = parse_header(f.read(HEADER.size), os.fstat(f.fileno()).st_size)
-                out = torch.empty(n, dtype=torch.uint8)
+                out = into(n) if into is not None else None
+                if out is None:
+                    out = torch.empty(n, dtype=torch.uint8)
                 if f.readinto(memoryview(out.numpy())) != n:
                     raise BadChunk("file ended early")
                 check(self._mac_key, key, out.numpy(), tag)

@@ -23,6 +23,8 @@ log = logging.getLogger("kvbridge.store")
 
 
 class RedisTier:
+    remote = True  # the store waits for its lookups only up to a budget (storage/deadline.py)
+
     def __init__(self, url: str, ttl_s: float | None = None, timeout_s: float = 0.5, retry_s: float = 2.0,
                  prefix: str = "kvbridge:chunk:", name: str = "redis", mac_key: bytes | None = None) -> None:
         self.name = name

@@ -168,7 +168,7 @@ def test_tiered_store_writes_behind_promotes_and_looks_up(tmp_path, redis_url):
     keys = chunk_keys(list(range(5 * 64)), 64, SEED)
     for i, k in enumerate(keys):
         store.put(k, chunk(seed=i))
-    assert store.flush(10)
+        assert store.flush(10)  # the writer borrows memory slots until their cold copies are written
     memory, disk, red = store.tiers
     assert memory.keys() == keys[-2:] and disk.keys() == keys and all(red.contains(keys))
     assert store.lookup(keys) == ["disk", "disk", "disk", "memory", "memory"]

@@ -86,5 +86,35 @@ def test_store_survives_a_prefill_restart_through_its_disk_tier(servers, redis_u
     src1, m1 = source_tokens(pre.url), connector_metrics(pre)
     shared = (1000 // CHUNK) * CHUNK
     assert delta(src1, src0, "external_kv_transfer") == shared
+    # a fresh process reads each chunk from disk once: prefetched after the lookup, or by the load itself
     assert m1.get('kvbridge_store_hits_total{tier="disk"}', 0) == shared // CHUNK, "a fresh process reads from disk"
-    assert m1.get('kvbridge_store_hits_total{tier="memory"}', 0) == 0
+
+
+def test_a_stopped_redis_costs_misses_not_engine_time(servers, redis_url):
+    """Redis SIGSTOPped during prefix reuse: answers stay right, memory hits still load, and no lookup holds
+    the scheduler for Redis's socket timeout (0.5 s, which every lookup used to pay at least once after a stop):
+    it answers within its Redis budget (20 ms) plus the round trip to the worker."""
+    import os
+    import signal
+
+    pre, agg = servers["prefill"], servers["agg"]
+    prefix = random_token_prompt(1000, 801)
+    assert complete(pre.url, prefix + [3, 4]) == complete(agg.url, prefix + [3, 4])
+    bucket, total = ('kvbridge_store_lookup_seconds_bucket{answer="asked",le="0.5"}',
+                     'kvbridge_store_lookup_seconds_count{answer="asked"}')
+    m0 = connector_metrics(pre)
+    pid = redis.Redis.from_url(redis_url).info("server")["process_id"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for i in range(3):
+            prompt = (prefix if i < 2 else random_token_prompt(600, 802)) + random_token_prompt(50, 810 + i)
+            src0 = source_tokens(pre.url)
+            assert complete(pre.url, prompt) == complete(agg.url, prompt), "a stopped Redis changed an answer"
+            if i < 2:
+                assert delta(source_tokens(pre.url), src0, "external_kv_transfer") == (1000 // CHUNK) * CHUNK
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    m1 = connector_metrics(pre)
+    asked = delta(m1, m0, total)
+    assert asked >= 3
+    assert delta(m1, m0, bucket) == asked, "a lookup waited on the stopped Redis"

@@ -1,0 +1,67 @@
+"""Calls to a remote tier that the caller waits for only up to a budget.
+
+A lookup runs on vLLM's scheduler path: it must answer in milliseconds even while Redis is stopped
+(SIGSTOP), slow, or behind a dead link, where a socket timeout alone would hold it for the whole
+timeout on every retry. So the call runs on its own thread and the caller waits at most `budget_s`;
+a call still running when the next one comes means the tier is stuck, and the next one answers
+"no answer" at once instead of queueing behind it.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Callable, Generic, TypeVar
+
+from prometheus_client import Counter
+
+from transfer.threads import start_io_thread
+
+T = TypeVar("T")
+LATE = Counter("kvbridge_store_late_answers_total", "Remote tier calls not answered within the lookup budget",
+               ["tier"])
+
+
+class Deadline(Generic[T]):
+    """One background thread; `call` returns fn's result, or None when it took longer than the budget."""
+
+    def __init__(self, name: str, budget_s: float) -> None:
+        self.name = name
+        self.budget_s = budget_s
+        self._cv = threading.Condition()
+        self._job: Callable[[], object] | None = None
+        self._busy = False
+        self._stop = False
+        self._thread = start_io_thread(self._run, f"kvbridge-store-{name}")
+
+    def call(self, fn: Callable[[], T]) -> T | None:
+        box: list = []  # filled with the result by the thread; a caller that gave up never reads it
+        done = threading.Event()
+        with self._cv:
+            if self._busy:
+                LATE.labels(self.name).inc()
+                return None
+            self._busy = True
+            self._job = lambda: (box.append(fn()), done.set())
+            self._cv.notify()
+        if done.wait(self.budget_s):
+            return box[0]
+        LATE.labels(self.name).inc()
+        return None
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while self._job is None and not self._stop:
+                    self._cv.wait()
+                if self._stop:
+                    return
+                job, self._job = self._job, None
+            try:
+                job()
+            finally:
+                with self._cv:
+                    self._busy = False
+
+    def close(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
