@@ -34,6 +34,8 @@ def _serve(a: argparse.Namespace) -> None:
     cfg = load_config(a.file)
     if not isinstance(cfg, RoleConfig):
         raise SystemExit(f"{a.file}: role '{cfg.role}' is not a vLLM role (prefill, decode, both)")
+    if a.listen_host:   # known only at start in a cluster: the pod IP (see launch/k8s_render.py)
+        cfg = cfg.model_copy(update={"connector": cfg.connector.model_copy(update={"listen_host": a.listen_host})})
     cmd = cfg.vllm_command()
     env = dict(os.environ, **cfg.env)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
@@ -44,6 +46,12 @@ def _serve(a: argparse.Namespace) -> None:
 def _up(a: argparse.Namespace) -> None:
     from launch.deployment import run_deployment
     run_deployment(a.file, demo=a.demo, log_dir=a.log_dir)
+
+
+def _render_k8s(a: argparse.Namespace) -> None:
+    from launch.k8s_render import render, write
+    for path in write(render(a.file, a.image, a.secret_name), a.out):
+        print(path)
 
 
 def _router(a: argparse.Namespace) -> None:
@@ -72,12 +80,21 @@ def main(argv: list[str] | None = None) -> None:
     c.set_defaults(fn=_check)
     p = sub.add_parser("serve", help="run one vLLM role (prefill/decode/both) from its YAML")
     p.add_argument("file")
+    p.add_argument("--listen-host", help="override connector.listen_host (a pod IP in Kubernetes)")
     p.set_defaults(fn=_serve)
     p = sub.add_parser("up", help="start a whole deployment and wait for Ctrl-C")
     p.add_argument("file")
     p.add_argument("--demo", action="store_true", help="send demo requests, print results, stop")
     p.add_argument("--log-dir", default=".kvbridge/logs")
     p.set_defaults(fn=_up)
+    p = sub.add_parser("render", help="turn a deployment graph into manifests for another target")
+    rsub = p.add_subparsers(dest="sub", required=True)
+    r = rsub.add_parser("k8s", help="Kubernetes manifests: Deployments, Services, ConfigMap, Secret reference")
+    r.add_argument("file")
+    r.add_argument("-o", "--out", required=True, help="directory to write the manifests to")
+    r.add_argument("--image", default="kvbridge:0.1.0", help="image holding vLLM, kvbridge and the model")
+    r.add_argument("--secret-name", help="Secret with key 'secret' (default: DEPLOYMENT-kvbridge)")
+    r.set_defaults(fn=_render_k8s)
     p = sub.add_parser("router", help="run the OpenAI-compatible PD router")
     p.add_argument("--config", required=True)
     p.add_argument("--port", type=int)

@@ -1,6 +1,7 @@
 """Router configuration (YAML), validated by pydantic; errors name the file, path and field."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -71,7 +72,11 @@ class RouterConfig(BaseModel):
 
 
 def load_router_config(path: str | Path) -> RouterConfig:
+    """kv_secret falls back to KVBRIDGE_SECRET, as the connectors' secret does, so a cluster can hand both
+    the same Secret without writing it into a file."""
+    data = load_yaml(path)
+    data.setdefault("kv_secret", os.environ.get("KVBRIDGE_SECRET") or None)
     try:
-        return RouterConfig.model_validate(load_yaml(path))
+        return RouterConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(format_errors(e, str(path))) from None
