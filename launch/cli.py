@@ -54,6 +54,13 @@ def _render_k8s(a: argparse.Namespace) -> None:
         print(path)
 
 
+def _render_dashboard(a: argparse.Namespace) -> None:
+    from launch.grafana_dashboard import render_json
+    with open(a.out, "w") as f:
+        f.write(render_json())
+    print(a.out)
+
+
 def _router(a: argparse.Namespace) -> None:
     from router.app import main
     main(["--config", a.config] + (["--port", str(a.port)] if a.port else []))
@@ -95,6 +102,9 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--image", default="kvbridge:0.1.0", help="image holding vLLM, kvbridge and the model")
     r.add_argument("--secret-name", help="Secret with key 'secret' (default: DEPLOYMENT-kvbridge)")
     r.set_defaults(fn=_render_k8s)
+    r = rsub.add_parser("dashboard", help="the Grafana dashboard JSON (shipped as configs/grafana-dashboard.json)")
+    r.add_argument("-o", "--out", default="configs/grafana-dashboard.json")
+    r.set_defaults(fn=_render_dashboard)
     p = sub.add_parser("router", help="run the OpenAI-compatible PD router")
     p.add_argument("--config", required=True)
     p.add_argument("--port", type=int)
