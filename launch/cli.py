@@ -61,6 +61,11 @@ def _render_dashboard(a: argparse.Namespace) -> None:
     print(a.out)
 
 
+def _status(a: argparse.Namespace) -> None:
+    from launch.status_view import show
+    sys.exit(show(a.file, a.log_dir, a.json, a.watch))
+
+
 def _router(a: argparse.Namespace) -> None:
     from router.app import main
     main(["--config", a.config] + (["--port", str(a.port)] if a.port else []))
@@ -94,6 +99,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--demo", action="store_true", help="send demo requests, print results, stop")
     p.add_argument("--log-dir", default=".kvbridge/logs")
     p.set_defaults(fn=_up)
+    p = sub.add_parser("status", help="health, load, slots, transfers, store and last errors of a running deployment")
+    p.add_argument("file", nargs="?", default="configs/deployment.yaml")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--watch", type=float, metavar="SECONDS", help="redraw every SECONDS until Ctrl-C")
+    p.add_argument("--log-dir", default=".kvbridge/logs", help="where `kvbridge up` writes the role logs")
+    p.set_defaults(fn=_status)
     p = sub.add_parser("render", help="turn a deployment graph into manifests for another target")
     rsub = p.add_subparsers(dest="sub", required=True)
     r = rsub.add_parser("k8s", help="Kubernetes manifests: Deployments, Services, ConfigMap, Secret reference")
