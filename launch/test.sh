@@ -4,7 +4,7 @@ source "$(dirname "$0")/env.sh"
 bash csrc/build.sh   # CPU library; CUDA library too where nvcc is installed (warnings are errors)
 
 # Debian packages the tests run for real: redis-server (the Redis tier, on 127.0.0.1, stopped on exit) and
-# prometheus (its promtool checks and unit-tests configs/alerts.yaml).
+# prometheus (promtool checks and unit-tests configs/alerts.yaml; a real Prometheus scrapes a router in a test).
 apt_install() {  # $1: command that must exist, $2: Debian package holding it
   command -v "$1" >/dev/null 2>&1 && return
   echo "[kvbridge] installing $2"
