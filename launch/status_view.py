@@ -6,6 +6,7 @@ import asyncio
 import json
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 from launch.status import collect
@@ -31,6 +32,22 @@ def _store(tiers: dict[str, dict[str, float]]) -> str:
     return ", ".join(parts)
 
 
+WINDOW_S = 300   # --watch shows transfers over the last five minutes, not since each process started
+
+
+def since(old: list[dict], new: list[dict]) -> list[dict]:
+    """`new` with each instance's transfer counts less those in `old`; a restarted process (a count that
+    went down) shows its counts since the restart."""
+    before = {r["name"]: r["transfers"] for r in old}
+    out = []
+    for r in new:
+        prev = before.get(r["name"], {})
+        if any(v < prev.get(k, 0) for k, v in r["transfers"].items()):
+            prev = {}
+        out.append({**r, "transfers": {k: v - prev.get(k, 0) for k, v in r["transfers"].items()}})
+    return out
+
+
 def table(rows: list[dict]) -> str:
     def line(cells: list[str]) -> str:
         return "  ".join(c.ljust(w) for c, (_, w) in zip(cells, COLUMNS)).rstrip()
@@ -46,11 +63,18 @@ def table(rows: list[dict]) -> str:
 
 def show(path: str | Path, log_dir: str | Path, as_json: bool, watch_s: float | None) -> int:
     """Exit status 0 when every instance answers /health, 1 otherwise (for scripts and readiness checks)."""
+    history: deque[tuple[float, list[dict]]] = deque()
     while True:
         rows = asyncio.run(collect(path, log_dir))
-        text = json.dumps(rows, indent=2) if as_json else table(rows)
+        now = time.monotonic()
+        history.append((now, rows))
+        while now - history[0][0] > WINDOW_S:
+            history.popleft()
+        shown = since(history[0][1], rows) if watch_s and len(history) > 1 else rows
+        text = json.dumps(shown, indent=2) if as_json else table(shown)
         if watch_s:
-            sys.stdout.write("\x1b[H\x1b[2J" + time.strftime("%H:%M:%S ") + str(path) + "\n")
+            span = f"transfers over the last {now - history[0][0]:.0f} s" if len(history) > 1 else "transfers since start"
+            sys.stdout.write("\x1b[H\x1b[2J" + time.strftime("%H:%M:%S ") + f"{path} ({span})\n")
         print(text, flush=True)
         if not watch_s:
             return 0 if all(r["health"] == "ok" for r in rows) else 1

@@ -15,7 +15,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from launch.status import collect
-from launch.status_view import table
+from launch.status_view import since, table
 from transfer import wire
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,3 +127,9 @@ async def test_status_reads_every_column_from_its_source(tmp_path):
     text = table(list(rows.values()))
     assert "memory 3.0M 75%" in text and "! 2026 WARNING" in text
     json.dumps(list(rows.values()))   # --json prints these as they are
+
+
+def test_watch_shows_transfers_over_the_window_and_survives_a_restart():
+    old = [{"name": "d", "transfers": {"SCATTERED": 10, "EXPIRED": 1}}, {"name": "p", "transfers": {"SENT": 50}}]
+    new = [{"name": "d", "transfers": {"SCATTERED": 14, "EXPIRED": 1}}, {"name": "p", "transfers": {"SENT": 3}}]
+    assert [r["transfers"] for r in since(old, new)] == [{"SCATTERED": 4, "EXPIRED": 0}, {"SENT": 3}]
