@@ -63,7 +63,10 @@ def _render_dashboard(a: argparse.Namespace) -> None:
 
 def _status(a: argparse.Namespace) -> None:
     from launch.status_view import show
-    sys.exit(show(a.file, a.log_dir, a.json, a.watch))
+    try:
+        sys.exit(show(a.file, a.log_dir, a.json, a.watch))
+    except KeyboardInterrupt:   # how --watch ends
+        sys.exit(0)
 
 
 def _router(a: argparse.Namespace) -> None:
