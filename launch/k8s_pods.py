@@ -38,13 +38,16 @@ def selector(all_labels: dict[str, str]) -> dict[str, str]:
     return {k: all_labels[k] for k in ("app.kubernetes.io/instance", "kvbridge/role")}
 
 
-def health_probes(port_name: str) -> dict[str, dict]:
+def health_probes(port_name: str, alive_by_tcp: bool = False) -> dict[str, dict]:
     """Startup allows a long model load (15 min); after it, readiness drops a pod from Services within
-    ~10 s and liveness restarts a process that stopped answering /health for 30 s."""
+    ~10 s and liveness restarts a process that stopped answering /health for 30 s. `alive_by_tcp` is for
+    the router, whose /health is 503 while no decode node is up: that is its backends' state, not its own,
+    so only its readiness follows /health and a decode outage never restarts it."""
     get = {"httpGet": {"path": "/health", "port": port_name}}
-    return {"startupProbe": {**get, "periodSeconds": 10, "failureThreshold": 90, "timeoutSeconds": 5},
+    alive = {"tcpSocket": {"port": port_name}} if alive_by_tcp else get
+    return {"startupProbe": {**alive, "periodSeconds": 10, "failureThreshold": 90, "timeoutSeconds": 5},
             "readinessProbe": {**get, "periodSeconds": 5, "failureThreshold": 2, "timeoutSeconds": 3},
-            "livenessProbe": {**get, "periodSeconds": 10, "failureThreshold": 3, "timeoutSeconds": 5}}
+            "livenessProbe": {**alive, "periodSeconds": 10, "failureThreshold": 3, "timeoutSeconds": 5}}
 
 
 def env_list(plain: dict[str, str], secret_name: str, extra_secret_keys: list[str] = ()) -> list[dict]:

@@ -89,7 +89,8 @@ def _workload(dep: DeploymentConfig, name: str, component: str, container: dict,
     vols, mounts = _volumes(role, pods.dns_name(dep.name, "roles"), f"{name}.yaml")
     container.update(ports=[{"name": p["name"], "containerPort": p["port"]} for p in ports],
                      volumeMounts=mounts, workingDir=pods.WORK_DIR,
-                     lifecycle={"preStop": {"sleep": {"seconds": PRE_STOP_S}}}, **pods.health_probes("http"))
+                     lifecycle={"preStop": {"sleep": {"seconds": PRE_STOP_S}}},
+                     **pods.health_probes("http", alive_by_tcp=role is None))
     spec = {"containers": [container], "volumes": vols, "terminationGracePeriodSeconds": GRACE_S,
             "topologySpreadConstraints": pods.spread(dep.name, component),
             "affinity": pods.anti_affinity(dep.name, component)}

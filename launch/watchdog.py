@@ -9,11 +9,26 @@ from __future__ import annotations
 
 import logging
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 
 from launch.process_handle import ProcessHandle
+from launch.servers import RouterServer
 
 log = logging.getLogger("kvbridge.watchdog")
+
+
+def _answers_http(url: str) -> bool:
+    """Any HTTP answer: the router's /health is 503 while no decode node is up, which is its backends'
+    state, not its own, and restarting it would not help."""
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
 
 
 @dataclass
@@ -70,7 +85,7 @@ class Watchdog:
         if code is not None:
             return f"exited with code {code}"
         try:
-            ok = w.proc.is_ready()
+            ok = w.proc.is_ready() or (isinstance(w.proc, RouterServer) and _answers_http(w.proc.health_url))
         except RuntimeError:   # exited between the poll and the probe
             return "exited"
         if ok:

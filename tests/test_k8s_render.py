@@ -123,6 +123,9 @@ def test_decode_connectors_listen_on_their_pod_ip_behind_headless_services(graph
         assert inst.kv_address == f"{name}:{role.connector.listen_port}"
         assert {"name": "kv", "port": role.connector.listen_port, "targetPort": "kv"} in services[name]["spec"]["ports"]
     assert services[f"{dep.name}-router"]["spec"].get("clusterIP") != "None"
+    # the router's /health is 503 while no decode is up: that must not restart it, only take it out of service
+    rc = workloads[f"{dep.name}-router"]["spec"]["template"]["spec"]["containers"][0]
+    assert rc["livenessProbe"]["tcpSocket"] == {"port": "http"} and rc["readinessProbe"]["httpGet"]["path"] == "/health"
 
 
 def test_the_shared_secret_is_a_reference_and_refused_inline(tmp_path):

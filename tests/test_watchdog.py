@@ -100,3 +100,21 @@ def test_a_role_that_always_fails_is_given_up_and_the_rest_keeps_serving(tmp_pat
     assert dog.restarts == {"prefill-1": FAST.max_restarts, "prefill-0": 0}
     assert _answers(other)
     assert "prefill-1 exited with code 3; giving up on it after 3 restarts" in caplog.text
+
+
+def test_a_router_answering_503_is_alive(tmp_path, roles, monkeypatch):
+    """No decode up makes the router's /health 503; that must not get the router restarted."""
+    from launch import watchdog as wd
+
+    class Degraded(wd.RouterServer):
+        def __init__(self, inner: ProcessHandle) -> None:   # a role that answers /health with 503
+            self.__dict__.update(inner.__dict__)
+    code = SERVER.replace('200 if self.path == "/health" else 404', '503')
+    router = Degraded(_role("router", tmp_path, None))
+    router.cmd = [sys.executable, "-c", code, router.health_url.split(":")[2].split("/")[0]]
+    roles(router)
+    wait_for(lambda: wd._answers_http(router.health_url), 20)
+    dog = Watchdog([router], FAST)
+    for _ in range(FAST.unhealthy_after + 2):
+        dog.tick()
+    assert router.proc.poll() is None and dog.restarts == {"router": 0} and not router.is_ready()
