@@ -65,14 +65,16 @@ async def _samples(session: aiohttp.ClientSession, url: str) -> Samples | None:
 
 
 def _last_errors(log_dir: Path, name: str, n: int = 3) -> list[str]:
-    """The last ERROR/WARNING lines of the role's log (only where `kvbridge up` ran on this machine)."""
+    """The role log's last ERROR lines and kvbridge's own warnings (a transfer FAILED or EXPIRED, a node
+    going down), not vLLM's start-up warnings; only where `kvbridge up` ran on this machine."""
     path = log_dir / f"{name}.log"
     if not path.is_file():
         return []
     with open(path, "rb") as f:
         f.seek(max(0, os.path.getsize(path) - 256 * 1024))
         lines = f.read().decode(errors="replace").splitlines()
-    return [ln.strip()[:200] for ln in lines if " ERROR " in ln or " WARNING " in ln][-n:]
+    return [ln.strip()[:200] for ln in lines
+            if " ERROR " in ln or (" WARNING kvbridge." in ln and not ln.rstrip().endswith("is now UP"))][-n:]
 
 
 def _apply_router(rows: dict[str, InstanceStatus], samples: Samples) -> None:
@@ -107,7 +109,9 @@ async def _decode_stats(row: InstanceStatus, role: RoleConfig, timeout_s: float,
         row.slots = "no answer"
         return
     row.slots = f"{reply.free}/{reply.total}"
-    row.transfers = {k: v for k, v in reply.counters.items() if k in ("SCATTERED", "EXPIRED", "FAILED", "ABORTED")}
+    # the receive book counts each final state as transfers_<state> (transfer/receive_book.py)
+    row.transfers = {s: reply.counters[f"transfers_{s.lower()}"] for s in ("SCATTERED", "EXPIRED", "FAILED", "ABORTED")
+                     if f"transfers_{s.lower()}" in reply.counters}
 
 
 async def collect(path: str | Path, log_dir: str | Path = ".kvbridge/logs", timeout_s: float = 2.0) -> list[dict]:

@@ -91,7 +91,7 @@ async def _consumer(port: int) -> None:
             assert isinstance(req, wire.Stats)
             await sock.send_multipart([ident, wire.encode(wire.PoolStatus(
                 rid=req.rid, incarnation="x", total=64, free=60, used=4, quarantined=0, expired_total=1,
-                dropped_total=0, counters={"SCATTERED": 38, "EXPIRED": 1, "chunks_received": 99}))])
+                dropped_total=0, counters={"transfers_scattered": 38, "transfers_expired": 1, "chunks_received": 99}))])
     finally:
         sock.close(0)
 
@@ -100,7 +100,9 @@ async def test_status_reads_every_column_from_its_source(tmp_path):
     ports = {n: _port() for n in ("router", "prefill-0", "decode-0", "decode-1", "metrics", "kv")}
     graph = _graph(tmp_path, ports)
     (tmp_path / "logs").mkdir()
-    (tmp_path / "logs" / "decode-0.log").write_text("a INFO x\n2026 WARNING kvbridge.state consumer t1 -> EXPIRED\n")
+    (tmp_path / "logs" / "decode-0.log").write_text("a INFO x\n(EngineCore) WARNING 12-01 [vllm.py:1] Enforce eager set\n"
+                                                 "2026 WARNING kvbridge.state consumer t1 -> EXPIRED\n"
+                                                 "2026 WARNING kvbridge.router: decode d is now UP\n")
     runners = []
     for port, app in ((ports["router"], _metrics_app(_router_metrics)), (ports["prefill-0"], _metrics_app(lambda r: None)),
                       (ports["metrics"], _metrics_app(_engine_metrics)), (ports["decode-0"], _metrics_app(lambda r: None))):
