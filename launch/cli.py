@@ -34,6 +34,8 @@ def _serve(a: argparse.Namespace) -> None:
     cfg = load_config(a.file)
     if not isinstance(cfg, RoleConfig):
         raise SystemExit(f"{a.file}: role '{cfg.role}' is not a vLLM role (prefill, decode, both)")
+    if a.listen_host:   # known only at start in a cluster: the pod IP (see launch/k8s_render.py)
+        cfg = cfg.model_copy(update={"connector": cfg.connector.model_copy(update={"listen_host": a.listen_host})})
     cmd = cfg.vllm_command()  # holds no secret: the connector reads it from the environment or a file
     env = dict(os.environ, **cfg.env)
     warning = cfg.listener_warning(env)
@@ -47,6 +49,27 @@ def _serve(a: argparse.Namespace) -> None:
 def _up(a: argparse.Namespace) -> None:
     from launch.deployment import run_deployment
     run_deployment(a.file, demo=a.demo, log_dir=a.log_dir)
+
+
+def _render_k8s(a: argparse.Namespace) -> None:
+    from launch.k8s_render import render, write
+    for path in write(render(a.file, a.image, a.secret_name), a.out):
+        print(path)
+
+
+def _render_dashboard(a: argparse.Namespace) -> None:
+    from launch.grafana_dashboard import render_json
+    with open(a.out, "w") as f:
+        f.write(render_json())
+    print(a.out)
+
+
+def _status(a: argparse.Namespace) -> None:
+    from launch.status_view import show
+    try:
+        sys.exit(show(a.file, a.log_dir, a.json, a.watch))
+    except KeyboardInterrupt:   # how --watch ends
+        sys.exit(0)
 
 
 def _router(a: argparse.Namespace) -> None:
@@ -75,12 +98,30 @@ def main(argv: list[str] | None = None) -> None:
     c.set_defaults(fn=_check)
     p = sub.add_parser("serve", help="run one vLLM role (prefill/decode/both) from its YAML")
     p.add_argument("file")
+    p.add_argument("--listen-host", help="override connector.listen_host (a pod IP in Kubernetes)")
     p.set_defaults(fn=_serve)
     p = sub.add_parser("up", help="start a whole deployment and wait for Ctrl-C")
     p.add_argument("file")
     p.add_argument("--demo", action="store_true", help="send demo requests, print results, stop")
     p.add_argument("--log-dir", default=".kvbridge/logs")
     p.set_defaults(fn=_up)
+    p = sub.add_parser("status", help="health, load, slots, transfers, store and last errors of a running deployment")
+    p.add_argument("file", nargs="?", default="configs/deployment.yaml")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--watch", type=float, metavar="SECONDS", help="redraw every SECONDS until Ctrl-C")
+    p.add_argument("--log-dir", default=".kvbridge/logs", help="where `kvbridge up` writes the role logs")
+    p.set_defaults(fn=_status)
+    p = sub.add_parser("render", help="turn a deployment graph into manifests for another target")
+    rsub = p.add_subparsers(dest="sub", required=True)
+    r = rsub.add_parser("k8s", help="Kubernetes manifests: Deployments, Services, ConfigMap, Secret reference")
+    r.add_argument("file")
+    r.add_argument("-o", "--out", required=True, help="directory to write the manifests to")
+    r.add_argument("--image", default="kvbridge:0.1.0", help="image holding vLLM, kvbridge and the model")
+    r.add_argument("--secret-name", help="Secret with key 'secret' (default: DEPLOYMENT-kvbridge)")
+    r.set_defaults(fn=_render_k8s)
+    r = rsub.add_parser("dashboard", help="the Grafana dashboard JSON (shipped as configs/grafana-dashboard.json)")
+    r.add_argument("-o", "--out", default="configs/grafana-dashboard.json")
+    r.set_defaults(fn=_render_dashboard)
     p = sub.add_parser("router", help="run the OpenAI-compatible PD router")
     p.add_argument("--config", required=True)
     p.add_argument("--port", type=int)

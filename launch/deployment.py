@@ -1,12 +1,14 @@
-"""Run a deployment graph locally: every prefill and decode role, then the router."""
+"""Run a deployment graph locally: every prefill and decode role, then the router, then the watchdog that
+restarts a role that exits or hangs until Ctrl-C."""
 from __future__ import annotations
 
 import logging
-import signal
+import time
 
 from launch.role_config import DeploymentConfig, load_config
 from launch.servers import RouterServer, VllmServer
 from launch.supervisor import Supervisor
+from launch.watchdog import Watchdog
 from transfer.config_errors import ConfigError
 
 log = logging.getLogger("kvbridge.deployment")
@@ -31,8 +33,11 @@ def run_deployment(path: str, demo: bool = False, log_dir: str = ".kvbridge/logs
             run_demo(url, router.model, [d.kv_address for d in decode],
                      [p.url for p in prefill])
             return
-        log.info("Ctrl-C stops everything")
+        log.info("Ctrl-C stops everything; a role that exits or stops answering /health is restarted")
+        watchdog = Watchdog(sup.processes)
         try:
-            signal.pause()
+            while True:
+                watchdog.tick()
+                time.sleep(1)
         except KeyboardInterrupt:
-            log.info("stopping")
+            log.info("stopping (restarts: %s)", watchdog.restarts)

@@ -9,12 +9,14 @@ could be taken for the backend's. `kv_transfer_params` is internal and is remove
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
 
 from router.failures import ClientGone, UpstreamFailure
+from router.metrics import ITL
 from router.registry import Backend
 from router.upstream import read_all, read_event
 
@@ -95,6 +97,7 @@ async def relay_stream(request: web.Request, up: aiohttp.ClientResponse, b: Back
             raise ClientGone(str(e)) from None
         await write(resp, rewrite_event(first))
         done = first.startswith(DONE)
+        last, itl = time.monotonic(), ITL.labels(request.path)
         while not done:
             try:
                 event = await read_event(up, b, read_timeout_s)
@@ -105,6 +108,10 @@ async def relay_stream(request: web.Request, up: aiohttp.ClientResponse, b: Back
                 out.failure = UpstreamFailure(b.name, "stream ended without [DONE]")
                 break
             done = event.startswith(DONE)
+            if not done:
+                now = time.monotonic()
+                itl.observe(now - last)
+                last = now
             await write(resp, rewrite_event(event))
         if out.failure:
             await write(resp, error_event(f"the decode instance failed mid-stream: {out.failure}"))

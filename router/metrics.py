@@ -20,4 +20,7 @@ RETRIES = Counter("kvbridge_router_retries_total", "Requests re-dispatched befor
 STREAM_ERRORS = Counter("kvbridge_router_stream_errors_total", "Started streams ended by an upstream failure")
 AGGREGATED = Counter("kvbridge_router_aggregated_total", "Requests served on the decode node without a "
                      "prefill leg because transferred KV cannot honour them", ["reason"])
+ITL = Histogram("kvbridge_router_inter_event_seconds", "Time between two events of a relayed stream (inter-token "
+                "latency as the client sees it)", ["endpoint"],
+                buckets=(.001, .0025, .005, .01, .02, .04, .08, .16, .32, .64, 1.28, 5))
 INSTANCE_STATE = Gauge("kvbridge_router_instance_state", "0 up, 1 suspect, 2 down", ["kind", "instance"])

@@ -40,8 +40,13 @@ class Backend:
     health_fails: int = 0
     outstanding: int = 0
     pool_free: float = 1.0  # decode only: fraction of its connector's slots that are free
-    down_since: float | None = None
+    down_since: float | None = field(default_factory=time.monotonic)  # state starts "down": since creation
     watchers: set[Callable[[], None]] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        """Export the starting state, so a node that is down from the start shows (and alerts) as down."""
+        INSTANCE_HEALTHY.labels(self.kind, self.name).set(1 if self.state == "up" else 0)
+        INSTANCE_STATE.labels(self.kind, self.name).set(STATE_CODE[self.state])
 
     @property
     def name(self) -> str:

@@ -23,7 +23,7 @@ from transfer.device_fence import recorder_for
 from transfer.geometry import ChunkGeometry
 from transfer.identity import TransferSpec
 from transfer.layout import KVLayout
-from transfer.states import State, Transfer
+from transfer.states import PUSHED_BYTES, State, Transfer
 from transfer.threads import start_io_thread
 from transfer.nixl_agent import NixlAgent, TransferError
 from transfer.notice import ChunkNotice
@@ -229,6 +229,7 @@ class Producer:
                 job.t.to(State.FAILED, str(e))
                 return
             job.inflight[chunk] = (handle, slot)
+            PUSHED_BYTES.inc(nbytes)
         if now >= job.next_renew and not job.t.done:
             try:
                 ok = link.renew(job.spec.key, job.grant.epoch, self.cfg.lease_ttl_s)

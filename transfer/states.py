@@ -12,12 +12,15 @@ import logging
 import time
 from enum import Enum
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 
 log = logging.getLogger("kvbridge.state")
 
 TRANSITIONS_TOTAL = Counter("kvbridge_transfer_transitions_total",
                             "Transfers entering each state", ["role", "state"])
+DURATION = Histogram("kvbridge_transfer_seconds", "From a transfer's first state to its final one, by final state",
+                     ["role", "state"], buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+PUSHED_BYTES = Counter("kvbridge_transfer_pushed_bytes_total", "KV bytes a producer posted to consumers' slots")
 
 
 class State(str, Enum):
@@ -71,6 +74,8 @@ class Transfer:
         self.state, self.reason = state, reason
         self.times[state.value] = time.monotonic()
         TRANSITIONS_TOTAL.labels(self.role, state.value).inc()
+        if self.done:
+            DURATION.labels(self.role, state.value).observe(self.times[state.value] - min(self.times.values()))
         level = logging.WARNING if state in (S.FAILED, S.EXPIRED) else \
             logging.INFO if self.done else logging.DEBUG
         log.log(level, "%s %s -> %s%s %s", self.role, self.transfer_id, state.value,
