@@ -134,7 +134,7 @@ def test_the_shared_secret_is_a_reference_and_refused_inline(tmp_path):
         env = {e["name"]: e for e in w["spec"]["template"]["spec"]["containers"][0]["env"]}
         assert env["KVBRIDGE_SECRET"]["valueFrom"]["secretKeyRef"] == {"name": "pd-2x2-kvbridge", "key": "secret"}
     _role_file(tmp_path, "prefill.yaml", "prefill-0", 8100, secret="hunter2")
-    with pytest.raises(ConfigError, match="prefill-0: connector.secret would be written into a ConfigMap"):
+    with pytest.raises(ConfigError, match="prefill-0.yaml: connector: .*put it in the environment"):
         render(tmp_path / "deployment.yaml", "img")
     assert not any("hunter2" in f.read_text() for f in (tmp_path / "out").glob("*.yaml"))
 

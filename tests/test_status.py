@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from launch.status import collect
 from launch.status_view import since, table
-from transfer import wire
+from transfer import control_auth, wire
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,14 +84,15 @@ def _engine_metrics(reg: CollectorRegistry) -> None:
 async def _consumer(port: int) -> None:
     sock = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
     sock.bind(f"tcp://127.0.0.1:{port}")
+    auth = control_auth.Authenticator(None)  # no deployment secret: frames unsigned, as status sends them
     try:
         while True:
             ident, raw = await sock.recv_multipart()
-            req = wire.decode_request(raw)
+            req = wire.decode_request((opened := auth.open(raw)).body)
             assert isinstance(req, wire.Stats)
-            await sock.send_multipart([ident, wire.encode(wire.PoolStatus(
+            await sock.send_multipart([ident, auth.seal_reply(opened, wire.encode(wire.PoolStatus(
                 rid=req.rid, incarnation="x", total=64, free=60, used=4, quarantined=0, expired_total=1,
-                dropped_total=0, counters={"transfers_scattered": 38, "transfers_expired": 1, "chunks_received": 99}))])
+                dropped_total=0, counters={"transfers_scattered": 38, "transfers_expired": 1, "chunks_received": 99})))])
     finally:
         sock.close(0)
 
