@@ -20,15 +20,18 @@ def post(url: str, path: str, body: dict, timeout: float = 120) -> tuple[int, di
 
 
 def pd_request(servers: dict, path: str, body: dict, push_to: str | None = None, prefill: bool = True,
-               transfer_id: str | None = None) -> tuple[tuple[int, dict] | None, tuple[int, dict]]:
-    """Both legs concurrently, as the router does; returns (prefill reply, decode reply)."""
+               transfer_id: str | None = None, prefill_after_s: float = 0.0
+               ) -> tuple[tuple[int, dict] | None, tuple[int, dict]]:
+    """Both legs concurrently, as the router does (the prefill leg `prefill_after_s` later); returns
+    (prefill reply, decode reply)."""
     tid = transfer_id or uuid.uuid4().hex
     pre_body = dict(body, max_tokens=1, stream=False,
                     kv_transfer_params={"kvbridge": {"transfer_id": tid,
                                                      "push_to": push_to or servers["decode"].handshake}})
     dec_body = dict(body, kv_transfer_params={"kvbridge": {"transfer_id": tid, "receive": True}})
-    f_pre = _pool.submit(post, servers["prefill"].url, path, pre_body) if prefill else None
     f_dec = _pool.submit(post, servers["decode"].url, path, dec_body)
+    time.sleep(prefill_after_s)
+    f_pre = _pool.submit(post, servers["prefill"].url, path, pre_body) if prefill else None
     return (f_pre.result() if f_pre else None), f_dec.result()
 
 

@@ -17,7 +17,7 @@ from transfer.states import State
 
 @pytest.fixture(scope="module")
 def consumer():
-    c = ConsumerProcess(LAYOUT, chunk_tokens=CHUNK_TOKENS, num_slots=16, quarantine_s=0.3)
+    c = ConsumerProcess(LAYOUT, chunk_tokens=CHUNK_TOKENS, num_slots=16, quarantine_s=0.3, expect_wait_s=0.05)
     yield c
     c.stop()
 

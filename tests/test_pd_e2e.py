@@ -62,14 +62,16 @@ def test_chat_tokens_equal_aggregated(servers, words):
 
 def test_a_second_chat_turn_pushes_only_what_the_decode_node_lacks(servers):
     """Turn 2 extends turn 1: the decode node's prefix cache holds turn 1's whole blocks (4 x 128 tokens, 2
-    chunks), so the producer pushes only the chunks after them, and the answers still equal aggregated."""
+    chunks), so the producer pushes only the chunks after them, and the answers still equal aggregated. The
+    decode leg goes first: the consumer learns what its request holds when the request is scheduled, and a
+    grant can skip only what it knows at the producer's first ALLOC."""
     turn1 = random_token_prompt(600, seed=4242)
     moved = []
     for prompt in (turn1, turn1 + random_token_prompt(300, seed=4243)):
         body = {"model": "tiny", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0}
         want = reference(servers, "/v1/completions", body)
         before = pool_status(servers["decode"].handshake).counters.get("bytes_received", 0)
-        pre, dec = pd_request(servers, "/v1/completions", body)
+        pre, dec = pd_request(servers, "/v1/completions", body, prefill_after_s=0.5)
         assert pre[0] == 200 and dec[0] == 200, (pre, dec)
         assert text_of(dec[1]) == want
         moved.append(pool_status(servers["decode"].handshake).counters["bytes_received"] - before)

@@ -137,7 +137,8 @@ def two_decode_router(servers):
 
 
 KILL_PROMPTS, KILL_TOKENS, KILL_REQUESTS = 8, 300, 160
-PRODUCER_IDLE_WITHIN_S = 5.0  # after the load ends; one RPC timeout per dead transfer took > 15 s
+PRODUCER_IDLE_WITHIN_S = 20.0  # after the load ends; one 2 s RPC timeout per dead transfer took ~90 s for 22
+# (0.4 s measured with this test alone; the whole suite on 2 cores needs more)
 
 
 async def dispatch_of(s: aiohttp.ClientSession, url: str, r: aiohttp.ClientResponse) -> str:

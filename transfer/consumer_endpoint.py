@@ -51,7 +51,7 @@ class ConsumerSettings:
     device: str = "cpu"  # where the slots live: "cpu", "cuda:N", or "pinned" host memory
     quarantine_s: float = 2.0
     unclaimed_ttl_s: float = 30.0
-    expect_wait_s: float = 0.05  # an ALLOC before its decode request is scheduled waits this long for it
+    expect_wait_s: float = 0.0  # >0: an ALLOC before its decode request waits this long to learn the held chunks
     busy_poll_s: float = 0.0005
     idle_poll_s: float = 0.05
 
