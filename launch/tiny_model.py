@@ -12,7 +12,7 @@ from pathlib import Path
 SIZES = {
     # name: layers, hidden, heads, kv_heads, intermediate
     "tiny": (2, 128, 4, 2, 256),
-    "bench": (8, 1024, 8, 4, 1024),  # 32 KiB of fp32 KV per token, like PLATFORM.md's NixlConnector figures
+    "bench": (8, 1024, 8, 4, 1024),  # 32 KiB of fp32 KV per token: a realistic per-token transfer size
 }
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
