@@ -34,6 +34,7 @@ from pd.prefix_store import PROMPT_TOKENS, PrefixStore, model_fingerprint, store
 from transfer.producer import Producer, ProducerSettings
 from pd.scheduler_side import LOOKUP_SECONDS, BridgeMetadata, LoadTask, OutgoingTask, StoreLoadTask
 from transfer.device_fence import COMPLETED, Fence, recorder_for
+from transfer.identity import rank_address
 from transfer.receive_book import Arrival
 from transfer.states import State, Transfer
 from pd.store_lookup import LookupServer, StoreHandshake
@@ -123,7 +124,8 @@ class WorkerSide:
             self._abort(rid)
         for task in meta.outgoing:
             if task.req_id not in self._out:
-                handle = self.producer.begin(task.spec, task.consumer) or None if task.consumer is not None else None
+                target = rank_address(task.consumer, self.kv.layout.tp_rank) if task.consumer else None
+                handle = self.producer.begin(task.spec, target) or None if target is not None else None
                 self._out[task.req_id] = (handle, 0)
 
     def start_load_kv(self, meta: BridgeMetadata) -> None:

@@ -1,0 +1,62 @@
+"""Tensor parallelism 2 on both roles, with real vLLM (vLLM CPU runs one worker process per rank).
+
+Each prefill rank gathers its own heads and pushes them to the decode node's endpoint for the same
+rank (handshake port + rank); the answer must equal aggregated vLLM at TP 2, every rank's KV must
+arrive over PD (counted on each rank's endpoint), and both ranks' slot pools end full.
+"""
+from __future__ import annotations
+
+import pytest
+
+from launch.local_servers import start_vllm
+from launch.polling import wait_for
+from launch.tiny_prompts import random_token_prompt, random_words
+from tests.conftest import DECODE_EXTRA, PREFILL_EXTRA
+from tests.pd_client import pd_request, pool_status, post, text_of
+from transfer.identity import rank_address
+
+TP2 = ("--tensor-parallel-size", "2", "--distributed-executor-backend", "mp")
+EACH_RANK_ITS_CORE = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+
+
+@pytest.fixture(scope="module")
+def tp2(tiny_model):
+    trio = {"agg": start_vllm("agg-tp2", env=EACH_RANK_ITS_CORE, vllm_args=TP2),
+            "decode": start_vllm("decode-tp2", "decode", DECODE_EXTRA, env=EACH_RANK_ITS_CORE, vllm_args=TP2),
+            "prefill": start_vllm("prefill-tp2", "prefill", PREFILL_EXTRA, env=EACH_RANK_ITS_CORE,
+                                  vllm_args=(*TP2, "--no-enable-prefix-caching"))}
+    try:
+        for s in trio.values():
+            s.wait_ready()
+        yield trio
+    finally:
+        for s in trio.values():
+            s.stop()
+
+
+def rank_pools(servers: dict) -> list:
+    return [pool_status(rank_address(servers["decode"].handshake, r)) for r in (0, 1)]
+
+
+def scattered(servers: dict) -> list[int]:
+    return [p.counters.get("transfers_scattered", 0) for p in rank_pools(servers)]
+
+
+@pytest.mark.parametrize("prompt", [random_words(40, seed=91), random_token_prompt(300, seed=92),
+                                    random_token_prompt(700, seed=93)], ids=["short", "2-chunks", "3-chunks"])
+def test_tp2_on_both_roles_equals_aggregated_tp2(tp2, prompt):
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 12, "temperature": 0}
+    want = text_of(post(tp2["agg"].url, "/v1/completions", body)[1])
+    before = scattered(tp2)
+    pre, (status, reply) = pd_request(tp2, "/v1/completions", body)
+    assert pre[0] == 200 and status == 200
+    assert text_of(reply) == want
+    assert [a - b for a, b in zip(scattered(tp2), before)] == [1, 1], "each rank's heads should arrive over PD"
+    wait_for(lambda: all(p.free == p.total for p in rank_pools(tp2)), 10, what="both ranks' slot pools full")
+
+
+def test_rank_r_is_pushed_to_the_node_port_plus_r():
+    assert rank_address("10.0.0.7:5600", 0) == "10.0.0.7:5600"
+    assert rank_address("[::1]:5600", 1) == "[::1]:5601"
+    with pytest.raises(ValueError, match="not host:port"):
+        rank_address("decode-0", 1)
