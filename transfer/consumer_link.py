@@ -31,6 +31,8 @@ _LOST = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED  # the peer closed on
 _BACK = zmq.EVENT_CONNECTED
 RECONNECT_IVL_MS = 50  # how often ZMQ retries a lost connection
 RECONNECT_GRACE_S = 0.2  # a call to a lost consumer waits this long for it to be back, then fails
+REGRACE_AFTER_S = 1.0  # after a grace in vain, calls fail at once for this long (a dead consumer's dozens of
+# transfers each waiting out a grace, in turn, held the push thread for seconds)
 
 
 class HandshakeRejected(RuntimeError):
@@ -69,6 +71,7 @@ class ConsumerLink:
         self._sock: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None
         self._lost_since: float | None = None  # when the connection was lost and not back since
+        self._graced_at: float | None = None  # when a call last waited in vain for the lost connection
         self._quiet_until = 0.0  # a call timed out: calls fail at once until then
         self.welcome: wire.Welcome | None = None
 
@@ -138,7 +141,7 @@ class ConsumerLink:
             if self._lost_since is not None and not self._wait_back():
                 raise PeerUnreachable(f"consumer {self.address} closed its connection "
                                       f"{time.monotonic() - self._lost_since:.1f} s ago and is not back "
-                                      f"after {RECONNECT_GRACE_S} s (not sent: {msg.type})")
+                                      f"(not sent: {msg.type})")
             frame, nonce = self._cred.seal(wire.encode(msg))
             self._sock.send(frame)
             poller = zmq.Poller()
@@ -191,17 +194,23 @@ class ConsumerLink:
             if event & _BACK:
                 if self._lost_since is not None:
                     log.info("consumer %s: connection back", self.address)
-                self._lost_since = None
+                self._lost_since = self._graced_at = None
             elif self._lost_since is None:
                 self._lost_since = time.monotonic()
                 log.info("consumer %s: connection lost (%s)", self.address, zmq.Event(event).name)
 
     def _wait_back(self) -> bool:
         """Give a consumer that may have just restarted the time ZMQ needs to reconnect (a few retries),
-        no more: a dead one costs the push thread this grace, not a whole RPC timeout."""
-        end = time.monotonic() + RECONNECT_GRACE_S
+        no more: a dead one costs the push thread this grace, not a whole RPC timeout, and once per
+        REGRACE_AFTER_S, not once per call."""
+        now = time.monotonic()
+        if self._graced_at is not None and now - self._graced_at < REGRACE_AFTER_S:
+            return False
+        end = now + RECONNECT_GRACE_S
         while self._lost_since is not None and self._monitor.poll(max(0, int((end - time.monotonic()) * 1000))):
             self._read_monitor()
+        if self._lost_since is not None:
+            self._graced_at = time.monotonic()
         return self._lost_since is None
 
     def _reset_socket(self) -> None:
@@ -210,4 +219,4 @@ class ConsumerLink:
             self._monitor.close(0)
             self._sock.close(0)
             self._sock = self._monitor = None
-            self._lost_since = None
+            self._lost_since = self._graced_at = None
