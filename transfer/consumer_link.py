@@ -6,7 +6,7 @@ agent is dropped and the new one added, with no restart on this side.
 
 A consumer that dies closes its TCP connection (or refuses a new one). The socket's monitor
 sees that, so a call waiting on a dead consumer ends at once and later calls fail fast
-instead of each waiting out the RPC timeout on the producer's single push thread; ZMQ keeps
+instead of each waiting out the RPC timeout in turn (a link's calls run one after another); ZMQ keeps
 reconnecting, and a consumer restarted on the same address is used again as soon as the
 connection is back. A consumer that keeps its connection but stops answering (frozen, swapping)
 costs one timeout: calls in the next timeout's span fail at once, then one probes again.
@@ -32,7 +32,7 @@ _BACK = zmq.EVENT_CONNECTED
 RECONNECT_IVL_MS = 50  # how often ZMQ retries a lost connection
 RECONNECT_GRACE_S = 0.2  # a call to a lost consumer waits this long for it to be back, then fails
 REGRACE_AFTER_S = 1.0  # after a grace in vain, calls fail at once for this long (a dead consumer's dozens of
-# transfers each waiting out a grace, in turn, held the push thread for seconds)
+# transfers each waiting out a grace, in turn, held the producer's pushes for seconds)
 
 
 class HandshakeRejected(RuntimeError):
@@ -105,10 +105,15 @@ class ConsumerLink:
     def gone(self) -> bool:
         """The consumer closed its connection (or refuses one) and has not come back: a lease held
         there is lost with it, without asking. (One that only left a call unanswered is not gone:
-        transfers that need no call go on, the others fail at their next call, at once.)"""
-        with self._lock:
+        transfers that need no call go on, the others fail at their next call, at once.) Never waits:
+        while a call to it is under way (it learns the same and fails), the last state seen."""
+        if not self._lock.acquire(blocking=False):
+            return self._lost_since is not None
+        try:
             self._read_monitor()
             return self._lost_since is not None
+        finally:
+            self._lock.release()
 
     def close(self) -> None:
         with self._lock:
@@ -201,8 +206,8 @@ class ConsumerLink:
 
     def _wait_back(self) -> bool:
         """Give a consumer that may have just restarted the time ZMQ needs to reconnect (a few retries),
-        no more: a dead one costs the push thread this grace, not a whole RPC timeout, and once per
-        REGRACE_AFTER_S, not once per call."""
+        no more: a dead one costs this grace, not a whole RPC timeout, and once per REGRACE_AFTER_S, not
+        once per call."""
         now = time.monotonic()
         if self._graced_at is not None and now - self._graced_at < REGRACE_AFTER_S:
             return False

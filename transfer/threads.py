@@ -11,12 +11,17 @@ import threading
 from typing import Callable
 
 
+def widen_affinity() -> None:
+    """Let the calling thread run on any core."""
+    try:
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))
+    except (AttributeError, OSError):
+        pass  # not Linux, or not allowed: keep the inherited set
+
+
 def start_io_thread(target: Callable[[], None], name: str) -> threading.Thread:
     def run() -> None:
-        try:
-            os.sched_setaffinity(0, range(os.cpu_count() or 1))
-        except (AttributeError, OSError):
-            pass  # not Linux, or not allowed: keep the inherited set
+        widen_affinity()
         target()
 
     t = threading.Thread(target=run, name=name, daemon=True)
