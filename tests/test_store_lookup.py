@@ -60,6 +60,7 @@ def test_a_lookup_unanswered_past_its_timeout_is_a_miss_and_its_late_answer_is_d
         side = scheduler_with(server, timeout_s=1e-6)
         req = request("given-up")
         assert side.get_num_new_matched_tokens(req, 0) == (0, False), "past the timeout the prompt is computed"
+        side._lookups.timeout_s = 60  # the next request waits for its answer, which comes after the late one
         store.gate.set()
         second = request("next")
         while (got := side.get_num_new_matched_tokens(second, 0)) == (None, False):
