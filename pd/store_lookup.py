@@ -28,7 +28,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from transfer import wire
 from pd.prefix_store import PrefixStore
 from storage.chunk_keys import chunk_keys
-from transfer.threads import start_io_thread
+from transfer.threads import io_context, start_io_thread
 
 log = logging.getLogger("kvbridge.store")
 
@@ -45,8 +45,7 @@ class LookupServer:
 
     def __init__(self, store: PrefixStore, host: str = "127.0.0.1") -> None:
         self.store = store
-        self._ctx = zmq.Context.instance()
-        self._sock = self._ctx.socket(zmq.REP)
+        self._sock = io_context().socket(zmq.REP)
         self._sock.setsockopt(zmq.LINGER, 0)
         port = self._sock.bind_to_random_port(f"tcp://{host}")
         self.address = f"tcp://{host}:{port}"
@@ -79,7 +78,7 @@ class LookupClient:
     def __init__(self, hs: StoreHandshake, timeout_s: float) -> None:
         self.address, self.seed, self.chunk_tokens = hs.lookup_address, hs.seed, hs.chunk_tokens
         self.timeout_s = timeout_s
-        self._sock = zmq.Context.instance().socket(zmq.DEALER)  # the worker's REP answers in order
+        self._sock = io_context().socket(zmq.DEALER)  # the worker's REP answers in order
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.connect(self.address)
         self._ids = itertools.count(1)
