@@ -9,7 +9,9 @@ sees that, so a call waiting on a dead consumer ends at once and later calls fai
 instead of each waiting out the RPC timeout in turn (a link's calls run one after another); ZMQ keeps
 reconnecting, and a consumer restarted on the same address is used again as soon as the
 connection is back. A consumer that keeps its connection but stops answering (frozen, swapping)
-costs one timeout: calls in the next timeout's span fail at once, then one probes again.
+costs one timeout: calls in the next timeout's span fail at once, then one probes again. One that was
+only late (a starved host: on 2 loaded cores a decode node's threads went without CPU for 1-2 s) has
+its late answer arrive on the same socket, and calls go on as soon as it does.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from transfer import wire
 from transfer.control_auth import AuthError, Credential
 from transfer.identity import TransferSpec
 from transfer.nixl_agent import NixlAgent
+from transfer.threads import io_context
 
 log = logging.getLogger("kvbridge.producer")
 _LOST = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED  # the peer closed on us, or nobody listens there
@@ -72,7 +75,7 @@ class ConsumerLink:
         self._monitor: zmq.Socket | None = None
         self._lost_since: float | None = None  # when the connection was lost and not back since
         self._graced_at: float | None = None  # when a call last waited in vain for the lost connection
-        self._quiet_until = 0.0  # a call timed out: calls fail at once until then
+        self._quiet_until = 0.0  # a call timed out: calls fail at once until then, or until its late answer
         self.welcome: wire.Welcome | None = None
 
     def ensure(self) -> wire.Welcome:
@@ -138,7 +141,7 @@ class ConsumerLink:
     def _call(self, msg: wire._Msg, expect: tuple[type, ...]):
         with self._lock:
             msg.rid = next(self._rid)
-            if time.monotonic() < self._quiet_until:
+            if time.monotonic() < self._quiet_until and (self._sock is None or not self._sock.poll(0)):  # no late answer
                 raise PeerUnreachable(f"consumer {self.address} left a call unanswered for {self._timeout_ms} ms "
                                       f"moments ago (not sent: {msg.type})")
             self._open()
@@ -156,8 +159,8 @@ class ConsumerLink:
             while True:
                 ready = dict(poller.poll(max(0, int((deadline - time.monotonic()) * 1000))))
                 if not ready:
-                    self._reset_socket()
-                    self._quiet_until = time.monotonic() + self._timeout_ms / 1000
+                    self._quiet_until = time.monotonic() + self._timeout_ms / 1000  # the socket stays: a late
+                    # answer on it says the consumer lives (the next call skips it as stale)
                     raise PeerUnreachable(f"consumer {self.address} did not answer {msg.type} "
                                           f"within {self._timeout_ms} ms")
                 if self._monitor in ready:
@@ -186,7 +189,7 @@ class ConsumerLink:
 
     def _open(self) -> None:
         if self._sock is None:
-            self._sock = zmq.Context.instance().socket(zmq.DEALER)
+            self._sock = io_context().socket(zmq.DEALER)
             self._sock.setsockopt(zmq.LINGER, 0)
             self._sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
             self._monitor = self._sock.get_monitor_socket(_LOST | _BACK)
