@@ -19,8 +19,8 @@ T = TypeVar("T")
 
 class LinkCalls:
     def __init__(self, make_link: Callable[[str], ConsumerLink], on_answer: Callable[[], None]) -> None:
-        """`make_link(address)` opens the link to a consumer first used; `on_answer()` runs on the calling
-        thread after each call ends (the push thread's wake-up)."""
+        """`make_link(address)` opens the link to a consumer first used; `on_answer()` runs after each call
+        ends, on that consumer's thread (it wakes the push thread)."""
         self._make_link = make_link
         self._on_answer = on_answer
         self._links: dict[str, ConsumerLink] = {}
