@@ -19,7 +19,8 @@ engine requests read one prompt's transfer on the decode node (`n` of parallel s
 
 With a store configured, a producer also reports the prompt's leading chunks found in the store
 as external tokens (loaded synchronously before the forward) and has every new whole chunk kept. The
-lookup is made once per request and its answer kept until the request finishes.
+lookup is made once per request and its answer kept until the request finishes; until it comes (at most
+the lookup timeout) vLLM is told to ask again next step (pd/store_lookup.py).
 """
 from __future__ import annotations
 
@@ -32,13 +33,14 @@ from prometheus_client import Histogram
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
-from pd.store_lookup import LookupClient, StoreHandshake
+from pd.store_lookup import LookupClient, StoreHandshake, StoreLookups
 from transfer.identity import TransferSpec
 from transfer.push_token import PushPolicy
 
 log = logging.getLogger("kvbridge.scheduler")
-LOOKUP_SECONDS = Histogram("kvbridge_store_lookup_seconds", "Scheduler time per store lookup: asked the worker, "
-                           "or answered from this request's earlier lookup", ["answer"],
+LOOKUP_SECONDS = Histogram("kvbridge_store_lookup_seconds", "Store lookups: from question to the worker's answer "
+                           "(asked) or to giving up (timed_out); scheduler time for an answer kept from this "
+                           "request's earlier lookup (cached)", ["answer"],
                            buckets=(1e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5))
 PARAMS_KEY = "kvbridge"
 
@@ -129,7 +131,7 @@ class SchedulerSide:
         self.is_producer = is_producer
         self.is_consumer = is_consumer
         self.lookup_timeout_s = store_lookup_timeout_s if is_producer else None
-        self._lookups: list[LookupClient] = []
+        self._lookups: StoreLookups | None = None
         self._outgoing: dict[str, OutgoingTask] = {}
         self._new_loads: list[LoadTask] = []
         self._new_store_loads: list[StoreLoadTask] = []
@@ -147,7 +149,7 @@ class SchedulerSide:
         self._aborts: list[str] = []
         self._discards: list[str] = []
 
-    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
         p = bridge_params(request)
         if self.is_consumer and p is not None and p.receive:
             if request.request_id in self._received:
@@ -155,32 +157,34 @@ class SchedulerSide:
             self._local_hits[request.request_id] = num_computed_tokens
             n = len(request.prompt_token_ids or ()) - num_computed_tokens
             return (n, True) if n > 0 else (0, False)
-        if self._lookups:
-            return self._store_match(request, num_computed_tokens), False
+        if self._lookups is not None:
+            return self._store_match(request, num_computed_tokens), False  # None: vLLM asks again next step
         return 0, False
 
     def set_store_handshakes(self, metadata: dict[int, Any]) -> None:
         hs = [m for m in metadata.values() if isinstance(m, StoreHandshake)]
         if self.lookup_timeout_s is not None and hs:
-            self._lookups = [LookupClient(h, self.lookup_timeout_s) for h in hs]
-            log.info("store lookups go to %s", ", ".join(c.address for c in self._lookups))
+            self._lookups = StoreLookups([LookupClient(h, self.lookup_timeout_s) for h in hs], self.lookup_timeout_s)
+            log.info("store lookups go to %s", ", ".join(c.address for c in self._lookups.clients))
 
-    def _store_match(self, request: Any, num_computed_tokens: int) -> int:
+    def _store_match(self, request: Any, num_computed_tokens: int) -> int | None:
         if not storable(request):
             return 0
         t0 = time.perf_counter()
         prompt = request.prompt_token_ids or ()
         answer = self._store_answers.get(request.request_id)
         if answer is None:
-            keys = self._lookups[0].keys(list(prompt))
-            held = min(c.held(keys) for c in self._lookups)  # every TP rank must hold a chunk to skip it
+            got = self._lookups.answer(request.request_id, list(prompt))
+            if got is None:
+                return None
+            keys, held, outcome, waited = got
+            self._lookup_times.append((outcome, waited))
             answer = self._store_answers[request.request_id] = (keys, held)
-            self._lookup_times.append(("asked", time.perf_counter() - t0))
         else:
             self._lookup_times.append(("cached", time.perf_counter() - t0))
         keys, held = answer
         self._store_hits[request.request_id] = (keys, held, num_computed_tokens)
-        c = self._lookups[0].chunk_tokens
+        c = self._lookups.chunk_tokens
         usable = min(held, (len(prompt) - 1) // c)  # vLLM computes at least the last prompt token
         return max(0, usable * c - num_computed_tokens)
 
@@ -191,7 +195,7 @@ class SchedulerSide:
         if self.is_producer and rid not in self._outgoing and not receiving:
             keys, held, local = self._store_hits.pop(rid, ([], 0, 0))
             if num_external_tokens > 0 and keys:
-                c = self._lookups[0].chunk_tokens
+                c = self._lookups.chunk_tokens
                 first, last = local // c, (local + num_external_tokens) // c
                 self._new_store_loads.append(StoreLoadTask(rid, keys[first:last], first,
                                                            list(blocks.get_block_ids()[0]), local // self.block_size))
@@ -257,6 +261,8 @@ class SchedulerSide:
         self._received.discard(rid)
         self._store_hits.pop(rid, None)
         self._store_answers.pop(rid, None)
+        if self._lookups is not None:
+            self._lookups.forget(rid)
         self._attempts.pop(rid, None)
         self._local_hits.pop(rid, None)
         if self._outgoing.pop(rid, None) is not None or rid in self._loading:

@@ -28,6 +28,11 @@ from router.registry import Registry
 log = logging.getLogger("kvbridge.router")
 MAX_BODY = 32 << 20
 READ_BUFSIZE = 1 << 20  # upstream read buffer: SSE events are read whole
+# vLLM's HTTP server closes a connection idle for 5 s (VLLM_HTTP_TIMEOUT_KEEP_ALIVE). A pooled connection kept
+# longer is reused just as the server closes it, and the request fails before a byte was sent ("Can not write
+# request body", "Server disconnected"), counted against a healthy decode node: under load two such failures in a
+# row turned a retried request into a 502 and three marked the node down. So the router lets go of them first.
+UPSTREAM_KEEPALIVE_S = 2.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 PROXY = web.AppKey("proxy", Proxy)
@@ -75,7 +80,7 @@ def build_app(cfg: RouterConfig) -> web.Application:
     registry = Registry(cfg)
 
     async def on_startup(app: web.Application) -> None:
-        conn = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
+        conn = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=UPSTREAM_KEEPALIVE_S)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout_s)
         app[SESSION] = aiohttp.ClientSession(connector=conn, timeout=timeout, read_bufsize=READ_BUFSIZE)
         await registry.start(app[SESSION])

@@ -14,6 +14,7 @@ import pytest
 
 from launch.local_servers import free_port
 from launch.polling import wait_for
+from transfer.consumer_link import PeerUnreachable
 from transfer.states import State
 from tests.consumer_proc import ConsumerProcess
 from tests.test_transfer import CHUNK_TOKENS, LAYOUT, check_landed, finished, make_producer, push, spec
@@ -93,4 +94,51 @@ def test_transfers_to_a_frozen_consumer_fail_after_one_unanswered_call(healthy):
     finally:
         os.kill(frozen.proc.pid, signal.SIGCONT)
         frozen.stop()
+        p.close()
+
+
+def test_a_frozen_consumer_does_not_hold_pushes_to_another(healthy):
+    """Calls to each consumer run on a thread of their own: an ALLOC that a frozen consumer leaves unanswered
+    (here for as long as the long RPC timeout) does not stop a healthy consumer's transfer from completing;
+    the lease it grants once it wakes is released at once, its transfer having been aborted meanwhile."""
+    frozen = ConsumerProcess(LAYOUT, chunk_tokens=CHUNK_TOKENS, num_slots=4, quarantine_s=0.1)
+    p = make_producer("unhindered", lease_ttl_s=60.0, staging_chunks=16, rpc_timeout_s=60.0)
+    try:
+        p.link(frozen.address).ensure()  # met before it froze: the next call is a plain ALLOC
+        os.kill(frozen.proc.pid, signal.SIGSTOP)
+        stuck = p.begin(spec("stuck-1", 2), frozen.address)
+        wait_for(lambda: p._jobs[stuck].call is not None, 5, 0.01, "the ALLOC to the frozen consumer sent")
+        crcs = push(p, healthy, "alive-3", 2)
+        assert finished(p, {"alive-3"})["alive-3"] == State.SENT
+        check_landed(healthy, "alive-3", crcs)
+        assert p._jobs[stuck].t.state == State.ALLOCATING and not p._jobs[stuck].call.done(), \
+            "the healthy consumer's transfer finished while the frozen one's ALLOC still waits"
+        p.abort(stuck)
+        os.kill(frozen.proc.pid, signal.SIGCONT)
+        assert finished(p, {"stuck-1"})["stuck-1"] == State.ABORTED
+        stats = frozen.call("stats")
+        assert stats.used == 0 and stats.expired_total == 0, f"the late lease is released, not left to expire: {stats}"
+    finally:
+        os.kill(frozen.proc.pid, signal.SIGCONT)
+        frozen.stop()
+        p.close()
+
+
+def test_a_consumer_that_only_answered_late_is_called_again_at_once():
+    """A call that timed out on a consumer that was only starved (its host busy) is answered late; that late
+    answer ends the span in which calls to it fail at once, so transfers to it do not fail needlessly."""
+    slow = ConsumerProcess(LAYOUT, chunk_tokens=CHUNK_TOKENS, num_slots=4)
+    p = make_producer("forgiving", rpc_timeout_s=1.0)
+    try:
+        link = p.link(slow.address)
+        link.ensure()
+        os.kill(slow.proc.pid, signal.SIGSTOP)
+        with pytest.raises(PeerUnreachable):
+            link.renew("late-1", 1, 1.0)
+        os.kill(slow.proc.pid, signal.SIGCONT)
+        wait_for(lambda: link._sock.poll(0), 10, 0.01, "the late answer")
+        assert link.renew("late-1", 1, 1.0) is False, "asked and answered (no such lease), not refused unasked"
+    finally:
+        os.kill(slow.proc.pid, signal.SIGCONT)
+        slow.stop()
         p.close()

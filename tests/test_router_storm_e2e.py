@@ -193,9 +193,6 @@ async def kill_under_load(url: str, victim) -> tuple[list[dict], float]:
     return results, t_kill[0]
 
 
-@pytest.mark.skipif(os.environ.get("KVBRIDGE_E2E_KILL") != "1", reason="opt-in (KVBRIDGE_E2E_KILL=1): passes run "
-                    "alone, but in the whole suite on 2 cores the shared prefill is left busy past the idle limit and a "
-                    "non-streamed request got a 502; the store test after it then finds that prefill slow")
 def test_decode_killed_under_load_streams_end_with_error_and_unstreamed_are_retried(servers, two_decode_router,
                                                                                      failure_report):
     router, victim = two_decode_router

@@ -99,6 +99,7 @@ def test_the_scheduler_asks_once_per_request_and_forgets_it_when_it_finishes():
     from types import SimpleNamespace
 
     from pd.scheduler_side import SchedulerSide
+    from pd.store_lookup import StoreLookups
     from storage.chunk_keys import chain_seed, chunk_keys
 
     class Client:
@@ -107,12 +108,18 @@ def test_the_scheduler_asks_once_per_request_and_forgets_it_when_it_finishes():
         def keys(self, tokens: list[int]) -> list[str]:
             return chunk_keys(tokens, 4, chain_seed("x"))
 
-        def held(self, keys: list[str]) -> int:
+        def ask(self, keys: list[str]) -> int:
             self.asked += 1
+            return self.asked
+
+        def answer(self, lookup: int, wait_s: float) -> int | None:
             return 2
 
+        def forget(self, lookup: int) -> None:
+            pass
+
     side = SchedulerSide(block_size=4, is_producer=True, is_consumer=False, store_lookup_timeout_s=1.0)
-    side._lookups = [client := Client()]
+    side._lookups = StoreLookups([client := Client()], 1.0)
     req = SimpleNamespace(request_id="r1", prompt_token_ids=list(range(13)), kv_transfer_params=None)
     assert [side.get_num_new_matched_tokens(req, computed) for computed in (0, 0, 4, 0)] == \
         [(8, False), (8, False), (4, False), (8, False)]

@@ -32,7 +32,7 @@ from transfer.notice import ChunkNotice, NoticeError
 from transfer.producer_registry import ProducerRegistry
 from transfer.receive_book import ReceiveBook
 from transfer.slot_pool import Lease, SlotPool
-from transfer.threads import start_io_thread
+from transfer.threads import io_context, start_io_thread
 
 log = logging.getLogger("kvbridge.consumer")
 REFUSED = wire.Error(code="unauthenticated", message="refused")  # all an unauthenticated peer ever learns
@@ -74,7 +74,7 @@ class ConsumerEndpoint:
                              on_expire=lambda key: self.book.expired(key))
         self.book = ReceiveBook(self.pool, settings.unclaimed_ttl_s)
         self.producers = ProducerRegistry(self.agent, self.pool)
-        self._sock = zmq.Context.instance().socket(zmq.ROUTER)
+        self._sock = io_context().socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, 8 * wire.MAX_MESSAGE_BYTES)
         if settings.port:

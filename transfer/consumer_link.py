@@ -6,10 +6,12 @@ agent is dropped and the new one added, with no restart on this side.
 
 A consumer that dies closes its TCP connection (or refuses a new one). The socket's monitor
 sees that, so a call waiting on a dead consumer ends at once and later calls fail fast
-instead of each waiting out the RPC timeout on the producer's single push thread; ZMQ keeps
+instead of each waiting out the RPC timeout in turn (a link's calls run one after another); ZMQ keeps
 reconnecting, and a consumer restarted on the same address is used again as soon as the
 connection is back. A consumer that keeps its connection but stops answering (frozen, swapping)
-costs one timeout: calls in the next timeout's span fail at once, then one probes again.
+costs one timeout: calls in the next timeout's span fail at once, then one probes again. One that was
+only late (a starved host: on 2 loaded cores a decode node's threads went without CPU for 1-2 s) has
+its late answer arrive on the same socket, and calls go on as soon as it does.
 """
 from __future__ import annotations
 
@@ -25,12 +27,15 @@ from transfer import wire
 from transfer.control_auth import AuthError, Credential
 from transfer.identity import TransferSpec
 from transfer.nixl_agent import NixlAgent
+from transfer.threads import io_context
 
 log = logging.getLogger("kvbridge.producer")
 _LOST = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED  # the peer closed on us, or nobody listens there
 _BACK = zmq.EVENT_CONNECTED
 RECONNECT_IVL_MS = 50  # how often ZMQ retries a lost connection
 RECONNECT_GRACE_S = 0.2  # a call to a lost consumer waits this long for it to be back, then fails
+REGRACE_AFTER_S = 1.0  # after a grace in vain, calls fail at once for this long (a dead consumer's dozens of
+# transfers each waiting out a grace, in turn, held the producer's pushes for seconds)
 
 
 class HandshakeRejected(RuntimeError):
@@ -69,7 +74,8 @@ class ConsumerLink:
         self._sock: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None
         self._lost_since: float | None = None  # when the connection was lost and not back since
-        self._quiet_until = 0.0  # a call timed out: calls fail at once until then
+        self._graced_at: float | None = None  # when a call last waited in vain for the lost connection
+        self._quiet_until = 0.0  # a call timed out: calls fail at once until then, or until its late answer
         self.welcome: wire.Welcome | None = None
 
     def ensure(self) -> wire.Welcome:
@@ -102,10 +108,15 @@ class ConsumerLink:
     def gone(self) -> bool:
         """The consumer closed its connection (or refuses one) and has not come back: a lease held
         there is lost with it, without asking. (One that only left a call unanswered is not gone:
-        transfers that need no call go on, the others fail at their next call, at once.)"""
-        with self._lock:
+        transfers that need no call go on, the others fail at their next call, at once.) Never waits:
+        while a call to it is under way (it learns the same and fails), the last state seen."""
+        if not self._lock.acquire(blocking=False):
+            return self._lost_since is not None
+        try:
             self._read_monitor()
             return self._lost_since is not None
+        finally:
+            self._lock.release()
 
     def close(self) -> None:
         with self._lock:
@@ -130,7 +141,7 @@ class ConsumerLink:
     def _call(self, msg: wire._Msg, expect: tuple[type, ...]):
         with self._lock:
             msg.rid = next(self._rid)
-            if time.monotonic() < self._quiet_until:
+            if time.monotonic() < self._quiet_until and (self._sock is None or not self._sock.poll(0)):  # no late answer
                 raise PeerUnreachable(f"consumer {self.address} left a call unanswered for {self._timeout_ms} ms "
                                       f"moments ago (not sent: {msg.type})")
             self._open()
@@ -138,7 +149,7 @@ class ConsumerLink:
             if self._lost_since is not None and not self._wait_back():
                 raise PeerUnreachable(f"consumer {self.address} closed its connection "
                                       f"{time.monotonic() - self._lost_since:.1f} s ago and is not back "
-                                      f"after {RECONNECT_GRACE_S} s (not sent: {msg.type})")
+                                      f"(not sent: {msg.type})")
             frame, nonce = self._cred.seal(wire.encode(msg))
             self._sock.send(frame)
             poller = zmq.Poller()
@@ -148,8 +159,8 @@ class ConsumerLink:
             while True:
                 ready = dict(poller.poll(max(0, int((deadline - time.monotonic()) * 1000))))
                 if not ready:
-                    self._reset_socket()
-                    self._quiet_until = time.monotonic() + self._timeout_ms / 1000
+                    self._quiet_until = time.monotonic() + self._timeout_ms / 1000  # the socket stays: a late
+                    # answer on it says the consumer lives (the next call skips it as stale)
                     raise PeerUnreachable(f"consumer {self.address} did not answer {msg.type} "
                                           f"within {self._timeout_ms} ms")
                 if self._monitor in ready:
@@ -178,7 +189,7 @@ class ConsumerLink:
 
     def _open(self) -> None:
         if self._sock is None:
-            self._sock = zmq.Context.instance().socket(zmq.DEALER)
+            self._sock = io_context().socket(zmq.DEALER)
             self._sock.setsockopt(zmq.LINGER, 0)
             self._sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
             self._monitor = self._sock.get_monitor_socket(_LOST | _BACK)
@@ -191,17 +202,23 @@ class ConsumerLink:
             if event & _BACK:
                 if self._lost_since is not None:
                     log.info("consumer %s: connection back", self.address)
-                self._lost_since = None
+                self._lost_since = self._graced_at = None
             elif self._lost_since is None:
                 self._lost_since = time.monotonic()
                 log.info("consumer %s: connection lost (%s)", self.address, zmq.Event(event).name)
 
     def _wait_back(self) -> bool:
         """Give a consumer that may have just restarted the time ZMQ needs to reconnect (a few retries),
-        no more: a dead one costs the push thread this grace, not a whole RPC timeout."""
-        end = time.monotonic() + RECONNECT_GRACE_S
+        no more: a dead one costs this grace, not a whole RPC timeout, and once per REGRACE_AFTER_S, not
+        once per call."""
+        now = time.monotonic()
+        if self._graced_at is not None and now - self._graced_at < REGRACE_AFTER_S:
+            return False
+        end = now + RECONNECT_GRACE_S
         while self._lost_since is not None and self._monitor.poll(max(0, int((end - time.monotonic()) * 1000))):
             self._read_monitor()
+        if self._lost_since is not None:
+            self._graced_at = time.monotonic()
         return self._lost_since is None
 
     def _reset_socket(self) -> None:
@@ -210,4 +227,4 @@ class ConsumerLink:
             self._monitor.close(0)
             self._sock.close(0)
             self._sock = self._monitor = None
-            self._lost_since = None
+            self._lost_since = self._graced_at = None

@@ -2,8 +2,8 @@
 
 The engine thread calls `begin` when a request first appears and `stage` as soon as a
 chunk's KV exists (per scheduler step), so writes leave while prefill continues. One
-background thread talks to consumers and drives NIXL; it sleeps on a condition variable
-when there is nothing to post or poll.
+background thread drives NIXL and each transfer's state, sleeping when there is nothing to post or
+poll; control calls (lease, renew, release) run on each consumer's own thread (link_calls.py).
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from prometheus_client import Gauge
 
 from transfer import wire
 from transfer.consumer_link import ConsumerLink, PeerUnreachable
+from transfer.link_calls import LinkCalls
 from transfer.device_fence import recorder_for
 from transfer.geometry import ChunkGeometry
 from transfer.identity import TransferSpec
@@ -51,7 +52,8 @@ class Producer:
         self._hello = wire.Hello(producer_id=settings.producer_id, generation=self.generation,
                                  incarnation=self.incarnation, layout=layout, chunk_tokens=chunk_tokens,
                                  agent_name=self.agent.name, agent_meta=self.agent.metadata())
-        self._links: dict[str, ConsumerLink] = {}
+        self._calls = LinkCalls(lambda c: ConsumerLink(c, self.agent, self._hello, settings.secret,
+                                                     settings.rpc_timeout_s), self._wake)
         self._jobs: dict[str, PushJob] = {}
         STAGING_FREE.set_function(lambda: self.staging.free)
         STAGING_TOTAL.set(settings.staging_chunks)
@@ -110,10 +112,7 @@ class Producer:
             return out
 
     def link(self, consumer: str) -> ConsumerLink:
-        if consumer not in self._links:
-            self._links[consumer] = ConsumerLink(consumer, self.agent, self._hello, self.cfg.secret,
-                                                 self.cfg.rpc_timeout_s)
-        return self._links[consumer]
+        return self._calls.link(consumer)
 
     def close(self) -> None:
         with self._cv:
@@ -122,9 +121,12 @@ class Producer:
                 job.abort = True
             self._cv.notify()
         self._thread.join(timeout=10)
-        for link in self._links.values():
-            link.close()
+        self._calls.close()
         self.staging.close()
+
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify()
 
     def _fail(self, transfer_id: str, reason: str) -> None:
         with self._cv:
@@ -147,11 +149,8 @@ class Producer:
                     log.exception("transfer %s: unexpected error; failing it", job.t.transfer_id)
                     job.t.to(State.FAILED, f"unexpected {type(e).__name__}: {e}")
                     self._give_up(job)
-            with self._cv:
-                busy = any(j.inflight or (j.staged and j.t.state == State.SENDING) for j in self._jobs.values())
-                waits = [j.retry_at - now for j in self._jobs.values() if j.t.state in (State.NEW, State.ALLOCATING)]
-                waits += [j.next_renew - now for j in self._jobs.values() if j.t.state == State.SENDING]
-                timeout = 0.0002 if busy else max(0.0, min(waits, default=1.0))
+            with self._cv:  # an answer that came before this wait is seen here, its wake-up long gone
+                timeout = max(0.0, min([1.0, *(j.due_in(now) for j in self._jobs.values())]))
                 if timeout > 0:
                     self._cv.wait(timeout)
 
@@ -159,44 +158,60 @@ class Producer:
         t = job.t
         if job.abort and not t.done:
             t.to(State.ABORTED, "aborted by the engine")
-        if t.state == State.SENDING and self._links[job.consumer].gone:  # its lease died with it: no RPC there
+        if t.state == State.SENDING and self._calls.gone(job.consumer):  # its lease died with it: no RPC there
             job.peer_down = t.to(State.FAILED, f"consumer {job.consumer} closed its connection (process gone?)")
-        if t.state in (State.NEW, State.ALLOCATING) and now >= job.retry_at:
-            self._allocate(job, now)
+        if job.call is not None and job.call.done():
+            self._answered(job, *job.call_of)
+        if t.state in (State.NEW, State.ALLOCATING) and now >= job.retry_at and job.call is None:
+            if t.state == State.NEW:
+                t.to(State.ALLOCATING)
+            self._ask(job, "alloc", lambda link, s=job.spec, ttl=self.cfg.lease_ttl_s: link.alloc(s, ttl))
         if t.state == State.SENDING:
             self._post(job, now)
         self._poll(job, now)
         if t.state == State.SENDING and job.sent == job.n_chunks - job.grant.skip_chunks:
             t.to(State.SENT)
-        if t.done and not job.inflight:
+        if t.done and not job.inflight and job.call is None:
             self._cleanup(job)
 
-    def _allocate(self, job: PushJob, now: float) -> None:
-        t = job.t
-        if t.state == State.NEW:
-            t.to(State.ALLOCATING)
-        sent_at = time.monotonic()
+    def _ask(self, job: PushJob, kind: str, call: Callable[[ConsumerLink], object]) -> None:
+        job.call, job.call_of = self._calls.submit(job.consumer, call), (kind, time.monotonic())
+
+    def _answered(self, job: PushJob, kind: str, sent_at: float) -> None:
+        """A call's answer: a lease (or none free yet), a renewal, or a release's (only logged)."""
+        t, call, job.call = job.t, job.call, None
         try:
-            reply = self.link(job.consumer).alloc(job.spec, self.cfg.lease_ttl_s)
+            reply = call.result()
         except Exception as e:
+            if kind == "release":
+                log.info("release of %s on %s not confirmed (%s); the lease will expire", t.transfer_id,
+                         job.consumer, e)
+                return
             job.peer_down = isinstance(e, PeerUnreachable)
-            t.to(State.FAILED, str(e))
+            if not t.done:
+                t.to(State.FAILED, f"renewal failed: {e}" if kind == "renew" else str(e))
             return
-        if isinstance(reply, wire.NoCapacity):
-            if now - t.times[State.ALLOCATING.value] > self.cfg.alloc_timeout_s:
+        if kind == "alloc" and isinstance(reply, wire.NoCapacity):
+            now = time.monotonic()
+            if not t.done and now - t.times[State.ALLOCATING.value] > self.cfg.alloc_timeout_s:
                 t.to(State.FAILED, f"consumer {job.consumer} had no free slots for {self.cfg.alloc_timeout_s}s")
             job.retry_at = now + reply.retry_after_s
-            return
-        job.grant = reply
-        job.deadline = sent_at + reply.ttl_s - self.cfg.write_margin_s
-        job.next_renew = sent_at + reply.ttl_s / 3
-        t.to(State.SENDING)
+        elif kind == "alloc":
+            job.grant = reply  # also when the transfer ended meanwhile: its release names this lease
+            job.deadline, job.next_renew = sent_at + reply.ttl_s - self.cfg.write_margin_s, sent_at + reply.ttl_s / 3
+            if not t.done:
+                t.to(State.SENDING)
+        elif kind == "renew" and not t.done:
+            if not reply:
+                t.to(State.FAILED, "renewal failed: consumer no longer holds the lease")
+            ttl = self.cfg.lease_ttl_s
+            job.deadline, job.next_renew = sent_at + ttl - self.cfg.write_margin_s, sent_at + ttl / 3
 
     def _post(self, job: PushJob, now: float) -> None:
         if job.staged and now >= job.deadline:
             job.t.to(State.FAILED, "lease deadline reached before all chunks were written")
             return
-        link = self._links[job.consumer]
+        link = self._calls.link(job.consumer)
         with self._cv:
             ready = [(c, job.staged.pop(c)) for c in sorted(job.staged) if job.staged[c][2].done()]
         skip = job.grant.skip_chunks
@@ -230,18 +245,9 @@ class Producer:
                 return
             job.inflight[chunk] = (handle, slot)
             PUSHED_BYTES.inc(nbytes)
-        if now >= job.next_renew and not job.t.done:
-            try:
-                ok = link.renew(job.spec.key, job.grant.epoch, self.cfg.lease_ttl_s)
-            except Exception as e:
-                ok, why, job.peer_down = False, str(e), isinstance(e, PeerUnreachable)
-            else:
-                why = "consumer no longer holds the lease"
-            if not ok:
-                job.t.to(State.FAILED, f"renewal failed: {why}")
-                return
-            job.deadline = now + self.cfg.lease_ttl_s - self.cfg.write_margin_s
-            job.next_renew = now + self.cfg.lease_ttl_s / 3
+        if now >= job.next_renew and not job.t.done and job.call is None:
+            key, epoch, ttl = job.spec.key, job.grant.epoch, self.cfg.lease_ttl_s
+            self._ask(job, "renew", lambda link: link.renew(key, epoch, ttl))
 
     def _poll(self, job: PushJob, now: float) -> None:
         # A write to a peer that died may never complete (UCX without error handling):
@@ -271,22 +277,24 @@ class Producer:
                 log.info("release of a write handle to %s failed: %s", job.consumer, e)
             self.staging.release(slot)
         job.inflight.clear()
-        self._cleanup(job)
+        if job.call is None:
+            self._cleanup(job)
 
     def _cleanup(self, job: PushJob) -> None:
+        """Staging back now; the lease released (its answer awaited, so a finished transfer's slots are
+        free on the consumer), then the job is forgotten."""
         for slot, *_ in job.staged.values():
             self.staging.release(slot)
         job.staged.clear()
         gave_up = job.t.state == State.FAILED
-        if job.t.state != State.SENT and not job.peer_down and (job.grant is not None or gave_up):
+        if job.t.state != State.SENT and not job.peer_down and (job.grant is not None or gave_up) \
+                and not job.released:
             # A failure is reported so the decode request follows its policy now; an abort (preemption,
             # request gone) only frees the lease: a new attempt may follow.
-            try:
-                self.link(job.consumer).release(job.spec.key, job.grant.epoch if job.grant else 0,
-                                                job.t.reason if gave_up else "")
-            except Exception as e:
-                log.info("release of %s on %s not confirmed (%s); the lease will expire",
-                         job.t.transfer_id, job.consumer, e)
+            key, epoch, why = job.spec.key, job.grant.epoch if job.grant else 0, job.t.reason if gave_up else ""
+            job.released = True
+            self._ask(job, "release", lambda link: link.release(key, epoch, why))
+            return
         with self._cv:
             if self._jobs.pop(job.t.transfer_id, None) is not None:
                 self._finished.append(job.t)

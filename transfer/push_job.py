@@ -1,12 +1,14 @@
 """The producer's record of one transfer attempt it is pushing (see producer.py)."""
 from __future__ import annotations
 
+import math
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from transfer import wire
 from transfer.device_fence import Fence
 from transfer.identity import TransferSpec
-from transfer.states import Transfer
+from transfer.states import State, Transfer
 
 
 @dataclass
@@ -27,3 +29,17 @@ class PushJob:
     retry_at: float = 0.0
     abort: bool = False
     peer_down: bool = False  # the consumer did not answer: nothing more to tell it
+    call: Future | None = None  # the control call under way on the consumer's link thread
+    call_of: tuple[str, float] = ("", 0.0)  # that call's kind (alloc | renew | release) and when it was asked
+    released: bool = False  # its lease's release was asked for
+
+    def due_in(self, now: float) -> float:
+        """Seconds until the push thread must look at this job again unprompted (inf: only an answer, a
+        staged chunk or an abort, which wake it, can move it on)."""
+        if self.inflight or (self.staged and self.t.state == State.SENDING):
+            return 0.0002  # NIXL writes progress only while polled
+        if self.call is not None:
+            return 0.0 if self.call.done() else math.inf
+        if self.t.state in (State.NEW, State.ALLOCATING):
+            return self.retry_at - now
+        return self.next_renew - now if self.t.state == State.SENDING else math.inf

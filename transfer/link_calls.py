@@ -1,0 +1,54 @@
+"""The producer's control calls to its consumers, each consumer's on a thread of its own.
+
+A call (ALLOC, RENEW, RELEASE) waits for its consumer's answer, up to the RPC timeout. Made on the push
+thread, one consumer that answers late (frozen, or starved on a loaded host) held every push to every
+other consumer for as long, and their leases and waiting requests ran out meanwhile. So each consumer's
+calls run in order on one thread of its own, and the push thread only collects the answers (`Future`s),
+waking when one arrives.
+"""
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, TypeVar
+
+from transfer.consumer_link import ConsumerLink
+from transfer.threads import widen_affinity
+
+T = TypeVar("T")
+
+
+class LinkCalls:
+    def __init__(self, make_link: Callable[[str], ConsumerLink], on_answer: Callable[[], None]) -> None:
+        """`make_link(address)` opens the link to a consumer first used; `on_answer()` runs after each call
+        ends, on that consumer's thread (it wakes the push thread)."""
+        self._make_link = make_link
+        self._on_answer = on_answer
+        self._links: dict[str, ConsumerLink] = {}
+        self._threads: dict[str, ThreadPoolExecutor] = {}
+
+    def link(self, consumer: str) -> ConsumerLink:
+        if consumer not in self._links:
+            self._links[consumer] = self._make_link(consumer)
+        return self._links[consumer]
+
+    def submit(self, consumer: str, call: Callable[[ConsumerLink], T]) -> Future:
+        """Run `call(link)` after the calls already queued for this consumer; its answer or error comes
+        back in the future."""
+        link = self.link(consumer)
+        if consumer not in self._threads:
+            self._threads[consumer] = ThreadPoolExecutor(1, f"kvbridge-link-{consumer}", widen_affinity)
+        future = self._threads[consumer].submit(call, link)
+        future.add_done_callback(lambda _: self._on_answer())
+        return future
+
+    def gone(self, consumer: str) -> bool:
+        """Whether the consumer closed its connection (ConsumerLink.gone: never waits for a call under way)."""
+        link = self._links.get(consumer)
+        return link is not None and link.gone
+
+    def close(self) -> None:
+        """Finish the calls queued (a RELEASE tells a consumer to free slots now), then close every link."""
+        for pool in self._threads.values():
+            pool.shutdown(wait=True)
+        for link in self._links.values():
+            link.close()
