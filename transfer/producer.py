@@ -29,6 +29,7 @@ from transfer.nixl_agent import NixlAgent, TransferError
 from transfer.notice import ChunkNotice
 from transfer.producer_settings import ProducerSettings
 from transfer.push_job import PushJob
+from transfer.push_window import widen_window
 from transfer.staging import StagingBuffer
 
 log = logging.getLogger("kvbridge.producer")
@@ -198,7 +199,13 @@ class Producer:
             return
         link = self._links[job.consumer]
         with self._cv:
-            ready = [(c, job.staged.pop(c)) for c in sorted(job.staged) if job.staged[c][2].done()]
+            beyond = [c for c in job.staged if not job.may_write(c)]
+        why = widen_window(job, link, beyond, now, self.cfg.lease_ttl_s, self.cfg.write_margin_s)
+        if why:
+            job.t.to(State.FAILED, why)
+            return
+        with self._cv:
+            ready = [(c, job.staged.pop(c)) for c in sorted(job.staged) if job.staged[c][2].done() and job.may_write(c)]
         skip = job.grant.skip_chunks
         for i, (chunk, (slot, nbytes, _)) in enumerate(ready):
             if chunk < skip:  # staged before the grant said the consumer holds it
@@ -218,9 +225,9 @@ class Producer:
                                  crc=zlib.crc32(data.cpu().numpy()) if self.cfg.checksum else None)
             w = link.welcome
             try:
-                handle = self.agent.write(self.staging.region, [(self.staging.offset(slot), job.grant.offsets[chunk - skip],
-                                                                 nbytes)], w.agent_name, w.mem_type, w.dev_id,
-                                          notice.encode())
+                dst = job.grant.offsets[(chunk - skip) % len(job.grant.offsets)]  # a window reuses its slots
+                handle = self.agent.write(self.staging.region, [(self.staging.offset(slot), dst, nbytes)],
+                                          w.agent_name, w.mem_type, w.dev_id, notice.encode())
             except TransferError as e:
                 self.staging.release(slot)
                 with self._cv:

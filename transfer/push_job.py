@@ -27,3 +27,11 @@ class PushJob:
     retry_at: float = 0.0
     abort: bool = False
     peer_down: bool = False  # the consumer did not answer: nothing more to tell it
+    writable: int = 0  # lease chunks below this may be written (a windowed grant's last WindowState)
+    window_ask_at: float = 0.0
+
+    def may_write(self, chunk: int) -> bool:
+        """Whether prompt chunk `chunk` may be written now: held by the consumer (not sent at all) or
+        inside the lease's open window (the whole lease unless the grant is windowed)."""
+        skip = self.grant.skip_chunks
+        return chunk < skip or chunk - skip < max(self.writable, len(self.grant.offsets))
