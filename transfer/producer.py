@@ -18,6 +18,7 @@ import torch
 from prometheus_client import Gauge
 
 from transfer import wire
+from transfer.announcer import Announcer
 from transfer.consumer_link import ConsumerLink, PeerUnreachable
 from transfer.device_fence import recorder_for
 from transfer.geometry import ChunkGeometry
@@ -53,6 +54,7 @@ class Producer:
                                  incarnation=self.incarnation, layout=layout, chunk_tokens=chunk_tokens,
                                  agent_name=self.agent.name, agent_meta=self.agent.metadata())
         self._links: dict[str, ConsumerLink] = {}
+        self.announcer = Announcer(lambda a: ConsumerLink(a, self.agent, self._hello, settings.secret, settings.rpc_timeout_s))
         self._jobs: dict[str, PushJob] = {}
         STAGING_FREE.set_function(lambda: self.staging.free)
         STAGING_TOTAL.set(settings.staging_chunks)
@@ -123,6 +125,7 @@ class Producer:
                 job.abort = True
             self._cv.notify()
         self._thread.join(timeout=10)
+        self.announcer.close()
         for link in self._links.values():
             link.close()
         self.staging.close()
@@ -198,9 +201,7 @@ class Producer:
             job.t.to(State.FAILED, "lease deadline reached before all chunks were written")
             return
         link = self._links[job.consumer]
-        with self._cv:
-            beyond = [c for c in job.staged if not job.may_write(c)]
-        why = widen_window(job, link, beyond, now, self.cfg.lease_ttl_s, self.cfg.write_margin_s)
+        why = widen_window(job, link, self._cv, now, self.cfg.lease_ttl_s, self.cfg.write_margin_s)
         if why:
             job.t.to(State.FAILED, why)
             return

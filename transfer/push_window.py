@@ -7,18 +7,23 @@ and at most every `ASK_EVERY_S`.
 """
 from __future__ import annotations
 
+import threading
+
 from transfer.consumer_link import ConsumerLink, PeerUnreachable
 from transfer.push_job import PushJob
 
 ASK_EVERY_S = 0.002
 
 
-def widen_window(job: PushJob, link: ConsumerLink, beyond: list[int], now: float, ttl_s: float,
+def widen_window(job: PushJob, link: ConsumerLink, staged_lock: threading.Condition, now: float, ttl_s: float,
                  margin_s: float) -> str:
-    """Learn how far `job` may write when chunks `beyond` its open window are staged; '' or why the transfer
-    fails (the consumer dropped the lease or did not answer)."""
-    if not beyond or now < job.window_ask_at:
+    """Learn how far `job` may write when chunks beyond its open window are staged (`staged_lock` guards
+    `job.staged`); '' or why the transfer fails (the consumer dropped the lease or did not answer)."""
+    if now < job.window_ask_at:
         return ""
+    with staged_lock:
+        if all(job.may_write(c) for c in job.staged):
+            return ""
     job.window_ask_at = now + ASK_EVERY_S
     try:
         state = link.progress(job.spec.key, job.grant.epoch, ttl_s)

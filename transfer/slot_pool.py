@@ -37,7 +37,7 @@ class Lease:
     producer: str
     chunk_nbytes: list[int]  # every chunk the lease carries (more than its slots when windowed)
     attempt: int = 0
-    first_chunk: int = 0  # lease chunk i is prompt chunk first_chunk + i (leading chunks the consumer holds are not sent)
+    first_chunk: int = 0  # lease chunk i is prompt chunk first_chunk + i (the consumer holds the ones before)
     arrived: dict[int, ChunkNotice] = field(default_factory=dict)  # arrived and not yet freed
     pins: int = 0
     taken: int = 0  # leading chunks handed to the reader of a windowed lease
