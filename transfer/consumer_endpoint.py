@@ -240,6 +240,7 @@ class ConsumerEndpoint:
 
     def _on_pending(self, msg: wire.Pending) -> wire.Message:
         self.book.sign_of_life(msg.transfer_id)
+        self.book.count("pending_announcements")
         return wire.Ack(ok=True)
 
     def _on_release(self, msg: wire.Release) -> wire.Message:
