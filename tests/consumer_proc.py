@@ -66,9 +66,8 @@ def _serve(conn, layout_json: str, kwargs: dict) -> None:
             conn.send(ep.book.snapshot())
         elif cmd == "status":
             conn.send(tuple(ep.book.status(arg)))
-        elif cmd == "last_sign":  # seconds since the producer of `arg` last showed life without chunks (None: never)
-            t = ep.book.last_sign(arg)
-            conn.send(time.monotonic() - t if t else None)
+        elif cmd == "last_sign":  # when (monotonic clock) the producer of `arg` last showed life without chunks
+            conn.send(ep.book.last_sign(arg))
         elif cmd == "read_stream":  # (key, num_tokens, token_hash, timeout_s): expect it, then read it as it lands
             ep.book.expect(*arg[:3])
             conn.send(_read_stream(ep, arg[0], arg[3]))

@@ -77,11 +77,11 @@ def test_a_queued_request_is_a_sign_of_life_each_time_it_is_announced(consumer):
     p = make_producer("queue")
     try:
         link = p.link(consumer.address)
-        assert consumer.call("last_sign", "q-1") is None
+        assert consumer.call("last_sign", "q-1") == 0.0
         assert link.pending("q-1")
         first = consumer.call("last_sign", "q-1")
-        wait_for(lambda: consumer.call("last_sign", "q-1") > first + 0.05, 5, 0.01, "time passes")
+        assert first > 0
         assert link.pending("q-1")
-        assert consumer.call("last_sign", "q-1") < first  # the timer restarted from the newer sign
+        assert consumer.call("last_sign", "q-1") > first  # the timer restarts from the newer sign
     finally:
         p.close()

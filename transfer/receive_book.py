@@ -114,7 +114,7 @@ class ReceiveBook:
                                                  "a streamed transfer feeds one request, another one reads it")
         if why:
             return None, [], why
-        lease, chunks = self.pool.take_front(key)
+        _, chunks = self.pool.take_front(key, lease.epoch)  # none if another attempt replaced it meanwhile
         return lease, chunks, ""
 
     def window_done(self, key: str, lease: Lease, upto: int, fence: Fence) -> None:

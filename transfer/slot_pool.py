@@ -163,22 +163,24 @@ class SlotPool:
             self.dropped_total += 1
 
     def pin(self, transfer_id: str) -> Lease | None:
-        """Hold a complete lease's slots for reading: they stay put until `unpin`."""
+        """Hold a complete lease's slots for reading: they stay put until `unpin`. (A windowed lease is
+        read as it lands, with `take_front`: its slots no longer hold its first chunks.)"""
         with self._lock:
             self._reap_locked()
             lease = self._leases.get(transfer_id)
-            if lease is None or not lease.complete:
+            if lease is None or not lease.complete or lease.windowed:
                 return None
             lease.pins += 1
             return lease
 
-    def take_front(self, transfer_id: str) -> tuple[Lease | None, list[int]]:
+    def take_front(self, transfer_id: str, epoch: int) -> tuple[Lease | None, list[int]]:
         """Pin a windowed lease and hand its reader the chunks that arrived in order since the last take
-        (lease chunk indices); the pin holds until `free_front`. (None, []) when there is no such lease."""
+        (lease chunk indices); the pin holds until `free_front`. (None, []) when there is no such lease
+        with that epoch."""
         with self._lock:
             self._reap_locked()
             lease = self._leases.get(transfer_id)
-            if lease is None or not lease.windowed:
+            if lease is None or not lease.windowed or lease.epoch != epoch:
                 return None, []
             start = lease.taken
             while lease.taken in lease.arrived:
