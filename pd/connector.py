@@ -60,6 +60,10 @@ class KVBridgeConnector(KVConnectorBase_V1):
         return self.scheduler_side.get_num_new_matched_tokens(request, num_computed_tokens)
 
     @SCHEDULER_HOOKS.timed
+    def on_new_request(self, request: Any) -> None:
+        self.scheduler_side.on_new_request(request)
+
+    @SCHEDULER_HOOKS.timed
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         self.scheduler_side.update_state_after_alloc(request, blocks, num_external_tokens)
 

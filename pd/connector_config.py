@@ -30,6 +30,9 @@ class ConnectorConfig(BaseModel):
     listen_port: int = Field(default=5600, ge=0, le=65535, description="consumer handshake port (+ TP rank)")
     chunk_tokens: int = Field(default=256, gt=0, description="tokens per pushed chunk; rounded up to whole blocks")
     num_slots: int = Field(default=64, gt=0, description="consumer receive slots, one chunk each")
+    window_slots: int = Field(default=0, ge=0, description="most consumer slots one transfer holds; a larger one "
+                              "streams through that many, scattered as it lands. 0: the whole pool (fewer lets "
+                              "small transfers flow beside a streaming one)")
     slot_memory: Literal["device", "host"] = Field(
         default="device", description="where a GPU consumer keeps its slots: device memory, or pinned host memory "
         "(no VRAM taken; the scatter reads over PCIe)")

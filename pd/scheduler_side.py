@@ -33,6 +33,7 @@ from prometheus_client import Histogram
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
+from pd.prefill_queue import PrefillQueue
 from pd.store_lookup import LookupClient, StoreHandshake, StoreLookups
 from transfer.identity import TransferSpec
 from transfer.push_token import PushPolicy
@@ -95,6 +96,7 @@ class BridgeMetadata(KVConnectorMetadata):
     store_loads: list[StoreLoadTask] = field(default_factory=list)
     aborts: list[str] = field(default_factory=list)   # request ids whose transfer must stop now
     discards: list[str] = field(default_factory=list)  # transfer keys whose decode request ended unserved
+    pending: list[tuple[str, str]] = field(default_factory=list)  # (key, consumer) of pushes still in our queue
     idle: bool = False                                # nothing computed this step: worker may wait briefly
     # (asked | cached, seconds) per store lookup since the last step: the scheduler runs in its own process,
     # so the worker, whose metrics endpoint is the node's, records them
@@ -148,6 +150,14 @@ class SchedulerSide:
         self._attempts: dict[str, int] = {}  # req_id -> scheduling attempt (grows with each preemption)
         self._aborts: list[str] = []
         self._discards: list[str] = []
+        self._queue = PrefillQueue()  # push requests not scheduled yet: announced to their consumers
+
+    def on_new_request(self, request: Any) -> None:
+        """A push request entered our queue: its consumer hears of it until it is scheduled."""
+        p = bridge_params(request)
+        if self.is_producer and p is not None and p.push_to is not None and self._push_allowed(request.request_id, p):
+            key = TransferSpec.for_prompt(p.transfer_id, list(request.prompt_token_ids or ())).key
+            self._queue.arrived(request.request_id, key, p.push_to)
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
         p = bridge_params(request)
@@ -190,6 +200,7 @@ class SchedulerSide:
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         rid = request.request_id
+        self._queue.left(rid)
         p = bridge_params(request)
         receiving = p is not None and p.receive and self.is_consumer
         if self.is_producer and rid not in self._outgoing and not receiving:
@@ -223,7 +234,7 @@ class SchedulerSide:
     def build_connector_meta(self, out: Any) -> BridgeMetadata:
         meta = BridgeMetadata(loads=self._new_loads, store_loads=self._new_store_loads, aborts=self._aborts,
                               discards=self._discards, idle=out.total_num_scheduled_tokens == 0,
-                              lookup_times=self._lookup_times[-1000:])
+                              lookup_times=self._lookup_times[-1000:], pending=self._queue.due())
         self._lookup_times = []
         self._new_loads, self._new_store_loads, self._aborts, self._discards = [], [], [], []
         for rid in out.preempted_req_ids or ():
@@ -257,6 +268,7 @@ class SchedulerSide:
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict | None]:
         rid = request.request_id
+        self._queue.left(rid)
         got_load = rid in self._received
         self._received.discard(rid)
         self._store_hits.pop(rid, None)

@@ -1,12 +1,12 @@
 """Worker-side half of the connector: gathers and pushes on the producer, scatters on the consumer.
 
-Producer: after each forward (`wait_for_save`) every chunk whose tokens now exist is
-gathered into staging and handed to the push engine, so chunks leave while later
-prefill chunks compute; with a store, each new whole chunk is also kept there, and chunks
-the scheduler found in the store are scattered into their blocks before the forward
-(`start_load_kv`; one that went missing is reported as a load error and recomputed). Consumer: each step checks its expected transfers; a complete
-one is verified, scattered into the blocks vLLM allocated and its slots released; one
-that expires or fails is reported as a failed receive, and vLLM's
+Producer: after each forward (`wait_for_save`) every chunk whose tokens now exist is gathered into staging
+and handed to the push engine, so chunks leave while later prefill chunks compute; with a store, each new
+whole chunk is also kept there, and chunks the scheduler found in the store are scattered into their blocks
+before the forward (`start_load_kv`; one that went missing is reported as a load error and recomputed).
+Consumer: each step checks its expected transfers; a complete one is verified, scattered into the blocks
+vLLM allocated and its slots released (a windowed one chunk by chunk as it lands: pd/streamed_load.py); one
+that expires (no sign of life for `load_timeout_s`) or fails is reported as a failed receive, and vLLM's
 `kv_load_failure_policy` (recompute | fail) decides what the request sees.
 """
 from __future__ import annotations
@@ -38,6 +38,7 @@ from transfer.identity import rank_address
 from transfer.receive_book import Arrival
 from transfer.states import State, Transfer
 from pd.store_lookup import LookupServer, StoreHandshake
+from pd.streamed_load import scatter_landed
 
 log = logging.getLogger("kvbridge.worker")
 
@@ -65,8 +66,7 @@ class WorkerSide:
         self._out: dict[str, tuple[str | None, int]] = {}  # req_id -> (transfer id if pushing, next chunk)
         self._load_errors: set[int] = set()
         self._loads: dict[str, _Load] = {}
-        self._done_recv: set[str] = set()
-        self._failed_recv: set[str] = set()
+        self._done_recv, self._failed_recv = set[str](), set[str]()
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         faulthandler.register(signal.SIGUSR2, all_threads=True)  # `kill -USR2 <worker>`: every thread's stack
@@ -91,7 +91,7 @@ class WorkerSide:
                 chunk_tokens=chunk_tokens, num_slots=self.cfg.num_slots, host=self.cfg.listen_host, port=port,
                 secret=self._secret, insecure=self.cfg.insecure,
                 device="pinned" if self.cfg.slot_memory == "host" else device, quarantine_s=self.cfg.quarantine_s,
-                unclaimed_ttl_s=self.cfg.unclaimed_ttl_s))
+                unclaimed_ttl_s=self.cfg.unclaimed_ttl_s, window_slots=self.cfg.window_slots))
         if self.is_producer:
             self.producer = Producer(layout, chunk_tokens, ProducerSettings(
                 producer_id=f"{name}/rank{layout.tp_rank}", staging_chunks=self.cfg.staging_chunks, lease_ttl_s=self.cfg.lease_ttl_s,
@@ -113,15 +113,14 @@ class WorkerSide:
         n_blocks = -(-n_tokens // self.kv.layout.block_size)
         return chunk * self.blocks_per_chunk, min((chunk + 1) * self.blocks_per_chunk, n_blocks)
 
-    def _n_chunks(self, n_tokens: int) -> int:
-        return -(-n_tokens // self.chunk_tokens)
-
     def on_bind(self, meta: BridgeMetadata) -> None:
         """Ask consumers for leases while this step's forward computes, so a long prefill shows up on the
         consumer as a live, renewed lease instead of silence that its load timeout would end. Aborts come
         first: a preempted request's old attempt ends before its new attempt begins."""
         for rid in meta.aborts:
             self._abort(rid)
+        for key, consumer in meta.pending:  # requests still in our queue: a sign of life to their consumers
+            self.producer.announcer.announce(key, consumer)
         for task in meta.outgoing:
             if task.req_id not in self._out:
                 target = rank_address(task.consumer, self.kv.layout.tp_rank) if task.consumer else None
@@ -185,7 +184,7 @@ class WorkerSide:
         if task.req_id not in self._out:
             return  # aborted
         tid, nxt = self._out[task.req_id]
-        n_chunks = self._n_chunks(task.num_tokens)
+        n_chunks = -(-task.num_tokens // self.chunk_tokens)
         while nxt < n_chunks and min((nxt + 1) * self.chunk_tokens, task.num_tokens) <= task.ready_tokens:
             lo, hi = self._chunk_blocks(task.num_tokens, nxt)
             ids = task.block_ids[lo:hi]
@@ -240,14 +239,20 @@ class WorkerSide:
             arrival, reason = book.status(ld.task.spec.key)
             if arrival == Arrival.ENDED:
                 self._finish_load(rid, State.FAILED, reason)
-            elif arrival == Arrival.WAITING:
-                if now - ld.last_sign > self.cfg.load_timeout_s:
+            elif arrival == Arrival.WAITING:  # a queued prefill or an ALLOC waiting for slots is a sign too
+                if now - max(ld.last_sign, book.last_sign(ld.task.spec.key)) > self.cfg.load_timeout_s:
                     self._finish_load(rid, State.EXPIRED, f"no sign of the transfer for {self.cfg.load_timeout_s}s")
             else:
                 ld.last_sign = now
                 if ld.t.state == State.EXPECTED:
                     ld.t.to(State.RECEIVING)
-                if arrival == Arrival.COMPLETE:
+                step = scatter_landed(self.endpoint, self.kv, ld.task, rid, self._chunk_blocks, self.blocks_per_chunk,
+                                      self._fence)  # a windowed transfer is scattered as it lands
+                if step.failed:
+                    self._finish_load(rid, State.FAILED, step.failed)
+                elif step.done:
+                    self._scattered(rid, ld)
+                elif arrival == Arrival.COMPLETE and not step.windowed:
                     self._scatter(rid, ld)
 
     def _scatter(self, rid: str, ld: _Load) -> None:
@@ -261,14 +266,17 @@ class WorkerSide:
                    f"this request holds only {ld.task.skip_blocks} blocks itself")
             self._finish_load(rid, State.FAILED, why, lease)
             return
-        ld.t.to(State.RECEIVED)
         task = ld.task
         for c, view in enumerate(self.endpoint.chunk_views(lease), start=lease.first_chunk):
             lo, hi = self._chunk_blocks(task.spec.num_tokens, c)
             ids = task.block_ids[lo:hi]
             self.kv.scatter(ids, view, max(0, min(task.skip_blocks - lo, len(ids))))
-        self.endpoint.book.count("tokens_scattered", task.spec.num_tokens - task.skip_blocks * self.kv.layout.block_size)
-        self._finish_load(rid, State.SCATTERED, lease=lease, fence=self._fence())  # slots free once it ran
+        self._scattered(rid, ld, lease, self._fence())  # slots free once it ran
+
+    def _scattered(self, rid: str, ld: _Load, lease=None, fence: Fence = COMPLETED) -> None:
+        ld.t.to(State.RECEIVED)
+        self.endpoint.book.count("tokens_scattered", ld.task.spec.num_tokens - ld.task.skip_blocks * self.kv.layout.block_size)
+        self._finish_load(rid, State.SCATTERED, lease=lease, fence=fence)
 
     def _finish_load(self, rid: str, state: State, reason: str = "", lease=None, fence: Fence = COMPLETED) -> None:
         ld = self._loads.pop(rid)

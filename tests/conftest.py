@@ -61,6 +61,18 @@ def servers(tiny_model, redis_url, store_dir):
             s.stop()
 
 
+@pytest.fixture(scope="session")
+def one_slot_decode(servers):
+    """The shared prefill and aggregated nodes with a decode node of its own: one slot, so any prompt of
+    more than one chunk (256 tokens) streams through its window; a 3 s load timeout."""
+    decode = start_vllm("decode-one-slot", "decode", dict(DECODE_EXTRA, num_slots=1, load_timeout_s=3.0))
+    try:
+        decode.wait_ready()
+        yield {"agg": servers["agg"], "prefill": servers["prefill"], "decode": decode}
+    finally:
+        decode.stop()
+
+
 @pytest.fixture
 def decode_pool_full_after(servers):
     """Every test that moves KV must leave the decode slot pool 100 % free."""

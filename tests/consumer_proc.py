@@ -2,10 +2,40 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import time
 import zlib
 
 from transfer.consumer_endpoint import ConsumerEndpoint, ConsumerSettings
+from transfer.device_fence import COMPLETED
 from transfer.layout import KVLayout
+
+
+def _read_stream(ep: ConsumerEndpoint, key: str, timeout_s: float) -> tuple[list[int], str, int]:
+    """Play the decode worker for a windowed transfer: take chunks as they land, verify and "scatter" them
+    (crc of the bytes read), free their slots, finish once every chunk is read. Returns (crc per chunk read,
+    why it stopped early or '', most chunks the lease held at once)."""
+    crcs, most, deadline = [], 0, time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        lease, chunks, why = ep.book.take_window(key, "reader")
+        if not why and ep.book.status(key)[0].value == "ENDED":
+            why = ep.book.status(key)[1]
+        if why:
+            ep.book.finish(key, None, {"state": "FAILED", "reason": why})
+            return crcs, why, most
+        if not chunks:
+            ep.wait_arrivals(0.01)
+            continue
+        most = max(most, lease.taken - lease.freed)
+        bad = ep.verify(lease, chunks)
+        crcs += [zlib.crc32(v.numpy()) for v in ep.chunk_views(lease, chunks)]
+        ep.book.window_done(key, lease, chunks[-1] + 1, COMPLETED)
+        if bad:
+            ep.book.finish(key, None, {"state": "FAILED", "reason": f"bad chunks {bad}"})
+            return crcs, f"bad chunks {bad}", most
+        if lease.taken == len(lease.chunk_nbytes):
+            ep.book.finish(key, None, {"state": "SCATTERED"})
+            return crcs, "", most
+    return crcs, "timed out", most
 
 
 def _serve(conn, layout_json: str, kwargs: dict) -> None:
@@ -36,6 +66,11 @@ def _serve(conn, layout_json: str, kwargs: dict) -> None:
             conn.send(ep.book.snapshot())
         elif cmd == "status":
             conn.send(tuple(ep.book.status(arg)))
+        elif cmd == "last_sign":  # when (monotonic clock) the producer of `arg` last showed life without chunks
+            conn.send(ep.book.last_sign(arg))
+        elif cmd == "read_stream":  # (key, num_tokens, token_hash, timeout_s): expect it, then read it as it lands
+            ep.book.expect(*arg[:3])
+            conn.send(_read_stream(ep, arg[0], arg[3]))
 
 
 class ConsumerProcess:
@@ -50,7 +85,16 @@ class ConsumerProcess:
         self.address, self.incarnation = self._conn.recv()
 
     def call(self, cmd: str, arg=None):
+        self.send(cmd, arg)
+        return self.recv()
+
+    def send(self, cmd: str, arg=None) -> None:
+        """Start a command whose answer comes later (`recv`), e.g. a reader that runs while the test pushes."""
         self._conn.send((cmd, arg))
+
+    def recv(self, timeout_s: float = 60):
+        if not self._conn.poll(timeout_s):
+            raise TimeoutError(f"consumer process gave no answer within {timeout_s}s")
         return self._conn.recv()
 
     def stop(self) -> None:

@@ -1,6 +1,6 @@
 """Verified delivery between a real producer and consumer (real NIXL, two processes): a transfer proves
 what it carries, chunk geometry is agreed, producers cannot end each other's leases, attempts are
-separate, and a producer that gives up tells the consumer at once."""
+separate. (A producer that gives up tells the consumer at once: tests/test_early_failure.py.)"""
 from __future__ import annotations
 
 import pytest
@@ -101,18 +101,6 @@ def test_a_new_attempt_replaces_the_old_one_and_only_its_bytes_land(consumer):
         states = finished(p, {"a-1@0", "a-1@1"})
         assert (states["a-1@0"], states["a-1@1"]) == (State.ABORTED, State.SENT)
         check_landed(consumer, "a-1", crcs)
-    finally:
-        p.close()
-
-
-def test_a_producer_that_cannot_push_tells_the_consumer_before_any_timeout(consumer):
-    p = make_producer("too-big")
-    try:
-        consumer.call("expect", ("big-1", 40 * CHUNK_TOKENS, "ab" * 16))
-        handle = p.begin(spec("big-1", 40), consumer.address)  # 40 chunks, the pool has 16 slots
-        reason = ended_reason(consumer, "big-1")  # the book only ends it on the producer's word, never by timeout
-        assert "producer gave up" in reason and "16 slots" in reason, reason
-        assert finished(p, {"big-1"})["big-1"] == State.FAILED and handle.startswith("big-1@")
     finally:
         p.close()
 

@@ -27,6 +27,7 @@ from transfer.control_auth import AuthError, Authenticator, Opened
 from transfer.credentials import require_secret
 from transfer.geometry import ChunkGeometry
 from transfer.layout import KVLayout
+from transfer.lease_desk import LeaseDesk
 from transfer.nixl_agent import NixlAgent, zeroed_buffer
 from transfer.notice import ChunkNotice, NoticeError
 from transfer.producer_registry import ProducerRegistry
@@ -37,7 +38,7 @@ from transfer.threads import io_context, start_io_thread
 log = logging.getLogger("kvbridge.consumer")
 REFUSED = wire.Error(code="unauthenticated", message="refused")  # all an unauthenticated peer ever learns
 ROUTER_MESSAGES = frozenset({"stats", "cancel", "trace"})
-PRODUCER_MESSAGES = frozenset({"hello", "alloc", "renew", "release", "stats"})
+PRODUCER_MESSAGES = frozenset({"hello", "alloc", "renew", "release", "progress", "pending", "stats"})
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class ConsumerSettings:
     quarantine_s: float = 2.0
     unclaimed_ttl_s: float = 30.0
     expect_wait_s: float = 0.0  # >0: an ALLOC before its decode request waits this long to learn the held chunks
+    window_slots: int = 0  # most slots one transfer holds (larger ones stream through them); 0: the whole pool
     busy_poll_s: float = 0.0005
     idle_poll_s: float = 0.05
 
@@ -74,6 +76,8 @@ class ConsumerEndpoint:
                              on_expire=lambda key: self.book.expired(key))
         self.book = ReceiveBook(self.pool, settings.unclaimed_ttl_s)
         self.producers = ProducerRegistry(self.agent, self.pool)
+        self.desk = LeaseDesk(self.pool, self.book, self.geometry, self.region.addr, settings.window_slots,
+                              settings.expect_wait_s)
         self._sock = io_context().socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, 8 * wire.MAX_MESSAGE_BYTES)
@@ -92,16 +96,19 @@ class ConsumerEndpoint:
     def slot_view(self, slot: int) -> torch.Tensor:
         return self.region.tensor[slot * self.slot_bytes:(slot + 1) * self.slot_bytes]
 
-    def chunk_views(self, lease: Lease) -> list[torch.Tensor]:
-        """Each chunk's bytes in its slot, exactly as many as the chunk holds."""
-        return [self.slot_view(s)[:lease.chunk_nbytes[i]] for i, s in enumerate(lease.slots)]
+    def chunk_views(self, lease: Lease, chunks: list[int] | None = None) -> list[torch.Tensor]:
+        """Each chunk's bytes in its slot (every chunk of a whole lease by default), exactly as many as it holds."""
+        idxs = range(len(lease.chunk_nbytes)) if chunks is None else chunks
+        return [self.slot_view(lease.slot_of(i))[:lease.chunk_nbytes[i]] for i in idxs]
 
-    def verify(self, lease: Lease) -> list[int]:
-        """Chunks whose slot bytes do not match the checksum their producer sent (empty if none sent)."""
+    def verify(self, lease: Lease, chunks: list[int] | None = None) -> list[int]:
+        """Chunks (all arrived ones by default) whose slot bytes do not match the checksum their producer
+        sent (empty if none sent)."""
         bad = []
-        for idx, notice in sorted(lease.arrived.items()):
+        for idx in sorted(lease.arrived) if chunks is None else chunks:
+            notice = lease.arrived[idx]
             if notice.crc is not None:
-                data = self.slot_view(lease.slots[idx])[:notice.nbytes]
+                data = self.slot_view(lease.slot_of(idx))[:notice.nbytes]
                 if zlib.crc32(data.cpu().numpy()) != notice.crc:
                     bad.append(idx)
         return bad
@@ -187,7 +194,7 @@ class ConsumerEndpoint:
             return f"credential of producer {pid} cannot introduce producer {msg.producer_id}"
         if isinstance(msg, wire.Alloc) and self.producers.owner(msg.incarnation) not in (None, pid):
             return f"incarnation {msg.incarnation[:12]} belongs to another producer"
-        if isinstance(msg, (wire.Alloc, wire.Renew, wire.Release)):  # an ALLOC would replace the lease
+        if isinstance(msg, (wire.Alloc, wire.Renew, wire.Release, wire.Progress)):  # an ALLOC would replace the lease
             lease = self.pool.live(msg.transfer_id)
             if lease is not None and self.producers.owner(lease.producer) != pid:
                 return f"the lease on {msg.transfer_id} belongs to another producer"
@@ -223,31 +230,21 @@ class ConsumerEndpoint:
         if msg.weights_fingerprint != self.layout.weights_fingerprint:
             return wire.Error(code="mismatch", message=f"producer weights {msg.weights_fingerprint!r}, "
                               f"consumer {self.address} weights {self.layout.weights_fingerprint!r}")
-        refused = self.book.check_alloc(msg.transfer_id, msg.num_tokens, msg.token_hash)
-        if refused:
-            return wire.Error(code="refused", message=f"transfer {msg.transfer_id}: {refused}")
-        held = self.book.held_chunks(msg.transfer_id)
-        if held is None and self.book.alloc_waits(msg.transfer_id, self.cfg.expect_wait_s):
-            return wire.NoCapacity(transfer_id=msg.transfer_id, free_slots=self.pool.stats().free, retry_after_s=0.005)
-        sizes = self.geometry.all_chunk_nbytes(msg.num_tokens)
-        skip = min(held or 0, len(sizes) - 1)  # the decode computes at least the last prompt token itself
-        sizes = sizes[skip:]
-        if len(sizes) > self.pool.num_slots:
-            return wire.Error(code="too_large", message=f"{len(sizes)} chunks requested, "
-                              f"the pool has {self.pool.num_slots} slots in all")
-        lease = self.pool.grant(msg.transfer_id, sizes, msg.ttl_s, msg.incarnation, msg.attempt, skip)
-        if lease is None:
-            return wire.NoCapacity(transfer_id=msg.transfer_id, free_slots=self.pool.stats().free, retry_after_s=0.05)
-        self.book.granted(msg.transfer_id, lease.epoch, msg.num_tokens, msg.token_hash)
-        offsets = [self.region.addr + s * self.slot_bytes for s in lease.slots]
-        self.book.count("chunks_not_sent_held_by_decode", lease.first_chunk)
-        return wire.Grant(transfer_id=msg.transfer_id, epoch=lease.epoch, offsets=offsets, ttl_s=msg.ttl_s,
-                          skip_chunks=lease.first_chunk)
+        return self.desk.alloc(msg)
 
     def _on_renew(self, msg: wire.Renew) -> wire.Message:
         return wire.Ack(ok=self.pool.renew(msg.transfer_id, msg.epoch, msg.ttl_s) is not None)
 
+    def _on_progress(self, msg: wire.Progress) -> wire.Message:
+        return self.desk.progress(msg)
+
+    def _on_pending(self, msg: wire.Pending) -> wire.Message:
+        self.book.sign_of_life(msg.transfer_id)
+        self.book.count("pending_announcements")
+        return wire.Ack(ok=True)
+
     def _on_release(self, msg: wire.Release) -> wire.Message:
+        self.desk.queue.leave(msg.transfer_id)
         if msg.reason and (msg.epoch == 0 or self.pool.live(msg.transfer_id) is None
                            or self.pool.live(msg.transfer_id).epoch == msg.epoch):
             log.info("producer gave up on %s: %s", msg.transfer_id, msg.reason)

@@ -100,6 +100,14 @@ class ConsumerLink:
     def renew(self, transfer_id: str, epoch: int, ttl_s: float) -> bool:
         return self._call(wire.Renew(transfer_id=transfer_id, epoch=epoch, ttl_s=ttl_s), (wire.Ack,)).ok
 
+    def progress(self, transfer_id: str, epoch: int, ttl_s: float) -> wire.WindowState:
+        """How far a windowed lease may be written now; renews it."""
+        return self._call(wire.Progress(transfer_id=transfer_id, epoch=epoch, ttl_s=ttl_s), (wire.WindowState,))
+
+    def pending(self, transfer_id: str) -> bool:
+        """Tell the consumer this transfer's request waits in our queue (needs no handshake)."""
+        return self._call(wire.Pending(transfer_id=transfer_id), (wire.Ack,)).ok
+
     def release(self, transfer_id: str, epoch: int, reason: str = "") -> bool:
         """End our lease (epoch 0: we never got one); a `reason` tells the consumer we gave up."""
         return self._call(wire.Release(transfer_id=transfer_id, epoch=epoch, reason=reason[:1024]), (wire.Ack,)).ok

@@ -18,7 +18,8 @@ import torch
 from prometheus_client import Gauge
 
 from transfer import wire
-from transfer.consumer_link import ConsumerLink, PeerUnreachable
+from transfer.announcer import Announcer
+from transfer.consumer_link import ConsumerLink
 from transfer.link_calls import LinkCalls
 from transfer.device_fence import recorder_for
 from transfer.geometry import ChunkGeometry
@@ -30,6 +31,8 @@ from transfer.nixl_agent import NixlAgent, TransferError
 from transfer.notice import ChunkNotice
 from transfer.producer_settings import ProducerSettings
 from transfer.push_job import PushJob
+from transfer.call_answers import answered
+from transfer.push_window import window_blocked
 from transfer.staging import StagingBuffer
 
 log = logging.getLogger("kvbridge.producer")
@@ -54,6 +57,8 @@ class Producer:
                                  agent_name=self.agent.name, agent_meta=self.agent.metadata())
         self._calls = LinkCalls(lambda c: ConsumerLink(c, self.agent, self._hello, settings.secret,
                                                      settings.rpc_timeout_s), self._wake)
+        self.announcer = Announcer(lambda a: ConsumerLink(a, self.agent, self._hello, settings.secret,
+                                                          settings.rpc_timeout_s))
         self._jobs: dict[str, PushJob] = {}
         STAGING_FREE.set_function(lambda: self.staging.free)
         STAGING_TOTAL.set(settings.staging_chunks)
@@ -121,6 +126,7 @@ class Producer:
                 job.abort = True
             self._cv.notify()
         self._thread.join(timeout=10)
+        self.announcer.close()
         self._calls.close()
         self.staging.close()
 
@@ -161,7 +167,7 @@ class Producer:
         if t.state == State.SENDING and self._calls.gone(job.consumer):  # its lease died with it: no RPC there
             job.peer_down = t.to(State.FAILED, f"consumer {job.consumer} closed its connection (process gone?)")
         if job.call is not None and job.call.done():
-            self._answered(job, *job.call_of)
+            answered(job, *job.call_of, self.cfg)
         if t.state in (State.NEW, State.ALLOCATING) and now >= job.retry_at and job.call is None:
             if t.state == State.NEW:
                 t.to(State.ALLOCATING)
@@ -177,43 +183,16 @@ class Producer:
     def _ask(self, job: PushJob, kind: str, call: Callable[[ConsumerLink], object]) -> None:
         job.call, job.call_of = self._calls.submit(job.consumer, call), (kind, time.monotonic())
 
-    def _answered(self, job: PushJob, kind: str, sent_at: float) -> None:
-        """A call's answer: a lease (or none free yet), a renewal, or a release's (only logged)."""
-        t, call, job.call = job.t, job.call, None
-        try:
-            reply = call.result()
-        except Exception as e:
-            if kind == "release":
-                log.info("release of %s on %s not confirmed (%s); the lease will expire", t.transfer_id,
-                         job.consumer, e)
-                return
-            job.peer_down = isinstance(e, PeerUnreachable)
-            if not t.done:
-                t.to(State.FAILED, f"renewal failed: {e}" if kind == "renew" else str(e))
-            return
-        if kind == "alloc" and isinstance(reply, wire.NoCapacity):
-            now = time.monotonic()
-            if not t.done and now - t.times[State.ALLOCATING.value] > self.cfg.alloc_timeout_s:
-                t.to(State.FAILED, f"consumer {job.consumer} had no free slots for {self.cfg.alloc_timeout_s}s")
-            job.retry_at = now + reply.retry_after_s
-        elif kind == "alloc":
-            job.grant = reply  # also when the transfer ended meanwhile: its release names this lease
-            job.deadline, job.next_renew = sent_at + reply.ttl_s - self.cfg.write_margin_s, sent_at + reply.ttl_s / 3
-            if not t.done:
-                t.to(State.SENDING)
-        elif kind == "renew" and not t.done:
-            if not reply:
-                t.to(State.FAILED, "renewal failed: consumer no longer holds the lease")
-            ttl = self.cfg.lease_ttl_s
-            job.deadline, job.next_renew = sent_at + ttl - self.cfg.write_margin_s, sent_at + ttl / 3
-
     def _post(self, job: PushJob, now: float) -> None:
         if job.staged and now >= job.deadline:
             job.t.to(State.FAILED, "lease deadline reached before all chunks were written")
             return
         link = self._calls.link(job.consumer)
+        if job.call is None and window_blocked(job, self._cv, now):
+            key, epoch, ttl = job.spec.key, job.grant.epoch, self.cfg.lease_ttl_s
+            self._ask(job, "progress", lambda link: link.progress(key, epoch, ttl))
         with self._cv:
-            ready = [(c, job.staged.pop(c)) for c in sorted(job.staged) if job.staged[c][2].done()]
+            ready = [(c, job.staged.pop(c)) for c in sorted(job.staged) if job.staged[c][2].done() and job.may_write(c)]
         skip = job.grant.skip_chunks
         for i, (chunk, (slot, nbytes, _)) in enumerate(ready):
             if chunk < skip:  # staged before the grant said the consumer holds it
@@ -233,9 +212,9 @@ class Producer:
                                  crc=zlib.crc32(data.cpu().numpy()) if self.cfg.checksum else None)
             w = link.welcome
             try:
-                handle = self.agent.write(self.staging.region, [(self.staging.offset(slot), job.grant.offsets[chunk - skip],
-                                                                 nbytes)], w.agent_name, w.mem_type, w.dev_id,
-                                          notice.encode())
+                dst = job.grant.offsets[(chunk - skip) % len(job.grant.offsets)]  # a window reuses its slots
+                handle = self.agent.write(self.staging.region, [(self.staging.offset(slot), dst, nbytes)],
+                                          w.agent_name, w.mem_type, w.dev_id, notice.encode())
             except TransferError as e:
                 self.staging.release(slot)
                 with self._cv:

@@ -30,8 +30,10 @@ class PushJob:
     abort: bool = False
     peer_down: bool = False  # the consumer did not answer: nothing more to tell it
     call: Future | None = None  # the control call under way on the consumer's link thread
-    call_of: tuple[str, float] = ("", 0.0)  # that call's kind (alloc | renew | release) and when it was asked
+    call_of: tuple[str, float] = ("", 0.0)  # that call's kind (alloc | renew | progress | release) and when it was asked
     released: bool = False  # its lease's release was asked for
+    writable: int = 0  # lease chunks below this may be written (a windowed grant's last WindowState)
+    window_ask_at: float = 0.0
 
     def due_in(self, now: float) -> float:
         """Seconds until the push thread must look at this job again unprompted (inf: only an answer, a
@@ -43,3 +45,9 @@ class PushJob:
         if self.t.state in (State.NEW, State.ALLOCATING):
             return self.retry_at - now
         return self.next_renew - now if self.t.state == State.SENDING else math.inf
+
+    def may_write(self, chunk: int) -> bool:
+        """Whether prompt chunk `chunk` may be written now: held by the consumer (not sent at all) or
+        inside the lease's open window (the whole lease unless the grant is windowed)."""
+        skip = self.grant.skip_chunks
+        return chunk < skip or chunk - skip < max(self.writable, len(self.grant.offsets))

@@ -59,7 +59,10 @@ class ReceiveBook:
         self._ended: dict[str, tuple[str, float]] = {}        # key or transfer id -> (reason, forget at)
         self._traces: OrderedDict[str, dict] = OrderedDict()
         self._first_alloc: dict[str, float] = {}  # key -> when an ALLOC for it first came before its request
-        self._settling: list[tuple[Fence, str, Lease, bool]] = []  # (scatter's fence, key, lease, last claim)
+        # (scatter's fence, key, lease, last claim, window chunks freed by it or None for a whole-lease claim)
+        self._settling: list[tuple[Fence, str, Lease, bool, int | None]] = []
+        self._readers: dict[str, str] = {}  # windowed key -> the one request reading its stream
+        self._signs: dict[str, float] = {}  # key -> when its producer last showed life without chunks
         self.counters: dict[str, int] = {}
 
     # --- engine (worker) side
@@ -91,20 +94,47 @@ class ReceiveBook:
         lease = self.pool.pin(key)
         if lease is None:
             return None, "no complete lease to claim"
-        with self._lock:
-            exp, granted = self._expected.get(key), self._granted.get(key)
-        why = ""
-        if exp is None:
-            why = "no request expects this transfer"
-        elif granted is None or granted[0] != lease.epoch:
-            why = f"lease epoch {lease.epoch} was not granted through ALLOC"
-        elif granted[1:] != (exp.num_tokens, exp.token_hash):
-            why = (f"transfer carries {granted[1]} tokens hashing to {granted[2][:12]}, the request has "
-                   f"{exp.num_tokens} tokens hashing to {exp.token_hash[:12]}")
+        why = self._not_expected(key, lease)
         if why:
             self.pool.unpin(lease, release=True)
             return None, why
         return lease, ""
+
+    def take_window(self, key: str, reader: str) -> tuple[Lease | None, list[int], str]:
+        """A windowed lease streams into its request as it lands: the chunks that arrived in order since the
+        last take, pinned until `window_done` (lease, chunk indices, ''); (None, [], '') when the lease is
+        not windowed; (None, [], why) when it must not be used. One request reads a stream: it frees its
+        slots as it goes, so another request expecting the same prompt recomputes."""
+        lease = self.pool.live(key)
+        if lease is None or not lease.windowed:
+            return None, [], ""
+        with self._lock:
+            first = self._readers.setdefault(key, reader)
+        why = self._not_expected(key, lease) or ("" if first == reader else
+                                                 "a streamed transfer feeds one request, another one reads it")
+        if why:
+            return None, [], why
+        _, chunks = self.pool.take_front(key, lease.epoch)  # none if another attempt replaced it meanwhile
+        return lease, chunks, ""
+
+    def window_done(self, key: str, lease: Lease, upto: int, fence: Fence) -> None:
+        """The scatter of the chunks below `upto` is queued; once `fence` is done their slots take new chunks."""
+        with self._lock:
+            self._settling.append((fence, key, lease, False, upto))
+        self.settle()
+
+    def _not_expected(self, key: str, lease: Lease) -> str:
+        """Why this lease must not be read by the request expecting `key` ('' when it may)."""
+        with self._lock:
+            exp, granted = self._expected.get(key), self._granted.get(key)
+        if exp is None:
+            return "no request expects this transfer"
+        if granted is None or granted[0] != lease.epoch:
+            return f"lease epoch {lease.epoch} was not granted through ALLOC"
+        if granted[1:] != (exp.num_tokens, exp.token_hash):
+            return (f"transfer carries {granted[1]} tokens hashing to {granted[2][:12]}, the request has "
+                    f"{exp.num_tokens} tokens hashing to {exp.token_hash[:12]}")
+        return ""
 
     def finish(self, key: str, lease: Lease | None, trace: dict, fence: Fence = COMPLETED) -> None:
         """One claimer is done (scattered, failed, expired or aborted): once `fence` is done, unpin, and
@@ -118,6 +148,8 @@ class ReceiveBook:
                 if last:
                     del self._expected[key]
                     self._granted.pop(key, None)
+                    self._readers.pop(key, None)
+                    self._signs.pop(key, None)
             self._traces[key] = trace
             self._traces.move_to_end(key)
             while len(self._traces) > self.keep_traces:
@@ -129,7 +161,7 @@ class ReceiveBook:
             self._remember(key, f"its request stopped waiting ({trace.get('reason') or 'expired'})")
         if lease is not None:
             with self._lock:
-                self._settling.append((fence, key, lease, last))
+                self._settling.append((fence, key, lease, last, None))
             self.settle()
         elif last:
             self.pool.release(key)
@@ -141,7 +173,10 @@ class ReceiveBook:
             for s in self._settling:
                 (done if s[0].done() else waiting).append(s)
             self._settling = waiting
-        for _, key, lease, last in done:
+        for _, key, lease, last, upto in done:
+            if upto is not None:
+                self.pool.free_front(lease, upto)
+                continue
             self.pool.unpin(lease, release=last)
             if not last:
                 self.pool.renew(key, lease.epoch, self.unclaimed_ttl_s)  # the other claimers still read it
@@ -178,6 +213,21 @@ class ReceiveBook:
     def granted(self, key: str, epoch: int, num_tokens: int, token_hash: str) -> None:
         with self._lock:
             self._granted[key] = (epoch, num_tokens, token_hash)
+        self.sign_of_life(key)
+
+    def sign_of_life(self, key: str) -> None:
+        """The producer of `key` is alive without a lease in use (the request waits in the prefill's queue,
+        or for slots here): the waiting decode request's timeout restarts from now."""
+        now = self._clock()
+        with self._lock:
+            if len(self._signs) >= self.max_ended:  # bounded: signs for requests that never came are forgotten
+                self._signs = {k: t for k, t in self._signs.items() if now - t < self.remember_s}
+            self._signs[key] = now
+
+    def last_sign(self, key: str) -> float:
+        """When `key`'s producer last showed life without a lease in use (0 if never)."""
+        with self._lock:
+            return self._signs.get(key, 0.0)
 
     def fail(self, key: str, reason: str) -> None:
         """The transfer cannot be delivered (its producer gave up, a chunk was wrong, its lease expired):

@@ -9,7 +9,10 @@ quarantine, not from checks on arrival:
   match a live lease and its byte count is exactly what that chunk index must hold;
   anything else is dropped and counted;
 - a lease the worker is scattering from is *pinned*: it neither expires nor gives its slots
-  back until the last pin is gone, whatever ends it meanwhile (a cancel, a new attempt).
+  back until the last pin is gone, whatever ends it meanwhile (a cancel, a new attempt);
+- a lease may hold fewer slots than it carries chunks (a *window*): chunk i lands in window slot
+  i mod W, and only once chunk i - W has been scattered and its scatter is done (`free_front`);
+  a notice for a chunk outside the open window is dropped like any other wrong notice.
 
 Invariant: every slot is in exactly one of free, a live lease, a draining (pinned, ended)
 lease, or quarantine; `stats()` adds up to `num_slots`.
@@ -28,19 +31,33 @@ from transfer.notice import ChunkNotice
 @dataclass
 class Lease:
     transfer_id: str
-    slots: list[int]
+    slots: list[int]  # the window: lease chunk i lands in slots[i % len(slots)]
     epoch: int
     deadline: float
     producer: str
-    chunk_nbytes: list[int]
+    chunk_nbytes: list[int]  # every chunk the lease carries (more than its slots when windowed)
     attempt: int = 0
-    first_chunk: int = 0  # slot i holds chunk first_chunk + i (leading chunks the consumer holds are not sent)
-    arrived: dict[int, ChunkNotice] = field(default_factory=dict)
+    first_chunk: int = 0  # lease chunk i is prompt chunk first_chunk + i (the consumer holds the ones before)
+    arrived: dict[int, ChunkNotice] = field(default_factory=dict)  # arrived and not yet freed
     pins: int = 0
+    taken: int = 0  # leading chunks handed to the reader of a windowed lease
+    freed: int = 0  # leading chunks scattered and done with: their slots take chunk i + W
 
     @property
     def complete(self) -> bool:
-        return len(self.arrived) == len(self.slots)
+        return self.freed + len(self.arrived) == len(self.chunk_nbytes)
+
+    @property
+    def windowed(self) -> bool:
+        return len(self.slots) < len(self.chunk_nbytes)
+
+    @property
+    def writable(self) -> int:
+        """Chunks below this index may be written now (the open window)."""
+        return min(len(self.chunk_nbytes), self.freed + len(self.slots))
+
+    def slot_of(self, chunk: int) -> int:
+        return self.slots[chunk % len(self.slots)]
 
 
 @dataclass(frozen=True)
@@ -74,10 +91,11 @@ class SlotPool:
         self.dropped_total = 0
 
     def grant(self, transfer_id: str, chunk_nbytes: list[int], ttl_s: float, producer: str,
-              attempt: int = 0, first_chunk: int = 0) -> Lease | None:
-        """Lease one slot per chunk, or None when they are not free right now (caller says NO_CAPACITY).
-        The same producer asking again for the same attempt gets its lease back (a lost reply); a new
-        attempt, or another producer, ends the old lease first."""
+              attempt: int = 0, first_chunk: int = 0, window: int | None = None, keep_free: int = 0) -> Lease | None:
+        """Lease `window` slots (default: one per chunk) while leaving `keep_free` slots free for others,
+        or None when that is not possible now (caller says NO_CAPACITY). The same producer asking again
+        for the same attempt gets its lease back (a lost reply); a new attempt, or another producer,
+        ends the old lease first."""
         if any(n <= 0 or n > self.slot_bytes for n in chunk_nbytes):
             raise ValueError(f"chunk sizes {chunk_nbytes} do not fit {self.slot_bytes}-byte slots")
         with self._lock:
@@ -87,9 +105,10 @@ class SlotPool:
                 if old.producer == producer and old.attempt == attempt:
                     return old
                 self._end_locked(old, complete=False)
-            if len(chunk_nbytes) > len(self._free):
+            want = len(chunk_nbytes) if window is None else max(1, min(window, len(chunk_nbytes)))
+            if want + keep_free > len(self._free):
                 return None
-            slots = [self._free.pop() for _ in chunk_nbytes]
+            slots = [self._free.pop() for _ in range(want)]
             lease = Lease(transfer_id, slots, self._next_epoch, self._clock() + ttl_s, producer,
                           list(chunk_nbytes), attempt, first_chunk)
             self._next_epoch += 1
@@ -117,8 +136,10 @@ class SlotPool:
             lease = self._leases.get(notice.transfer_id)
             if lease is None or lease.epoch != notice.epoch or lease.producer != notice.incarnation:
                 why = "no live lease with that epoch and producer"
-            elif not 0 <= notice.chunk < len(lease.slots):
-                why = f"chunk index {notice.chunk} outside 0..{len(lease.slots) - 1}"
+            elif not 0 <= notice.chunk < len(lease.chunk_nbytes):
+                why = f"chunk index {notice.chunk} outside 0..{len(lease.chunk_nbytes) - 1}"
+            elif not lease.freed <= notice.chunk < lease.writable:
+                why = f"chunk {notice.chunk} outside the open window {lease.freed}..{lease.writable - 1}"
             elif notice.nbytes != lease.chunk_nbytes[notice.chunk]:
                 why = f"chunk {notice.chunk} has {notice.nbytes} bytes, it must hold {lease.chunk_nbytes[notice.chunk]}"
             else:
@@ -142,14 +163,42 @@ class SlotPool:
             self.dropped_total += 1
 
     def pin(self, transfer_id: str) -> Lease | None:
-        """Hold a complete lease's slots for reading: they stay put until `unpin`."""
+        """Hold a complete lease's slots for reading: they stay put until `unpin`. (A windowed lease is
+        read as it lands, with `take_front`: its slots no longer hold its first chunks.)"""
         with self._lock:
             self._reap_locked()
             lease = self._leases.get(transfer_id)
-            if lease is None or not lease.complete:
+            if lease is None or not lease.complete or lease.windowed:
                 return None
             lease.pins += 1
             return lease
+
+    def take_front(self, transfer_id: str, epoch: int) -> tuple[Lease | None, list[int]]:
+        """Pin a windowed lease and hand its reader the chunks that arrived in order since the last take
+        (lease chunk indices); the pin holds until `free_front`. (None, []) when there is no such lease
+        with that epoch."""
+        with self._lock:
+            self._reap_locked()
+            lease = self._leases.get(transfer_id)
+            if lease is None or not lease.windowed or lease.epoch != epoch:
+                return None, []
+            start = lease.taken
+            while lease.taken in lease.arrived:
+                lease.taken += 1
+            if lease.taken == start:
+                return lease, []
+            lease.pins += 1
+            return lease, list(range(start, lease.taken))
+
+    def free_front(self, lease: Lease, upto: int) -> None:
+        """The scatter of the chunks below `upto` is done: their slots take the next chunks, and the
+        pin of the take that handed them out is dropped."""
+        with self._lock:
+            for c in range(lease.freed, upto):
+                lease.arrived.pop(c, None)
+            lease.freed = max(lease.freed, upto)
+            lease.pins -= 1
+            self._drain_locked(lease)
 
     def unpin(self, lease: Lease, release: bool) -> None:
         """Drop one pin; with `release`, end the lease too (its slots are free once no pin is left)."""
@@ -157,9 +206,8 @@ class SlotPool:
             lease.pins -= 1
             if release and self._leases.get(lease.transfer_id) is lease:
                 self._end_locked(lease, complete=True)
-            elif lease.pins == 0 and lease in self._draining:
-                self._draining.remove(lease)
-                self._free.extend(lease.slots)
+            else:
+                self._drain_locked(lease)
 
     def release(self, transfer_id: str, epoch: int | None = None) -> bool:
         """End a lease; idempotent. Slots of an incomplete lease go to quarantine."""
@@ -193,6 +241,16 @@ class SlotPool:
             self._free.extend(lease.slots)
         else:
             self._quarantine.append((self._clock() + self.quarantine_s, lease.slots))
+
+    def _drain_locked(self, lease: Lease) -> None:
+        """An ended lease whose last pin is gone gives its slots back (to quarantine if chunks were still
+        due: a window's producer may still be writing)."""
+        if lease.pins == 0 and lease in self._draining:
+            self._draining.remove(lease)
+            if lease.complete:
+                self._free.extend(lease.slots)
+            else:
+                self._quarantine.append((self._clock() + self.quarantine_s, lease.slots))
 
     def _reap_locked(self) -> None:
         now = self._clock()

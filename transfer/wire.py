@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from transfer.layout import KVLayout
 
-PROTOCOL_VERSION = 4  # 4: messages travel in HMAC frames (control_auth.py), no `secret` field
+PROTOCOL_VERSION = 5  # 5: windowed grants (Grant.chunks, Progress/WindowState) and Pending; 4: HMAC frames
 MAX_MESSAGE_BYTES = 1 << 20
 
 
@@ -78,6 +78,21 @@ class Release(_Request):
     reason: str = Field(default="", max_length=1024)
 
 
+class Progress(_Request):
+    """How far may I write into this windowed lease? Renews it like RENEW (the push is alive)."""
+    type: Literal["progress"] = "progress"
+    transfer_id: str = Field(min_length=1, max_length=256)
+    epoch: int = Field(ge=0)
+    ttl_s: float = Field(gt=0, le=600)
+
+
+class Pending(_Request):
+    """The producer holds this transfer's request but has not asked for slots yet (it waits in the
+    prefill's queue): a sign of life, so the waiting decode request does not give up on it."""
+    type: Literal["pending"] = "pending"
+    transfer_id: str = Field(min_length=1, max_length=256)
+
+
 class Cancel(_Request):
     """From the router: the request behind this transfer is gone; free its slots, refuse its chunks."""
     type: Literal["cancel"] = "cancel"
@@ -119,8 +134,18 @@ class Grant(_Msg):
     epoch: int
     offsets: list[int]
     ttl_s: float
-    # leading chunks the consumer already holds (its own prefix cache): not pushed; offsets[i] is chunk skip + i
+    # leading chunks the consumer already holds (its own prefix cache): not pushed; lease chunk i is chunk skip + i
     skip_chunks: int = Field(default=0, ge=0)
+    # lease chunks in all; more than len(offsets) means a window: lease chunk i goes to offsets[i % len(offsets)],
+    # and only below the `writable` index the last WindowState gave (len(offsets) at first)
+    chunks: int = Field(default=0, ge=0)
+
+
+class WindowState(_Msg):
+    """Lease chunks below `writable` may be written now; `ok` False: the lease is gone."""
+    type: Literal["window_state"] = "window_state"
+    ok: bool
+    writable: int = Field(ge=0)
 
 
 class NoCapacity(_Msg):
@@ -175,15 +200,16 @@ class StoreHeld(_Msg):
 _lookups = TypeAdapter(StoreLookup)
 _helds = TypeAdapter(StoreHeld)
 
-Request = Annotated[Union[Hello, Alloc, Renew, Release, Cancel, Stats, TraceQuery], Field(discriminator="type")]
-Reply = Annotated[Union[Welcome, Reject, Grant, NoCapacity, Ack, PoolStatus, TransferTrace, Error],
+Request = Annotated[Union[Hello, Alloc, Renew, Release, Progress, Pending, Cancel, Stats, TraceQuery],
+                    Field(discriminator="type")]
+Reply = Annotated[Union[Welcome, Reject, Grant, WindowState, NoCapacity, Ack, PoolStatus, TransferTrace, Error],
                   Field(discriminator="type")]
 _requests = TypeAdapter(Request)
 _replies = TypeAdapter(Reply)
 
 
 Message = _Msg
-ReplyMessage = Union[Welcome, Reject, Grant, NoCapacity, Ack, PoolStatus, TransferTrace, Error]
+ReplyMessage = Union[Welcome, Reject, Grant, WindowState, NoCapacity, Ack, PoolStatus, TransferTrace, Error]
 
 
 def encode(msg: _Msg) -> bytes:
@@ -208,11 +234,12 @@ def _decode(raw: bytes, adapter: TypeAdapter):
                                    f"{e.errors()[0]['msg']}") from e
 
 
-def decode_request(raw: bytes) -> Hello | Alloc | Renew | Release | Cancel | Stats | TraceQuery:
+def decode_request(raw: bytes) -> Hello | Alloc | Renew | Release | Progress | Pending | Cancel | Stats | TraceQuery:
     return _decode(raw, _requests)
 
 
-def decode_reply(raw: bytes) -> Welcome | Reject | Grant | NoCapacity | Ack | PoolStatus | TransferTrace | Error:
+def decode_reply(raw: bytes) -> (Welcome | Reject | Grant | WindowState | NoCapacity | Ack | PoolStatus | TransferTrace
+                                 | Error):
     return _decode(raw, _replies)
 
 
