@@ -37,6 +37,7 @@ from transfer.device_fence import COMPLETED, Fence, recorder_for
 from transfer.receive_book import Arrival
 from transfer.states import State, Transfer
 from pd.store_lookup import LookupServer, StoreHandshake
+from pd.transfer_stats import BridgeTransferStats
 
 log = logging.getLogger("kvbridge.worker")
 
@@ -66,6 +67,8 @@ class WorkerSide:
         self._loads: dict[str, _Load] = {}
         self._done_recv: set[str] = set()
         self._failed_recv: set[str] = set()
+        self.stats = BridgeTransferStats()  # what vLLM's KV-transfer metrics show (pd/transfer_stats.py)
+        self._last_staged: dict[str, float] = {}  # push handle -> when its last chunk was staged
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         faulthandler.register(signal.SIGUSR2, all_threads=True)  # `kill -USR2 <worker>`: every thread's stack
@@ -204,6 +207,8 @@ class WorkerSide:
             if key is not None:
                 PROMPT_TOKENS.labels("saved").inc(self.chunk_tokens)
             nxt += 1
+        if tid is not None and nxt == n_chunks:
+            self._last_staged[tid] = time.monotonic()  # the prompt's last forward has run
         if nxt < n_chunks and (tid is not None or nxt < len(task.store_keys)):
             self._out[task.req_id] = (tid, nxt)
         else:
@@ -216,8 +221,8 @@ class WorkerSide:
         return self._scratch
 
     def get_transfer_results(self, idle: bool) -> KVConnectorTransferResults:
-        if self.producer is not None:
-            self.producer.take_finished()
+        for t in self.producer.take_finished() if self.producer is not None else ():
+            self.stats.record_send(t, self._last_staged.pop(t.transfer_id, None))
         if self._loads:
             self._check_loads()
             if idle and not self._done_recv and self._loads:
@@ -266,11 +271,14 @@ class WorkerSide:
             ids = task.block_ids[lo:hi]
             self.kv.scatter(ids, view, max(0, min(task.skip_blocks - lo, len(ids))))
         self.endpoint.book.count("tokens_scattered", task.spec.num_tokens - task.skip_blocks * self.kv.layout.block_size)
-        self._finish_load(rid, State.SCATTERED, lease=lease, fence=self._fence())  # slots free once it ran
+        self._finish_load(rid, State.SCATTERED, lease=lease, fence=self._fence(),
+                          nbytes=sum(lease.chunk_nbytes))  # slots free once the scatter ran
 
-    def _finish_load(self, rid: str, state: State, reason: str = "", lease=None, fence: Fence = COMPLETED) -> None:
+    def _finish_load(self, rid: str, state: State, reason: str = "", lease=None, fence: Fence = COMPLETED,
+                     nbytes: int = 0) -> None:
         ld = self._loads.pop(rid)
         ld.t.to(state, reason)
+        self.stats.record_receive(ld.t, nbytes)
         self.endpoint.book.finish(ld.task.spec.key, lease, ld.t.trace(), fence)
         (self._done_recv if state == State.SCATTERED else self._failed_recv).add(rid)
 
