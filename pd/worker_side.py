@@ -38,6 +38,7 @@ from transfer.receive_book import Arrival
 from transfer.states import State, Transfer
 from pd.store_lookup import LookupServer, StoreHandshake
 from pd.transfer_stats import BridgeTransferStats
+from storage.admin_server import StoreAdminServer
 
 log = logging.getLogger("kvbridge.worker")
 
@@ -58,6 +59,7 @@ class WorkerSide:
         self.is_producer, self.is_consumer = is_producer, is_consumer
         self.store: PrefixStore | None = None
         self.lookup_server: LookupServer | None = None
+        self.store_admin: StoreAdminServer | None = None
         self.kv: PagedKV | None = None
         self.producer: Producer | None = None
         self.endpoint: ConsumerEndpoint | None = None
@@ -103,6 +105,9 @@ class WorkerSide:
             self.store = PrefixStore(self.cfg.store, layout, chunk_tokens, self.vllm_config.model_config.model,
                                      store_key(self._secret) if self._secret is not None else None)
             self.lookup_server = LookupServer(self.store)  # loopback only: the scheduler is on this host
+            if self.cfg.store.admin_port:
+                self.store_admin = StoreAdminServer(self.store.store, self.cfg.listen_host, self.cfg.store.admin_port
+                                                    + layout.tp_rank, self._secret, self.cfg.insecure)
         if self.cfg.metrics_port:
             start_http_server(self.cfg.metrics_port + layout.tp_rank, addr=self.cfg.listen_host)
         log.info("kvbridge %s ready: %s, %d tokens/chunk (%d bytes)", name, layout.model_dump(), chunk_tokens,
@@ -290,11 +295,6 @@ class WorkerSide:
             self.producer.abort(out[0])
 
     def shutdown(self) -> None:
-        if self.lookup_server is not None:
-            self.lookup_server.close()
-        if self.store is not None:
-            self.store.close()
-        if self.producer is not None:
-            self.producer.close()
-        if self.endpoint is not None:
-            self.endpoint.close()
+        for part in (self.store_admin, self.lookup_server, self.store, self.producer, self.endpoint):
+            if part is not None:
+                part.close()

@@ -155,6 +155,19 @@ class TieredStore:
             out.append(w)
         return out
 
+    def report(self) -> dict[str, dict[str, int]]:
+        """Per tier: chunks held, bytes used and capacity (0 where the tier's server owns capacity)."""
+        return {t.name: {"chunks": t.count(), "used_bytes": int(getattr(t, "used", 0)),
+                         "capacity_bytes": int(getattr(t, "capacity", 0))} for t in self.tiers}
+
+    def clear(self, flush_timeout_s: float = 10.0) -> dict[str, int]:
+        """Forget every chunk, hot to cold, while requests keep running: background writes queued before the
+        call land first (so they are cleared too), a load that already borrowed a chunk finishes with intact
+        bytes, and one whose lookup came before the clear finds its chunk gone, a load error its request
+        recomputes. Returns the chunks each tier removed."""
+        self.flush(flush_timeout_s)
+        return {t.name: t.clear() for t in self.tiers}
+
     def flush(self, timeout_s: float = 30.0) -> bool:
         """Wait until background writes are done (tests, shutdown); False if they did not finish in time."""
         done = threading.Event()
