@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from prometheus_client import Histogram
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
     KVConnectorPromMetrics,
     KVConnectorStats,
@@ -27,6 +28,9 @@ from transfer.states import State, Transfer
 
 _KEYS = ("recv_seconds", "recv_bytes", "send_seconds", "exposed_seconds", "failed")
 _SECONDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# also on the connector's own metrics_port, beside kvbridge_transfer_seconds (whose producer SENT sum it divides)
+EXPOSED = Histogram("kvbridge_transfer_exposed_seconds", "Push time after the prefill's last chunk was staged: the "
+                    "part of a transfer not hidden behind the prefill", buckets=_SECONDS)
 
 
 @dataclass
@@ -55,6 +59,7 @@ class BridgeTransferStats(KVConnectorStats):
             self.data["send_seconds"].append(sent - t.times[State.NEW.value])
             if last_staged is not None:
                 self.data["exposed_seconds"].append(max(0.0, sent - last_staged))
+                EXPOSED.observe(self.data["exposed_seconds"][-1])
         elif t.state == State.FAILED:
             self.data["failed"].append(1)
 
