@@ -3,7 +3,9 @@
 
 The worker records each transfer that ended since the last step (a decode node its receives, a prefill
 node its pushes); vLLM ships the lists to the scheduler with the step's output, adds them up over its log
-interval (`aggregate`) and prints `reduce()`; its Prometheus logger hands the same data to `observe`.
+interval (`aggregate`) and prints `reduce()`; its Prometheus logger hands the same data to `observe`. vLLM asks only
+after an engine step: a push that ends after its request did (the usual case) is reported with the prefill
+engine's next step.
 
 A push's exposed time is what the prefill did not hide: from the moment its last chunk was staged (the
 prompt's last forward had run) to the moment the consumer's slots held every byte. Its share of all push
