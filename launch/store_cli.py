@@ -65,7 +65,8 @@ def _admin_address(role: RoleConfig) -> str:
 
 
 def node_report(role: RoleConfig, op: str = "stats") -> StoreReport:
-    return ask_store(_admin_address(role), op, role.connector.secret())
+    """A clear first waits for queued background writes (up to 10 s), so it gets longer to answer."""
+    return ask_store(_admin_address(role), op, role.connector.secret(), timeout_s=30.0 if op == "clear" else 10.0)
 
 
 def read_prompts(path: str | Path) -> list[str | list[int]]:
