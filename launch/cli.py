@@ -1,4 +1,4 @@
-"""`kvbridge` command line: model generation, config checks, serving roles, local deployments, benches."""
+"""`kvbridge` command line: model generation, config checks, serving roles, local deployments, store admin, benches."""
 from __future__ import annotations
 
 import argparse
@@ -72,6 +72,24 @@ def _status(a: argparse.Namespace) -> None:
         sys.exit(0)
 
 
+def _store(a: argparse.Namespace) -> None:
+    from launch.store_cli import StoreAdminError, format_report, node_report, read_prompts, store_nodes, warmup
+    roles = store_nodes(a.file)
+    if not roles:
+        raise SystemExit(f"{a.file}: no prefill node keeps a store (connector.store)")
+    try:
+        if a.sub == "warmup":
+            prompts = read_prompts(a.prompts)
+            for name, (before, after) in warmup(roles, prompts, a.parallel).items():
+                print("\n".join(format_report(name, after, before)))
+            print(f"{len(prompts)} prompts prefilled on {len(roles)} node(s)")
+        else:
+            for role in roles:
+                print("\n".join(format_report(role.name, node_report(role, a.sub))))
+    except StoreAdminError as e:
+        raise SystemExit(str(e))
+
+
 def _router(a: argparse.Namespace) -> None:
     from router.app import main
     main(["--config", a.config] + (["--port", str(a.port)] if a.port else []))
@@ -111,6 +129,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--watch", type=float, metavar="SECONDS", help="redraw every SECONDS until Ctrl-C")
     p.add_argument("--log-dir", default=".kvbridge/logs", help="where `kvbridge up` writes the role logs")
     p.set_defaults(fn=_status)
+    p = sub.add_parser("store", help="the prefix stores of a running deployment's prefill nodes")
+    ssub = p.add_subparsers(dest="sub", required=True)
+    for name, text in (("stats", "chunks and bytes per tier"),
+                       ("clear", "remove every stored chunk (safe while serving: a request whose chunk is gone "
+                                 "recomputes it; a shared Redis is cleared for every node)")):
+        s = ssub.add_parser(name, help=text)
+        s.add_argument("file", nargs="?", default="configs/deployment.yaml")
+        s.set_defaults(fn=_store)
+    s = ssub.add_parser("warmup", help="prefill the prompts in PROMPTS (one per line, or .jsonl with a 'prompt' "
+                                       "field) on every prefill node so their chunks are stored")
+    s.add_argument("prompts")
+    s.add_argument("file", nargs="?", default="configs/deployment.yaml")
+    s.add_argument("--parallel", type=int, default=4, help="prompts in flight at once")
+    s.set_defaults(fn=_store)
     p = sub.add_parser("render", help="turn a deployment graph into manifests for another target")
     rsub = p.add_subparsers(dest="sub", required=True)
     r = rsub.add_parser("k8s", help="Kubernetes manifests: Deployments, Services, ConfigMap, Secret reference")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import time
 
+from prometheus_client import start_http_server
+
 from launch.role_config import DeploymentConfig, load_config
 from launch.servers import RouterServer, VllmServer
 from launch.supervisor import Supervisor
@@ -35,6 +37,9 @@ def run_deployment(path: str, demo: bool = False, log_dir: str = ".kvbridge/logs
             return
         log.info("Ctrl-C stops everything; a role that exits or stops answering /health is restarted")
         watchdog = Watchdog(sup.processes)
+        if dep.metrics_port:   # after the watchdog: its series exist, at 0, from the first scrape
+            start_http_server(dep.metrics_port, addr="127.0.0.1")
+            log.info("restart counts at http://127.0.0.1:%d/metrics", dep.metrics_port)
         try:
             while True:
                 watchdog.tick()

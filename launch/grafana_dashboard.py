@@ -50,6 +50,12 @@ def _panels() -> list[tuple[str, list[timeseries.Panel]]]:
                     (_q(0.99, "kvbridge_transfer_seconds", "role"), "p99 {{role}}")]),
             _panel("Push throughput", "Bps", "KV bytes producers posted to decode slots (GB/s at scale).",
                    [(f"sum by (instance) (rate(kvbridge_transfer_pushed_bytes_total[{RI}]))", "{{instance}}")]),
+            _panel("Transfer time not hidden behind prefill", "percentunit", "Share of push time spent after the "
+                   "prefill's last chunk was staged (the rest overlapped the prefill's compute); near 1, TTFT pays "
+                   "the whole transfer.",
+                   [(f"sum(rate(kvbridge_transfer_exposed_seconds_sum[{RI}])) / "
+                     f'sum(rate(kvbridge_transfer_seconds_sum{{role="producer",state="SENT"}}[{RI}]))', "exposed share"),
+                    (_q(0.99, "kvbridge_transfer_exposed_seconds"), "p99 exposed seconds")]),
             _panel("Transfers by final state", "ops", "FAILED and EXPIRED cost a recompute or an error.",
                    [(f'sum by (role, state) (rate(kvbridge_transfer_transitions_total{{state=~"{FINAL}"}}[{RI}]))',
                      "{{role}} {{state}}")]),
@@ -75,7 +81,9 @@ def _panels() -> list[tuple[str, list[timeseries.Panel]]]:
                    [("kvbridge_router_instance_state", "{{kind}} {{instance}}")]),
             _panel("Restarts", "short", "Process restarts (start time changed) and health flaps seen by the router.",
                    [("changes(process_start_time_seconds[1h])", "restarts {{job}} {{instance}}"),
-                    ("changes(kvbridge_router_instance_healthy[1h])", "health flaps {{kind}} {{instance}}")]),
+                    ("changes(kvbridge_router_instance_healthy[1h])", "health flaps {{kind}} {{instance}}"),
+                    ("increase(kvbridge_supervisor_restarts_total[1h])", "restarted by kvbridge up {{role}}"),
+                    ("kvbridge_supervisor_given_up == 1", "given up {{role}}")]),
         ]),
     ]
 

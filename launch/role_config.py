@@ -92,6 +92,8 @@ class DeploymentConfig(BaseModel):
     decode: list[str] = Field(min_length=1)
     router: str
     env: dict[str, str] = Field(default_factory=dict)
+    metrics_port: int | None = Field(default=None, ge=1, le=65535, description="`kvbridge up` serves its "
+                                     "restart counts here (127.0.0.1); `kvbridge status` reads them")
     base_dir: Path = Path(".")
 
     @model_validator(mode="after")

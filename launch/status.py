@@ -2,7 +2,7 @@
 
 Nothing new is exposed for it: health is each server's /health, outstanding requests and the router's view
 of every node come from the router's /metrics, staging, transfers and store tiers from a prefill engine's
-`metrics_port`, a decode connector's slots and transfers from the `stats` message on its handshake port,
+`metrics_port`, restarts from `kvbridge up`'s own `metrics_port`, a decode connector's slots and transfers from the `stats` message on its handshake port,
 and last errors from the logs `kvbridge up` writes. A part that does not answer is shown as such, never
 waited on past `timeout_s`.
 """
@@ -40,6 +40,8 @@ class InstanceStatus:
     transfers: dict[str, int] = field(default_factory=dict)   # final state -> count since the process started
     store: dict[str, dict[str, float]] = field(default_factory=dict)   # tier -> used_bytes, hits, misses
     errors: list[str] = field(default_factory=list)
+    restarts: int | None = None      # by `kvbridge up`, from its metrics_port; None where not known
+    given_up: bool = False
 
 
 async def _get(session: aiohttp.ClientSession, url: str) -> tuple[int, str]:
@@ -89,6 +91,15 @@ def _apply_router(rows: dict[str, InstanceStatus], samples: Samples) -> None:
             row.router_view = ROUTER_STATE.get(int(value), str(value))
 
 
+def _apply_supervisor(rows: dict[str, InstanceStatus], samples: Samples) -> None:
+    for name, labels, value in samples:
+        row = rows.get(labels.get("role", ""))
+        if row is not None and name == "kvbridge_supervisor_restarts_total":
+            row.restarts = int(value)
+        elif row is not None and name == "kvbridge_supervisor_given_up":
+            row.given_up = value == 1
+
+
 def _apply_engine(row: InstanceStatus, samples: Samples) -> None:
     values = {(n, tuple(sorted(lab.items()))): v for n, lab, v in samples}
     free = values.get(("kvbridge_producer_staging_free_slots", ()))
@@ -134,6 +145,10 @@ async def collect(path: str | Path, log_dir: str | Path = ".kvbridge/logs", time
         router_samples = await _samples(session, admin + "/metrics")
         if router_samples is not None:
             _apply_router(rows, router_samples)
+        if dep.metrics_port:
+            supervisor = await _samples(session, f"http://127.0.0.1:{dep.metrics_port}/metrics")
+            if supervisor is not None:
+                _apply_supervisor(rows, supervisor)
         engines = [r for r in prefill + decode if r.connector.metrics_port]
         metrics = await asyncio.gather(*(_samples(
             session, f"http://{r.connector.listen_host}:{r.connector.metrics_port}/metrics") for r in engines))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from launch.status import collect
 
-COLUMNS = [("instance", 12), ("kind", 8), ("health", 12), ("router", 8), ("out", 4), ("slots", 9),
+COLUMNS = [("instance", 12), ("kind", 8), ("health", 12), ("router", 8), ("restarts", 12), ("out", 4), ("slots", 9),
            ("staging", 8), ("transfers", 30), ("store (tier used hit%)", 40)]
 
 
@@ -54,7 +54,8 @@ def table(rows: list[dict]) -> str:
     out = [line([h for h, _ in COLUMNS])]
     for r in rows:
         transfers = " ".join(f"{k}={v}" for k, v in sorted(r["transfers"].items()))
-        out.append(line([r["name"], r["kind"], r["health"], r["router_view"],
+        restarts = "" if r["restarts"] is None else f"{r['restarts']}{' given up' if r['given_up'] else ''}"
+        out.append(line([r["name"], r["kind"], r["health"], r["router_view"], restarts,
                          "" if r["outstanding"] is None else str(r["outstanding"]), r["slots"], r["staging"],
                          transfers, _store(r["store"])]))
         out += [f"    ! {e}" for e in r["errors"]]

@@ -13,10 +13,14 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
+from prometheus_client import Counter, Gauge
+
 from launch.process_handle import ProcessHandle
 from launch.servers import RouterServer
 
 log = logging.getLogger("kvbridge.watchdog")
+RESTARTS = Counter("kvbridge_supervisor_restarts_total", "Restarts of a role by `kvbridge up`", ["role"])
+GIVEN_UP = Gauge("kvbridge_supervisor_given_up", "1 once `kvbridge up` stopped restarting a role", ["role"])
 
 
 def _answers_http(url: str) -> bool:
@@ -60,6 +64,9 @@ class Watchdog:
         now = time.monotonic()
         self._watches = [_Watch(p, now, healthy_once=True) for p in processes]   # started healthy by up
         self.restarts: dict[str, int] = {p.name: 0 for p in processes}
+        for p in processes:   # every role's series exists from the start, at 0
+            RESTARTS.labels(p.name)
+            GIVEN_UP.labels(p.name).set(0)
 
     @property
     def given_up(self) -> list[str]:
@@ -102,6 +109,7 @@ class Watchdog:
         w.restart_times = [t for t in w.restart_times if now - t < p.window_s]
         if len(w.restart_times) >= p.max_restarts:
             w.given_up = True
+            GIVEN_UP.labels(w.proc.name).set(1)
             w.proc.stop(5)
             log.error("%s %s; giving up on it after %d restarts in %g s (see %s). The rest of the deployment "
                       "keeps serving without it", w.proc.name, why, len(w.restart_times), p.window_s, w.proc.log_path)
@@ -116,4 +124,5 @@ class Watchdog:
         w.restart_times.append(now)
         w.restart_at, w.started_at, w.healthy_once, w.health_fails = None, now, False, 0
         self.restarts[w.proc.name] += 1
+        RESTARTS.labels(w.proc.name).inc()
         w.proc.start()

@@ -23,6 +23,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from pd.connector_config import ConnectorConfig
 from pd.hook_timer import SCHEDULER_HOOKS, WORKER_HOOKS
 from pd.scheduler_side import BridgeMetadata, SchedulerSide
+from pd.transfer_stats import BridgePromMetrics, BridgeTransferStats
 
 
 def _route_logs_through_vllm() -> None:
@@ -120,6 +121,19 @@ class KVBridgeConnector(KVConnectorBase_V1):
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         r = self.get_transfer_results(finished_req_ids)
         return r.finished_sending or None, r.finished_recving or None
+
+    def get_kv_connector_stats(self) -> BridgeTransferStats | None:
+        """Transfers that ended since the last step (vLLM asks the scheduler side too: it has none)."""
+        return self.worker_side.stats.take() if self.worker_side is not None else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> BridgeTransferStats:
+        return BridgeTransferStats(data=data or {})
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: Any, metric_types: dict, labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> BridgePromMetrics:
+        return BridgePromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:
         if self.worker_side is not None:

@@ -68,9 +68,20 @@ class PrefixStore:
         self.store.prefetch(ks[:held])
         return held
 
-    def load(self, key: str, use: Callable[[torch.Tensor], R]) -> R | None:
-        """`use(chunk bytes)` if the store holds the chunk (a memory hit is used in place), else None."""
-        return self.store.load(key + self._suffix, use)
+    def load(self, key: str, use: Callable[[torch.Tensor], R], cold: bool = True) -> R | None:
+        """`use(chunk bytes)` if the store holds the chunk (a memory hit is used in place), else None;
+        `cold=False`: memory only (pd/store_loads.py waited for the fetch)."""
+        return self.store.load(key + self._suffix, use, cold)
+
+    def prefetch(self, keys: list[str]) -> None:
+        """Bring `keys` that memory does not hold (any more) into it in the background."""
+        self.store.prefetch([k + self._suffix for k in keys])
+
+    def fetching(self, keys: list[str]) -> bool:
+        return self.store.fetching([k + self._suffix for k in keys])
+
+    def wait_fetched(self, keys: list[str], timeout_s: float) -> None:
+        self.store.wait_fetched([k + self._suffix for k in keys], timeout_s)
 
     def put(self, key: str, data: torch.Tensor) -> None:
         self.store.put(key + self._suffix, data)

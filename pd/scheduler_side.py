@@ -18,9 +18,10 @@ so the engine requests of one OpenAI request (a list of prompts) never share KV;
 engine requests read one prompt's transfer on the decode node (`n` of parallel sampling).
 
 With a store configured, a producer also reports the prompt's leading chunks found in the store
-as external tokens (loaded synchronously before the forward) and has every new whole chunk kept. The
-lookup is made once per request and its answer kept until the request finishes; until it comes (at most
-the lookup timeout) vLLM is told to ask again next step (pd/store_lookup.py).
+as external tokens, loaded asynchronously (the request waits until the worker has them in memory and
+reports it as a finished receive, pd/store_loads.py), and has every new whole chunk kept. The lookup is
+made once per request and its answer kept until the request finishes; until it comes (at most the
+lookup timeout) vLLM is told to ask again next step (pd/store_lookup.py).
 """
 from __future__ import annotations
 
@@ -168,7 +169,8 @@ class SchedulerSide:
             n = len(request.prompt_token_ids or ()) - num_computed_tokens
             return (n, True) if n > 0 else (0, False)
         if self._lookups is not None:
-            return self._store_match(request, num_computed_tokens), False  # None: vLLM asks again next step
+            n = self._store_match(request, num_computed_tokens)  # None: vLLM asks again next step
+            return n, bool(n)  # a hit loads asynchronously: a slow tier holds up only this request
         return 0, False
 
     def set_store_handshakes(self, metadata: dict[int, Any]) -> None:
@@ -210,6 +212,7 @@ class SchedulerSide:
                 first, last = local // c, (local + num_external_tokens) // c
                 self._new_store_loads.append(StoreLoadTask(rid, keys[first:last], first,
                                                            list(blocks.get_block_ids()[0]), local // self.block_size))
+                self._loading.add(rid)
             push = p is not None and p.push_to is not None and self._push_allowed(rid, p)
             if push or held < len(keys):
                 prompt = list(request.prompt_token_ids or ())

@@ -31,14 +31,17 @@ from pd.device_memory import report_device_memory
 from pd.hook_timer import WORKER_HOOKS
 from pd.paged_kv import PagedKV
 from pd.prefix_store import PROMPT_TOKENS, PrefixStore, model_fingerprint, store_key
+from pd.store_loads import StoreLoads
 from transfer.producer import Producer, ProducerSettings
-from pd.scheduler_side import LOOKUP_SECONDS, BridgeMetadata, LoadTask, OutgoingTask, StoreLoadTask
+from pd.scheduler_side import LOOKUP_SECONDS, BridgeMetadata, LoadTask, OutgoingTask
 from transfer.device_fence import COMPLETED, Fence, recorder_for
 from transfer.identity import rank_address
 from transfer.receive_book import Arrival
 from transfer.states import State, Transfer
 from pd.store_lookup import LookupServer, StoreHandshake
 from pd.streamed_load import scatter_landed
+from pd.transfer_stats import BridgeTransferStats
+from storage.admin_server import StoreAdminServer
 
 log = logging.getLogger("kvbridge.worker")
 
@@ -59,6 +62,8 @@ class WorkerSide:
         self.is_producer, self.is_consumer = is_producer, is_consumer
         self.store: PrefixStore | None = None
         self.lookup_server: LookupServer | None = None
+        self.store_admin: StoreAdminServer | None = None
+        self.store_loads: StoreLoads | None = None
         self.kv: PagedKV | None = None
         self.producer: Producer | None = None
         self.endpoint: ConsumerEndpoint | None = None
@@ -66,7 +71,10 @@ class WorkerSide:
         self._out: dict[str, tuple[str | None, int]] = {}  # req_id -> (transfer id if pushing, next chunk)
         self._load_errors: set[int] = set()
         self._loads: dict[str, _Load] = {}
-        self._done_recv, self._failed_recv = set[str](), set[str]()
+        self._done_recv: set[str] = set()
+        self._failed_recv: set[str] = set()
+        self.stats = BridgeTransferStats()  # what vLLM's KV-transfer metrics show (pd/transfer_stats.py)
+        self._last_staged: dict[str, float] = {}  # push handle -> when its last chunk was staged
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         faulthandler.register(signal.SIGUSR2, all_threads=True)  # `kill -USR2 <worker>`: every thread's stack
@@ -101,6 +109,10 @@ class WorkerSide:
             self.store = PrefixStore(self.cfg.store, layout, chunk_tokens, self.vllm_config.model_config.model,
                                      store_key(self._secret) if self._secret is not None else None)
             self.lookup_server = LookupServer(self.store)  # loopback only: the scheduler is on this host
+            self.store_loads = StoreLoads(self.store, self.kv, self.blocks_per_chunk, chunk_tokens, self._load_errors)
+            if self.cfg.store.admin_port:
+                self.store_admin = StoreAdminServer(self.store.store, self.cfg.listen_host, self.cfg.store.admin_port
+                                                    + layout.tp_rank, self._secret, self.cfg.insecure)
         if self.cfg.metrics_port:
             start_http_server(self.cfg.metrics_port + layout.tp_rank, addr=self.cfg.listen_host)
         log.info("kvbridge %s ready: %s, %d tokens/chunk (%d bytes)", name, layout.model_dump(), chunk_tokens,
@@ -137,34 +149,7 @@ class WorkerSide:
                                       held_chunks=task.skip_blocks // self.blocks_per_chunk)
             self._loads[task.req_id] = _Load(task, Transfer(task.spec.key, "consumer"), time.monotonic())
         for st in meta.store_loads:
-            self._load_from_store(st)
-
-    def _load_from_store(self, task: StoreLoadTask) -> None:
-        """Scatter stored chunks into the request's blocks; from the first chunk that is gone (evicted
-        since the lookup, damaged) on, report the blocks as load errors so vLLM recomputes them."""
-        expect = self.kv.chunk_nbytes(self.blocks_per_chunk)
-        loaded = 0
-        bpc = self.blocks_per_chunk
-        for i, key in enumerate(task.keys):
-            c = task.first_chunk + i
-            ids = task.block_ids[c * bpc:(c + 1) * bpc]
-            skip = max(0, task.skip_blocks - c * bpc)
-
-            def scatter(data: torch.Tensor, ids: list[int] = ids, skip: int = skip) -> int:
-                if data.numel() == expect:
-                    # the store's slot is reused once we return: a blocking copy to the cache's device
-                    self.kv.scatter(ids, data.to(self.kv.device), skip)
-                return data.numel()
-            got = self.store.load(key, scatter)
-            if got != expect:
-                self._load_errors.update(task.block_ids[c * bpc:(task.first_chunk + len(task.keys)) * bpc])
-                PROMPT_TOKENS.labels("load_failed").inc((len(task.keys) - i) * self.chunk_tokens)
-                log.warning("request %s: stored chunk %d is gone (%s); its blocks will be recomputed", task.req_id,
-                            c, "missing" if got is None else f"{got} bytes, expected {expect}")
-                break
-            loaded += self.chunk_tokens - skip * self.kv.layout.block_size
-        PROMPT_TOKENS.labels("loaded").inc(loaded)
-        log.debug("request %s: %d prompt tokens loaded from the store", task.req_id, loaded)
+            self.store_loads.add(st)  # scattered once its chunks are in memory (pd/store_loads.py)
 
     def handshake_metadata(self) -> StoreHandshake | None:
         """What the scheduler needs to ask this worker's store (see pd/store_lookup.py)."""
@@ -173,7 +158,8 @@ class WorkerSide:
         return StoreHandshake(self.lookup_server.address, self.store.seed, self.store.chunk_tokens)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        errors, self._load_errors = self._load_errors, set()
+        errors = set(self._load_errors)
+        self._load_errors.clear()  # the same set: pd/store_loads.py adds to it
         return errors
 
     def wait_for_save(self, meta: BridgeMetadata) -> None:
@@ -205,6 +191,8 @@ class WorkerSide:
             if key is not None:
                 PROMPT_TOKENS.labels("saved").inc(self.chunk_tokens)
             nxt += 1
+        if tid is not None and nxt == n_chunks:
+            self._last_staged[tid] = time.monotonic()  # the prompt's last forward has run
         if nxt < n_chunks and (tid is not None or nxt < len(task.store_keys)):
             self._out[task.req_id] = (tid, nxt)
         else:
@@ -217,8 +205,8 @@ class WorkerSide:
         return self._scratch
 
     def get_transfer_results(self, idle: bool) -> KVConnectorTransferResults:
-        if self.producer is not None:
-            self.producer.take_finished()
+        for t in self.producer.take_finished() if self.producer is not None else ():
+            self.stats.record_send(t, self._last_staged.pop(t.transfer_id, None))
         if self._loads:
             self._check_loads()
             if idle and not self._done_recv and self._loads:
@@ -228,6 +216,11 @@ class WorkerSide:
                 self.endpoint.wait_arrivals(self.cfg.idle_wait_ms / 1000)
                 WORKER_HOOKS.idle(time.perf_counter_ns() - t0)
                 self._check_loads()
+        if self.store_loads is not None and self.store_loads.pending:
+            self._done_recv |= self.store_loads.finished()
+            if idle and not self._done_recv:   # nothing to compute: sleep until a fetch ends, not spin
+                self.store_loads.wait(self.cfg.idle_wait_ms / 1000)
+                self._done_recv |= self.store_loads.finished()
         done, failed = self._done_recv, self._failed_recv
         self._done_recv, self._failed_recv = set(), set()
         return KVConnectorTransferResults(finished_recving=done | failed, failed_recving=failed)
@@ -271,20 +264,24 @@ class WorkerSide:
             lo, hi = self._chunk_blocks(task.spec.num_tokens, c)
             ids = task.block_ids[lo:hi]
             self.kv.scatter(ids, view, max(0, min(task.skip_blocks - lo, len(ids))))
-        self._scattered(rid, ld, lease, self._fence())  # slots free once it ran
+        self._scattered(rid, ld, lease, self._fence(), sum(lease.chunk_nbytes))  # slots free once it ran
 
-    def _scattered(self, rid: str, ld: _Load, lease=None, fence: Fence = COMPLETED) -> None:
+    def _scattered(self, rid: str, ld: _Load, lease=None, fence: Fence = COMPLETED, nbytes: int = 0) -> None:
         ld.t.to(State.RECEIVED)
         self.endpoint.book.count("tokens_scattered", ld.task.spec.num_tokens - ld.task.skip_blocks * self.kv.layout.block_size)
-        self._finish_load(rid, State.SCATTERED, lease=lease, fence=fence)
+        self._finish_load(rid, State.SCATTERED, lease=lease, fence=fence, nbytes=nbytes)
 
-    def _finish_load(self, rid: str, state: State, reason: str = "", lease=None, fence: Fence = COMPLETED) -> None:
+    def _finish_load(self, rid: str, state: State, reason: str = "", lease=None, fence: Fence = COMPLETED,
+                     nbytes: int = 0) -> None:
         ld = self._loads.pop(rid)
         ld.t.to(state, reason)
+        self.stats.record_receive(ld.t, nbytes)
         self.endpoint.book.finish(ld.task.spec.key, lease, ld.t.trace(), fence)
         (self._done_recv if state == State.SCATTERED else self._failed_recv).add(rid)
 
     def _abort(self, rid: str) -> None:
+        if self.store_loads is not None and self.store_loads.drop(rid):
+            self._done_recv.add(rid)  # vLLM frees a loading request's blocks once its id is reported
         if rid in self._loads:
             self._finish_load(rid, State.ABORTED, "request finished before its KV was used")
         out = self._out.pop(rid, None)
@@ -292,11 +289,6 @@ class WorkerSide:
             self.producer.abort(out[0])
 
     def shutdown(self) -> None:
-        if self.lookup_server is not None:
-            self.lookup_server.close()
-        if self.store is not None:
-            self.store.close()
-        if self.producer is not None:
-            self.producer.close()
-        if self.endpoint is not None:
-            self.endpoint.close()
+        for part in (self.store_admin, self.lookup_server, self.store, self.producer, self.endpoint):
+            if part is not None:
+                part.close()

@@ -39,6 +39,10 @@ class StoreConfig(BaseModel):
     remote_budget_s: float = Field(default=0.02, gt=0,
                                    description="how long a lookup waits for Redis before counting its chunks missing")
 
+    admin_port: int | None = Field(default=None, ge=1, le=65535,
+                                   description="`kvbridge store stats | clear` reach the store here (plus the TP "
+                                   "rank), on the connector's listen_host; unset: no admin listener")
+
     _sizes = field_validator("memory_bytes", "disk_bytes", mode="before")(parse_bytes)
 
     def build(self, mac_key: bytes | None = None) -> TieredStore:

@@ -151,6 +151,8 @@ class DiskTier:
                     raise BadChunk("file ended early")
                 check(self._mac_key, key, out.numpy(), tag)
                 return out
+        except FileNotFoundError:  # cleared or evicted since the index said it was here: a plain miss
+            return None
         except (OSError, BadChunk) as e:
             (REJECTED.labels(self.name) if isinstance(e, BadChunk) else ERRORS.labels(self.name, "get")).inc()
             log.warning("disk tier %s: dropping unreadable chunk %s: %s", self.root, key[:12], e)
@@ -165,6 +167,20 @@ class DiskTier:
         """Least recently used first."""
         with self._lock:
             return list(self._index)
+
+    def count(self) -> int:
+        return len(self._index)
+
+    def clear(self) -> int:
+        """Delete every chunk file; a read that opened its file before keeps reading it, one that comes
+        after finds no file and misses. Returns how many chunks were held."""
+        with self._lock:
+            keys, self._index = list(self._index), OrderedDict()
+            self.used = 0
+            USED_BYTES.labels(self.name).set(0)
+        for key in keys:
+            self._path(key).unlink(missing_ok=True)
+        return len(keys)
 
     def close(self) -> None:
         return None

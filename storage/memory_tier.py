@@ -159,8 +159,18 @@ class MemoryTier:
         with self._lock:
             return list(self._items)
 
-    def close(self) -> None:
+    def count(self) -> int:
+        return len(self._items)
+
+    def clear(self) -> int:
+        """Forget every chunk; a borrowed slot goes back to the arena when its borrower releases it, so a
+        load or background write in progress still reads intact bytes. Returns how many were held."""
         with self._lock:
+            n = len(self._items)
             for slot in self._items.values():
                 self._drop(slot)
             self._items.clear()
+        return n
+
+    def close(self) -> None:
+        self.clear()

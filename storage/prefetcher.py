@@ -50,6 +50,18 @@ class Prefetcher:
         if ev is not None:
             ev.wait(timeout_s)
 
+    def pending(self, keys: list[str]) -> bool:
+        """Whether any of `keys` is still queued or being fetched."""
+        with self._lock:
+            return any(k in self._inflight for k in keys)
+
+    def wait_any(self, keys: list[str], timeout_s: float) -> None:
+        """Until one of `keys`' fetches is done (or none is pending), at most `timeout_s`."""
+        with self._lock:
+            events = [self._inflight[k] for k in keys if k in self._inflight]
+        if events:
+            events[0].wait(timeout_s)   # fetched in order: the first pending one ends first
+
     def _run(self) -> None:
         while (key := self._queue.get()) is not None:
             try:

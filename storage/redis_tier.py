@@ -105,5 +105,28 @@ class RedisTier:
             self._failed("contains", e)
             return [False] * len(keys)
 
+    def _scan(self, remove: bool) -> int:
+        """Count (and with `remove`, unlink) every key under this store's prefix, in batches."""
+        n = 0
+        try:
+            batch: list[bytes] = []
+            for key in self._client.scan_iter(match=self.prefix + "*", count=1000):
+                batch.append(key)
+                if len(batch) == 1000:
+                    n += self._client.unlink(*batch) if remove else len(batch)
+                    batch = []
+            if batch:
+                n += self._client.unlink(*batch) if remove else len(batch)
+        except redis.RedisError as e:
+            self._failed("clear" if remove else "count", e)
+        return n
+
+    def count(self) -> int:
+        return self._scan(remove=False)
+
+    def clear(self) -> int:
+        """Unlink every chunk under the prefix: shared by every node using this Redis, so cleared for all."""
+        return self._scan(remove=True)
+
     def close(self) -> None:
         self._client.close()

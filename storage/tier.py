@@ -40,6 +40,12 @@ class Tier(Protocol):
     def contains(self, keys: list[str]) -> list[bool]:
         """Which keys are held, without moving their bytes."""
 
+    def clear(self) -> int:
+        """Forget every chunk, safely while others read and write; how many were held."""
+
+    def count(self) -> int:
+        """Chunks held."""
+
     def close(self) -> None:
         ...
 

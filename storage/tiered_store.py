@@ -69,10 +69,12 @@ class TieredStore:
         if slot is not None:
             self.memory.release(slot)
 
-    def load(self, key: str, use: Callable[[torch.Tensor], R]) -> R | None:
+    def load(self, key: str, use: Callable[[torch.Tensor], R], cold: bool = True) -> R | None:
         """`use(bytes)` for a held chunk, hot to cold; a memory hit is used in place (no copy out), a cold
         hit is promoted. None when no tier holds it. A chunk being prefetched is waited for, up to
-        `prefetch_wait_s`, rather than read twice."""
+        `prefetch_wait_s`, rather than read twice. `cold=False` reads memory only (a caller that let the
+        prefetch finish first, and must not read a slow tier on its own thread), unless the store has no
+        memory tier: then the cold tiers are all there is."""
         if self._prefetcher is not None:
             self._prefetcher.wait(key, self.prefetch_wait_s)  # a fetch under way ends sooner than a second read
         if self.memory is not None:
@@ -82,7 +84,16 @@ class TieredStore:
                     return use(slot.data)
                 finally:
                     self.memory.release(slot)
-        return self._load_cold(key, use)
+        return self._load_cold(key, use) if cold or self.memory is None else None
+
+    def fetching(self, keys: list[str]) -> bool:
+        """Whether any of `keys` is still on its way from a cold tier into memory."""
+        return self._prefetcher is not None and self._prefetcher.pending(keys)
+
+    def wait_fetched(self, keys: list[str], timeout_s: float) -> None:
+        """Until one of `keys`' fetches ends, at most `timeout_s` (at once when none is pending)."""
+        if self._prefetcher is not None:
+            self._prefetcher.wait_any(keys, timeout_s)
 
     def prefetch(self, keys: list[str]) -> None:
         """Bring `keys` that only cold tiers hold into memory in the background (a lookup hit them)."""
@@ -154,6 +165,19 @@ class TieredStore:
                 break
             out.append(w)
         return out
+
+    def report(self) -> dict[str, dict[str, int]]:
+        """Per tier: chunks held, bytes used and capacity (0 where the tier's server owns capacity)."""
+        return {t.name: {"chunks": t.count(), "used_bytes": int(getattr(t, "used", 0)),
+                         "capacity_bytes": int(getattr(t, "capacity", 0))} for t in self.tiers}
+
+    def clear(self, flush_timeout_s: float = 10.0) -> dict[str, int]:
+        """Forget every chunk, hot to cold, while requests keep running: background writes queued before the
+        call land first (so they are cleared too), a load that already borrowed a chunk finishes with intact
+        bytes, and one whose lookup came before the clear finds its chunk gone, a load error its request
+        recomputes. Returns the chunks each tier removed."""
+        self.flush(flush_timeout_s)
+        return {t.name: t.clear() for t in self.tiers}
 
     def flush(self, timeout_s: float = 30.0) -> bool:
         """Wait until background writes are done (tests, shutdown); False if they did not finish in time."""

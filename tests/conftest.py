@@ -48,7 +48,7 @@ def servers(tiny_model, redis_url, store_dir):
     every repeated prompt in the suite also exercises the store's load path."""
     prefill_extra = dict(PREFILL_EXTRA, metrics_port=free_port(),
                          store={"memory_bytes": "64MiB", "disk_path": str(store_dir), "disk_bytes": "256MiB",
-                                "redis_url": redis_url})
+                                "redis_url": redis_url, "admin_port": free_port()})
     trio = {"agg": start_vllm("agg"),
             "decode": start_vllm("decode-0", "decode", DECODE_EXTRA),
             "prefill": start_vllm("prefill-0", "prefill", prefill_extra, vllm_args=("--no-enable-prefix-caching",))}

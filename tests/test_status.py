@@ -37,7 +37,7 @@ def _graph(dir: Path, ports: dict[str, int]) -> Path:
     router = yaml.safe_load((ROOT / "configs" / "router.yaml").read_text())
     router["port"] = ports["router"]
     (dir / "router.yaml").write_text(yaml.safe_dump(router))
-    graph = {"role": "deployment", "name": "t", "router": "router.yaml",
+    graph = {"role": "deployment", "name": "t", "router": "router.yaml", "metrics_port": ports["supervisor"],
              "prefill": [role("prefill.yaml", "prefill-0", metrics_port=ports["metrics"])],
              "decode": [role("decode.yaml", "decode-0", listen_port=ports["kv"]),
                         role("decode.yaml", "decode-1", listen_port=_port())]}
@@ -81,6 +81,14 @@ def _engine_metrics(reg: CollectorRegistry) -> None:
     Counter("kvbridge_store_misses_total", "", ["tier"], registry=reg).labels("memory").inc(1)
 
 
+def _supervisor_metrics(reg: CollectorRegistry) -> None:
+    restarts = Counter("kvbridge_supervisor_restarts_total", "", ["role"], registry=reg)
+    given_up = Gauge("kvbridge_supervisor_given_up", "", ["role"], registry=reg)
+    for role, n in (("router", 0), ("prefill-0", 0), ("decode-0", 2), ("decode-1", 5)):
+        restarts.labels(role).inc(n)
+        given_up.labels(role).set(1 if n == 5 else 0)
+
+
 async def _consumer(port: int) -> None:
     sock = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
     sock.bind(f"tcp://127.0.0.1:{port}")
@@ -98,7 +106,7 @@ async def _consumer(port: int) -> None:
 
 
 async def test_status_reads_every_column_from_its_source(tmp_path):
-    ports = {n: _port() for n in ("router", "prefill-0", "decode-0", "decode-1", "metrics", "kv")}
+    ports = {n: _port() for n in ("router", "prefill-0", "decode-0", "decode-1", "metrics", "kv", "supervisor")}
     graph = _graph(tmp_path, ports)
     (tmp_path / "logs").mkdir()
     (tmp_path / "logs" / "decode-0.log").write_text("a INFO x\n(EngineCore) WARNING 12-01 [vllm.py:1] Enforce eager set\n"
@@ -106,7 +114,8 @@ async def test_status_reads_every_column_from_its_source(tmp_path):
                                                  "2026 WARNING kvbridge.router: decode d is now UP\n")
     runners = []
     for port, app in ((ports["router"], _metrics_app(_router_metrics)), (ports["prefill-0"], _metrics_app(lambda r: None)),
-                      (ports["metrics"], _metrics_app(_engine_metrics)), (ports["decode-0"], _metrics_app(lambda r: None))):
+                      (ports["metrics"], _metrics_app(_engine_metrics)), (ports["decode-0"], _metrics_app(lambda r: None)),
+                      (ports["supervisor"], _metrics_app(_supervisor_metrics))):
         runner = web.AppRunner(app)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port).start()
@@ -127,8 +136,10 @@ async def test_status_reads_every_column_from_its_source(tmp_path):
     assert rows["decode-0"]["errors"] == ["2026 WARNING kvbridge.state consumer t1 -> EXPIRED"]
     assert rows["decode-1"]["health"] == "unreachable" and rows["decode-1"]["slots"] == "no answer"
     assert rows["decode-1"]["router_view"] == "down"
+    assert [(rows[n]["restarts"], rows[n]["given_up"]) for n in ("prefill-0", "decode-0", "decode-1")] == \
+        [(0, False), (2, False), (5, True)]
     text = table(list(rows.values()))
-    assert "memory 3.0M 75%" in text and "! 2026 WARNING" in text
+    assert "memory 3.0M 75%" in text and "! 2026 WARNING" in text and "5 given up" in text
     json.dumps(list(rows.values()))   # --json prints these as they are
 
 

@@ -121,11 +121,11 @@ def test_the_scheduler_asks_once_per_request_and_forgets_it_when_it_finishes():
     side = SchedulerSide(block_size=4, is_producer=True, is_consumer=False, store_lookup_timeout_s=1.0)
     side._lookups = StoreLookups([client := Client()], 1.0)
     req = SimpleNamespace(request_id="r1", prompt_token_ids=list(range(13)), kv_transfer_params=None)
-    assert [side.get_num_new_matched_tokens(req, computed) for computed in (0, 0, 4, 0)] == \
-        [(8, False), (8, False), (4, False), (8, False)]
+    assert [side.get_num_new_matched_tokens(req, computed) for computed in (0, 0, 4, 0, 8)] == \
+        [(8, True), (8, True), (4, True), (8, True), (0, False)]   # loaded asynchronously; once loaded, nothing
     assert client.asked == 1, "later steps of a waiting request must not ask the worker again"
     side.request_finished(req, [])
-    assert side.get_num_new_matched_tokens(req, 0) == (8, False) and client.asked == 2
+    assert side.get_num_new_matched_tokens(req, 0) == (8, True) and client.asked == 2
 
 
 def test_a_slot_whose_device_copy_is_still_queued_is_not_read():

@@ -11,6 +11,8 @@ import sys
 import urllib.request
 
 import pytest
+from prometheus_client import REGISTRY, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from launch.polling import wait_for
 from launch.process_handle import ProcessHandle
@@ -95,11 +97,18 @@ def test_a_role_that_always_fails_is_given_up_and_the_rest_keeps_serving(tmp_pat
     broken, other = roles(_role("prefill-1", tmp_path, [sys.executable, "-c", "import sys; sys.exit(3)"]),
                           _role("prefill-0", tmp_path))
     wait_for(lambda: _answers(other), 20)
+    restarts_before = REGISTRY.get_sample_value("kvbridge_supervisor_restarts_total", {"role": "prefill-1"}) or 0
     dog = Watchdog([broken, other], FAST)
     _run_until(dog, lambda: dog.given_up == ["prefill-1"])
     assert dog.restarts == {"prefill-1": FAST.max_restarts, "prefill-0": 0}
     assert _answers(other)
     assert "prefill-1 exited with code 3; giving up on it after 3 restarts" in caplog.text
+    # what `kvbridge up` serves on the deployment's metrics_port (and `kvbridge status` shows)
+    exported = {(s.name, s.labels.get("role")): s.value for fam in text_string_to_metric_families(
+        generate_latest(REGISTRY).decode()) for s in fam.samples}
+    assert exported[("kvbridge_supervisor_restarts_total", "prefill-1")] - restarts_before == FAST.max_restarts
+    assert exported[("kvbridge_supervisor_given_up", "prefill-1")] == 1
+    assert exported[("kvbridge_supervisor_given_up", "prefill-0")] == 0
 
 
 def test_a_router_answering_503_is_alive(tmp_path, roles, monkeypatch):
