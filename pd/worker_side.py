@@ -28,6 +28,7 @@ from pd.connector_config import ConnectorConfig
 from transfer.consumer_endpoint import ConsumerEndpoint, ConsumerSettings
 from pd.cache_layout import layout_from_vllm
 from pd.device_memory import report_device_memory
+from pd.exposed_time import observe_exposed
 from pd.hook_timer import WORKER_HOOKS
 from pd.paged_kv import PagedKV
 from pd.prefix_store import PROMPT_TOKENS, PrefixStore, model_fingerprint, store_key
@@ -267,6 +268,7 @@ class WorkerSide:
             self.kv.scatter(ids, view, max(0, min(task.skip_blocks - lo, len(ids))))
         self.endpoint.book.count("tokens_scattered", task.spec.num_tokens - task.skip_blocks * self.kv.layout.block_size)
         self._finish_load(rid, State.SCATTERED, lease=lease, fence=self._fence())  # slots free once it ran
+        observe_exposed(lease.arrived.values())  # vLLM learns of it when this step's results return
 
     def _finish_load(self, rid: str, state: State, reason: str = "", lease=None, fence: Fence = COMPLETED) -> None:
         ld = self._loads.pop(rid)
