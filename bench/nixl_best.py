@@ -1,0 +1,19 @@
+"""vLLM's NixlConnector (pull) with NIXL's progress thread off: NixlConnector at its best on a small CPU box.
+
+vLLM creates its NIXL agent with the progress thread on, and no connector setting turns it off; that thread
+keeps a core busy even when idle (bench/idle_cpu.py), which on a 2-core machine slows the prefill's compute.
+With it off, the engine's own per-step polling drives UCX, as kvbridge's push thread does for ours. Load it
+with `"kv_connector": "NixlConnector", "kv_connector_module_path": "bench.nixl_best"`.
+"""
+from __future__ import annotations
+
+import functools
+
+from vllm.distributed.kv_transfer.kv_connector.v1.nixl import base_worker
+from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlConnector as _StockNixlConnector
+
+base_worker.nixl_agent_config = functools.partial(base_worker.nixl_agent_config, enable_prog_thread=False)
+
+
+class NixlConnector(_StockNixlConnector):
+    """The stock connector; only its NIXL agent's configuration differs (see the module docstring)."""
