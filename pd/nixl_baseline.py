@@ -1,9 +1,10 @@
-"""vLLM's NixlConnector (pull) with NIXL's progress thread off: NixlConnector at its best on a small CPU box.
+"""The baseline bench/pd_bench.py compares kvbridge with: vLLM's NixlConnector (pull), NIXL's progress thread off.
 
 vLLM creates its NIXL agent with the progress thread on, and no connector setting turns it off; that thread
 keeps a core busy even when idle (bench/idle_cpu.py), which on a 2-core machine slows the prefill's compute.
-With it off, the engine's own per-step polling drives UCX, as kvbridge's push thread does for ours. Load it
-with `"kv_connector": "NixlConnector", "kv_connector_module_path": "bench.nixl_best"`.
+With it off, the engine's own per-step polling drives UCX, as kvbridge's push thread does for ours: NixlConnector
+at its best on a small CPU box. Load it with `"kv_connector": "NixlConnector", "kv_connector_module_path":
+"pd.nixl_baseline"`. It lives here because pd/ is the one package that imports vLLM.
 """
 from __future__ import annotations
 
