@@ -22,6 +22,8 @@ import statistics
 import time
 import uuid
 
+import torch
+
 from transfer.consumer_endpoint import ConsumerEndpoint, ConsumerSettings
 from transfer.device_fence import COMPLETED
 from transfer.identity import TransferSpec
@@ -105,6 +107,9 @@ def main() -> None:
     ap.add_argument("--forward-ms", type=float, nargs="+", default=[0.0, 50.0])
     ap.add_argument("--busy-poll-ms", type=float, nargs="+", default=[0.5, 0.1])
     args = ap.parse_args()
+    # The prefill engine gathers with the one OpenMP thread bound to its core; torch's default (all cores) here
+    # made each 8 MiB fill wait 15-35 ms for a descheduled OpenMP thread on a loaded 2-core box.
+    torch.set_num_threads(1)
     print(f"{args.chunks + 1} chunks of {LAYOUT.chunk_bytes(CHUNK_TOKENS) >> 20} MiB; medians of {args.repeats}")
     print(f"{'last forward ms':>15} {'consumer busy poll':>18} {'stage->posted ms':>17} {'stage->complete ms':>19}")
     for fwd in args.forward_ms:
