@@ -36,7 +36,7 @@ def stream_ttft(url: str, body: dict) -> tuple[float, str, float]:
     """(time to the first streamed token, the text, time per output token after the first)."""
     t0 = time.perf_counter()
     stamps, text = [], []
-    with requests.post(url + "/v1/completions", json=dict(body, stream=True), stream=True, timeout=300) as r:
+    with requests.post(url + "/v1/completions", json=dict(body, stream=True), stream=True, timeout=120) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if line.startswith(b"data: ") and line != b"data: [DONE]":
@@ -92,7 +92,7 @@ def nixl_once(p: VllmServer, d: VllmServer, body: dict) -> tuple[float, str, flo
     pre = dict(body, max_tokens=1, kv_transfer_params={"do_remote_decode": True, "do_remote_prefill": False,
                                                        "remote_engine_id": None, "remote_block_ids": None,
                                                        "remote_host": None, "remote_port": None})
-    r = requests.post(p.url + "/v1/completions", json=pre, timeout=300)
+    r = requests.post(p.url + "/v1/completions", json=pre, timeout=120)
     r.raise_for_status()
     params = r.json()["kv_transfer_params"]
     prefill_s = time.perf_counter() - t0
@@ -164,7 +164,10 @@ def main() -> None:
                                                             "VLLM_CPU_OMP_THREADS_BIND": "0"})
         nd = start("nixl-decode", kv_config=nixl_kv, env={"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()),
                                                           "VLLM_CPU_OMP_THREADS_BIND": "1"})
-        theirs = run_phase("nixl", [npf, nd], lambda b: nixl_once(npf, nd, b), bodies, args.repeats)
+        try:
+            theirs = run_phase("nixl", [npf, nd], lambda b: nixl_once(npf, nd, b), bodies, args.repeats)
+        except requests.RequestException as e:  # the table still shows what the other phases measured
+            print(f"  NixlConnector phase failed: {type(e).__name__}: {e} (logs: {npf.log_path}, {nd.log_path})")
     nan = {"ttft_ms": float("nan"), "tpot_ms": float("nan"), "texts": None}
     print("\nprompt  agg TTFT  kvbridge +ms  NixlConnector +ms  ratio  tokens equal (ours, theirs)")
     for n in args.lengths:

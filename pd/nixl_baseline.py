@@ -9,11 +9,16 @@ at its best on a small CPU box. Load it with `"kv_connector": "NixlConnector", "
 from __future__ import annotations
 
 import functools
+import sys
 
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl import base_worker
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlConnector as _StockNixlConnector
 
-base_worker.nixl_agent_config = functools.partial(base_worker.nixl_agent_config, enable_prog_thread=False)
+_sync = sys.modules[base_worker.nixl_agent_config.__module__].nixl_thread_sync_t
+# Strict locking: vLLM calls the agent from more than one thread (handshakes beside the engine's polling); with
+# no progress thread and no lock the first bench run hung a prefill worker on its third request.
+base_worker.nixl_agent_config = functools.partial(base_worker.nixl_agent_config, enable_prog_thread=False,
+                                                  sync_mode=_sync.NIXL_THREAD_SYNC_STRICT)
 
 
 class NixlConnector(_StockNixlConnector):
