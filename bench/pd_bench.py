@@ -4,9 +4,11 @@ Phases on this machine, same model and prompts: (1) one aggregated vLLM; (2) kvb
 both legs sent at once as the router does; (3) NixlConnector prefill + decode, sequential as vLLM's
 proxy does (prefill answers with the pull handle, then decode pulls). TTFT is measured to the first
 streamed token; each point is the median of repeats. Tokens of every PD answer are checked against
-the aggregated answer. NixlConnector runs at its best here: NIXL's progress thread off (pd/nixl_baseline.py;
-stock, it keeps a core busy even when idle, see bench/idle_cpu.py) and the same core binding as kvbridge
-(prefill core 0, decode core 1); its rows print each leg's time. For kvbridge each request also prints its
+the aggregated answer. NixlConnector runs with the same core binding as kvbridge (prefill core 0, decode
+core 1) and its progress thread on, as vLLM creates it: with the thread off (NIXL's locking strict or not)
+its prefill worker hung within five requests in both runs tried here. Its rows print each leg's time; the
+thread keeps a core busy even when idle (bench/idle_cpu.py), so on a 2-core box its prefill leg is slower
+than aggregated compute. For kvbridge each request also prints its
 exposed transfer time (the decode's kvbridge_exposed_transfer_seconds: end of the prefill's last forward to
 the decode being able to schedule the request), read from the decode worker's metrics endpoint.
 
@@ -157,9 +159,9 @@ def main() -> None:
     hooks = hook_costs_us(kd.log_path)
     theirs = {}
     if not args.skip_nixl:
-        print("phase 3: NixlConnector (pull, progress thread off)")
-        nixl_kv = {"kv_connector": "NixlConnector", "kv_connector_module_path": "pd.nixl_baseline",
-                   "kv_role": "kv_both", "kv_buffer_device": "cpu", "kv_load_failure_policy": "recompute"}
+        print("phase 3: NixlConnector (pull)")
+        nixl_kv = {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu",
+                   "kv_load_failure_policy": "recompute"}
         npf = start("nixl-prefill", kv_config=nixl_kv, env={"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()),
                                                             "VLLM_CPU_OMP_THREADS_BIND": "0"})
         nd = start("nixl-decode", kv_config=nixl_kv, env={"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()),
