@@ -4,9 +4,13 @@ Phases on this machine, same model and prompts: (1) one aggregated vLLM; (2) kvb
 both legs sent at once as the router does; (3) NixlConnector prefill + decode, sequential as vLLM's
 proxy does (prefill answers with the pull handle, then decode pulls). TTFT is measured to the first
 streamed token; each point is the median of repeats. Tokens of every PD answer are checked against
-the aggregated answer. The NixlConnector rows print each leg's time: on a 2-core box its prefill leg is
-several times slower than aggregated compute because its UCX progress thread keeps a core busy even when
-idle (see bench/idle_cpu.py), so that column measures NixlConnector as vLLM deploys it here, not its wire.
+the aggregated answer. NixlConnector runs with the same core binding as kvbridge (prefill core 0, decode
+core 1) and its progress thread on, as vLLM creates it: with the thread off (NIXL's locking strict or not)
+its prefill worker hung within five requests in both runs tried here. Its rows print each leg's time; the
+thread keeps a core busy even when idle (bench/idle_cpu.py), so on a 2-core box its prefill leg is slower
+than aggregated compute. For kvbridge each request also prints its
+exposed transfer time (the decode's kvbridge_exposed_transfer_seconds: end of the prefill's last forward to
+the decode being able to schedule the request), read from the decode worker's metrics endpoint.
 
     python bench/pd_bench.py [--lengths 128 1000 2000] [--repeats 5]
 """
@@ -34,7 +38,7 @@ def stream_ttft(url: str, body: dict) -> tuple[float, str, float]:
     """(time to the first streamed token, the text, time per output token after the first)."""
     t0 = time.perf_counter()
     stamps, text = [], []
-    with requests.post(url + "/v1/completions", json=dict(body, stream=True), stream=True, timeout=300) as r:
+    with requests.post(url + "/v1/completions", json=dict(body, stream=True), stream=True, timeout=120) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if line.startswith(b"data: ") and line != b"data: [DONE]":
@@ -51,8 +55,29 @@ def start(name: str, role: str = "aggregated", kv_config: dict | None = None,
     return start_vllm(f"bench-{name}", role, model=MODEL, max_model_len=4096, env=env, vllm_args=args)
 
 
-def kvbridge_once(p: VllmServer, d: VllmServer, body: dict) -> tuple[float, str, float]:
+class ExposedTimes:
+    """Per request, the decode worker's exposed transfer time: the change in its histogram's sum across one
+    request (requests run one at a time), grouped by prompt length."""
+
+    def __init__(self, metrics_url: str) -> None:
+        self.url = metrics_url
+        self.by_length: dict[int, list[float]] = {}
+
+    def read(self) -> tuple[float, float]:
+        text = requests.get(self.url, timeout=10).text
+        got = dict(re.findall(r"^kvbridge_exposed_transfer_seconds_(sum|count) ([\d.e+-]+)$", text, re.M))
+        return float(got.get("sum", 0)), float(got.get("count", 0))
+
+    def record(self, n_tokens: int, before: tuple[float, float]) -> None:
+        (s0, c0), (s1, c1) = before, self.read()
+        if c1 == c0 + 1:
+            self.by_length.setdefault(n_tokens, []).append((s1 - s0) * 1000)
+            print(f"    kvbridge exposed transfer time: {(s1 - s0) * 1000:.2f} ms", flush=True)
+
+
+def kvbridge_once(p: VllmServer, d: VllmServer, body: dict, exposed: ExposedTimes) -> tuple[float, str, float]:
     import concurrent.futures as cf
+    before = exposed.read()
     tid = uuid.uuid4().hex
     pre = dict(body, max_tokens=1, kv_transfer_params={"kvbridge": {"transfer_id": tid, "push_to": d.handshake}})
     dec = dict(body, kv_transfer_params={"kvbridge": {"transfer_id": tid, "receive": True}})
@@ -60,6 +85,7 @@ def kvbridge_once(p: VllmServer, d: VllmServer, body: dict) -> tuple[float, str,
         f = ex.submit(requests.post, p.url + "/v1/completions", json=pre, timeout=300)
         ttft, text, tpot = stream_ttft(d.url, dec)
         f.result().raise_for_status()
+    exposed.record(len(body["prompt"]), before)
     return ttft, text, tpot
 
 
@@ -68,7 +94,7 @@ def nixl_once(p: VllmServer, d: VllmServer, body: dict) -> tuple[float, str, flo
     pre = dict(body, max_tokens=1, kv_transfer_params={"do_remote_decode": True, "do_remote_prefill": False,
                                                        "remote_engine_id": None, "remote_block_ids": None,
                                                        "remote_host": None, "remote_port": None})
-    r = requests.post(p.url + "/v1/completions", json=pre, timeout=300)
+    r = requests.post(p.url + "/v1/completions", json=pre, timeout=120)
     r.raise_for_status()
     params = r.json()["kv_transfer_params"]
     prefill_s = time.perf_counter() - t0
@@ -124,8 +150,11 @@ def main() -> None:
     base = run_phase("aggregated", [agg], lambda b: stream_ttft(agg.url, b), bodies, args.repeats)
     print("phase 2: kvbridge (push)")
     kp = start("kvb-prefill", "prefill")
-    kd = start_vllm("bench-kvb-decode", "decode", args.decode_connector, model=MODEL, max_model_len=4096)
-    ours = run_phase("kvbridge", [kp, kd], lambda b: kvbridge_once(kp, kd, b), bodies, args.repeats)
+    decode_connector = dict(args.decode_connector)
+    decode_connector.setdefault("metrics_port", free_port())
+    kd = start_vllm("bench-kvb-decode", "decode", decode_connector, model=MODEL, max_model_len=4096)
+    exposed = ExposedTimes(f"http://127.0.0.1:{decode_connector['metrics_port']}/metrics")
+    ours = run_phase("kvbridge", [kp, kd], lambda b: kvbridge_once(kp, kd, b, exposed), bodies, args.repeats)
     pushes = push_times_ms(kp.log_path)
     hooks = hook_costs_us(kd.log_path)
     theirs = {}
@@ -137,7 +166,10 @@ def main() -> None:
                                                             "VLLM_CPU_OMP_THREADS_BIND": "0"})
         nd = start("nixl-decode", kv_config=nixl_kv, env={"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()),
                                                           "VLLM_CPU_OMP_THREADS_BIND": "1"})
-        theirs = run_phase("nixl", [npf, nd], lambda b: nixl_once(npf, nd, b), bodies, args.repeats)
+        try:
+            theirs = run_phase("nixl", [npf, nd], lambda b: nixl_once(npf, nd, b), bodies, args.repeats)
+        except requests.RequestException as e:  # the table still shows what the other phases measured
+            print(f"  NixlConnector phase failed: {type(e).__name__}: {e} (logs: {npf.log_path}, {nd.log_path})")
     nan = {"ttft_ms": float("nan"), "tpot_ms": float("nan"), "texts": None}
     print("\nprompt  agg TTFT  kvbridge +ms  NixlConnector +ms  ratio  tokens equal (ours, theirs)")
     for n in args.lengths:
@@ -149,6 +181,10 @@ def main() -> None:
     for n in args.lengths:
         a, o, t = base[n]["tpot_ms"], ours[n]["tpot_ms"], theirs.get(n, nan)["tpot_ms"]
         print(f"{n:6} {a:10.2f} {o:10.2f} ({o / a:4.2f}) {t:10.2f} ({t / a:4.2f})")
+    for n in args.lengths:
+        if exposed.by_length.get(n):
+            print(f"kvbridge exposed transfer time, {n} tokens: median {statistics.median(exposed.by_length[n]):.2f} ms "
+                  f"({len(exposed.by_length[n])} requests)")
     if pushes:
         print(f"kvbridge push time per request (producer SENDING->SENT): median {statistics.median(pushes):.1f} ms")
     if hooks:

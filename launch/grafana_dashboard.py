@@ -53,9 +53,9 @@ def _panels() -> list[tuple[str, list[timeseries.Panel]]]:
             _panel("Transfer time not hidden behind prefill", "percentunit", "Share of push time spent after the "
                    "prefill's last chunk was staged (the rest overlapped the prefill's compute); near 1, TTFT pays "
                    "the whole transfer.",
-                   [(f"sum(rate(kvbridge_transfer_exposed_seconds_sum[{RI}])) / "
+                   [(f"sum(rate(kvbridge_push_after_prefill_seconds_sum[{RI}])) / "
                      f'sum(rate(kvbridge_transfer_seconds_sum{{role="producer",state="SENT"}}[{RI}]))', "exposed share"),
-                    (_q(0.99, "kvbridge_transfer_exposed_seconds"), "p99 exposed seconds")]),
+                    (_q(0.99, "kvbridge_push_after_prefill_seconds"), "p99 exposed seconds")]),
             _panel("Transfers by final state", "ops", "FAILED and EXPIRED cost a recompute or an error.",
                    [(f'sum by (role, state) (rate(kvbridge_transfer_transitions_total{{state=~"{FINAL}"}}[{RI}]))',
                      "{{role}} {{state}}")]),

@@ -31,7 +31,7 @@ from transfer.states import State, Transfer
 _KEYS = ("recv_seconds", "recv_bytes", "send_seconds", "exposed_seconds", "failed")
 _SECONDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # also on the connector's own metrics_port, beside kvbridge_transfer_seconds (whose producer SENT sum it divides)
-EXPOSED = Histogram("kvbridge_transfer_exposed_seconds", "Push time after the prefill's last chunk was staged: the "
+EXPOSED = Histogram("kvbridge_push_after_prefill_seconds", "Push time after the prefill's last chunk was staged: the "
                     "part of a transfer not hidden behind the prefill", buckets=_SECONDS)
 
 

@@ -28,6 +28,7 @@ from pd.connector_config import ConnectorConfig
 from transfer.consumer_endpoint import ConsumerEndpoint, ConsumerSettings
 from pd.cache_layout import layout_from_vllm
 from pd.device_memory import report_device_memory
+from pd.exposed_time import observe_exposed
 from pd.hook_timer import WORKER_HOOKS
 from pd.paged_kv import PagedKV
 from pd.prefix_store import PROMPT_TOKENS, PrefixStore, model_fingerprint, store_key
@@ -265,6 +266,7 @@ class WorkerSide:
             ids = task.block_ids[lo:hi]
             self.kv.scatter(ids, view, max(0, min(task.skip_blocks - lo, len(ids))))
         self._scattered(rid, ld, lease, self._fence(), sum(lease.chunk_nbytes))  # slots free once it ran
+        observe_exposed(lease.arrived.values())  # vLLM learns of it when this step's results return
 
     def _scattered(self, rid: str, ld: _Load, lease=None, fence: Fence = COMPLETED, nbytes: int = 0) -> None:
         ld.t.to(State.RECEIVED)

@@ -56,6 +56,7 @@ def _serve(conn, layout_json: str, kwargs: dict) -> None:
             else:
                 conn.send({"complete": lease.complete, "epoch": lease.epoch, "slots": lease.slots,
                            "arrived": sorted(lease.arrived),
+                           "kv_ready_at": [lease.arrived[c].kv_ready_at for c in sorted(lease.arrived)],
                            "crcs": [zlib.crc32(v.numpy()) for v in ep.chunk_views(lease)],
                            "bad": ep.verify(lease)})
         elif cmd == "release":

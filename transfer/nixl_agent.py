@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -23,6 +24,16 @@ except ImportError:  # the CUDA-12 / CUDA-13 wheels install their module under t
         from nixl_cu13._api import nixl_agent, nixl_agent_config
 
 log = logging.getLogger(__name__)
+
+
+def _nixl_logs_to_stderr() -> None:
+    """NIXL's Python logger prints to stdout; a tool whose stdout is its result (JSON) must not get them."""
+    for handler in logging.getLogger("nixl").handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
+            handler.setStream(sys.stderr)
+
+
+_nixl_logs_to_stderr()
 
 
 class TransferError(RuntimeError):

@@ -84,6 +84,7 @@ class Producer:
         """Queue the gather of one chunk into staging (caller's thread) and its write, which the push
         thread posts once the gather's fence is done. False when the transfer already ended or staging
         stayed full (the transfer then fails). A chunk the consumer already holds is not gathered."""
+        ready_at = time.time()  # the forward that computed this chunk has ended: the consumer's exposed time starts
         with self._cv:
             job = self._jobs.get(handle)
             if job is None or job.t.done:
@@ -101,6 +102,7 @@ class Producer:
                 self.staging.release(slot)
                 return False
             job.staged[chunk] = (slot, nbytes, fence)
+            job.kv_ready_at[chunk] = ready_at
             self._cv.notify()
         return True
 
@@ -209,7 +211,8 @@ class Producer:
             data = self.staging.view(slot)[:nbytes]
             notice = ChunkNotice(transfer_id=job.spec.key, chunk=chunk - skip, epoch=job.grant.epoch,
                                  incarnation=self.incarnation, nbytes=nbytes,
-                                 crc=zlib.crc32(data.cpu().numpy()) if self.cfg.checksum else None)
+                                 crc=zlib.crc32(data.cpu().numpy()) if self.cfg.checksum else None,
+                                 kv_ready_at=job.kv_ready_at.pop(chunk, None))
             w = link.welcome
             try:
                 dst = job.grant.offsets[(chunk - skip) % len(job.grant.offsets)]  # a window reuses its slots

@@ -22,6 +22,7 @@ class PushJob:
     n_chunks: int
     staged: dict[int, tuple[int, int, Fence]] = field(default_factory=dict)  # chunk -> (slot, nbytes, gather's fence)
     inflight: dict[int, tuple[object, int]] = field(default_factory=dict)  # chunk -> (handle, slot)
+    kv_ready_at: dict[int, float] = field(default_factory=dict)  # chunk -> wall clock when stage() was called
     sent: int = 0
     grant: wire.Grant | None = None
     deadline: float = 0.0
