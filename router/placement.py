@@ -173,16 +173,24 @@ class Placement:
 
     # What completed requests teach the model.
 
-    def begin(self, node: str, tokens: float) -> None:
-        self.pending[node] = self.pending.get(node, 0) + tokens
+    def dispatched(self, d: Decision) -> None:
+        """The prompt is on its way to the node that computes it: counted in that node's queue, and indexed
+        there from now on (a second request for the same prefix belongs there too; the reply corrects it)."""
+        node = (d.prefill or d.decode).name
+        self.pending[node] = self.pending.get(node, 0) + d.miss_tokens
+        self.index.record(node, d.keys)
+        if d.prefill is not None and self.cfg.shared_store:
+            self.index.record(SHARED, d.keys)
 
-    def end(self, node: str, tokens: float) -> None:
-        self.pending[node] = max(0.0, self.pending.get(node, 0) - tokens)
+    def computed(self, d: Decision) -> None:
+        """The computing node is done with the prompt (or gave up): out of its queue."""
+        node = (d.prefill or d.decode).name
+        self.pending[node] = max(0.0, self.pending.get(node, 0) - d.miss_tokens)
 
     def prefill_done(self, d: Decision, leg_s: float, usage: dict | None, was_idle: bool) -> str | None:
         """A prefill leg answered: learn chars per token and the prefill rate, fold the node's reported prefix
-        hit into the index, and record that it (and the shared tier) now holds the prompt. Says what the
-        correction changed, if anything."""
+        hit into the index, and record that it (and the shared tier) holds the prompt, just used. Says what
+        the correction changed, if anything."""
         p, note = d.prefill, None
         prompt_tokens = (usage or {}).get("prompt_tokens")
         details = (usage or {}).get("prompt_tokens_details") or {}

@@ -84,7 +84,6 @@ class Proxy:
         tid = uuid.uuid4().hex
         aggregated = needs_aggregated(body)
         decode, prefill = decision.decode, decision.prefill
-        computing = (prefill or decode).name, decision.miss_tokens
         prefill_task: asyncio.Task | None = None
         if prefill is not None:
             was_idle = not self.placement.pending.get(prefill.name)
@@ -104,7 +103,7 @@ class Proxy:
             decode_leg = dict(body)
         trace.add("dispatched", f"prefill={prefill.name if prefill else None} decode={decode.name}"
                   + (f" aggregated ({aggregated})" if aggregated else "") + f": {decision.why}")
-        self.placement.begin(*computing)
+        self.placement.dispatched(decision)
         up: aiohttp.ClientResponse | None = None
         outcome: RelayOutcome | None = None
         self.registry.acquire(decode)
@@ -125,7 +124,7 @@ class Proxy:
         finally:
             self.registry.release(decode)
             if prefill is None:
-                self.placement.end(*computing)
+                self.placement.computed(decision)
             if outcome is None or not outcome.complete:
                 self._abort_legs(up, prefill_task, decode, tid)
             else:
@@ -137,7 +136,7 @@ class Proxy:
 
     def _prefill_finished(self, decision: Decision, task: asyncio.Task, was_idle: bool, trace: Trace) -> None:
         """The prefill leg ended: its node's queue shrinks, and a leg that answered teaches the placement model."""
-        self.placement.end(decision.prefill.name, decision.miss_tokens)
+        self.placement.computed(decision)
         if task.cancelled() or task.exception() is not None:
             return
         result: PrefillResult = task.result()
