@@ -73,7 +73,8 @@ class Placement:
     def __init__(self, cfg: PlacementConfig, registry: Registry, prefix_aware: bool) -> None:
         self.cfg, self.registry, self.prefix_aware = cfg, registry, prefix_aware
         self.index = PrefixIndex(cfg.chunk_chars, cfg.node_capacity_chunks, cfg.shared_capacity_chunks)
-        self.rates = LearnedRates(cfg.chars_per_token, cfg.prefill_tokens_per_s, cfg.link_bytes_per_s)
+        self.rates = LearnedRates(cfg.chars_per_token, cfg.prefill_tokens_per_s, cfg.shared_load_tokens_per_s,
+                                  cfg.link_bytes_per_s)
         self.pending: dict[str, float] = {}  # node -> prompt tokens it is computing for us now
         self.set_mode(cfg.mode)
 
@@ -142,7 +143,7 @@ class Placement:
         on_decode = self._held_tokens(d.name, keys, tokens)
         parts = {"load_s": self._base(d), "overhead_s": self.cfg.remote_overhead_s,
                  "queue_s": self.pending.get(p.name, 0) / rate,
-                 "shared_load_s": max(0.0, shared - own) / self.cfg.shared_load_tokens_per_s,
+                 "shared_load_s": max(0.0, shared - own) / self.rates.shared_load_tokens_per_s.value,
                  "compute_s": (tokens - held) / rate,
                  "transfer_s": (tokens - on_decode) * self.cfg.kv_bytes_per_token / self.rates.link_bytes_per_s.value,
                  "held_tokens": held, "decode_held_tokens": on_decode}
@@ -208,9 +209,13 @@ class Placement:
                 if shared > observed:  # the shared tier did not have what it was believed to
                     note = self.index.correct(SHARED, d.keys, shared, observed) or note
                 miss = prompt_tokens - cached
-                if self.cfg.learn and was_idle and miss >= 16 and leg_s > 0:
-                    self.rates.prefill_tokens_per_s.observe(miss / leg_s)
-                    PLACEMENT_SETTING.labels("break_even_tokens").set(self.break_even_tokens())
+                if self.cfg.learn and was_idle and leg_s > 0:
+                    if own == 0 and shared > 0 and cached > 0:  # the hit came from the shared tier
+                        rest = miss / self.rates.prefill_tokens_per_s.value
+                        self.rates.shared_load_tokens_per_s.observe(cached / (leg_s - rest) if leg_s > rest else 0)
+                    elif miss >= 16:
+                        self.rates.prefill_tokens_per_s.observe(miss / leg_s)
+                        PLACEMENT_SETTING.labels("break_even_tokens").set(self.break_even_tokens())
         self.index.record(p.name, d.keys)
         if self.cfg.shared_store:
             self.index.record(SHARED, d.keys)

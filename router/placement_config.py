@@ -19,8 +19,8 @@ class PlacementConfig(BaseModel):
     shared_store: bool = Field(default=False, description="the prefill nodes share a Redis tier: a prefix one of "
                                "them computed counts for all of them, at `shared_load_tokens_per_s`")
     shared_capacity_chunks: int = Field(default=65536, gt=0)
-    shared_load_tokens_per_s: float = Field(default=50000.0, gt=0, description="how fast a prefill node loads "
-                                            "a prefix from the shared tier, in prompt tokens per second")
+    shared_load_tokens_per_s: float = Field(default=50000.0, gt=0, description="start value; learned from legs "
+                                            "whose prefix only the shared tier held")
     chars_per_token: float = Field(default=4.0, gt=0, description="start value; learned from replies' prompt_tokens")
     prefill_tokens_per_s: float = Field(default=2000.0, gt=0, description="start value; learned from prefill legs")
     link_bytes_per_s: float = Field(default=1e9, gt=0, description="start value; learned from completed transfers")

@@ -137,3 +137,41 @@ async def test_echo_is_served_local_whatever_the_mode(make):
     assert status == 200 and pre.bodies == []
     decision = (await debug(url, headers["x-kvbridge-request-id"]))["placement"][0]
     assert decision["reason"] == "aggregated_echo" and decision["where"] == "local"
+
+
+async def test_the_next_turn_goes_to_the_decode_node_holding_the_conversation(make):
+    d0, d1 = StubNode("d0", kv=True, interval=0.3), StubNode("d1", kv=True, interval=0.3)
+    url, _ = await make([StubNode("p")], [d0, d1], policy="prefix_aware", placement={"mode": "auto"})
+    a, b = "Conversation A. " + SYSTEM_A * 3, "Conversation B. " + SYSTEM_B * 3
+    # both first turns at once: the second finds d0 busy with the first and goes to d1
+    first = await asyncio.gather(send(url, a), send(url, b))
+    assert sorted(f["decode"] for f in first) == ["d0", "d1"]
+    served = {f["decode"]: prompt for f, prompt in zip(first, (a, b))}
+    for name, prompt in sorted(served.items()):  # one at a time, both nodes idle: only the history decides
+        nxt = await send(url, prompt + " Next question?")
+        assert nxt["decode"] == name and nxt["where"] == "local" and nxt["reason"] == "decode_holds_prefix", nxt
+
+
+def test_prefix_keys_are_the_same_in_another_process():
+    import subprocess
+    import sys
+
+    from router.prefix_index import prefix_keys
+    code = "import sys; from router.prefix_index import prefix_keys; print(','.join(prefix_keys(sys.argv[1], 64)))"
+    text = SYSTEM_A + "é ü 漢字"
+    other = subprocess.run([sys.executable, "-c", code, text], capture_output=True, text=True, check=True)
+    keys = prefix_keys(text, 64)
+    assert other.stdout.strip().split(",") == keys and len(keys) == len(text.encode()) // 64
+    assert prefix_keys(text[:200] + "x" + text[201:], 64)[:3] == keys[:3] != prefix_keys("y" + text[1:], 64)[:3]
+
+
+async def test_a_prefix_in_the_shared_tier_counts_for_every_prefill_node(make):
+    p0, p1 = StubNode("p0", interval=1.0, store=True), StubNode("p1", store=True)
+    url, _ = await make([p0, p1], [StubNode("d", kv=True, interval=1.0)], policy="prefix_aware",
+                        placement={"chunk_chars": 64, "shared_store": True})
+    assert (await send(url, SYSTEM_A + "first"))["prefill"] == "p0"
+    # p0 is busy; p1 never computed SYSTEM_A, but loads it from the shared tier: it wins, priced for the load
+    shared = await while_busy(p0, url, SYSTEM_A + "second")
+    cands = {c["prefill"]: c for c in shared["candidates"] if c["prefill"]}
+    assert shared["prefill"] == "p1" and shared["reason"] == "pinned_remote_prefix", shared
+    assert cands["p1"]["held_tokens"] > 0 and cands["p1"]["shared_load_s"] > 0 and cands["p0"]["shared_load_s"] == 0
