@@ -31,4 +31,7 @@ class PlacementConfig(BaseModel):
     remote_overhead_s: float = Field(default=0.02, ge=0, description="a prefill leg's fixed cost (its own request, "
                                      "the push target's handshake)")
     decode_load_s: float = Field(default=0.01, ge=0, description="cost of each request already on a decode node")
+    reply_slack_tokens: int = Field(default=256, ge=0, description="a node's reported prefix hit this close to "
+                                    "the indexed one agrees with it (nodes hit whole blocks or store chunks); "
+                                    "further off, the index is corrected")
     learn: bool = Field(default=True, description="follow measured rates; false keeps the configured ones")

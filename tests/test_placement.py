@@ -75,7 +75,8 @@ async def test_the_node_holding_the_longest_prefix_wins_until_it_evicts_it(make)
 async def test_a_reply_showing_less_than_indexed_corrects_the_index(make):
     p0, p1 = StubNode("p0", store=True), StubNode("p1", store=True)
     dec = StubNode("d", kv=True, interval=0.2)  # answers after the prefill leg, as a decode waiting for KV does
-    url, api = await make([p0, p1], [dec], policy="prefix_aware", placement={"chunk_chars": 64})
+    url, api = await make([p0, p1], [dec], policy="prefix_aware",
+                          placement={"chunk_chars": 64, "reply_slack_tokens": 16})
     await send(url, SYSTEM_A + "one")
     p0.held.clear()  # p0 lost its store (a restart the router did not see)
     status, headers, _ = await post(url, body(SYSTEM_A + "two"))
