@@ -4,7 +4,7 @@
     POST /admin/nodes                      {"kind": "prefill"|"decode", "name", "url"[, "kv_address"]}: add one
     POST /admin/nodes/{name}/drain         no new request goes there; those in flight finish; answers once
                                            none is left (?wait=0: at once), then the node is removed
-    GET  /admin/placement                  mode, learned rates, break-even tokens, the prefix index's size
+    GET  /admin/placement, /debug/placement   mode, learned rates, break-even tokens, the prefix index's size
     POST /admin/placement                  {"mode": "auto"|"always"|"never"}
 
 A node added here lives until the router stops: after a restart the router serves the nodes of its config
@@ -109,6 +109,7 @@ def add_node_admin_routes(app: web.Application, proxy: Callable[[], Proxy]) -> N
     app.router.add_post("/admin/nodes", add)
     app.router.add_post("/admin/nodes/{name}/drain", drain_one)
     app.router.add_get("/admin/placement", placement)
+    app.router.add_get("/debug/placement", placement)
     app.router.add_post("/admin/placement", set_mode)
 
 

@@ -76,6 +76,7 @@ class Placement:
         self.rates = LearnedRates(cfg.chars_per_token, cfg.prefill_tokens_per_s, cfg.shared_load_tokens_per_s,
                                   cfg.link_bytes_per_s)
         self.pending: dict[str, float] = {}  # node -> prompt tokens it is computing for us now
+        self._downs: dict[str, int] = {}  # node -> its `downs` when its index was last trusted
         self.set_mode(cfg.mode)
 
     def set_mode(self, mode: Mode) -> None:
@@ -117,6 +118,10 @@ class Placement:
         return decision
 
     def _nodes(self, kind: str, exclude: set[str]) -> list[Backend]:
+        for b in self.registry.backends[kind]:
+            if self._downs.get(b.name, 0) != b.downs:  # down since: assumed restarted, re-learned from its replies
+                self._downs[b.name] = b.downs
+                self.index.forget(b.name)
         if self.prefix_aware:
             return self.registry.candidates(kind, exclude)
         picked = self.registry.pick(kind, exclude)

@@ -41,6 +41,7 @@ class Backend:
     outstanding: int = 0
     pool_free: float = 1.0  # decode only: fraction of its connector's slots that are free
     draining: bool = False  # takes no new request; those in flight finish
+    downs: int = 0  # times it went down: what it held may be gone (router/placement.py forgets it)
     down_since: float | None = field(default_factory=time.monotonic)  # state starts "down": since creation
     watchers: set[Callable[[], None]] = field(default_factory=set)
 
@@ -63,6 +64,7 @@ class Backend:
         log.warning("%s %s is now %s%s", self.kind, self.name, state.upper(), f" ({why})" if why else "")
         self.state = state
         self.down_since = time.monotonic() if state == "down" else None
+        self.downs += state == "down"
         INSTANCE_HEALTHY.labels(self.kind, self.name).set(1 if state == "up" else 0)
         INSTANCE_STATE.labels(self.kind, self.name).set(STATE_CODE[state])
 

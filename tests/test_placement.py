@@ -126,7 +126,7 @@ async def test_the_mode_can_be_pinned_at_run_time(make):
         assert (await send(url, long_prompt))["reason"] == "pinned_local" and len(pre.bodies) == 1
         async with s.post(url + "/admin/placement", json={"mode": "sometimes"}) as r:
             assert r.status == 400
-        async with s.get(url + "/admin/placement") as r:
+        async with s.get(url + "/debug/placement") as r:
             snap = await r.json()
     assert snap["mode"] == "never" and snap["break_even_tokens"] > 0 and "prefill_tokens_per_s" in snap["rates"]
 
@@ -176,3 +176,28 @@ async def test_a_prefix_in_the_shared_tier_counts_for_every_prefill_node(make):
     cands = {c["prefill"]: c for c in shared["candidates"] if c["prefill"]}
     assert shared["prefill"] == "p1" and shared["reason"] == "pinned_remote_prefix", shared
     assert cands["p1"]["held_tokens"] > 0 and cands["p1"]["shared_load_s"] > 0 and cands["p0"]["shared_load_s"] == 0
+
+
+async def test_a_node_seen_down_is_forgotten_and_relearned_from_its_replies(make):
+    p0, p1 = StubNode("p0", store=True), StubNode("p1", store=True)
+    dec = StubNode("d", kv=True, interval=0.2)
+    url, api = await make([p0, p1], [dec], policy="prefix_aware",
+                          placement={"chunk_chars": 64, "reply_slack_tokens": 16})
+    index = api[PROXY].placement.index
+    await send(url, SYSTEM_A + "one")
+    keys = index.keys(body(SYSTEM_A + "two"))
+    assert index.held("p0", keys) > 0
+    p0.healthy = False  # a restart, as the router sees it: down, then up again with its disk tier
+    assert await eventually(lambda: api[PROXY].registry.backends["prefill"][0].state == "down")
+    p0.healthy = True
+    assert await eventually(lambda: api[PROXY].registry.backends["prefill"][0].state == "up")
+    status, headers, _ = await post(url, body(SYSTEM_B + "other"))  # any request: the down node is forgotten
+    assert status == 200 and index.held("p0", keys) == 0
+    # both idle, neither indexed for SYSTEM_A: p0, listed first; its reply reports the prefix its disk kept
+    rid = (await post(url, body(SYSTEM_A + "two")))[1]["x-kvbridge-request-id"]
+    for _ in range(100):
+        notes = [e["detail"] for e in (await debug(url, rid))["events"] if e["phase"] == "prefix_index_corrected"]
+        if notes:
+            break
+        await asyncio.sleep(0.05)
+    assert notes and "more than indexed: learned" in notes[0], notes
