@@ -189,7 +189,8 @@ class Placement:
             self.index.record(SHARED, d.keys)
 
     def computed(self, d: Decision) -> None:
-        """The computing node is done with the prompt (or gave up): out of its queue."""
+        """The computing node is done with the prompt (or gave up): out of its queue. For a local prefill that
+        is when the answer ends: the router sees nothing of the decode node's prefill but the answer."""
         node = (d.prefill or d.decode).name
         self.pending[node] = max(0.0, self.pending.get(node, 0) - d.miss_tokens)
 
