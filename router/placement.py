@@ -109,7 +109,9 @@ class Placement:
                 cands += [self._remote(d, p, keys, tokens) for p in prefills]
         remote = [c for c in cands if c.prefill]
         pool = remote if self.mode == "always" and remote else cands
-        best = min(pool, key=lambda c: (c.cost_s, c.decode.pool_free == 0, c.decode.outstanding))
+        # KV pushed to a decode node without a free slot would wait for one: that is a last resort
+        best = min(pool, key=lambda c: (c.prefill is not None and c.decode.pool_free == 0, c.cost_s,
+                                        c.decode.outstanding))
         decision = Decision(best.decode, best.prefill, "", "", keys, len(text), tokens, best, cands)
         decision.predicted = {n: self.index.held(n, keys) for n in {best.decode.name, SHARED}
                               | ({best.prefill.name} if best.prefill else set())}
