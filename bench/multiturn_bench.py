@@ -90,6 +90,13 @@ async def run(args: argparse.Namespace, routers: dict[str, str], nodes: list[str
                              "ttft_p90_ms": pct(ttfts, 0.9), "prefill_tokens": computed,
                              "prompt_chars": sum(len(p) for p in prompts)})
                 print(json.dumps(rows[-1]), flush=True)
+        for name, url in routers.items():  # what each router decided, and what it learned
+            async with s.get(url + "/metrics") as r:
+                decided = [line for line in (await r.text()).splitlines()
+                           if line.startswith("kvbridge_router_placement_total{")]
+            async with s.get(url + "/debug/placement") as r:
+                rates = (await r.json())["rates"]
+            print(f"{name}: {' '.join(decided)}\n  learned: {json.dumps(rates)}")
     return rows
 
 

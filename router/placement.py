@@ -25,6 +25,7 @@ from router.prefix_index import SHARED, PrefixIndex, prompt_text
 from router.registry import Backend, Registry
 
 MODE_CODE = {"auto": 0, "always": 1, "never": 2}
+SHORT_LEG_TOKENS = 64
 
 
 @dataclass
@@ -73,9 +74,10 @@ class Placement:
     def __init__(self, cfg: PlacementConfig, registry: Registry, prefix_aware: bool) -> None:
         self.cfg, self.registry, self.prefix_aware = cfg, registry, prefix_aware
         self.index = PrefixIndex(cfg.chunk_chars, cfg.node_capacity_chunks, cfg.shared_capacity_chunks)
-        self.rates = LearnedRates(cfg.chars_per_token, cfg.prefill_tokens_per_s, cfg.shared_load_tokens_per_s,
-                                  cfg.link_bytes_per_s)
+        self.rates = LearnedRates(cfg.chars_per_token, cfg.prefill_tokens_per_s, cfg.request_s,
+                                  cfg.shared_load_tokens_per_s, cfg.link_bytes_per_s)
         self.pending: dict[str, float] = {}  # node -> prompt tokens it is computing for us now
+        self.pending_requests: dict[str, int] = {}  # node -> prompts it is computing for us now
         self._downs: dict[str, int] = {}  # node -> its `downs` when its index was last trusted
         self.set_mode(cfg.mode)
 
@@ -132,13 +134,19 @@ class Placement:
     def _held_tokens(self, name: str, keys: list[str], tokens: float) -> float:
         return min(tokens, self.index.held(name, keys) * self.cfg.chunk_chars / self.rates.chars_per_token.value)
 
+    def _queue_s(self, node: str) -> float:
+        """What the node computes for us before this prompt: its queued tokens, and a forward pass's fixed
+        cost per queued prompt (on a small model that cost, not the tokens, is most of a short prompt's time)."""
+        return (self.pending.get(node, 0) / self.rates.prefill_tokens_per_s.value
+                + self.pending_requests.get(node, 0) * self.rates.request_s.value)
+
     def _base(self, d: Backend) -> float:
         return d.outstanding * self.cfg.decode_load_s
 
     def _local(self, d: Backend, keys: list[str], tokens: float) -> Candidate:
         rate = self.rates.prefill_tokens_per_s.value
         held = self._held_tokens(d.name, keys, tokens)
-        parts = {"load_s": self._base(d), "queue_s": self.pending.get(d.name, 0) / rate,
+        parts = {"load_s": self._base(d), "queue_s": self._queue_s(d.name),
                  "compute_s": (tokens - held) / rate * self.cfg.local_penalty, "held_tokens": held}
         return Candidate(d, None, parts["load_s"] + parts["queue_s"] + parts["compute_s"], parts)
 
@@ -149,7 +157,7 @@ class Placement:
         held = max(own, shared)
         on_decode = self._held_tokens(d.name, keys, tokens)
         parts = {"load_s": self._base(d), "overhead_s": self.cfg.remote_overhead_s,
-                 "queue_s": self.pending.get(p.name, 0) / rate,
+                 "queue_s": self._queue_s(p.name),
                  "shared_load_s": max(0.0, shared - own) / self.rates.shared_load_tokens_per_s.value,
                  "compute_s": (tokens - held) / rate,
                  "transfer_s": (tokens - on_decode) * self.cfg.kv_bytes_per_token / self.rates.link_bytes_per_s.value,
@@ -186,6 +194,7 @@ class Placement:
         there from now on (a second request for the same prefix belongs there too; the reply corrects it)."""
         node = (d.prefill or d.decode).name
         self.pending[node] = self.pending.get(node, 0) + d.miss_tokens
+        self.pending_requests[node] = self.pending_requests.get(node, 0) + 1
         self.index.record(node, d.keys)
         if d.prefill is not None and self.cfg.shared_store:
             self.index.record(SHARED, d.keys)
@@ -195,6 +204,7 @@ class Placement:
         is when the answer ends: the router sees nothing of the decode node's prefill but the answer."""
         node = (d.prefill or d.decode).name
         self.pending[node] = max(0.0, self.pending.get(node, 0) - d.miss_tokens)
+        self.pending_requests[node] = max(0, self.pending_requests.get(node, 0) - 1)
 
     def prefill_done(self, d: Decision, leg_s: float, usage: dict | None, was_idle: bool) -> str | None:
         """A prefill leg answered: learn chars per token and the prefill rate, fold the node's reported prefix
@@ -225,8 +235,10 @@ class Placement:
                     if own == 0 and shared > 0 and cached > 0:  # the hit came from the shared tier
                         rest = miss / self.rates.prefill_tokens_per_s.value
                         self.rates.shared_load_tokens_per_s.observe(cached / (leg_s - rest) if leg_s > rest else 0)
-                    elif miss >= 16:
-                        self.rates.prefill_tokens_per_s.observe(miss / leg_s)
+                    elif miss < SHORT_LEG_TOKENS:  # a short prompt's leg is mostly the fixed cost
+                        self.rates.request_s.observe(leg_s - miss / self.rates.prefill_tokens_per_s.value)
+                    elif leg_s > self.rates.request_s.value:
+                        self.rates.prefill_tokens_per_s.observe(miss / (leg_s - self.rates.request_s.value))
                         PLACEMENT_SETTING.labels("break_even_tokens").set(self.break_even_tokens())
         self.index.record(p.name, d.keys)
         if self.cfg.shared_store:

@@ -23,6 +23,8 @@ class PlacementConfig(BaseModel):
                                             "whose prefix only the shared tier held")
     chars_per_token: float = Field(default=4.0, gt=0, description="start value; learned from replies' prompt_tokens")
     prefill_tokens_per_s: float = Field(default=2000.0, gt=0, description="start value; learned from prefill legs")
+    request_s: float = Field(default=0.05, ge=0, description="a prompt's fixed cost on the node computing it (a "
+                             "forward pass), counted per prompt queued there; start value, learned from prefill legs")
     link_bytes_per_s: float = Field(default=1e9, gt=0, description="start value; learned from completed transfers")
     kv_bytes_per_token: int = Field(default=131072, gt=0, description="the model's KV bytes per prompt token "
                                     "(2 x layers x kv heads x head dim x dtype bytes)")
