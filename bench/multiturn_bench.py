@@ -47,6 +47,18 @@ async def computed_on(session: aiohttp.ClientSession, urls: list[str]) -> float:
     return total
 
 
+async def settled_computed(session: aiohttp.ClientSession, urls: list[str]) -> float:
+    """computed_on once two reads 0.25 s apart agree: vLLM updates its counters a little after the answers."""
+    prev = await computed_on(session, urls)
+    for _ in range(20):
+        await asyncio.sleep(0.25)
+        now = await computed_on(session, urls)
+        if now == prev:
+            break
+        prev = now
+    return prev
+
+
 async def turn(session: aiohttp.ClientSession, router: str, prompt: str, max_tokens: int) -> tuple[float, str]:
     """Streamed completion: seconds to the first event, and the whole answer's text."""
     body = {"model": SERVED_MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
@@ -80,9 +92,9 @@ async def run(args: argparse.Namespace, routers: dict[str, str], nodes: list[str
                 hist = histories[name]
                 prompts = [f"{h}\nUser: {random_words(args.turn_words, seed=1000 * rnd + u)}\nAssistant:"
                            for u, h in enumerate(hist)]
-                before = await computed_on(s, nodes)
+                before = await settled_computed(s, nodes)
                 done = await asyncio.gather(*(turn(s, routers[name], p, args.answer_tokens) for p in prompts))
-                computed = await computed_on(s, nodes) - before
+                computed = await settled_computed(s, nodes) - before
                 for u, (_, answer) in enumerate(done):
                     hist[u] = prompts[u] + answer
                 ttfts = [t * 1000 for t, _ in done]
