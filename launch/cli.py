@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -95,6 +96,17 @@ def _router(a: argparse.Namespace) -> None:
     main(["--config", a.config] + (["--port", str(a.port)] if a.port else []))
 
 
+def _nodes(a: argparse.Namespace) -> None:
+    from launch.node_ctl import AdminError, nodes_command, placement_command
+    try:
+        out = placement_command(a.admin, a.mode) if a.cmd == "placement" else nodes_command(
+            a.admin, a.verb, getattr(a, "kind", None), getattr(a, "name", None), getattr(a, "url", None),
+            getattr(a, "kv_address", None), not getattr(a, "no_wait", False))
+    except AdminError as e:
+        raise SystemExit(str(e))
+    print(json.dumps(out, indent=2))
+
+
 def _bench(a: argparse.Namespace) -> None:
     from bench.transfer_bench import main
     main(a.args)
@@ -158,6 +170,26 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", required=True)
     p.add_argument("--port", type=int)
     p.set_defaults(fn=_router)
+    p = sub.add_parser("nodes", help="list, add or drain the router's nodes at run time (its admin port)")
+    nsub = p.add_subparsers(dest="verb", required=True)
+    for verb, help_ in (("list", "nodes, state, load, draining"), ("add", "add a prefill or decode node"),
+                        ("drain", "no new requests; returns when those in flight are done, then removes it")):
+        n = nsub.add_parser(verb, help=help_)
+        n.add_argument("--admin", default="http://127.0.0.1:8000", help="the router's admin (or API) address")
+        n.set_defaults(fn=_nodes)
+        if verb == "add":
+            n.add_argument("kind", choices=["prefill", "decode"])
+            n.add_argument("name")
+            n.add_argument("url")
+            n.add_argument("--kv-address", help="a decode node's connector handshake host:port")
+        if verb == "drain":
+            n.add_argument("name")
+            n.add_argument("--no-wait", action="store_true", help="return at once: the node takes nothing new "
+                           "and stays listed, draining, until a drain that waits")
+    p = sub.add_parser("placement", help="show the router's placement model, or pin its mode")
+    p.add_argument("--mode", choices=["auto", "always", "never"])
+    p.add_argument("--admin", default="http://127.0.0.1:8000")
+    p.set_defaults(fn=_nodes)
     p = sub.add_parser("bench", help="benchmarks")
     bsub = p.add_subparsers(dest="sub", required=True)
     b = bsub.add_parser("transfer", help="NIXL transfer bench (see python -m bench.transfer_bench -h)")

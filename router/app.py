@@ -20,6 +20,7 @@ from router.auth import bearer_matches, load_secret
 from router.config import ConfigError, RouterConfig, load_router_config
 from router.metrics import LATENCY, REQUESTS
 from router.models_proxy import backend_models
+from router.node_admin import add_node_admin_routes
 from router.openai_errors import APIError, parse_request
 from router.pool_probe import transfer_trace
 from router.proxy import Proxy
@@ -41,7 +42,7 @@ PROXY = web.AppKey("proxy", Proxy)
 def api_key_middleware(key: str) -> Callable:
     @web.middleware
     async def require_key(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path.startswith("/v1/") and not bearer_matches(request.headers, key):
+        if request.path.startswith(("/v1/", "/admin/")) and not bearer_matches(request.headers, key):
             return APIError(401, "missing or wrong API key (send Authorization: Bearer <key>)",
                             code="invalid_api_key").response()
         return await handler(request)
@@ -49,7 +50,8 @@ def api_key_middleware(key: str) -> Callable:
 
 
 def add_admin_routes(app: web.Application, api: web.Application, cfg: RouterConfig) -> None:
-    """/metrics and /debug/requests/{id}, reading the API app's proxy."""
+    """/metrics, /debug/requests/{id} and /admin (router/node_admin.py), reading the API app's proxy. On the
+    API port (no admin_port) /admin asks for the client API key when one is configured."""
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -57,7 +59,8 @@ def add_admin_routes(app: web.Application, api: web.Application, cfg: RouterConf
         t = api[PROXY].traces.get(request.match_info["rid"])
         if t is None:
             return APIError(404, "no such request in the trace history", code="not_found").response()
-        out = {"id": t.id, "path": t.path, "events": [{"phase": p, "detail": d, "ms": ms} for p, d, ms in t.events]}
+        out = {"id": t.id, "path": t.path, "events": [{"phase": p, "detail": d, "ms": ms} for p, d, ms in t.events],
+               "placement": t.placement}
         if t.transfer:  # the decode connector's own phases (EXPECTED, RECEIVING, RECEIVED, SCATTERED...)
             address, tid = t.transfer
             out["transfer_id"] = tid
@@ -66,6 +69,7 @@ def add_admin_routes(app: web.Application, api: web.Application, cfg: RouterConf
 
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/debug/requests/{rid}", trace)
+    add_node_admin_routes(app, lambda: api[PROXY])
 
 
 def build_app(cfg: RouterConfig) -> web.Application:

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from router.placement_config import PlacementConfig
 from transfer.config_errors import ConfigError, format_errors, load_yaml
 from transfer.control_auth import Credential
 from transfer.credentials import DEFAULT_SECRET_ENV, CredentialError, load_secret
@@ -34,7 +35,10 @@ class RouterConfig(BaseModel):
     model: str = Field(description="served model name clients must ask for")
     prefill: list[Instance] = Field(min_length=1)
     decode: list[DecodeInstance] = Field(min_length=1)
-    policy: Literal["round_robin", "least_outstanding"] = "least_outstanding"
+    policy: Literal["round_robin", "least_outstanding", "prefix_aware"] = Field(
+        default="least_outstanding", description="prefix_aware: nodes chosen by the placement cost model "
+        "(prefix held, queue, transfer), which also decides between remote and local prefill (`placement`)")
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)
     on_prefill_failure: Literal["decode_prefills", "error"] = "decode_prefills"
     health_interval_s: float = Field(default=2.0, gt=0)
     health_timeout_s: float = Field(default=1.0, gt=0)

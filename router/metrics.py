@@ -24,3 +24,12 @@ ITL = Histogram("kvbridge_router_inter_event_seconds", "Time between two events 
                 "latency as the client sees it)", ["endpoint"],
                 buckets=(.001, .0025, .005, .01, .02, .04, .08, .16, .32, .64, 1.28, 5))
 INSTANCE_STATE = Gauge("kvbridge_router_instance_state", "0 up, 1 suspect, 2 down", ["kind", "instance"])
+PLACEMENT = Counter("kvbridge_router_placement_total", "Placement decisions by where the prompt was prefilled "
+                    "(remote: a prefill node, local: the decode node) and why", ["where", "reason"])
+LEARNED_RATE = Gauge("kvbridge_router_learned_rate", "The placement cost model's learned rates (chars_per_token, "
+                     "prefill_tokens_per_s, request_s, shared_load_tokens_per_s, link_bytes_per_s)", ["rate"])
+PLACEMENT_SETTING = Gauge("kvbridge_router_placement_setting", "Placement settings in force: mode (0 auto, "
+                          "1 always remote, 2 never remote) and the break-even prompt tokens below which an "
+                          "idle decode node prefills locally", ["setting"])
+PREFIX_HIT_TOKENS = Counter("kvbridge_router_prefix_hit_tokens_total", "Prompt tokens the chosen node was expected "
+                            "to hold, and those its reply said it held", ["kind"])

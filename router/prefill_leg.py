@@ -6,7 +6,10 @@ then recomputes the prompt itself instead of waiting for KV that will not come.
 """
 from __future__ import annotations
 
+import json
 import logging
+import time
+from dataclasses import dataclass
 
 import aiohttp
 
@@ -21,15 +24,33 @@ from router.upstream import post, read_all
 log = logging.getLogger("kvbridge.router")
 
 
+@dataclass
+class PrefillResult:
+    """How the leg ended: `ok` when the node answered 200 (its KV is pushed or being pushed), how long it took,
+    and the reply's `usage` (prompt tokens, and cached tokens when the node reports them) for the placement
+    model."""
+    ok: bool
+    seconds: float
+    usage: dict | None = None
+
+
+def reply_usage(raw: bytes) -> dict | None:
+    try:
+        usage = json.loads(raw).get("usage")
+    except (ValueError, AttributeError):
+        return None
+    return usage if isinstance(usage, dict) else None
+
+
 async def run_prefill(cfg: RouterConfig, registry: Registry, session: aiohttp.ClientSession, b: Backend,
                       path: str, body: dict, headers: dict[str, str], trace: Trace, kv_address: str,
-                      transfer_id: str) -> bool:
-    """True when the prefill node answered 200 (its KV is pushed or being pushed)."""
+                      transfer_id: str) -> PrefillResult:
+    t0, usage = time.monotonic(), None
     registry.acquire(b)
     try:
         up = await post(session, b, path, body, headers, cfg.first_byte_timeout_s)
         try:
-            await read_all(up, b, cfg.first_byte_timeout_s)
+            usage = reply_usage(await read_all(up, b, cfg.first_byte_timeout_s))
         finally:
             up.release()
         ok, why = up.status == 200, f"HTTP {up.status}"
@@ -45,5 +66,5 @@ async def run_prefill(cfg: RouterConfig, registry: Registry, session: aiohttp.Cl
         PREFILL_FAILURES.labels(cfg.on_prefill_failure).inc()
         log.warning("prefill leg on %s failed (%s); the decode instance falls back by its load policy", b.name, why)
         await cancel_transfer(kv_address, transfer_id, cfg.health_timeout_s, cfg.kv_cred)
-    return ok
+    return PrefillResult(ok, time.monotonic() - t0, usage if ok else None)
 

@@ -26,8 +26,9 @@ from router.failures import UpstreamFailure
 from router.leg_bodies import decode_body, needs_aggregated, prefill_body
 from router.metrics import AGGREGATED, CANCELLED, RETRIES, STREAM_ERRORS, TTFT
 from router.openai_errors import APIError
-from router.pool_probe import cancel_transfer
-from router.prefill_leg import run_prefill
+from router.placement import Decision, Placement
+from router.pool_probe import cancel_transfer, transfer_trace
+from router.prefill_leg import PrefillResult, run_prefill
 from router.registry import Backend, Registry
 from router.request_trace import Trace, TraceBook
 from router.upstream import post
@@ -42,6 +43,7 @@ class Proxy:
         self.traces = TraceBook(cfg.trace_history)
         self.admission = Admission(cfg.max_inflight_total, cfg.retry_after_s)
         self._background: set[asyncio.Task] = set()
+        self.placement = Placement(cfg.placement, registry, cfg.policy == "prefix_aware")
 
     async def handle(self, request: web.Request, path: str, body: dict) -> web.StreamResponse:
         self.admission.enter()
@@ -51,15 +53,17 @@ class Proxy:
         last: UpstreamFailure | None = None
         try:
             for attempt in range(MAX_ATTEMPTS):
-                decode = self.registry.pick("decode", exclude=tried)
-                if decode is None:
+                decision = self.placement.decide(body, tried, needs_aggregated(body))
+                if decision is None:
                     break
+                decode = decision.decode
+                trace.placement.append(decision.explain())
                 tried.add(decode.name)
                 if attempt:
                     RETRIES.labels("decode").inc()
                     trace.add("retry", f"on {decode.name} after: {last}")
                 try:
-                    return await self._attempt(request, path, body, headers, decode, trace)
+                    return await self._attempt(request, path, body, headers, decision, trace)
                 except UpstreamFailure as e:
                     self.registry.report_failure(decode, e.why)
                     trace.add("decode_failed", str(e))
@@ -76,33 +80,36 @@ class Proxy:
             trace.add("done")
 
     async def _attempt(self, request: web.Request, path: str, body: dict, headers: dict[str, str],
-                       decode: Backend, trace: Trace) -> web.StreamResponse:
+                       decision: Decision, trace: Trace) -> web.StreamResponse:
         tid = uuid.uuid4().hex
         aggregated = needs_aggregated(body)
-        prefill = None if aggregated or not decode.kv_address else self.registry.pick("prefill")
+        decode, prefill = decision.decode, decision.prefill
         prefill_task: asyncio.Task | None = None
         if prefill is not None:
+            was_idle = not self.placement.pending.get(prefill.name)
             prefill_task = asyncio.create_task(run_prefill(
                 self.cfg, self.registry, self.session, prefill, path, prefill_body(body, tid, decode.kv_address,
                                                                       self.cfg.push_key, self.cfg.push_token_ttl_s),
                 headers, trace, decode.kv_address, tid))
+            prefill_task.add_done_callback(lambda t: self._prefill_finished(decision, t, was_idle, trace))
             decode_leg = decode_body(body, tid)
             trace.transfer = (decode.kv_address, tid)
         elif aggregated:
             AGGREGATED.labels(aggregated).inc()
             decode_leg = dict(body)
-        elif self.cfg.on_prefill_failure == "error":
+        elif decision.reason == "no_prefill" and self.cfg.on_prefill_failure == "error":
             raise APIError(503, "no healthy prefill instance", "service_unavailable", code="no_prefill")
         else:
             decode_leg = dict(body)
         trace.add("dispatched", f"prefill={prefill.name if prefill else None} decode={decode.name}"
-                  + (f" aggregated ({aggregated})" if aggregated else ""))
+                  + (f" aggregated ({aggregated})" if aggregated else "") + f": {decision.why}")
+        self.placement.dispatched(decision)
         up: aiohttp.ClientResponse | None = None
         outcome: RelayOutcome | None = None
         self.registry.acquire(decode)
         try:
             up = await post(self.session, decode, path, decode_leg, headers, self._first_wait(body))
-            if prefill_task is not None and self.cfg.on_prefill_failure == "error" and not await prefill_task:
+            if prefill_task is not None and self.cfg.on_prefill_failure == "error" and not (await prefill_task).ok:
                 raise APIError(502, "the prefill instance failed", "upstream_error", code="prefill_failed")
             if body.get("stream") and up.status == 200:
                 outcome = await relay_stream(request, up, decode, trace.id, self.cfg.first_byte_timeout_s,
@@ -111,9 +118,13 @@ class Proxy:
                 outcome = await relay_whole(up, decode, trace.id, self._first_wait(body))
             TTFT.labels(path).observe(trace.ms() / 1000)
             self._settle(outcome, decode, trace)
+            if outcome.complete and outcome.failure is None:
+                self._learn_after(decision, tid if prefill_task is not None else None)
             return outcome.response
         finally:
             self.registry.release(decode)
+            if prefill is None:
+                self.placement.computed(decision)
             if outcome is None or not outcome.complete:
                 self._abort_legs(up, prefill_task, decode, tid)
             else:
@@ -122,6 +133,33 @@ class Proxy:
                     # The answer is complete (the decode recomputed the prompt): nothing will claim what
                     # the still-running prefill pushes.
                     self._abort_legs(None, prefill_task, decode, tid)
+
+    def _prefill_finished(self, decision: Decision, task: asyncio.Task, was_idle: bool, trace: Trace) -> None:
+        """The prefill leg ended: its node's queue shrinks, and a leg that answered teaches the placement model."""
+        self.placement.computed(decision)
+        if task.cancelled() or task.exception() is not None:
+            return
+        result: PrefillResult = task.result()
+        if result.ok:
+            note = self.placement.prefill_done(decision, result.seconds, result.usage, was_idle)
+            if note:
+                trace.add("prefix_index_corrected", note)
+
+    def _learn_after(self, decision: Decision, tid: str | None) -> None:
+        """A complete answer: the decode node holds the prompt now; a transfer's receive time teaches the link
+        rate (asked of the decode connector in the background, off the request's path)."""
+        self.placement.served(decision)
+        if tid is None or not self.cfg.placement.learn:
+            return
+
+        async def ask() -> None:
+            got = await transfer_trace(decision.decode.kv_address, tid, self.cfg.health_timeout_s, self.cfg.kv_cred)
+            ms = (got or {}).get("ms") or {}
+            if "RECEIVING" in ms and "RECEIVED" in ms:
+                self.placement.transfer_done(decision, ms["RECEIVED"] - ms["RECEIVING"])
+        task = asyncio.ensure_future(ask())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _first_wait(self, body: dict) -> float:
         """A streamed answer starts with its first token; a whole one arrives when generation is done."""

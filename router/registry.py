@@ -40,6 +40,8 @@ class Backend:
     health_fails: int = 0
     outstanding: int = 0
     pool_free: float = 1.0  # decode only: fraction of its connector's slots that are free
+    draining: bool = False  # takes no new request; those in flight finish
+    downs: int = 0  # times it went down: what it held may be gone (router/placement.py forgets it)
     down_since: float | None = field(default_factory=time.monotonic)  # state starts "down": since creation
     watchers: set[Callable[[], None]] = field(default_factory=set)
 
@@ -62,6 +64,7 @@ class Backend:
         log.warning("%s %s is now %s%s", self.kind, self.name, state.upper(), f" ({why})" if why else "")
         self.state = state
         self.down_since = time.monotonic() if state == "down" else None
+        self.downs += state == "down"
         INSTANCE_HEALTHY.labels(self.kind, self.name).set(1 if state == "up" else 0)
         INSTANCE_STATE.labels(self.kind, self.name).set(STATE_CODE[state])
 
@@ -116,17 +119,22 @@ class Registry:
     def pick(self, kind: str, exclude: set[str] = frozenset()) -> Backend | None:
         """An up instance (a suspect one only when no up one is left), or None when none is alive.
         Raises AtCapacity when instances are alive but each holds its cap of requests."""
-        alive = [b for b in self.backends[kind] if b.state != "down" and b.name not in exclude]
-        cap = self.cfg.max_inflight_per_instance
-        room = [b for b in alive if cap is None or b.outstanding < cap]
-        if alive and not room:
-            raise AtCapacity(f"{kind} instances", cap, self.cfg.retry_after_s)
-        live = [b for b in room if b.state == "up"] or room
+        live = self.candidates(kind, exclude)
         if not live:
             return None
         if self.cfg.policy == "round_robin":
             return live[next(self._rr[kind]) % len(live)]
         return min(live, key=lambda b: (b.pool_free == 0, b.outstanding, -b.pool_free))
+
+    def candidates(self, kind: str, exclude: set[str] = frozenset()) -> list[Backend]:
+        """The up instances that take new requests and have room (the suspect ones when no up one is left).
+        Raises AtCapacity when instances are alive but each holds its cap of requests."""
+        alive = [b for b in self.backends[kind] if b.state != "down" and not b.draining and b.name not in exclude]
+        cap = self.cfg.max_inflight_per_instance
+        room = [b for b in alive if cap is None or b.outstanding < cap]
+        if alive and not room:
+            raise AtCapacity(f"{kind} instances", cap, self.cfg.retry_after_s)
+        return [b for b in room if b.state == "up"] or room
 
     def acquire(self, b: Backend) -> None:
         b.outstanding += 1
@@ -149,7 +157,7 @@ class Registry:
 
     def snapshot(self) -> dict:
         return {k: [{"name": b.name, "url": b.inst.url, "state": b.state, "healthy": b.state != "down",
-                     "outstanding": b.outstanding, **({"pool_free": round(b.pool_free, 3)} if b.kv_address else {})}
+                     "outstanding": b.outstanding, "draining": b.draining, **({"pool_free": round(b.pool_free, 3)} if b.kv_address else {})}
                     for b in bs] for k, bs in self.backends.items()}
 
     async def check_all(self) -> None:

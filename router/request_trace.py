@@ -11,6 +11,7 @@ class Trace:
         self.id, self.path, self.t0 = rid, path, time.monotonic()
         self.events: list[tuple[str, str, float]] = []
         self.transfer: tuple[str, str] | None = None  # (decode connector address, transfer id) of the last attempt
+        self.placement: list[dict] = []  # each attempt's placement decision: candidates, scores, why
 
     def ms(self) -> float:
         return round((time.monotonic() - self.t0) * 1000, 3)

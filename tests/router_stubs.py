@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 
 import aiohttp
@@ -21,14 +22,17 @@ from transfer import control_auth, wire
 class StubNode:
     """A fake vLLM node. `mode`: ok | reset (drop the connection) | die (abort after `die_after` events)
     | silent (go quiet after one event) | hang (never answer, and fail /health from then on) | late (headers
-    at once, then no first event and no unstreamed answer for an hour, /health passing: a stuck prefill)."""
+    at once, then no first event and no unstreamed answer for an hour, /health passing: a stuck prefill).
+    `store`: it keeps every prompt it saw (until `held.clear()`) and its unstreamed answers report `usage`
+    as vLLM does, 4 characters a token, with the longest held prefix as `cached_tokens`."""
 
     def __init__(self, name: str, mode: str = "ok", events: int = 4, interval: float = 0.0, die_after: int = 2,
-                 kv: bool = False) -> None:
+                 kv: bool = False, store: bool = False) -> None:
         self.name, self.mode, self.events, self.interval, self.die_after = name, mode, events, interval, die_after
         self.bodies, self.headers, self.cancels = [], [], []  # what each leg and the connector received
         self.aborted, self.healthy = 0, True  # aborted: requests the router closed before their answer was whole
         self._stop = threading.Event()
+        self.held: list[str] | None = [] if store else None
         self.kv_port = self._start_connector() if kv else None
 
     def _start_connector(self) -> int:
@@ -69,6 +73,15 @@ class StubNode:
     def instance(self) -> dict:
         return {"name": self.name, "url": self.url, **({"kv_address": f"127.0.0.1:{self.kv_port}"} if self.kv_port else {})}
 
+    def _usage(self, body: dict) -> dict:
+        if self.held is None or not isinstance(body.get("prompt"), str):
+            return {}
+        prompt = body["prompt"]
+        common = max((len(os.path.commonprefix([prompt, h])) for h in self.held), default=0)
+        self.held.append(prompt)
+        return {"usage": {"prompt_tokens": max(1, len(prompt) // 4),
+                          "prompt_tokens_details": {"cached_tokens": common // 4}}}
+
     async def health(self, _: web.Request) -> web.Response:
         return web.Response(status=200 if self.healthy else 500)
 
@@ -90,7 +103,7 @@ class StubNode:
             if not body.get("stream"):
                 await asyncio.sleep(3600 if self.mode == "late" else self.interval)
                 return web.json_response({"object": "text_completion", "choices": [{"index": 0, "text": self.name}],
-                                          "kv_transfer_params": {"kvbridge": {}}})
+                                          "kv_transfer_params": {"kvbridge": {}}, **self._usage(body)})
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "X-Request-Id": "from-" + self.name})
             await resp.prepare(request)
             for i in range(self.events):

@@ -1,0 +1,123 @@
+"""Nodes added and drained at run time, and the placement mode pinned, on the router's admin side.
+
+    GET  /admin/nodes                      every node, its state, load and whether it drains
+    POST /admin/nodes                      {"kind": "prefill"|"decode", "name", "url"[, "kv_address"]}: add one
+    POST /admin/nodes/{name}/drain         no new request goes there; those in flight finish; answers once
+                                           none is left (?wait=0: at once), then the node is removed
+    GET  /admin/placement, /debug/placement   mode, learned rates, break-even tokens, the prefix index's size
+    POST /admin/placement                  {"mode": "auto"|"always"|"never"}
+
+A node added here lives until the router stops: after a restart the router serves the nodes of its config
+file, and learns again from their replies what they hold (router/prefix_index.py).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from router.config import DecodeInstance, Instance
+from router.openai_errors import APIError
+from router.proxy import Proxy
+from router.registry import Backend
+
+log = logging.getLogger("kvbridge.router")
+DRAIN_POLL_S = 0.05
+
+
+def find(proxy: Proxy, name: str) -> Backend:
+    for backends in proxy.registry.backends.values():
+        for b in backends:
+            if b.name == name:
+                return b
+    raise APIError(404, f"no node named {name!r}", code="not_found")
+
+
+def add_node(proxy: Proxy, spec: dict) -> Backend:
+    """Add a node from its instance spec; it takes requests once its first health check passes."""
+    kind = spec.get("kind")
+    if kind not in ("prefill", "decode"):
+        raise APIError(400, "kind must be 'prefill' or 'decode'", param="kind")
+    fields = {k: v for k, v in spec.items() if k != "kind"}
+    try:
+        inst = (DecodeInstance if kind == "decode" else Instance).model_validate(fields)
+    except ValidationError as e:
+        raise APIError(400, f"bad node spec: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}") from None
+    if any(b.name == inst.name for bs in proxy.registry.backends.values() for b in bs):
+        raise APIError(409, f"a node named {inst.name!r} exists already", code="conflict")
+    b = Backend(inst, kind)
+    proxy.registry.backends[kind].append(b)
+    log.info("%s %s added at %s", kind, inst.name, inst.url)
+    return b
+
+
+async def drain(proxy: Proxy, name: str, wait: bool) -> dict:
+    """Stop sending `name` new requests; with `wait`, return once its in-flight ones are done and remove it."""
+    b = find(proxy, name)
+    if not b.draining:
+        b.draining = True
+        log.info("%s %s draining (%d in flight)", b.kind, b.name, b.outstanding)
+    if wait:
+        while b.outstanding > 0:
+            await asyncio.sleep(DRAIN_POLL_S)
+        if b in proxy.registry.backends[b.kind]:
+            proxy.registry.backends[b.kind].remove(b)
+            proxy.placement.index.forget(b.name)
+            log.info("%s %s drained and removed", b.kind, b.name)
+    return {"name": b.name, "kind": b.kind, "outstanding": b.outstanding,
+            "removed": b not in proxy.registry.backends[b.kind]}
+
+
+def add_node_admin_routes(app: web.Application, proxy: Callable[[], Proxy]) -> None:
+    """`proxy()` returns the API app's Proxy (it exists only once the API app started)."""
+    async def nodes(_: web.Request) -> web.Response:
+        return web.json_response(proxy().registry.snapshot())
+
+    async def add(request: web.Request) -> web.Response:
+        try:
+            b = add_node(proxy(), await _json(request))
+            await proxy().registry.check_all()
+            return web.json_response({"name": b.name, "kind": b.kind, "state": b.state}, status=201)
+        except APIError as e:
+            return e.response()
+
+    async def drain_one(request: web.Request) -> web.Response:
+        try:
+            wait = request.query.get("wait", "1") not in ("0", "false")
+            return web.json_response(await drain(proxy(), request.match_info["name"], wait))
+        except APIError as e:
+            return e.response()
+
+    async def placement(_: web.Request) -> web.Response:
+        return web.json_response(proxy().placement.snapshot())
+
+    async def set_mode(request: web.Request) -> web.Response:
+        try:
+            mode = (await _json(request)).get("mode")
+            if mode not in ("auto", "always", "never"):
+                raise APIError(400, "mode must be 'auto', 'always' or 'never'", param="mode")
+            proxy().placement.set_mode(mode)
+            log.info("placement mode pinned to %s", mode)
+            return web.json_response(proxy().placement.snapshot())
+        except APIError as e:
+            return e.response()
+
+    app.router.add_get("/admin/nodes", nodes)
+    app.router.add_post("/admin/nodes", add)
+    app.router.add_post("/admin/nodes/{name}/drain", drain_one)
+    app.router.add_get("/admin/placement", placement)
+    app.router.add_get("/debug/placement", placement)
+    app.router.add_post("/admin/placement", set_mode)
+
+
+async def _json(request: web.Request) -> dict:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise APIError(400, "the body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the body must be a JSON object")
+    return body

@@ -1,0 +1,265 @@
+"""Where a request runs: which decode node, and whether its prompt is prefilled on a prefill node and the KV
+moved (remote) or prefilled on the decode node itself (local), from a cost model in seconds.
+
+For every decode node d (and, for remote, every prefill node p) the model estimates how soon the prompt's
+KV would be ready on d:
+  local  = load(d) + queue(d) + (tokens - held by d) / rate x local_penalty
+  remote = load(d) + overhead + queue(p) + shared load + (tokens - held by p) / rate
+           + (tokens - held by d) x kv bytes per token / link rate
+`held` comes from the router's prefix index (router/prefix_index.py); `queue` is the prompt tokens the
+router has in flight on that node over the prefill rate; `load(d)` the requests already on d. The rates
+are learned (router/learned_rates.py). With `policy: prefix_aware` every up node is a candidate; with the
+other policies the candidates are the nodes that policy picks, and the model only decides local or remote.
+`mode` pins the choice (always remote, never remote) while still choosing among nodes. Each decision keeps
+its candidates and scores for /debug/requests/{id} and is counted by reason in the metrics.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from router.learned_rates import LearnedRates
+from router.metrics import PLACEMENT, PLACEMENT_SETTING, PREFIX_HIT_TOKENS
+from router.placement_config import Mode, PlacementConfig
+from router.prefix_index import SHARED, PrefixIndex, prompt_text
+from router.registry import Backend, Registry
+
+MODE_CODE = {"auto": 0, "always": 1, "never": 2}
+SHORT_LEG_TOKENS = 64
+
+
+@dataclass
+class Candidate:
+    decode: Backend
+    prefill: Backend | None  # None: prefilled on the decode node
+    cost_s: float
+    parts: dict[str, float]  # the cost's terms, seconds (hits in tokens)
+
+    def explain(self) -> dict:
+        return {"decode": self.decode.name, "prefill": self.prefill.name if self.prefill else None,
+                "where": "remote" if self.prefill else "local", "cost_s": round(self.cost_s, 6),
+                **{k: round(v, 6) for k, v in self.parts.items()}}
+
+
+@dataclass
+class Decision:
+    decode: Backend
+    prefill: Backend | None
+    reason: str
+    why: str
+    keys: list[str]
+    chars: int
+    tokens: float
+    chosen: Candidate
+    candidates: list[Candidate]
+    predicted: dict[str, int] = field(default_factory=dict)  # node -> leading chunks it was believed to hold
+
+    @property
+    def miss_tokens(self) -> float:
+        """Prompt tokens the computing node is expected to compute (not held there)."""
+        return self.tokens - self.chosen.parts["held_tokens"]
+
+    @property
+    def where(self) -> str:
+        return "remote" if self.prefill else "local"
+
+    def explain(self) -> dict:
+        return {"decode": self.decode.name, "prefill": self.prefill.name if self.prefill else None,
+                "where": self.where, "reason": self.reason, "why": self.why, "prompt_chars": self.chars,
+                "prompt_tokens_estimated": round(self.tokens, 1), "prefix_chunks_held": self.predicted,
+                "candidates": [c.explain() for c in sorted(self.candidates, key=lambda c: c.cost_s)]}
+
+
+class Placement:
+    def __init__(self, cfg: PlacementConfig, registry: Registry, prefix_aware: bool) -> None:
+        self.cfg, self.registry, self.prefix_aware = cfg, registry, prefix_aware
+        self.index = PrefixIndex(cfg.chunk_chars, cfg.node_capacity_chunks, cfg.shared_capacity_chunks)
+        self.rates = LearnedRates(cfg.chars_per_token, cfg.prefill_tokens_per_s, cfg.request_s,
+                                  cfg.shared_load_tokens_per_s, cfg.link_bytes_per_s)
+        self.pending: dict[str, float] = {}  # node -> prompt tokens it is computing for us now
+        self.pending_requests: dict[str, int] = {}  # node -> prompts it is computing for us now
+        self._downs: dict[str, int] = {}  # node -> its `downs` when its index was last trusted
+        self.set_mode(cfg.mode)
+
+    def set_mode(self, mode: Mode) -> None:
+        self.mode = mode
+        PLACEMENT_SETTING.labels("mode").set(MODE_CODE[mode])
+        PLACEMENT_SETTING.labels("break_even_tokens").set(self.break_even_tokens())
+
+    def break_even_tokens(self) -> float:
+        """Below this many uncached prompt tokens an idle decode node prefills sooner than a prefill node plus
+        the transfer (inf: local always sooner at these rates)."""
+        rate = self.rates.prefill_tokens_per_s.value
+        per_token = (self.cfg.local_penalty - 1) / rate - self.cfg.kv_bytes_per_token / self.rates.link_bytes_per_s.value
+        return self.cfg.remote_overhead_s / per_token if per_token > 0 else math.inf
+
+    def decide(self, body: dict, exclude: set[str], forced_local: str | None = None) -> Decision | None:
+        """The decode node and prefill node (None: local) for this request; None when no decode node is up.
+        `forced_local` names why this request must be prefilled on its decode node (echo, beam search...)."""
+        decodes = self._nodes("decode", exclude)
+        if not decodes:
+            return None
+        text = prompt_text(body)
+        keys = self.index.keys(body)
+        tokens = self.rates.tokens(len(text))
+        prefills = [] if forced_local or self.mode == "never" or not any(d.kv_address for d in decodes) \
+            else self._nodes("prefill", set())
+        cands = []
+        for d in decodes:
+            cands.append(self._local(d, keys, tokens))
+            if d.kv_address:
+                cands += [self._remote(d, p, keys, tokens) for p in prefills]
+        remote = [c for c in cands if c.prefill]
+        pool = remote if self.mode == "always" and remote else cands
+        # KV pushed to a decode node without a free slot would wait for one: that is a last resort
+        best = min(pool, key=lambda c: (c.prefill is not None and c.decode.pool_free == 0, c.cost_s,
+                                        c.decode.outstanding))
+        decision = Decision(best.decode, best.prefill, "", "", keys, len(text), tokens, best, cands)
+        decision.predicted = {n: self.index.held(n, keys) for n in {best.decode.name, SHARED}
+                              | ({best.prefill.name} if best.prefill else set())}
+        decision.reason, decision.why = self._reason(best, cands, forced_local, bool(prefills))
+        PLACEMENT.labels(decision.where, decision.reason).inc()
+        return decision
+
+    def _nodes(self, kind: str, exclude: set[str]) -> list[Backend]:
+        for b in self.registry.backends[kind]:
+            if self._downs.get(b.name, 0) != b.downs:  # down since: assumed restarted, re-learned from its replies
+                self._downs[b.name] = b.downs
+                self.index.forget(b.name)
+        if self.prefix_aware:
+            return self.registry.candidates(kind, exclude)
+        picked = self.registry.pick(kind, exclude)
+        return [picked] if picked else []
+
+    def _held_tokens(self, name: str, keys: list[str], tokens: float) -> float:
+        return min(tokens, self.index.held(name, keys) * self.cfg.chunk_chars / self.rates.chars_per_token.value)
+
+    def _queue_s(self, node: str) -> float:
+        """What the node computes for us before this prompt: its queued tokens, and a forward pass's fixed
+        cost per queued prompt (on a small model that cost, not the tokens, is most of a short prompt's time)."""
+        return (self.pending.get(node, 0) / self.rates.prefill_tokens_per_s.value
+                + self.pending_requests.get(node, 0) * self.rates.request_s.value)
+
+    def _base(self, d: Backend) -> float:
+        return d.outstanding * self.cfg.decode_load_s
+
+    def _local(self, d: Backend, keys: list[str], tokens: float) -> Candidate:
+        rate = self.rates.prefill_tokens_per_s.value
+        held = self._held_tokens(d.name, keys, tokens)
+        parts = {"load_s": self._base(d), "queue_s": self._queue_s(d.name),
+                 "compute_s": (tokens - held) / rate * self.cfg.local_penalty, "held_tokens": held}
+        return Candidate(d, None, parts["load_s"] + parts["queue_s"] + parts["compute_s"], parts)
+
+    def _remote(self, d: Backend, p: Backend, keys: list[str], tokens: float) -> Candidate:
+        rate = self.rates.prefill_tokens_per_s.value
+        own = self._held_tokens(p.name, keys, tokens)
+        shared = self._held_tokens(SHARED, keys, tokens) if self.cfg.shared_store else 0.0
+        held = max(own, shared)
+        on_decode = self._held_tokens(d.name, keys, tokens)
+        parts = {"load_s": self._base(d), "overhead_s": self.cfg.remote_overhead_s,
+                 "queue_s": self._queue_s(p.name),
+                 "shared_load_s": max(0.0, shared - own) / self.rates.shared_load_tokens_per_s.value,
+                 "compute_s": (tokens - held) / rate,
+                 "transfer_s": (tokens - on_decode) * self.cfg.kv_bytes_per_token / self.rates.link_bytes_per_s.value,
+                 "held_tokens": held, "decode_held_tokens": on_decode}
+        return Candidate(d, p, sum(v for k, v in parts.items() if k.endswith("_s")), parts)
+
+    def _reason(self, best: Candidate, cands: list[Candidate], forced_local: str | None,
+                had_prefills: bool) -> tuple[str, str]:
+        """A short reason for the metrics' label and a sentence for /debug."""
+        others = [c for c in cands if (c.prefill is None) != (best.prefill is None)]
+        alt = min(others, key=lambda c: c.cost_s) if others else None
+        vs = f"; best {alt.explain()['where']} {alt.cost_s:.4f} s" if alt else ""
+        won = f"{best.explain()['where']} on {best.decode.name}" + (f" via {best.prefill.name}" if best.prefill else "")
+        held = best.parts["held_tokens"]
+        if forced_local:
+            return f"aggregated_{forced_local}", f"{forced_local} needs the prompt's forward pass on the decode node"
+        if best.prefill is None and self.mode == "never":
+            return "pinned_local", f"mode never: {won}"
+        if best.prefill is None and not had_prefills:
+            return "no_prefill", f"no prefill node up: {won}"
+        if self.mode == "always" and best.prefill is not None:
+            reason = "pinned_remote_prefix" if held > 0 else "pinned_remote"
+            return reason, f"mode always: {won} at {best.cost_s:.4f} s, {held:.0f} prompt tokens held there"
+        if best.prefill is None:
+            reason = "decode_holds_prefix" if held > 0 else "short_prompt"
+        else:
+            reason = "prefill_holds_prefix" if held > 0 else "remote_cheaper"
+        return reason, f"{won} at {best.cost_s:.4f} s ({held:.0f} prompt tokens held there){vs}"
+
+    # What completed requests teach the model.
+
+    def dispatched(self, d: Decision) -> None:
+        """The prompt is on its way to the node that computes it: counted in that node's queue, and indexed
+        there from now on (a second request for the same prefix belongs there too; the reply corrects it)."""
+        node = (d.prefill or d.decode).name
+        self.pending[node] = self.pending.get(node, 0) + d.miss_tokens
+        self.pending_requests[node] = self.pending_requests.get(node, 0) + 1
+        self.index.record(node, d.keys)
+        if d.prefill is not None and self.cfg.shared_store:
+            self.index.record(SHARED, d.keys)
+
+    def computed(self, d: Decision) -> None:
+        """The computing node is done with the prompt (or gave up): out of its queue. For a local prefill that
+        is when the answer ends: the router sees nothing of the decode node's prefill but the answer."""
+        node = (d.prefill or d.decode).name
+        self.pending[node] = max(0.0, self.pending.get(node, 0) - d.miss_tokens)
+        self.pending_requests[node] = max(0, self.pending_requests.get(node, 0) - 1)
+
+    def prefill_done(self, d: Decision, leg_s: float, usage: dict | None, was_idle: bool) -> str | None:
+        """A prefill leg answered: learn chars per token and the prefill rate, fold the node's reported prefix
+        hit into the index, and record that it (and the shared tier) holds the prompt, just used. Says what
+        the correction changed, if anything."""
+        p, note = d.prefill, None
+        prompt_tokens = (usage or {}).get("prompt_tokens")
+        details = (usage or {}).get("prompt_tokens_details") or {}
+        cached = details.get("cached_tokens") if isinstance(details, dict) else None
+        if isinstance(prompt_tokens, int) and prompt_tokens > 0:
+            if self.cfg.learn:
+                self.rates.chars_per_token.observe(d.chars / prompt_tokens)
+            if isinstance(cached, int):
+                observed = min(len(d.keys), int(cached * d.chars / prompt_tokens) // self.cfg.chunk_chars)
+                own, shared = d.predicted.get(p.name, 0), d.predicted.get(SHARED, 0) if self.cfg.shared_store else 0
+                predicted = max(own, shared)
+                PREFIX_HIT_TOKENS.labels("predicted").inc(predicted * self.cfg.chunk_chars / self.rates.chars_per_token.value)
+                PREFIX_HIT_TOKENS.labels("reported").inc(cached)
+                # vLLM and the store hit whole blocks or chunks, and recompute the last token: a hit this
+                # close to the prediction is the prediction
+                slack = math.ceil(self.cfg.reply_slack_tokens * d.chars / prompt_tokens / self.cfg.chunk_chars)
+                if abs(observed - own) > slack:
+                    note = self.index.correct(p.name, d.keys, own, observed)
+                if shared > observed + slack:  # the shared tier did not have what it was believed to
+                    note = self.index.correct(SHARED, d.keys, shared, observed) or note
+                miss = prompt_tokens - cached
+                if self.cfg.learn and was_idle and leg_s > 0:
+                    if own == 0 and shared > 0 and cached > 0:  # the hit came from the shared tier
+                        rest = miss / self.rates.prefill_tokens_per_s.value
+                        self.rates.shared_load_tokens_per_s.observe(cached / (leg_s - rest) if leg_s > rest else 0)
+                    elif miss < SHORT_LEG_TOKENS:  # a short prompt's leg is mostly the fixed cost
+                        self.rates.request_s.observe(leg_s - miss / self.rates.prefill_tokens_per_s.value)
+                    elif leg_s > self.rates.request_s.value:
+                        self.rates.prefill_tokens_per_s.observe(miss / (leg_s - self.rates.request_s.value))
+                        PLACEMENT_SETTING.labels("break_even_tokens").set(self.break_even_tokens())
+        self.index.record(p.name, d.keys)
+        if self.cfg.shared_store:
+            self.index.record(SHARED, d.keys)
+        return note
+
+    def served(self, d: Decision) -> None:
+        """A complete answer: the decode node's prefix cache holds the prompt now."""
+        self.index.record(d.decode.name, d.keys)
+
+    def transfer_done(self, d: Decision, receive_ms: float) -> None:
+        """The decode connector took `receive_ms` from the first chunk to the last: learn the link rate."""
+        if not self.cfg.learn or receive_ms <= 0:
+            return
+        moved = d.tokens - d.chosen.parts.get("decode_held_tokens", 0.0)
+        self.rates.link_bytes_per_s.observe(moved * self.cfg.kv_bytes_per_token / (receive_ms / 1000))
+        PLACEMENT_SETTING.labels("break_even_tokens").set(self.break_even_tokens())
+
+    def snapshot(self) -> dict:
+        even = self.break_even_tokens()
+        return {"mode": self.mode, "prefix_aware": self.prefix_aware,
+                "break_even_tokens": None if math.isinf(even) else round(even, 1),
+                "rates": self.rates.snapshot(), "pending_tokens": {k: round(v, 1) for k, v in self.pending.items()},
+                "index": self.index.snapshot()}

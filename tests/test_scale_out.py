@@ -1,0 +1,59 @@
+"""Nodes added and drained at run time (router/node_admin.py, through `kvbridge nodes`' client,
+launch/node_ctl.py), against stub backends: a drain loses no request, and the drained node gets nothing new."""
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+
+from launch.node_ctl import AdminError, nodes_command
+from tests.router_stubs import REQ, StubNode, eventually, events, post
+
+
+async def stream(url: str) -> tuple[int, list[str]]:
+    status, _, raw = await post(url, dict(REQ, stream=True))
+    return status, events(raw)
+
+
+async def test_draining_a_decode_node_loses_no_request_and_takes_none_after(make):
+    d0 = StubNode("d0", events=20, interval=0.05, kv=True)
+    d1 = StubNode("d1", events=20, interval=0.05, kv=True)
+    url, api = await make([StubNode("p")], [d0, d1], policy="round_robin")
+    flying = [asyncio.create_task(stream(url)) for _ in range(6)]
+    assert await eventually(lambda: len(d0.bodies) == 3 and len(d1.bodies) == 3)
+    drained = await asyncio.to_thread(nodes_command, url, "drain", name="d0")
+    assert drained == {"name": "d0", "kind": "decode", "outstanding": 0, "removed": True}
+    for status, ev in await asyncio.gather(*flying):  # every stream in flight when the drain began finished whole
+        assert status == 200 and len(ev) == 21 and ev[-1] == "[DONE]"
+    assert d0.aborted == 0
+    after = await asyncio.gather(*(stream(url) for _ in range(4)))
+    assert all(s == 200 for s, _ in after) and len(d0.bodies) == 3 and len(d1.bodies) == 7
+    listed = await asyncio.to_thread(nodes_command, url, "list")
+    assert [b["name"] for b in listed["decode"]] == ["d1"]
+
+
+async def test_a_node_added_at_run_time_takes_requests(make):
+    d0, d1 = StubNode("d0", kv=True), StubNode("d1", kv=True)
+    await d1.start()
+    try:
+        url, api = await make([StubNode("p")], [d0], policy="round_robin")
+        added = await asyncio.to_thread(nodes_command, url, "add", "decode", "d1", d1.url,
+                                        f"127.0.0.1:{d1.kv_port}")
+        assert added == {"name": "d1", "kind": "decode", "state": "up"}
+        for _ in range(4):
+            assert (await post(url, REQ))[0] == 200
+        assert len(d0.bodies) == 2 and len(d1.bodies) == 2
+        with pytest.raises(AdminError, match="exists already"):
+            await asyncio.to_thread(nodes_command, url, "add", "decode", "d1", d1.url, f"127.0.0.1:{d1.kv_port}")
+    finally:
+        await d1.stop()
+
+
+async def test_admin_asks_for_the_api_key_on_the_api_port(make, monkeypatch):
+    monkeypatch.setenv("ROUTER_TEST_KEY", "k1")
+    url, _ = await make([StubNode("p")], [StubNode("d", kv=True)], api_key_env="ROUTER_TEST_KEY")
+    async with aiohttp.ClientSession() as s, s.post(url + "/admin/nodes/d/drain") as r:
+        assert r.status == 401
+    monkeypatch.setenv("KVBRIDGE_ROUTER_API_KEY", "k1")
+    assert (await asyncio.to_thread(nodes_command, url, "drain", name="d", wait=False))["removed"] is False
