@@ -13,17 +13,18 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
+from launch.netns import entered
 from launch.process_handle import ProcessHandle
 from launch.servers import RouterServer
 
 log = logging.getLogger("kvbridge.watchdog")
 
 
-def _answers_http(url: str) -> bool:
+def _answers_http(url: str, namespace: str | None) -> bool:
     """Any HTTP answer: the router's /health is 503 while no decode node is up, which is its backends'
     state, not its own, and restarting it would not help."""
     try:
-        with urllib.request.urlopen(url, timeout=2):
+        with entered(namespace), urllib.request.urlopen(url, timeout=2):
             return True
     except urllib.error.HTTPError:
         return True
@@ -85,7 +86,8 @@ class Watchdog:
         if code is not None:
             return f"exited with code {code}"
         try:
-            ok = w.proc.is_ready() or (isinstance(w.proc, RouterServer) and _answers_http(w.proc.health_url))
+            ok = w.proc.is_ready() or (isinstance(w.proc, RouterServer)
+                                       and _answers_http(w.proc.health_url, w.proc.namespace))
         except RuntimeError:   # exited between the poll and the probe
             return "exited"
         if ok:
