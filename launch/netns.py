@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import ipaddress
 import itertools
+import json
 import os
 import re
 import shutil
@@ -104,6 +105,13 @@ class LinkShape:
         return []
 
 
+def _seconds(delay: str) -> float:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(us|ms|s)", delay)
+    if not m:
+        raise ValueError(f"delay {delay!r}: expected a number and us, ms or s")
+    return float(m.group(1)) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[m.group(2)]
+
+
 def _bits(rate: str) -> int:
     m = re.fullmatch(r"(\d+(?:\.\d+)?)([kmg]?)bit", rate.lower())
     if not m:
@@ -115,7 +123,10 @@ class Network:
     """Namespaces for `hosts` and a veth pair between every two of them; `close()` (or leaving the
     `with` block) deletes them all, including after an error or Ctrl-C in the block."""
 
-    def __init__(self, hosts: Sequence[str], shape: LinkShape | None = None, first_address: int = 1) -> None:
+    def __init__(self, hosts: Sequence[str], shape: LinkShape | None = None, first_address: int = 1,
+                 wired: Sequence[tuple[str, str]] = ()) -> None:
+        """`wired`: host pairs whose link is emulated in this process (launch/tap_wire.py) instead of a
+        veth pair, so delay and loss work without netem."""
         if len(set(hosts)) != len(hosts) or not hosts:
             raise ValueError(f"host names must be distinct and at least one: {list(hosts)}")
         bad = [h for h in hosts if not re.fullmatch(r"[a-z][a-z0-9]{0,10}", h)]
@@ -126,11 +137,12 @@ class Network:
         base = ADDRESS_RANGE.network_address + first_address
         self.hosts = {h: Host(h, f"{tag}-{h}", str(base + i)) for i, h in enumerate(hosts)}
         self._made: list[str] = []
+        self._wires: dict[frozenset[str], tuple[str, object]] = {}
         try:
             for host in self.hosts.values():
                 self._make_host(host)
             for a, b in itertools.combinations(self.hosts.values(), 2):
-                self._make_link(a, b)
+                self._make_link(a, b, (a.name, b.name) in wired or (b.name, a.name) in wired)
             if shape is not None:
                 for a, b in itertools.permutations(self.hosts, 2):
                     self.shape(a, b, shape)
@@ -143,9 +155,16 @@ class Network:
         self._made.append(host.namespace)
         _run("ip", "-n", host.namespace, "link", "set", "dev", "lo", "up")
 
-    def _make_link(self, a: Host, b: Host) -> None:
-        _run("ip", "link", "add", "name", a.device_to(b.name), "netns", a.namespace, "type", "veth",
-             "peer", "name", b.device_to(a.name), "netns", b.namespace)
+    def _make_link(self, a: Host, b: Host, wired: bool) -> None:
+        if wired:
+            from launch.tap_wire import MTU, TapWire
+            self._wires[frozenset((a.name, b.name))] = (a.name, TapWire(a.namespace, a.device_to(b.name),
+                                                                        b.namespace, b.device_to(a.name)))
+            for here, there in ((a, b), (b, a)):
+                _run("ip", "-n", here.namespace, "link", "set", "dev", here.device_to(there.name), "mtu", str(MTU))
+        else:
+            _run("ip", "link", "add", "name", a.device_to(b.name), "netns", a.namespace, "type", "veth",
+                 "peer", "name", b.device_to(a.name), "netns", b.namespace)
         for here, there in ((a, b), (b, a)):
             dev = here.device_to(there.name)
             _run("ip", "-n", here.namespace, "addr", "add", f"{here.address}/32", "dev", dev)
@@ -163,6 +182,11 @@ class Network:
     def shape(self, a: str, b: str, shape: LinkShape) -> None:
         """Shape what `a` sends to `b` (both directions: call it twice). An empty shape removes it."""
         dev, ns = self.hosts[a].device_to(b), self.hosts[a].namespace
+        wire = self._wires.get(frozenset((a, b)))
+        if wire is not None:  # delay and loss on the wire, a rate still in the kernel
+            first, tap = wire
+            tap.set(a == first, _seconds(shape.delay) if shape.delay else 0.0, shape.loss / 100)
+            shape = LinkShape(rate=shape.rate)
         args = shape.qdisc_args()
         if args:
             try:
@@ -173,6 +197,12 @@ class Network:
                 raise
         else:
             subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root"], capture_output=True)
+
+    def received(self, a: str, b: str) -> int:
+        """Bytes `b` has received over its link from `a` (the device's counter)."""
+        host = self.hosts[b]
+        shown = _run("ip", "-n", host.namespace, "-j", "-s", "link", "show", "dev", host.device_to(a))
+        return int(json.loads(shown)[0]["stats64"]["rx"]["bytes"])
 
     def set_link(self, a: str, b: str, up: bool) -> None:
         """Take `b`'s end of the a-b link down (or up): `a` loses carrier and what it sends to `b` is
@@ -191,6 +221,9 @@ class Network:
                 self.set_link(peer, host, up)
 
     def close(self) -> None:
+        for _, wire in self._wires.values():
+            wire.close()
+        self._wires.clear()
         for ns in reversed(self._made):
             subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
         self._made.clear()

@@ -9,6 +9,7 @@ KV moves over the veth links with UCX's TCP transport, on the host's own link de
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
@@ -43,10 +44,12 @@ class Placement:
     """The namespaces of a graph's hosts, and its roles rewritten to run on them."""
 
     def __init__(self, dep: DeploymentConfig, prefill: list[RoleConfig], decode: list[RoleConfig],
-                 router: RouterConfig, shape: LinkShape | None = None) -> None:
-        """`shape` overrides the graph's `link:`. Makes the namespaces: close() removes them."""
+                 router: RouterConfig, shape: LinkShape | None = None,
+                 wired: Sequence[tuple[str, str]] = ()) -> None:
+        """`shape` overrides the graph's `link:`; `wired` host pairs get a link emulated in this process
+        (Network's). Makes the namespaces: close() removes them."""
         self.host_of = dep.host_of()
-        self.net = Network(list(dep.hosts), shape or link_shape(dep.link))
+        self.net = Network(list(dep.hosts), shape or link_shape(dep.link), wired=wired)
         self.prefill = [self._placed(r) for r in prefill]
         self.decode = [self._placed(r) for r in decode]
         self.router = self._placed_router(router)
