@@ -83,6 +83,14 @@ class HostsDeployment:
             r = requests.post(self.router.url + path, json=body, timeout=timeout)
         return r.status_code, r.json()
 
+    def router_health(self) -> int:
+        """The router's /health status (503 once it has no healthy decode node), from its own host."""
+        with self.on(ROUTER):
+            try:
+                return requests.get(self.router.url + "/health", timeout=5).status_code
+            except requests.RequestException:
+                return 0
+
     def reference(self, path: str, body: dict) -> tuple[int, dict]:
         """The prefill host computing the whole request itself (a request without kvbridge parameters
         is served as by aggregated vLLM): what PD must answer."""
@@ -111,14 +119,16 @@ class HostsDeployment:
 @pytest.fixture(scope="module")
 def hosts(tiny_model, tmp_path_factory):
     """prefill, decode and router on three namespaces joined by 10 Gbit/s links; everything (processes,
-    namespaces) gone after the module, whether its tests passed, failed or were interrupted."""
+    namespaces) gone after the module, whether its tests passed, failed or were interrupted. The
+    prefill-decode link is emulated in this process (launch/tap_wire.py), so delay and loss can be set
+    on it on any kernel (netem is often not built in)."""
     why = netns.unavailable()
     if why:
         pytest.skip(f"multi-host tests not run: {why}")
     dep = load_config(write_graph(tmp_path_factory.mktemp("hosts")))
     secret = secrets.token_hex(16)
     env = {"KVBRIDGE_SECRET": secret}
-    with Placement(dep, *dep.load()) as placed:
+    with Placement(dep, *dep.load(), wired=[("hp", "hd")]) as placed:
         vllms = placed.vllm_servers(LOG_DIR, env)
         started: list = []
         try:
