@@ -23,9 +23,13 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+if TYPE_CHECKING:
+    from launch.tap_wire import TapWire
 
 ADDRESS_RANGE = ipaddress.ip_network("198.18.0.0/15")
 _PREFIX = "kvb"
@@ -137,7 +141,7 @@ class Network:
         base = ADDRESS_RANGE.network_address + first_address
         self.hosts = {h: Host(h, f"{tag}-{h}", str(base + i)) for i, h in enumerate(hosts)}
         self._made: list[str] = []
-        self._wires: dict[frozenset[str], tuple[str, object]] = {}
+        self._wires: dict[frozenset[str], tuple[str, TapWire]] = {}  # pair -> (its first host, wire)
         try:
             for host in self.hosts.values():
                 self._make_host(host)
@@ -279,7 +283,6 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"{h.name}: namespace {h.namespace}, address {h.address}, devices {net.devices(h.name)}; "
                   f"run with: ip netns exec {h.namespace} CMD")
         try:
-            import signal
             signal.pause()
         except KeyboardInterrupt:
             pass

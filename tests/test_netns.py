@@ -122,6 +122,9 @@ def test_placing_a_graph_points_every_address_at_its_host(tmp_path):
         assert router.prefill[0].url == f"http://{hp}:{pre.port}"
         assert router.decode[0].url == f"http://{hd}:{dec.port}" and router.decode[0].kv_address == dec.kv_address
         assert dec.env["UCX_TLS"] == "tcp" and dec.env["UCX_NET_DEVICES"] == ",".join(placed.net.devices("hd"))
+        with pytest.raises(ConfigError, match=DECODE):  # a decode on its host's address needs the secret
+            dec.listener_warning({})
+        assert dec.listener_warning({"KVBRIDGE_SECRET": "s3cret"}) == ""
 
 
 def test_the_kubernetes_renderer_reads_the_multi_host_graph_as_it_is(tmp_path):
