@@ -39,9 +39,12 @@ _ARGS = ["--enforce-eager", "--dtype", "float32", "--max-model-len", "4096"]
 
 
 def write_graph(folder: Path) -> Path:
+    """The prefill host keeps no prefix cache: its own (aggregated) run of a prompt must not make the
+    PD run of the same prompt free."""
     files = {
         "prefill.yaml": {"role": "prefill", "name": "prefill-0", "model": str(MODEL), "served_model_name": "tiny",
-                         "port": 8100, "vllm_args": _ARGS, "env": dict(_ENV, VLLM_CPU_OMP_THREADS_BIND="0"),
+                         "port": 8100, "vllm_args": [*_ARGS, "--no-enable-prefix-caching"],
+                         "env": dict(_ENV, VLLM_CPU_OMP_THREADS_BIND="0"),
                          "connector": {"metrics_port": METRICS_PORT}},
         "decode.yaml": {"role": "decode", "name": "decode-0", "model": str(MODEL), "served_model_name": "tiny",
                         "port": 8200, "vllm_args": _ARGS, "env": dict(_ENV, VLLM_CPU_OMP_THREADS_BIND="1"),
