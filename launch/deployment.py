@@ -1,12 +1,16 @@
 """Run a deployment graph locally: every prefill and decode role, then the router, then the watchdog that
-restarts a role that exits or hangs until Ctrl-C."""
+restarts a role that exits or hangs until Ctrl-C. A graph with `hosts:` runs each host in a network
+namespace of its own (launch/placement.py), removed again when the deployment stops."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
 from prometheus_client import start_http_server
 
+from launch.netns import entered
+from launch.placement import ROUTER, Placement
 from launch.role_config import DeploymentConfig, load_config
 from launch.servers import RouterServer, VllmServer
 from launch.supervisor import Supervisor
@@ -21,19 +25,28 @@ def run_deployment(path: str, demo: bool = False, log_dir: str = ".kvbridge/logs
     if not isinstance(dep, DeploymentConfig):
         raise ConfigError(f"{path}: expected role: deployment")
     prefill, decode, router = dep.load()
-    with Supervisor() as sup:
-        for role in prefill + decode:
-            sup.start(VllmServer(role, log_dir, env=dep.env, keep_old_log=True))
+    with contextlib.ExitStack() as stack:
+        placed = stack.enter_context(Placement(dep, prefill, decode, router)) if dep.hosts else None
+        sup = stack.enter_context(Supervisor())
+        if placed:
+            prefill, decode, router = placed.prefill, placed.decode, placed.router
+            vllms = placed.vllm_servers(log_dir, dep.env, keep_old_log=True)
+        else:
+            vllms = [VllmServer(role, log_dir, env=dep.env, keep_old_log=True) for role in prefill + decode]
+        for server in vllms:
+            sup.start(server)
         sup.wait_healthy()
-        proxy = RouterServer(dep.base_dir / dep.router, log_dir, env=dep.env, keep_old_log=True)
+        proxy = (placed.router_server(log_dir, dep.env, keep_old_log=True) if placed else
+                 RouterServer(dep.base_dir / dep.router, log_dir, env=dep.env, keep_old_log=True))
         sup.start(proxy)
         sup.wait_healthy()
         url = proxy.url
         log.info("deployment %s is up: OpenAI API at %s/v1", dep.name, url)
         if demo:
             from launch.demo import run_demo
-            run_demo(url, router.model, [d.kv_address for d in decode],
-                     [p.url for p in prefill])
+            with entered(placed.namespace(ROUTER) if placed else None):  # the router's host reaches every host
+                run_demo(url, router.model, [d.kv_address for d in decode],
+                         [p.url for p in prefill])
             return
         log.info("Ctrl-C stops everything; a role that exits or stops answering /health is restarted")
         watchdog = Watchdog(sup.processes)

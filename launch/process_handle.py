@@ -15,6 +15,7 @@ import subprocess
 import urllib.request
 from pathlib import Path
 
+from launch.netns import entered
 from launch.polling import wait_for
 
 log = logging.getLogger("kvbridge.process")
@@ -28,12 +29,14 @@ class ProcessHandle:
     """Start, health-wait, stop and kill one command, with its output in `log_dir/<name>.log`."""
 
     def __init__(self, name: str, cmd: list[str], health_url: str, env: dict[str, str] | None,
-                 log_dir: str | Path, keep_old_log: bool = False) -> None:
+                 log_dir: str | Path, keep_old_log: bool = False, namespace: str | None = None) -> None:
         """`keep_old_log`: the first start appends too (`kvbridge up` keeps a user's earlier runs);
         otherwise the first start begins a fresh log, so a bench that reads its servers' logs
-        reads this run only."""
+        reads this run only. `namespace`: run inside that network namespace (launch/netns.py), where
+        the health URL is then asked too."""
         self.name = name
-        self.cmd = cmd
+        self.namespace = namespace
+        self.cmd = ["ip", "netns", "exec", namespace, *cmd] if namespace else cmd
         self.health_url = health_url
         self.env = dict(env or {})
         self.log_path = Path(log_dir) / f"{name}.log"
@@ -58,7 +61,7 @@ class ProcessHandle:
             raise RuntimeError(f"{self.name} exited with code {self.proc.returncode} while starting; "
                                f"see {self.log_path}:\n{tail}")
         try:
-            with urllib.request.urlopen(self.health_url, timeout=2) as r:
+            with entered(self.namespace), urllib.request.urlopen(self.health_url, timeout=2) as r:
                 return r.status == 200
         except (OSError, http.client.HTTPException):  # not listening yet, or 503 while it warms up
             return False

@@ -83,6 +83,14 @@ class RoleConfig(BaseModel):
         return cmd + [KV_TRANSFER_FLAG, json.dumps(kv), *self.vllm_args]
 
 
+class HostLink(BaseModel):
+    """How every link between two hosts of a multi-host graph is shaped (each direction)."""
+    model_config = ConfigDict(extra="forbid")
+    rate: str | None = Field(default=None, pattern=r"^\d+(\.\d+)?[kmg]?bit$", description="e.g. 10gbit")
+    delay: str | None = Field(default=None, pattern=r"^\d+(\.\d+)?(us|ms|s)$", description="e.g. 50us (netem)")
+    loss: float = Field(default=0.0, ge=0, lt=100, description="percent of packets dropped (netem)")
+
+
 class DeploymentConfig(BaseModel):
     """The graph: which role files make up one deployment (Dynamo-style), checked for consistency."""
     model_config = ConfigDict(extra="forbid")
@@ -94,6 +102,10 @@ class DeploymentConfig(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
     metrics_port: int | None = Field(default=None, ge=1, le=65535, description="`kvbridge up` serves its "
                                      "restart counts here (127.0.0.1); `kvbridge status` reads them")
+    hosts: dict[str, list[str]] = Field(default_factory=dict, description="host -> the role names it runs "
+                                        "('router' for the router); set: `kvbridge up` runs each host in a "
+                                        "network namespace of its own on this box (launch/placement.py)")
+    link: HostLink = Field(default_factory=HostLink)
     base_dir: Path = Path(".")
 
     @model_validator(mode="after")
@@ -102,6 +114,10 @@ class DeploymentConfig(BaseModel):
         if missing:
             raise ValueError(f"role files not found (relative to {self.base_dir}): {missing}")
         return self
+
+    def host_of(self) -> dict[str, str]:
+        """role name -> its host, from `hosts`; each role on exactly one host (checked in load())."""
+        return {role: host for host, roles in self.hosts.items() for role in roles}
 
     def load(self) -> tuple[list[RoleConfig], list[RoleConfig], RouterConfig]:
         pre = [load_config(self.base_dir / p) for p in self.prefill]
@@ -114,6 +130,12 @@ class DeploymentConfig(BaseModel):
         served = {c.served_model_name for c in pre + dec} | {router.model}
         if len(served) != 1:
             raise ConfigError(f"deployment {self.name}: every role must serve the same model name, got {served}")
+        if self.hosts:
+            names = sorted([c.name for c in pre + dec] + ["router"])
+            placed = sorted(r for roles in self.hosts.values() for r in roles)
+            if placed != names:
+                raise ConfigError(f"deployment {self.name}: hosts must place each of {names} exactly once, "
+                                  f"placed: {placed}")
         return pre, dec, router
 
 

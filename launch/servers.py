@@ -14,10 +14,10 @@ class VllmServer(ProcessHandle):
     """One vLLM OpenAI server from its RoleConfig; a restart keeps its ports (a new incarnation)."""
 
     def __init__(self, config: RoleConfig, log_dir: str | Path, env: dict[str, str] | None = None,
-                 keep_old_log: bool = False) -> None:
+                 keep_old_log: bool = False, namespace: str | None = None) -> None:
         """`env` is the deployment's, under the role's own."""
         super().__init__(config.name, config.vllm_command(), config.url + "/health", {**(env or {}), **config.env},
-                         log_dir, keep_old_log)
+                         log_dir, keep_old_log, namespace)
         self.config = config
 
     @property
@@ -39,10 +39,10 @@ class RouterServer(ProcessHandle):
     answers 200) once it has seen a healthy decode node."""
 
     def __init__(self, config_path: str | Path, log_dir: str | Path, name: str = "router",
-                 env: dict[str, str] | None = None, keep_old_log: bool = False) -> None:
+                 env: dict[str, str] | None = None, keep_old_log: bool = False, namespace: str | None = None) -> None:
         self.config = load_router_config(config_path)
         super().__init__(name, [sys.executable, "-m", "router.app", "--config", str(config_path)],
-                         f"{self.url}/health", env, log_dir, keep_old_log)
+                         f"{self.url}/health", env, log_dir, keep_old_log, namespace)
 
     @property
     def url(self) -> str:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import Counter, Gauge
 
+from launch.netns import entered
 from launch.process_handle import ProcessHandle
 from launch.servers import RouterServer
 
@@ -23,11 +24,11 @@ RESTARTS = Counter("kvbridge_supervisor_restarts_total", "Restarts of a role by 
 GIVEN_UP = Gauge("kvbridge_supervisor_given_up", "1 once `kvbridge up` stopped restarting a role", ["role"])
 
 
-def _answers_http(url: str) -> bool:
+def _answers_http(url: str, namespace: str | None = None) -> bool:
     """Any HTTP answer: the router's /health is 503 while no decode node is up, which is its backends'
     state, not its own, and restarting it would not help."""
     try:
-        with urllib.request.urlopen(url, timeout=2):
+        with entered(namespace), urllib.request.urlopen(url, timeout=2):
             return True
     except urllib.error.HTTPError:
         return True
@@ -92,7 +93,8 @@ class Watchdog:
         if code is not None:
             return f"exited with code {code}"
         try:
-            ok = w.proc.is_ready() or (isinstance(w.proc, RouterServer) and _answers_http(w.proc.health_url))
+            ok = w.proc.is_ready() or (isinstance(w.proc, RouterServer)
+                                       and _answers_http(w.proc.health_url, w.proc.namespace))
         except RuntimeError:   # exited between the poll and the probe
             return "exited"
         if ok:

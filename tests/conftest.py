@@ -12,6 +12,7 @@ from launch.redis_server import RedisServer
 from launch.tiny_model import make_tiny_model
 from router.config import RouterConfig
 from tests.pd_client import pool_status
+from tests.hosts_fixtures import hosts  # noqa: F401 (fixture: prefill, decode, router on three namespaces)
 from tests.router_stubs import make  # noqa: F401 (fixture: a router in front of stub backends)
 
 PREFILL_EXTRA = {"checksum": True, "alloc_timeout_s": 3.0, "lease_ttl_s": 3.0}
