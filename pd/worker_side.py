@@ -209,12 +209,13 @@ class WorkerSide:
         for t in self.producer.take_finished() if self.producer is not None else ():
             self.stats.record_send(t, self._last_staged.pop(t.transfer_id, None))
         if self._loads:
+            seen = self.endpoint.arrivals  # before the look: a chunk landing after it ends the wait below
             self._check_loads()
             if idle and not self._done_recv and self._loads:
                 # Nothing to compute: sleep until a chunk lands (or idle_wait_ms) instead of letting
                 # the engine spin through empty steps on the cores the prefill may need.
                 t0 = time.perf_counter_ns()
-                self.endpoint.wait_arrivals(self.cfg.idle_wait_ms / 1000)
+                self.endpoint.wait_arrivals(self.cfg.idle_wait_ms / 1000, seen)
                 WORKER_HOOKS.idle(time.perf_counter_ns() - t0)
                 self._check_loads()
         if self.store_loads is not None and self.store_loads.pending:

@@ -62,8 +62,7 @@ class ConsumerEndpoint:
     def __init__(self, layout: KVLayout, settings: ConsumerSettings) -> None:
         self.layout = layout
         self.cfg = settings
-        warning = require_secret(settings.host, settings.secret, settings.insecure, "the consumer endpoint")
-        if warning:
+        if warning := require_secret(settings.host, settings.secret, settings.insecure, "the consumer endpoint"):
             log.warning(warning)
         self.auth = Authenticator(settings.secret)
         self._refused, self._refused_logged_at = 0, 0.0
@@ -89,6 +88,7 @@ class ConsumerEndpoint:
         self.address = f"{settings.host}:{port}"
         self._stop = threading.Event()
         self._arrived = threading.Condition()
+        self.arrivals = 0  # batches of chunk notices pumped (grows under _arrived)
         self._thread = start_io_thread(self._run, "kvbridge-consumer")
         log.info("consumer endpoint %s incarnation %s: %d slots x %d bytes (%d tokens)", self.address,
                  self.incarnation[:12], settings.num_slots, self.slot_bytes, settings.chunk_tokens)
@@ -113,10 +113,12 @@ class ConsumerEndpoint:
                     bad.append(idx)
         return bad
 
-    def wait_arrivals(self, timeout_s: float) -> None:
-        """Block until any chunk arrives or the timeout passes (for callers that need to wait)."""
+    def wait_arrivals(self, timeout_s: float, seen: int | None = None) -> bool:
+        """Whether chunks arrived after the caller read `arrivals == seen` (default: now), waiting up to the
+        timeout; read before a look at the transfers, a chunk landing after that look ends the wait at once."""
         with self._arrived:
-            self._arrived.wait(timeout_s)
+            since = self.arrivals if seen is None else seen
+            return self._arrived.wait_for(lambda: self.arrivals != since, timeout_s)
 
     def close(self) -> None:
         self._stop.set()
@@ -294,4 +296,5 @@ class ConsumerEndpoint:
                     self.pool.renew(lease.transfer_id, lease.epoch, self.cfg.unclaimed_ttl_s)
         if got:
             with self._arrived:
+                self.arrivals += 1
                 self._arrived.notify_all()
