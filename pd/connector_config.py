@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from storage.config import StoreConfig
+from storage.config import StoreConfig, parse_bytes
 from transfer.config_errors import ConfigError, format_errors
 from transfer.credentials import DEFAULT_SECRET_ENV, CredentialError, load_secret
 from transfer.push_token import PushPolicy, push_key
@@ -37,6 +37,10 @@ class ConnectorConfig(BaseModel):
         default="device", description="where a GPU consumer keeps its slots: device memory, or pinned host memory "
         "(no VRAM taken; the scatter reads over PCIe)")
     staging_chunks: int = Field(default=16, gt=0, description="producer staging slots, one chunk each")
+    slot_pool_bytes: int | None = Field(default=None, gt=0, description="consumer slot pool as a size (e.g. 2GiB): "
+                                        "as many slots as fit, at least one; wins over num_slots")
+    staging_bytes: int | None = Field(default=None, gt=0, description="producer staging as a size: as many chunks as "
+                                      "fit, at least one; wins over staging_chunks")
     lease_ttl_s: float = Field(default=5.0, gt=0, description="lease lifetime; renewed while a push is alive")
     write_margin_s: float = Field(default=1.0, ge=0, description="producer stops writing this long before the deadline")
     quarantine_s: float = Field(default=2.0, ge=0, description="expired slots rest this long before reuse")
@@ -59,6 +63,19 @@ class ConnectorConfig(BaseModel):
     metrics_port: int = Field(default=0, ge=0, le=65535,
                               description="Prometheus /metrics of the engine process (+ TP rank); 0 = off")
     store: StoreConfig | None = Field(default=None, description="tiered prefix store (producer); unset = off")
+
+    @field_validator("slot_pool_bytes", "staging_bytes", mode="before")
+    @classmethod
+    def _size(cls, v: int | str | None) -> int | None:
+        return None if v is None else parse_bytes(v)
+
+    def slots_for(self, chunk_bytes: int) -> int:
+        """Consumer slots: `slot_pool_bytes` over one chunk's bytes when given as a size, else `num_slots`."""
+        return max(1, self.slot_pool_bytes // chunk_bytes) if self.slot_pool_bytes else self.num_slots
+
+    def staging_for(self, chunk_bytes: int) -> int:
+        """Producer staging chunks: `staging_bytes` over one chunk's bytes when given as a size."""
+        return max(1, self.staging_bytes // chunk_bytes) if self.staging_bytes else self.staging_chunks
 
     @model_validator(mode="before")
     @classmethod

@@ -90,20 +90,20 @@ class WorkerSide:
         bs = layout.block_size
         self.blocks_per_chunk = max(1, -(-self.cfg.chunk_tokens // bs))
         self.chunk_tokens = chunk_tokens = self.blocks_per_chunk * bs
-        device = str(self.kv.device)
+        device, chunk_bytes = str(self.kv.device), layout.chunk_bytes(chunk_tokens)
         port = self.cfg.listen_port + layout.tp_rank if self.cfg.listen_port else 0
         # Unique per process unless configured: two nodes started from the same command never collide.
         name = self.cfg.instance_id or \
             f"{'prefill' if self.is_producer else 'decode'}-{socket.gethostname()}-{os.getpid()}"
         if self.is_consumer:
             self.endpoint = ConsumerEndpoint(layout, ConsumerSettings(
-                chunk_tokens=chunk_tokens, num_slots=self.cfg.num_slots, host=self.cfg.listen_host, port=port,
+                chunk_tokens=chunk_tokens, num_slots=self.cfg.slots_for(chunk_bytes), host=self.cfg.listen_host, port=port,
                 secret=self._secret, insecure=self.cfg.insecure,
                 device="pinned" if self.cfg.slot_memory == "host" else device, quarantine_s=self.cfg.quarantine_s,
                 unclaimed_ttl_s=self.cfg.unclaimed_ttl_s, window_slots=self.cfg.window_slots))
         if self.is_producer:
             self.producer = Producer(layout, chunk_tokens, ProducerSettings(
-                producer_id=f"{name}/rank{layout.tp_rank}", staging_chunks=self.cfg.staging_chunks, lease_ttl_s=self.cfg.lease_ttl_s,
+                producer_id=f"{name}/rank{layout.tp_rank}", staging_chunks=self.cfg.staging_for(chunk_bytes), lease_ttl_s=self.cfg.lease_ttl_s,
                 write_margin_s=self.cfg.write_margin_s, alloc_timeout_s=self.cfg.alloc_timeout_s,
                 checksum=self.cfg.checksum, secret=self._secret, device=device))
         if self.cfg.store is not None and self.is_producer:
