@@ -1,4 +1,4 @@
-"""Store loads off the engine thread: vLLM is told a store hit loads asynchronously, and the request waits,
+"""Store loads whose fetches run off the engine thread (the scatter from memory runs on it): vLLM is told a store hit loads asynchronously, and the request waits,
 alone, until its chunks are in memory.
 
 The scheduler's lookup already started fetching the chunks that only disk or Redis hold into memory

@@ -2,8 +2,9 @@
 
 Producer: after each forward (`wait_for_save`) every chunk whose tokens now exist is gathered into staging
 and handed to the push engine, so chunks leave while later prefill chunks compute; with a store, each new
-whole chunk is also kept there, and chunks the scheduler found in the store are scattered into their blocks
-before the forward (`start_load_kv`; one that went missing is reported as a load error and recomputed).
+whole chunk is also kept there; chunks the scheduler found in the store load asynchronously
+(pd/store_loads.py: fetched off the engine thread, scattered from memory once fetched, reported as a finished
+receive; one that went missing is reported as a load error and recomputed).
 Consumer: each step checks its expected transfers; a complete one is verified, scattered into the blocks
 vLLM allocated and its slots released (a windowed one chunk by chunk as it lands: pd/streamed_load.py); one
 that expires (no sign of life for `load_timeout_s`) or fails is reported as a failed receive, and vLLM's
@@ -133,7 +134,7 @@ class WorkerSide:
         for rid in meta.aborts:
             self._abort(rid)
         for key, consumer in meta.pending:  # requests still in our queue: a sign of life to their consumers
-            self.producer.announcer.announce(key, consumer)
+            self.producer.announcer.announce(key, rank_address(consumer, self.kv.layout.tp_rank))
         for task in meta.outgoing:
             if task.req_id not in self._out:
                 target = rank_address(task.consumer, self.kv.layout.tp_rank) if task.consumer else None

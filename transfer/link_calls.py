@@ -1,6 +1,6 @@
 """The producer's control calls to its consumers, each consumer's on a thread of its own.
 
-A call (ALLOC, RENEW, RELEASE) waits for its consumer's answer, up to the RPC timeout. Made on the push
+A call (ALLOC, RENEW, PROGRESS, RELEASE) waits for its consumer's answer, up to the RPC timeout. Made on the push
 thread, one consumer that answers late (frozen, or starved on a loaded host) held every push to every
 other consumer for as long, and their leases and waiting requests ran out meanwhile. So each consumer's
 calls run in order on one thread of its own, and the push thread only collects the answers (`Future`s),

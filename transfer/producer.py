@@ -3,7 +3,7 @@
 The engine thread calls `begin` when a request first appears and `stage` as soon as a
 chunk's KV exists (per scheduler step), so writes leave while prefill continues. One
 background thread drives NIXL and each transfer's state, sleeping when there is nothing to post or
-poll; control calls (lease, renew, release) run on each consumer's own thread (link_calls.py).
+poll; control calls (lease, renew, window progress, release) run on each consumer's own thread (link_calls.py).
 """
 from __future__ import annotations
 

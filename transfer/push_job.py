@@ -39,10 +39,13 @@ class PushJob:
     def due_in(self, now: float) -> float:
         """Seconds until the push thread must look at this job again unprompted (inf: only an answer, a
         staged chunk or an abort, which wake it, can move it on)."""
-        if self.inflight or (self.staged and self.t.state == State.SENDING):
-            return 0.0002  # NIXL writes progress only while polled
+        sending = self.t.state == State.SENDING
+        if self.inflight or (sending and any(self.may_write(c) for c in self.staged)):
+            return 0.0002  # NIXL writes progress only while polled (and a gather's fence is polled too)
         if self.call is not None:
             return 0.0 if self.call.done() else math.inf
+        if sending and self.staged:  # every staged chunk waits beyond a closed window: ask again later
+            return max(0.0, self.window_ask_at - now)
         if self.t.state in (State.NEW, State.ALLOCATING):
             return self.retry_at - now
         return self.next_renew - now if self.t.state == State.SENDING else math.inf
