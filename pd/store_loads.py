@@ -1,5 +1,5 @@
-"""Store loads whose fetches run off the engine thread (the scatter from memory runs on it): vLLM is told a store hit loads asynchronously, and the request waits,
-alone, until its chunks are in memory.
+"""Store loads whose fetches run off the engine thread (the scatter from memory runs on it): vLLM is told
+a store hit loads asynchronously, and the request waits, alone, until its chunks are in memory.
 
 The scheduler's lookup already started fetching the chunks that only disk or Redis hold into memory
 (storage/prefetcher.py); a load asks again for any chunk memory lost since (evicted), so every chunk it
