@@ -24,5 +24,5 @@ sock.close()
 def test_zmq_io_threads_of_kvbridge_sockets_may_run_on_every_core():
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=60,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), check=True).stdout
-    every = str(sorted(os.sched_getaffinity(0)))  # this process is not pinned: every core it may use
+    every = str(list(range(os.cpu_count() or 1)))  # every core of the machine, whatever pins this process
     assert out.strip() and all(line == every for line in out.strip().splitlines()), (out, every)

@@ -9,9 +9,7 @@ sees that, so a call waiting on a dead consumer ends at once and later calls fai
 instead of each waiting out the RPC timeout in turn (a link's calls run one after another); ZMQ keeps
 reconnecting, and a consumer restarted on the same address is used again as soon as the
 connection is back. A consumer that keeps its connection but stops answering (frozen, swapping)
-costs one timeout: calls in the next timeout's span fail at once, then one probes again. One that was
-only late (a starved host: on 2 loaded cores a decode node's threads went without CPU for 1-2 s) has
-its late answer arrive on the same socket, and calls go on as soon as it does.
+costs one timeout: calls in the next timeout's span fail at once, then one probes again.
 """
 from __future__ import annotations
 
@@ -27,15 +25,12 @@ from transfer import wire
 from transfer.control_auth import AuthError, Credential
 from transfer.identity import TransferSpec
 from transfer.nixl_agent import NixlAgent
-from transfer.threads import io_context
 
 log = logging.getLogger("kvbridge.producer")
 _LOST = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED  # the peer closed on us, or nobody listens there
 _BACK = zmq.EVENT_CONNECTED
 RECONNECT_IVL_MS = 50  # how often ZMQ retries a lost connection
 RECONNECT_GRACE_S = 0.2  # a call to a lost consumer waits this long for it to be back, then fails
-REGRACE_AFTER_S = 1.0  # after a grace in vain, calls fail at once for this long (a dead consumer's dozens of
-# transfers each waiting out a grace, in turn, held the producer's pushes for seconds)
 
 
 class HandshakeRejected(RuntimeError):
@@ -74,8 +69,7 @@ class ConsumerLink:
         self._sock: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None
         self._lost_since: float | None = None  # when the connection was lost and not back since
-        self._graced_at: float | None = None  # when a call last waited in vain for the lost connection
-        self._quiet_until = 0.0  # a call timed out: calls fail at once until then, or until its late answer
+        self._quiet_until = 0.0  # a call timed out: calls fail at once until then
         self.welcome: wire.Welcome | None = None
 
     def ensure(self) -> wire.Welcome:
@@ -149,7 +143,7 @@ class ConsumerLink:
     def _call(self, msg: wire._Msg, expect: tuple[type, ...]):
         with self._lock:
             msg.rid = next(self._rid)
-            if time.monotonic() < self._quiet_until and (self._sock is None or not self._sock.poll(0)):  # no late answer
+            if time.monotonic() < self._quiet_until:
                 raise PeerUnreachable(f"consumer {self.address} left a call unanswered for {self._timeout_ms} ms "
                                       f"moments ago (not sent: {msg.type})")
             self._open()
@@ -157,7 +151,7 @@ class ConsumerLink:
             if self._lost_since is not None and not self._wait_back():
                 raise PeerUnreachable(f"consumer {self.address} closed its connection "
                                       f"{time.monotonic() - self._lost_since:.1f} s ago and is not back "
-                                      f"(not sent: {msg.type})")
+                                      f"after {RECONNECT_GRACE_S} s (not sent: {msg.type})")
             frame, nonce = self._cred.seal(wire.encode(msg))
             self._sock.send(frame)
             poller = zmq.Poller()
@@ -167,8 +161,8 @@ class ConsumerLink:
             while True:
                 ready = dict(poller.poll(max(0, int((deadline - time.monotonic()) * 1000))))
                 if not ready:
-                    self._quiet_until = time.monotonic() + self._timeout_ms / 1000  # the socket stays: a late
-                    # answer on it says the consumer lives (the next call skips it as stale)
+                    self._reset_socket()
+                    self._quiet_until = time.monotonic() + self._timeout_ms / 1000
                     raise PeerUnreachable(f"consumer {self.address} did not answer {msg.type} "
                                           f"within {self._timeout_ms} ms")
                 if self._monitor in ready:
@@ -197,7 +191,7 @@ class ConsumerLink:
 
     def _open(self) -> None:
         if self._sock is None:
-            self._sock = io_context().socket(zmq.DEALER)
+            self._sock = zmq.Context.instance().socket(zmq.DEALER)
             self._sock.setsockopt(zmq.LINGER, 0)
             self._sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
             self._monitor = self._sock.get_monitor_socket(_LOST | _BACK)
@@ -210,23 +204,17 @@ class ConsumerLink:
             if event & _BACK:
                 if self._lost_since is not None:
                     log.info("consumer %s: connection back", self.address)
-                self._lost_since = self._graced_at = None
+                self._lost_since = None
             elif self._lost_since is None:
                 self._lost_since = time.monotonic()
                 log.info("consumer %s: connection lost (%s)", self.address, zmq.Event(event).name)
 
     def _wait_back(self) -> bool:
         """Give a consumer that may have just restarted the time ZMQ needs to reconnect (a few retries),
-        no more: a dead one costs this grace, not a whole RPC timeout, and once per REGRACE_AFTER_S, not
-        once per call."""
-        now = time.monotonic()
-        if self._graced_at is not None and now - self._graced_at < REGRACE_AFTER_S:
-            return False
-        end = now + RECONNECT_GRACE_S
+        no more: a dead one costs the push thread this grace, not a whole RPC timeout."""
+        end = time.monotonic() + RECONNECT_GRACE_S
         while self._lost_since is not None and self._monitor.poll(max(0, int((end - time.monotonic()) * 1000))):
             self._read_monitor()
-        if self._lost_since is not None:
-            self._graced_at = time.monotonic()
         return self._lost_since is None
 
     def _reset_socket(self) -> None:
@@ -235,4 +223,4 @@ class ConsumerLink:
             self._monitor.close(0)
             self._sock.close(0)
             self._sock = self._monitor = None
-            self._lost_since = self._graced_at = None
+            self._lost_since = None
