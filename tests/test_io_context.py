@@ -7,11 +7,16 @@ import subprocess
 import sys
 
 PROBE = """
-import glob, os, zmq
+import glob, os, time, zmq
 from transfer.threads import io_context
 os.sched_setaffinity(0, {0})  # as a vLLM CPU worker's thread is, on its compute core
 sock = io_context().socket(zmq.REP)
 sock.bind_to_random_port("tcp://127.0.0.1")
+def io_threads():
+    return [t for t in glob.glob(f"/proc/{os.getpid()}/task/*") if open(t + "/comm").read().startswith("ZMQbg/IO")]
+end = time.monotonic() + 10
+while not io_threads() and time.monotonic() < end:  # the I/O thread names itself once it runs
+    time.sleep(0.01)
 for task in glob.glob(f"/proc/{os.getpid()}/task/*"):
     with open(task + "/comm") as f:
         name = f.read().strip()
