@@ -87,9 +87,12 @@ def decode_pool_full_after(servers):
 
 @pytest.fixture(scope="session")
 def router(servers):
-    """The kvbridge router in front of the shared prefill and decode nodes, quick to notice a dead node."""
+    """The kvbridge router in front of the shared prefill and decode nodes, quick to notice a dead node
+    (1.5 s) but not so quick that one slow /health on two loaded cores takes the prefill node out: with it
+    down, every request is prefilled on the decode node and no KV moves."""
     prefill, decode = servers["prefill"], servers["decode"]
-    r = start_router(RouterConfig(port=free_port(), model=SERVED_MODEL, health_interval_s=0.5, unhealthy_after=1,
+    r = start_router(RouterConfig(port=free_port(), model=SERVED_MODEL, health_interval_s=0.5, unhealthy_after=3,
+                                  health_timeout_s=2.0,
                                   prefill=[{"name": prefill.name, "url": prefill.url}],
                                   decode=[{"name": decode.name, "url": decode.url,
                                            "kv_address": decode.handshake}]))

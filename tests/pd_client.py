@@ -35,6 +35,16 @@ def pd_request(servers: dict, path: str, body: dict, push_to: str | None = None,
     return (f_pre.result() if f_pre else None), f_dec.result()
 
 
+def log_lines(server, *needles: str, last: int = 8) -> list[str]:
+    """The last lines of a server's log that hold any of `needles`: what an assertion about the PD path
+    prints, so a failure in a long suite says what the nodes saw (a node marked down, a transfer FAILED)."""
+    try:
+        lines = server.log_path.read_text(errors="replace").splitlines()
+    except OSError as e:
+        return [f"(log unreadable: {e})"]
+    return [ln[:300] for ln in lines if any(n in ln for n in needles)][-last:]
+
+
 def text_of(reply: dict) -> str:
     c = reply["choices"][0]
     return c["text"] if "text" in c else c["message"]["content"]

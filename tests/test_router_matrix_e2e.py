@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from launch.tiny_prompts import random_token_prompt, random_words
-from tests.pd_client import pool_status
+from tests.pd_client import log_lines, pool_status
 
 pytestmark = pytest.mark.usefixtures("decode_pool_full_after")
 
@@ -33,6 +33,13 @@ def client(url: str) -> openai.OpenAI:
 
 def scattered(servers) -> int:
     return pool_status(servers["decode"].handshake).counters.get("transfers_scattered", 0)
+
+
+def why_not_pd(servers, router) -> str:
+    """What the router and the nodes logged last about node states and failed transfers."""
+    return "\n".join(["router:", *log_lines(router, " is now "),
+                      "prefill:", *log_lines(servers["prefill"], "-> FAILED", "not delivered"),
+                      "decode:", *log_lines(servers["decode"], "-> FAILED", "-> EXPIRED", "recomput")])
 
 
 def completion_choices(url: str, body: dict, stream: bool) -> dict[int, tuple]:
@@ -68,7 +75,8 @@ def test_completion_matrix_through_the_router_equals_aggregated(servers, router,
     before = scattered(servers)
     got = completion_choices(router.url, body, stream)
     assert got == want
-    assert scattered(servers) - before >= transfers, "every engine request's KV should arrive over PD"
+    assert scattered(servers) - before >= transfers, \
+        f"every engine request's KV should arrive over PD\n{why_not_pd(servers, router)}"
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
@@ -78,4 +86,4 @@ def test_chat_n_2_through_the_router_equals_aggregated(servers, router, stream):
     want = chat_choices(servers["agg"].url, body, False)
     before = scattered(servers)
     assert chat_choices(router.url, body, stream) == want
-    assert scattered(servers) - before >= 2
+    assert scattered(servers) - before >= 2, why_not_pd(servers, router)
