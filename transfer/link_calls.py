@@ -46,9 +46,10 @@ class LinkCalls:
         link = self._links.get(consumer)
         return link is not None and link.gone
 
-    def close(self) -> None:
-        """Finish the calls queued (a RELEASE tells a consumer to free slots now), then close every link."""
+    def close(self, drop_queued: bool = False) -> None:
+        """Finish the calls queued (a RELEASE tells a consumer to free slots now; `drop_queued`: only the
+        calls under way), then close every link."""
         for pool in self._threads.values():
-            pool.shutdown(wait=True)
+            pool.shutdown(wait=True, cancel_futures=drop_queued)
         for link in self._links.values():
             link.close()
