@@ -8,6 +8,7 @@ waking when one arrives.
 """
 from __future__ import annotations
 
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, TypeVar
 
@@ -15,6 +16,10 @@ from transfer.consumer_link import ConsumerLink
 from transfer.threads import widen_affinity
 
 T = TypeVar("T")
+
+
+class LinksClosed(RuntimeError):
+    """A call submitted after close() began."""
 
 
 class LinkCalls:
@@ -25,19 +30,27 @@ class LinkCalls:
         self._on_answer = on_answer
         self._links: dict[str, ConsumerLink] = {}
         self._threads: dict[str, ThreadPoolExecutor] = {}
+        self._lock = threading.Lock()  # the push thread, the engine thread and close() all reach the maps
+        self._closed = False
 
     def link(self, consumer: str) -> ConsumerLink:
-        if consumer not in self._links:
-            self._links[consumer] = self._make_link(consumer)
-        return self._links[consumer]
+        with self._lock:
+            if consumer not in self._links:
+                self._links[consumer] = self._make_link(consumer)
+            return self._links[consumer]
 
     def submit(self, consumer: str, call: Callable[[ConsumerLink], T]) -> Future:
         """Run `call(link)` after the calls already queued for this consumer; its answer or error comes
-        back in the future."""
+        back in the future (a LinksClosed error once close() began: nothing is sent then)."""
         link = self.link(consumer)
-        if consumer not in self._threads:
-            self._threads[consumer] = ThreadPoolExecutor(1, f"kvbridge-link-{consumer}", widen_affinity)
-        future = self._threads[consumer].submit(call, link)
+        with self._lock:
+            if self._closed:
+                future: Future = Future()
+                future.set_exception(LinksClosed(f"not sent to consumer {consumer}: the producer is closing"))
+                return future
+            if consumer not in self._threads:
+                self._threads[consumer] = ThreadPoolExecutor(1, f"kvbridge-link-{consumer}", widen_affinity)
+            future = self._threads[consumer].submit(call, link)
         future.add_done_callback(lambda _: self._on_answer())
         return future
 
@@ -49,6 +62,8 @@ class LinkCalls:
     def close(self, drop_queued: bool = False) -> None:
         """Finish the calls queued (a RELEASE tells a consumer to free slots now; `drop_queued`: only the
         calls under way), then close every link."""
+        with self._lock:
+            self._closed = True
         for pool in self._threads.values():
             pool.shutdown(wait=True, cancel_futures=drop_queued)
         for link in self._links.values():
