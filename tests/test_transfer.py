@@ -225,3 +225,35 @@ def test_consumer_restart_is_noticed_and_producer_reconnects():
             c2.stop()
     finally:
         p.close()
+
+
+def test_a_lease_granted_by_a_consumer_that_restarted_is_never_written_to_its_successor():
+    """The consumer is killed after chunk 0 of 2 landed and a new one takes its address; once the link has
+    met the new one (another transfer through it), chunk 1 of the old lease is staged: the old transfer
+    fails (the link saw the connection drop, or the grant names the old incarnation), and the new consumer
+    receives nothing but its own transfer's chunks."""
+    port = free_port()
+    c1 = ConsumerProcess(LAYOUT, chunk_tokens=CHUNK_TOKENS, num_slots=4, port=port)
+    p = make_producer("stale-grant")
+    try:
+        s = spec("g-1", 2)
+        handle = p.begin(s, c1.address)
+        nbytes = p.geometry.chunk_nbytes(s.num_tokens, 0)
+        fill = lambda view: view[:nbytes].fill_(7) is not None and nbytes  # noqa: E731
+        assert p.stage(handle, 0, fill)
+        wait_for(lambda: c1.call("counters").get("chunks_received", 0) == 1, 10, 0.01, "chunk 0 landing")
+        c1.kill()
+        c2 = ConsumerProcess(LAYOUT, chunk_tokens=CHUNK_TOKENS, num_slots=4, port=port)
+        try:
+            crcs = push(p, c2, "g-ok", 2)
+            p.stage(handle, 1, fill)
+            states = finished(p, {"g-ok", "g-1"})
+            assert (states["g-ok"], states["g-1"]) == (State.SENT, State.FAILED)
+            check_landed(c2, "g-ok", crcs)
+            counters = c2.call("counters")
+            assert counters.get("chunks_received", 0) == 2 and not counters.get("chunks_dropped", 0), counters
+            assert c2.call("stats").free == 4
+        finally:
+            c2.stop()
+    finally:
+        p.close()

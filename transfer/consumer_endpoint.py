@@ -76,7 +76,7 @@ class ConsumerEndpoint:
         self.book = ReceiveBook(self.pool, settings.unclaimed_ttl_s)
         self.producers = ProducerRegistry(self.agent, self.pool)
         self.desk = LeaseDesk(self.pool, self.book, self.geometry, self.region.addr, settings.window_slots,
-                              settings.expect_wait_s)
+                              settings.expect_wait_s, self.incarnation)
         self._sock = io_context().socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, 8 * wire.MAX_MESSAGE_BYTES)

@@ -58,10 +58,12 @@ class GrantQueue:
 
 class LeaseDesk:
     def __init__(self, pool: SlotPool, book: ReceiveBook, geometry: ChunkGeometry, region_addr: int,
-                 window_slots: int, expect_wait_s: float) -> None:
+                 window_slots: int, expect_wait_s: float, incarnation: str) -> None:
         """`window_slots` 0 means the whole pool: only a transfer larger than the pool streams, and one that
-        does waits for every slot. Fewer lets small transfers flow beside a streaming one."""
+        does waits for every slot. Fewer lets small transfers flow beside a streaming one. `incarnation`
+        is the consumer's, named in every grant."""
         self.pool, self.book, self.geometry = pool, book, geometry
+        self.incarnation = incarnation
         self.region_addr = region_addr
         self.window_slots = min(pool.num_slots, window_slots or pool.num_slots)
         self.expect_wait_s = expect_wait_s
@@ -91,7 +93,7 @@ class LeaseDesk:
         self.book.count("chunks_not_sent_held_by_decode", lease.first_chunk)
         offsets = [self.region_addr + s * self.pool.slot_bytes for s in lease.slots]
         return wire.Grant(transfer_id=msg.transfer_id, epoch=lease.epoch, offsets=offsets, ttl_s=msg.ttl_s,
-                          skip_chunks=lease.first_chunk, chunks=len(sizes))
+                          incarnation=self.incarnation, skip_chunks=lease.first_chunk, chunks=len(sizes))
 
     def progress(self, msg: wire.Progress) -> wire.Message:
         """How far the producer may write now; renews the lease like RENEW (its push is alive)."""

@@ -202,11 +202,8 @@ class Producer:
                 continue
             want = self.geometry.chunk_nbytes(job.spec.num_tokens, chunk)
             if nbytes != want or nbytes > link.welcome.slot_bytes:
-                self.staging.release(slot)
-                with self._cv:
-                    job.staged.update(dict(ready[i + 1:]))
-                job.t.to(State.FAILED, f"chunk {chunk} holds {nbytes} bytes, it must hold {want} "
-                                       f"(slot {link.welcome.slot_bytes})")
+                self._stop_posting(job, slot, ready[i + 1:], f"chunk {chunk} holds {nbytes} bytes, it must hold "
+                                   f"{want} (slot {link.welcome.slot_bytes})")
                 return
             data = self.staging.view(slot)[:nbytes]
             notice = ChunkNotice(transfer_id=job.spec.key, chunk=chunk - skip, epoch=job.grant.epoch,
@@ -214,22 +211,31 @@ class Producer:
                                  crc=zlib.crc32(data.cpu().numpy()) if self.cfg.checksum else None,
                                  kv_ready_at=job.kv_ready_at.pop(chunk, None))
             w = link.welcome
+            if w.incarnation != job.grant.incarnation:  # its slots may be another transfer's now
+                self._stop_posting(job, slot, ready[i + 1:], f"consumer {job.consumer} restarted (incarnation "
+                                   f"{job.grant.incarnation[:12]} -> {w.incarnation[:12]}) after granting the lease")
+                return
             try:
                 dst = job.grant.offsets[(chunk - skip) % len(job.grant.offsets)]  # a window reuses its slots
                 handle = self.agent.write(self.staging.region, [(self.staging.offset(slot), dst, nbytes)],
                                           w.agent_name, w.mem_type, w.dev_id, notice.encode())
             except TransferError as e:
-                self.staging.release(slot)
-                with self._cv:
-                    job.staged.update(dict(ready[i + 1:]))
                 job.peer_down = e.peer_gone  # NIXL saw the consumer die: its lease went with it
-                job.t.to(State.FAILED, str(e))
+                self._stop_posting(job, slot, ready[i + 1:], str(e))
                 return
             job.inflight[chunk] = (handle, slot)
             PUSHED_BYTES.inc(nbytes)
         if now >= job.next_renew and not job.t.done and job.call is None:
             key, epoch, ttl = job.spec.key, job.grant.epoch, self.cfg.lease_ttl_s
             self._ask(job, "renew", lambda link: link.renew(key, epoch, ttl))
+
+    def _stop_posting(self, job: PushJob, slot: int, rest: list, why: str) -> None:
+        """Fail `job` at a chunk not written: its staging slot is free again, the chunks behind it go back to
+        `job.staged` (freed with the job)."""
+        self.staging.release(slot)
+        with self._cv:
+            job.staged.update(dict(rest))
+        job.t.to(State.FAILED, why)
 
     def _poll(self, job: PushJob, now: float) -> None:
         # A write to a peer that died may never complete (UCX without error handling):

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from transfer.layout import KVLayout
 
-PROTOCOL_VERSION = 5  # 5: windowed grants (Grant.chunks, Progress/WindowState) and Pending; 4: HMAC frames
+PROTOCOL_VERSION = 6  # 6: Grant.incarnation; 5: windowed grants (Grant.chunks, Progress/WindowState) and Pending; 4: HMAC frames
 MAX_MESSAGE_BYTES = 1 << 20
 
 
@@ -134,6 +134,7 @@ class Grant(_Msg):
     epoch: int
     offsets: list[int]
     ttl_s: float
+    incarnation: str = Field(max_length=64)  # the consumer's that holds the lease: a restarted one does not
     # leading chunks the consumer already holds (its own prefix cache): not pushed; lease chunk i is chunk skip + i
     skip_chunks: int = Field(default=0, ge=0)
     # lease chunks in all; more than len(offsets) means a window: lease chunk i goes to offsets[i % len(offsets)],
