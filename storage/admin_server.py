@@ -19,7 +19,7 @@ from storage.admin_messages import ADMIN_SENDER, AdminError, StoreReport, TierRe
 from storage.tiered_store import TieredStore
 from transfer.control_auth import AuthError, Authenticator
 from transfer.credentials import require_secret
-from transfer.threads import start_io_thread
+from transfer.threads import io_context, start_io_thread
 
 log = logging.getLogger("kvbridge.store")
 
@@ -31,7 +31,7 @@ class StoreAdminServer:
             log.warning(warning)
         self.store = store
         self.auth = Authenticator(secret)
-        self._sock = zmq.Context.instance().socket(zmq.ROUTER)
+        self._sock = io_context().socket(zmq.ROUTER)  # its I/O thread not pinned to the compute core
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, 1 << 16)
         if port:

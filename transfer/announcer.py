@@ -36,6 +36,10 @@ class Announcer:
             self._queued += 1
             self._calls.submit(consumer, lambda link: self._send(link, key))
 
+    def tend(self) -> None:
+        """Read the links' connection events, close idle sockets (ConsumerLink.tend)."""
+        self._calls.tend()
+
     def close(self) -> None:
         """Drop the announcements not sent yet (signs of life for requests this producer no longer serves)."""
         self._calls.close(drop_queued=True)

@@ -10,6 +10,13 @@ instead of each waiting out the RPC timeout in turn (a link's calls run one afte
 reconnecting, and a consumer restarted on the same address is used again as soon as the
 connection is back. A consumer that keeps its connection but stops answering (frozen, swapping)
 costs one timeout: calls in the next timeout's span fail at once, then one probes again.
+
+The monitor must be read: ZMQ's I/O thread writes each event into it and blocks once ~1000 are
+unread, and with it every socket of the process's context (an unreachable consumer, retried every
+50 ms, wedged the prefill's whole control plane within a minute). So the owner calls `tend()` about
+twice a second: it reads the events, and closes the socket of a link left idle for `idle_close_s`
+(the next call opens a new one). Retries do not back off: a restarted consumer is used again within
+RECONNECT_IVL_MS of being back.
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ from transfer import wire
 from transfer.control_auth import AuthError, Credential
 from transfer.identity import TransferSpec
 from transfer.nixl_agent import NixlAgent
+from transfer.threads import io_context
 
 log = logging.getLogger("kvbridge.producer")
 _LOST = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED  # the peer closed on us, or nobody listens there
@@ -70,6 +78,7 @@ class ConsumerLink:
         self._monitor: zmq.Socket | None = None
         self._lost_since: float | None = None  # when the connection was lost and not back since
         self._quiet_until = 0.0  # a call timed out: calls fail at once until then
+        self._last_call = time.monotonic()
         self.welcome: wire.Welcome | None = None
 
     def ensure(self) -> wire.Welcome:
@@ -120,6 +129,19 @@ class ConsumerLink:
         finally:
             self._lock.release()
 
+    def tend(self, idle_close_s: float = 30.0) -> None:
+        """Read the connection events that arrived (see the module docstring), and close the socket of a
+        link no call used for `idle_close_s`. Never waits: a call under way reads them itself."""
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            if self._sock is not None and time.monotonic() - self._last_call > idle_close_s:
+                self._reset_socket()
+            else:
+                self._read_monitor()
+        finally:
+            self._lock.release()
+
     def close(self) -> None:
         with self._lock:
             self._reset_socket()
@@ -143,6 +165,7 @@ class ConsumerLink:
     def _call(self, msg: wire._Msg, expect: tuple[type, ...]):
         with self._lock:
             msg.rid = next(self._rid)
+            self._last_call = time.monotonic()
             if time.monotonic() < self._quiet_until:
                 raise PeerUnreachable(f"consumer {self.address} left a call unanswered for {self._timeout_ms} ms "
                                       f"moments ago (not sent: {msg.type})")
@@ -191,7 +214,7 @@ class ConsumerLink:
 
     def _open(self) -> None:
         if self._sock is None:
-            self._sock = zmq.Context.instance().socket(zmq.DEALER)
+            self._sock = io_context().socket(zmq.DEALER)
             self._sock.setsockopt(zmq.LINGER, 0)
             self._sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
             self._monitor = self._sock.get_monitor_socket(_LOST | _BACK)

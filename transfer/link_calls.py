@@ -54,6 +54,13 @@ class LinkCalls:
         future.add_done_callback(lambda _: self._on_answer())
         return future
 
+    def tend(self) -> None:
+        """Let every link read its connection events and close an idle socket (ConsumerLink.tend)."""
+        with self._lock:
+            links = list(self._links.values())
+        for link in links:
+            link.tend()
+
     def gone(self, consumer: str) -> bool:
         """Whether the consumer closed its connection (ConsumerLink.gone: never waits for a call under way)."""
         link = self._links.get(consumer)

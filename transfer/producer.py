@@ -144,12 +144,17 @@ class Producer:
                 self._cv.notify()
 
     def _run(self) -> None:
+        tended = 0.0
         while True:
             with self._cv:
                 if self._stop and not self._jobs:
                     return
                 jobs = list(self._jobs.values())
             now = time.monotonic()
+            if now - tended >= 0.5:  # every link's connection events read (consumer_link.py says why)
+                self._calls.tend()
+                self.announcer.tend()
+                tended = now
             for job in jobs:
                 try:
                     self._step(job, now)

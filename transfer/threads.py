@@ -8,7 +8,8 @@ The same goes for ZMQ's own I/O thread, which moves every byte of a context's so
 from a pinned thread it sits on the compute core, and a message waits there however idle the
 thread that reads it (a store lookup went unanswered for over 1 s, its server thread idle in
 poll, while the prefill computed). So kvbridge's sockets share one context whose I/O threads
-may run on any core (`io_context`).
+may run on any core (`io_context`). Sharing it means a socket must never block that I/O thread: a
+monitored socket's events must be read (consumer_link.py).
 """
 from __future__ import annotations
 
