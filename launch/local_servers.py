@@ -22,11 +22,34 @@ LOG_DIR = ROOT / ".kvbridge" / "logs"
 SERVED_MODEL = "tiny"
 
 
-def free_port() -> int:
-    """A port nothing listens on right now (the OS picks it), for servers started side by side."""
+def free_port(span: int = 1) -> int:
+    """A port nothing listens on right now (the OS picks it), for servers started side by side; with
+    `span` > 1, the first of that many free ports in a row (a decode node with TP ranks listens on
+    port + rank)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            if port + span <= 65536 and all(_free(p) for p in range(port + 1, port + span)):
+                return port
+    raise RuntimeError(f"no {span} free ports in a row on 127.0.0.1")
+
+
+def _free(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def _tp_size(vllm_args: Sequence[str]) -> int:
+    args = list(vllm_args)
+    for flag in ("--tensor-parallel-size", "-tp"):
+        if flag in args[:-1]:
+            return int(args[args.index(flag) + 1])
+    return 1
 
 
 def start_vllm(name: str, role: Literal["prefill", "decode", "both", "aggregated"] = "aggregated",
@@ -46,7 +69,7 @@ def start_vllm(name: str, role: Literal["prefill", "decode", "both", "aggregated
     if role != "aggregated" or connector is not None:
         data["connector"] = dict(connector or {})
         if role in ("decode", "both"):
-            data["connector"].setdefault("listen_port", free_port())
+            data["connector"].setdefault("listen_port", free_port(span=_tp_size(vllm_args)))
     if policy is not None:
         data["load_failure_policy"] = policy
     server = VllmServer(RoleConfig.model_validate(data), LOG_DIR)

@@ -257,3 +257,15 @@ def test_a_lease_granted_by_a_consumer_that_restarted_is_never_written_to_its_su
             c2.stop()
     finally:
         p.close()
+
+
+def test_a_taken_listen_port_is_a_config_error_naming_the_rank_and_the_rule():
+    from transfer.config_errors import ConfigError
+    from transfer.consumer_endpoint import ConsumerEndpoint, ConsumerSettings
+    holder = zmq.Context.instance().socket(zmq.ROUTER)
+    port = holder.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        with pytest.raises(ConfigError, match=f"TP rank 0 cannot listen on 127.0.0.1:{port}.*listen_port \\+ r"):
+            ConsumerEndpoint(LAYOUT, ConsumerSettings(chunk_tokens=CHUNK_TOKENS, num_slots=2, port=port))
+    finally:
+        holder.close(0)

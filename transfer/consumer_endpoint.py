@@ -25,6 +25,7 @@ import zmq
 from transfer import wire
 from transfer.control_auth import AuthError, Authenticator, Opened
 from transfer.credentials import require_secret
+from transfer.config_errors import ConfigError
 from transfer.geometry import ChunkGeometry
 from transfer.layout import KVLayout
 from transfer.lease_desk import LeaseDesk
@@ -80,11 +81,13 @@ class ConsumerEndpoint:
         self._sock = io_context().socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, 8 * wire.MAX_MESSAGE_BYTES)
-        if settings.port:
-            self._sock.bind(f"tcp://{settings.host}:{settings.port}")
-            port = settings.port
-        else:
-            port = self._sock.bind_to_random_port(f"tcp://{settings.host}")
+        try:
+            port = settings.port or self._sock.bind_to_random_port(f"tcp://{settings.host}")
+            if settings.port:
+                self._sock.bind(f"tcp://{settings.host}:{settings.port}")
+        except zmq.ZMQError as e:
+            raise ConfigError(f"consumer endpoint of TP rank {layout.tp_rank} cannot listen on {settings.host}:"
+                              f"{settings.port} ({e}); rank r listens on the connector's listen_port + r") from None
         self.address = f"{settings.host}:{port}"
         self._stop = threading.Event()
         self._arrived = threading.Condition()
