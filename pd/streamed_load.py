@@ -18,6 +18,7 @@ from pd.paged_kv import PagedKV
 from pd.scheduler_side import LoadTask
 from transfer.consumer_endpoint import ConsumerEndpoint
 from transfer.device_fence import COMPLETED, Fence
+from transfer.notice import ChunkNotice
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class StreamStep:
     windowed: bool  # False: the lease is a whole one (or none yet): the caller claims it once complete
     done: bool = False  # every chunk is scattered
     failed: str = ""  # why the transfer must not be used
+    notices: tuple[ChunkNotice, ...] = ()  # of the chunks this step scattered: their bytes and kv_ready_at
 
 
 def scatter_landed(endpoint: ConsumerEndpoint, kv: PagedKV, task: LoadTask, reader: str,
@@ -50,5 +52,6 @@ def scatter_landed(endpoint: ConsumerEndpoint, kv: PagedKV, task: LoadTask, read
         lo, hi = chunk_blocks(task.spec.num_tokens, lease.first_chunk + c)
         ids = task.block_ids[lo:hi]
         kv.scatter(ids, view, max(0, min(task.skip_blocks - lo, len(ids))))
+    notices = tuple(lease.arrived[c] for c in chunks)  # read before window_done frees them
     endpoint.book.window_done(key, lease, chunks[-1] + 1, record_fence())
-    return StreamStep(True, done=lease.taken == len(lease.chunk_nbytes))
+    return StreamStep(True, done=lease.taken == len(lease.chunk_nbytes), notices=notices)

@@ -19,7 +19,7 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from prometheus_client import start_http_server
@@ -53,6 +53,7 @@ class _Load:
     task: LoadTask
     t: Transfer
     last_sign: float  # the load times out this long after the transfer last showed life
+    streamed: list = field(default_factory=list)  # a windowed transfer: the notices of the chunks scattered so far
 
 
 class WorkerSide:
@@ -244,10 +245,12 @@ class WorkerSide:
                     ld.t.to(State.RECEIVING)
                 step = scatter_landed(self.endpoint, self.kv, ld.task, rid, self._chunk_blocks, self.blocks_per_chunk,
                                       self._fence)  # a windowed transfer is scattered as it lands
+                ld.streamed += step.notices
                 if step.failed:
                     self._finish_load(rid, State.FAILED, step.failed)
                 elif step.done:
-                    self._scattered(rid, ld)
+                    self._scattered(rid, ld, nbytes=sum(n.nbytes for n in ld.streamed))
+                    observe_exposed(ld.streamed)
                 elif arrival == Arrival.COMPLETE and not step.windowed:
                     self._scatter(rid, ld)
 

@@ -35,6 +35,13 @@ def pd_request(servers: dict, path: str, body: dict, push_to: str | None = None,
     return (f_pre.result() if f_pre else None), f_dec.result()
 
 
+def vllm_metric_sum(url: str, name: str) -> float:
+    """A vLLM series summed over its labels, from the API server's /metrics."""
+    text = requests.get(url + "/metrics", timeout=10).text
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
+               if ln.startswith(name + "{") or ln.startswith(name + " "))
+
+
 def log_lines(server, *needles: str, last: int = 8) -> list[str]:
     """The last lines of a server's log that hold any of `needles`: what an assertion about the PD path
     prints, so a failure in a long suite says what the nodes saw (a node marked down, a transfer FAILED)."""

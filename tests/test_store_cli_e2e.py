@@ -11,14 +11,13 @@ import threading
 from pathlib import Path
 
 import pytest
-import requests
 import yaml
 
 from launch.cli import main
 from launch.polling import wait_for
 from launch.process_handle import ROOT
 from launch.tiny_prompts import random_token_prompt
-from tests.pd_client import connector_metrics, pd_request, post, text_of
+from tests.pd_client import connector_metrics, pd_request, post, text_of, vllm_metric_sum
 
 CHUNK = 256
 pytestmark = pytest.mark.skipif(
@@ -82,19 +81,12 @@ def test_warmup_stores_whole_chunks_and_clear_while_serving_keeps_answers(server
     assert "(+1 chunks stored by the warm-up)" in after["memory"], after
 
 
-def _vllm_sum(url: str, name: str) -> float:
-    """A vLLM series summed over its labels, from the API server's /metrics."""
-    text = requests.get(url + "/metrics", timeout=10).text
-    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
-               if ln.startswith(name + "{") or ln.startswith(name + " "))
-
-
 def test_vllm_metrics_and_log_report_kvbridge_transfers(servers, decode_pool_full_after):
     pre, dec, agg = servers["prefill"], servers["decode"], servers["agg"]
     pushed0 = connector_metrics(pre).get("kvbridge_transfer_pushed_bytes_total", 0.0)
-    recv0 = _vllm_sum(dec.url, "vllm:kvbridge_recv_bytes_total")
-    sent0 = _vllm_sum(pre.url, "vllm:kvbridge_send_seconds_count")
-    exposed0 = _vllm_sum(pre.url, "vllm:kvbridge_exposed_seconds_count")
+    recv0 = vllm_metric_sum(dec.url, "vllm:kvbridge_recv_bytes_total")
+    sent0 = vllm_metric_sum(pre.url, "vllm:kvbridge_send_seconds_count")
+    exposed0 = vllm_metric_sum(pre.url, "vllm:kvbridge_exposed_seconds_count")
     prompt = random_token_prompt(700, 931)
     _, (status, reply) = pd_request(servers, "/v1/completions", {"model": "tiny", "prompt": prompt, "max_tokens": 8,
                                                                  "temperature": 0})
@@ -102,12 +94,12 @@ def test_vllm_metrics_and_log_report_kvbridge_transfers(servers, decode_pool_ful
     pushed = connector_metrics(pre)["kvbridge_transfer_pushed_bytes_total"] - pushed0
     assert pushed > 0
     # vLLM publishes connector stats with a later step's output: wait for its series to move
-    wait_for(lambda: _vllm_sum(dec.url, "vllm:kvbridge_recv_bytes_total") - recv0 == pushed, 20)
+    wait_for(lambda: vllm_metric_sum(dec.url, "vllm:kvbridge_recv_bytes_total") - recv0 == pushed, 20)
     # a push ends after its request did; the prefill engine reports it with its next step's output
     def pushes_counted() -> bool:
         _complete(pre.url, [1, 2, 3])
-        return _vllm_sum(pre.url, "vllm:kvbridge_send_seconds_count") - sent0 == 1
+        return vllm_metric_sum(pre.url, "vllm:kvbridge_send_seconds_count") - sent0 == 1
     wait_for(pushes_counted, 20, interval=0.5)
-    assert _vllm_sum(pre.url, "vllm:kvbridge_exposed_seconds_count") - exposed0 == 1
+    assert vllm_metric_sum(pre.url, "vllm:kvbridge_exposed_seconds_count") - exposed0 == 1
     # vLLM's own periodic log line (every 10 s while there is traffic) carries them too
     wait_for(lambda: "KV Transfer metrics: Num received transfers=" in dec.log_path.read_text(errors="replace"), 30)

@@ -79,7 +79,7 @@ def alloc(key: str, n_chunks: int) -> wire.Alloc:
 
 def test_small_grants_cannot_take_the_slots_a_waiting_window_needs():
     pool = SlotPool(8, ChunkGeometry(LAYOUT, CHUNK_TOKENS).slot_bytes, quarantine_s=0)
-    desk = LeaseDesk(pool, ReceiveBook(pool, 30.0), ChunkGeometry(LAYOUT, CHUNK_TOKENS), 0, 4, 0.0)
+    desk = LeaseDesk(pool, ReceiveBook(pool, 30.0), ChunkGeometry(LAYOUT, CHUNK_TOKENS), 0, 4, 0.0, "c-inc")
     assert isinstance(desk.alloc(alloc("small-0", 2)), wire.Grant)
     assert isinstance(desk.alloc(alloc("small-1", 3)), wire.Grant)  # 3 free
     assert isinstance(desk.alloc(alloc("big", 40)), wire.NoCapacity)  # wants a window of 4: queued
