@@ -6,7 +6,7 @@ whole chunk is also kept there; chunks the scheduler found in the store load asy
 (pd/store_loads.py: fetched off the engine thread, scattered from memory once fetched, reported as a finished
 receive; one that went missing is reported as a load error and recomputed).
 Consumer: each step checks its expected transfers; a complete one is verified, scattered into the blocks
-vLLM allocated and its slots released (a windowed one chunk by chunk as it lands: pd/streamed_load.py); one
+vLLM allocated and its slots released (a windowed one chunk by chunk as it lands: pd/lease_scatter.py); one
 that expires (no sign of life for `load_timeout_s`) or fails is reported as a failed receive, and vLLM's
 `kv_load_failure_policy` (recompute | fail) decides what the request sees.
 """
@@ -41,7 +41,7 @@ from transfer.identity import rank_address
 from transfer.receive_book import Arrival
 from transfer.states import State, Transfer
 from pd.store_lookup import LookupServer, StoreHandshake
-from pd.streamed_load import scatter_landed
+from pd.lease_scatter import scatter_landed, scatter_whole
 from pd.transfer_stats import BridgeTransferStats
 from storage.admin_server import StoreAdminServer
 
@@ -255,21 +255,10 @@ class WorkerSide:
                     self._scatter(rid, ld)
 
     def _scatter(self, rid: str, ld: _Load) -> None:
-        lease, why = self.endpoint.book.claim(ld.task.spec.key)
-        if lease is None:
-            self._finish_load(rid, State.FAILED, why)
-            return
-        bad = self.endpoint.verify(lease)
-        if bad or lease.first_chunk * self.blocks_per_chunk > ld.task.skip_blocks:
-            why = (f"checksum mismatch in chunks {bad}" if bad else f"the transfer starts at chunk {lease.first_chunk}, "
-                   f"this request holds only {ld.task.skip_blocks} blocks itself")
+        lease, why = scatter_whole(self.endpoint, self.kv, ld.task, self._chunk_blocks, self.blocks_per_chunk)
+        if why:
             self._finish_load(rid, State.FAILED, why, lease)
             return
-        task = ld.task
-        for c, view in enumerate(self.endpoint.chunk_views(lease), start=lease.first_chunk):
-            lo, hi = self._chunk_blocks(task.spec.num_tokens, c)
-            ids = task.block_ids[lo:hi]
-            self.kv.scatter(ids, view, max(0, min(task.skip_blocks - lo, len(ids))))
         self._scattered(rid, ld, lease, self._fence(), sum(lease.chunk_nbytes))  # slots free once it ran
         observe_exposed(lease.arrived.values())  # vLLM learns of it when this step's results return
 

@@ -7,7 +7,7 @@ their way and sleeps in `idle_poll_s` steps otherwise, so an idle consumer costs
 
 Every frame is opened by `control_auth.Authenticator` first. With a secret, a frame that is not
 authentic and fresh gets one generic refusal and nothing else (no layout, no reason); an authentic
-one is then checked against what its sender may do (`_forbidden`): producers handshake only under
+one is then checked against what its sender may do (`sender_rules.py`): producers handshake only under
 their own id and touch only their own leases, only the router cancels and reads traces.
 """
 from __future__ import annotations
@@ -32,14 +32,13 @@ from transfer.lease_desk import LeaseDesk
 from transfer.nixl_agent import NixlAgent, zeroed_buffer
 from transfer.notice import ChunkNotice, NoticeError
 from transfer.producer_registry import ProducerRegistry
+from transfer.sender_rules import forbidden
 from transfer.receive_book import ReceiveBook
 from transfer.slot_pool import Lease, SlotPool
 from transfer.threads import io_context, start_io_thread
 
 log = logging.getLogger("kvbridge.consumer")
 REFUSED = wire.Error(code="unauthenticated", message="refused")  # all an unauthenticated peer ever learns
-ROUTER_MESSAGES = frozenset({"stats", "cancel", "trace"})
-PRODUCER_MESSAGES = frozenset({"hello", "alloc", "renew", "release", "progress", "pending", "stats"})
 
 
 @dataclass(frozen=True)
@@ -173,7 +172,7 @@ class ConsumerEndpoint:
             self._refused_logged_at = now
 
     def _dispatch(self, opened: Opened, msg: wire.Message) -> wire.Message:
-        why = self._forbidden(opened.sender, msg)
+        why = forbidden(opened.sender, msg, self.producers, self.pool)
         if why:
             log.warning("forbidden %s from %s: %s", msg.type, opened.sender[:64], why)
             self.book.count("forbidden_messages")
@@ -186,24 +185,6 @@ class ConsumerEndpoint:
                 reply = wire.Error(code="internal", message=f"{type(e).__name__}: {e}")
         reply.rid = msg.rid
         return reply
-
-    def _forbidden(self, sender: str, msg: wire.Message) -> str:
-        """Why this authenticated sender may not send this message ('' when it may)."""
-        if sender == "router":
-            return "" if msg.type in ROUTER_MESSAGES else f"the router does not send {msg.type}"
-        kind, _, pid = sender.partition("/")
-        if kind != "producer" or msg.type not in PRODUCER_MESSAGES:
-            return f"{kind or sender} may not send {msg.type}"
-        self.producers.touch(pid)
-        if isinstance(msg, wire.Hello) and msg.producer_id != pid:
-            return f"credential of producer {pid} cannot introduce producer {msg.producer_id}"
-        if isinstance(msg, wire.Alloc) and self.producers.owner(msg.incarnation) not in (None, pid):
-            return f"incarnation {msg.incarnation[:12]} belongs to another producer"
-        if isinstance(msg, (wire.Alloc, wire.Renew, wire.Release, wire.Progress)):  # an ALLOC would replace the lease
-            lease = self.pool.live(msg.transfer_id)
-            if lease is not None and self.producers.owner(lease.producer) != pid:
-                return f"the lease on {msg.transfer_id} belongs to another producer"
-        return ""
 
     def _on_hello(self, msg: wire.Hello) -> wire.Message:
         me = f"consumer {self.address}"
