@@ -85,12 +85,13 @@ class Proxy:
         aggregated = needs_aggregated(body)
         decode, prefill = decision.decode, decision.prefill
         prefill_task: asyncio.Task | None = None
+        prefill_answered = asyncio.Event()
         if prefill is not None:
             was_idle = not self.placement.pending.get(prefill.name)
             prefill_task = asyncio.create_task(run_prefill(
                 self.cfg, self.registry, self.session, prefill, path, prefill_body(body, tid, decode.kv_address,
                                                                       self.cfg.push_key, self.cfg.push_token_ttl_s),
-                headers, trace, decode.kv_address, tid))
+                headers, trace, decode.kv_address, tid, prefill_answered))
             prefill_task.add_done_callback(lambda t: self._prefill_finished(decision, t, was_idle, trace))
             decode_leg = decode_body(body, tid)
             trace.transfer = (decode.kv_address, tid)
@@ -108,6 +109,8 @@ class Proxy:
         outcome: RelayOutcome | None = None
         self.registry.acquire(decode)
         try:
+            if prefill_task is not None:
+                await asyncio.sleep(0)  # the prefill leg goes out first: its KV is what the decode leg waits for
             up = await post(self.session, decode, path, decode_leg, headers, self._first_wait(body))
             if prefill_task is not None and self.cfg.on_prefill_failure == "error" and not (await prefill_task).ok:
                 raise APIError(502, "the prefill instance failed", "upstream_error", code="prefill_failed")
@@ -129,9 +132,10 @@ class Proxy:
                 self._abort_legs(up, prefill_task, decode, tid)
             else:
                 up.release()  # a stream may stop reading at [DONE], before the chunked terminator
-                if prefill_task is not None and not prefill_task.done():
+                if prefill_task is not None and not prefill_task.done() and not prefill_answered.is_set():
                     # The answer is complete (the decode recomputed the prompt): nothing will claim what
-                    # the still-running prefill pushes.
+                    # the still-running prefill pushes. A prefill that already answered is left to finish
+                    # reading its reply, as one that is done: there is nothing left to abort on its node.
                     self._abort_legs(None, prefill_task, decode, tid)
 
     def _prefill_finished(self, decision: Decision, task: asyncio.Task, was_idle: bool, trace: Trace) -> None:
