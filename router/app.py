@@ -64,7 +64,8 @@ def add_admin_routes(app: web.Application, api: web.Application, cfg: RouterConf
         if t.transfer:  # the decode connector's own phases (EXPECTED, RECEIVING, RECEIVED, SCATTERED...)
             address, tid = t.transfer
             out["transfer_id"] = tid
-            out["decode_connector"] = await transfer_trace(address, tid, cfg.health_timeout_s, cfg.kv_cred)
+            out["decode_connector"] = await transfer_trace(api[PROXY].registry.control, address, tid,
+                                                           cfg.health_timeout_s)
         return web.json_response(out)
 
     app.router.add_get("/metrics", metrics)

@@ -69,6 +69,6 @@ async def run_prefill(cfg: RouterConfig, registry: Registry, session: aiohttp.Cl
     if not ok:
         PREFILL_FAILURES.labels(cfg.on_prefill_failure).inc()
         log.warning("prefill leg on %s failed (%s); the decode instance falls back by its load policy", b.name, why)
-        await cancel_transfer(kv_address, transfer_id, cfg.health_timeout_s, cfg.kv_cred)
+        await cancel_transfer(registry.control, kv_address, transfer_id, cfg.health_timeout_s)
     return PrefillResult(ok, time.monotonic() - t0, usage if ok else None)
 

@@ -157,7 +157,8 @@ class Proxy:
             return
 
         async def ask() -> None:
-            got = await transfer_trace(decision.decode.kv_address, tid, self.cfg.health_timeout_s, self.cfg.kv_cred)
+            got = await transfer_trace(self.registry.control, decision.decode.kv_address, tid,
+                                       self.cfg.health_timeout_s)
             ms = (got or {}).get("ms") or {}
             if "RECEIVING" in ms and "RECEIVED" in ms:
                 self.placement.transfer_done(decision, ms["RECEIVED"] - ms["RECEIVING"])
@@ -190,7 +191,7 @@ class Proxy:
         if prefill_task is not None:
             if not prefill_task.done():
                 prefill_task.cancel()
-            task = asyncio.ensure_future(cancel_transfer(decode.kv_address, tid, self.cfg.health_timeout_s,
-                                                         self.cfg.kv_cred))
+            task = asyncio.ensure_future(cancel_transfer(self.registry.control, decode.kv_address, tid,
+                                                         self.cfg.health_timeout_s))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
