@@ -60,7 +60,7 @@ def add_admin_routes(app: web.Application, api: web.Application, cfg: RouterConf
         if t is None:
             return APIError(404, "no such request in the trace history", code="not_found").response()
         out = {"id": t.id, "path": t.path, "events": [{"phase": p, "detail": d, "ms": ms} for p, d, ms in t.events],
-               "placement": t.placement}
+               "placement": [d.explain() for d in t.placement]}
         if t.transfer:  # the decode connector's own phases (EXPECTED, RECEIVING, RECEIVED, SCATTERED...)
             address, tid = t.transfer
             out["transfer_id"] = tid

@@ -169,8 +169,9 @@ class Placement:
         """A short reason for the metrics' label and a sentence for /debug."""
         others = [c for c in cands if (c.prefill is None) != (best.prefill is None)]
         alt = min(others, key=lambda c: c.cost_s) if others else None
-        vs = f"; best {alt.explain()['where']} {alt.cost_s:.4f} s" if alt else ""
-        won = f"{best.explain()['where']} on {best.decode.name}" + (f" via {best.prefill.name}" if best.prefill else "")
+        vs = f"; best {'remote' if alt.prefill else 'local'} {alt.cost_s:.4f} s" if alt else ""
+        won = (f"remote on {best.decode.name} via {best.prefill.name}" if best.prefill
+               else f"local on {best.decode.name}")
         held = best.parts["held_tokens"]
         if forced_local:
             return f"aggregated_{forced_local}", f"{forced_local} needs the prompt's forward pass on the decode node"

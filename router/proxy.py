@@ -57,7 +57,7 @@ class Proxy:
                 if decision is None:
                     break
                 decode = decision.decode
-                trace.placement.append(decision.explain())
+                trace.placement.append(decision)
                 tried.add(decode.name)
                 if attempt:
                     RETRIES.labels("decode").inc()
