@@ -43,6 +43,7 @@ class Proxy:
         self.traces = TraceBook(cfg.trace_history)
         self.admission = Admission(cfg.max_inflight_total, cfg.retry_after_s)
         self._background: set[asyncio.Task] = set()
+        self._asking: set[str] = set()  # decode nodes asked for a transfer's receive time, not answered yet
         self.placement = Placement(cfg.placement, registry, cfg.policy == "prefix_aware")
 
     async def handle(self, request: web.Request, path: str, body: dict) -> web.StreamResponse:
@@ -151,9 +152,12 @@ class Proxy:
 
     def _learn_after(self, decision: Decision, tid: str | None) -> None:
         """A complete answer: the decode node holds the prompt now; a transfer's receive time teaches the link
-        rate (asked of the decode connector in the background, off the request's path)."""
+        rate (asked of the decode connector in the background, off the request's path). One question is in
+        flight per decode node at a time: under load that samples the transfers instead of asking about every
+        one, which cost the router and the connector's I/O thread a round trip per request."""
         self.placement.served(decision)
-        if tid is None or not self.cfg.placement.learn:
+        node = decision.decode.name
+        if tid is None or not self.cfg.placement.learn or node in self._asking:
             return
 
         async def ask() -> None:
@@ -162,9 +166,11 @@ class Proxy:
             ms = (got or {}).get("ms") or {}
             if "RECEIVING" in ms and "RECEIVED" in ms:
                 self.placement.transfer_done(decision, ms["RECEIVED"] - ms["RECEIVING"])
+        self._asking.add(node)
         task = asyncio.ensure_future(ask())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        task.add_done_callback(lambda _: self._asking.discard(node))
 
     def _first_wait(self, body: dict) -> float:
         """A streamed answer starts with its first token; a whole one arrives when generation is done."""
