@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from router.auth import bearer_matches, load_secret
 from router.config import ConfigError, RouterConfig, load_router_config
-from router.metrics import LATENCY, REQUESTS
+from router.metrics import LATENCY, REQUESTS, child
 from router.models_proxy import backend_models
 from router.node_admin import add_node_admin_routes
 from router.openai_errors import APIError, parse_request
@@ -111,8 +111,8 @@ def build_app(cfg: RouterConfig) -> web.Application:
                 status = 413
                 return APIError(413, f"request body exceeds {MAX_BODY} bytes").response()
             finally:
-                REQUESTS.labels(path, str(status)).inc()
-                LATENCY.labels(path).observe(time.perf_counter() - t0)
+                child(REQUESTS, path, str(status)).inc()
+                child(LATENCY, path).observe(time.perf_counter() - t0)
         return handler
 
     async def models(request: web.Request) -> web.Response:

@@ -24,7 +24,7 @@ from router.config import RouterConfig
 from router.decode_relay import RelayOutcome, relay_stream, relay_whole
 from router.failures import UpstreamFailure
 from router.leg_bodies import decode_body, needs_aggregated, prefill_body
-from router.metrics import AGGREGATED, CANCELLED, RETRIES, STREAM_ERRORS, TTFT
+from router.metrics import AGGREGATED, CANCELLED, RETRIES, STREAM_ERRORS, TTFT, child
 from router.openai_errors import APIError
 from router.placement import Decision, Placement
 from router.pool_probe import cancel_transfer, transfer_trace
@@ -120,7 +120,7 @@ class Proxy:
                                              self.cfg.read_timeout_s)
             else:
                 outcome = await relay_whole(up, decode, trace.id, self._first_wait(body))
-            TTFT.labels(path).observe(trace.ms() / 1000)
+            child(TTFT, path).observe(trace.ms() / 1000)
             self._settle(outcome, decode, trace)
             if outcome.complete and outcome.failure is None:
                 self._learn_after(decision, tid if prefill_task is not None else None)

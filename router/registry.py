@@ -24,7 +24,7 @@ from router.admission import AtCapacity
 from router.config import DecodeInstance, Instance, RouterConfig
 from router.control_channel import ControlChannels
 from router.failures import UpstreamFailure
-from router.metrics import DECODE_POOL_FREE, INSTANCE_HEALTHY, INSTANCE_STATE, OUTSTANDING
+from router.metrics import DECODE_POOL_FREE, INSTANCE_HEALTHY, INSTANCE_STATE, OUTSTANDING, child
 from router.pool_probe import pool_free_fraction
 
 log = logging.getLogger("kvbridge.router")
@@ -141,11 +141,11 @@ class Registry:
 
     def acquire(self, b: Backend) -> None:
         b.outstanding += 1
-        OUTSTANDING.labels(b.kind, b.name).set(b.outstanding)
+        child(OUTSTANDING, b.kind, b.name).set(b.outstanding)
 
     def release(self, b: Backend) -> None:
         b.outstanding -= 1
-        OUTSTANDING.labels(b.kind, b.name).set(b.outstanding)
+        child(OUTSTANDING, b.kind, b.name).set(b.outstanding)
 
     def report_failure(self, b: Backend, why: str) -> None:
         """A request to `b` failed through `b`'s fault: suspect at once, down after repeated failures."""
