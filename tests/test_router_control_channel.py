@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import zmq
 
@@ -17,7 +18,12 @@ def connector(port: int, batch: int, stop: threading.Event) -> threading.Thread:
     own transfer id as the state; it binds `port` and serves until `stop`."""
     sock = zmq.Context.instance().socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.bind(f"tcp://127.0.0.1:{port}")
+    for _ in range(100):  # ZMQ closes the previous connector's socket in its I/O thread, a moment later
+        try:
+            sock.bind(f"tcp://127.0.0.1:{port}")
+            break
+        except zmq.ZMQError:
+            time.sleep(0.05)
     auth = Authenticator(None)
 
     def serve() -> None:
