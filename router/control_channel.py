@@ -80,6 +80,12 @@ class ControlChannels:
             channel = self._channels[address] = _Channel(address, self.cred)
         return await channel.ask(msg, timeout_s)
 
+    def drop(self, address: str) -> None:
+        """Close the channel to a connector no node uses any more (its socket would keep reconnecting)."""
+        channel = self._channels.pop(address, None)
+        if channel is not None:
+            channel.close()
+
     def close(self) -> None:
         for channel in self._channels.values():
             channel.close()
