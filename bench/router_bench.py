@@ -1,18 +1,27 @@
 """Router overhead: the same load sent straight to a stub OpenAI backend and through the kvbridge router.
 
 The stub answers at once, so what differs is the router: parsing, picking instances, the prefill leg
-and the decode leg (both to the stub), and relaying the answer. Prints p50/p99 latency at concurrency 1
-and requests/s at concurrency 32, each measured in the same run, median of repeats.
+and the decode leg (both to the stub), and relaying the answer. Each repeat measures p50/p99 latency at
+concurrency 1 and requests/s at concurrency 32, direct then through the router, back to back; the figures
+printed are medians over repeats of each repeat's pair (router minus direct p50, router over direct
+requests/s), so a change in what else the machine runs between repeats cancels out. The router's CPU time
+per request is printed too: unlike the ratios it does not depend on how busy the rest of the machine is.
 
-    python bench/router_bench.py [--requests 2000] [--repeats 3]
+Everything shares this machine's cores: the load generator, the stub (which answers two calls per routed
+request) and the router. Stub and load generator run on uvloop when it is installed, as the router does,
+so that the harness takes as little of the cores as it can from either side.
+
+    python bench/router_bench.py [--requests 2000] [--repeats 5]
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import time
+from typing import Awaitable, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -20,6 +29,9 @@ from aiohttp import web
 from launch.local_servers import LOG_DIR, start_router
 from launch.process_handle import ProcessHandle
 from router.config import RouterConfig
+
+T = TypeVar("T")
+ADDED_P50_TARGET_MS, RATIO_TARGET = 1.0, 0.4  # each routed request is two upstream calls: 0.5 is the ceiling
 
 REPLY = {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": "tiny",
          "choices": [{"index": 0, "text": " hello", "finish_reason": "length", "logprobs": None}],
@@ -49,6 +61,15 @@ def run_pool_stub(port: int) -> None:
     threading.Thread(target=serve, daemon=True).start()
 
 
+def run_loop(coro: Awaitable[T]) -> T:
+    """asyncio.run on uvloop when it is installed (the router uses it too), plain asyncio otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
 def run_stub(port: int) -> None:
     run_pool_stub(port + 1)
     async def completions(_: web.Request) -> web.Response:
@@ -60,7 +81,12 @@ def run_stub(port: int) -> None:
     app = web.Application()
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/health", health)
-    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+    async def serve() -> None:
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        await asyncio.Event().wait()
+    run_loop(serve())
 
 
 async def load(url: str, n: int, concurrency: int) -> tuple[list[float], float]:
@@ -86,11 +112,22 @@ def pct(xs: list[float], p: float) -> float:
     return sorted(xs)[min(len(xs) - 1, int(p * len(xs)))] * 1000
 
 
-async def measure(url: str, n: int) -> dict:
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds the process has used."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def measure(url: str, n: int, pid: int | None = None) -> dict:
+    """Latency at concurrency 1 and requests/s at 32; with `pid`, that process's CPU ms per request at 32."""
     await load(url, 200, 8)  # warm connections
     lat, _ = await load(url, n // 2, 1)
+    cpu0 = cpu_s(pid) if pid else 0.0
     _, rps = await load(url, n, 32)
-    return {"p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99), "rps": rps}
+    out = {"p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99), "rps": rps}
+    if pid:
+        out["cpu_ms"] = (cpu_s(pid) - cpu0) * 1000 / n
+    return out
 
 
 def main() -> None:
@@ -111,19 +148,34 @@ def main() -> None:
     try:
         stub.start()
         stub.wait_ready(30)
-        procs.append(start_router(cfg))
+        router = start_router(cfg)
+        procs.append(router)
         rows = {"direct": [], "router": []}
-        for _ in range(args.repeats):
-            rows["direct"].append(asyncio.run(measure(f"http://127.0.0.1:{stub_port}", args.requests)))
-            rows["router"].append(asyncio.run(measure(f"http://127.0.0.1:{router_port}", args.requests)))
+        for i in range(args.repeats):
+            d = run_loop(measure(f"http://127.0.0.1:{stub_port}", args.requests))
+            r = run_loop(measure(f"http://127.0.0.1:{router_port}", args.requests, router.proc.pid))
+            rows["direct"].append(d)
+            rows["router"].append(r)
+            print(f"repeat {i + 1}: direct p50 {d['p50_ms']:.3f} ms {d['rps']:.0f} req/s | router p50 "
+                  f"{r['p50_ms']:.3f} ms {r['rps']:.0f} req/s, {r['cpu_ms']:.3f} CPU ms/request | adds "
+                  f"{r['p50_ms'] - d['p50_ms']:.3f} ms, ratio {r['rps'] / d['rps']:.2f}", flush=True)
         med = {k: {m: statistics.median(r[m] for r in v) for m in ("p50_ms", "p99_ms", "rps")}
                for k, v in rows.items()}
         for k, v in med.items():
             print(f"{k:7} p50 {v['p50_ms']:.3f} ms  p99 {v['p99_ms']:.3f} ms  {v['rps']:.0f} req/s (32 concurrent)")
-        print(f"router adds p50 {med['router']['p50_ms'] - med['direct']['p50_ms']:.3f} ms, "
-              f"p99 {med['router']['p99_ms'] - med['direct']['p99_ms']:.3f} ms; "
-              f"throughput ratio router/direct {med['router']['rps'] / med['direct']['rps']:.2f} "
-              f"(each routed request makes two upstream calls: prefill leg + decode leg)")
+        pairs = list(zip(rows["direct"], rows["router"]))
+        added = statistics.median(r["p50_ms"] - d["p50_ms"] for d, r in pairs)
+        added99 = statistics.median(r["p99_ms"] - d["p99_ms"] for d, r in pairs)
+        ratio = statistics.median(r["rps"] / d["rps"] for d, r in pairs)
+        cpu = statistics.median(r["cpu_ms"] for r in rows["router"])
+        print(f"router adds p50 {added:.3f} ms (target <= {ADDED_P50_TARGET_MS} ms: "
+              f"{'met' if added <= ADDED_P50_TARGET_MS else 'NOT met'}), p99 {added99:.3f} ms")
+        print(f"throughput ratio router/direct {ratio:.2f} (target >= {RATIO_TARGET}: "
+              f"{'met' if ratio >= RATIO_TARGET else 'NOT met'}; each routed request makes two upstream calls, "
+              f"prefill leg + decode leg, so 0.5 is the ceiling)")
+        print(f"router CPU {cpu:.3f} ms per request at 32 concurrent (on {os.cpu_count()} cores shared with the "
+              f"stub and the load generator)")
+        print("medians over repeats of each repeat's router-vs-direct pair")
     finally:
         for p in procs:
             p.stop()

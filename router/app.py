@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from router.auth import bearer_matches, load_secret
 from router.config import ConfigError, RouterConfig, load_router_config
-from router.metrics import LATENCY, REQUESTS
+from router.metrics import LATENCY, REQUESTS, child
 from router.models_proxy import backend_models
 from router.node_admin import add_node_admin_routes
 from router.openai_errors import APIError, parse_request
@@ -60,11 +60,12 @@ def add_admin_routes(app: web.Application, api: web.Application, cfg: RouterConf
         if t is None:
             return APIError(404, "no such request in the trace history", code="not_found").response()
         out = {"id": t.id, "path": t.path, "events": [{"phase": p, "detail": d, "ms": ms} for p, d, ms in t.events],
-               "placement": t.placement}
+               "placement": [d.explain() for d in t.placement]}
         if t.transfer:  # the decode connector's own phases (EXPECTED, RECEIVING, RECEIVED, SCATTERED...)
             address, tid = t.transfer
             out["transfer_id"] = tid
-            out["decode_connector"] = await transfer_trace(address, tid, cfg.health_timeout_s, cfg.kv_cred)
+            out["decode_connector"] = await transfer_trace(api[PROXY].registry.control, address, tid,
+                                                           cfg.health_timeout_s)
         return web.json_response(out)
 
     app.router.add_get("/metrics", metrics)
@@ -110,8 +111,8 @@ def build_app(cfg: RouterConfig) -> web.Application:
                 status = 413
                 return APIError(413, f"request body exceeds {MAX_BODY} bytes").response()
             finally:
-                REQUESTS.labels(path, str(status)).inc()
-                LATENCY.labels(path).observe(time.perf_counter() - t0)
+                child(REQUESTS, path, str(status)).inc()
+                child(LATENCY, path).observe(time.perf_counter() - t0)
         return handler
 
     async def models(request: web.Request) -> web.Response:

@@ -16,7 +16,7 @@ import aiohttp
 from aiohttp import web
 
 from router.failures import ClientGone, UpstreamFailure
-from router.metrics import ITL
+from router.metrics import ITL, child
 from router.registry import Backend
 from router.upstream import read_all, read_event
 
@@ -97,7 +97,7 @@ async def relay_stream(request: web.Request, up: aiohttp.ClientResponse, b: Back
             raise ClientGone(str(e)) from None
         await write(resp, rewrite_event(first))
         done = first.startswith(DONE)
-        last, itl = time.monotonic(), ITL.labels(request.path)
+        last, itl = time.monotonic(), child(ITL, request.path)
         while not done:
             try:
                 event = await read_event(up, b, read_timeout_s)

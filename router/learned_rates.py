@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from router.metrics import LEARNED_RATE
+from router.metrics import LEARNED_RATE, child
 
 
 @dataclass
@@ -17,14 +17,14 @@ class Ewma:
     samples: int = 0
 
     def __post_init__(self) -> None:
-        LEARNED_RATE.labels(self.name).set(self.value)
+        child(LEARNED_RATE, self.name).set(self.value)
 
     def observe(self, x: float) -> None:
         if x <= 0:
             return
         self.value += self.weight * (x - self.value)
         self.samples += 1
-        LEARNED_RATE.labels(self.name).set(self.value)
+        child(LEARNED_RATE, self.name).set(self.value)
 
 
 class LearnedRates:

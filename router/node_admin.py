@@ -65,6 +65,8 @@ async def drain(proxy: Proxy, name: str, wait: bool) -> dict:
             await asyncio.sleep(DRAIN_POLL_S)
         if b in proxy.registry.backends[b.kind]:
             proxy.registry.backends[b.kind].remove(b)
+            if b.kv_address and all(o.kv_address != b.kv_address for o in proxy.registry.backends["decode"]):
+                proxy.registry.control.drop(b.kv_address)
             proxy.placement.index.forget(b.name)
             log.info("%s %s drained and removed", b.kind, b.name)
     return {"name": b.name, "kind": b.kind, "outstanding": b.outstanding,

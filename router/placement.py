@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, field
 
 from router.learned_rates import LearnedRates
-from router.metrics import PLACEMENT, PLACEMENT_SETTING, PREFIX_HIT_TOKENS
+from router.metrics import PLACEMENT, PLACEMENT_SETTING, PREFIX_HIT_TOKENS, child
 from router.placement_config import Mode, PlacementConfig
 from router.prefix_index import SHARED, PrefixIndex, prompt_text
 from router.registry import Backend, Registry
@@ -84,7 +84,7 @@ class Placement:
     def set_mode(self, mode: Mode) -> None:
         self.mode = mode
         PLACEMENT_SETTING.labels("mode").set(MODE_CODE[mode])
-        PLACEMENT_SETTING.labels("break_even_tokens").set(self.break_even_tokens())
+        child(PLACEMENT_SETTING, "break_even_tokens").set(self.break_even_tokens())
 
     def break_even_tokens(self) -> float:
         """Below this many uncached prompt tokens an idle decode node prefills sooner than a prefill node plus
@@ -118,7 +118,7 @@ class Placement:
         decision.predicted = {n: self.index.held(n, keys) for n in {best.decode.name, SHARED}
                               | ({best.prefill.name} if best.prefill else set())}
         decision.reason, decision.why = self._reason(best, cands, forced_local, bool(prefills))
-        PLACEMENT.labels(decision.where, decision.reason).inc()
+        child(PLACEMENT, decision.where, decision.reason).inc()
         return decision
 
     def _nodes(self, kind: str, exclude: set[str]) -> list[Backend]:
@@ -169,8 +169,9 @@ class Placement:
         """A short reason for the metrics' label and a sentence for /debug."""
         others = [c for c in cands if (c.prefill is None) != (best.prefill is None)]
         alt = min(others, key=lambda c: c.cost_s) if others else None
-        vs = f"; best {alt.explain()['where']} {alt.cost_s:.4f} s" if alt else ""
-        won = f"{best.explain()['where']} on {best.decode.name}" + (f" via {best.prefill.name}" if best.prefill else "")
+        vs = f"; best {'remote' if alt.prefill else 'local'} {alt.cost_s:.4f} s" if alt else ""
+        won = (f"remote on {best.decode.name} via {best.prefill.name}" if best.prefill
+               else f"local on {best.decode.name}")
         held = best.parts["held_tokens"]
         if forced_local:
             return f"aggregated_{forced_local}", f"{forced_local} needs the prompt's forward pass on the decode node"
@@ -221,8 +222,8 @@ class Placement:
                 observed = min(len(d.keys), int(cached * d.chars / prompt_tokens) // self.cfg.chunk_chars)
                 own, shared = d.predicted.get(p.name, 0), d.predicted.get(SHARED, 0) if self.cfg.shared_store else 0
                 predicted = max(own, shared)
-                PREFIX_HIT_TOKENS.labels("predicted").inc(predicted * self.cfg.chunk_chars / self.rates.chars_per_token.value)
-                PREFIX_HIT_TOKENS.labels("reported").inc(cached)
+                child(PREFIX_HIT_TOKENS, "predicted").inc(predicted * self.cfg.chunk_chars / self.rates.chars_per_token.value)
+                child(PREFIX_HIT_TOKENS, "reported").inc(cached)
                 # vLLM and the store hit whole blocks or chunks, and recompute the last token: a hit this
                 # close to the prediction is the prediction
                 slack = math.ceil(self.cfg.reply_slack_tokens * d.chars / prompt_tokens / self.cfg.chunk_chars)
@@ -239,7 +240,7 @@ class Placement:
                         self.rates.request_s.observe(leg_s - miss / self.rates.prefill_tokens_per_s.value)
                     elif leg_s > self.rates.request_s.value:
                         self.rates.prefill_tokens_per_s.observe(miss / (leg_s - self.rates.request_s.value))
-                        PLACEMENT_SETTING.labels("break_even_tokens").set(self.break_even_tokens())
+                        child(PLACEMENT_SETTING, "break_even_tokens").set(self.break_even_tokens())
         self.index.record(p.name, d.keys)
         if self.cfg.shared_store:
             self.index.record(SHARED, d.keys)
@@ -255,7 +256,7 @@ class Placement:
             return
         moved = d.tokens - d.chosen.parts.get("decode_held_tokens", 0.0)
         self.rates.link_bytes_per_s.observe(moved * self.cfg.kv_bytes_per_token / (receive_ms / 1000))
-        PLACEMENT_SETTING.labels("break_even_tokens").set(self.break_even_tokens())
+        child(PLACEMENT_SETTING, "break_even_tokens").set(self.break_even_tokens())
 
     def snapshot(self) -> dict:
         even = self.break_even_tokens()

@@ -6,6 +6,7 @@ then recomputes the prompt itself instead of waiting for KV that will not come.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -44,11 +45,14 @@ def reply_usage(raw: bytes) -> dict | None:
 
 async def run_prefill(cfg: RouterConfig, registry: Registry, session: aiohttp.ClientSession, b: Backend,
                       path: str, body: dict, headers: dict[str, str], trace: Trace, kv_address: str,
-                      transfer_id: str) -> PrefillResult:
+                      transfer_id: str, answered: asyncio.Event) -> PrefillResult:
+    """`answered` is set once the node's reply headers arrived: the node has finished the request (one token,
+    not streamed), so closing the connection would abort nothing there and only lose a pooled connection."""
     t0, usage = time.monotonic(), None
     registry.acquire(b)
     try:
         up = await post(session, b, path, body, headers, cfg.first_byte_timeout_s)
+        answered.set()
         try:
             usage = reply_usage(await read_all(up, b, cfg.first_byte_timeout_s))
         finally:
@@ -65,6 +69,6 @@ async def run_prefill(cfg: RouterConfig, registry: Registry, session: aiohttp.Cl
     if not ok:
         PREFILL_FAILURES.labels(cfg.on_prefill_failure).inc()
         log.warning("prefill leg on %s failed (%s); the decode instance falls back by its load policy", b.name, why)
-        await cancel_transfer(kv_address, transfer_id, cfg.health_timeout_s, cfg.kv_cred)
+        await cancel_transfer(registry.control, kv_address, transfer_id, cfg.health_timeout_s)
     return PrefillResult(ok, time.monotonic() - t0, usage if ok else None)
 

@@ -22,8 +22,9 @@ import aiohttp
 
 from router.admission import AtCapacity
 from router.config import DecodeInstance, Instance, RouterConfig
+from router.control_channel import ControlChannels
 from router.failures import UpstreamFailure
-from router.metrics import DECODE_POOL_FREE, INSTANCE_HEALTHY, INSTANCE_STATE, OUTSTANDING
+from router.metrics import DECODE_POOL_FREE, INSTANCE_HEALTHY, INSTANCE_STATE, OUTSTANDING, child
 from router.pool_probe import pool_free_fraction
 
 log = logging.getLogger("kvbridge.router")
@@ -106,6 +107,7 @@ class Registry:
         self._rr = {k: itertools.count() for k in self.backends}
         self._task: asyncio.Task | None = None
         self._session: aiohttp.ClientSession | None = None
+        self.control = ControlChannels(cfg.kv_cred)  # to the decode connectors, for probes, cancels and traces
 
     async def start(self, session: aiohttp.ClientSession) -> None:
         self._session = session
@@ -115,6 +117,7 @@ class Registry:
     async def stop(self) -> None:
         if self._task:
             self._task.cancel()
+        self.control.close()
 
     def pick(self, kind: str, exclude: set[str] = frozenset()) -> Backend | None:
         """An up instance (a suspect one only when no up one is left), or None when none is alive.
@@ -138,11 +141,11 @@ class Registry:
 
     def acquire(self, b: Backend) -> None:
         b.outstanding += 1
-        OUTSTANDING.labels(b.kind, b.name).set(b.outstanding)
+        child(OUTSTANDING, b.kind, b.name).set(b.outstanding)
 
     def release(self, b: Backend) -> None:
         b.outstanding -= 1
-        OUTSTANDING.labels(b.kind, b.name).set(b.outstanding)
+        child(OUTSTANDING, b.kind, b.name).set(b.outstanding)
 
     def report_failure(self, b: Backend, why: str) -> None:
         """A request to `b` failed through `b`'s fault: suspect at once, down after repeated failures."""
@@ -176,7 +179,7 @@ class Registry:
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             ok, why = False, f"/health failed: {type(e).__name__}"
         if ok and b.kv_address:
-            free = await pool_free_fraction(b.kv_address, self.cfg.health_timeout_s, self.cfg.kv_cred)
+            free = await pool_free_fraction(self.control, b.kv_address, self.cfg.health_timeout_s)
             ok, why = free is not None, "its kvbridge connector does not answer"
             b.pool_free = free if free is not None else 0.0
             DECODE_POOL_FREE.labels(b.name).set(b.pool_free)

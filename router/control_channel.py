@@ -1,0 +1,92 @@
+"""The router's control requests to decode connectors, on one long-lived DEALER socket per connector.
+
+The router asks a connector something on most requests (the transfer's receive time, to learn the link
+rate; a cancel when an answer is not whole) and on every health check. A fresh socket per question
+(transfer/control_request.py) costs a TCP connect, a ZMTP handshake and a teardown each time, which under
+load was a large share of the router's CPU. One socket per address is kept instead: ZMQ reconnects it by
+itself to a connector restarted on the same address, and each reply is matched to its request by the
+nonce the frame carries (transfer/control_auth.py), so many questions can be in flight on it at once.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import zmq
+import zmq.asyncio
+
+from transfer import wire
+from transfer.control_auth import UNSIGNED_NONCE, AuthError, Credential, parse
+
+
+class _Channel:
+    def __init__(self, address: str, cred: Credential) -> None:
+        self.cred = cred
+        self.sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(f"tcp://{address}")
+        self.waiting: dict[bytes, asyncio.Future[bytes]] = {}
+        self.reader: asyncio.Task | None = None
+
+    async def ask(self, msg: wire.Message, timeout_s: float) -> wire.ReplyMessage | None:
+        frame, nonce = self.cred.seal(wire.encode(msg))
+        got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.waiting[nonce] = got
+        if self.reader is None or self.reader.done():
+            self.reader = asyncio.create_task(self._read())
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.sock.send(frame)
+                raw = await got
+            return wire.decode_reply(self.cred.open_reply(raw, nonce))
+        except (TimeoutError, zmq.ZMQError, wire.WireError, AuthError):
+            return None
+        finally:
+            self.waiting.pop(nonce, None)
+
+    async def _read(self) -> None:
+        """Hands each reply to the request that carried its nonce. A refusal (the connector could not open a
+        frame of ours) names no request; every frame here is sealed alike, so each waiting one gets it."""
+        while True:
+            try:
+                raw = await self.sock.recv()
+            except zmq.ZMQError:  # closed
+                return
+            try:
+                nonce = parse(raw)[2]
+            except AuthError:
+                continue
+            waiters = list(self.waiting.values()) if nonce == UNSIGNED_NONCE else [self.waiting.get(nonce)]
+            for w in waiters:
+                if w is not None and not w.done():
+                    w.set_result(raw)
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.cancel()
+        self.sock.close(0)
+
+
+class ControlChannels:
+    """One channel per connector address, opened on first use, signed as `cred`."""
+
+    def __init__(self, cred: Credential) -> None:
+        self.cred = cred
+        self._channels: dict[str, _Channel] = {}
+
+    async def ask(self, address: str, msg: wire.Message, timeout_s: float) -> wire.ReplyMessage | None:
+        """The decoded reply to `msg`, or None when none came in time (or it was not an authentic, valid one)."""
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = _Channel(address, self.cred)
+        return await channel.ask(msg, timeout_s)
+
+    def drop(self, address: str) -> None:
+        """Close the channel to a connector no node uses any more (its socket would keep reconnecting)."""
+        channel = self._channels.pop(address, None)
+        if channel is not None:
+            channel.close()
+
+    def close(self) -> None:
+        for channel in self._channels.values():
+            channel.close()
+        self._channels.clear()
