@@ -23,6 +23,7 @@ class _Channel:
         self.cred = cred
         self.sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.IMMEDIATE, 1)  # no queue for a connector that is down: its questions time out
         self.sock.connect(f"tcp://{address}")
         self.waiting: dict[bytes, asyncio.Future[bytes]] = {}
         self.reader: asyncio.Task | None = None
