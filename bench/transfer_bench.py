@@ -2,10 +2,11 @@
 
 For each size it times one contiguous WRITE (post -> DONE, median of repeats) and a
 single-process memcpy of the same bytes in the same run, and prints the ratio. Every buffer is
-what the engine registers (`zeroed_buffer`: huge pages on the host), the memcpy's included. While
-writes are timed the consumer polls NIXL without pause, as the consumer endpoint does while chunks
-are on their way (a write's completion waits for the receiver's progress once a notification has
-gone over TCP); while memcpy is timed it sleeps. Two
+what the engine registers (`zeroed_buffer`: huge pages on the host), the memcpy's included. Each
+write carries a chunk notice, as the producer's do. Once a notice has gone over TCP (UCX's lane
+for NIXL notifications with peer error handling) the next write completes only after the receiver
+has made progress, so while writes are timed the consumer polls NIXL without pause, as the
+consumer endpoint does while chunks are on their way; while memcpy is timed it sleeps. Two
 extra rows show why kvbridge gathers: a paged-KV workload (csrc gathers blocks into staging,
 then one write per chunk, all chunks in flight; each half also timed alone) and the same bytes
 as 64 KiB descriptors.
@@ -28,6 +29,7 @@ import torch
 
 from pd.block_copy import block_copy_for
 from transfer.nixl_agent import NixlAgent, zeroed_buffer
+from transfer.notice import ChunkNotice
 
 MiB = 1 << 20
 
@@ -66,14 +68,21 @@ def _median_s(fn, repeats: int, device: str) -> float:
     return statistics.median(out)
 
 
+def _notice(chunk: int, nbytes: int) -> bytes:
+    return ChunkNotice(transfer_id="bench-router-id:0123456789abcdef", chunk=chunk, epoch=1,
+                       incarnation="0123456789abcdef0123456789abcdef", nbytes=nbytes, kv_ready_at=time.time()).encode()
+
+
 class _Writer:
     def __init__(self, agent: NixlAgent, local, remote: str, raddr: int, rmem: str, rdev: int) -> None:
         self.agent, self.local, self.remote, self.raddr, self.rmem, self.rdev = agent, local, remote, raddr, rmem, rdev
 
     def write(self, spans: list[list[tuple[int, int, int]]]) -> None:
-        """Post every span list as one request, all in flight at once; wait for all."""
+        """Post every span list as one request, all in flight at once, each with the notice a producer
+        sends after a chunk (it changes when a write completes: see the module docstring); wait for all."""
         handles = [self.agent.write(self.local, [(lo, self.raddr + ro, n) for lo, ro, n in s], self.remote,
-                                    self.rmem, self.rdev, b"") for s in spans]
+                                    self.rmem, self.rdev, _notice(i, sum(n for *_, n in s)))
+                   for i, s in enumerate(spans)]
         pending = list(handles)
         while pending:
             pending = [h for h in pending if self.agent.poll(h) == "PROC"]
