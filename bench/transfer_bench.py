@@ -1,34 +1,52 @@
 """Transfer benchmark: producer and consumer as two processes on 127.0.0.1, real NIXL.
 
 For each size it times one contiguous WRITE (post -> DONE, median of repeats) and a
-single-process memcpy of the same bytes in the same run, and prints the ratio. Two
+single-process memcpy of the same bytes in the same run, and prints the ratio. Every buffer is
+what the engine registers (`zeroed_buffer`: huge pages on the host), the memcpy's included. Each
+write carries a chunk notice, as the producer's do. Once a notice has gone over TCP (UCX's lane
+for NIXL notifications with peer error handling) the next write completes only after the receiver
+has made progress, so while writes are timed the consumer polls NIXL without pause, as the
+consumer endpoint does while chunks are on their way; while memcpy is timed it sleeps. Two
 extra rows show why kvbridge gathers: a paged-KV workload (csrc gathers blocks into staging,
 then one write per chunk, all chunks in flight; each half also timed alone) and the same bytes
 as 64 KiB descriptors.
 
     python -m bench.transfer_bench [--device cuda] [--repeats 7] [--json] [--max-mib 256] [--desc-mib 16]
+
+With --json, stdout carries the JSON alone: everything else written to it (NIXL's and UCX's own log
+lines, from Python or native code, in either process) goes to stderr.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import multiprocessing as mp
+import os
 import statistics
 import time
 
 import torch
 
 from pd.block_copy import block_copy_for
-from transfer.nixl_agent import NixlAgent
+from transfer.nixl_agent import NixlAgent, zeroed_buffer
+from transfer.notice import ChunkNotice
 
 MiB = 1 << 20
 
 
 def _consumer(conn, nbytes: int, device: str) -> None:
+    """Registers the destination and drives UCX progress: without pause while told 'receiving' (as the
+    consumer endpoint does while chunks are on their way), in 1 ms sleeps while told 'idle'."""
     agent = NixlAgent("bench-consumer")
-    region = agent.register(torch.zeros(nbytes, dtype=torch.uint8, device=device))
+    region = agent.register(zeroed_buffer(nbytes, device))
     conn.send((agent.metadata(), region.addr, region.mem_type, region.dev_id))
-    while not conn.poll(0.001):  # the receiver drives UCX progress, as the consumer endpoint does
+    receiving = False
+    while True:
+        if conn.poll(0 if receiving else 0.001):
+            msg = conn.recv()
+            if msg == "done":
+                break
+            receiving = msg == "receiving"
         agent.notifications()
     agent.deregister(region)
 
@@ -50,14 +68,21 @@ def _median_s(fn, repeats: int, device: str) -> float:
     return statistics.median(out)
 
 
+def _notice(chunk: int, nbytes: int) -> bytes:
+    return ChunkNotice(transfer_id="bench-router-id:0123456789abcdef", chunk=chunk, epoch=1,
+                       incarnation="0123456789abcdef0123456789abcdef", nbytes=nbytes, kv_ready_at=time.time()).encode()
+
+
 class _Writer:
     def __init__(self, agent: NixlAgent, local, remote: str, raddr: int, rmem: str, rdev: int) -> None:
         self.agent, self.local, self.remote, self.raddr, self.rmem, self.rdev = agent, local, remote, raddr, rmem, rdev
 
     def write(self, spans: list[list[tuple[int, int, int]]]) -> None:
-        """Post every span list as one request, all in flight at once; wait for all."""
+        """Post every span list as one request, all in flight at once, each with the notice a producer
+        sends after a chunk (it changes when a write completes: see the module docstring); wait for all."""
         handles = [self.agent.write(self.local, [(lo, self.raddr + ro, n) for lo, ro, n in s], self.remote,
-                                    self.rmem, self.rdev, b"") for s in spans]
+                                    self.rmem, self.rdev, _notice(i, sum(n for *_, n in s)))
+                   for i, s in enumerate(spans)]
         pending = list(handles)
         while pending:
             pending = [h for h in pending if self.agent.poll(h) == "PROC"]
@@ -77,24 +102,31 @@ def _paged_workload(device: str):
 def run(device: str, repeats: int, max_mib: int = 256, desc_mib: int = 16) -> list[dict]:
     ctx = mp.get_context("spawn")
     conn, child = ctx.Pipe()
-    sizes = [s * MiB for s in (1, 16, 256, 512, 1024) if s <= max_mib]
+    sizes = [s * MiB for s in (1, 16, 64, 256, 512, 1024) if s <= max_mib]
     total = max(sizes + [desc_mib * MiB, 64 * MiB])  # 64 MiB: the paged workload below
     proc = ctx.Process(target=_consumer, args=(child, total, device), daemon=True)
     proc.start()
     meta, raddr, rmem, rdev = conn.recv()
     agent = NixlAgent("bench-producer")
-    src = torch.randint(0, 256, (total,), dtype=torch.uint8, device=device)
+    src = zeroed_buffer(total, device).random_(0, 256)
     local = agent.register(src)
     w = _Writer(agent, local, agent.add_remote(meta), raddr, rmem, rdev)
-    dst = torch.empty_like(src)
+    dst = zeroed_buffer(total, device)
     rows = []
+
+    def nixl_s(fn) -> float:
+        conn.send("receiving")
+        try:
+            return _median_s(fn, repeats, device)
+        finally:
+            conn.send("idle")
     for size in sizes:
-        t_nixl = _median_s(lambda: w.write([[(0, 0, size)]]), repeats, device)
+        t_nixl = nixl_s(lambda: w.write([[(0, 0, size)]]))
         t_copy = _median_s(lambda: dst[:size].copy_(src[:size]), repeats, device)
         rows.append(_row(f"contiguous {size // MiB} MiB", size, t_nixl, t_copy,
                          _copy_1t(dst, src, size, repeats, device)))
     size, piece = desc_mib * MiB, 64 * 1024
-    t_desc = _median_s(lambda: w.write([[(o, o, piece) for o in range(0, size, piece)]]), repeats, device)
+    t_desc = nixl_s(lambda: w.write([[(o, o, piece) for o in range(0, size, piece)]]))
     t_copy = _median_s(lambda: dst[:size].copy_(src[:size]), repeats, device)
     rows.append(_row(f"{desc_mib} MiB as {size // piece} x 64 KiB descriptors", size, t_desc, t_copy,
                      _copy_1t(dst, src, size, repeats, device)))
@@ -116,11 +148,12 @@ def run(device: str, repeats: int, max_mib: int = 256, desc_mib: int = 16) -> li
         _sync(device)
         return spans
     spans = gather()
-    for name, fn in ((f"paged KV {nbytes // MiB} MiB: csrc gather only", gather),
-                     (f"paged KV {nbytes // MiB} MiB: {len(spans)} chunk writes only", lambda: w.write(spans)),
-                     (f"paged KV {nbytes // MiB} MiB: gather + {len(spans)} chunk writes",
-                      lambda: w.write(gather()))):
-        t = _median_s(fn, repeats, device)
+    for name, fn, writes in ((f"paged KV {nbytes // MiB} MiB: csrc gather only", gather, False),
+                             (f"paged KV {nbytes // MiB} MiB: {len(spans)} chunk writes only",
+                              lambda: w.write(spans), True),
+                             (f"paged KV {nbytes // MiB} MiB: gather + {len(spans)} chunk writes",
+                              lambda: w.write(gather()), True)):
+        t = nixl_s(fn) if writes else _median_s(fn, repeats, device)
         t_copy = _median_s(lambda: dst[:nbytes].copy_(src[:nbytes]), repeats, device)
         rows.append(_row(name, nbytes, t, t_copy, _copy_1t(dst, src, nbytes, repeats, device)))
     conn.send("done")
@@ -153,10 +186,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-mib", type=int, default=256, help="largest contiguous write (1, 16, 256, 512, 1024)")
     ap.add_argument("--desc-mib", type=int, default=16, help="bytes moved as 64 KiB descriptors")
     args = ap.parse_args(argv)
-    rows = run(args.device, args.repeats, args.max_mib, args.desc_mib)
     if args.json:
-        print(json.dumps(rows, indent=1))
+        result = os.fdopen(os.dup(1), "w")
+        os.dup2(2, 1)  # before any agent exists: native logs, and the consumer process, inherit stderr as fd 1
+        rows = run(args.device, args.repeats, args.max_mib, args.desc_mib)
+        result.write(json.dumps(rows, indent=1) + "\n")
+        result.close()
         return
+    rows = run(args.device, args.repeats, args.max_mib, args.desc_mib)
     print(f"{'case':58} {'GB/s':>7} {'memcpy':>7} {'ratio':>6} {'memcpy1t':>8} {'ratio1t':>7}")
     for r in rows:
         print(f"{r['case']:58} {r['gb_s']:7.2f} {r['memcpy_gb_s']:7.2f} {r['ratio']:6.2f} "

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from transfer.host_buffer import huge_page_buffer
+
 try:
     from nixl._api import nixl_agent, nixl_agent_config
 except ImportError:  # the CUDA-12 / CUDA-13 wheels install their module under these names
@@ -68,9 +70,12 @@ def mem_type_of(t: torch.Tensor) -> tuple[str, int]:
 
 def zeroed_buffer(nbytes: int, device: str) -> torch.Tensor:
     """A zeroed byte buffer to register: on `device` ('cpu', 'cuda:0'), or 'pinned' host memory, which a
-    GPU's copy kernels reach directly and which takes no GPU memory (plain host memory without a GPU)."""
-    if device == "pinned":
-        return torch.zeros(nbytes, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+    GPU's copy kernels reach directly and which takes no GPU memory (plain host memory without a GPU).
+    Plain host memory is on huge pages (host_buffer.py: a local write is a page-by-page kernel copy)."""
+    if device == "pinned" and torch.cuda.is_available():
+        return torch.zeros(nbytes, dtype=torch.uint8, pin_memory=True)
+    if device == "pinned" or torch.device(device).type == "cpu":
+        return huge_page_buffer(nbytes)
     return torch.zeros(nbytes, dtype=torch.uint8, device=device)
 
 

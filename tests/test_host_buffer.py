@@ -1,0 +1,60 @@
+"""Registered host buffers (transfer/host_buffer.py): zeroed, the exact size, on a 2 MiB boundary, on huge
+pages where the kernel offers them to a process that asks, and unmapped once the last view goes."""
+from __future__ import annotations
+
+import gc
+import re
+
+import pytest
+import torch
+
+from transfer.host_buffer import HUGE_PAGE, huge_page_buffer
+from transfer.nixl_agent import zeroed_buffer
+
+
+def _vm_size_kb() -> int:
+    return int(re.search(r"VmSize:\s+(\d+)", open("/proc/self/status").read()).group(1))
+
+
+def _huge_kb_of(addr: int) -> int:
+    """AnonHugePages of the mapping that holds `addr`."""
+    smaps = open("/proc/self/smaps").read()
+    for m in re.finditer(r"^([0-9a-f]+)-([0-9a-f]+) .*?AnonHugePages:\s+(\d+) kB", smaps, re.M | re.S):
+        if int(m.group(1), 16) <= addr < int(m.group(2), 16):
+            return int(m.group(3))
+    return 0
+
+
+def test_buffer_is_zeroed_exact_and_aligned():
+    buf = huge_page_buffer(3 * HUGE_PAGE + 12345)
+    assert buf.dtype == torch.uint8 and buf.numel() == 3 * HUGE_PAGE + 12345
+    assert buf.data_ptr() % HUGE_PAGE == 0
+    assert int(buf.count_nonzero()) == 0
+
+
+def test_buffer_is_on_huge_pages_where_the_kernel_allows():
+    mode = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    if "[never]" in mode:
+        pytest.skip("transparent huge pages are off on this machine")
+    buf = huge_page_buffer(8 * HUGE_PAGE)
+    assert _huge_kb_of(buf.data_ptr()) >= 2048  # at least one 2 MiB page (all 8 unless memory is fragmented)
+
+
+def test_a_view_keeps_the_mapping_and_the_last_one_frees_it():
+    huge_page_buffer(HUGE_PAGE)
+    gc.collect()
+    before = _vm_size_kb()
+    view = huge_page_buffer(64 * HUGE_PAGE)[10:20]
+    gc.collect()
+    view.fill_(7)  # the whole buffer's name is gone: the view still owns live memory
+    assert int(view.sum()) == 70
+    del view
+    gc.collect()
+    assert _vm_size_kb() <= before
+
+
+def test_host_devices_get_huge_page_buffers():
+    for device in ("cpu", "pinned") if not torch.cuda.is_available() else ("cpu",):
+        assert zeroed_buffer(HUGE_PAGE + 1, device).data_ptr() % HUGE_PAGE == 0
+    with pytest.raises(ValueError, match="positive size"):
+        huge_page_buffer(0)
