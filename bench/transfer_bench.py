@@ -28,6 +28,7 @@ import time
 import torch
 
 from pd.block_copy import block_copy_for
+from transfer.consumer_endpoint import ConsumerSettings
 from transfer.nixl_agent import NixlAgent, zeroed_buffer
 from transfer.notice import ChunkNotice
 
@@ -35,8 +36,8 @@ MiB = 1 << 20
 
 
 def _consumer(conn, nbytes: int, device: str) -> None:
-    """Registers the destination and drives UCX progress: without pause while told 'receiving' (as the
-    consumer endpoint does while chunks are on their way), in 1 ms sleeps while told 'idle'."""
+    """Registers the destination and drives UCX progress as the consumer endpoint does: every busy_poll_s
+    while told 'receiving' (chunks on their way), in 1 ms sleeps while told 'idle'."""
     agent = NixlAgent("bench-consumer")
     region = agent.register(zeroed_buffer(nbytes, device))
     conn.send((agent.metadata(), region.addr, region.mem_type, region.dev_id))
@@ -47,6 +48,8 @@ def _consumer(conn, nbytes: int, device: str) -> None:
             if msg == "done":
                 break
             receiving = msg == "receiving"
+        if receiving:
+            time.sleep(ConsumerSettings.busy_poll_s)
         agent.notifications()
     agent.deregister(region)
 

@@ -1,6 +1,7 @@
 """Transfer engine + handshake with real NIXL between two processes."""
 from __future__ import annotations
 
+import os
 import time
 import zlib
 
@@ -269,3 +270,26 @@ def test_a_taken_listen_port_is_a_config_error_naming_the_rank_and_the_rule():
             ConsumerEndpoint(LAYOUT, ConsumerSettings(chunk_tokens=CHUNK_TOKENS, num_slots=2, port=port))
     finally:
         holder.close(0)
+
+
+def _cpu_s(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def test_a_consumer_waiting_for_chunks_polls_without_spinning_a_core():
+    """A granted lease whose chunks have not come yet makes the endpoint poll fast (every busy_poll_s), not
+    spin: on a 2-core node a spinning thread takes a core from the decode's own compute."""
+    c = ConsumerProcess(LAYOUT, chunk_tokens=CHUNK_TOKENS, num_slots=4)
+    p = make_producer("slow-to-write")
+    try:
+        p.link(c.address).alloc(spec("w-1", 2), 30.0)  # granted; nothing is written
+        assert c.call("stats").used == 2
+        t0, cpu0 = time.monotonic(), _cpu_s(c.proc.pid)
+        time.sleep(2.0)
+        busy = (_cpu_s(c.proc.pid) - cpu0) / (time.monotonic() - t0)
+        assert busy < 0.5, f"the consumer process used {busy:.2f} of a core while waiting for chunks"
+        p.link(c.address).release("w-1", 1)
+    finally:
+        p.close()
+        c.stop()

@@ -131,10 +131,13 @@ class ConsumerEndpoint:
     def _run(self) -> None:
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
-        busy_ms, idle_ms = self.cfg.busy_poll_s * 1000, self.cfg.idle_poll_s * 1000
+        idle_ms = self.cfg.idle_poll_s * 1000
         while not self._stop.is_set():
             busy = self.book.settle() or self.pool.receiving()  # a scatter still reading a slot: poll fast
-            events = dict(poller.poll(busy_ms if busy else idle_ms))
+            # ZMQ's poll counts whole milliseconds (0.5 would be 0: a spin), so a fast poll looks, then sleeps
+            events = dict(poller.poll(0 if busy else idle_ms))
+            if busy and not events:
+                time.sleep(self.cfg.busy_poll_s)
             if self._sock in events:
                 self._drain_socket()
             self._pump_notifications()
