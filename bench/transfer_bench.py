@@ -36,21 +36,23 @@ MiB = 1 << 20
 
 
 def _consumer(conn, nbytes: int, device: str) -> None:
-    """Registers the destination and drives UCX progress as the consumer endpoint does: every busy_poll_s
-    while told 'receiving' (chunks on their way), in 1 ms sleeps while told 'idle'."""
+    """Registers the destination and drives UCX progress as the consumer endpoint does while told
+    'receiving' (chunks on their way): without pause for spin_s after a chunk landed, else every
+    busy_poll_s; in 1 ms sleeps while told 'idle'."""
     agent = NixlAgent("bench-consumer")
     region = agent.register(zeroed_buffer(nbytes, device))
     conn.send((agent.metadata(), region.addr, region.mem_type, region.dev_id))
-    receiving = False
+    receiving, spin_until = False, 0.0
     while True:
         if conn.poll(0 if receiving else 0.001):
             msg = conn.recv()
             if msg == "done":
                 break
             receiving = msg == "receiving"
-        if receiving:
+        if receiving and time.monotonic() > spin_until:
             time.sleep(ConsumerSettings.busy_poll_s)
-        agent.notifications()
+        if agent.notifications():
+            spin_until = time.monotonic() + ConsumerSettings.spin_s
     agent.deregister(region)
 
 

@@ -55,6 +55,7 @@ class ConsumerSettings:
     expect_wait_s: float = 0.0  # >0: an ALLOC before its decode request waits this long to learn the held chunks
     window_slots: int = 0  # most slots one transfer holds (larger ones stream through them); 0: the whole pool
     busy_poll_s: float = 0.0005
+    spin_s: float = 0.02  # after a chunk landed, poll without pause this long (the next one completes sooner)
     idle_poll_s: float = 0.05
 
 
@@ -131,16 +132,19 @@ class ConsumerEndpoint:
     def _run(self) -> None:
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
-        idle_ms = self.cfg.idle_poll_s * 1000
+        idle_ms, spin_until = self.cfg.idle_poll_s * 1000, 0.0
         while not self._stop.is_set():
             busy = self.book.settle() or self.pool.receiving()  # a scatter still reading a slot: poll fast
-            # ZMQ's poll counts whole milliseconds (0.5 would be 0: a spin), so a fast poll looks, then sleeps
+            # ZMQ's poll counts whole milliseconds (0.5 would be 0), so a fast poll looks, then sleeps —
+            # except right after chunks landed: a write completes only as this thread drives NIXL, so while
+            # chunks stream it spins (spin_s), and a lease waiting on a prefill's forward costs no core
             events = dict(poller.poll(0 if busy else idle_ms))
-            if busy and not events:
+            if busy and not events and time.monotonic() > spin_until:
                 time.sleep(self.cfg.busy_poll_s)
             if self._sock in events:
                 self._drain_socket()
-            self._pump_notifications()
+            if self._pump_notifications():
+                spin_until = time.monotonic() + self.cfg.spin_s
 
     def _drain_socket(self) -> None:
         while True:
@@ -257,7 +261,8 @@ class ConsumerEndpoint:
             return wire.TransferTrace(found=False)
         return wire.TransferTrace(found=True, state=t["state"], reason=t["reason"], ms=t["ms"])
 
-    def _pump_notifications(self) -> None:
+    def _pump_notifications(self) -> bool:
+        """Accept the chunk notices NIXL delivered; whether any chunk landed."""
         got = False
         for sender, msgs in self.agent.notifications().items():
             for raw in msgs:
@@ -285,3 +290,4 @@ class ConsumerEndpoint:
             with self._arrived:
                 self.arrivals += 1
                 self._arrived.notify_all()
+        return got
