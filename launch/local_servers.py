@@ -6,6 +6,7 @@ core 1 while everything else computes on core 0 (two nodes' worth of cores on a 
 """
 from __future__ import annotations
 
+import random
 import socket
 from pathlib import Path
 from typing import Literal, Sequence
@@ -22,17 +23,28 @@ LOG_DIR = ROOT / ".kvbridge" / "logs"
 SERVED_MODEL = "tiny"
 
 
+_PICK = random.SystemRandom()  # not the global generator, which a test may seed
+
+
 def free_port(span: int = 1) -> int:
-    """A port nothing listens on right now (the OS picks it), for servers started side by side; with
-    `span` > 1, the first of that many free ports in a row (a decode node with TP ranks listens on
-    port + rank)."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-            if port + span <= 65536 and all(_free(p) for p in range(port + 1, port + span)):
-                return port
-    raise RuntimeError(f"no {span} free ports in a row on 127.0.0.1")
+    """A port nothing listens on right now, for servers started side by side; with `span` > 1, the first of
+    that many free ports in a row (a decode node with TP ranks listens on port + rank). Chosen below the
+    kernel's ephemeral range: a server binds its port seconds after it was chosen, and a port from that range
+    can meanwhile become the local end of some outgoing connection (a decode node once failed to start so)."""
+    low = _ephemeral_low()
+    top = low if low > 10000 + span else 65536  # a kernel whose ephemeral range starts low: any port then
+    for _ in range(200):
+        port = _PICK.randrange(10000, top - span)
+        if all(_free(p) for p in range(port, port + span)):
+            return port
+    raise RuntimeError(f"no {span} free ports in a row on 127.0.0.1 below {low}")
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def _free(port: int) -> bool:
