@@ -142,6 +142,9 @@ class SchedulerSide:
         self._store_hits: dict[str, tuple[list[str], int, int]] = {}
         # req_id -> (chunk keys, chunks held): asked once per request; vLLM asks again every step it waits
         self._store_answers: dict[str, tuple[list[str], int]] = {}
+        # requests whose chunks were loaded from the store once: vLLM asks again after a failed load, and the
+        # same answer would load the same missing chunk again, forever; such a request computes its prompt
+        self._store_loaded: set[str] = set()
         self._lookup_times: list[tuple[str, float]] = []
         self._loading: set[str] = set()
         self._received: set[str] = set()
@@ -180,7 +183,7 @@ class SchedulerSide:
             log.info("store lookups go to %s", ", ".join(c.address for c in self._lookups.clients))
 
     def _store_match(self, request: Any, num_computed_tokens: int) -> int | None:
-        if not storable(request):
+        if not storable(request) or request.request_id in self._store_loaded:
             return 0
         t0 = time.perf_counter()
         prompt = request.prompt_token_ids or ()
@@ -213,6 +216,7 @@ class SchedulerSide:
                 self._new_store_loads.append(StoreLoadTask(rid, keys[first:last], first,
                                                            list(blocks.get_block_ids()[0]), local // self.block_size))
                 self._loading.add(rid)
+                self._store_loaded.add(rid)
             push = p is not None and p.push_to is not None and self._push_allowed(rid, p)
             if push or held < len(keys):
                 prompt = list(request.prompt_token_ids or ())
@@ -242,6 +246,7 @@ class SchedulerSide:
         self._new_loads, self._new_store_loads, self._aborts, self._discards = [], [], [], []
         for rid in out.preempted_req_ids or ():
             self._store_answers.pop(rid, None)  # its chunks may be stored by now: ask again when rescheduled
+            self._store_loaded.discard(rid)  # it ran, so its load (if any) succeeded
             if self._outgoing.pop(rid, None) is not None:
                 meta.aborts.append(rid)  # this attempt's push ends; the rescheduled request pushes anew
                 self._attempts[rid] = self._attempts.get(rid, 0) + 1
@@ -276,6 +281,7 @@ class SchedulerSide:
         self._received.discard(rid)
         self._store_hits.pop(rid, None)
         self._store_answers.pop(rid, None)
+        self._store_loaded.discard(rid)
         if self._lookups is not None:
             self._lookups.forget(rid)
         self._attempts.pop(rid, None)

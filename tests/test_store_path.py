@@ -5,11 +5,15 @@ from __future__ import annotations
 import os
 import signal
 import time
+from types import SimpleNamespace
 
 import torch
 
 from launch.redis_server import RedisServer
+from pd.scheduler_side import SchedulerSide
+from pd.store_lookup import StoreLookups
 from storage.arena import Arena
+from storage.chunk_keys import chain_seed, chunk_keys
 from storage.memory_tier import MemoryTier
 from storage.redis_tier import RedisTier
 from storage.tiered_store import TieredStore
@@ -95,37 +99,55 @@ def test_lookup_answers_miss_within_budget_while_redis_is_stopped():
         server.stop()
 
 
-def test_the_scheduler_asks_once_per_request_and_forgets_it_when_it_finishes():
-    from types import SimpleNamespace
+class HeldClient:
+    """A lookup client whose worker holds the prompt's first two chunks of 4 tokens; counts its questions."""
+    chunk_tokens, asked = 4, 0
 
-    from pd.scheduler_side import SchedulerSide
-    from pd.store_lookup import StoreLookups
-    from storage.chunk_keys import chain_seed, chunk_keys
+    def keys(self, tokens: list[int]) -> list[str]:
+        return chunk_keys(tokens, 4, chain_seed("x"))
 
-    class Client:
-        chunk_tokens, asked = 4, 0
+    def ask(self, keys: list[str]) -> int:
+        self.asked += 1
+        return self.asked
 
-        def keys(self, tokens: list[int]) -> list[str]:
-            return chunk_keys(tokens, 4, chain_seed("x"))
+    def answer(self, lookup: int, wait_s: float) -> int | None:
+        return 2
 
-        def ask(self, keys: list[str]) -> int:
-            self.asked += 1
-            return self.asked
+    def forget(self, lookup: int) -> None:
+        pass
 
-        def answer(self, lookup: int, wait_s: float) -> int | None:
-            return 2
 
-        def forget(self, lookup: int) -> None:
-            pass
-
+def store_scheduler() -> tuple[SchedulerSide, HeldClient]:
     side = SchedulerSide(block_size=4, is_producer=True, is_consumer=False, store_lookup_timeout_s=1.0)
-    side._lookups = StoreLookups([client := Client()], 1.0)
+    side._lookups = StoreLookups([client := HeldClient()], 1.0)
+    return side, client
+
+
+def test_the_scheduler_asks_once_per_request_and_forgets_it_when_it_finishes():
+    side, client = store_scheduler()
     req = SimpleNamespace(request_id="r1", prompt_token_ids=list(range(13)), kv_transfer_params=None)
     assert [side.get_num_new_matched_tokens(req, computed) for computed in (0, 0, 4, 0, 8)] == \
         [(8, True), (8, True), (4, True), (8, True), (0, False)]   # loaded asynchronously; once loaded, nothing
     assert client.asked == 1, "later steps of a waiting request must not ask the worker again"
     side.request_finished(req, [])
     assert side.get_num_new_matched_tokens(req, 0) == (8, True) and client.asked == 2
+
+
+def test_a_request_whose_store_load_failed_computes_its_prompt_instead_of_loading_again():
+    """vLLM asks again after a failed load (the chunk was cleared or evicted between lookup and load); the
+    store's index may still list it, and answering the same hit again loaded the same missing chunk again,
+    forever (16 000 reschedules a request in one whole-suite run, the client waiting until it gave up)."""
+    side, client = store_scheduler()
+    req = SimpleNamespace(request_id="r1", prompt_token_ids=list(range(13)), kv_transfer_params=None)
+    assert side.get_num_new_matched_tokens(req, 0) == (8, True)
+    side.update_state_after_alloc(req, SimpleNamespace(get_block_ids=lambda: ([0, 1, 2, 3],)), 8)
+    assert [t.keys for t in side.build_connector_meta(SimpleNamespace(
+        total_num_scheduled_tokens=0, preempted_req_ids=(), scheduled_new_reqs=[],
+        scheduled_cached_reqs=SimpleNamespace(req_ids=[]))).store_loads] == [client.keys(list(range(13)))[:2]]
+    assert side.get_num_new_matched_tokens(req, 0) == (0, False), "the failed load's request computes its prompt"
+    side.request_finished(req, [])
+    assert side.get_num_new_matched_tokens(req, 0) == (8, True), "a later request with that id may load again"
+
 
 
 def test_a_slot_whose_device_copy_is_still_queued_is_not_read():
