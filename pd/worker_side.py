@@ -7,7 +7,8 @@ whole chunk is also kept there; chunks the scheduler found in the store load asy
 receive; one that went missing is reported as a load error and recomputed).
 Consumer: each step checks its expected transfers; a complete one is verified, scattered into the blocks
 vLLM allocated and its slots released (a windowed one chunk by chunk as it lands: pd/lease_scatter.py); one
-that expires (no sign of life for `load_timeout_s`) or fails is reported as a failed receive, and vLLM's
+that expires (no sign of life for `load_timeout_s`, or none `no_show_s` after the router said its prefill
+answered) or fails is reported as a failed receive, and vLLM's
 `kv_load_failure_policy` (recompute | fail) decides what the request sees.
 """
 from __future__ import annotations
@@ -237,8 +238,12 @@ class WorkerSide:
             if arrival == Arrival.ENDED:
                 self._finish_load(rid, State.FAILED, reason)
             elif arrival == Arrival.WAITING:  # a queued prefill or an ALLOC waiting for slots is a sign too
-                if now - max(ld.last_sign, book.last_sign(ld.task.spec.key)) > self.cfg.load_timeout_s:
+                sign, answered = book.last_sign(ld.task.spec.key), book.answered_at(ld.task.spec.key)
+                if now - max(ld.last_sign, sign) > self.cfg.load_timeout_s:
                     self._finish_load(rid, State.EXPIRED, f"no sign of the transfer for {self.cfg.load_timeout_s}s")
+                elif answered > sign and now - answered > self.cfg.no_show_s:
+                    self._finish_load(rid, State.EXPIRED, f"its prefill node answered {now - answered:.1f}s ago "
+                                      "and its producer never reached this node")
             else:
                 ld.last_sign = now
                 if ld.t.state == State.EXPECTED:

@@ -32,8 +32,7 @@ class _Channel:
         frame, nonce = self.cred.seal(wire.encode(msg))
         got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self.waiting[nonce] = got
-        if self.reader is None or self.reader.done():
-            self.reader = asyncio.create_task(self._read())
+        self._keep_reading()
         try:
             async with asyncio.timeout(timeout_s):
                 await self.sock.send(frame)
@@ -43,6 +42,22 @@ class _Channel:
             return None
         finally:
             self.waiting.pop(nonce, None)
+
+    async def tell(self, msg: wire.Message, timeout_s: float) -> bool:
+        """Send `msg` without waiting for its reply (read and dropped when it comes); False when it could not
+        be handed to a connection within `timeout_s` (the connector is down)."""
+        frame, _ = self.cred.seal(wire.encode(msg))
+        self._keep_reading()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.sock.send(frame)
+            return True
+        except (TimeoutError, zmq.ZMQError):
+            return False
+
+    def _keep_reading(self) -> None:
+        if self.reader is None or self.reader.done():
+            self.reader = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
         """Hands each reply to the request that carried its nonce. A refusal (the connector could not open a
@@ -76,10 +91,17 @@ class ControlChannels:
 
     async def ask(self, address: str, msg: wire.Message, timeout_s: float) -> wire.ReplyMessage | None:
         """The decoded reply to `msg`, or None when none came in time (or it was not an authentic, valid one)."""
+        return await self._channel(address).ask(msg, timeout_s)
+
+    async def tell(self, address: str, msg: wire.Message, timeout_s: float) -> bool:
+        """`msg` sent without waiting for the connector's reply (see `_Channel.tell`)."""
+        return await self._channel(address).tell(msg, timeout_s)
+
+    def _channel(self, address: str) -> _Channel:
         channel = self._channels.get(address)
         if channel is None:
             channel = self._channels[address] = _Channel(address, self.cred)
-        return await channel.ask(msg, timeout_s)
+        return channel
 
     def drop(self, address: str) -> None:
         """Close the channel to a connector no node uses any more (its socket would keep reconnecting)."""

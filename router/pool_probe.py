@@ -1,5 +1,6 @@
 """The router's control messages to a decode connector (no NIXL involved): `stats`, to prefer decode
-instances with room; `cancel`, to free a transfer whose request is gone; `trace`, for /debug/requests.
+instances with room; `cancel`, to free a transfer whose request is gone; `prefill_answered`, so a transfer whose producer cannot
+reach the connector is given up early; `trace`, for /debug/requests.
 They travel on the router's long-lived channels (router/control_channel.py)."""
 from __future__ import annotations
 
@@ -15,6 +16,12 @@ async def pool_free_fraction(control: ControlChannels, address: str, timeout_s: 
 
 async def cancel_transfer(control: ControlChannels, address: str, transfer_id: str, timeout_s: float) -> bool:
     return await control.ask(address, wire.Cancel(rid=1, transfer_id=transfer_id), timeout_s) is not None
+
+
+async def prefill_answered(control: ControlChannels, address: str, transfer_id: str, timeout_s: float) -> bool:
+    """Tell the decode connector the prefill node answered: a producer it has not heard from by then cannot
+    reach it, and its request stops waiting after the connector's `no_show_s` instead of `load_timeout_s`."""
+    return await control.tell(address, wire.PrefillAnswered(rid=1, transfer_id=transfer_id), timeout_s)
 
 
 async def transfer_trace(control: ControlChannels, address: str, transfer_id: str, timeout_s: float) -> dict | None:

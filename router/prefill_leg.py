@@ -2,7 +2,8 @@
 
 Its failure is the prefill node's (counted) unless it was cancelled because the client left or the
 decode leg ended first (not counted). A failed leg cancels the transfer at the decode connector, which
-then recomputes the prompt itself instead of waiting for KV that will not come.
+then recomputes the prompt itself instead of waiting for KV that will not come; a leg that answered tells
+the connector so, which then gives up on a producer it has not heard from within its `no_show_s`.
 """
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ import aiohttp
 from router.config import RouterConfig
 from router.failures import UpstreamFailure
 from router.metrics import PREFILL_FAILURES
-from router.pool_probe import cancel_transfer
+from router.pool_probe import cancel_transfer, prefill_answered
 from router.registry import Backend, Registry
 from router.request_trace import Trace
 from router.upstream import post, read_all
 
 log = logging.getLogger("kvbridge.router")
+ANSWERED_SEND_S = 0.25  # a decode connector that cannot take the notice this soon is down or unreachable
 
 
 @dataclass
@@ -60,6 +62,7 @@ async def run_prefill(cfg: RouterConfig, registry: Registry, session: aiohttp.Cl
         ok, why = up.status == 200, f"HTTP {up.status}"
         if ok:
             registry.report_success(b)
+            await prefill_answered(registry.control, kv_address, transfer_id, ANSWERED_SEND_S)
     except UpstreamFailure as e:
         registry.report_failure(b, e.why)
         ok, why = False, e.why

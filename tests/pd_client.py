@@ -1,6 +1,7 @@
 """Test-side helpers that play the router: send both legs of a PD request at once."""
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures as cf
 import time
 import uuid
@@ -9,6 +10,8 @@ import requests
 
 from launch.polling import wait_for
 from launch.servers import VllmServer
+from transfer import wire
+from transfer.control_request import ask
 from transfer.control_request import fetch_pool_status as pool_status  # noqa: F401 (used by the test modules)
 
 _pool = cf.ThreadPoolExecutor(16)
@@ -22,8 +25,8 @@ def post(url: str, path: str, body: dict, timeout: float = 120) -> tuple[int, di
 def pd_request(servers: dict, path: str, body: dict, push_to: str | None = None, prefill: bool = True,
                transfer_id: str | None = None, prefill_after_s: float = 0.0
                ) -> tuple[tuple[int, dict] | None, tuple[int, dict]]:
-    """Both legs concurrently, as the router does (the prefill leg `prefill_after_s` later); returns
-    (prefill reply, decode reply)."""
+    """Both legs concurrently, as the router does (the prefill leg `prefill_after_s` later), and like the
+    router tells the decode connector when the prefill answered; returns (prefill reply, decode reply)."""
     tid = transfer_id or uuid.uuid4().hex
     pre_body = dict(body, max_tokens=1, stream=False,
                     kv_transfer_params={"kvbridge": {"transfer_id": tid,
@@ -32,7 +35,10 @@ def pd_request(servers: dict, path: str, body: dict, push_to: str | None = None,
     f_dec = _pool.submit(post, servers["decode"].url, path, dec_body)
     time.sleep(prefill_after_s)
     f_pre = _pool.submit(post, servers["prefill"].url, path, pre_body) if prefill else None
-    return (f_pre.result() if f_pre else None), f_dec.result()
+    pre = f_pre.result() if f_pre else None
+    if pre is not None and pre[0] == 200:
+        asyncio.run(ask(servers["decode"].handshake, wire.PrefillAnswered(rid=1, transfer_id=tid), 5.0))
+    return pre, f_dec.result()
 
 
 def vllm_metric_sum(url: str, name: str) -> float:

@@ -29,7 +29,7 @@ class StubNode:
     def __init__(self, name: str, mode: str = "ok", events: int = 4, interval: float = 0.0, die_after: int = 2,
                  kv: bool = False, store: bool = False) -> None:
         self.name, self.mode, self.events, self.interval, self.die_after = name, mode, events, interval, die_after
-        self.bodies, self.headers, self.cancels = [], [], []  # what each leg and the connector received
+        self.bodies, self.headers, self.cancels, self.answered = [], [], [], []  # each leg's, the connector's
         self.aborted, self.healthy = 0, True  # aborted: requests the router closed before their answer was whole
         self._stop = threading.Event()
         self.held: list[str] | None = [] if store else None
@@ -46,9 +46,9 @@ class StubNode:
                     continue
                 ident, raw = sock.recv_multipart()
                 req = wire.decode_request((opened := auth.open(raw)).body)
-                if isinstance(req, wire.Cancel):
-                    self.cancels.append(req.transfer_id)
-                reply = wire.Ack(rid=req.rid, ok=True) if isinstance(req, wire.Cancel) else wire.PoolStatus(
+                if isinstance(req, (wire.Cancel, wire.PrefillAnswered)):
+                    (self.cancels if isinstance(req, wire.Cancel) else self.answered).append(req.transfer_id)
+                reply = wire.Ack(rid=req.rid, ok=True) if isinstance(req, (wire.Cancel, wire.PrefillAnswered)) else wire.PoolStatus(
                     rid=req.rid, incarnation="stub", total=8, free=8, used=0, quarantined=0, expired_total=0,
                     dropped_total=0)
                 sock.send_multipart([ident, auth.seal_reply(opened, wire.encode(reply))])

@@ -69,3 +69,25 @@ def test_a_transfer_ended_again_after_its_memory_expired_is_remembered_again():
     assert book.status("k")[0].value == "WAITING"
     book.discard("k")
     assert book.status("k")[1].startswith("cancelled")
+
+
+def test_signs_of_life_and_answered_notices_are_bounded_newest_kept():
+    """A router (or producer) flood of notices for transfers no request expects cannot grow the book."""
+    now = [0.0]
+    book = ReceiveBook(SlotPool(2, 1024, 0.0), 30.0, remember_s=60, clock=lambda: now[0], max_ended=100)
+    for i in range(5000):
+        now[0] = i * 1e-3  # all within remember_s: the oldest give way
+        book.prefill_answered(f"t-{i}")
+        book.sign_of_life(f"k-{i}")
+    assert len(book._answered) <= 100 and len(book._signs) <= 100
+    assert book.answered_at("t-4999") == 4.999 and book.last_sign("k-4999") == 4.999
+    assert book.answered_at("t-0") == 0.0 and book.last_sign("k-0") == 0.0
+
+
+def test_an_alloc_that_came_before_its_request_is_a_sign_of_life():
+    """Such a producer reached the consumer: the router's 'prefill answered' must not make it a no-show."""
+    now = [5.0]
+    book = ReceiveBook(SlotPool(2, 1024, 0.0), 30.0, clock=lambda: now[0])
+    book.prefill_answered("t")
+    now[0] = 6.0
+    assert book.alloc_waits("t", 0.05) and book.last_sign("t") == 6.0 > book.answered_at("t") == 5.0

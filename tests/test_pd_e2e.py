@@ -1,6 +1,7 @@
 """PD through real vLLM: prefill (kv_producer) pushes, decode (kv_consumer) receives."""
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures as cf
 import time
 import uuid
@@ -14,6 +15,8 @@ from launch.tiny_prompts import random_token_prompt, random_words
 from pd.prefix_store import model_fingerprint
 from tests.pd_client import pd_request, pool_status, post, source_tokens, text_of, wait_producer_idle
 from tests.producer_proc import TINY
+from transfer import wire
+from transfer.control_request import ask
 from transfer.identity import TransferSpec
 from transfer.producer import Producer, ProducerSettings
 from transfer.states import State
@@ -136,11 +139,17 @@ def test_unreachable_consumer_falls_back_to_recompute(servers, failure_report):
             "temperature": 0}
     want = reference(servers, "/v1/completions", body)
     t0 = time.monotonic()
-    pre, dec = pd_request(servers, "/v1/completions", body, push_to=f"127.0.0.1:{free_port()}")
+    tid = uuid.uuid4().hex
+    pre, dec = pd_request(servers, "/v1/completions", body, push_to=f"127.0.0.1:{free_port()}", transfer_id=tid)
     took = time.monotonic() - t0
     assert pre[0] == 200, pre  # the prefill leg itself succeeds; its push fails and is logged
     assert dec[0] == 200 and text_of(dec[1]) == want
+    # told that the prefill answered (as the router does), the decode gave up on the silent producer after
+    # no_show_s (1.5 s here), not after load_timeout_s (4 s here)
+    trace = asyncio.run(ask(servers["decode"].handshake, wire.TraceQuery(rid=1, transfer_id=tid), 5.0))
+    assert trace.state == "EXPIRED" and "never reached this node" in trace.reason, trace
+    assert took < 4.0, f"fell back after {took:.1f}s"
     cleanup = wait_producer_idle(servers["prefill"])
-    failure_report("consumer unreachable (prefill pushes to a dead address)", "prefill answered; its transfer "
-                   "failed and released its staging; decode recomputed, correct", took, cleanup,
-                   "none: prefill staging full")
+    failure_report("consumer unreachable (prefill pushes to a dead address)", "prefill answered, the router told "
+                   "the decode; the decode recomputed no_show_s=1.5 s after, correct; the transfer failed and released "
+                   "its staging", took, cleanup, "none: prefill staging full")

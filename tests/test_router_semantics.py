@@ -42,6 +42,18 @@ async def test_client_leaving_during_prefill_cancels_both_legs(make):
     assert states(api, "prefill") == ["up"] and states(api) == ["up"]
 
 
+@pytest.mark.parametrize("mode", ["ok", "reset"])
+async def test_the_decode_connector_hears_that_the_prefill_answered_or_failed(make, mode):
+    """A prefill that answered is announced (a producer the connector has not heard from by then cannot reach
+    it: its request gives up after no_show_s); a failed one is cancelled (recompute at once)."""
+    pre, dec = StubNode("p", mode=mode, die_after=0), StubNode("d", kv=True)
+    url, _ = await make([pre], [dec])
+    assert (await post(url, REQ))[0] == 200
+    tid = dec.bodies[0]["kv_transfer_params"]["kvbridge"]["transfer_id"]
+    want = ([tid], []) if mode == "ok" else ([], [tid])
+    assert await eventually(lambda: (dec.answered, dec.cancels) == want), (dec.answered, dec.cancels)
+
+
 async def test_decode_dying_mid_stream_ends_with_error_event_and_done_without_retry(make):
     d0, d1 = StubNode("d0", mode="die", events=6, kv=True), StubNode("d1", kv=True)
     url, api = await make([StubNode("p")], [d0, d1], policy="round_robin")

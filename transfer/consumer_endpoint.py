@@ -249,6 +249,10 @@ class ConsumerEndpoint:
         self.book.discard(msg.transfer_id)
         return wire.Ack(ok=True)
 
+    def _on_prefill_answered(self, msg: wire.PrefillAnswered) -> wire.Message:
+        self.book.prefill_answered(msg.transfer_id)
+        return wire.Ack(ok=True)
+
     def _on_stats(self, msg: wire.Stats) -> wire.Message:
         s = self.pool.stats()
         return wire.PoolStatus(incarnation=self.incarnation, total=s.total, free=s.free, used=s.used,

@@ -63,6 +63,7 @@ class ReceiveBook:
         self._settling: list[tuple[Fence, str, Lease, bool, int | None]] = []
         self._readers: dict[str, str] = {}  # windowed key -> the one request reading its stream
         self._signs: dict[str, float] = {}  # key -> when its producer last showed life without chunks
+        self._answered: dict[str, float] = {}  # transfer id -> when the router said its prefill node answered
         self.counters: dict[str, int] = {}
 
     # --- engine (worker) side
@@ -194,7 +195,8 @@ class ReceiveBook:
             waits = now - self._first_alloc.setdefault(key, now) < wait_s
             if not waits:
                 self._first_alloc.pop(key, None)
-            return waits
+        self._stamp(self._signs, key)  # its producer reached this node: not silent, only early
+        return waits
 
     def check_alloc(self, key: str, num_tokens: int, token_hash: str) -> str:
         """'' when an ALLOC may be granted; else why not (and the transfer is failed for its request)."""
@@ -218,16 +220,30 @@ class ReceiveBook:
     def sign_of_life(self, key: str) -> None:
         """The producer of `key` is alive without a lease in use (the request waits in the prefill's queue,
         or for slots here): the waiting decode request's timeout restarts from now."""
-        now = self._clock()
-        with self._lock:
-            if len(self._signs) >= self.max_ended:  # bounded: signs for requests that never came are forgotten
-                self._signs = {k: t for k, t in self._signs.items() if now - t < self.remember_s}
-            self._signs[key] = now
+        self._stamp(self._signs, key)
 
     def last_sign(self, key: str) -> float:
         """When `key`'s producer last showed life without a lease in use (0 if never)."""
         with self._lock:
             return self._signs.get(key, 0.0)
+
+    def prefill_answered(self, transfer_id: str) -> None:
+        """From the router: the prefill node answered. Its producer asks for slots before the forward, so
+        from now on its silence means it cannot reach this node (or gave up unable to say so)."""
+        self._stamp(self._answered, transfer_id)
+
+    def answered_at(self, key: str) -> float:  # when the router said so for `key`'s transfer (0: not yet)
+        with self._lock:
+            return self._answered.get(transfer_id_of(key), 0.0)
+
+    def _stamp(self, stamps: dict[str, float], key: str) -> None:
+        now = self._clock()
+        with self._lock:
+            if len(stamps) >= self.max_ended:  # bounded: the stale are forgotten, else the oldest
+                stale = [k for k, t in stamps.items() if now - t >= self.remember_s]
+                for k in stale or [next(iter(stamps))]:
+                    del stamps[k]
+            stamps[key] = now
 
     def fail(self, key: str, reason: str) -> None:
         """The transfer cannot be delivered (its producer gave up, a chunk was wrong, its lease expired):

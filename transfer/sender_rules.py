@@ -10,7 +10,7 @@ from transfer import wire
 from transfer.producer_registry import ProducerRegistry
 from transfer.slot_pool import SlotPool
 
-ROUTER_MESSAGES = frozenset({"stats", "cancel", "trace"})
+ROUTER_MESSAGES = frozenset({"stats", "cancel", "prefill_answered", "trace"})
 PRODUCER_MESSAGES = frozenset({"hello", "alloc", "renew", "release", "progress", "pending", "stats"})
 
 

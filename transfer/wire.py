@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from transfer.layout import KVLayout
 
-PROTOCOL_VERSION = 6  # 6: Grant.incarnation; 5: windowed grants (Grant.chunks, Progress/WindowState) and Pending; 4: HMAC frames
+PROTOCOL_VERSION = 7  # 7: PrefillAnswered; 6: Grant.incarnation; 5: windowed grants (Grant.chunks, Progress/WindowState) and Pending; 4: HMAC frames
 MAX_MESSAGE_BYTES = 1 << 20
 
 
@@ -96,6 +96,13 @@ class Pending(_Request):
 class Cancel(_Request):
     """From the router: the request behind this transfer is gone; free its slots, refuse its chunks."""
     type: Literal["cancel"] = "cancel"
+    transfer_id: str = Field(min_length=1, max_length=256)
+
+
+class PrefillAnswered(_Request):
+    """From the router: the prefill node answered this transfer's request. A producer that has not been
+    heard from by then cannot reach the consumer: its request stops waiting after `no_show_s`."""
+    type: Literal["prefill_answered"] = "prefill_answered"
     transfer_id: str = Field(min_length=1, max_length=256)
 
 
@@ -201,7 +208,8 @@ class StoreHeld(_Msg):
 _lookups = TypeAdapter(StoreLookup)
 _helds = TypeAdapter(StoreHeld)
 
-Request = Annotated[Union[Hello, Alloc, Renew, Release, Progress, Pending, Cancel, Stats, TraceQuery],
+Request = Annotated[Union[Hello, Alloc, Renew, Release, Progress, Pending, Cancel, PrefillAnswered, Stats,
+                          TraceQuery],
                     Field(discriminator="type")]
 Reply = Annotated[Union[Welcome, Reject, Grant, WindowState, NoCapacity, Ack, PoolStatus, TransferTrace, Error],
                   Field(discriminator="type")]
@@ -235,7 +243,8 @@ def _decode(raw: bytes, adapter: TypeAdapter):
                                    f"{e.errors()[0]['msg']}") from e
 
 
-def decode_request(raw: bytes) -> Hello | Alloc | Renew | Release | Progress | Pending | Cancel | Stats | TraceQuery:
+def decode_request(raw: bytes) -> (Hello | Alloc | Renew | Release | Progress | Pending | Cancel | PrefillAnswered
+                                   | Stats | TraceQuery):
     return _decode(raw, _requests)
 
 
