@@ -3,7 +3,7 @@
 `--streams` requests (default 8) decode `--tokens` tokens each, streamed; while they run, a new request with a
 `--arrival-tokens`-token prompt arrives every `--every-s` seconds. On kvbridge every request is a PD request
 (prefill node on core 0, decode node on core 1): an arrival's KV is pushed into the decode node while the
-streams decode there. On aggregated vLLM (core 0) the same arrivals are prefilled by the node that decodes.
+streams decode there. On aggregated vLLM (on core 1 too) the same arrivals are prefilled by the node that decodes.
 Each configuration also runs without arrivals, so the table shows what the connector costs a decode loop with
 no transfer in flight and what arriving transfers cost it. Per-token time is the gap between consecutive
 streamed tokens of the running requests once all of them have their first token, median and p90; the
@@ -96,7 +96,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     make_tiny_model(MODEL, "bench")
-    agg = start("agg")
+    agg = start("agg", env={"VLLM_CPU_OMP_THREADS_BIND": "1"})  # the decode node's core: per-token times compare
     pre = start("kvb-prefill", "prefill")
     dec = start_vllm("bench-kvb-decode", "decode", {}, model=MODEL, max_model_len=4096)
     targets = {"aggregated": Target(agg), "kvbridge": Target(dec, pre)}

@@ -136,6 +136,9 @@ def main() -> None:
     ap.add_argument("--skip-nixl", action="store_true", help="aggregated and kvbridge only")
     ap.add_argument("--decode-connector", type=json.loads, default={},
                     help='extra kvbridge settings for the decode node, e.g. \'{"gil_switch_interval_ms": 0.5}\'')
+    ap.add_argument("--prefill-connector", type=json.loads, default={}, help="extra kvbridge settings for the prefill node")
+    ap.add_argument("--agg-core", default="0", help="the aggregated server's core: 0 is the prefill node's (TTFT "
+                    "compares), 1 the decode node's (per-token time compares on the same core)")
     args = ap.parse_args()
     make_tiny_model(MODEL, "bench")
     rng = random.Random(0)
@@ -146,10 +149,10 @@ def main() -> None:
     bodies["warmup"] = [body(64)]
     print("phase 1: aggregated")
     # One core each for prefill and decode compute, as two nodes would have; aggregated gets core 0.
-    agg = start("agg")
+    agg = start("agg", env={"VLLM_CPU_OMP_THREADS_BIND": args.agg_core})
     base = run_phase("aggregated", [agg], lambda b: stream_ttft(agg.url, b), bodies, args.repeats)
     print("phase 2: kvbridge (push)")
-    kp = start("kvb-prefill", "prefill")
+    kp = start_vllm("bench-kvb-prefill", "prefill", args.prefill_connector, model=MODEL, max_model_len=4096)
     decode_connector = dict(args.decode_connector)
     decode_connector.setdefault("metrics_port", free_port())
     kd = start_vllm("bench-kvb-decode", "decode", decode_connector, model=MODEL, max_model_len=4096)
