@@ -9,7 +9,9 @@ no transfer in flight and what arriving transfers cost it. Per-token time is the
 streamed tokens of the running requests once all of them have their first token, median and p90; the
 median of `--repeats` rounds is printed, with the ratio kvbridge / aggregated measured in the same run.
 
-    python bench/decode_under_arrivals.py [--streams 8] [--tokens 96] [--repeats 3]
+    python -m bench.decode_under_arrivals [--streams 8] [--tokens 128] [--every-s 1.5] [--repeats 3]
+
+The arrival rate must be one the aggregated node can prefill besides decoding, or its queue only grows.
 """
 from __future__ import annotations
 
@@ -89,10 +91,10 @@ def summarize(rounds: list[list[float]]) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--streams", type=int, default=8)
-    ap.add_argument("--tokens", type=int, default=96, help="tokens each running request decodes")
+    ap.add_argument("--tokens", type=int, default=128, help="tokens each running request decodes")
     ap.add_argument("--stream-prompt", type=int, default=256, help="prompt tokens of each running request")
-    ap.add_argument("--arrival-tokens", type=int, default=1000, help="prompt tokens of each arriving request")
-    ap.add_argument("--every-s", type=float, default=0.5, help="one new request this often")
+    ap.add_argument("--arrival-tokens", type=int, default=400, help="prompt tokens of each arriving request")
+    ap.add_argument("--every-s", type=float, default=1.5, help="one new request this often")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     make_tiny_model(MODEL, "bench")

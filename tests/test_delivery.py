@@ -154,8 +154,10 @@ def test_chunks_the_decode_already_holds_are_not_pushed(consumer):
         consumer.call("expect", ("t2-1", 4 * CHUNK_TOKENS, "ab" * 16, 1, 2))
         crcs = push(p, consumer, "t2-1", 4)
         assert finished(p, {"t2-1"})["t2-1"] == State.SENT
-        lease = consumer.call("lease", "t2-1")
-        assert lease["complete"] and len(lease["slots"]) == 2
+        # SENT means the producer's writes completed; the consumer sees their notices when it next looks
+        lease = wait_for(lambda: (got := consumer.call("lease", "t2-1")) and got["complete"] and got, 5, 0.01,
+                         "lease complete")
+        assert len(lease["slots"]) == 2
         check_landed(consumer, "t2-1", crcs[2:])
         moved = consumer.call("counters")["bytes_received"] - before
         assert moved == 2 * p.geometry.chunk_nbytes(4 * CHUNK_TOKENS, 2)

@@ -278,8 +278,9 @@ def _cpu_s(pid: int) -> float:
 
 
 def test_a_consumer_waiting_for_chunks_polls_without_spinning_a_core():
-    """A granted lease whose chunks have not come yet makes the endpoint poll fast (every busy_poll_s), not
-    spin: on a 2-core node a spinning thread takes a core from the decode's own compute."""
+    """A granted lease whose chunks have not come yet (its prefill may take seconds) is looked at every
+    lease_poll_s, not spun on nor polled every half millisecond: in a decode node that thread takes the
+    engine's interpreter lock each time it wakes, and running decodes slowed by a fifth."""
     c = ConsumerProcess(LAYOUT, chunk_tokens=CHUNK_TOKENS, num_slots=4)
     p = make_producer("slow-to-write")
     try:
@@ -288,7 +289,8 @@ def test_a_consumer_waiting_for_chunks_polls_without_spinning_a_core():
         t0, cpu0 = time.monotonic(), _cpu_s(c.proc.pid)
         time.sleep(2.0)
         busy = (_cpu_s(c.proc.pid) - cpu0) / (time.monotonic() - t0)
-        assert busy < 0.5, f"the consumer process used {busy:.2f} of a core while waiting for chunks"
+        # measured alone: 0.04 of a core with a lease_poll_s look; 0.12 when it polled every 0.5 ms
+        assert busy < 0.08, f"the consumer process used {busy:.2f} of a core while waiting for chunks"
         p.link(c.address).release("w-1", 1)
     finally:
         p.close()

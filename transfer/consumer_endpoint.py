@@ -2,8 +2,8 @@
 
 It owns the slot region (registered once at start), the slot pool, the receive book the
 engine reads (`book`) and the NIXL agent that producers write into. One thread serves both
-the ZMQ ROUTER socket and NIXL notifications; it polls at `busy_poll_s` while chunks are on
-their way and sleeps in `idle_poll_s` steps otherwise, so an idle consumer costs no CPU.
+the ZMQ ROUTER socket and NIXL notifications; it spins while chunks stream, polls every
+`lease_poll_s` while a lease waits for them and sleeps in `idle_poll_s` steps otherwise.
 
 Every frame is opened by `control_auth.Authenticator` first. With a secret, a frame that is not
 authentic and fresh gets one generic refusal and nothing else (no layout, no reason); an authentic
@@ -54,8 +54,11 @@ class ConsumerSettings:
     unclaimed_ttl_s: float = 30.0
     expect_wait_s: float = 0.0  # >0: an ALLOC before its decode request waits this long to learn the held chunks
     window_slots: int = 0  # most slots one transfer holds (larger ones stream through them); 0: the whole pool
-    busy_poll_s: float = 0.0005
+    busy_poll_s: float = 0.0005  # while a scatter still reads a slot (GPU)
     spin_s: float = 0.02  # after a chunk landed, poll without pause this long (the next one completes sooner)
+    # A granted lease may wait a whole prefill forward for its first chunk; polling it every busy_poll_s took the
+    # engine thread's interpreter lock ~2000 times a second, and running decodes slowed by a fifth meanwhile
+    lease_poll_s: float = 0.005
     idle_poll_s: float = 0.05
 
 
@@ -132,14 +135,14 @@ class ConsumerEndpoint:
     def _run(self) -> None:
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
-        idle_ms, spin_until = self.cfg.idle_poll_s * 1000, 0.0
+        idle_ms, lease_ms, spin_until = self.cfg.idle_poll_s * 1000, self.cfg.lease_poll_s * 1000, 0.0
         while not self._stop.is_set():
-            busy = self.book.settle() or self.pool.receiving()  # a scatter still reading a slot: poll fast
-            # ZMQ's poll counts whole milliseconds (0.5 would be 0), so a fast poll looks, then sleeps —
-            # except right after chunks landed: a write completes only as this thread drives NIXL, so while
-            # chunks stream it spins (spin_s), and a lease waiting on a prefill's forward costs no core
-            events = dict(poller.poll(0 if busy else idle_ms))
-            if busy and not events and time.monotonic() > spin_until:
+            # A write completes only as this thread drives NIXL: while chunks stream it spins (spin_s); a
+            # lease waiting for its first chunk is looked at every lease_poll_s, a settling scatter every
+            # busy_poll_s (ZMQ's poll counts whole milliseconds, so that one looks, then sleeps)
+            settling, spinning = self.book.settle(), time.monotonic() < spin_until
+            events = dict(poller.poll(0 if settling or spinning else lease_ms if self.pool.receiving() else idle_ms))
+            if settling and not spinning and not events:
                 time.sleep(self.cfg.busy_poll_s)
             if self._sock in events:
                 self._drain_socket()
