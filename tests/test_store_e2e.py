@@ -86,8 +86,11 @@ def test_store_survives_a_prefill_restart_through_its_disk_tier(servers, redis_u
     src1, m1 = source_tokens(pre.url), connector_metrics(pre)
     shared = (1000 // CHUNK) * CHUNK
     assert delta(src1, src0, "external_kv_transfer") == shared
-    # a fresh process reads each chunk from disk once: prefetched after the lookup, or by the load itself
-    assert m1.get('kvbridge_store_hits_total{tier="disk"}', 0) == shared // CHUNK, "a fresh process reads from disk"
+    # a fresh process reads each chunk from disk: prefetched after the lookup, or by the load itself — and by
+    # both when the prefetch outlasts the load's prefetch_wait_s (0.5 s; seen once in a whole-suite run: 5
+    # disk hits for 3 chunks, the engine just restarted on two loaded cores)
+    hits = m1.get('kvbridge_store_hits_total{tier="disk"}', 0)
+    assert shared // CHUNK <= hits <= 2 * shared // CHUNK, f"a fresh process reads from disk: {hits} disk hits"
 
 
 def test_a_stopped_redis_costs_misses_not_engine_time(servers, redis_url):
