@@ -1,6 +1,6 @@
 """The router's control messages to a decode connector (no NIXL involved): `stats`, to prefer decode
-instances with room; `cancel`, to free a transfer whose request is gone; `prefill_answered`, so a transfer whose producer cannot
-reach the connector is given up early; `trace`, for /debug/requests.
+instances with room; `cancel`, to free a transfer whose request is gone; `prefill_answered`, so a transfer
+whose producer cannot reach the connector is given up early; `trace`, for /debug/requests.
 They travel on the router's long-lived channels (router/control_channel.py)."""
 from __future__ import annotations
 

@@ -13,7 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from transfer.layout import KVLayout
 
-PROTOCOL_VERSION = 7  # 7: PrefillAnswered; 6: Grant.incarnation; 5: windowed grants (Grant.chunks, Progress/WindowState) and Pending; 4: HMAC frames
+# 7: PrefillAnswered; 6: Grant.incarnation; 5: windowed grants (Grant.chunks, Progress/WindowState) and Pending;
+# 4: HMAC frames
+PROTOCOL_VERSION = 7
 MAX_MESSAGE_BYTES = 1 << 20
 
 
