@@ -42,3 +42,22 @@ def test_hooks_are_timed_and_the_mean_per_step_is_logged_once_per_window(caplog)
     (line,) = [r.getMessage() for r in caplog.records]
     # 4 x (3 + 1) us + 3 us over 5 steps
     assert line == "connector hooks: 3.8 us/step over 5 steps (other 0.8, step 3.0); idle wait 40.0 us/step"
+
+
+def test_the_prometheus_counters_catch_up_once_per_flush_interval_not_on_every_call():
+    clock = Clock()
+    timer = HookTimer("flushed_step", every_s=10.0, clock=clock, flush_s=1.0)
+
+    @timer.timed
+    def flushed_step() -> None:
+        clock.ns += 2_000
+
+    def counted() -> float:
+        return HOOK_CALLS.labels("flushed_step")._value.get()
+    before = counted()
+    for _ in range(3):
+        flushed_step()
+    assert counted() == before  # within the interval: plain integers only
+    clock.ns += 1_000_000_000
+    flushed_step()
+    assert counted() == before + 4  # the whole interval's calls, at its first step after it ended
