@@ -66,6 +66,8 @@ class RouterConfig(BaseModel):
     kv_secret_env: str = Field(default=DEFAULT_SECRET_ENV, description="env var holding the deployment secret "
                                "(signs control messages to decode connectors and prefill push targets)")
     kv_secret_file: Path | None = Field(default=None, description="file holding it instead (wins over the env var)")
+    nodes_file: Path | None = Field(default=None, description="where nodes added or drained away at run time are "
+                                    "kept, so a restarted router serves the same nodes (router/node_file.py)")
     push_token_ttl_s: float = Field(default=60.0, gt=0, description="how long a prefill leg's signed push target "
                                     "stays valid: it must cover the leg's wait in the prefill node's queue")
 

@@ -7,8 +7,9 @@
     GET  /admin/placement, /debug/placement   mode, learned rates, break-even tokens, the prefix index's size
     POST /admin/placement                  {"mode": "auto"|"always"|"never"}
 
-A node added here lives until the router stops: after a restart the router serves the nodes of its config
-file, and learns again from their replies what they hold (router/prefix_index.py).
+With `nodes_file` set, nodes added here and configured nodes drained away stay so across a router restart
+(router/node_file.py); without it a restarted router serves its config file's nodes. Either way it learns
+again from their replies what they hold (router/prefix_index.py).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from typing import Callable
 from aiohttp import web
 from pydantic import ValidationError
 
-from router.config import DecodeInstance, Instance
+from router.node_file import NodeFile
 from router.openai_errors import APIError
 from router.proxy import Proxy
 from router.registry import Backend
@@ -41,15 +42,15 @@ def add_node(proxy: Proxy, spec: dict) -> Backend:
     kind = spec.get("kind")
     if kind not in ("prefill", "decode"):
         raise APIError(400, "kind must be 'prefill' or 'decode'", param="kind")
-    fields = {k: v for k, v in spec.items() if k != "kind"}
     try:
-        inst = (DecodeInstance if kind == "decode" else Instance).model_validate(fields)
+        inst = NodeFile.instance(spec)
     except ValidationError as e:
         raise APIError(400, f"bad node spec: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}") from None
     if any(b.name == inst.name for bs in proxy.registry.backends.values() for b in bs):
         raise APIError(409, f"a node named {inst.name!r} exists already", code="conflict")
     b = Backend(inst, kind)
     proxy.registry.backends[kind].append(b)
+    proxy.registry.node_file.added(kind, inst)
     log.info("%s %s added at %s", kind, inst.name, inst.url)
     return b
 
@@ -68,6 +69,7 @@ async def drain(proxy: Proxy, name: str, wait: bool) -> dict:
             if b.kv_address and all(o.kv_address != b.kv_address for o in proxy.registry.backends["decode"]):
                 proxy.registry.control.drop(b.kv_address)
             proxy.placement.index.forget(b.name)
+            proxy.registry.node_file.removed(b.name)
             log.info("%s %s drained and removed", b.kind, b.name)
     return {"name": b.name, "kind": b.kind, "outstanding": b.outstanding,
             "removed": b not in proxy.registry.backends[b.kind]}

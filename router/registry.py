@@ -25,6 +25,7 @@ from router.config import DecodeInstance, Instance, RouterConfig
 from router.control_channel import ControlChannels
 from router.failures import UpstreamFailure
 from router.metrics import DECODE_POOL_FREE, INSTANCE_HEALTHY, INSTANCE_STATE, OUTSTANDING, child
+from router.node_file import NodeFile
 from router.pool_probe import pool_free_fraction
 
 log = logging.getLogger("kvbridge.router")
@@ -102,8 +103,9 @@ class DownWatch:
 class Registry:
     def __init__(self, cfg: RouterConfig) -> None:
         self.cfg = cfg
-        self.backends = {"prefill": [Backend(i, "prefill") for i in cfg.prefill],
-                         "decode": [Backend(i, "decode") for i in cfg.decode]}
+        self.node_file = NodeFile(cfg.nodes_file)  # run-time adds and drains, kept across restarts
+        nodes = self.node_file.apply({"prefill": list(cfg.prefill), "decode": list(cfg.decode)})
+        self.backends = {kind: [Backend(i, kind) for i in insts] for kind, insts in nodes.items()}
         self._rr = {k: itertools.count() for k in self.backends}
         self._task: asyncio.Task | None = None
         self._session: aiohttp.ClientSession | None = None

@@ -8,6 +8,9 @@ import aiohttp
 import pytest
 
 from launch.node_ctl import AdminError, nodes_command
+from router.app import PROXY, build_app
+from router.config import RouterConfig
+from transfer.config_errors import ConfigError
 from tests.router_stubs import REQ, StubNode, eventually, events, post
 
 
@@ -57,3 +60,31 @@ async def test_admin_asks_for_the_api_key_on_the_api_port(make, monkeypatch):
         assert r.status == 401
     monkeypatch.setenv("KVBRIDGE_ROUTER_API_KEY", "k1")
     assert (await asyncio.to_thread(nodes_command, url, "drain", name="d", wait=False))["removed"] is False
+
+
+async def test_nodes_added_and_drained_at_run_time_stay_so_after_a_router_restart(make, tmp_path):
+    nodes_file = tmp_path / "nodes.json"
+    d0, d1 = StubNode("d0", kv=True), StubNode("d1", kv=True)
+    await d1.start()
+    try:
+        url, _ = await make([StubNode("p")], [d0], policy="round_robin", nodes_file=str(nodes_file))
+        await asyncio.to_thread(nodes_command, url, "add", "decode", "d1", d1.url, f"127.0.0.1:{d1.kv_port}")
+        await asyncio.to_thread(nodes_command, url, "drain", name="d0")
+        # the same config file, a new router process: d0 is configured, d1 is not
+        again, api = await make([StubNode("p")], [StubNode("d0", kv=True)], policy="round_robin",
+                                nodes_file=str(nodes_file))
+        assert [b.name for b in api[PROXY].registry.backends["decode"]] == ["d1"]
+        assert await eventually(lambda: api[PROXY].registry.backends["decode"][0].state == "up")
+        assert (await post(again, REQ))[0] == 200 and len(d1.bodies) == 1
+    finally:
+        await d1.stop()
+
+
+async def test_a_node_file_the_router_cannot_read_stops_its_start_naming_the_file(tmp_path):
+    bad = tmp_path / "nodes.json"
+    bad.write_text('{"version": 1, "added": [{"kind": "decode", "name": "d9"}]}')  # no url, no kv_address
+    cfg = RouterConfig.model_validate({"model": "tiny", "prefill": [{"name": "p", "url": "http://127.0.0.1:1"}],
+                                       "decode": [{"name": "d", "url": "http://127.0.0.1:2",
+                                                   "kv_address": "127.0.0.1:3"}], "nodes_file": str(bad)})
+    with pytest.raises(ConfigError, match="nodes.json: not a node file"):
+        build_app(cfg)
