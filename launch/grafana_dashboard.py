@@ -65,6 +65,19 @@ def _panels() -> list[tuple[str, list[timeseries.Panel]]]:
                     ("kvbridge_producer_staging_free_slots / kvbridge_producer_staging_slots",
                      "staging free {{instance}}")]),
         ]),
+        ("Placement", [
+            _panel("Placement decisions", "ops", "Where each prompt was prefilled (remote: a prefill node, local: "
+                   "the decode node) and why (router/placement.py).",
+                   [(f"sum by (where, reason) (rate(kvbridge_router_placement_total[{RI}]))", "{{where}} {{reason}}")]),
+            _panel("Prefix hits expected and confirmed", "short", "Prompt tokens the chosen node was believed to "
+                   "hold against those its reply said it held; a gap means the router's index is stale.",
+                   [(f"sum by (kind) (rate(kvbridge_router_prefix_hit_tokens_total[{RI}]))", "{{kind}}")]),
+            _panel("Learned rates", "short", "The cost model's rates, learned from completed requests.",
+                   [("kvbridge_router_learned_rate", "{{rate}}")]),
+            _panel("Placement settings", "short", "Mode (0 auto, 1 always remote, 2 never remote) and the break-even "
+                   "prompt tokens below which an idle decode node prefills locally.",
+                   [("kvbridge_router_placement_setting", "{{setting}}")]),
+        ]),
         ("Prefix store", [
             _panel("Hits and misses per tier", "ops", "Chunk reads per tier; a memory miss may be a disk hit.",
                    [(f"sum by (tier) (rate(kvbridge_store_hits_total[{RI}]))", "hits {{tier}}"),
