@@ -8,7 +8,7 @@ receive; one that went missing is reported as a load error and recomputed).
 Consumer: each step checks its expected transfers; a complete one is verified, scattered into the blocks
 vLLM allocated and its slots released (a windowed one chunk by chunk as it lands: pd/lease_scatter.py); one
 that expires (no sign of life for `load_timeout_s`, or none `no_show_s` after the router said its prefill
-answered) or fails is reported as a failed receive, and vLLM's
+answered — `handshake_grace_s` while a producer's first handshake may be under way) or fails is reported as a failed receive, and vLLM's
 `kv_load_failure_policy` (recompute | fail) decides what the request sees.
 """
 from __future__ import annotations
@@ -233,6 +233,8 @@ class WorkerSide:
     def _check_loads(self) -> None:
         now = time.monotonic()
         book = self.endpoint.book
+        greeting = now - self.endpoint.producers.last_hello < self.cfg.handshake_grace_s  # a handshake may be on
+        no_show_s = self.cfg.handshake_grace_s if greeting else self.cfg.no_show_s
         for rid, ld in list(self._loads.items()):
             arrival, reason = book.status(ld.task.spec.key)
             if arrival == Arrival.ENDED:
@@ -241,7 +243,7 @@ class WorkerSide:
                 sign, answered = book.last_sign(ld.task.spec.key), book.answered_at(ld.task.spec.key)
                 if now - max(ld.last_sign, sign) > self.cfg.load_timeout_s:
                     self._finish_load(rid, State.EXPIRED, f"no sign of the transfer for {self.cfg.load_timeout_s}s")
-                elif answered > sign and now - answered > self.cfg.no_show_s:
+                elif answered > sign and now - answered > no_show_s:
                     self._finish_load(rid, State.EXPIRED, f"its prefill node answered {now - answered:.1f}s ago "
                                       "and its producer never reached this node")
             else:

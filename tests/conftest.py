@@ -16,7 +16,7 @@ from tests.hosts_fixtures import hosts  # noqa: F401 (fixture: prefill, decode, 
 from tests.router_stubs import make  # noqa: F401 (fixture: a router in front of stub backends)
 
 PREFILL_EXTRA = {"checksum": True, "alloc_timeout_s": 3.0, "lease_ttl_s": 3.0}
-DECODE_EXTRA = {"checksum": True, "load_timeout_s": 4.0, "no_show_s": 1.5, "num_slots": 32, "quarantine_s": 0.5}
+DECODE_EXTRA = {"checksum": True, "load_timeout_s": 4.0, "no_show_s": 0.5, "num_slots": 32, "quarantine_s": 0.5}
 
 
 @pytest.fixture(scope="session")

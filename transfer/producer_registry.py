@@ -43,6 +43,7 @@ class ProducerRegistry:
         self._clock = clock
         self._by_id: OrderedDict[str, _Producer] = OrderedDict()  # least recently heard first
         self._incarnations: dict[str, str] = {}  # incarnation -> producer id
+        self.last_hello = float("-inf")  # when a producer last greeted (its handshake may still be under way)
 
     def owner(self, incarnation: str) -> str | None:
         """The producer id that introduced this incarnation, None when none we still know did."""
@@ -67,6 +68,7 @@ class ProducerRegistry:
 
     def hello(self, msg: wire.Hello) -> str:
         """Admit the producer ('' ) or say why not."""
+        self.last_hello = self._clock()
         old = self._by_id.get(msg.producer_id)
         if old is not None and old.incarnation == msg.incarnation:
             self._by_id.move_to_end(msg.producer_id)
