@@ -67,7 +67,8 @@ async def drain(proxy: Proxy, name: str, wait: bool) -> dict:
         if b in proxy.registry.backends[b.kind]:
             proxy.registry.backends[b.kind].remove(b)
             if b.kv_address and all(o.kv_address != b.kv_address for o in proxy.registry.backends["decode"]):
-                proxy.registry.control.drop(b.kv_address)
+                for address in b.rank_addresses:
+                    proxy.registry.control.drop(address)
             proxy.placement.index.forget(b.name)
             proxy.registry.node_file.removed(b.name)
             log.info("%s %s drained and removed", b.kind, b.name)

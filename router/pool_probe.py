@@ -4,24 +4,34 @@ whose producer cannot reach the connector is given up early; `trace`, for /debug
 They travel on the router's long-lived channels (router/control_channel.py)."""
 from __future__ import annotations
 
+import asyncio
+
 from router.control_channel import ControlChannels
 from transfer import wire
 
 
-async def pool_free_fraction(control: ControlChannels, address: str, timeout_s: float) -> float | None:
-    """Free slots / total, or None when the connector does not answer in time."""
+async def pool_status(control: ControlChannels, address: str, timeout_s: float) -> tuple[float, int] | None:
+    """(free slots / total, the node's TP ranks), or None when the connector does not answer in time."""
     reply = await control.ask(address, wire.Stats(rid=1), timeout_s)
-    return reply.free / reply.total if isinstance(reply, wire.PoolStatus) and reply.total else None
+    if not isinstance(reply, wire.PoolStatus):
+        return None
+    return (reply.free / reply.total if reply.total else 0.0), reply.ranks
 
 
-async def cancel_transfer(control: ControlChannels, address: str, transfer_id: str, timeout_s: float) -> bool:
-    return await control.ask(address, wire.Cancel(rid=1, transfer_id=transfer_id), timeout_s) is not None
+async def cancel_transfer(control: ControlChannels, addresses: list[str], transfer_id: str, timeout_s: float) -> bool:
+    """Every rank of the decode node drops the transfer (each rank's endpoint keeps its own book)."""
+    answers = await asyncio.gather(*(control.ask(a, wire.Cancel(rid=1, transfer_id=transfer_id), timeout_s)
+                                     for a in addresses))
+    return all(a is not None for a in answers)
 
 
-async def prefill_answered(control: ControlChannels, address: str, transfer_id: str, timeout_s: float) -> bool:
-    """Tell the decode connector the prefill node answered: a producer it has not heard from by then cannot
-    reach it, and its request stops waiting after the connector's `no_show_s` instead of `load_timeout_s`."""
-    return await control.tell(address, wire.PrefillAnswered(rid=1, transfer_id=transfer_id), timeout_s)
+async def prefill_answered(control: ControlChannels, addresses: list[str], transfer_id: str, timeout_s: float) -> bool:
+    """Tell every rank of the decode connector the prefill node answered: a producer it has not heard from by
+    then cannot reach it, and its request stops waiting after the connector's `no_show_s` instead of
+    `load_timeout_s`."""
+    sent = await asyncio.gather(*(control.tell(a, wire.PrefillAnswered(rid=1, transfer_id=transfer_id), timeout_s)
+                                  for a in addresses))
+    return all(sent)
 
 
 async def transfer_trace(control: ControlChannels, address: str, transfer_id: str, timeout_s: float) -> dict | None:

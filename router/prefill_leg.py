@@ -47,7 +47,7 @@ def reply_usage(raw: bytes) -> dict | None:
 
 
 async def run_prefill(cfg: RouterConfig, registry: Registry, session: aiohttp.ClientSession, b: Backend,
-                      path: str, body: dict, headers: dict[str, str], trace: Trace, kv_address: str,
+                      path: str, body: dict, headers: dict[str, str], trace: Trace, kv_addresses: list[str],
                       transfer_id: str, answered: asyncio.Event) -> PrefillResult:
     """`answered` is set once the node's reply headers arrived: the node has finished the request (one token,
     not streamed), so closing the connection would abort nothing there and only lose a pooled connection."""
@@ -63,7 +63,7 @@ async def run_prefill(cfg: RouterConfig, registry: Registry, session: aiohttp.Cl
         ok, why = up.status == 200, f"HTTP {up.status}"
         if ok:
             registry.report_success(b)
-            notice = asyncio.create_task(prefill_answered(registry.control, kv_address, transfer_id, ANSWERED_SEND_S))
+            notice = asyncio.create_task(prefill_answered(registry.control, kv_addresses, transfer_id, ANSWERED_SEND_S))
             _NOTICES.add(notice)  # sent beside the leg's end, not awaited by it: the loop keeps only weak references
             notice.add_done_callback(_NOTICES.discard)
     except UpstreamFailure as e:
@@ -75,6 +75,6 @@ async def run_prefill(cfg: RouterConfig, registry: Registry, session: aiohttp.Cl
     if not ok:
         PREFILL_FAILURES.labels(cfg.on_prefill_failure).inc()
         log.warning("prefill leg on %s failed (%s); the decode instance falls back by its load policy", b.name, why)
-        await cancel_transfer(registry.control, kv_address, transfer_id, cfg.health_timeout_s)
+        await cancel_transfer(registry.control, kv_addresses, transfer_id, cfg.health_timeout_s)
     return PrefillResult(ok, time.monotonic() - t0, usage if ok else None)
 

@@ -93,7 +93,7 @@ class Proxy:
             prefill_task = asyncio.create_task(run_prefill(
                 self.cfg, self.registry, self.session, prefill, path, prefill_body(body, tid, decode.kv_address,
                                                                       self.cfg.push_key, self.cfg.push_token_ttl_s),
-                headers, trace, decode.kv_address, tid, prefill_answered))
+                headers, trace, decode.rank_addresses, tid, prefill_answered))
             prefill_task.add_done_callback(lambda t: self._prefill_finished(decision, t, was_idle, trace))
             decode_leg = decode_body(body, tid)
             trace.transfer = (decode.kv_address, tid)
@@ -198,7 +198,7 @@ class Proxy:
         if prefill_task is not None:
             if not prefill_task.done():
                 prefill_task.cancel()
-            task = asyncio.ensure_future(cancel_transfer(self.registry.control, decode.kv_address, tid,
+            task = asyncio.ensure_future(cancel_transfer(self.registry.control, decode.rank_addresses, tid,
                                                          self.cfg.health_timeout_s))
             self._background.add(task)
             task.add_done_callback(self._background.discard)

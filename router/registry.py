@@ -26,7 +26,7 @@ from router.control_channel import ControlChannels
 from router.failures import UpstreamFailure
 from router.metrics import DECODE_POOL_FREE, INSTANCE_HEALTHY, INSTANCE_STATE, OUTSTANDING, child
 from router.node_file import NodeFile
-from router.pool_probe import pool_free_fraction
+from router.pool_probe import pool_status
 
 log = logging.getLogger("kvbridge.router")
 State = Literal["up", "suspect", "down"]
@@ -42,6 +42,7 @@ class Backend:
     health_fails: int = 0
     outstanding: int = 0
     pool_free: float = 1.0  # decode only: fraction of its connector's slots that are free
+    ranks: int = 1  # decode only: its TP ranks, from its connector (each rank's endpoint is on port + rank)
     draining: bool = False  # takes no new request; those in flight finish
     downs: int = 0  # times it went down: what it held may be gone (router/placement.py forgets it)
     down_since: float | None = field(default_factory=time.monotonic)  # state starts "down": since creation
@@ -59,6 +60,14 @@ class Backend:
     @property
     def kv_address(self) -> str | None:
         return self.inst.kv_address if isinstance(self.inst, DecodeInstance) else None
+
+    @property
+    def rank_addresses(self) -> list[str]:
+        """Every TP rank's connector endpoint: notices about a transfer go to each (each keeps its own book)."""
+        if not self.kv_address:
+            return []
+        host, _, port = self.kv_address.rpartition(":")  # validated host:port (config.py); rank r on port + r
+        return [f"{host}:{int(port) + r}" for r in range(self.ranks)]
 
     def set_state(self, state: State, why: str = "") -> None:
         if state == self.state:
@@ -181,9 +190,9 @@ class Registry:
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             ok, why = False, f"/health failed: {type(e).__name__}"
         if ok and b.kv_address:
-            free = await pool_free_fraction(self.control, b.kv_address, self.cfg.health_timeout_s)
-            ok, why = free is not None, "its kvbridge connector does not answer"
-            b.pool_free = free if free is not None else 0.0
+            status = await pool_status(self.control, b.kv_address, self.cfg.health_timeout_s)
+            ok, why = status is not None, "its kvbridge connector does not answer"
+            b.pool_free, b.ranks = status if status is not None else (0.0, b.ranks)
             DECODE_POOL_FREE.labels(b.name).set(b.pool_free)
         if ok:
             b.health_fails = 0

@@ -27,34 +27,51 @@ class StubNode:
     as vLLM does, 4 characters a token, with the longest held prefix as `cached_tokens`."""
 
     def __init__(self, name: str, mode: str = "ok", events: int = 4, interval: float = 0.0, die_after: int = 2,
-                 kv: bool = False, store: bool = False) -> None:
+                 kv: bool = False, store: bool = False, ranks: int = 1) -> None:
         self.name, self.mode, self.events, self.interval, self.die_after = name, mode, events, interval, die_after
-        self.bodies, self.headers, self.cancels, self.answered = [], [], [], []  # each leg's, the connector's
+        self.bodies, self.headers, self.cancels, self.answered = [], [], [], []  # each leg's, rank 0 connector's
+        self.rank_notices: dict[int, list[tuple[str, str]]] = {r: [] for r in range(1, ranks)}  # (type, tid)
         self.aborted, self.healthy = 0, True  # aborted: requests the router closed before their answer was whole
         self._stop = threading.Event()
         self.held: list[str] | None = [] if store else None
+        self.ranks = ranks
         self.kv_port = self._start_connector() if kv else None
 
     def _start_connector(self) -> int:
-        sock = zmq.Context.instance().socket(zmq.ROUTER)
-        port = sock.bind_to_random_port("tcp://127.0.0.1")
-        auth = control_auth.Authenticator(None)  # no deployment secret: frames unsigned, as the router sends them
-
-        def serve() -> None:
-            while not self._stop.is_set():
-                if not sock.poll(100):
-                    continue
-                ident, raw = sock.recv_multipart()
-                req = wire.decode_request((opened := auth.open(raw)).body)
-                if isinstance(req, (wire.Cancel, wire.PrefillAnswered)):
-                    (self.cancels if isinstance(req, wire.Cancel) else self.answered).append(req.transfer_id)
-                reply = wire.Ack(rid=req.rid, ok=True) if isinstance(req, (wire.Cancel, wire.PrefillAnswered)) else wire.PoolStatus(
-                    rid=req.rid, incarnation="stub", total=8, free=8, used=0, quarantined=0, expired_total=0,
-                    dropped_total=0)
-                sock.send_multipart([ident, auth.seal_reply(opened, wire.encode(reply))])
-            sock.close(0)
-        threading.Thread(target=serve, daemon=True).start()
+        """One endpoint per TP rank, on consecutive ports as a decode node's ranks listen."""
+        ctx = zmq.Context.instance()
+        while True:
+            socks = [ctx.socket(zmq.ROUTER)]
+            port = socks[0].bind_to_random_port("tcp://127.0.0.1", min_port=20000, max_port=40000)
+            try:
+                for r in range(1, self.ranks):
+                    socks.append(ctx.socket(zmq.ROUTER))
+                    socks[-1].bind(f"tcp://127.0.0.1:{port + r}")
+                break
+            except zmq.ZMQError:  # a neighbouring port is taken: try another base port
+                for s in socks:
+                    s.close(0)
+        for rank, sock in enumerate(socks):
+            threading.Thread(target=self._serve, args=(sock, rank), daemon=True).start()
         return port
+
+    def _serve(self, sock: zmq.Socket, rank: int) -> None:
+        auth = control_auth.Authenticator(None)  # no deployment secret: frames unsigned, as the router sends them
+        while not self._stop.is_set():
+            if not sock.poll(100):
+                continue
+            ident, raw = sock.recv_multipart()
+            req = wire.decode_request((opened := auth.open(raw)).body)
+            if isinstance(req, (wire.Cancel, wire.PrefillAnswered)):
+                if rank:
+                    self.rank_notices[rank].append((req.type, req.transfer_id))
+                else:
+                    (self.cancels if isinstance(req, wire.Cancel) else self.answered).append(req.transfer_id)
+            reply = wire.Ack(rid=req.rid, ok=True) if isinstance(req, (wire.Cancel, wire.PrefillAnswered)) else wire.PoolStatus(
+                rid=req.rid, incarnation="stub", total=8, free=8, used=0, quarantined=0, expired_total=0,
+                dropped_total=0, ranks=self.ranks)
+            sock.send_multipart([ident, auth.seal_reply(opened, wire.encode(reply))])
+        sock.close(0)
 
     async def start(self) -> None:
         app = web.Application()

@@ -54,6 +54,20 @@ async def test_the_decode_connector_hears_that_the_prefill_answered_or_failed(ma
     assert await eventually(lambda: (dec.answered, dec.cancels) == want), (dec.answered, dec.cancels)
 
 
+@pytest.mark.parametrize("mode", ["ok", "reset"])
+async def test_every_tp_rank_of_the_decode_connector_hears_of_its_transfer(make, mode):
+    """Each rank of a TP decode node is its own process with its own endpoint (port + rank) and book: a notice
+    sent to rank 0 only would leave the other ranks waiting for their producers until load_timeout_s."""
+    pre, dec = StubNode("p", mode=mode, die_after=0), StubNode("d", kv=True, ranks=3)
+    url, api = await make([pre], [dec])
+    assert api[PROXY].registry.backends["decode"][0].ranks == 3  # learned from its connector's pool status
+    assert (await post(url, REQ))[0] == 200
+    tid = dec.bodies[0]["kv_transfer_params"]["kvbridge"]["transfer_id"]
+    kind = "prefill_answered" if mode == "ok" else "cancel"
+    assert await eventually(lambda: dec.rank_notices == {1: [(kind, tid)], 2: [(kind, tid)]}), dec.rank_notices
+    assert (dec.answered, dec.cancels) == (([tid], []) if mode == "ok" else ([], [tid]))
+
+
 async def test_decode_dying_mid_stream_ends_with_error_event_and_done_without_retry(make):
     d0, d1 = StubNode("d0", mode="die", events=6, kv=True), StubNode("d1", kv=True)
     url, api = await make([StubNode("p")], [d0, d1], policy="round_robin")

@@ -260,7 +260,7 @@ class ConsumerEndpoint:
         s = self.pool.stats()
         return wire.PoolStatus(incarnation=self.incarnation, total=s.total, free=s.free, used=s.used,
                                quarantined=s.quarantined, expired_total=s.expired_total,
-                               dropped_total=s.dropped_total, counters=self.book.snapshot())
+                               dropped_total=s.dropped_total, counters=self.book.snapshot(), ranks=self.layout.tp_size)
 
     def _on_trace(self, msg: wire.TraceQuery) -> wire.Message:
         t = self.book.trace(msg.transfer_id)

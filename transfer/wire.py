@@ -13,9 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from transfer.layout import KVLayout
 
-# 7: PrefillAnswered; 6: Grant.incarnation; 5: windowed grants (Grant.chunks, Progress/WindowState) and Pending;
+# 8: PoolStatus.ranks; 7: PrefillAnswered; 6: Grant.incarnation; 5: windowed grants (Grant.chunks, Progress/WindowState) and Pending;
 # 4: HMAC frames
-PROTOCOL_VERSION = 7
+PROTOCOL_VERSION = 8
 MAX_MESSAGE_BYTES = 1 << 20
 
 
@@ -180,6 +180,7 @@ class PoolStatus(_Msg):
     expired_total: int
     dropped_total: int
     counters: dict[str, int] = {}
+    ranks: int = Field(default=1, ge=1, le=1024)  # the node's TP ranks: each has its own endpoint (port + rank)
 
 
 class TransferTrace(_Msg):
