@@ -2,7 +2,8 @@
 --rate (and --delay where the kernel has netem), on the bench model (32 KiB of KV per token).
 
 Prints, from one run: the raw TCP throughput of the prefill->decode link (Python sockets, median of
-repeats), TTFT of the prefill host computing a request itself (aggregated) against PD through the router
+repeats), kvbridge's transfer engine alone over the same link (bench/hosts_transfer.py: 32 and 256 MiB, ALLOC to
+the last chunk landed, against raw TCP), TTFT of the prefill host computing a request itself (aggregated) against PD through the router
 (median of repeats; every PD answer checked equal to aggregated), and kvbridge's push rate (bytes the
 producer pushed / its SENDING->SENT time) as a share of the raw TCP figure. Pushing overlaps the
 prefill's compute, and SENDING->SENT includes the wait for chunks not yet computed: the rate is a lower
@@ -27,6 +28,7 @@ from pathlib import Path
 import requests
 import yaml
 
+from bench.hosts_transfer import transfer_gbps
 from launch import netns
 from launch.local_servers import LOG_DIR, MODEL_DIR
 from launch.netns import LinkShape, NetnsError, entered
@@ -153,6 +155,10 @@ def main() -> None:
         link = shaped(placed, args.rate, args.delay)
         raw = statistics.median(raw_tcp_gbps(placed, "hp", "hd") for _ in range(3))
         print(f"links: {link}; raw TCP prefill->decode (one stream, median of 3): {raw:.2f} GB/s", flush=True)
+        engine = {mib: transfer_gbps(placed.net, "hp", "hd", mib << 20, 3) for mib in (32, 256)}
+        for mib, gbps in engine.items():
+            print(f"kvbridge transfer engine prefill->decode, {mib} MiB (ALLOC to last chunk landed, median of 3): "
+                  f"{gbps:.2f} GB/s = {gbps / raw:.2f} x raw TCP", flush=True)
         vllms = placed.vllm_servers(LOG_DIR, env)
         router = placed.router_server(LOG_DIR, env)
         try:
@@ -191,6 +197,8 @@ def main() -> None:
     for n, a, p, eq in rows:
         print(f"{n:6} {a:19.1f} {p:11.1f} {p - a:15.1f} {p / a:6.2f}  {eq}/{args.repeats}")
     rate = moved / sending / 1e9 if sending else float("nan")
+    for mib, gbps in engine.items():
+        print(f"transfer engine alone, {mib} MiB: {gbps:.2f} GB/s, {gbps / raw:.2f} x raw TCP ({raw:.2f} GB/s)")
     print(f"\nkvbridge pushed {moved / 1e6:.1f} MB in {sending:.2f} s of SENDING->SENT (compute included): "
           f"{rate:.2f} GB/s, "
           f"{rate / raw:.2f} x raw TCP on the same link ({raw:.2f} GB/s)")
