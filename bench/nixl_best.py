@@ -33,4 +33,15 @@ if os.environ.get("KVB_NIXL_PYSTACKS") == "1":
 
 
 class NixlConnector(_StockNixlConnector):
-    """The stock connector; only its NIXL agent's configuration differs (see the module docstring)."""
+    """The stock connector; its NIXL agent's configuration differs (see the module docstring), and its worker keeps
+    the core binding the server was started with."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        # On CPU the stock worker pins the calling thread (the worker's main thread, which also runs the model's
+        # compute) to the last core of each NUMA node, whatever VLLM_CPU_OMP_THREADS_BIND said: on a 2-core box
+        # the prefill's and the decode's compute then share core 1. Put the binding back (KVB_NIXL_KEEP_BINDING=0:
+        # keep the stock pinning).
+        cpus = os.sched_getaffinity(0)
+        super().__init__(*args, **kwargs)
+        if os.environ.get("KVB_NIXL_KEEP_BINDING", "1") == "1":
+            os.sched_setaffinity(0, cpus)

@@ -25,6 +25,34 @@ from launch.local_servers import free_port
 from launch.tiny_model import make_tiny_model
 
 
+def thread_states(pid: str) -> str:
+    """Per thread: name, scheduler state, CPU ticks used over one second, kernel wait channel and stack."""
+    def ticks() -> dict[str, tuple[str, str, int]]:
+        out = {}
+        for t in os.listdir(f"/proc/{pid}/task"):
+            try:
+                st = open(f"/proc/{pid}/task/{t}/stat").read()
+            except OSError:
+                continue
+            f = st.rsplit(")", 1)[1].split()
+            out[t] = (st[st.index("(") + 1:st.rindex(")")], f[0], int(f[11]) + int(f[12]))
+        return out
+    a = ticks()
+    time.sleep(1)
+    b = ticks()
+    lines = [subprocess.run(["ps", "-eLo", "pid,tid,psr,cls,ni,stat,pcpu,comm", "--sort=-pcpu"], capture_output=True,
+                            text=True).stdout[:3000], open(f"/proc/{pid}/status").read()[-600:],
+             open(f"/proc/{pid}/sched").read()[:1500]]
+    for t, (name, state, used) in sorted(b.items()):
+        try:
+            wchan = open(f"/proc/{pid}/task/{t}/wchan").read()
+            kstack = open(f"/proc/{pid}/task/{t}/stack").read().replace("\n", " | ")
+        except OSError:
+            wchan, kstack = "?", "?"
+        lines.append(f"{t} {name!r} {state} busy={used - a.get(t, (0, 0, used))[2]} wchan={wchan} {kstack}")
+    return "\n".join(lines) + "\n"
+
+
 def dump_stacks(label: str, pid: int, out_dir: str) -> None:
     """Native stacks of every process in `pid`'s group, to files; prints their names."""
     pgid = os.getpgid(pid)
@@ -34,15 +62,15 @@ def dump_stacks(label: str, pid: int, out_dir: str) -> None:
                 fields = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(fields[2]) == pgid:
-                comm = open(f"/proc/{p}/comm").read().strip()
-                if os.environ.get("KVB_NIXL_PYSTACKS") == "1" and comm.startswith("VLLM::"):
-                    os.kill(int(p), signal.SIGUSR2)  # bench.nixl_best's faulthandler: Python stacks to the log
-                path = os.path.join(out_dir, f"{label}-{p}.gdb.txt")
-                with open(path, "w") as f:
-                    subprocess.run(["gdb", "-p", p, "-batch", "-ex", "thread apply all bt"], stdout=f,
-                                   stderr=subprocess.STDOUT, timeout=120)
-                print(f"    stacks: {path}", flush=True)
+            comm = open(f"/proc/{p}/comm").read().strip()
+            if int(fields[2]) == pgid and comm.startswith("VLLM::") and os.environ.get("KVB_NIXL_PYSTACKS") == "1":
+                for _ in range(3):  # bench.nixl_best's faulthandler: Python stacks to the log, three samples
+                    os.kill(int(p), signal.SIGUSR2)
+                    time.sleep(1)
+            if int(fields[2]) == pgid and comm.startswith("VLLM::"):
+                with open(os.path.join(out_dir, f"{label}-{p}.threads.txt"), "w") as f:
+                    f.write(thread_states(p))
+                print(f"    threads: {label}-{p}.threads.txt", flush=True)
 
 
 def main() -> None:
