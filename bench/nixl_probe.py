@@ -1,6 +1,7 @@
 """Does vLLM's NixlConnector (prefill + decode, pull) survive many sequential requests in a given NIXL
 configuration, and what does each node burn while idle? Finds the configuration bench/pd_bench.py can call
-NixlConnector's best; on a stalled request it dumps every thread's native stack (gdb) of both nodes.
+NixlConnector's best; on a stalled request it writes both workers' and engines' thread states (CPU use, kernel
+wait, affinity) and, with KVB_NIXL_PYSTACKS=1 and bench.nixl_best, their Python stacks to the server logs.
 
     python -m bench.nixl_probe [--module bench.nixl_best] [--extra '{"num_threads": 0}'] [--env '{"KVB_NIXL_SYNC":
         "strict"}'] [--requests 21] [--lengths 128 1000 2000] [--timeout 60] [--idle-seconds 10]
@@ -54,7 +55,7 @@ def thread_states(pid: str) -> str:
 
 
 def dump_stacks(label: str, pid: int, out_dir: str) -> None:
-    """Native stacks of every process in `pid`'s group, to files; prints their names."""
+    """Thread states (and Python stacks, see the module docstring) of the vLLM processes in `pid`'s group."""
     pgid = os.getpgid(pid)
     for p in os.listdir("/proc"):
         if p.isdigit() and os.path.exists(f"/proc/{p}/stat"):
