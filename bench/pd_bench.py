@@ -1,16 +1,25 @@
 """PD TTFT overhead, kvbridge vs vLLM's own NixlConnector, both over aggregated serving, in one run.
 
 Phases on this machine, same model and prompts: (1) one aggregated vLLM; (2) kvbridge prefill + decode,
-both legs sent at once as the router does; (3) NixlConnector prefill + decode, sequential as vLLM's
-proxy does (prefill answers with the pull handle, then decode pulls). TTFT is measured to the first
-streamed token; each point is the median of repeats. Tokens of every PD answer are checked against
-the aggregated answer. NixlConnector runs with the same core binding as kvbridge (prefill core 0, decode
-core 1) and its progress thread on, as vLLM creates it: with the thread off (NIXL's locking strict or not)
-its prefill worker hung within five requests in both runs tried here. Its rows print each leg's time; the
-thread keeps a core busy even when idle (bench/idle_cpu.py), so on a 2-core box its prefill leg is slower
-than aggregated compute. For kvbridge each request also prints its
-exposed transfer time (the decode's kvbridge_exposed_transfer_seconds: end of the prefill's last forward to
-the decode being able to schedule the request), read from the decode worker's metrics endpoint.
+both legs sent at once as the router does; (3) NixlConnector prefill + decode in its stock configuration, and
+(4) "nixl-best", NixlConnector in its best configuration here, both sequential as vLLM's proxy does (prefill
+answers with the pull handle, then decode pulls). TTFT is measured to the first streamed token; each point is
+the median of repeats. Tokens of every PD answer are checked against the aggregated answer; kvbridge's overhead
+is also printed as a ratio to NixlConnector-best's.
+
+Stock NixlConnector (as vLLM creates it) spins a core per node even when idle (NIXL's progress thread, about
+0.95 of a core each, bench/nixl_probe.py), and on CPU its worker pins its main thread, which runs the model's
+compute, to the last core, so prefill and decode compute both land on core 1 whatever VLLM_CPU_OMP_THREADS_BIND
+says. NixlConnector-best (bench/nixl_best.py, loaded as the connector module; only the NIXL agent's settings and
+the core binding differ): progress thread off, `num_threads` 0 (no UCX worker threads; the engines' own
+per-step polling drives UCX), and the core binding kvbridge's nodes have (prefill core 0, decode core 1). Idle
+it burns 0.02 of a core per node, and it ran 21 of 21 sequential 128–2000-token requests. With the progress
+thread off but vLLM's own pinning kept, requests stalled within five in each of five probe runs: both workers sat
+on core 1, where the decode worker busy-steps while it waits for KV, and the stalled prefill worker was runnable
+but got no CPU (likely why an earlier attempt here hung). Each NixlConnector row prints both legs' times. For kvbridge
+each request also prints its exposed transfer time (the decode's kvbridge_exposed_transfer_seconds: end of the
+prefill's last forward to the decode being able to schedule the request), read from the decode worker's
+metrics endpoint.
 
     python bench/pd_bench.py [--lengths 128 1000 2000] [--repeats 5]
 """
@@ -123,6 +132,21 @@ def run_phase(label: str, servers: list, once, bodies: dict, repeats: int) -> di
     return out
 
 
+def nixl_phase(label: str, kv_extra: dict, bodies: dict, repeats: int) -> dict:
+    """NixlConnector prefill (core 0) + decode (core 1) with `kv_extra` in the connector config; {} if it fails."""
+    kv = {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu",
+          "kv_load_failure_policy": "recompute", **kv_extra}
+    p = start(f"{label}-prefill", kv_config=kv, env={"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()),
+                                                     "VLLM_CPU_OMP_THREADS_BIND": "0"})
+    d = start(f"{label}-decode", kv_config=kv, env={"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()),
+                                                    "VLLM_CPU_OMP_THREADS_BIND": "1"})
+    try:
+        return run_phase(label, [p, d], lambda b: nixl_once(p, d, b), bodies, repeats)
+    except requests.RequestException as e:  # the table still shows what the other phases measured
+        print(f"  {label} phase failed: {type(e).__name__}: {e} (logs: {p.log_path}, {d.log_path})")
+        return {}
+
+
 def push_times_ms(log_path: Path) -> list[float]:
     pat = re.compile(r"producer \w+ -> SENT  \{.*'SENDING': ([\d.]+), 'SENT': ([\d.]+)\}")
     return [float(b) - float(a) for a, b in pat.findall(log_path.read_text(errors="replace"))]
@@ -160,30 +184,29 @@ def main() -> None:
     ours = run_phase("kvbridge", [kp, kd], lambda b: kvbridge_once(kp, kd, b, exposed), bodies, args.repeats)
     pushes = push_times_ms(kp.log_path)
     hooks = hook_costs_us(kd.log_path)
-    theirs = {}
+    theirs, best = {}, {}
     if not args.skip_nixl:
-        print("phase 3: NixlConnector (pull)")
-        nixl_kv = {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu",
-                   "kv_load_failure_policy": "recompute"}
-        npf = start("nixl-prefill", kv_config=nixl_kv, env={"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()),
-                                                            "VLLM_CPU_OMP_THREADS_BIND": "0"})
-        nd = start("nixl-decode", kv_config=nixl_kv, env={"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()),
-                                                          "VLLM_CPU_OMP_THREADS_BIND": "1"})
-        try:
-            theirs = run_phase("nixl", [npf, nd], lambda b: nixl_once(npf, nd, b), bodies, args.repeats)
-        except requests.RequestException as e:  # the table still shows what the other phases measured
-            print(f"  NixlConnector phase failed: {type(e).__name__}: {e} (logs: {npf.log_path}, {nd.log_path})")
+        print("phase 3: NixlConnector (pull), stock configuration")
+        theirs = nixl_phase("nixl", {}, bodies, args.repeats)
+        print("phase 4: NixlConnector (pull), best configuration here (bench/nixl_best.py)")
+        best = nixl_phase("nixl-best", {"kv_connector_module_path": "bench.nixl_best",
+                                        "kv_connector_extra_config": {"num_threads": 0}}, bodies, args.repeats)
     nan = {"ttft_ms": float("nan"), "tpot_ms": float("nan"), "texts": None}
-    print("\nprompt  agg TTFT  kvbridge +ms  NixlConnector +ms  ratio  tokens equal (ours, theirs)")
+    print("\nprompt  agg TTFT  kvbridge +ms  NixlConnector +ms  NixlConnector-best +ms  ratio to best  "
+          "tokens equal (ours, stock, best)")
     for n in args.lengths:
-        a, o, t = base[n]["ttft_ms"], ours[n]["ttft_ms"], theirs.get(n, nan)["ttft_ms"]
-        print(f"{n:6} {a:9.1f} {o - a:13.1f} {t - a:18.1f} {(o - a) / (t - a) if t != a else float('nan'):6.2f}  "
-              f"{ours[n]['texts'] == base[n]['texts']}, {theirs.get(n, nan)['texts'] == base[n]['texts']}")
+        a, o = base[n]["ttft_ms"], ours[n]["ttft_ms"]
+        t, b = theirs.get(n, nan), best.get(n, nan)
+        print(f"{n:6} {a:9.1f} {o - a:13.1f} {t['ttft_ms'] - a:18.1f} {b['ttft_ms'] - a:23.1f} "
+              f"{(o - a) / (b['ttft_ms'] - a) if b['ttft_ms'] != a else float('nan'):14.2f}  "
+              f"{ours[n]['texts'] == base[n]['texts']}, {t['texts'] == base[n]['texts']}, "
+              f"{b['texts'] == base[n]['texts']}")
     print("\nper output token after the first (ms, median): prompt  aggregated  kvbridge decode (ratio)  "
-          "NixlConnector decode (ratio)")
+          "NixlConnector decode (ratio)  NixlConnector-best decode (ratio)")
     for n in args.lengths:
-        a, o, t = base[n]["tpot_ms"], ours[n]["tpot_ms"], theirs.get(n, nan)["tpot_ms"]
-        print(f"{n:6} {a:10.2f} {o:10.2f} ({o / a:4.2f}) {t:10.2f} ({t / a:4.2f})")
+        a, o = base[n]["tpot_ms"], ours[n]["tpot_ms"]
+        t, b = theirs.get(n, nan)["tpot_ms"], best.get(n, nan)["tpot_ms"]
+        print(f"{n:6} {a:10.2f} {o:10.2f} ({o / a:4.2f}) {t:10.2f} ({t / a:4.2f}) {b:10.2f} ({b / a:4.2f})")
     for n in args.lengths:
         if exposed.by_length.get(n):
             print(f"kvbridge exposed transfer time, {n} tokens: median {statistics.median(exposed.by_length[n]):.2f} ms "

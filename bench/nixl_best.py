@@ -1,0 +1,47 @@
+"""vLLM's NixlConnector with NIXL's progress thread off, for bench/pd_bench.py's "nixl-best" phase.
+
+vLLM creates its NIXL agent with the progress thread on and no connector setting turns it off; that thread
+spins (NIXL starts it with no delay between polls), so it keeps a core busy even when idle, which on a
+2-core machine takes the other node's compute. With it off, UCX moves only when someone calls into the
+agent. Load it with `"kv_connector": "NixlConnector", "kv_connector_module_path": "bench.nixl_best"`.
+
+Diagnostic knobs (environment of the vLLM server): KVB_NIXL_PROG_THREAD=1 keeps the thread on,
+KVB_NIXL_SYNC=none|strict|rw picks NIXL's agent locking (unset: NIXL's default), KVB_NIXL_PYSTACKS=1 makes
+SIGUSR2 print every thread's Python stack to the server's log (bench/nixl_probe.py sends it on a stall).
+"""
+from __future__ import annotations
+
+import faulthandler
+import functools
+import os
+import signal
+import sys
+
+from vllm.distributed.kv_transfer.kv_connector.v1.nixl import base_worker
+from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlConnector as _StockNixlConnector
+
+_config = base_worker.nixl_agent_config
+_sync_t = sys.modules[_config.__module__].nixl_thread_sync_t
+_SYNC = {"none": _sync_t.NIXL_THREAD_SYNC_NONE, "strict": _sync_t.NIXL_THREAD_SYNC_STRICT,
+         "rw": _sync_t.NIXL_THREAD_SYNC_RW}
+_kwargs: dict = {"enable_prog_thread": os.environ.get("KVB_NIXL_PROG_THREAD", "0") == "1"}
+if os.environ.get("KVB_NIXL_SYNC"):
+    _kwargs["sync_mode"] = _SYNC[os.environ["KVB_NIXL_SYNC"]]
+base_worker.nixl_agent_config = functools.partial(_config, **_kwargs)
+if os.environ.get("KVB_NIXL_PYSTACKS") == "1":
+    faulthandler.register(signal.SIGUSR2, all_threads=True)
+
+
+class NixlConnector(_StockNixlConnector):
+    """The stock connector; its NIXL agent's configuration differs (see the module docstring), and its worker keeps
+    the core binding the server was started with."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        # On CPU the stock worker pins the calling thread (the worker's main thread, which also runs the model's
+        # compute) to the last core of each NUMA node, whatever VLLM_CPU_OMP_THREADS_BIND said: on a 2-core box
+        # the prefill's and the decode's compute then share core 1. Put the binding back (KVB_NIXL_KEEP_BINDING=0:
+        # keep the stock pinning).
+        cpus = os.sched_getaffinity(0)
+        super().__init__(*args, **kwargs)
+        if os.environ.get("KVB_NIXL_KEEP_BINDING", "1") == "1":
+            os.sched_setaffinity(0, cpus)
