@@ -20,7 +20,7 @@ from typing import Callable
 from aiohttp import web
 from pydantic import ValidationError
 
-from router.node_file import NodeFile
+from router.node_file import AddedNode
 from router.openai_errors import APIError
 from router.proxy import Proxy
 from router.registry import Backend
@@ -43,14 +43,19 @@ def add_node(proxy: Proxy, spec: dict) -> Backend:
     if kind not in ("prefill", "decode"):
         raise APIError(400, "kind must be 'prefill' or 'decode'", param="kind")
     try:
-        inst = NodeFile.instance(spec)
+        node = AddedNode.model_validate(spec)
+        inst = node.instance()
     except ValidationError as e:
         raise APIError(400, f"bad node spec: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}") from None
     if any(b.name == inst.name for bs in proxy.registry.backends.values() for b in bs):
         raise APIError(409, f"a node named {inst.name!r} exists already", code="conflict")
+    try:
+        proxy.registry.node_file.added(node)  # first: a node the file cannot keep is not added
+    except OSError as e:
+        raise APIError(500, f"could not record the node in {proxy.registry.node_file.path}: {e}", "server_error",
+                       code="nodes_file") from None
     b = Backend(inst, kind)
     proxy.registry.backends[kind].append(b)
-    proxy.registry.node_file.added(kind, inst)
     log.info("%s %s added at %s", kind, inst.name, inst.url)
     return b
 
@@ -70,7 +75,11 @@ async def drain(proxy: Proxy, name: str, wait: bool) -> dict:
                 for address in b.rank_addresses:
                     proxy.registry.control.drop(address)
             proxy.placement.index.forget(b.name)
-            proxy.registry.node_file.removed(b.name)
+            try:
+                proxy.registry.node_file.removed(b.name)
+            except OSError as e:
+                log.error("%s %s removed, but not from %s (%s): a restarted router will serve it again",
+                          b.kind, b.name, proxy.registry.node_file.path, e)
             log.info("%s %s drained and removed", b.kind, b.name)
     return {"name": b.name, "kind": b.kind, "outstanding": b.outstanding,
             "removed": b not in proxy.registry.backends[b.kind]}

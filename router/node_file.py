@@ -3,8 +3,11 @@
 Nodes added through `/admin/nodes` and configured nodes drained away are written to `nodes_file` (when set),
 so a restarted router serves the nodes it served before it stopped, not only its config file's. Only the
 membership is kept: what each node holds is learned again from its replies (router/prefix_index.py), and health
-from its checks. The file is JSON, rewritten whole through a temporary file and a rename, so a crash mid-write
-leaves the previous version; an unreadable file stops the start with an error that names it.
+from its checks. A configured node drained away is listed in `removed`; added again at run time it stays there
+and its new spec is in `added`, so a restart serves the spec it was last added with. The file is JSON, written
+whole to a temporary file, flushed to disk and renamed over the old one, so a crash leaves the previous version
+or the new one. One router writes a given file (two routers in front of the same nodes keep one file each); an
+unreadable file stops the start with an error that names it.
 
     {"version": 1, "added": [{"kind": "decode", "name": ..., "url": ..., "kv_address": ...}], "removed": [names]}
 """
@@ -13,7 +16,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -23,61 +28,77 @@ from transfer.config_errors import ConfigError
 log = logging.getLogger("kvbridge.router")
 
 
+class AddedNode(BaseModel):
+    """A node added at run time, as `POST /admin/nodes` takes it."""
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["prefill", "decode"]
+    name: str
+    url: str
+    kv_address: str | None = None
+
+    def instance(self) -> Instance:
+        fields = self.model_dump(exclude={"kind"}, exclude_none=True)
+        return (DecodeInstance if self.kind == "decode" else Instance).model_validate(fields)
+
+
 class _Contents(BaseModel):
     model_config = ConfigDict(extra="forbid")
     version: int = Field(default=1, ge=1, le=1)
-    added: list[dict] = Field(default_factory=list)  # {"kind": ...} plus the instance spec
-    removed: list[str] = Field(default_factory=list)  # names of configured nodes drained away
+    added: list[AddedNode] = Field(default_factory=list)
+    removed: list[str] = Field(default_factory=list)  # configured nodes not served
 
 
 class NodeFile:
-    """The run-time changes to the configured node list, kept in `path` (nothing is kept when it is None)."""
+    """The run-time changes to the configured nodes, kept in `path` (nothing is kept when it is None)."""
 
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
+    def __init__(self, path: Path | None, configured: set[str]) -> None:
+        self.path, self._configured = path, configured
         self._c = _Contents()
         if path is not None and path.exists():
             try:
                 self._c = _Contents.model_validate(json.loads(path.read_text()))
-                for spec in self._c.added:
-                    self.instance(spec)
+                for node in self._c.added:
+                    node.instance()
             except (ValueError, ValidationError) as e:
                 raise ConfigError(f"{path}: not a node file this router can read ({e}); move it away to start "
                                   "from the config file's nodes") from None
 
-    @staticmethod
-    def instance(spec: dict) -> Instance:
-        """The instance a stored spec describes (validated as the admin endpoint validates it)."""
-        fields = {k: v for k, v in spec.items() if k != "kind"}
-        return (DecodeInstance if spec.get("kind") == "decode" else Instance).model_validate(fields)
-
     def apply(self, configured: dict[str, list[Instance]]) -> dict[str, list[Instance]]:
-        """The nodes to serve: the configured ones less those drained away, plus those added at run time."""
+        """The nodes to serve: the configured ones not removed, plus those added at run time."""
         out = {kind: [i for i in insts if i.name not in self._c.removed] for kind, insts in configured.items()}
-        names = {i.name for insts in out.values() for i in insts}
-        for spec in self._c.added:
-            if spec["name"] not in names:
-                out[spec["kind"]].append(self.instance(spec))
+        for node in self._c.added:
+            out[node.kind].append(node.instance())
         if self._c.added or self._c.removed:
-            log.info("nodes from %s: %d added at run time, %d configured ones drained away (%s)", self.path,
-                     len(self._c.added), len(self._c.removed), ", ".join(self._c.removed) or "none")
+            log.info("nodes from %s: added at run time %s; configured but not served %s", self.path,
+                     [n.name for n in self._c.added] or "none", self._c.removed or "none")
         return out
 
-    def added(self, kind: str, inst: Instance) -> None:
-        self._c.added = [s for s in self._c.added if s["name"] != inst.name] + [{"kind": kind, **inst.model_dump()}]
-        self._c.removed = [n for n in self._c.removed if n != inst.name]
-        self._write()
+    def added(self, node: AddedNode) -> None:
+        """Record `node` as served (raises OSError when the file cannot be written: nothing changed then)."""
+        c = self._c.model_copy(deep=True)
+        c.added = [n for n in c.added if n.name != node.name] + [node]
+        if node.name in self._configured and node.name not in c.removed:
+            c.removed.append(node.name)  # the configured spec stays out: this one replaces it
+        self._write(c)
 
     def removed(self, name: str) -> None:
-        before = len(self._c.added)
-        self._c.added = [s for s in self._c.added if s["name"] != name]
-        if len(self._c.added) == before and name not in self._c.removed:
-            self._c.removed.append(name)  # a configured node: keep it away after a restart
-        self._write()
+        """Record `name` as no longer served (raises OSError when the file cannot be written)."""
+        c = self._c.model_copy(deep=True)
+        c.added = [n for n in c.added if n.name != name]
+        if name in self._configured and name not in c.removed:
+            c.removed.append(name)
+        self._write(c)
 
-    def _write(self) -> None:
-        if self.path is None:
-            return
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(self._c.model_dump_json(indent=1))
-        os.replace(tmp, self.path)
+    def _write(self, c: _Contents) -> None:
+        if self.path is not None:
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(c.model_dump_json(indent=1))
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        self._c = c

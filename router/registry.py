@@ -112,7 +112,7 @@ class DownWatch:
 class Registry:
     def __init__(self, cfg: RouterConfig) -> None:
         self.cfg = cfg
-        self.node_file = NodeFile(cfg.nodes_file)  # run-time adds and drains, kept across restarts
+        self.node_file = NodeFile(cfg.nodes_file, {i.name for i in [*cfg.prefill, *cfg.decode]})  # kept across restarts
         nodes = self.node_file.apply({"prefill": list(cfg.prefill), "decode": list(cfg.decode)})
         self.backends = {kind: [Backend(i, kind) for i in insts] for kind, insts in nodes.items()}
         self._rr = {k: itertools.count() for k in self.backends}

@@ -9,7 +9,8 @@ import pytest
 
 from launch.node_ctl import AdminError, nodes_command
 from router.app import PROXY, build_app
-from router.config import RouterConfig
+from router.config import DecodeInstance, Instance, RouterConfig
+from router.node_file import AddedNode, NodeFile
 from transfer.config_errors import ConfigError
 from tests.router_stubs import REQ, StubNode, eventually, events, post
 
@@ -88,3 +89,23 @@ async def test_a_node_file_the_router_cannot_read_stops_its_start_naming_the_fil
                                                    "kv_address": "127.0.0.1:3"}], "nodes_file": str(bad)})
     with pytest.raises(ConfigError, match="nodes.json: not a node file"):
         build_app(cfg)
+
+
+def test_a_configured_node_added_again_is_served_with_its_new_address_and_stays_away_once_drained_again(tmp_path):
+    path, names = tmp_path / "nodes.json", {"p", "d0"}
+    configured = {"prefill": [Instance(name="p", url="http://127.0.0.1:1")],
+                  "decode": [DecodeInstance(name="d0", url="http://127.0.0.1:2", kv_address="127.0.0.1:3")]}
+    nodes = NodeFile(path, names)
+    nodes.removed("d0")
+    nodes.added(AddedNode(kind="decode", name="d0", url="http://127.0.0.1:4", kv_address="127.0.0.1:5"))
+    served = NodeFile(path, names).apply(configured)  # a restarted router reads the file again
+    assert [(i.name, i.url) for i in served["decode"]] == [("d0", "http://127.0.0.1:4")]
+    nodes.removed("d0")
+    assert NodeFile(path, names).apply(configured) == {"prefill": configured["prefill"], "decode": []}
+
+
+def test_a_node_file_entry_of_no_known_kind_is_refused_naming_the_file(tmp_path):
+    bad = tmp_path / "nodes.json"
+    bad.write_text('{"version": 1, "added": [{"kind": "router", "name": "r", "url": "http://127.0.0.1:1"}]}')
+    with pytest.raises(ConfigError, match="nodes.json: not a node file"):
+        NodeFile(bad, set())
