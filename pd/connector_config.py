@@ -49,9 +49,9 @@ class ConnectorConfig(BaseModel):
     no_show_s: float = Field(default=0.25, gt=0, description="once the router says the prefill node answered, how "
                              "long a consumer waits for its producer's first word (it asks for slots before the "
                              "forward) before the request follows its load-failure policy")
-    handshake_grace_s: float = Field(default=2.0, gt=0, description="no_show_s becomes this while any producer "
-                                     "greeted this node within as long: its first handshake may still be under way "
-                                     "(it took up to 3 s on two loaded cores)")
+    handshake_grace_s: float = Field(default=4.0, gt=0, description="no_show_s becomes this while a producer "
+                                     "admitted within as long may still be finishing its first handshake (it took "
+                                     "up to 3 s on two loaded cores)")
     unclaimed_ttl_s: float = Field(default=30.0, gt=0, description="how long arrived KV waits for its decode request")
     idle_wait_ms: float = Field(default=20.0, gt=0, le=1000,
                                 description="an idle decode engine sleeps this long per step while KV is on its way")

@@ -8,8 +8,8 @@ receive; one that went missing is reported as a load error and recomputed).
 Consumer: each step checks its expected transfers; a complete one is verified, scattered into the blocks
 vLLM allocated and its slots released (a windowed one chunk by chunk as it lands: pd/lease_scatter.py); one
 that expires (no sign of life for `load_timeout_s`, or none `no_show_s` after the router said its prefill
-answered — `handshake_grace_s` while a producer's first handshake may be under way) or fails is reported as a failed receive, and vLLM's
-`kv_load_failure_policy` (recompute | fail) decides what the request sees.
+answered: `handshake_grace_s` while a producer's first handshake may be under way) or fails is reported as a
+failed receive, and vLLM's `kv_load_failure_policy` (recompute | fail) decides what the request sees.
 """
 from __future__ import annotations
 
@@ -233,8 +233,7 @@ class WorkerSide:
     def _check_loads(self) -> None:
         now = time.monotonic()
         book = self.endpoint.book
-        greeting = now - self.endpoint.producers.last_hello < self.cfg.handshake_grace_s  # a handshake may be on
-        no_show_s = self.cfg.handshake_grace_s if greeting else self.cfg.no_show_s
+        no_show_s = self.endpoint.producers.no_show_s(self.cfg.no_show_s, self.cfg.handshake_grace_s)
         for rid, ld in list(self._loads.items()):
             arrival, reason = book.status(ld.task.spec.key)
             if arrival == Arrival.ENDED:

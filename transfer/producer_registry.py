@@ -43,7 +43,7 @@ class ProducerRegistry:
         self._clock = clock
         self._by_id: OrderedDict[str, _Producer] = OrderedDict()  # least recently heard first
         self._incarnations: dict[str, str] = {}  # incarnation -> producer id
-        self.last_hello = float("-inf")  # when a producer last greeted (its handshake may still be under way)
+        self._last_admitted = float("-inf")  # when a new producer (or a restarted one) was last admitted
 
     def owner(self, incarnation: str) -> str | None:
         """The producer id that introduced this incarnation, None when none we still know did."""
@@ -68,7 +68,6 @@ class ProducerRegistry:
 
     def hello(self, msg: wire.Hello) -> str:
         """Admit the producer ('' ) or say why not."""
-        self.last_hello = self._clock()
         old = self._by_id.get(msg.producer_id)
         if old is not None and old.incarnation == msg.incarnation:
             self._by_id.move_to_end(msg.producer_id)
@@ -85,7 +84,14 @@ class ProducerRegistry:
         self._by_id[msg.producer_id] = _Producer(msg.generation, msg.incarnation,
                                                  self._agent.add_remote(msg.agent_meta), self._clock())
         self._incarnations[msg.incarnation] = msg.producer_id
+        self._last_admitted = self._clock()
         return ""
+
+    def no_show_s(self, quiet_s: float, handshake_s: float) -> float:
+        """How long a transfer whose prefill node has answered may stay unheard of: `quiet_s`, or `handshake_s`
+        (if longer) while a producer admitted less than `handshake_s` ago may still be finishing its handshake —
+        its ALLOCs, sent before the forward, go out only once the handshake is done."""
+        return max(quiet_s, handshake_s) if self._clock() - self._last_admitted < handshake_s else quiet_s
 
     def _forget(self, producer_id: str) -> int:
         p = self._by_id.pop(producer_id)
