@@ -2,8 +2,8 @@
 
 vLLM calls the connector on every engine step, including every decode step of every running request, so
 a microsecond here is paid on each token. Each process (scheduler and worker are separate processes)
-adds its hooks' time to Prometheus counters and, every `every_s` (10), logs the mean cost per step over the
-window ("connector hooks: 4.1 us/step over 812 steps (get_transfer_results 1.9, ...)"), which the benchmarks
+adds its hooks' time to plain counters (exported to Prometheus when scraped) and, every `every_s` (10),
+logs the mean cost per step over the window ("connector hooks: 4.1 us/step over 812 steps (get_transfer_results 1.9, ...)"), which the benchmarks
 read. Time a hook spends deliberately asleep (an idle decode engine waiting for KV instead of spinning through
 empty steps) is reported apart, as `idle wait`: it is not a cost to any request.
 """
@@ -12,33 +12,34 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
-from prometheus_client import Counter
+from prometheus_client import REGISTRY
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 log = logging.getLogger("kvbridge.hooks")
-HOOK_SECONDS = Counter("kvbridge_connector_hook_seconds", "Time spent inside connector hooks", ["hook"])
-HOOK_CALLS = Counter("kvbridge_connector_hook_calls", "Connector hook calls", ["hook"])
 F = TypeVar("F", bound=Callable)
+_TIMERS: list[HookTimer] = []
 
 
 class HookTimer:
     """Accumulates hook time; `step_hook` names the hook called once per engine step in this process.
 
-    Counting must cost less than what it counts: a hook call adds to plain integers only, and the sums move to
-    the Prometheus counters once per `flush_s` (at a step), so a scrape lags the engine by at most that much
-    (an engine with no steps has nothing new to count). Measured here: a Prometheus increment per call made the
-    wrapper cost 2.6 us per hook, more than the empty hooks it timed (0.3-0.6 us)."""
+    Counting must cost less than what it counts: a hook call adds to plain integers only, which the Prometheus
+    collector below reads when scraped. Measured here: a Prometheus increment per call made the wrapper cost
+    2.6 us per hook, more than the empty hooks it timed (0.3-0.6 us)."""
 
-    def __init__(self, step_hook: str, every_s: float = 10.0, clock=time.perf_counter_ns, flush_s: float = 1.0) -> None:
+    def __init__(self, step_hook: str, every_s: float = 10.0, clock=time.perf_counter_ns) -> None:
         self.step_hook = step_hook
-        self.every_ns, self.flush_ns = int(every_s * 1e9), int(flush_s * 1e9)
+        self.every_ns = int(every_s * 1e9)
         self._clock = clock
+        self.totals: dict[str, list[int]] = {}  # hook -> [ns, calls] since the start
         self._window: dict[str, int] = {}  # ns per hook since the last log line
-        self._unflushed: dict[str, list[int]] = {}  # hook -> [ns, calls] not yet in the Prometheus counters
         self._idle_ns = 0  # asleep on purpose inside the current window's hooks
         self._steps = 0
-        self._since = self._flushed = clock()
+        self._since = clock()
+        _TIMERS.append(self)
 
     def idle(self, ns: int) -> None:
         """A hook slept `ns` on purpose (nothing to compute); not counted as its cost."""
@@ -46,27 +47,18 @@ class HookTimer:
 
     def add(self, hook: str, ns: int, now: int | None = None) -> None:
         """`ns` spent in `hook`, which ended at `now` (this timer's clock)."""
-        self._window[hook] = self._window.get(hook, 0) + ns
-        pending = self._unflushed.get(hook)
-        if pending is None:
-            self._unflushed[hook] = [ns, 1]
+        total = self.totals.get(hook)
+        if total is None:
+            self.totals[hook] = [ns, 1]
         else:
-            pending[0] += ns
-            pending[1] += 1
+            total[0] += ns
+            total[1] += 1
+        self._window[hook] = self._window.get(hook, 0) + ns
         if hook == self.step_hook:
             self._steps += 1
             now = self._clock() if now is None else now
-            if now - self._flushed >= self.flush_ns:
-                self.flush(now)
-
-    def flush(self, now: int) -> None:
-        """Move the sums to the Prometheus counters; log the window's mean per step once `every_s` passed."""
-        for hook, (ns, calls) in self._unflushed.items():
-            HOOK_SECONDS.labels(hook).inc(ns / 1e9)
-            HOOK_CALLS.labels(hook).inc(calls)
-        self._unflushed, self._flushed = {}, now
-        if now - self._since >= self.every_ns:
-            self._report(now)
+            if now - self._since >= self.every_ns:
+                self._report(now)
 
     def _report(self, now: int) -> None:
         if self._steps:
@@ -92,5 +84,26 @@ class HookTimer:
         return wrapper  # type: ignore[return-value]
 
 
+class _HookCollector(Collector):
+    """`kvbridge_connector_hook_seconds_total` and `..._calls_total` by hook, read from every timer at scrape time
+    (the engine thread may add meanwhile: a scrape sees each hook's sum and count within a call of each other)."""
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        seconds = CounterMetricFamily("kvbridge_connector_hook_seconds", "Time spent inside connector hooks",
+                                      labels=["hook"])
+        calls = CounterMetricFamily("kvbridge_connector_hook_calls", "Connector hook calls", labels=["hook"])
+        summed: dict[str, list[int]] = {}
+        for timer in list(_TIMERS):
+            for hook, (ns, n) in list(timer.totals.items()):
+                acc = summed.setdefault(hook, [0, 0])
+                acc[0], acc[1] = acc[0] + ns, acc[1] + n
+        for hook, (ns, n) in sorted(summed.items()):
+            seconds.add_metric([hook], ns / 1e9)
+            calls.add_metric([hook], n)
+        yield seconds
+        yield calls
+
+
+REGISTRY.register(_HookCollector())
 SCHEDULER_HOOKS = HookTimer("build_connector_meta")  # the scheduler process: one build per engine step
 WORKER_HOOKS = HookTimer("bind_connector_metadata")  # a worker process: one bind per engine step
