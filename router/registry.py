@@ -192,6 +192,9 @@ class Registry:
         if ok and b.kv_address:
             status = await pool_status(self.control, b.kv_address, self.cfg.health_timeout_s)
             ok, why = status is not None, "its kvbridge connector does not answer"
+            if status is not None and status[1] < b.ranks:  # restarted with fewer ranks: those ports are gone
+                for address in b.rank_addresses[status[1]:]:
+                    self.control.drop(address)
             b.pool_free, b.ranks = status if status is not None else (0.0, b.ranks)
             DECODE_POOL_FREE.labels(b.name).set(b.pool_free)
         if ok:

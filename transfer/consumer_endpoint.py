@@ -257,10 +257,10 @@ class ConsumerEndpoint:
         return wire.Ack(ok=True)
 
     def _on_stats(self, msg: wire.Stats) -> wire.Message:
-        s = self.pool.stats()
+        s, ranks = self.pool.stats(), self.layout.tp_size if self.cfg.port else 1  # a set port: rank r on port + r
         return wire.PoolStatus(incarnation=self.incarnation, total=s.total, free=s.free, used=s.used,
                                quarantined=s.quarantined, expired_total=s.expired_total,
-                               dropped_total=s.dropped_total, counters=self.book.snapshot(), ranks=self.layout.tp_size)
+                               dropped_total=s.dropped_total, counters=self.book.snapshot(), ranks=ranks)
 
     def _on_trace(self, msg: wire.TraceQuery) -> wire.Message:
         t = self.book.trace(msg.transfer_id)
