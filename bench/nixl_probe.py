@@ -1,9 +1,9 @@
 """Does vLLM's NixlConnector (prefill + decode, pull) survive many sequential requests in a given NIXL
 configuration, and what does each node burn while idle? Finds the configuration bench/pd_bench.py can call
 NixlConnector's best; on a stalled request it writes both workers' and engines' thread states (CPU use, kernel
-wait, affinity) and, with KVB_NIXL_PYSTACKS=1 and bench.nixl_best, their Python stacks to the server logs.
+wait, affinity) and, with KVB_NIXL_PYSTACKS=1 and pd.nixl_best, their Python stacks to the server logs.
 
-    python -m bench.nixl_probe [--module bench.nixl_best] [--extra '{"num_threads": 0}'] [--env '{"KVB_NIXL_SYNC":
+    python -m bench.nixl_probe [--module pd.nixl_best] [--extra '{"num_threads": 0}'] [--env '{"KVB_NIXL_SYNC":
         "strict"}'] [--requests 21] [--lengths 128 1000 2000] [--timeout 60] [--idle-seconds 10]
 """
 from __future__ import annotations
@@ -65,7 +65,7 @@ def dump_stacks(label: str, pid: int, out_dir: str) -> None:
                 continue
             comm = open(f"/proc/{p}/comm").read().strip()
             if int(fields[2]) == pgid and comm.startswith("VLLM::") and os.environ.get("KVB_NIXL_PYSTACKS") == "1":
-                for _ in range(3):  # bench.nixl_best's faulthandler: Python stacks to the log, three samples
+                for _ in range(3):  # pd.nixl_best's faulthandler: Python stacks to the log, three samples
                     os.kill(int(p), signal.SIGUSR2)
                     time.sleep(1)
             if int(fields[2]) == pgid and comm.startswith("VLLM::"):

@@ -10,7 +10,7 @@ is also printed as a ratio to NixlConnector-best's.
 Stock NixlConnector (as vLLM creates it) spins a core per node even when idle (NIXL's progress thread, about
 0.95 of a core each, bench/nixl_probe.py), and on CPU its worker pins its main thread, which runs the model's
 compute, to the last core, so prefill and decode compute both land on core 1 whatever VLLM_CPU_OMP_THREADS_BIND
-says. NixlConnector-best (bench/nixl_best.py, loaded as the connector module; only the NIXL agent's settings and
+says. NixlConnector-best (pd/nixl_best.py, loaded as the connector module; only the NIXL agent's settings and
 the core binding differ): progress thread off, `num_threads` 0 (no UCX worker threads; the engines' own
 per-step polling drives UCX), and the core binding kvbridge's nodes have (prefill core 0, decode core 1). Idle
 it burns 0.02 of a core per node, and it ran 21 of 21 sequential 128–2000-token requests. With the progress
@@ -188,8 +188,8 @@ def main() -> None:
     if not args.skip_nixl:
         print("phase 3: NixlConnector (pull), stock configuration")
         theirs = nixl_phase("nixl", {}, bodies, args.repeats)
-        print("phase 4: NixlConnector (pull), best configuration here (bench/nixl_best.py)")
-        best = nixl_phase("nixl-best", {"kv_connector_module_path": "bench.nixl_best",
+        print("phase 4: NixlConnector (pull), best configuration here (pd/nixl_best.py)")
+        best = nixl_phase("nixl-best", {"kv_connector_module_path": "pd.nixl_best",
                                         "kv_connector_extra_config": {"num_threads": 0}}, bodies, args.repeats)
     nan = {"ttft_ms": float("nan"), "tpot_ms": float("nan"), "texts": None}
     print("\nprompt  agg TTFT  kvbridge +ms  NixlConnector +ms  NixlConnector-best +ms  ratio to best  "

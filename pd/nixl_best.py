@@ -3,7 +3,7 @@
 vLLM creates its NIXL agent with the progress thread on and no connector setting turns it off; that thread
 spins (NIXL starts it with no delay between polls), so it keeps a core busy even when idle, which on a
 2-core machine takes the other node's compute. With it off, UCX moves only when someone calls into the
-agent. Load it with `"kv_connector": "NixlConnector", "kv_connector_module_path": "bench.nixl_best"`.
+agent. Load it with `"kv_connector": "NixlConnector", "kv_connector_module_path": "pd.nixl_best"`.
 
 Diagnostic knobs (environment of the vLLM server): KVB_NIXL_PROG_THREAD=1 keeps the thread on,
 KVB_NIXL_SYNC=none|strict|rw picks NIXL's agent locking (unset: NIXL's default), KVB_NIXL_PYSTACKS=1 makes
