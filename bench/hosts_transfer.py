@@ -9,9 +9,11 @@ bytes over that time is the transfer's rate, set beside raw TCP on the same link
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import secrets
+import shutil
 import statistics
 import sys
 import tempfile
@@ -24,6 +26,7 @@ from launch.netns import Network
 from launch.placement import transport_env
 
 CONSUMER_PORT = 5650
+WAIT_S = 60.0  # a transfer not complete by then is reported, not waited for
 
 
 def _consumer(conn, env: dict, address: str, secret: bytes, num_slots: int) -> None:
@@ -38,8 +41,12 @@ def _consumer(conn, env: dict, address: str, secret: bytes, num_slots: int) -> N
         key, num_tokens = msg
         ep.book.expect(key, num_tokens, TOKEN_HASH)
         conn.send("expecting")
-        while ep.book.status(key)[0] not in (Arrival.COMPLETE, Arrival.ENDED):
+        deadline = time.monotonic() + WAIT_S
+        while ep.book.status(key)[0] not in (Arrival.COMPLETE, Arrival.ENDED) and time.monotonic() < deadline:
             ep.wait_arrivals(0.02)
+        if ep.book.status(key)[0] != Arrival.COMPLETE:
+            conn.send((0.0, f"transfer {key} not complete after {WAIT_S:.0f}s: {ep.book.status(key)}"))
+            continue
         done = time.time()
         lease, why = ep.book.claim(key)
         ep.book.finish(key, lease, {"transfer_id": key, "state": "SCATTERED"}, COMPLETED)
@@ -80,10 +87,13 @@ def transfer_gbps(net: Network, src: str, dst: str, nbytes: int, repeats: int) -
                            daemon=True)
     producer = ctx.Process(target=_producer, args=(pc, transport_env(net, src), secret), daemon=True)
     folder = Path(tempfile.mkdtemp(prefix="hosts-transfer-"))
-    for proc, host in ((consumer, dst), (producer, src)):
-        ctx.set_executable(_interpreter_in(net.hosts[host].namespace, folder))
-        proc.start()
-    ctx.set_executable(sys.executable)
+    try:
+        for proc, host in ((consumer, dst), (producer, src)):
+            ctx.set_executable(_interpreter_in(net.hosts[host].namespace, folder))
+            proc.start()
+    finally:
+        ctx.set_executable(sys.executable)
+        shutil.rmtree(folder)  # each process has started: the wrappers are no longer needed
     target, rates = cp.recv(), []
     try:
         for i in range(repeats + 1):  # the first opens the link (handshake, UCX connection): not counted
@@ -98,7 +108,8 @@ def transfer_gbps(net: Network, src: str, dst: str, nbytes: int, repeats: int) -
                 rates.append(chunks * LAYOUT.chunk_bytes(CHUNK_TOKENS) / (done - start) / 1e9)
     finally:
         for conn in (cp, pp):
-            conn.send(None)
+            with contextlib.suppress(OSError):  # a child that died already: its error is the one to see
+                conn.send(None)
         for proc in (consumer, producer):
             proc.join(10)
     return statistics.median(rates)
