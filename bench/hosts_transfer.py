@@ -93,9 +93,11 @@ def transfer_gbps(net: Network, src: str, dst: str, nbytes: int, repeats: int) -
             proc.start()
     finally:
         ctx.set_executable(sys.executable)
-        shutil.rmtree(folder)  # each process has started: the wrappers are no longer needed
-    target, rates = cp.recv(), []
+    rates: list[float] = []
     try:
+        if not cp.poll(WAIT_S):
+            raise RuntimeError(f"the consumer in {dst} did not start within {WAIT_S:.0f}s")
+        target = cp.recv()
         for i in range(repeats + 1):  # the first opens the link (handshake, UCX connection): not counted
             key = f"h-{uuid.uuid4().hex}"
             cp.send((key, chunks * CHUNK_TOKENS))
@@ -112,4 +114,5 @@ def transfer_gbps(net: Network, src: str, dst: str, nbytes: int, repeats: int) -
                 conn.send(None)
         for proc in (consumer, producer):
             proc.join(10)
+        shutil.rmtree(folder)  # only now: a shell reads its script after the exec that start() waited for
     return statistics.median(rates)
