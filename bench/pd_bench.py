@@ -90,10 +90,16 @@ def kvbridge_once(p: VllmServer, d: VllmServer, body: dict, exposed: ExposedTime
     tid = uuid.uuid4().hex
     pre = dict(body, max_tokens=1, kv_transfer_params={"kvbridge": {"transfer_id": tid, "push_to": d.handshake}})
     dec = dict(body, kv_transfer_params={"kvbridge": {"transfer_id": tid, "receive": True}})
+    def prefill_leg() -> float:
+        t0 = time.perf_counter()
+        requests.post(p.url + "/v1/completions", json=pre, timeout=300).raise_for_status()
+        return time.perf_counter() - t0
     with cf.ThreadPoolExecutor(1) as ex:
-        f = ex.submit(requests.post, p.url + "/v1/completions", json=pre, timeout=300)
+        f = ex.submit(prefill_leg)
         ttft, text, tpot = stream_ttft(d.url, dec)
-        f.result().raise_for_status()
+        leg_s = f.result()
+    print(f"    kvbridge leg times: prefill {leg_s * 1000:.1f} ms (both legs sent at once), decode TTFT "
+          f"{ttft * 1000:.1f} ms", flush=True)
     exposed.record(len(body["prompt"]), before)
     return ttft, text, tpot
 
