@@ -11,11 +11,12 @@ a core). Stock NixlConnector is left out: its progress threads spin a core per n
 others. Prints per length the median overhead of each system, the ratio kvbridge / NixlConnector-best of
 those medians, and whether every answer equalled aggregated's.
 
-    python -m bench.pd_interleaved [--lengths 128 1000 2000] [--repeats 5]
+    python -m bench.pd_interleaved [--lengths 128 1000 2000] [--repeats 5] [--prefill-connector JSON]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
 
@@ -33,13 +34,15 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[128, 1000, 2000])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--prefill-connector", type=json.loads, default={},
+                    help='extra kvbridge settings for the prefill node, e.g. \'{"gil_switch_interval_ms": 5}\'')
     args = ap.parse_args()
     make_tiny_model(MODEL, "bench")
     rng = random.Random(1)
     metrics_port = free_port()
     servers = {
         "agg": start("il-agg", env={"VLLM_CPU_OMP_THREADS_BIND": "0"}),
-        "kp": start_vllm("bench-il-kvb-prefill", "prefill", {}, model=MODEL, max_model_len=4096),
+        "kp": start_vllm("bench-il-kvb-prefill", "prefill", args.prefill_connector, model=MODEL, max_model_len=4096),
         "kd": start_vllm("bench-il-kvb-decode", "decode", {"metrics_port": metrics_port}, model=MODEL,
                          max_model_len=4096),
         "np": start("il-best-prefill", kv_config=BEST, env={"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()),
