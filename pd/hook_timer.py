@@ -3,9 +3,10 @@
 vLLM calls the connector on every engine step, including every decode step of every running request, so
 a microsecond here is paid on each token. Each process (scheduler and worker are separate processes)
 adds its hooks' time to plain counters (exported to Prometheus when scraped) and, every `every_s` (10),
-logs the mean cost per step over the window ("connector hooks: 4.1 us/step over 812 steps (get_transfer_results 1.9, ...)"), which the benchmarks
-read. Time a hook spends deliberately asleep (an idle decode engine waiting for KV instead of spinning through
-empty steps) is reported apart, as `idle wait`: it is not a cost to any request.
+logs the mean cost per step over the window ("connector hooks: 4.1 us/step over 812 steps
+(get_transfer_results 1.9, ...)"), which the benchmarks read. Time a hook spends deliberately asleep (an
+idle decode engine waiting for KV instead of spinning through empty steps) is reported apart, as `idle wait`:
+it is not a cost to any request.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ class HookTimer:
         """A hook slept `ns` on purpose (nothing to compute); not counted as its cost."""
         self._idle_ns += ns
 
-    def add(self, hook: str, ns: int, now: int | None = None) -> None:
+    def add(self, hook: str, ns: int, now: int) -> None:
         """`ns` spent in `hook`, which ended at `now` (this timer's clock)."""
         total = self.totals.get(hook)
         if total is None:
@@ -56,7 +57,6 @@ class HookTimer:
         self._window[hook] = self._window.get(hook, 0) + ns
         if hook == self.step_hook:
             self._steps += 1
-            now = self._clock() if now is None else now
             if now - self._since >= self.every_ns:
                 self._report(now)
 

@@ -38,7 +38,7 @@ from pd.store_loads import StoreLoads
 from transfer.producer import Producer, ProducerSettings
 from pd.scheduler_side import LOOKUP_SECONDS, BridgeMetadata, LoadTask, OutgoingTask
 from transfer.device_fence import COMPLETED, Fence, recorder_for
-from transfer.identity import rank_address
+from transfer.rank_address import rank_address
 from transfer.receive_book import Arrival
 from transfer.states import State, Transfer
 from pd.store_lookup import LookupServer, StoreHandshake

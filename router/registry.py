@@ -27,6 +27,7 @@ from router.failures import UpstreamFailure
 from router.metrics import DECODE_POOL_FREE, INSTANCE_HEALTHY, INSTANCE_STATE, OUTSTANDING, child
 from router.node_file import NodeFile
 from router.pool_probe import pool_status
+from transfer.rank_address import rank_address
 
 log = logging.getLogger("kvbridge.router")
 State = Literal["up", "suspect", "down"]
@@ -64,10 +65,7 @@ class Backend:
     @property
     def rank_addresses(self) -> list[str]:
         """Every TP rank's connector endpoint: notices about a transfer go to each (each keeps its own book)."""
-        if not self.kv_address:
-            return []
-        host, _, port = self.kv_address.rpartition(":")  # validated host:port (config.py); rank r on port + r
-        return [f"{host}:{int(port) + r}" for r in range(self.ranks)]
+        return [rank_address(self.kv_address, r) for r in range(self.ranks)] if self.kv_address else []
 
     def set_state(self, state: State, why: str = "") -> None:
         if state == self.state:

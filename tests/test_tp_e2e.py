@@ -13,7 +13,7 @@ from launch.polling import wait_for
 from launch.tiny_prompts import random_token_prompt, random_words
 from tests.conftest import DECODE_EXTRA, PREFILL_EXTRA
 from tests.pd_client import pd_request, pool_status, post, text_of
-from transfer.identity import rank_address
+from transfer.rank_address import rank_address
 
 TP2 = ("--tensor-parallel-size", "2", "--distributed-executor-backend", "mp")
 EACH_RANK_ITS_CORE = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}

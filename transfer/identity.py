@@ -32,17 +32,6 @@ def transfer_key(transfer_id: str, prompt_hash: str) -> str:
     return f"{transfer_id[:MAX_TRANSFER_ID]}{KEY_SEPARATOR}{prompt_hash[:16]}"
 
 
-def rank_address(address: str, rank: int) -> str:
-    """Where TP rank `rank` of a decode node takes pushes: every rank is its own process with its own
-    endpoint on the node's handshake port + rank; the router only ever names the node (rank 0)."""
-    if rank == 0:
-        return address
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"push target {address!r} is not host:port")
-    return f"{host}:{int(port) + rank}"
-
-
 def transfer_id_of(key: str) -> str:
     """The router's transfer id inside a key (what a router CANCEL names)."""
     return key.rsplit(KEY_SEPARATOR, 1)[0]
