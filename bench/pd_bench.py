@@ -1,7 +1,7 @@
 """PD TTFT overhead, kvbridge vs vLLM's own NixlConnector, both over aggregated serving, in one run.
 
 Phases on this machine, same model and prompts: (1) one aggregated vLLM; (2) kvbridge prefill + decode,
-both legs sent at once as the router does; (3) NixlConnector prefill + decode in its stock configuration, and
+the legs sent as the router does (`--kvbridge-dispatch`); (3) NixlConnector prefill + decode in its stock configuration, and
 (4) "nixl-best", NixlConnector in its best configuration here, both sequential as vLLM's proxy does (prefill
 answers with the pull handle, then decode pulls). TTFT is measured to the first streamed token; each point is
 the median of repeats. Tokens of every PD answer are checked against the aggregated answer; kvbridge's overhead
@@ -84,7 +84,11 @@ class ExposedTimes:
             print(f"    kvbridge exposed transfer time: {(s1 - s0) * 1000:.2f} ms", flush=True)
 
 
-def kvbridge_once(p: VllmServer, d: VllmServer, body: dict, exposed: ExposedTimes) -> tuple[float, str, float]:
+def kvbridge_once(p: VllmServer, d: VllmServer, body: dict, exposed: ExposedTimes,
+                  dispatch: str = "after_prefill") -> tuple[float, str, float]:
+    """One request through kvbridge's two legs, sent as the router does (`decode_dispatch`): requests here run
+    one at a time, so the router's `auto` sends the decode leg after the prefill leg answered; `with_prefill`
+    sends both at once. TTFT is counted from the prefill leg's start."""
     import concurrent.futures as cf
     before = exposed.read()
     tid = uuid.uuid4().hex
@@ -94,12 +98,17 @@ def kvbridge_once(p: VllmServer, d: VllmServer, body: dict, exposed: ExposedTime
         t0 = time.perf_counter()
         requests.post(p.url + "/v1/completions", json=pre, timeout=300).raise_for_status()
         return time.perf_counter() - t0
-    with cf.ThreadPoolExecutor(1) as ex:
-        f = ex.submit(prefill_leg)
+    if dispatch == "after_prefill":
+        leg_s = prefill_leg()
         ttft, text, tpot = stream_ttft(d.url, dec)
-        leg_s = f.result()
-    print(f"    kvbridge leg times: prefill {leg_s * 1000:.1f} ms (both legs sent at once), decode TTFT "
-          f"{ttft * 1000:.1f} ms", flush=True)
+        ttft += leg_s
+    else:
+        with cf.ThreadPoolExecutor(1) as ex:
+            f = ex.submit(prefill_leg)
+            ttft, text, tpot = stream_ttft(d.url, dec)
+            leg_s = f.result()
+    print(f"    kvbridge leg times ({dispatch}): prefill {leg_s * 1000:.1f} ms, decode TTFT {ttft * 1000:.1f} ms "
+          "from the prefill leg's start", flush=True)
     exposed.record(len(body["prompt"]), before)
     return ttft, text, tpot
 
@@ -167,6 +176,9 @@ def main() -> None:
     ap.add_argument("--decode-connector", type=json.loads, default={},
                     help='extra kvbridge settings for the decode node, e.g. \'{"gil_switch_interval_ms": 0.5}\'')
     ap.add_argument("--prefill-connector", type=json.loads, default={}, help="extra kvbridge settings for the prefill node")
+    ap.add_argument("--kvbridge-dispatch", choices=["after_prefill", "with_prefill"], default="after_prefill",
+                    help="when kvbridge's decode leg is sent (the router's decode_dispatch; auto is after_prefill "
+                    "for requests one at a time)")
     ap.add_argument("--agg-core", default="0", help="the aggregated server's core: 0 is the prefill node's (TTFT "
                     "compares), 1 the decode node's (per-token time compares on the same core)")
     args = ap.parse_args()
@@ -187,7 +199,7 @@ def main() -> None:
     decode_connector.setdefault("metrics_port", free_port())
     kd = start_vllm("bench-kvb-decode", "decode", decode_connector, model=MODEL, max_model_len=4096)
     exposed = ExposedTimes(f"http://127.0.0.1:{decode_connector['metrics_port']}/metrics")
-    ours = run_phase("kvbridge", [kp, kd], lambda b: kvbridge_once(kp, kd, b, exposed), bodies, args.repeats)
+    ours = run_phase("kvbridge", [kp, kd], lambda b: kvbridge_once(kp, kd, b, exposed, args.kvbridge_dispatch), bodies, args.repeats)
     pushes = push_times_ms(kp.log_path)
     hooks = hook_costs_us(kd.log_path)
     theirs, best = {}, {}

@@ -6,12 +6,15 @@ than aggregated at 2000 tokens). Here every server is up at once — aggregated 
 (core 0) + decode (core 1), NixlConnector-best prefill (core 0) + decode (core 1), pd/nixl_best.py — and each
 prompt goes to the three systems one after the other, in an order that rotates, so each overhead is a
 difference taken within seconds: system TTFT minus aggregated TTFT for the same prompt. Requests run one at a
-time (an idle server costs the others little: kvbridge's and NixlConnector-best's idle nodes burn about 0.02 of
-a core). Stock NixlConnector is left out: its progress threads spin a core per node, which would slow the
+time, `--settle` seconds apart (an idle server costs the others little: kvbridge's and NixlConnector-best's idle
+nodes burn about 0.02 of a core, but a vLLM worker busy-polls for 1 s after its last step, on its node's core,
+and without the pause whoever follows the aggregated server, which decodes on core 0, paid for it). kvbridge's
+legs are sent as its router sends them (`--kvbridge-dispatch`, bench/core_share.py says why). Stock NixlConnector is left out: its progress threads spin a core per node, which would slow the
 others. Prints per length the median overhead of each system, the ratio kvbridge / NixlConnector-best of
 those medians, and whether every answer equalled aggregated's.
 
-    python -m bench.pd_interleaved [--lengths 128 1000 2000] [--repeats 5] [--prefill-connector JSON]
+    python -m bench.pd_interleaved [--lengths 128 1000 2000] [--repeats 5] [--kvbridge-dispatch with_prefill]
+        [--settle 1.5] [--prefill-connector JSON]
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import argparse
 import json
 import random
 import statistics
+import time
 
 from bench.pd_bench import MODEL, ExposedTimes, kvbridge_once, nixl_once, start, stream_ttft
 from launch.local_servers import free_port, start_vllm
@@ -34,6 +38,11 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[128, 1000, 2000])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--kvbridge-dispatch", choices=["after_prefill", "with_prefill"], default="after_prefill",
+                    help="when kvbridge's decode leg is sent (the router's decode_dispatch; its auto is "
+                    "after_prefill for requests one at a time)")
+    ap.add_argument("--settle", type=float, default=1.5, help="seconds between requests: an idle vLLM worker "
+                    "busy-polls for 1 s after its last step, on its node's core, and would slow whoever comes next")
     ap.add_argument("--prefill-connector", type=json.loads, default={},
                     help='extra kvbridge settings for the prefill node, e.g. \'{"gil_switch_interval_ms": 5}\'')
     args = ap.parse_args()
@@ -53,7 +62,7 @@ def main() -> None:
     exposed = ExposedTimes(f"http://127.0.0.1:{metrics_port}/metrics")
     s = servers
     systems = {"aggregated": lambda b: stream_ttft(s["agg"].url, b),
-               "kvbridge": lambda b: kvbridge_once(s["kp"], s["kd"], b, exposed),
+               "kvbridge": lambda b: kvbridge_once(s["kp"], s["kd"], b, exposed, args.kvbridge_dispatch),
                "nixl-best": lambda b: nixl_once(s["np"], s["nd"], b)}
     names = list(systems)
     rows = []
@@ -72,7 +81,10 @@ def main() -> None:
                         "max_tokens": args.max_tokens, "temperature": 0}
                 order = names[turn % 3:] + names[:turn % 3]
                 turn += 1
-                got = {name: systems[name](body) for name in order}
+                got = {}
+                for name in order:
+                    time.sleep(args.settle)
+                    got[name] = systems[name](body)
                 for name in over:
                     over[name].append((got[name][0] - got["aggregated"][0]) * 1000)
                     equal[name] += got[name][1] == got["aggregated"][1]

@@ -40,6 +40,14 @@ class RouterConfig(BaseModel):
         "(prefix held, queue, transfer), which also decides between remote and local prefill (`placement`)")
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
     on_prefill_failure: Literal["decode_prefills", "error"] = "decode_prefills"
+    decode_dispatch: Literal["auto", "with_prefill", "after_prefill"] = Field(
+        default="auto", description="when a disaggregated request's decode leg is sent. with_prefill: beside the "
+        "prefill leg; the decode node admits it at once and takes the KV the step it lands, but vLLM's engine "
+        "steps without pause while its only request waits for KV (measured here: an idle decode node spinning "
+        "that way slowed the prefill on the neighbouring core by 10-30 %). after_prefill: once the prefill leg "
+        "answered, as vLLM's NixlConnector proxy does; the pushed KV waits in the decode node's slots. auto: "
+        "after_prefill when the chosen decode node has nothing of ours running (its engine would only spin), "
+        "with_prefill when it is busy (its steps run anyway)")
     health_interval_s: float = Field(default=2.0, gt=0)
     health_timeout_s: float = Field(default=1.0, gt=0)
     unhealthy_after: int = Field(default=2, ge=1, description="consecutive failed health checks before removal")

@@ -44,6 +44,7 @@ class Proxy:
         self.traces = TraceBook(cfg.trace_history)
         self.admission = Admission(cfg.max_inflight_total, cfg.retry_after_s)
         self._background: set[asyncio.Task] = set()
+        self._deferred: dict[str, int] = {}  # decode node -> requests whose decode leg waits for their prefill
         self._next_link_sample: dict[str, float] = {}  # decode node -> when it may next be asked for a receive time
         self.placement = Placement(cfg.placement, registry, cfg.policy == "prefix_aware")
 
@@ -109,9 +110,21 @@ class Proxy:
         self.placement.dispatched(decision)
         up: aiohttp.ClientResponse | None = None
         outcome: RelayOutcome | None = None
+        deferred = prefill_task is not None and self._defer_decode(decode)
         self.registry.acquire(decode)
         try:
-            if prefill_task is not None:
+            if deferred:
+                self._deferred[decode.name] = self._deferred.get(decode.name, 0) + 1
+                try:  # shielded: a client leaving ends the prefill leg through _abort_legs, as in every other case
+                    result = await asyncio.shield(prefill_task)
+                finally:
+                    self._deferred[decode.name] -= 1
+                trace.add("decode_dispatched", f"after the prefill leg ({'answered' if result.ok else 'failed'})")
+                if not result.ok and self.cfg.on_prefill_failure == "error":
+                    raise APIError(502, "the prefill instance failed", "upstream_error", code="prefill_failed")
+                if not result.ok:
+                    decode_leg = dict(body)  # nothing was pushed: the decode node prefills the prompt itself
+            elif prefill_task is not None:
                 await asyncio.sleep(0)  # the prefill leg goes out first: its KV is what the decode leg waits for
             up = await post(self.session, decode, path, decode_leg, headers, self._first_wait(body))
             if prefill_task is not None and self.cfg.on_prefill_failure == "error" and not (await prefill_task).ok:
@@ -139,6 +152,12 @@ class Proxy:
                     # the still-running prefill pushes. A prefill that already answered is left to finish
                     # reading its reply, as one that is done: there is nothing left to abort on its node.
                     self._abort_legs(None, prefill_task, decode, tid)
+
+    def _defer_decode(self, decode: Backend) -> bool:
+        """Whether this request's decode leg waits for its prefill leg's answer (`decode_dispatch`)."""
+        if self.cfg.decode_dispatch != "auto":
+            return self.cfg.decode_dispatch == "after_prefill"
+        return decode.outstanding - self._deferred.get(decode.name, 0) == 0  # nothing of ours running there
 
     def _prefill_finished(self, decision: Decision, task: asyncio.Task, was_idle: bool, trace: Trace) -> None:
         """The prefill leg ended: its node's queue shrinks, and a leg that answered teaches the placement model."""

@@ -32,14 +32,37 @@ async def test_clients_leaving_mid_stream_never_count_against_decode(make):
     assert await eventually(lambda: dec.aborted == 24 and len(dec.cancels) == 24), (dec.aborted, dec.cancels)
 
 
-async def test_client_leaving_during_prefill_cancels_both_legs(make):
+def transfer_id(prefill: StubNode) -> str:
+    return prefill.bodies[0]["kv_transfer_params"]["kvbridge"]["transfer_id"]
+
+
+@pytest.mark.parametrize("dispatch", ["with_prefill", "after_prefill"])
+async def test_client_leaving_during_prefill_cancels_both_legs(make, dispatch):
     pre, dec = StubNode("p", interval=30), StubNode("d", interval=30, kv=True)
-    url, api = await make([pre], [dec])
+    url, api = await make([pre], [dec], decode_dispatch=dispatch)
     with pytest.raises(asyncio.TimeoutError):
         await asyncio.wait_for(post(url, REQ), 0.5)
-    tid = dec.bodies[0]["kv_transfer_params"]["kvbridge"]["transfer_id"]
-    assert await eventually(lambda: (pre.aborted, dec.aborted, dec.cancels) == (1, 1, [tid]))
+    sent = dispatch == "with_prefill"  # after_prefill: the decode leg was never sent, its transfer still cancelled
+    assert await eventually(lambda: (pre.aborted, dec.aborted, len(dec.bodies), dec.cancels)
+                            == (1, int(sent), int(sent), [transfer_id(pre)]))
     assert states(api, "prefill") == ["up"] and states(api) == ["up"]
+
+
+async def test_auto_dispatch_sends_the_decode_leg_after_the_prefill_to_an_idle_decode_and_at_once_to_a_busy_one(make):
+    """An idle decode node given a request that waits for KV steps without pause (vLLM's engine loop), which
+    slows a prefill computing beside it; a busy one steps anyway and takes the KV the step it lands."""
+    pre, dec = StubNode("p", interval=0.5), StubNode("d", events=40, interval=0.05, kv=True)
+    url, api = await make([pre], [dec])
+    first = asyncio.create_task(post(url, dict(REQ, stream=True)))
+    await asyncio.sleep(0.3)
+    assert (len(pre.bodies), len(dec.bodies)) == (1, 0)
+    assert await eventually(lambda: len(dec.bodies) == 1)  # the prefill answered after 0.5 s
+    second = asyncio.create_task(post(url, dict(REQ, stream=True)))
+    await asyncio.sleep(0.3)
+    assert (len(pre.bodies), len(dec.bodies)) == (2, 2)  # the first still streams there: both legs at once
+    for done in await asyncio.gather(first, second):
+        assert done[0] == 200 and events(done[2])[-1] == "[DONE]"
+    assert all("kvbridge" in b["kv_transfer_params"] for b in dec.bodies)
 
 
 @pytest.mark.parametrize("mode", ["ok", "reset"])
@@ -49,7 +72,9 @@ async def test_the_decode_connector_hears_that_the_prefill_answered_or_failed(ma
     pre, dec = StubNode("p", mode=mode, die_after=0), StubNode("d", kv=True)
     url, _ = await make([pre], [dec])
     assert (await post(url, REQ))[0] == 200
-    tid = dec.bodies[0]["kv_transfer_params"]["kvbridge"]["transfer_id"]
+    tid = transfer_id(pre)
+    # a failed prefill pushed nothing: the decode leg, sent after it (the decode node was idle), prefills itself
+    assert ("kv_transfer_params" in dec.bodies[0]) == (mode == "ok")
     want = ([tid], []) if mode == "ok" else ([], [tid])
     assert await eventually(lambda: (dec.answered, dec.cancels) == want), (dec.answered, dec.cancels)
 
@@ -62,7 +87,7 @@ async def test_every_tp_rank_of_the_decode_connector_hears_of_its_transfer(make,
     url, api = await make([pre], [dec])
     assert api[PROXY].registry.backends["decode"][0].ranks == 3  # learned from its connector's pool status
     assert (await post(url, REQ))[0] == 200
-    tid = dec.bodies[0]["kv_transfer_params"]["kvbridge"]["transfer_id"]
+    tid = transfer_id(pre)
     kind = "prefill_answered" if mode == "ok" else "cancel"
     assert await eventually(lambda: dec.rank_notices == {1: [(kind, tid)], 2: [(kind, tid)]}), dec.rank_notices
     assert (dec.answered, dec.cancels) == (([tid], []) if mode == "ok" else ([], [tid]))

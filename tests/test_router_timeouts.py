@@ -37,7 +37,8 @@ async def test_a_prefill_leg_silent_past_the_first_byte_limit_fails_and_the_deco
     url, api = await make([pre], [dec], first_byte_timeout_s=0.5)
     status, headers, raw = await post(url, REQ)
     assert status == 200 and json.loads(raw)["choices"][0]["text"] == "d"
-    tid = dec.bodies[0]["kv_transfer_params"]["kvbridge"]["transfer_id"]
+    tid = pre.bodies[0]["kv_transfer_params"]["kvbridge"]["transfer_id"]
+    assert "kv_transfer_params" not in dec.bodies[0]  # sent after the failed prefill leg: it prefills itself
     assert dec.cancels == [tid] and "down" not in states(api, "prefill") and states(api) == ["up"]
     assert failed_phase(api, headers, "prefill_failed") == "p timed out"
 

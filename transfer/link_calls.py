@@ -13,7 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, TypeVar
 
 from transfer.consumer_link import ConsumerLink
-from transfer.threads import widen_affinity
+from transfer.threads import prepare_io_thread
 
 T = TypeVar("T")
 
@@ -49,7 +49,8 @@ class LinkCalls:
                 future.set_exception(LinksClosed(f"not sent to consumer {consumer}: the producer is closing"))
                 return future
             if consumer not in self._threads:
-                self._threads[consumer] = ThreadPoolExecutor(1, f"kvbridge-link-{consumer}", widen_affinity)
+                self._threads[consumer] = ThreadPoolExecutor(1, f"kvbridge-link-{consumer}", prepare_io_thread,
+                                                                  ("kvbridge-link",))
             future = self._threads[consumer].submit(call, link)
         future.add_done_callback(lambda _: self._on_answer())
         return future
