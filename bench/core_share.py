@@ -26,9 +26,9 @@ import time
 import requests
 from collections import defaultdict
 
-from bench.pd_bench import MODEL, ExposedTimes, kvbridge_once, nixl_once, start, stream_ttft
-from bench.pd_interleaved import BEST
-from launch.local_servers import free_port, start_vllm
+from bench.pd_bench import MODEL, ExposedTimes, kvbridge_once, nixl_once, stream_ttft
+from bench.pd_interleaved import start_side_by_side
+from launch.local_servers import free_port
 from launch.tiny_model import make_tiny_model
 
 TICK_MS = 1000 / os.sysconf("SC_CLK_TCK")
@@ -118,16 +118,7 @@ def main() -> None:
     make_tiny_model(MODEL, "bench")
     rng = random.Random(2)
     metrics_port = free_port()
-    servers = {
-        "agg": start("cs-agg", env={"VLLM_CPU_OMP_THREADS_BIND": "0"}),
-        "kp": start_vllm("bench-cs-kvb-prefill", "prefill", {}, model=MODEL, max_model_len=4096),
-        "kd": start_vllm("bench-cs-kvb-decode", "decode", {"metrics_port": metrics_port}, model=MODEL,
-                         max_model_len=4096),
-        "np": start("cs-best-prefill", kv_config=BEST, env={"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()),
-                                                            "VLLM_CPU_OMP_THREADS_BIND": "0"}),
-        "nd": start("cs-best-decode", kv_config=BEST, env={"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()),
-                                                           "VLLM_CPU_OMP_THREADS_BIND": "1"}),
-    }
+    servers = start_side_by_side("cs", {}, metrics_port)
     exposed = ExposedTimes(f"http://127.0.0.1:{metrics_port}/metrics")
     s = servers
     systems = {"aggregated": (lambda b: stream_ttft(s["agg"].url, b), ("agg",)),

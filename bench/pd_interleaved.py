@@ -26,11 +26,25 @@ import time
 
 from bench.pd_bench import MODEL, ExposedTimes, kvbridge_once, nixl_once, start, stream_ttft
 from launch.local_servers import free_port, start_vllm
+from launch.servers import VllmServer
 from launch.tiny_model import make_tiny_model
 
 BEST = {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu",
         "kv_load_failure_policy": "recompute", "kv_connector_module_path": "pd.nixl_best",
         "kv_connector_extra_config": {"num_threads": 0}}
+
+
+def start_side_by_side(tag: str, prefill_connector: dict, metrics_port: int) -> dict[str, VllmServer]:
+    """Aggregated vLLM (core 0), kvbridge prefill (core 0) + decode (core 1, its worker's metrics on
+    `metrics_port`) and NixlConnector-best prefill (core 0) + decode (core 1), all started, none waited for."""
+    def best(role: str, core: str) -> VllmServer:
+        return start(f"{tag}-best-{role}", kv_config=BEST, env={"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()),
+                                                                 "VLLM_CPU_OMP_THREADS_BIND": core})
+    return {"agg": start(f"{tag}-agg", env={"VLLM_CPU_OMP_THREADS_BIND": "0"}),
+            "kp": start_vllm(f"bench-{tag}-kvb-prefill", "prefill", prefill_connector, model=MODEL, max_model_len=4096),
+            "kd": start_vllm(f"bench-{tag}-kvb-decode", "decode", {"metrics_port": metrics_port}, model=MODEL,
+                             max_model_len=4096),
+            "np": best("prefill", "0"), "nd": best("decode", "1")}
 
 
 def main() -> None:
@@ -49,16 +63,7 @@ def main() -> None:
     make_tiny_model(MODEL, "bench")
     rng = random.Random(1)
     metrics_port = free_port()
-    servers = {
-        "agg": start("il-agg", env={"VLLM_CPU_OMP_THREADS_BIND": "0"}),
-        "kp": start_vllm("bench-il-kvb-prefill", "prefill", args.prefill_connector, model=MODEL, max_model_len=4096),
-        "kd": start_vllm("bench-il-kvb-decode", "decode", {"metrics_port": metrics_port}, model=MODEL,
-                         max_model_len=4096),
-        "np": start("il-best-prefill", kv_config=BEST, env={"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()),
-                                                            "VLLM_CPU_OMP_THREADS_BIND": "0"}),
-        "nd": start("il-best-decode", kv_config=BEST, env={"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()),
-                                                           "VLLM_CPU_OMP_THREADS_BIND": "1"}),
-    }
+    servers = start_side_by_side("il", args.prefill_connector, metrics_port)
     exposed = ExposedTimes(f"http://127.0.0.1:{metrics_port}/metrics")
     s = servers
     systems = {"aggregated": lambda b: stream_ttft(s["agg"].url, b),
