@@ -6,6 +6,9 @@ KV would be ready on d:
   local  = load(d) + queue(d) + (tokens - held by d) / rate x local_penalty
   remote = load(d) + overhead + queue(p) + shared load + (tokens - held by p) / rate
            + (tokens - held by d) x kv bytes per token / link rate
+and either, for the tokens of its prefix another node is computing for us right now and this node does not
+hold, adds their compute again x `duplicate_weight` (a round of chats sharing a system prompt then queues
+behind the node computing it instead of computing it once per node).
 `held` comes from the router's prefix index (router/prefix_index.py); `queue` is the prompt tokens the
 router has in flight on that node over the prefill rate; `load(d)` the requests already on d. The rates
 are learned (router/learned_rates.py). With `policy: prefix_aware` every up node is a candidate; with the
@@ -16,6 +19,7 @@ its candidates and scores for /debug/requests/{id} and is counted by reason in t
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 
 from router.learned_rates import LearnedRates
@@ -78,6 +82,7 @@ class Placement:
                                   cfg.shared_load_tokens_per_s, cfg.link_bytes_per_s)
         self.pending: dict[str, float] = {}  # node -> prompt tokens it is computing for us now
         self.pending_requests: dict[str, int] = {}  # node -> prompts it is computing for us now
+        self._inflight: dict[str, Counter[str]] = {}  # node -> prefix keys of the prompts it is computing for us
         self._downs: dict[str, int] = {}  # node -> its `downs` when its index was last trusted
         self.set_mode(cfg.mode)
 
@@ -147,8 +152,9 @@ class Placement:
         rate = self.rates.prefill_tokens_per_s.value
         held = self._held_tokens(d.name, keys, tokens)
         parts = {"load_s": self._base(d), "queue_s": self._queue_s(d.name),
-                 "compute_s": (tokens - held) / rate * self.cfg.local_penalty, "held_tokens": held}
-        return Candidate(d, None, parts["load_s"] + parts["queue_s"] + parts["compute_s"], parts)
+                 "compute_s": (tokens - held) / rate * self.cfg.local_penalty,
+                 "duplicate_s": self._duplicate_s(d.name, keys, tokens, held), "held_tokens": held}
+        return Candidate(d, None, sum(v for k, v in parts.items() if k.endswith("_s")), parts)
 
     def _remote(self, d: Backend, p: Backend, keys: list[str], tokens: float) -> Candidate:
         rate = self.rates.prefill_tokens_per_s.value
@@ -159,10 +165,16 @@ class Placement:
         parts = {"load_s": self._base(d), "overhead_s": self.cfg.remote_overhead_s,
                  "queue_s": self._queue_s(p.name),
                  "shared_load_s": max(0.0, shared - own) / self.rates.shared_load_tokens_per_s.value,
-                 "compute_s": (tokens - held) / rate,
+                 "compute_s": (tokens - held) / rate, "duplicate_s": self._duplicate_s(p.name, keys, tokens, held),
                  "transfer_s": (tokens - on_decode) * self.cfg.kv_bytes_per_token / self.rates.link_bytes_per_s.value,
                  "held_tokens": held, "decode_held_tokens": on_decode}
         return Candidate(d, p, sum(v for k, v in parts.items() if k.endswith("_s")), parts)
+
+    def _duplicate_s(self, node: str, keys: list[str], tokens: float, held: float) -> float:
+        """The compute of the prompt's leading tokens that another node is computing for us now, not held here."""
+        lead = max((_leading(c, keys) for n, c in self._inflight.items() if n != node), default=0)
+        twice = min(tokens, lead * self.cfg.chunk_chars / self.rates.chars_per_token.value) - held
+        return max(0.0, twice) / self.rates.prefill_tokens_per_s.value * self.cfg.duplicate_weight
 
     def _reason(self, best: Candidate, cands: list[Candidate], forced_local: str | None,
                 had_prefills: bool) -> tuple[str, str]:
@@ -196,6 +208,7 @@ class Placement:
         node = (d.prefill or d.decode).name
         self.pending[node] = self.pending.get(node, 0) + d.miss_tokens
         self.pending_requests[node] = self.pending_requests.get(node, 0) + 1
+        self._inflight.setdefault(node, Counter()).update(d.keys)
         self.index.record(node, d.keys)
         if d.prefill is not None and self.cfg.shared_store:
             self.index.record(SHARED, d.keys)
@@ -206,6 +219,9 @@ class Placement:
         node = (d.prefill or d.decode).name
         self.pending[node] = max(0.0, self.pending.get(node, 0) - d.miss_tokens)
         self.pending_requests[node] = max(0, self.pending_requests.get(node, 0) - 1)
+        if node in self._inflight:
+            self._inflight[node].subtract(d.keys)
+            self._inflight[node] = +self._inflight[node]  # keys of no prompt in flight any more leave
 
     def prefill_done(self, d: Decision, leg_s: float, usage: dict | None, was_idle: bool) -> str | None:
         """A prefill leg answered: learn chars per token and the prefill rate, fold the node's reported prefix
@@ -264,3 +280,11 @@ class Placement:
                 "break_even_tokens": None if math.isinf(even) else round(even, 1),
                 "rates": self.rates.snapshot(), "pending_tokens": {k: round(v, 1) for k, v in self.pending.items()},
                 "index": self.index.snapshot()}
+
+
+def _leading(inflight: Counter[str], keys: list[str]) -> int:
+    """How many of `keys` (a prompt's chained prefix keys), from the first, are in `inflight`."""
+    n = 0
+    while n < len(keys) and inflight[keys[n]] > 0:
+        n += 1
+    return n

@@ -32,6 +32,11 @@ class PlacementConfig(BaseModel):
                                  "the decodes running there: its compute counts this many times")
     remote_overhead_s: float = Field(default=0.02, ge=0, description="a prefill leg's fixed cost (its own request, "
                                      "the push target's handshake)")
+    duplicate_weight: float = Field(default=1.0, ge=0, description="a prompt prefix another node is computing for "
+                                    "us right now, computed again elsewhere, costs that compute this many times "
+                                    "over (the fleet pays for it twice; nodes sharing cores or GPUs slow each "
+                                    "other): concurrent prompts with one system prompt then queue behind the "
+                                    "node computing it and hit its cache. 0: parallel copies are free")
     decode_load_s: float = Field(default=0.01, ge=0, description="cost of each request already on a decode node")
     reply_slack_tokens: int = Field(default=256, ge=0, description="a node's reported prefix hit this close to "
                                     "the indexed one agrees with it (nodes hit whole blocks or store chunks); "

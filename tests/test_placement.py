@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+import pytest
 from prometheus_client import REGISTRY
 
 from router.app import PROXY
@@ -70,6 +71,26 @@ async def test_the_node_holding_the_longest_prefix_wins_until_it_evicts_it(make)
     evicted = await while_busy(p0, url, SYSTEM_A + "third question")
     assert evicted["prefill"] == "p1" and evicted["reason"] == "pinned_remote", evicted
     assert prefilled_on([p0, p1], SYSTEM_A + "third question") == ["p1"]
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.0])
+async def test_a_prefix_another_node_is_computing_is_not_computed_again_unless_copies_are_free(make, weight):
+    """Two chats with one system prompt at once: the second queues behind the node computing it (and hits its
+    cache there) instead of computing it on the idle node, unless duplicate_weight is 0."""
+    p0, p1 = StubNode("p0", interval=1.0, store=True), StubNode("p1", store=True)
+    dec = StubNode("d", kv=True)
+    url, _ = await make([p0, p1], [dec], policy="prefix_aware",
+                        placement={"chunk_chars": 64, "duplicate_weight": weight})
+    first = asyncio.create_task(send(url, SYSTEM_A + "first question"))
+    assert await eventually(lambda: len(p0.bodies) == 1)
+    second = await send(url, SYSTEM_A + "second question")
+    assert (await first)["prefill"] == "p0"
+    cands = {c["prefill"]: c for c in second["candidates"]}
+    assert second["prefill"] == ("p0" if weight else "p1"), second
+    assert cands["p0"]["duplicate_s"] == 0 and cands["p0"]["held_tokens"] > 0 and cands["p0"]["queue_s"] > 0
+    assert (cands["p1"]["duplicate_s"] > 0) == bool(weight) and cands[None]["duplicate_s"] == cands["p1"]["duplicate_s"]
+    third = await send(url, SYSTEM_A + "third question")  # nothing in flight now: nothing is a copy
+    assert all(c["duplicate_s"] == 0 for c in third["candidates"])
 
 
 async def test_a_reply_showing_less_than_indexed_corrects_the_index(make):
