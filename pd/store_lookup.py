@@ -50,7 +50,7 @@ class LookupServer:
         port = self._sock.bind_to_random_port(f"tcp://{host}")
         self.address = f"tcp://{host}:{port}"
         self._stop = threading.Event()
-        self._thread = start_io_thread(self._serve, "kvbridge-store-lookup")
+        self._thread = start_io_thread(self._serve, "kvbridge-lookup")
 
     def _serve(self) -> None:
         poller = zmq.Poller()

@@ -25,7 +25,7 @@ from router.config import RouterConfig
 from router.decode_relay import RelayOutcome, relay_stream, relay_whole
 from router.failures import UpstreamFailure
 from router.leg_bodies import decode_body, needs_aggregated, prefill_body
-from router.metrics import AGGREGATED, CANCELLED, RETRIES, STREAM_ERRORS, TTFT, child
+from router.metrics import AGGREGATED, CANCELLED, DECODE_DISPATCH, RETRIES, STREAM_ERRORS, TTFT, child
 from router.openai_errors import APIError
 from router.placement import Decision, Placement
 from router.pool_probe import cancel_transfer, transfer_trace
@@ -111,6 +111,8 @@ class Proxy:
         up: aiohttp.ClientResponse | None = None
         outcome: RelayOutcome | None = None
         deferred = prefill_task is not None and self._defer_decode(decode)
+        if prefill_task is not None:
+            DECODE_DISPATCH.labels("after_prefill" if deferred else "with_prefill").inc()
         self.registry.acquire(decode)
         try:
             if deferred:

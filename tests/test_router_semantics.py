@@ -9,6 +9,7 @@ import json
 
 import aiohttp
 import pytest
+from prometheus_client import REGISTRY
 
 from router.app import PROXY
 from tests.router_stubs import REQ, StubNode, eventually, events, post, states
@@ -53,6 +54,8 @@ async def test_auto_dispatch_sends_the_decode_leg_after_the_prefill_to_an_idle_d
     slows a prefill computing beside it; a busy one steps anyway and takes the KV the step it lands."""
     pre, dec = StubNode("p", interval=0.5), StubNode("d", events=40, interval=0.05, kv=True)
     url, api = await make([pre], [dec])
+    before = {o: REGISTRY.get_sample_value("kvbridge_router_decode_dispatch_total", {"order": o}) or 0
+              for o in ("after_prefill", "with_prefill")}
     first = asyncio.create_task(post(url, dict(REQ, stream=True)))
     await asyncio.sleep(0.3)
     assert (len(pre.bodies), len(dec.bodies)) == (1, 0)
@@ -63,6 +66,10 @@ async def test_auto_dispatch_sends_the_decode_leg_after_the_prefill_to_an_idle_d
     for done in await asyncio.gather(first, second):
         assert done[0] == 200 and events(done[2])[-1] == "[DONE]"
     assert all("kvbridge" in b["kv_transfer_params"] for b in dec.bodies)
+    dispatched = {o: REGISTRY.get_sample_value("kvbridge_router_decode_dispatch_total", {"order": o}) or 0
+                  for o in ("after_prefill", "with_prefill")}
+    assert dispatched["after_prefill"] - before["after_prefill"] == 1
+    assert dispatched["with_prefill"] - before["with_prefill"] == 1
 
 
 @pytest.mark.parametrize("mode", ["ok", "reset"])
