@@ -11,7 +11,7 @@ nodes burn about 0.02 of a core, but a vLLM worker busy-polls for 1 s after its 
 and without the pause whoever follows the aggregated server, which decodes on core 0, paid for it). kvbridge's
 legs are sent as its router sends them (`--kvbridge-dispatch`, bench/core_share.py says why). Stock NixlConnector is left out: its progress threads spin a core per node, which would slow the
 others. Prints per length the median overhead of each system, the ratio kvbridge / NixlConnector-best of
-those medians, and whether every answer equalled aggregated's.
+those medians, whether every answer equalled aggregated's, and each system's time per output token.
 
     python -m bench.pd_interleaved [--lengths 128 1000 2000] [--repeats 5] [--kvbridge-dispatch with_prefill]
         [--settle 1.5] [--prefill-connector JSON]
@@ -81,6 +81,7 @@ def main() -> None:
         for n in args.lengths:
             over: dict[str, list[float]] = {"kvbridge": [], "nixl-best": []}
             equal = {"kvbridge": 0, "nixl-best": 0}
+            tpot: dict[str, list[float]] = {name: [] for name in names}
             for _ in range(args.repeats):
                 body = {"model": "tiny", "prompt": [rng.randrange(10, 1000) for _ in range(n)],
                         "max_tokens": args.max_tokens, "temperature": 0}
@@ -90,11 +91,13 @@ def main() -> None:
                 for name in order:
                     time.sleep(args.settle)
                     got[name] = systems[name](body)
+                for name in names:
+                    tpot[name].append(got[name][2] * 1000)
                 for name in over:
                     over[name].append((got[name][0] - got["aggregated"][0]) * 1000)
                     equal[name] += got[name][1] == got["aggregated"][1]
             k, b = statistics.median(over["kvbridge"]), statistics.median(over["nixl-best"])
-            rows.append((n, k, b, equal))
+            rows.append((n, k, b, equal, {name: statistics.median(v) for name, v in tpot.items()}))
             print(f"  {n} tokens: overhead kvbridge {k:.1f} ms, NixlConnector-best {b:.1f} ms "
                   f"(per prompt: {[round(x) for x in over['kvbridge']]} / {[round(x) for x in over['nixl-best']]})",
                   flush=True)
@@ -104,10 +107,16 @@ def main() -> None:
     print(f"\nTTFT over aggregated, same prompts back to back, median of {args.repeats} per length")
     print("prompt  kvbridge +ms  NixlConnector-best +ms  kvbridge / best  answers equal (kvbridge, best)  "
           "kvbridge exposed transfer ms")
-    for n, k, b, eq in rows:
+    for n, k, b, eq, _ in rows:
         ex = statistics.median(exposed.by_length[n]) if exposed.by_length.get(n) else float("nan")
         print(f"{n:6} {k:13.1f} {b:23.1f} {k / b if b else float('nan'):16.2f}  "
               f"{eq['kvbridge']}/{args.repeats}, {eq['nixl-best']}/{args.repeats}{'':21}{ex:.1f}")
+    print("\ntime per output token after the first, ms (median; aggregated decodes on core 0, both decode nodes on "
+          "core 1)\nprompt  aggregated  kvbridge (/ agg)  NixlConnector-best (/ agg)")
+    for n, *_, t in rows:
+        a = t["aggregated"]
+        print(f"{n:6} {a:11.2f} {t['kvbridge']:9.2f} ({t['kvbridge'] / a:4.2f}) {t['nixl-best']:13.2f} "
+              f"({t['nixl-best'] / a:4.2f})")
 
 
 if __name__ == "__main__":
