@@ -13,9 +13,10 @@ class FakeLink:
 
     def __init__(self, address: str, stuck: threading.Event | None = None) -> None:
         self.address, self.stuck, self.sent = address, stuck, []
-        self.arrived = threading.Event()
+        self.arrived, self.calling = threading.Event(), threading.Event()
 
     def pending(self, key: str) -> bool:
+        self.calling.set()
         if self.stuck is not None:
             self.stuck.wait(10)
         self.sent.append(key)
@@ -71,6 +72,7 @@ def test_close_drops_what_is_not_sent_yet():
     a = Announcer(make(links, stuck))
     for i in range(20):
         a.announce(f"t{i}", "silent")
+    assert links["silent"].calling.wait(5)  # t0's call is under way (the link's thread may start late)
     threading.Timer(0.2, stuck.set).start()  # the call under way ends; the 19 queued behind it are dropped
     a.close()
     assert links["silent"].sent == ["t0"]

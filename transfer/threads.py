@@ -14,7 +14,7 @@ monitored socket's events must be read (consumer_link.py).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import os
 import threading
 from typing import Callable
@@ -37,10 +37,14 @@ def name_os_thread(name: str) -> None:
     """Give the calling thread `name` (15 characters kept) where `top -H`, `ps -L` and /proc show threads, so
     an operator sees which of a vLLM worker's threads is kvbridge's and what it costs."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        libc.pthread_setname_np(ctypes.c_ulong(threading.get_ident()), name.encode()[:15])
+        _libc().pthread_setname_np(ctypes.c_ulong(threading.get_ident()), name.encode()[:15])
     except (OSError, AttributeError):
         pass  # not glibc: the thread keeps its process's name
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None)  # the process's own symbols (libc among them): no library search, no subprocess
 
 
 def prepare_io_thread(name: str) -> None:
