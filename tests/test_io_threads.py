@@ -9,6 +9,7 @@ from transfer.threads import start_io_thread
 
 
 def test_a_background_thread_is_named_for_the_os_and_may_run_on_any_core():
+    before = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {0})  # a pinned caller, as vLLM's worker is
     try:
         seen: dict[str, object] = {}
@@ -24,6 +25,6 @@ def test_a_background_thread_is_named_for_the_os_and_may_run_on_any_core():
         done.set()
         t.join(5)
     finally:
-        os.sched_setaffinity(0, range(os.cpu_count() or 1))
+        os.sched_setaffinity(0, before)
     assert seen["comm"] == "kvb-producer"
     assert seen["cores"] == set(range(os.cpu_count() or 1))
