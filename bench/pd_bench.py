@@ -88,7 +88,7 @@ def kvbridge_once(p: VllmServer, d: VllmServer, body: dict, exposed: ExposedTime
                   dispatch: str = "after_prefill") -> tuple[float, str, float]:
     """One request through kvbridge's two legs, sent as the router does (`decode_dispatch`): requests here run
     one at a time, so the router's `auto` sends the decode leg after the prefill leg answered; `with_prefill`
-    sends both at once. TTFT is counted from the prefill leg's start."""
+    sends both at once. TTFT is counted from the first leg's start."""
     import concurrent.futures as cf
     before = exposed.read()
     tid = uuid.uuid4().hex
@@ -108,7 +108,7 @@ def kvbridge_once(p: VllmServer, d: VllmServer, body: dict, exposed: ExposedTime
             ttft, text, tpot = stream_ttft(d.url, dec)
             leg_s = f.result()
     print(f"    kvbridge leg times ({dispatch}): prefill {leg_s * 1000:.1f} ms, decode TTFT {ttft * 1000:.1f} ms "
-          "from the prefill leg's start", flush=True)
+          "from the first leg's start", flush=True)
     exposed.record(len(body["prompt"]), before)
     return ttft, text, tpot
 

@@ -6,7 +6,7 @@ KV would be ready on d:
   local  = load(d) + queue(d) + (tokens - held by d) / rate x local_penalty
   remote = load(d) + overhead + queue(p) + shared load + (tokens - held by p) / rate
            + (tokens - held by d) x kv bytes per token / link rate
-and either, for the tokens of its prefix another node is computing for us right now and this node does not
+and either, for the tokens of its prefix a prefill node is computing for us right now and this node does not
 hold, adds their compute again x `duplicate_weight` (a round of chats sharing a system prompt then queues
 behind the node computing it instead of computing it once per node).
 `held` comes from the router's prefix index (router/prefix_index.py); `queue` is the prompt tokens the
@@ -208,7 +208,8 @@ class Placement:
         node = (d.prefill or d.decode).name
         self.pending[node] = self.pending.get(node, 0) + d.miss_tokens
         self.pending_requests[node] = self.pending_requests.get(node, 0) + 1
-        self._inflight.setdefault(node, Counter()).update(d.keys)
+        if d.prefill is not None:  # a local prefill's end is not seen (only its answer's), so it is not counted
+            self._inflight.setdefault(node, Counter()).update(d.keys)
         self.index.record(node, d.keys)
         if d.prefill is not None and self.cfg.shared_store:
             self.index.record(SHARED, d.keys)
@@ -219,7 +220,7 @@ class Placement:
         node = (d.prefill or d.decode).name
         self.pending[node] = max(0.0, self.pending.get(node, 0) - d.miss_tokens)
         self.pending_requests[node] = max(0, self.pending_requests.get(node, 0) - 1)
-        if node in self._inflight:
+        if d.prefill is not None and node in self._inflight:
             self._inflight[node].subtract(d.keys)
             self._inflight[node] = +self._inflight[node]  # keys of no prompt in flight any more leave
 

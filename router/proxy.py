@@ -13,6 +13,7 @@ drop the transfer, so slots and staging come back now rather than after a TTL.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 
@@ -35,6 +36,8 @@ from router.request_trace import Trace, TraceBook
 from router.upstream import post
 
 MAX_ATTEMPTS = 2  # the first dispatch and one retry, only while nothing was sent
+
+log = logging.getLogger("kvbridge.router")
 
 
 class Proxy:
@@ -118,13 +121,16 @@ class Proxy:
             if deferred:
                 self._deferred[decode.name] = self._deferred.get(decode.name, 0) + 1
                 try:  # shielded: a client leaving ends the prefill leg through _abort_legs, as in every other case
-                    result = await asyncio.shield(prefill_task)
+                    ok = (await asyncio.shield(prefill_task)).ok
+                except Exception:  # a fault in the leg itself, not a client leaving: the decode node prefills
+                    log.exception("request %s: its prefill leg raised; the decode leg computes the prompt", trace.id)
+                    ok = False
                 finally:
                     self._deferred[decode.name] -= 1
-                trace.add("decode_dispatched", f"after the prefill leg ({'answered' if result.ok else 'failed'})")
-                if not result.ok and self.cfg.on_prefill_failure == "error":
+                trace.add("decode_dispatched", f"after the prefill leg ({'answered' if ok else 'failed'})")
+                if not ok and self.cfg.on_prefill_failure == "error":
                     raise APIError(502, "the prefill instance failed", "upstream_error", code="prefill_failed")
-                if not result.ok:
+                if not ok:
                     decode_leg = dict(body)  # nothing was pushed: the decode node prefills the prompt itself
             elif prefill_task is not None:
                 await asyncio.sleep(0)  # the prefill leg goes out first: its KV is what the decode leg waits for
