@@ -119,15 +119,7 @@ class Proxy:
         self.registry.acquire(decode)
         try:
             if deferred:
-                self._deferred[decode.name] = self._deferred.get(decode.name, 0) + 1
-                try:  # shielded: a client leaving ends the prefill leg through _abort_legs, as in every other case
-                    ok = (await asyncio.shield(prefill_task)).ok
-                except Exception:  # a fault in the leg itself, not a client leaving: the decode node prefills
-                    log.exception("request %s: its prefill leg raised; the decode leg computes the prompt", trace.id)
-                    ok = False
-                finally:
-                    self._deferred[decode.name] -= 1
-                trace.add("decode_dispatched", f"after the prefill leg ({'answered' if ok else 'failed'})")
+                ok = await self._prefill_answered(prefill_task, decode, trace)
                 if not ok and self.cfg.on_prefill_failure == "error":
                     raise APIError(502, "the prefill instance failed", "upstream_error", code="prefill_failed")
                 if not ok:
@@ -160,6 +152,19 @@ class Proxy:
                     # the still-running prefill pushes. A prefill that already answered is left to finish
                     # reading its reply, as one that is done: there is nothing left to abort on its node.
                     self._abort_legs(None, prefill_task, decode, tid)
+
+    async def _prefill_answered(self, prefill_task: asyncio.Task, decode: Backend, trace: Trace) -> bool:
+        """Wait for the prefill leg before sending a deferred decode leg; whether it answered."""
+        self._deferred[decode.name] = self._deferred.get(decode.name, 0) + 1
+        try:  # shielded: a client leaving ends the prefill leg through _abort_legs, as in every other case
+            ok = (await asyncio.shield(prefill_task)).ok
+        except Exception:  # a fault in the leg itself, not a client leaving: the decode node prefills
+            log.exception("request %s: its prefill leg raised; the decode leg computes the prompt", trace.id)
+            ok = False
+        finally:
+            self._deferred[decode.name] -= 1
+        trace.add("decode_dispatched", f"after the prefill leg ({'answered' if ok else 'failed'})")
+        return ok
 
     def _defer_decode(self, decode: Backend) -> bool:
         """Whether this request's decode leg waits for its prefill leg's answer (`decode_dispatch`)."""
