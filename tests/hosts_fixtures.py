@@ -123,10 +123,8 @@ def hosts(tiny_model, tmp_path_factory):
     prefill-decode link is emulated in this process (launch/tap_wire.py), so delay and loss can be set
     on it on any kernel (netem is often not built in)."""
     why = netns.unavailable()
-    if why and os.environ.get("CI"):
-        pytest.fail(f"multi-host tests cannot run on this CI machine: {why}")
-    if why:  # a developer's machine without root or iproute2
-        pytest.skip(f"multi-host tests not run: {why}")
+    if why:  # root and iproute2 are what the test command needs here; without them the suite has not passed
+        pytest.fail(f"multi-host tests cannot run on this machine: {why}")
     dep = load_config(write_graph(tmp_path_factory.mktemp("hosts")))
     secret = secrets.token_hex(16)
     env = {"KVBRIDGE_SECRET": secret}
