@@ -26,7 +26,7 @@ from pd.scheduler_side import BridgeMetadata, SchedulerSide
 from pd.transfer_stats import BridgePromMetrics, BridgeTransferStats
 
 
-def _route_logs_through_vllm() -> None:
+def route_logs_through_vllm() -> None:
     """kvbridge's loggers print with vLLM's handlers and format, at KVBRIDGE_LOG_LEVEL (INFO)."""
     ours = logging.getLogger("kvbridge")
     if not ours.handlers:
@@ -38,7 +38,7 @@ def _route_logs_through_vllm() -> None:
 class KVBridgeConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
-        _route_logs_through_vllm()
+        route_logs_through_vllm()
         tc = vllm_config.kv_transfer_config
         cfg = ConnectorConfig.from_extra(tc.kv_connector_extra_config)
         is_producer, is_consumer = tc.kv_role in ("kv_producer", "kv_both"), tc.kv_role in ("kv_consumer", "kv_both")

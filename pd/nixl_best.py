@@ -8,6 +8,10 @@ agent. Load it with `"kv_connector": "NixlConnector", "kv_connector_module_path"
 Diagnostic knobs (environment of the vLLM server): KVB_NIXL_PROG_THREAD=1 keeps the thread on,
 KVB_NIXL_SYNC=none|strict|rw picks NIXL's agent locking (unset: NIXL's default), KVB_NIXL_PYSTACKS=1 makes
 SIGUSR2 print every thread's Python stack to the server's log (bench/nixl_probe.py sends it on a stall).
+
+Its per-step hooks are timed by the same wrapper as kvbridge's (pd/hook_timer.py: one "connector hooks: X us/step"
+log line per process every 10 s), so bench/hook_cost.py compares the two connectors' cost to the engine loop,
+each paying the same ~1 us per call for being timed.
 """
 from __future__ import annotations
 
@@ -19,6 +23,9 @@ import sys
 
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl import base_worker
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlConnector as _StockNixlConnector
+
+from pd.connector import route_logs_through_vllm
+from pd.hook_timer import SCHEDULER_HOOKS, WORKER_HOOKS
 
 _config = base_worker.nixl_agent_config
 _sync_t = sys.modules[_config.__module__].nixl_thread_sync_t
@@ -43,5 +50,15 @@ class NixlConnector(_StockNixlConnector):
         # keep the stock pinning).
         cpus = os.sched_getaffinity(0)
         super().__init__(*args, **kwargs)
+        route_logs_through_vllm()  # the hook timer's lines
         if os.environ.get("KVB_NIXL_KEEP_BINDING", "1") == "1":
             os.sched_setaffinity(0, cpus)
+
+
+# the hooks vLLM calls on every engine step (and the scheduler's per-request ones), timed as kvbridge's are
+for _timer, _hooks in ((WORKER_HOOKS, ("bind_connector_metadata", "start_load_kv", "wait_for_save",
+                                       "get_transfer_results", "get_block_ids_with_load_errors")),
+                       (SCHEDULER_HOOKS, ("get_num_new_matched_tokens", "on_new_request", "update_state_after_alloc",
+                                          "build_connector_meta", "update_connector_output", "request_finished"))):
+    for _name in _hooks:
+        setattr(NixlConnector, _name, _timer.timed(getattr(_StockNixlConnector, _name)))

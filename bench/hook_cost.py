@@ -1,0 +1,93 @@
+"""What the connector's hooks cost a decode loop that receives nothing: kvbridge against NixlConnector-best.
+
+vLLM calls a loaded connector on every engine step, so on a decode node its per-step hooks are paid on every
+token of every request, transfer or not. Two decode nodes run on core 1 — kvbridge's (`kv_consumer`) and
+NixlConnector-best's (pd/nixl_best.py, whose hooks are timed by the same wrapper as kvbridge's, pd/hook_timer.py)
+— and serve the same `--streams` plain requests (no transfer ever) in alternating rounds, one node at a time.
+Each node's worker and scheduler log their hooks' mean cost per engine step every 10 s; the bench prints, per
+node and process, the median of those lines and per hook, the ratio kvbridge / NixlConnector-best of the
+medians, and each node's time per output token (median gap between streamed tokens once every stream runs).
+
+    python -m bench.hook_cost [--streams 8] [--tokens 128] [--rounds 4]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import re
+import statistics
+from pathlib import Path
+
+from bench.decode_under_arrivals import Target, one_round
+from bench.pd_bench import MODEL, start
+from bench.pd_interleaved import BEST
+from launch.local_servers import free_port, start_vllm
+from launch.tiny_model import make_tiny_model
+
+LINE = re.compile(r"\((Worker|EngineCore)[^)]*\).*connector hooks: ([\d.]+) us/step over \d+ steps \((.*?)\)")
+
+
+def hook_lines(log: Path, offset: int) -> dict[str, list[tuple[float, dict[str, float]]]]:
+    """process kind -> [(us per step, {hook: us per step})] of the log's hook lines after byte `offset`."""
+    out: dict[str, list] = {}
+    with open(log, "rb") as f:
+        f.seek(offset)
+        text = f.read().decode(errors="replace")
+    for kind, total, parts in LINE.findall(text):
+        per = {h: float(us) for h, us in (p.rsplit(" ", 1) for p in parts.split(", "))}
+        out.setdefault(kind, []).append((float(total), per))
+    return out
+
+
+def median_hooks(lines: list[tuple[float, dict[str, float]]]) -> tuple[float, dict[str, float]]:
+    hooks = sorted({h for _, per in lines for h in per})
+    return (statistics.median(t for t, _ in lines),
+            {h: statistics.median(per.get(h, 0.0) for _, per in lines) for h in hooks})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--streams", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=128, help="tokens each request decodes")
+    ap.add_argument("--stream-prompt", type=int, default=256, help="prompt tokens of each request")
+    ap.add_argument("--rounds", type=int, default=4, help="rounds per node")
+    args = ap.parse_args()
+    args.every_s = 1.0  # one_round waits this long before it looks at arrivals; there are none here
+    make_tiny_model(MODEL, "bench")
+    nodes = {"kvbridge": start_vllm("bench-hooks-kvb-decode", "decode", {"metrics_port": free_port()}, model=MODEL,
+                                    max_model_len=4096),
+             "nixl-best": start("hooks-best-decode", kv_config=BEST, env={
+                 "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()), "VLLM_CPU_OMP_THREADS_BIND": "1"})}
+    gaps: dict[str, list[float]] = {name: [] for name in nodes}
+    try:
+        for node in nodes.values():
+            node.wait_ready(900)
+        for node in nodes.values():  # warm-up, not counted
+            asyncio.run(one_round(Target(node), args, random.Random(99), arrivals=False))
+        offsets = {name: node.log_path.stat().st_size for name, node in nodes.items()}
+        for r in range(args.rounds):
+            for name, node in (list(nodes.items())[::1 if r % 2 == 0 else -1]):
+                round_gaps = asyncio.run(one_round(Target(node), args, random.Random(r), arrivals=False))
+                gaps[name].append(statistics.median(round_gaps) * 1000)
+                print(f"  round {r} {name:9}: per token {gaps[name][-1]:.2f} ms", flush=True)
+        lines = {name: hook_lines(node.log_path, offsets[name]) for name, node in nodes.items()}
+    finally:
+        for node in nodes.values():
+            node.stop()
+    print(f"\n{args.streams} plain requests x {args.tokens} tokens per round, {args.rounds} rounds per node; "
+          "connector hooks in us per engine step (median of each process's 10 s lines)")
+    for kind in ("Worker", "EngineCore"):
+        got = {name: median_hooks(lines[name][kind]) for name in nodes if lines[name].get(kind)}
+        for name, (total, per) in got.items():
+            print(f"  {kind:10} {name:9}: {total:6.1f} us/step ({len(lines[name][kind])} lines): "
+                  + ", ".join(f"{h} {us:.1f}" for h, us in per.items()))
+        if len(got) == 2:
+            print(f"  {kind:10} kvbridge / nixl-best: {got['kvbridge'][0] / got['nixl-best'][0]:.2f}")
+    tpot = {name: statistics.median(g) for name, g in gaps.items()}
+    print("time per output token, median of rounds: " + ", ".join(f"{n} {ms:.2f} ms" for n, ms in tpot.items())
+          + f"; kvbridge / nixl-best {tpot['kvbridge'] / tpot['nixl-best']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
