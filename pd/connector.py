@@ -22,7 +22,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from pd.connector_config import ConnectorConfig
 from pd.hook_timer import SCHEDULER_HOOKS, WORKER_HOOKS
-from pd.scheduler_side import BridgeMetadata, SchedulerSide
+from pd.scheduler_side import SchedulerSide
+from pd.step_metadata import QUIET, BridgeMetadata
 from pd.transfer_stats import BridgePromMetrics, BridgeTransferStats
 
 
@@ -83,11 +84,12 @@ class KVBridgeConnector(KVConnectorBase_V1):
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         return self.scheduler_side.request_finished(request, block_ids)
 
-    # worker side
+    # worker side: vLLM calls these on every engine step, so a quiet step (nothing to move: the usual decode
+    # step) returns at its first check; measured per step by bench/hook_cost.py
     @WORKER_HOOKS.timed
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)
-        if self.worker_side is not None:
+        if not connector_metadata.quiet:
             self.worker_side.on_bind(connector_metadata)  # before the forward: lease requests go out now
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -95,7 +97,9 @@ class KVBridgeConnector(KVConnectorBase_V1):
 
     @WORKER_HOOKS.timed
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
-        self.worker_side.start_load_kv(self._meta())
+        meta = self._meta()
+        if not meta.quiet:
+            self.worker_side.start_load_kv(meta)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return None  # loads complete before the request is scheduled (async receive)
@@ -105,7 +109,9 @@ class KVBridgeConnector(KVConnectorBase_V1):
 
     @WORKER_HOOKS.timed
     def wait_for_save(self) -> None:
-        self.worker_side.wait_for_save(self._meta())
+        meta = self._meta()
+        if not meta.quiet:
+            self.worker_side.wait_for_save(meta)
 
     @WORKER_HOOKS.timed
     def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
@@ -140,4 +146,4 @@ class KVBridgeConnector(KVConnectorBase_V1):
             self.worker_side.shutdown()
 
     def _meta(self) -> BridgeMetadata:
-        return self._get_connector_metadata() if self.has_connector_metadata() else BridgeMetadata()
+        return self._connector_metadata or QUIET  # vLLM's base class holds the step's metadata there

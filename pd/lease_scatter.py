@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from pd.paged_kv import PagedKV
-from pd.scheduler_side import LoadTask
+from pd.step_metadata import LoadTask
 from transfer.consumer_endpoint import ConsumerEndpoint
 from transfer.device_fence import COMPLETED, Fence
 from transfer.notice import ChunkNotice

@@ -24,6 +24,9 @@ class PrefillQueue:
         if len(self._queued) < self.max_queued:  # beyond that, a request is simply not announced
             self._queued[req_id] = (key, consumer, float("-inf"))
 
+    def __len__(self) -> int:
+        return len(self._queued)
+
     def left(self, req_id: str) -> None:
         """Scheduled (its push begins, and with it the leases and chunks that are its signs of life) or finished."""
         self._queued.pop(req_id, None)

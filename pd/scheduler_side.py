@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 from prometheus_client import Histogram
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
 from pd.prefill_queue import PrefillQueue
+from pd.step_metadata import QUIET, QUIET_IDLE, BridgeMetadata, LoadTask, OutgoingTask, StoreLoadTask
 from pd.store_lookup import LookupClient, StoreHandshake, StoreLookups
 from transfer.identity import TransferSpec
 from transfer.push_token import PushPolicy
@@ -54,54 +54,6 @@ class BridgeParams(BaseModel):
     push_token: str | None = Field(default=None, max_length=200)
     receive: bool = False
     claims: int = Field(default=1, ge=1, le=256)
-
-
-@dataclass
-class OutgoingTask:
-    """Chunks leaving this node's blocks as their tokens get computed: pushed to `consumer` (when
-    set) and kept in the store from chunk `store_from` on (`store_keys` holds every whole chunk's key)."""
-    req_id: str
-    spec: TransferSpec | None
-    consumer: str | None
-    num_tokens: int
-    block_ids: list[int] = field(default_factory=list)
-    ready_tokens: int = 0
-    store_keys: list[str] = field(default_factory=list)
-    store_from: int = 0
-
-
-@dataclass
-class StoreLoadTask:
-    """Chunks `first_chunk`.. of a request to fill from the store (keys in order), leaving its first
-    `skip_blocks` blocks (vLLM's own prefix-cache hit) alone."""
-    req_id: str
-    keys: list[str]
-    first_chunk: int
-    block_ids: list[int]
-    skip_blocks: int
-
-
-@dataclass
-class LoadTask:
-    req_id: str
-    spec: TransferSpec
-    claims: int
-    block_ids: list[int]
-    skip_blocks: int
-
-
-@dataclass
-class BridgeMetadata(KVConnectorMetadata):
-    outgoing: list[OutgoingTask] = field(default_factory=list)
-    loads: list[LoadTask] = field(default_factory=list)
-    store_loads: list[StoreLoadTask] = field(default_factory=list)
-    aborts: list[str] = field(default_factory=list)   # request ids whose transfer must stop now
-    discards: list[str] = field(default_factory=list)  # transfer keys whose decode request ended unserved
-    pending: list[tuple[str, str]] = field(default_factory=list)  # (key, consumer) of pushes still in our queue
-    idle: bool = False                                # nothing computed this step: worker may wait briefly
-    # (asked | cached, seconds) per store lookup since the last step: the scheduler runs in its own process,
-    # so the worker, whose metrics endpoint is the node's, records them
-    lookup_times: list[tuple[str, float]] = field(default_factory=list)
 
 
 def bridge_params(request: Any) -> BridgeParams | None:
@@ -239,9 +191,13 @@ class SchedulerSide:
         return not self._push_checked[rid]
 
     def build_connector_meta(self, out: Any) -> BridgeMetadata:
+        idle = out.total_num_scheduled_tokens == 0
+        if not (self._outgoing or self._new_loads or self._new_store_loads or self._aborts or self._discards
+                or self._lookup_times or self._queue or out.preempted_req_ids):
+            return QUIET_IDLE if idle else QUIET  # most decode steps: nothing to move
         meta = BridgeMetadata(loads=self._new_loads, store_loads=self._new_store_loads, aborts=self._aborts,
-                              discards=self._discards, idle=out.total_num_scheduled_tokens == 0,
-                              lookup_times=self._lookup_times[-1000:], pending=self._queue.due())
+                              discards=self._discards, idle=idle, lookup_times=self._lookup_times[-1000:],
+                              pending=self._queue.due())
         self._lookup_times = []
         self._new_loads, self._new_store_loads, self._aborts, self._discards = [], [], [], []
         for rid in out.preempted_req_ids or ():
@@ -250,18 +206,20 @@ class SchedulerSide:
             if self._outgoing.pop(rid, None) is not None:
                 meta.aborts.append(rid)  # this attempt's push ends; the rescheduled request pushes anew
                 self._attempts[rid] = self._attempts.get(rid, 0) + 1
-        for new in out.scheduled_new_reqs:
+        for new in out.scheduled_new_reqs if self._outgoing else ():
             task = self._outgoing.get(new.req_id)
             if task is not None:
                 task.block_ids = list(new.block_ids[0])
                 self._advance(task, new.num_computed_tokens + out.num_scheduled_tokens[new.req_id], meta)
         cached = out.scheduled_cached_reqs
-        for i, rid in enumerate(cached.req_ids):
+        for i, rid in enumerate(cached.req_ids if self._outgoing else ()):
             task = self._outgoing.get(rid)
             if task is not None:
                 if cached.new_block_ids[i] is not None:
                     task.block_ids.extend(cached.new_block_ids[i][0])
                 self._advance(task, cached.num_computed_tokens[i] + out.num_scheduled_tokens[rid], meta)
+        meta.quiet = not (meta.outgoing or meta.loads or meta.store_loads or meta.aborts or meta.discards
+                          or meta.pending or meta.lookup_times)
         return meta
 
     def _advance(self, task: OutgoingTask, ready: int, meta: BridgeMetadata) -> None:

@@ -16,7 +16,7 @@ import torch
 
 from pd.paged_kv import PagedKV
 from pd.prefix_store import PROMPT_TOKENS, PrefixStore
-from pd.scheduler_side import StoreLoadTask
+from pd.step_metadata import StoreLoadTask
 
 log = logging.getLogger("kvbridge.store")
 

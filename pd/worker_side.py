@@ -1,15 +1,15 @@
 """Worker-side half of the connector: gathers and pushes on the producer, scatters on the consumer.
 
-Producer: after each forward (`wait_for_save`) every chunk whose tokens now exist is gathered into staging
-and handed to the push engine, so chunks leave while later prefill chunks compute; with a store, each new
-whole chunk is also kept there; chunks the scheduler found in the store load asynchronously
-(pd/store_loads.py: fetched off the engine thread, scattered from memory once fetched, reported as a finished
-receive; one that went missing is reported as a load error and recomputed).
-Consumer: each step checks its expected transfers; a complete one is verified, scattered into the blocks
-vLLM allocated and its slots released (a windowed one chunk by chunk as it lands: pd/lease_scatter.py); one
-that expires (no sign of life for `load_timeout_s`, or none `no_show_s` after the router said its prefill
-answered: `handshake_grace_s` while a producer's first handshake may be under way) or fails is reported as a
-failed receive, and vLLM's `kv_load_failure_policy` (recompute | fail) decides what the request sees.
+Producer: after each forward (`wait_for_save`) every chunk whose tokens now exist is gathered into staging and
+handed to the push engine, so chunks leave while later prefill chunks compute; with a store, each new whole chunk
+is also kept there; chunks the scheduler found in the store load asynchronously (pd/store_loads.py: fetched off
+the engine thread, scattered from memory once fetched, reported as a finished receive; one that went missing is
+reported as a load error and recomputed).
+Consumer: each step checks its expected transfers; a complete one is verified, scattered into the blocks vLLM
+allocated and its slots released (a windowed one chunk by chunk as it lands: pd/lease_scatter.py); one that
+expires (no sign of life for `load_timeout_s`, or none `no_show_s` after the router said its prefill answered:
+`handshake_grace_s` while a producer's first handshake may be under way) or fails is a failed receive, and
+vLLM's `kv_load_failure_policy` (recompute | fail) decides what the request sees.
 """
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ from pd.paged_kv import PagedKV
 from pd.prefix_store import PROMPT_TOKENS, PrefixStore, model_fingerprint, store_key
 from pd.store_loads import StoreLoads
 from transfer.producer import Producer, ProducerSettings
-from pd.scheduler_side import LOOKUP_SECONDS, BridgeMetadata, LoadTask, OutgoingTask
+from pd.scheduler_side import LOOKUP_SECONDS
+from pd.step_metadata import NOTHING, BridgeMetadata, LoadTask, OutgoingTask
 from transfer.device_fence import COMPLETED, Fence, recorder_for
 from transfer.rank_address import rank_address
 from transfer.receive_book import Arrival
@@ -75,8 +76,7 @@ class WorkerSide:
         self._out: dict[str, tuple[str | None, int]] = {}  # req_id -> (transfer id if pushing, next chunk)
         self._load_errors: set[int] = set()
         self._loads: dict[str, _Load] = {}
-        self._done_recv: set[str] = set()
-        self._failed_recv: set[str] = set()
+        self._done_recv, self._failed_recv = set[str](), set[str]()
         self.stats = BridgeTransferStats()  # what vLLM's KV-transfer metrics show (pd/transfer_stats.py)
         self._last_staged: dict[str, float] = {}  # push handle -> when its last chunk was staged
 
@@ -211,6 +211,8 @@ class WorkerSide:
         return self._scratch
 
     def get_transfer_results(self, idle: bool) -> KVConnectorTransferResults:
+        if not (self.producer or self.store_loads or self._loads or self._done_recv or self._failed_recv):
+            return NOTHING  # a decode node's usual step: nothing in flight
         for t in self.producer.take_finished() if self.producer is not None else ():
             self.stats.record_send(t, self._last_staged.pop(t.transfer_id, None))
         if self._loads:

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import torch
 
-from pd.scheduler_side import StoreLoadTask
+from pd.step_metadata import StoreLoadTask
 from pd.store_loads import StoreLoads
 from storage.disk_tier import DiskTier
 from storage.memory_tier import MemoryTier
