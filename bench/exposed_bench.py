@@ -24,7 +24,9 @@ import uuid
 
 import torch
 
-from transfer.consumer_endpoint import ConsumerEndpoint, ConsumerSettings
+from transfer.consumer_endpoint import ConsumerEndpoint
+
+from transfer.consumer_settings import ConsumerSettings
 from transfer.device_fence import COMPLETED
 from transfer.identity import TransferSpec
 from transfer.layout import KVLayout

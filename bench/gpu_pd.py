@@ -22,7 +22,8 @@ import torch
 
 from bench.llama_cache import BLOCK, LAYERS, llama_layout, llama_views
 from pd.paged_kv import PagedKV
-from transfer.consumer_endpoint import ConsumerEndpoint, ConsumerSettings
+from transfer.consumer_endpoint import ConsumerEndpoint
+from transfer.consumer_settings import ConsumerSettings
 from transfer.device_fence import recorder_for
 from transfer.identity import TransferSpec
 from transfer.producer import Producer, ProducerSettings

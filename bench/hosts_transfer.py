@@ -31,7 +31,8 @@ WAIT_S = 60.0  # a transfer not complete by then is reported, not waited for
 
 def _consumer(conn, env: dict, address: str, secret: bytes, num_slots: int) -> None:
     os.environ.update(env)
-    from transfer.consumer_endpoint import ConsumerEndpoint, ConsumerSettings
+    from transfer.consumer_endpoint import ConsumerEndpoint
+    from transfer.consumer_settings import ConsumerSettings
     from transfer.device_fence import COMPLETED
     from transfer.receive_book import Arrival
     ep = ConsumerEndpoint(LAYOUT, ConsumerSettings(chunk_tokens=CHUNK_TOKENS, num_slots=num_slots, host=address,

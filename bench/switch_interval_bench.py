@@ -27,7 +27,8 @@ import uuid
 import torch
 
 from bench.exposed_bench import CHUNK_TOKENS, LAYOUT, TOKEN_HASH, _filler
-from transfer.consumer_endpoint import ConsumerEndpoint, ConsumerSettings
+from transfer.consumer_endpoint import ConsumerEndpoint
+from transfer.consumer_settings import ConsumerSettings
 from transfer.device_fence import COMPLETED
 from transfer.identity import TransferSpec
 from transfer.producer import Producer, ProducerSettings

@@ -28,7 +28,7 @@ import time
 import torch
 
 from pd.block_copy import block_copy_for
-from transfer.consumer_endpoint import ConsumerSettings
+from transfer.consumer_settings import ConsumerSettings
 from transfer.nixl_agent import NixlAgent, zeroed_buffer
 from transfer.notice import ChunkNotice
 

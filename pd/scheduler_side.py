@@ -30,7 +30,6 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from prometheus_client import Histogram
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pd.prefill_queue import PrefillQueue
@@ -40,10 +39,6 @@ from transfer.identity import TransferSpec
 from transfer.push_token import PushPolicy
 
 log = logging.getLogger("kvbridge.scheduler")
-LOOKUP_SECONDS = Histogram("kvbridge_store_lookup_seconds", "Store lookups: from question to the worker's answer "
-                           "(asked) or to giving up (timed_out); scheduler time for an answer kept from this "
-                           "request's earlier lookup (cached)", ["answer"],
-                           buckets=(1e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5))
 PARAMS_KEY = "kvbridge"
 
 

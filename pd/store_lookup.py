@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 import zmq
+from prometheus_client import Histogram
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorHandshakeMetadata,
 )
@@ -31,6 +32,10 @@ from storage.chunk_keys import chunk_keys
 from transfer.threads import io_context, start_io_thread
 
 log = logging.getLogger("kvbridge.store")
+LOOKUP_SECONDS = Histogram("kvbridge_store_lookup_seconds", "Store lookups: from question to the worker's answer "
+                           "(asked) or to giving up (timed_out); scheduler time for an answer kept from this "
+                           "request's earlier lookup (cached)", ["answer"],
+                           buckets=(1e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5))
 
 
 @dataclass

@@ -27,7 +27,8 @@ from prometheus_client import start_http_server
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
 
 from pd.connector_config import ConnectorConfig
-from transfer.consumer_endpoint import ConsumerEndpoint, ConsumerSettings
+from transfer.consumer_endpoint import ConsumerEndpoint
+from transfer.consumer_settings import ConsumerSettings
 from pd.cache_layout import layout_from_vllm
 from pd.device_memory import report_device_memory
 from pd.exposed_time import observe_exposed
@@ -36,13 +37,12 @@ from pd.paged_kv import PagedKV
 from pd.prefix_store import PROMPT_TOKENS, PrefixStore, model_fingerprint, store_key
 from pd.store_loads import StoreLoads
 from transfer.producer import Producer, ProducerSettings
-from pd.scheduler_side import LOOKUP_SECONDS
 from pd.step_metadata import NOTHING, BridgeMetadata, LoadTask, OutgoingTask
 from transfer.device_fence import COMPLETED, Fence, recorder_for
 from transfer.rank_address import rank_address
 from transfer.receive_book import Arrival
 from transfer.states import State, Transfer
-from pd.store_lookup import LookupServer, StoreHandshake
+from pd.store_lookup import LOOKUP_SECONDS, LookupServer, StoreHandshake
 from pd.lease_scatter import scatter_landed, scatter_whole
 from pd.transfer_stats import BridgeTransferStats
 from storage.admin_server import StoreAdminServer

@@ -5,7 +5,9 @@ import multiprocessing as mp
 import time
 import zlib
 
-from transfer.consumer_endpoint import ConsumerEndpoint, ConsumerSettings
+from transfer.consumer_endpoint import ConsumerEndpoint
+
+from transfer.consumer_settings import ConsumerSettings
 from transfer.device_fence import COMPLETED
 from transfer.layout import KVLayout
 

@@ -8,7 +8,8 @@ import threading
 import pytest
 
 from tests.test_transfer import CHUNK_TOKENS, LAYOUT
-from transfer.consumer_endpoint import ConsumerEndpoint, ConsumerSettings
+from transfer.consumer_endpoint import ConsumerEndpoint
+from transfer.consumer_settings import ConsumerSettings
 
 
 @pytest.fixture

@@ -10,7 +10,8 @@ import zmq
 from launch.polling import wait_for
 from tests.consumer_proc import ConsumerProcess
 from transfer import control_auth, wire
-from transfer.consumer_endpoint import ConsumerEndpoint, ConsumerSettings
+from transfer.consumer_endpoint import ConsumerEndpoint
+from transfer.consumer_settings import ConsumerSettings
 from transfer.consumer_link import PeerError
 from transfer.control_auth import Credential
 from transfer.credentials import CredentialError

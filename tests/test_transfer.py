@@ -262,7 +262,8 @@ def test_a_lease_granted_by_a_consumer_that_restarted_is_never_written_to_its_su
 
 def test_a_taken_listen_port_is_a_config_error_naming_the_rank_and_the_rule():
     from transfer.config_errors import ConfigError
-    from transfer.consumer_endpoint import ConsumerEndpoint, ConsumerSettings
+    from transfer.consumer_endpoint import ConsumerEndpoint
+    from transfer.consumer_settings import ConsumerSettings
     holder = zmq.Context.instance().socket(zmq.ROUTER)
     port = holder.bind_to_random_port("tcp://127.0.0.1")
     try:

@@ -2,8 +2,9 @@
 
 It owns the slot region (registered once at start), the slot pool, the receive book the
 engine reads (`book`) and the NIXL agent that producers write into. One thread serves both
-the ZMQ ROUTER socket and NIXL notifications; it spins while chunks stream, polls every
-`lease_poll_s` while a lease waits for them and sleeps in `idle_poll_s` steps otherwise.
+the ZMQ ROUTER socket and NIXL notifications; it looks every `stream_poll_s` while chunks stream, every
+`lease_poll_s` while a lease waits for them and sleeps in `idle_poll_s` steps otherwise (never without a
+pause: it shares the decode worker's interpreter and core with the engine thread; consumer_settings.py).
 
 Every frame is opened by `control_auth.Authenticator` first. With a secret, a frame that is not
 authentic and fresh gets one generic refusal and nothing else (no layout, no reason); an authentic
@@ -17,7 +18,6 @@ import threading
 import time
 import uuid
 import zlib
-from dataclasses import dataclass
 
 import torch
 import zmq
@@ -26,6 +26,7 @@ from transfer import wire
 from transfer.control_auth import AuthError, Authenticator, Opened
 from transfer.credentials import require_secret
 from transfer.config_errors import ConfigError
+from transfer.consumer_settings import ConsumerSettings
 from transfer.geometry import ChunkGeometry
 from transfer.layout import KVLayout
 from transfer.lease_desk import LeaseDesk
@@ -39,27 +40,6 @@ from transfer.threads import io_context, start_io_thread
 
 log = logging.getLogger("kvbridge.consumer")
 REFUSED = wire.Error(code="unauthenticated", message="refused")  # all an unauthenticated peer ever learns
-
-
-@dataclass(frozen=True)
-class ConsumerSettings:
-    chunk_tokens: int
-    num_slots: int
-    host: str = "127.0.0.1"
-    port: int = 0
-    secret: bytes | None = None
-    insecure: bool = False  # a routable listener without a secret starts (with a warning) instead of refusing
-    device: str = "cpu"  # where the slots live: "cpu", "cuda:N", or "pinned" host memory
-    quarantine_s: float = 2.0
-    unclaimed_ttl_s: float = 30.0
-    expect_wait_s: float = 0.0  # >0: an ALLOC before its decode request waits this long to learn the held chunks
-    window_slots: int = 0  # most slots one transfer holds (larger ones stream through them); 0: the whole pool
-    busy_poll_s: float = 0.0005  # while a scatter still reads a slot (GPU)
-    spin_s: float = 0.02  # after a chunk landed, poll without pause this long (the next one completes sooner)
-    # A granted lease may wait a whole prefill forward for its first chunk; polling it every busy_poll_s took the
-    # engine thread's interpreter lock ~2000 times a second, and running decodes slowed by a fifth meanwhile
-    lease_poll_s: float = 0.005
-    idle_poll_s: float = 0.05
 
 
 class ConsumerEndpoint:
@@ -137,13 +117,14 @@ class ConsumerEndpoint:
         poller.register(self._sock, zmq.POLLIN)
         idle_ms, lease_ms, spin_until = self.cfg.idle_poll_s * 1000, self.cfg.lease_poll_s * 1000, 0.0
         while not self._stop.is_set():
-            # A write completes only as this thread drives NIXL: while chunks stream it spins (spin_s); a
-            # lease waiting for its first chunk is looked at every lease_poll_s, a settling scatter every
-            # busy_poll_s (ZMQ's poll counts whole milliseconds, so that one looks, then sleeps)
-            settling, spinning = self.book.settle(), time.monotonic() < spin_until
-            events = dict(poller.poll(0 if settling or spinning else lease_ms if self.pool.receiving() else idle_ms))
-            if settling and not spinning and not events:
-                time.sleep(self.cfg.busy_poll_s)
+            # A write completes only as this thread drives NIXL: while chunks stream it looks every
+            # stream_poll_s; a lease waiting for its first chunk every lease_poll_s, a settling scatter every
+            # busy_poll_s (ZMQ's poll counts whole milliseconds, so those look, then sleep)
+            settling, receiving = self.book.settle(), self.pool.receiving()
+            streaming = receiving and time.monotonic() < spin_until
+            events = dict(poller.poll(0 if settling or streaming else lease_ms if receiving else idle_ms))
+            if not events and (settling or streaming):
+                time.sleep(self.cfg.stream_poll_s if streaming else self.cfg.busy_poll_s)
             if self._sock in events:
                 self._drain_socket()
             if self._pump_notifications():
