@@ -4,9 +4,10 @@ vLLM calls a loaded connector on every engine step, so on a decode node its per-
 token of every request, transfer or not. Two decode nodes run on core 1 — kvbridge's (`kv_consumer`) and
 NixlConnector-best's (pd/nixl_best.py, whose hooks are timed by the same wrapper as kvbridge's, pd/hook_timer.py)
 — and serve the same `--streams` plain requests (no transfer ever) in alternating rounds, one node at a time.
-Each node's worker and scheduler log their hooks' mean cost per engine step every 10 s; the bench prints, per
-node and process, the median of those lines and per hook, the ratio kvbridge / NixlConnector-best of the
-medians, and each node's time per output token (median gap between streamed tokens once every stream runs).
+Aggregated vLLM (no connector) on core 1 serves the same rounds. Each connector node's worker and scheduler log
+their hooks' mean cost per engine step every 10 s; the bench prints, per node and process, the median of those
+lines and per hook, the ratio kvbridge / NixlConnector-best of the medians, and each node's time per output
+token (median gap between streamed tokens once every stream runs) with its ratio to aggregated's.
 
     python -m bench.hook_cost [--streams 8] [--tokens 128] [--rounds 4]
 """
@@ -55,7 +56,8 @@ def main() -> None:
     args = ap.parse_args()
     args.every_s = 1.0  # one_round waits this long before it looks at arrivals; there are none here
     make_tiny_model(MODEL, "bench")
-    nodes = {"kvbridge": start_vllm("bench-hooks-kvb-decode", "decode", {"metrics_port": free_port()}, model=MODEL,
+    nodes = {"aggregated": start("hooks-agg", env={"VLLM_CPU_OMP_THREADS_BIND": "1"}),
+             "kvbridge": start_vllm("bench-hooks-kvb-decode", "decode", {"metrics_port": free_port()}, model=MODEL,
                                     max_model_len=4096),
              "nixl-best": start("hooks-best-decode", kv_config=BEST, env={
                  "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()), "VLLM_CPU_OMP_THREADS_BIND": "1"})}
@@ -67,7 +69,8 @@ def main() -> None:
             asyncio.run(one_round(Target(node), args, random.Random(99), arrivals=False))
         offsets = {name: node.log_path.stat().st_size for name, node in nodes.items()}
         for r in range(args.rounds):
-            for name, node in (list(nodes.items())[::1 if r % 2 == 0 else -1]):
+            order = list(nodes.items())
+            for name, node in order[r % len(order):] + order[:r % len(order)]:  # each node first in turn
                 round_gaps = asyncio.run(one_round(Target(node), args, random.Random(r), arrivals=False))
                 gaps[name].append(statistics.median(round_gaps) * 1000)
                 print(f"  round {r} {name:9}: per token {gaps[name][-1]:.2f} ms", flush=True)
@@ -78,15 +81,15 @@ def main() -> None:
     print(f"\n{args.streams} plain requests x {args.tokens} tokens per round, {args.rounds} rounds per node; "
           "connector hooks in us per engine step (median of each process's 10 s lines)")
     for kind in ("Worker", "EngineCore"):
-        got = {name: median_hooks(lines[name][kind]) for name in nodes if lines[name].get(kind)}
+        got = {name: median_hooks(lines[name][kind]) for name in ("kvbridge", "nixl-best") if lines[name].get(kind)}
         for name, (total, per) in got.items():
             print(f"  {kind:10} {name:9}: {total:6.1f} us/step ({len(lines[name][kind])} lines): "
                   + ", ".join(f"{h} {us:.1f}" for h, us in per.items()))
         if len(got) == 2:
             print(f"  {kind:10} kvbridge / nixl-best: {got['kvbridge'][0] / got['nixl-best'][0]:.2f}")
     tpot = {name: statistics.median(g) for name, g in gaps.items()}
-    print("time per output token, median of rounds: " + ", ".join(f"{n} {ms:.2f} ms" for n, ms in tpot.items())
-          + f"; kvbridge / nixl-best {tpot['kvbridge'] / tpot['nixl-best']:.3f}")
+    print("time per output token, median of rounds: " + ", ".join(
+        f"{n} {ms:.2f} ms ({ms / tpot['aggregated']:.3f} x aggregated)" for n, ms in tpot.items()))
 
 
 if __name__ == "__main__":
