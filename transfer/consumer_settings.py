@@ -20,9 +20,10 @@ class ConsumerSettings:
     busy_poll_s: float = 0.0005  # while a scatter still reads a slot (GPU)
     # After a chunk landed, while a lease still waits for more, look every stream_poll_s for spin_s (the next
     # chunk completes only once the endpoint's thread drives NIXL). It used to poll without pause, and the
-    # engine thread beside it lost its core and interpreter meanwhile: with 8 decodes running and a 400-token
-    # transfer arriving every 1.5 s (bench/decode_under_arrivals.py), their per-token time was 87 / 137 ms
-    # median / p90 against 70 / 99 ms with a 0.5 ms pause (aggregated vLLM in the same runs: 62-65 / 82 ms).
+    # engine thread beside it lost its core and interpreter meanwhile: 8 decodes running while a 400-token
+    # transfer arrived every 1.5 s (bench/decode_under_arrivals.py, one run) took 78 / 182 ms per token (median /
+    # p90) spinning, 53 / 68 ms pausing (aggregated vLLM prefilling the same arrivals: 62-63 / 89-103 ms), and
+    # the transfer itself was no slower (bench/exposed_bench.py: last chunk staged -> complete 8-10 ms both ways).
     spin_s: float = 0.02
     stream_poll_s: float = 0.0005
     # A granted lease may wait a whole prefill forward for its first chunk; polling it every busy_poll_s took the
