@@ -5,7 +5,7 @@ single-process memcpy of the same bytes in the same run, and prints the ratio. E
 what the engine registers (`zeroed_buffer`: huge pages on the host), the memcpy's included. Each
 write carries a chunk notice, as the producer's do. Once a notice has gone over TCP (UCX's lane
 for NIXL notifications with peer error handling) the next write completes only after the receiver
-has made progress, so while writes are timed the consumer polls NIXL without pause, as the
+has made progress, so while writes are timed the consumer polls NIXL every `stream_poll_s`, as the
 consumer endpoint does while chunks are on their way; while memcpy is timed it sleeps. Two
 extra rows show why kvbridge gathers: a paged-KV workload (csrc gathers blocks into staging,
 then one write per chunk, all chunks in flight; each half also timed alone) and the same bytes
@@ -37,22 +37,21 @@ MiB = 1 << 20
 
 def _consumer(conn, nbytes: int, device: str) -> None:
     """Registers the destination and drives UCX progress as the consumer endpoint does while told
-    'receiving' (chunks on their way): without pause for spin_s after a chunk landed, else every
-    busy_poll_s; in 1 ms sleeps while told 'idle'."""
+    'receiving' (chunks on their way): every stream_poll_s (it never spins: it shares the decode engine's
+    core); in 1 ms sleeps while told 'idle'."""
     agent = NixlAgent("bench-consumer")
     region = agent.register(zeroed_buffer(nbytes, device))
     conn.send((agent.metadata(), region.addr, region.mem_type, region.dev_id))
-    receiving, spin_until = False, 0.0
+    receiving = False
     while True:
         if conn.poll(0 if receiving else 0.001):
             msg = conn.recv()
             if msg == "done":
                 break
             receiving = msg == "receiving"
-        if receiving and time.monotonic() > spin_until:
-            time.sleep(ConsumerSettings.busy_poll_s)
-        if agent.notifications():
-            spin_until = time.monotonic() + ConsumerSettings.spin_s
+        agent.notifications()
+        if receiving:
+            time.sleep(ConsumerSettings.stream_poll_s)
     agent.deregister(region)
 
 
