@@ -42,6 +42,7 @@ def hook_lines(log: Path, offset: int) -> dict[str, list[tuple[float, dict[str, 
 
 
 def median_hooks(lines: list[tuple[float, dict[str, float]]]) -> tuple[float, dict[str, float]]:
+    """(median us per step, per hook median): a line whose window held an idle stretch weighs as much as any."""
     hooks = sorted({h for _, per in lines for h in per})
     return (statistics.median(t for t, _ in lines),
             {h: statistics.median(per.get(h, 0.0) for _, per in lines) for h in hooks})
