@@ -16,29 +16,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import re
 import statistics
-from pathlib import Path
 
 from bench.decode_under_arrivals import Target, one_round
-from bench.pd_bench import MODEL, start
+from bench.pd_bench import MODEL, hook_lines, start
 from bench.pd_interleaved import BEST
 from launch.local_servers import free_port, start_vllm
 from launch.tiny_model import make_tiny_model
-
-LINE = re.compile(r"\((Worker|EngineCore)[^)]*\).*connector hooks: ([\d.]+) us/step over \d+ steps \((.*?)\)")
-
-
-def hook_lines(log: Path, offset: int) -> dict[str, list[tuple[float, dict[str, float]]]]:
-    """process kind -> [(us per step, {hook: us per step})] of the log's hook lines after byte `offset`."""
-    out: dict[str, list] = {}
-    with open(log, "rb") as f:
-        f.seek(offset)
-        text = f.read().decode(errors="replace")
-    for kind, total, parts in LINE.findall(text):
-        per = {h: float(us) for h, us in (p.rsplit(" ", 1) for p in parts.split(", "))}
-        out.setdefault(kind, []).append((float(total), per))
-    return out
 
 
 def median_hooks(lines: list[tuple[float, dict[str, float]]]) -> tuple[float, dict[str, float]]:

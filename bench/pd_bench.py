@@ -201,7 +201,7 @@ def main() -> None:
     exposed = ExposedTimes(f"http://127.0.0.1:{decode_connector['metrics_port']}/metrics")
     ours = run_phase("kvbridge", [kp, kd], lambda b: kvbridge_once(kp, kd, b, exposed, args.kvbridge_dispatch), bodies, args.repeats)
     pushes = push_times_ms(kp.log_path)
-    hooks = hook_costs_us(kd.log_path)
+    hooks = [total for total, _ in hook_lines(kd.log_path).get("Worker", [])]
     theirs, best = {}, {}
     if not args.skip_nixl:
         print("phase 3: NixlConnector (pull), stock configuration")
@@ -235,10 +235,21 @@ def main() -> None:
         print(f"kvbridge decode node, connector hooks per engine step (worker): median {statistics.median(hooks):.1f} us")
 
 
-def hook_costs_us(log_path: Path) -> list[float]:
-    """The worker's periodic 'connector hooks: X us/step' lines (pd/hook_timer.py)."""
-    text = log_path.read_text(errors="replace")
-    return [float(x) for x in re.findall(r"connector hooks: ([\d.]+) us/step .*bind_connector_metadata", text)]
+HOOK_LINE = re.compile(r"\((Worker|EngineCore)[^)]*\).*connector hooks: ([\d.]+) us/step over \d+ steps \((.*?)\)")
+
+
+def hook_lines(log: Path, offset: int = 0) -> dict[str, list[tuple[float, dict[str, float]]]]:
+    """process kind (Worker | EngineCore) -> [(us per step, {hook: us per step})]: the periodic 'connector
+    hooks' lines (pd/hook_timer.py) of a server's log after byte `offset`."""
+    out: dict[str, list] = {}
+    with open(log, "rb") as f:
+        f.seek(offset)
+        text = f.read().decode(errors="replace")
+    for kind, total, parts in HOOK_LINE.findall(text):
+        per = {h: float(us) for h, us in (p.rsplit(" ", 1) for p in parts.split(", "))}
+        out.setdefault(kind, []).append((float(total), per))
+    return out
+
 
 if __name__ == "__main__":
     main()
