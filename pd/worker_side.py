@@ -211,7 +211,7 @@ class WorkerSide:
         return self._scratch
 
     def get_transfer_results(self, idle: bool) -> KVConnectorTransferResults:
-        if not (self.producer or self.store_loads or self._loads or self._done_recv or self._failed_recv):
+        if self.producer is None and self.store_loads is None and not (self._loads or self._done_recv or self._failed_recv):
             return NOTHING  # a decode node's usual step: nothing in flight
         for t in self.producer.take_finished() if self.producer is not None else ():
             self.stats.record_send(t, self._last_staged.pop(t.transfer_id, None))
