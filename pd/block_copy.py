@@ -10,6 +10,7 @@ records a fence (transfer/device_fence.py) after them.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Protocol
 
@@ -24,7 +25,7 @@ log = logging.getLogger("kvbridge.copy")
 class BlockCopy(Protocol):
     block_bytes: int
 
-    def gather(self, block_ids: list[int], out: torch.Tensor) -> None: ...
+    def gather(self, block_ids: list[int], out: torch.Tensor, layers: tuple[int, int] | None = None) -> None: ...
 
     def scatter(self, block_ids: list[int], src: torch.Tensor, first: int = 0) -> None: ...
 
@@ -47,9 +48,9 @@ class SegmentBlockCopy:
             raise ValueError(f"{len(block_ids)} blocks need a contiguous chunk of {need} bytes, "
                              f"got {chunk.numel() * chunk.element_size()}")
 
-    def gather(self, block_ids: list[int], out: torch.Tensor) -> None:
+    def gather(self, block_ids: list[int], out: torch.Tensor, layers: tuple[int, int] | None = None) -> None:
         self._check(block_ids, out)
-        self._run(self.runs.segments(block_ids, out.data_ptr()))
+        self._run(self.runs.segments(block_ids, out.data_ptr(), layers=layers))
 
     def scatter(self, block_ids: list[int], src: torch.Tensor, first: int = 0) -> None:
         self._check(block_ids, src)
@@ -84,9 +85,10 @@ class TorchBlockCopy:
             yield b, chunk[start:start + n * lbytes].view(b.dtype).view(n, *b.shape[1:])
             start += n * lbytes
 
-    def gather(self, block_ids: list[int], out: torch.Tensor) -> None:
+    def gather(self, block_ids: list[int], out: torch.Tensor, layers: tuple[int, int] | None = None) -> None:
         ids = self._ids(block_ids)
-        for b, dst in self._layers(out, len(block_ids)):
+        lo, hi = layers or (0, len(self.bytes_views))
+        for b, dst in itertools.islice(self._layers(out, len(block_ids)), lo, hi):
             if dst.device == b.device:
                 torch.index_select(b, 0, ids, out=dst)
             else:

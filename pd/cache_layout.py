@@ -33,10 +33,15 @@ def _layer_index(name: str) -> int:
     return int(m.group(1)) if m else -1
 
 
+def layer_names(kv_caches: dict[str, torch.Tensor]) -> list[str]:
+    """vLLM's attention layer names in layer order: the order of a chunk's layers."""
+    return sorted(kv_caches, key=lambda n: (_layer_index(n), n))
+
+
 def layer_views(kv_caches: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     """vLLM's per-layer views in layer order; each must be `[blocks, heads, tokens, content]`."""
     views = []
-    for name in sorted(kv_caches, key=lambda n: (_layer_index(n), n)):
+    for name in layer_names(kv_caches):
         t = kv_caches[name]
         if t.dim() != 4:
             raise LayoutUnsupported(f"{name}: expected a [blocks, heads, tokens, content] view, got shape "

@@ -46,6 +46,7 @@ class KVBridgeConnector(KVConnectorBase_V1):
         secret = cfg.secret()  # from the environment or a file, never from the config (see connector_config.py)
         self.scheduler_side: SchedulerSide | None = None
         self.worker_side = None
+        self._layers_open = False  # this step's forward hands chunks over layer by layer (save_kv_layer)
         if role == KVConnectorRole.SCHEDULER:
             self.scheduler_side = SchedulerSide(vllm_config.cache_config.block_size, is_producer, is_consumer,
                                                 cfg.store.lookup_timeout_s if cfg.store else None,
@@ -89,8 +90,8 @@ class KVBridgeConnector(KVConnectorBase_V1):
     @WORKER_HOOKS.timed
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)
-        if not connector_metadata.quiet:
-            self.worker_side.on_bind(connector_metadata)  # before the forward: lease requests go out now
+        # before the forward: lease requests go out now, and the chunks this forward completes are opened
+        self._layers_open = not connector_metadata.quiet and self.worker_side.on_bind(connector_metadata)
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self.worker_side.register_kv_caches(kv_caches)
@@ -105,7 +106,8 @@ class KVBridgeConnector(KVConnectorBase_V1):
         return None  # loads complete before the request is scheduled (async receive)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
-        return None  # chunks span all layers; they are gathered once per step in wait_for_save
+        if self._layers_open:  # vLLM calls this after every attention layer of every step
+            self.worker_side.push.layer_done(layer_name)
 
     @WORKER_HOOKS.timed
     def wait_for_save(self) -> None:

@@ -49,14 +49,17 @@ class BlockRuns:
         self.layer_block_bytes = [int(len(o) * r) for _, _, o, r in self.layers]
         self.block_bytes = sum(self.layer_block_bytes)
 
-    def segments(self, block_ids: list[int], chunk_addr: int, first: int = 0) -> np.ndarray:
+    def segments(self, block_ids: list[int], chunk_addr: int, first: int = 0,
+                 layers: tuple[int, int] | None = None) -> np.ndarray:
         """Rows (paged address, chunk address, bytes) for a chunk of `block_ids`; only positions from
-        `first` on are listed (a scatter that leaves a locally computed prefix alone)."""
+        `first` on are listed (a scatter that leaves a locally computed prefix alone), and only layers
+        `layers[0]` to `layers[1] - 1` when given (one group of a chunk pushed layer by layer)."""
         n = len(block_ids)
+        lo, hi = layers or (0, len(self.layers))
         ids = np.asarray(block_ids[first:], dtype=np.uint64)[:, None]
         pos = np.arange(first, n, dtype=np.uint64)[:, None]
-        rows, layer_start = [], np.uint64(chunk_addr)
-        for (base, stride, offsets, run), lbytes in zip(self.layers, self.layer_block_bytes):
+        rows, layer_start = [], np.uint64(chunk_addr + n * sum(self.layer_block_bytes[:lo]))
+        for (base, stride, offsets, run), lbytes in zip(self.layers[lo:hi], self.layer_block_bytes[lo:hi]):
             src = base + ids * stride + offsets[None, :]
             dst = layer_start + pos * np.uint64(lbytes) + np.arange(len(offsets), dtype=np.uint64)[None, :] * run
             rows.append(np.stack([src.ravel(), dst.ravel(), np.full(src.size, run, dtype=np.uint64)], axis=1))

@@ -29,10 +29,17 @@ class PagedKV:
     def chunk_nbytes(self, n_blocks: int) -> int:
         return n_blocks * self.layout.bytes_per_block
 
-    def gather(self, block_ids: list[int], out: torch.Tensor) -> int:
-        """Queue the copy of the blocks into `out` (uint8, contiguous); returns the bytes it will hold."""
-        self.copier.gather(block_ids, out)
+    def gather(self, block_ids: list[int], out: torch.Tensor, layers: tuple[int, int] | None = None) -> int:
+        """Queue the copy of the blocks into `out` (uint8, contiguous); returns the bytes the whole chunk
+        holds. With `layers`, only those layers' part of the chunk is copied (`layer_span` says where)."""
+        self.copier.gather(block_ids, out, layers)
         return self.chunk_nbytes(len(block_ids))
+
+    def layer_span(self, n_blocks: int, layers: tuple[int, int]) -> tuple[int, int]:
+        """Byte range that layers `layers[0]` to `layers[1] - 1` take in a chunk of `n_blocks` blocks: a chunk
+        holds each layer's blocks one after another, and every layer's blocks are the same size."""
+        per_layer = self.layout.bytes_per_block // self.layout.num_layers * n_blocks
+        return layers[0] * per_layer, layers[1] * per_layer
 
     def scatter(self, block_ids: list[int], src: torch.Tensor, skip: int = 0) -> None:
         """Queue the copy of a chunk from `src` into the blocks; the first `skip` blocks are left alone

@@ -1,8 +1,8 @@
 """Worker-side half of the connector: gathers and pushes on the producer, scatters on the consumer.
 
-Producer: after each forward (`wait_for_save`) every chunk whose tokens now exist is gathered into staging and
-handed to the push engine, so chunks leave while later prefill chunks compute; with a store, each new whole chunk
-is also kept there; chunks the scheduler found in the store load asynchronously (pd/store_loads.py: fetched off
+Producer (pd/push_side.py): the chunks a forward completes leave a group of layers at a time while it computes,
+and every other chunk whose tokens exist after the forward leaves whole, so chunks leave while later prefill
+chunks compute; with a store, each new whole chunk is also kept there; chunks the scheduler found in the store load asynchronously (pd/store_loads.py: fetched off
 the engine thread, scattered from memory once fetched, reported as a finished receive; one that went missing is
 reported as a load error and recomputed).
 Consumer: each step checks its expected transfers; a complete one is verified, scattered into the blocks vLLM
@@ -29,15 +29,16 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransfe
 from pd.connector_config import ConnectorConfig
 from transfer.consumer_endpoint import ConsumerEndpoint
 from transfer.consumer_settings import ConsumerSettings
-from pd.cache_layout import layout_from_vllm
+from pd.cache_layout import layer_names, layout_from_vllm
 from pd.device_memory import report_device_memory
 from pd.exposed_time import observe_exposed
 from pd.hook_timer import WORKER_HOOKS
 from pd.paged_kv import PagedKV
-from pd.prefix_store import PROMPT_TOKENS, PrefixStore, model_fingerprint, store_key
+from pd.prefix_store import PrefixStore, model_fingerprint, store_key
+from pd.push_side import PushSide
 from pd.store_loads import StoreLoads
 from transfer.producer import Producer, ProducerSettings
-from pd.step_metadata import NOTHING, BridgeMetadata, LoadTask, OutgoingTask
+from pd.step_metadata import NOTHING, BridgeMetadata, LoadTask
 from transfer.device_fence import COMPLETED, Fence, recorder_for
 from transfer.rank_address import rank_address
 from transfer.receive_book import Arrival
@@ -71,14 +72,12 @@ class WorkerSide:
         self.store_loads: StoreLoads | None = None
         self.kv: PagedKV | None = None
         self.producer: Producer | None = None
+        self.push: PushSide | None = None
         self.endpoint: ConsumerEndpoint | None = None
-        self._scratch: torch.Tensor | None = None  # one chunk, for saving chunks that are not pushed
-        self._out: dict[str, tuple[str | None, int]] = {}  # req_id -> (transfer id if pushing, next chunk)
         self._load_errors: set[int] = set()
         self._loads: dict[str, _Load] = {}
         self._done_recv, self._failed_recv = set[str](), set[str]()
         self.stats = BridgeTransferStats()  # what vLLM's KV-transfer metrics show (pd/transfer_stats.py)
-        self._last_staged: dict[str, float] = {}  # push handle -> when its last chunk was staged
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         faulthandler.register(signal.SIGUSR2, all_threads=True)  # `kill -USR2 <worker>`: every thread's stack
@@ -119,6 +118,9 @@ class WorkerSide:
             if self.cfg.store.admin_port:
                 self.store_admin = StoreAdminServer(self.store.store, self.cfg.listen_host, self.cfg.store.admin_port
                                                     + layout.tp_rank, self._secret, self.cfg.insecure)
+        if self.producer is not None:
+            self.push = PushSide(self.kv, self.producer, self.store, self.blocks_per_chunk, layer_names(kv_caches),
+                                 self.cfg.layer_groups)
         if self.cfg.metrics_port:
             start_http_server(self.cfg.metrics_port + layout.tp_rank, addr=self.cfg.listen_host)
         log.info("kvbridge %s ready: %s, %d tokens/chunk (%d bytes)", name, layout.model_dump(), chunk_tokens,
@@ -131,19 +133,16 @@ class WorkerSide:
         n_blocks = -(-n_tokens // self.kv.layout.block_size)
         return chunk * self.blocks_per_chunk, min((chunk + 1) * self.blocks_per_chunk, n_blocks)
 
-    def on_bind(self, meta: BridgeMetadata) -> None:
+    def on_bind(self, meta: BridgeMetadata) -> bool:
         """Ask consumers for leases while this step's forward computes, so a long prefill shows up on the
         consumer as a live, renewed lease instead of silence that its load timeout would end. Aborts come
-        first: a preempted request's old attempt ends before its new attempt begins."""
+        first: a preempted request's old attempt ends before its new attempt begins. True when chunks leave
+        layer by layer in this forward (`layer_done`)."""
         for rid in meta.aborts:
             self._abort(rid)
         for key, consumer in meta.pending:  # requests still in our queue: a sign of life to their consumers
             self.producer.announcer.announce(key, rank_address(consumer, self.kv.layout.tp_rank))
-        for task in meta.outgoing:
-            if task.req_id not in self._out:
-                target = rank_address(task.consumer, self.kv.layout.tp_rank) if task.consumer else None
-                handle = self.producer.begin(task.spec, target) or None if target is not None else None
-                self._out[task.req_id] = (handle, 0)
+        return self.push.begin(meta.outgoing) if self.push is not None else False
 
     def start_load_kv(self, meta: BridgeMetadata) -> None:
         for answer, seconds in meta.lookup_times:
@@ -169,52 +168,14 @@ class WorkerSide:
         return errors
 
     def wait_for_save(self, meta: BridgeMetadata) -> None:
-        for task in meta.outgoing:
-            self._send_ready_chunks(task)
-
-    def _send_ready_chunks(self, task: OutgoingTask) -> None:
-        if task.req_id not in self._out:
-            return  # aborted
-        tid, nxt = self._out[task.req_id]
-        n_chunks = -(-task.num_tokens // self.chunk_tokens)
-        while nxt < n_chunks and min((nxt + 1) * self.chunk_tokens, task.num_tokens) <= task.ready_tokens:
-            lo, hi = self._chunk_blocks(task.num_tokens, nxt)
-            ids = task.block_ids[lo:hi]
-            key = task.store_keys[nxt] if task.store_from <= nxt < len(task.store_keys) else None
-            kept = False
-
-            def fill(view: torch.Tensor, ids: list[int] = ids, key: str | None = key) -> int:
-                nonlocal kept
-                n = self.kv.gather(ids, view)
-                if key is not None:  # on a GPU, copied on the engine's stream after the gather, not waited for
-                    self.store.put(key, view[:n])
-                    kept = True
-                return n
-            if tid is not None and not self.producer.stage(tid, nxt, fill):
-                tid = None  # the transfer ended (failed or aborted); the consumer falls back by policy
-            if key is not None and not kept:
-                fill(self._scratch_chunk())
-            if key is not None:
-                PROMPT_TOKENS.labels("saved").inc(self.chunk_tokens)
-            nxt += 1
-        if tid is not None and nxt == n_chunks:
-            self._last_staged[tid] = time.monotonic()  # the prompt's last forward has run
-        if nxt < n_chunks and (tid is not None or nxt < len(task.store_keys)):
-            self._out[task.req_id] = (tid, nxt)
-        else:
-            self._out.pop(task.req_id, None)
-
-    def _scratch_chunk(self) -> torch.Tensor:
-        if self._scratch is None:
-            self._scratch = torch.empty(self.kv.chunk_nbytes(self.blocks_per_chunk), dtype=torch.uint8,
-                                        device=self.kv.device)
-        return self._scratch
+        if self.push is not None:
+            self.push.after_forward(meta.outgoing)
 
     def get_transfer_results(self, idle: bool) -> KVConnectorTransferResults:
         if self.producer is None and self.store_loads is None and not (self._loads or self._done_recv or self._failed_recv):
             return NOTHING  # a decode node's usual step: nothing in flight
         for t in self.producer.take_finished() if self.producer is not None else ():
-            self.stats.record_send(t, self._last_staged.pop(t.transfer_id, None))
+            self.stats.record_send(t, self.push.last_staged.pop(t.transfer_id, None))
         if self._loads:
             seen = self.endpoint.arrivals  # before the look: a chunk landing after it ends the wait below
             self._check_loads()
@@ -290,9 +251,8 @@ class WorkerSide:
             self._done_recv.add(rid)  # vLLM frees a loading request's blocks once its id is reported
         if rid in self._loads:
             self._finish_load(rid, State.ABORTED, "request finished before its KV was used")
-        out = self._out.pop(rid, None)
-        if out is not None and out[0] is not None:
-            self.producer.abort(out[0])
+        if self.push is not None:
+            self.push.abort(rid)
 
     def shutdown(self) -> None:
         for part in (self.store_admin, self.lookup_server, self.store, self.producer, self.endpoint):

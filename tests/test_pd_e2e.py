@@ -13,7 +13,7 @@ from launch.local_servers import MODEL_DIR, free_port
 from launch.polling import wait_for
 from launch.tiny_prompts import random_token_prompt, random_words
 from pd.prefix_store import model_fingerprint
-from tests.pd_client import pd_request, pool_status, post, source_tokens, text_of, wait_producer_idle
+from tests.pd_client import connector_metrics, pd_request, pool_status, post, source_tokens, text_of, wait_producer_idle
 from tests.producer_proc import TINY
 from transfer import wire
 from transfer.control_request import ask
@@ -37,9 +37,15 @@ def test_completion_tokens_equal_aggregated(servers, n):
     want = reference(servers, "/v1/completions", body)
     before_src = source_tokens(servers["decode"].url)
     before = pool_status(servers["decode"].handshake).counters
+    staged_before = connector_metrics(servers["prefill"])
     pre, dec = pd_request(servers, "/v1/completions", body)
     assert pre[0] == 200 and dec[0] == 200, (pre, dec)
     assert text_of(dec[1]) == want
+    staged = {how: connector_metrics(servers["prefill"]).get(f'kvbridge_producer_chunks_staged_total{{how="{how}"}}',
+                                                             0) - staged_before.get(
+        f'kvbridge_producer_chunks_staged_total{{how="{how}"}}', 0) for how in ("layers", "whole")}
+    if n > 1:  # the chunks left during the forward that computed them, a group of layers at a time
+        assert staged["layers"] >= 1 and staged["whole"] == 0, staged
     assert dec[1]["usage"]["prompt_tokens"] == n and dec[1]["usage"]["completion_tokens"] == MAX_TOKENS
     # The KV was really used: the connector scattered exactly the prompt's tokens and vLLM counts every
     # prompt token as transferred, none computed from scratch (a 1-token prompt is the exception: vLLM

@@ -11,7 +11,6 @@ import logging
 import threading
 import time
 import uuid
-import zlib
 from typing import Callable
 
 import torch
@@ -25,14 +24,15 @@ from transfer.device_fence import recorder_for
 from transfer.geometry import ChunkGeometry
 from transfer.identity import TransferSpec
 from transfer.layout import KVLayout
-from transfer.states import PUSHED_BYTES, State, Transfer
+from transfer.states import State, Transfer
 from transfer.threads import start_io_thread
-from transfer.nixl_agent import NixlAgent, TransferError
-from transfer.notice import ChunkNotice
+from transfer.nixl_agent import NixlAgent
 from transfer.producer_settings import ProducerSettings
 from transfer.push_job import PushJob
 from transfer.call_answers import answered
+from transfer.chunk_writes import ChunkWrites
 from transfer.push_window import window_blocked
+from transfer.staged_chunk import HELD, StagedChunk
 from transfer.staging import StagingBuffer
 
 log = logging.getLogger("kvbridge.producer")
@@ -60,11 +60,13 @@ class Producer:
         self.announcer = Announcer(lambda a: ConsumerLink(a, self.agent, self._hello, settings.secret,
                                                           settings.rpc_timeout_s))
         self._jobs: dict[str, PushJob] = {}
+        self._cv = threading.Condition()  # guards `_jobs` and what the engine thread hands over (`staged`)
+        self._writes = ChunkWrites(self.agent, self.staging, self.geometry, self.incarnation, settings.checksum,
+                                   self._cv)
         STAGING_FREE.set_function(lambda: self.staging.free)
         STAGING_TOTAL.set(settings.staging_chunks)
         ACTIVE.set_function(lambda: len(self._jobs))
         self._finished: list[Transfer] = []
-        self._cv = threading.Condition()
         self._stop = False
         self._thread = start_io_thread(self._run, "kvbridge-producer")
 
@@ -81,28 +83,55 @@ class Producer:
         return handle
 
     def stage(self, handle: str, chunk: int, fill: Callable[[torch.Tensor], int]) -> bool:
-        """Queue the gather of one chunk into staging (caller's thread) and its write, which the push
-        thread posts once the gather's fence is done. False when the transfer already ended or staging
-        stayed full (the transfer then fails). A chunk the consumer already holds is not gathered."""
+        """Gather one whole chunk into staging now (`fill`, on the caller's thread) and queue its write, which
+        the push thread posts once the gather's fence is done. False when the transfer already ended or
+        staging stayed full (the transfer then fails). A chunk the consumer already holds is not gathered."""
         ready_at = time.time()  # the forward that computed this chunk has ended: the consumer's exposed time starts
+        slot = self.open(handle, chunk)
+        if slot is None or slot == HELD:
+            return slot == HELD
+        nbytes = fill(self.staging.view(slot))
+        return self.stage_part(handle, chunk, slot, 0, nbytes, last=True, ready_at=ready_at)
+
+    def open(self, handle: str, chunk: int, wait: bool = True) -> int | None:
+        """A staging slot for `chunk` of transfer `handle`, to fill in ranges (`stage_part`, the last one with
+        `last`); HELD when the consumer already holds the chunk; None when the transfer ended, or no slot was
+        free (without `wait`: the transfer goes on), or staging stayed full (with `wait`: the transfer fails)."""
         with self._cv:
             job = self._jobs.get(handle)
             if job is None or job.t.done:
-                return False
+                return None
             if job.grant is not None and chunk < job.grant.skip_chunks:
-                return True
-        slot = self.staging.acquire(self.cfg.staging_wait_s)
+                return HELD
+        slot = self.staging.acquire(self.cfg.staging_wait_s if wait else 0.0)
         if slot is None:
-            self._fail(handle, f"staging full for {self.cfg.staging_wait_s}s")
-            return False
-        nbytes = fill(self.staging.view(slot))
-        fence = self._record_fence()
+            if wait:
+                self._fail(handle, f"staging full for {self.cfg.staging_wait_s}s")
+            return None
         with self._cv:
             if job.t.done:
                 self.staging.release(slot)
+                return None
+            job.staged[chunk] = StagedChunk(slot)
+        return slot
+
+    def stage_part(self, handle: str, chunk: int, slot: int, start: int, end: int, last: bool = False,
+                   ready_at: float | None = None) -> bool:
+        """Bytes `start:end` of `chunk`'s slot are gathered (queued on the caller's stream just now): write them
+        once that is done; `last` marks the chunk whole, its notice going with this range. False when the
+        transfer ended: the slot is free again and the caller stops filling it."""
+        fence = self._record_fence()
+        with self._cv:
+            job = self._jobs.get(handle)
+            sc = job.staged.get(chunk) if job is not None else None
+            if sc is None or job.t.done:
+                if sc is not None:
+                    del job.staged[chunk]
+                self.staging.release(slot)  # the caller's until now (staged_chunk.py)
                 return False
-            job.staged[chunk] = (slot, nbytes, fence)
-            job.kv_ready_at[chunk] = ready_at
+            sc.parts.append((start, end, fence))
+            if last:
+                sc.whole, sc.nbytes, sc.kv_ready_at = True, end, ready_at or time.time()
             self._cv.notify()
         return True
 
@@ -184,101 +213,55 @@ class Producer:
         self._poll(job, now)
         if t.state == State.SENDING and job.sent == job.n_chunks - job.grant.skip_chunks:
             t.to(State.SENT)
-        if t.done and not job.inflight and job.call is None:
+        if t.done and not job.writing() and job.call is None:
             self._cleanup(job)
 
     def _ask(self, job: PushJob, kind: str, call: Callable[[ConsumerLink], object]) -> None:
         job.call, job.call_of = self._calls.submit(job.consumer, call), (kind, time.monotonic())
 
     def _post(self, job: PushJob, now: float) -> None:
-        if job.staged and now >= job.deadline:
+        if any(not sc.announced for sc in job.staged.values()) and now >= job.deadline:
             job.t.to(State.FAILED, "lease deadline reached before all chunks were written")
             return
         link = self._calls.link(job.consumer)
         if job.call is None and window_blocked(job, self._cv, now):
             key, epoch, ttl = job.spec.key, job.grant.epoch, self.cfg.lease_ttl_s
             self._ask(job, "progress", lambda link: link.progress(key, epoch, ttl))
+        skip, todo = job.grant.skip_chunks, []
         with self._cv:
-            ready = [(c, job.staged.pop(c)) for c in sorted(job.staged) if job.staged[c][2].done() and job.may_write(c)]
-        skip = job.grant.skip_chunks
-        for i, (chunk, (slot, nbytes, _)) in enumerate(ready):
-            if chunk < skip:  # staged before the grant said the consumer holds it
-                self.staging.release(slot)
-                continue
-            want = self.geometry.chunk_nbytes(job.spec.num_tokens, chunk)
-            if nbytes != want or nbytes > link.welcome.slot_bytes:
-                self._stop_posting(job, slot, ready[i + 1:], f"chunk {chunk} holds {nbytes} bytes, it must hold "
-                                   f"{want} (slot {link.welcome.slot_bytes})")
+            for chunk, sc in sorted(job.staged.items()):
+                if chunk < skip:  # staged before the grant said the consumer holds it
+                    if sc.whole and not sc.writing:
+                        self.staging.release(sc.slot)
+                        del job.staged[chunk]
+                elif job.may_write(chunk):
+                    todo.append((chunk, sc, sc.writable(), sc.notice_due()))
+        for chunk, sc, ranges, due in todo:
+            if (ranges or due) and not self._writes.post(job, link.welcome, chunk, sc, ranges, due):
                 return
-            data = self.staging.view(slot)[:nbytes]
-            notice = ChunkNotice(transfer_id=job.spec.key, chunk=chunk - skip, epoch=job.grant.epoch,
-                                 incarnation=self.incarnation, nbytes=nbytes,
-                                 crc=zlib.crc32(data.cpu().numpy()) if self.cfg.checksum else None,
-                                 kv_ready_at=job.kv_ready_at.pop(chunk, None))
-            w = link.welcome
-            if w.incarnation != job.grant.incarnation:  # its slots may be another transfer's now
-                self._stop_posting(job, slot, ready[i + 1:], f"consumer {job.consumer} restarted (incarnation "
-                                   f"{job.grant.incarnation[:12]} -> {w.incarnation[:12]}) after granting the lease")
-                return
-            try:
-                dst = job.grant.offsets[(chunk - skip) % len(job.grant.offsets)]  # a window reuses its slots
-                handle = self.agent.write(self.staging.region, [(self.staging.offset(slot), dst, nbytes)],
-                                          w.agent_name, w.mem_type, w.dev_id, notice.encode())
-            except TransferError as e:
-                job.peer_down = e.peer_gone  # NIXL saw the consumer die: its lease went with it
-                self._stop_posting(job, slot, ready[i + 1:], str(e))
-                return
-            job.inflight[chunk] = (handle, slot)
-            PUSHED_BYTES.inc(nbytes)
         if now >= job.next_renew and not job.t.done and job.call is None:
             key, epoch, ttl = job.spec.key, job.grant.epoch, self.cfg.lease_ttl_s
             self._ask(job, "renew", lambda link: link.renew(key, epoch, ttl))
 
-    def _stop_posting(self, job: PushJob, slot: int, rest: list, why: str) -> None:
-        """Fail `job` at a chunk not written: its staging slot is free again, the chunks behind it go back to
-        `job.staged` (freed with the job)."""
-        self.staging.release(slot)
-        with self._cv:
-            job.staged.update(dict(rest))
-        job.t.to(State.FAILED, why)
-
     def _poll(self, job: PushJob, now: float) -> None:
         # A write to a peer that died may never complete (UCX without error handling):
         # past the lease deadline plus the margin nobody will read those bytes, so give up.
-        stuck = bool(job.inflight) and now > job.deadline + self.cfg.write_margin_s
-        for chunk, (handle, slot) in list(job.inflight.items()):
-            state = "ERR" if stuck else self.agent.poll(handle)
-            if state == "PROC":
-                continue
-            try:
-                self.agent.release(handle)
-            except Exception as e:  # a handle to a dead peer may refuse release; the slot is ours again
-                log.info("release of a write handle to %s failed: %s", job.consumer, e)
-            self.staging.release(slot)
-            del job.inflight[chunk]
-            if state == "DONE":
-                job.sent += 1
-            else:
-                job.t.to(State.FAILED, f"write of chunk {chunk} to {job.consumer} failed")
+        self._writes.poll(job, stuck=job.writing() and now > job.deadline + self.cfg.write_margin_s)
 
     def _give_up(self, job: PushJob) -> None:
         """Free everything a failed job holds, in-flight writes included (their bytes go nowhere we read)."""
-        for handle, slot in job.inflight.values():
-            try:
-                self.agent.release(handle)
-            except Exception as e:
-                log.info("release of a write handle to %s failed: %s", job.consumer, e)
-            self.staging.release(slot)
-        job.inflight.clear()
+        self._writes.drop(job)
         if job.call is None:
             self._cleanup(job)
 
     def _cleanup(self, job: PushJob) -> None:
         """Staging back now; the lease released (its answer awaited, so a finished transfer's slots are
         free on the consumer), then the job is forgotten."""
-        for slot, *_ in job.staged.values():
-            self.staging.release(slot)
-        job.staged.clear()
+        with self._cv:
+            for chunk, sc in list(job.staged.items()):
+                if sc.whole:  # one the engine thread still fills is its to free (staged_chunk.py)
+                    self.staging.release(sc.slot)
+                    del job.staged[chunk]
         gave_up = job.t.state == State.FAILED
         if job.t.state != State.SENT and not job.peer_down and (job.grant is not None or gave_up) \
                 and not job.released:

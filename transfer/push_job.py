@@ -6,23 +6,21 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from transfer import wire
-from transfer.device_fence import Fence
 from transfer.identity import TransferSpec
+from transfer.staged_chunk import StagedChunk
 from transfer.states import State, Transfer
 
 
 @dataclass
 class PushJob:
-    """One transfer attempt on its way: chunks staged (gather queued, not yet written), in flight (written,
-    not yet completed), the lease that names their destination, and when to renew or retry."""
+    """One transfer attempt on its way: chunks staged (gathered in ranges, written, until their last write
+    completed: staged_chunk.py), the lease that names their destination, and when to renew or retry."""
 
     t: Transfer
     spec: TransferSpec
     consumer: str
     n_chunks: int
-    staged: dict[int, tuple[int, int, Fence]] = field(default_factory=dict)  # chunk -> (slot, nbytes, gather's fence)
-    inflight: dict[int, tuple[object, int]] = field(default_factory=dict)  # chunk -> (handle, slot)
-    kv_ready_at: dict[int, float] = field(default_factory=dict)  # chunk -> wall clock when stage() was called
+    staged: dict[int, StagedChunk] = field(default_factory=dict)  # chunk -> its slot, ranges and writes
     sent: int = 0
     grant: wire.Grant | None = None
     deadline: float = 0.0
@@ -40,7 +38,7 @@ class PushJob:
         """Seconds until the push thread must look at this job again unprompted (inf: only an answer, a
         staged chunk or an abort, which wake it, can move it on)."""
         sending = self.t.state == State.SENDING
-        if self.inflight or (sending and any(self.may_write(c) for c in self.staged)):
+        if self.writing() or (sending and any(sc.parts and self.may_write(c) for c, sc in self.staged.items())):
             return 0.0002  # NIXL writes progress only while polled (and a gather's fence is polled too)
         if self.call is not None:
             return 0.0 if self.call.done() else math.inf
@@ -49,6 +47,10 @@ class PushJob:
         if self.t.state in (State.NEW, State.ALLOCATING):
             return self.retry_at - now
         return self.next_renew - now if self.t.state == State.SENDING else math.inf
+
+    def writing(self) -> bool:
+        """Whether a write of this transfer is in flight."""
+        return any(sc.writing for sc in self.staged.values())
 
     def may_write(self, chunk: int) -> bool:
         """Whether prompt chunk `chunk` may be written now: held by the consumer (not sent at all) or

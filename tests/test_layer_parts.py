@@ -1,0 +1,111 @@
+"""Chunks pushed in parts (one per group of layers, as the prefill's forward computes them), over real NIXL.
+
+The consumer takes a chunk's notice as "the whole chunk is in the slot", so the part that carries the notice
+must be written after every other part of the chunk landed, and a chunk whose transfer ends while the
+engine thread still fills it must give its staging slot back exactly once.
+"""
+from __future__ import annotations
+
+import random
+import time
+import zlib
+
+import pytest
+import torch
+from prometheus_client import REGISTRY
+
+from launch.polling import wait_for
+from tests.test_device_ordering import LateCopies
+from pd.paged_kv import PagedKV
+from pd.push_side import PushSide
+from pd.step_metadata import OutgoingTask
+from tests.test_transfer import CHUNK_TOKENS, LAYOUT, check_landed, consumer, finished, make_producer, spec  # noqa: F401
+from transfer.producer import Producer, ProducerSettings
+from transfer.states import State
+
+
+def chunk_bytes(p: Producer, s, chunk: int) -> torch.Tensor:
+    return torch.randint(1, 256, (p.geometry.chunk_nbytes(s.num_tokens, chunk),), dtype=torch.uint8)
+
+
+def test_a_chunk_in_parts_is_announced_only_after_its_last_part_and_lands_equal(consumer):  # noqa: F811
+    stream = LateCopies()
+    p = Producer(LAYOUT, CHUNK_TOKENS, ProducerSettings(producer_id="parts", fence=stream.fence, checksum=True))
+    try:
+        s = spec("parts-1", 2)
+        handle = p.begin(s, consumer.address)
+        wait_for(lambda: p._jobs[handle].t.state == State.SENDING, 5, 0.01, "lease granted")
+        datas = [chunk_bytes(p, s, i) for i in range(2)]
+        slots = [p.open(handle, i) for i in range(2)]
+        for i, (slot, data) in enumerate(zip(slots, datas)):  # three parts per chunk, the first one's copy late
+            view, n = p.staging.view(slot), len(data)
+            cuts = [0, n // 4, n // 2, n]
+            stream.queue(lambda view=view, data=data, a=cuts[0], b=cuts[1]: view[a:b].copy_(data[a:b]))
+            assert p.stage_part(handle, i, slot, cuts[0], cuts[1])
+            view[cuts[1]:cuts[2]].copy_(data[cuts[1]:cuts[2]])
+            assert p.stage_part(handle, i, slot, cuts[1], cuts[2])
+        time.sleep(0.2)
+        assert consumer.call("lease", "parts-1")["arrived"] == [], "a chunk was announced before it was whole"
+        for i, (slot, data) in enumerate(zip(slots, datas)):
+            view, n = p.staging.view(slot), len(data)
+            view[n // 2:].copy_(data[n // 2:])
+            assert p.stage_part(handle, i, slot, n // 2, n, last=True)
+        time.sleep(0.2)
+        assert consumer.call("lease", "parts-1")["arrived"] == [], "the notice overtook a part still being gathered"
+        stream.complete()
+        assert finished(p, {"parts-1"})["parts-1"] == State.SENT
+        check_landed(consumer, "parts-1", [zlib.crc32(d.numpy()) for d in datas])
+        assert p.staging.free == p.staging.num_slots
+    finally:
+        p.close()
+
+
+def test_a_transfer_that_ends_while_a_chunk_is_half_staged_gives_its_slot_back_once(consumer):  # noqa: F811
+    p = Producer(LAYOUT, CHUNK_TOKENS, ProducerSettings(producer_id="parts-abort"))
+    try:
+        s = spec("parts-2", 1)
+        handle = p.begin(s, consumer.address)
+        wait_for(lambda: p._jobs[handle].t.state == State.SENDING, 5, 0.01, "lease granted")
+        slot = p.open(handle, 0)
+        n = p.geometry.chunk_nbytes(s.num_tokens, 0)
+        assert p.stage_part(handle, 0, slot, 0, n // 2)
+        p.abort(handle)
+        assert finished(p, {"parts-2"})["parts-2"] == State.ABORTED
+        assert p.staging.free == p.staging.num_slots - 1, "the push thread freed a slot the engine still fills"
+        assert not p.stage_part(handle, 0, slot, n // 2, n, last=True)
+        assert p.staging.free == p.staging.num_slots
+    finally:
+        p.close()
+
+
+def staged(how: str) -> float:
+    return REGISTRY.get_sample_value("kvbridge_producer_chunks_staged_total", {"how": how}) or 0.0
+
+
+@pytest.mark.parametrize("groups", [2, 1])
+def test_chunks_handed_over_layer_by_layer_land_as_a_whole_gather_would(consumer, groups):  # noqa: F811
+    views = [torch.randn(32, 2, LAYOUT.block_size, 2 * LAYOUT.head_size) for _ in range(LAYOUT.num_layers)]
+    kv = PagedKV(views, LAYOUT)
+    p = make_producer(f"layers-{groups}")
+    push = PushSide(kv, p, None, CHUNK_TOKENS // LAYOUT.block_size, ["m.layers.0.attn", "m.layers.1.attn"], groups)
+    try:
+        s = spec(f"layers-{groups}", 3, last_tokens=20)  # 148 tokens: 10 blocks, the last chunk 2 of them
+        block_ids = random.Random(groups).sample(range(32), 10)
+        task = OutgoingTask("r1", s, consumer.address, s.num_tokens, block_ids, ready_tokens=s.num_tokens)
+        before = staged("layers"), staged("whole")
+        assert push.begin([task]) == (groups > 1)
+        for name in ["m.layers.0.attn", "m.layers.1.attn"]:  # as vLLM calls it after each attention layer
+            push.layer_done(name)
+        push.after_forward([task])
+        assert (staged("layers") - before[0], staged("whole") - before[1]) == ((3, 0) if groups > 1 else (0, 3))
+        assert finished(p, {s.key})[s.key] == State.SENT
+        crcs = []
+        for chunk in range(3):
+            ids = block_ids[chunk * 4:(chunk + 1) * 4]
+            whole = torch.empty(kv.chunk_nbytes(len(ids)), dtype=torch.uint8)
+            kv.gather(ids, whole)
+            crcs.append(zlib.crc32(whole.numpy()))
+        check_landed(consumer, s.key, crcs)
+        assert p.staging.free == p.staging.num_slots
+    finally:
+        p.close()

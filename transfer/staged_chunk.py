@@ -1,0 +1,54 @@
+"""One chunk in a producer staging slot: gathered in parts, written in parts, announced once whole.
+
+A chunk the prefill's forward completes is gathered one group of layers at a time while later layers
+compute (pd/push_side.py), so it reaches the push thread as byte ranges of its slot, each with the fence
+recorded after its gather. The push thread writes each range once its fence is done. The chunk's notice
+rides on its last range, and that write is posted only after every other range's write completed: the
+consumer treats a notice as "the whole chunk is in the slot" (transfer/consumer_endpoint.py), so the notice
+must never overtake the chunk's bytes. A chunk staged whole is the one-range case.
+
+Invariants:
+- Until `whole`, the engine thread may still write into the slot: only the engine thread frees it then
+  (`Producer.stage_part` on a transfer that ended); the push thread never releases or reuses it.
+- A whole chunk's slot is free again only when no write from it is in flight.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transfer.device_fence import Fence
+
+HELD = -1  # `Producer.open`'s answer for a chunk the consumer already holds: nothing to gather
+
+
+@dataclass
+class StagedChunk:
+    slot: int
+    parts: list[tuple[int, int, Fence]] = field(default_factory=list)  # (start, end, fence): gathered, not written
+    whole: bool = False  # the engine thread staged the last range
+    nbytes: int = 0  # the whole chunk's size, set with its last range
+    kv_ready_at: float = 0.0  # wall clock when its last range was staged: the consumer's exposed time starts
+    writing: list[object] = field(default_factory=list)  # NIXL handles of ranges written, not yet completed
+    announced: bool = False  # the range that carries the notice is written
+
+    def writable(self) -> list[tuple[int, int]]:
+        """Ranges to write now, taken off `parts`: each whose gather completed, except the last range of a whole
+        chunk, which waits until it is the only range left and no other write is in flight."""
+        if self.announced:
+            return []
+        out, keep = [], []
+        for i, (start, end, fence) in enumerate(self.parts):
+            if fence.done() and not (self.whole and i == len(self.parts) - 1):
+                out.append((start, end))
+            else:
+                keep.append((start, end, fence))
+        self.parts = keep
+        return out
+
+    def notice_due(self) -> tuple[int, int] | None:
+        """The last range, when it may go with the notice now (then `announced`); else None."""
+        if not self.whole or self.announced or self.writing or len(self.parts) != 1 or not self.parts[0][2].done():
+            return None
+        start, end, _ = self.parts.pop()
+        self.announced = True
+        return start, end
