@@ -20,7 +20,9 @@ from pd.paged_kv import PagedKV
 from pd.push_side import PushSide
 from pd.step_metadata import OutgoingTask
 from tests.test_transfer import CHUNK_TOKENS, LAYOUT, check_landed, consumer, finished, make_producer, spec  # noqa: F401
+from transfer.device_fence import COMPLETED
 from transfer.producer import Producer, ProducerSettings
+from transfer.staged_chunk import StagedChunk
 from transfer.states import State
 
 
@@ -109,3 +111,20 @@ def test_chunks_handed_over_layer_by_layer_land_as_a_whole_gather_would(consumer
         assert p.staging.free == p.staging.num_slots
     finally:
         p.close()
+
+
+def test_the_notice_range_waits_until_every_other_range_of_its_chunk_was_written_and_completed():
+    sc = StagedChunk(slot=0)
+    late = LateCopies()
+    late.queue(lambda: None)  # the second range's gather, still queued
+    sc.parts += [(0, 10, COMPLETED), (10, 20, late.fence()), (20, 30, COMPLETED)]
+    sc.whole, sc.nbytes = True, 30
+    assert sc.take() == ([(0, 10)], None), "the last range went while another was still being gathered"
+    sc.writing.append("write of 0:10")
+    late.complete()
+    assert sc.take() == ([(10, 20)], None), "the last range went in the same pass as another range"
+    sc.writing.append("write of 10:20")
+    assert sc.take() == ([], None), "the last range went while other writes were in flight"
+    sc.writing.clear()
+    assert sc.take() == ([], (20, 30)) and sc.announced
+    assert sc.take() == ([], None)

@@ -235,7 +235,7 @@ class Producer:
                         self.staging.release(sc.slot)
                         del job.staged[chunk]
                 elif job.may_write(chunk):
-                    todo.append((chunk, sc, sc.writable(), sc.notice_due()))
+                    todo.append((chunk, sc, *sc.take()))
         for chunk, sc, ranges, due in todo:
             if (ranges or due) and not self._writes.post(job, link.welcome, chunk, sc, ranges, due):
                 return

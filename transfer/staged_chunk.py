@@ -31,11 +31,12 @@ class StagedChunk:
     writing: list[object] = field(default_factory=list)  # NIXL handles of ranges written, not yet completed
     announced: bool = False  # the range that carries the notice is written
 
-    def writable(self) -> list[tuple[int, int]]:
-        """Ranges to write now, taken off `parts`: each whose gather completed, except the last range of a whole
-        chunk, which waits until it is the only range left and no other write is in flight."""
+    def take(self) -> tuple[list[tuple[int, int]], tuple[int, int] | None]:
+        """What to write now, taken off `parts`: the ranges whose gather completed, and, only when nothing else
+        of the chunk is left to write or still in flight, its last range, to go with the notice (then
+        `announced`). The caller records each write it posts in `writing`."""
         if self.announced:
-            return []
+            return [], None
         out, keep = [], []
         for i, (start, end, fence) in enumerate(self.parts):
             if fence.done() and not (self.whole and i == len(self.parts) - 1):
@@ -43,12 +44,8 @@ class StagedChunk:
             else:
                 keep.append((start, end, fence))
         self.parts = keep
-        return out
-
-    def notice_due(self) -> tuple[int, int] | None:
-        """The last range, when it may go with the notice now (then `announced`); else None."""
-        if not self.whole or self.announced or self.writing or len(self.parts) != 1 or not self.parts[0][2].done():
-            return None
+        if out or not self.whole or self.writing or len(keep) != 1 or not keep[0][2].done():
+            return out, None
         start, end, _ = self.parts.pop()
         self.announced = True
-        return start, end
+        return out, (start, end)
