@@ -6,7 +6,9 @@ engine thread still fills it must give its staging slot back exactly once.
 """
 from __future__ import annotations
 
+import os
 import random
+import threading
 import time
 import zlib
 
@@ -128,3 +130,35 @@ def test_the_notice_range_waits_until_every_other_range_of_its_chunk_was_written
     sc.writing.clear()
     assert sc.take() == ([], (20, 30)) and sc.announced
     assert sc.take() == ([], None)
+
+
+def _thread_cpu_s(name: str) -> float:
+    tid = next(t.native_id for t in threading.enumerate() if t.name == name)
+    fields = open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def test_the_push_thread_sleeps_while_the_forward_fills_an_open_chunk(consumer):  # noqa: F811
+    """A chunk opened before the forward holds no range to write for most of it (seconds, for a long prompt);
+    the push thread, on the prefill's cores and interpreter, must sleep meanwhile. It once spun there, and a
+    1000-token prefill took 11 s of CPU on that thread and ran a fifth slower."""
+    p = make_producer("parts-idle")
+    try:
+        s = spec("parts-3", 1)
+        handle = p.begin(s, consumer.address)
+        wait_for(lambda: p._jobs[handle].t.state == State.SENDING, 5, 0.01, "lease granted")
+        slot = p.open(handle, 0)
+        n = p.geometry.chunk_nbytes(s.num_tokens, 0)
+        assert p.stage_part(handle, 0, slot, 0, n // 2)
+        wait_for(lambda: not p._jobs[handle].writing() and not p._jobs[handle].staged[0].parts, 5, 0.01,
+                 "first range written")
+        t0, cpu0 = time.monotonic(), _thread_cpu_s("kvbridge-producer")
+        time.sleep(1.0)
+        busy = (_thread_cpu_s("kvbridge-producer") - cpu0) / (time.monotonic() - t0)
+        assert busy < 0.05, f"the push thread used {busy:.2f} of a core waiting for the rest of a chunk"
+        assert p.stage_part(handle, 0, slot, n // 2, n, last=True)
+        assert finished(p, {"parts-3"})["parts-3"] == State.SENT
+        assert consumer.call("release", "parts-3")
+        assert p.staging.free == p.staging.num_slots
+    finally:
+        p.close()

@@ -42,7 +42,7 @@ class PushJob:
             return 0.0002  # NIXL writes progress only while polled (and a gather's fence is polled too)
         if self.call is not None:
             return 0.0 if self.call.done() else math.inf
-        if sending and self.staged:  # every staged chunk waits beyond a closed window: ask again later
+        if sending and any(sc.parts for sc in self.staged.values()):  # they wait beyond a closed window: ask later
             return max(0.0, self.window_ask_at - now)
         if self.t.state in (State.NEW, State.ALLOCATING):
             return self.retry_at - now
