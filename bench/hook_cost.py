@@ -7,7 +7,9 @@ NixlConnector-best's (pd/nixl_best.py, whose hooks are timed by the same wrapper
 Aggregated vLLM (no connector) on core 1 serves the same rounds. Each connector node's worker and scheduler log
 their hooks' mean cost per engine step every 10 s; the bench prints, per node and process, the median of those
 lines and per hook, the ratio kvbridge / NixlConnector-best of the medians, and each node's time per output
-token (median gap between streamed tokens once every stream runs) with its ratio to aggregated's.
+token (median gap between streamed tokens once every stream runs) with its ratio to aggregated's, and that ratio
+taken round by round (the nodes of one round run within a minute of each other, so load that drifts between
+rounds cancels), with its median and quartiles.
 
     python -m bench.hook_cost [--streams 8] [--tokens 128] [--rounds 4]
 """
@@ -75,6 +77,11 @@ def main() -> None:
     tpot = {name: statistics.median(g) for name, g in gaps.items()}
     print("time per output token, median of rounds: " + ", ".join(
         f"{n} {ms:.2f} ms ({ms / tpot['aggregated']:.3f} x aggregated)" for n, ms in tpot.items()))
+    for name in ("kvbridge", "nixl-best"):  # each round's three nodes ran within a minute of each other
+        paired = sorted(a / b for a, b in zip(gaps[name], gaps["aggregated"]))
+        q1, q3 = (statistics.quantiles(paired, n=4)[i] for i in (0, 2)) if len(paired) > 1 else (paired[0],) * 2
+        print(f"  {name} / aggregated, paired by round: median {statistics.median(paired):.3f}, "
+              f"quartiles {q1:.3f}-{q3:.3f}, all {[round(x, 3) for x in paired]}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,11 @@
 """Exposed transfer time: how long a decode request waited for its KV after the prefill's last forward ended.
 
 The clock starts when the producer stages the request's last chunk (right after the forward that computed
-it; the chunk notice carries that wall-clock time) and stops when the decode worker has scattered the KV and
+it; with layer-wise push, when its last group of layers is handed over, at the forward's last attention layer,
+so the rest of that forward, the prefill's answer and, when the router sends the decode leg after it, that
+leg's arrival count as exposed too: compare TTFT, not this figure, across the two; the chunk notice carries that
+wall-clock time)
+and stops when the decode worker has scattered the KV and
 reports the request as received, i.e. when vLLM may schedule it. It spans the gather, the push thread, the
 write, the consumer's notification pump and the decode's wait loop: the part of a PD transfer that the
 request sees, however long the pushes that overlapped the prefill took. Across hosts the figure is as good

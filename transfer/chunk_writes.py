@@ -84,7 +84,7 @@ class ChunkWrites:
 
     def drop(self, job: PushJob) -> None:
         """Release every write still in flight (a failed job: their bytes go nowhere anyone reads)."""
-        for sc in job.staged.values():
+        for sc in list(job.staged.values()):
             for handle in sc.writing:
                 self._release(job, handle)
             sc.writing.clear()

@@ -220,7 +220,7 @@ class Producer:
         job.call, job.call_of = self._calls.submit(job.consumer, call), (kind, time.monotonic())
 
     def _post(self, job: PushJob, now: float) -> None:
-        if any(not sc.announced for sc in job.staged.values()) and now >= job.deadline:
+        if any(not sc.announced for sc in list(job.staged.values())) and now >= job.deadline:
             job.t.to(State.FAILED, "lease deadline reached before all chunks were written")
             return
         link = self._calls.link(job.consumer)

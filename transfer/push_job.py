@@ -49,8 +49,9 @@ class PushJob:
         return self.next_renew - now if self.t.state == State.SENDING else math.inf
 
     def writing(self) -> bool:
-        """Whether a write of this transfer is in flight."""
-        return any(sc.writing for sc in self.staged.values())
+        """Whether a write of this transfer is in flight (read on the push thread while the engine thread may
+        add chunks: `list` copies the dict in one step)."""
+        return any(sc.writing for sc in list(self.staged.values()))
 
     def may_write(self, chunk: int) -> bool:
         """Whether prompt chunk `chunk` may be written now: held by the consumer (not sent at all) or
