@@ -14,7 +14,7 @@ others. Prints per length the median overhead of each system, the ratio kvbridge
 those medians, whether every answer equalled aggregated's, and each system's time per output token.
 
     python -m bench.pd_interleaved [--lengths 128 1000 2000] [--repeats 5] [--kvbridge-dispatch with_prefill]
-        [--settle 1.5] [--prefill-connector JSON]
+        [--settle 1.5] [--prefill-connector JSON] [--agg-core 1]
 """
 from __future__ import annotations
 
@@ -34,13 +34,14 @@ BEST = {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device
         "kv_connector_extra_config": {"num_threads": 0}}
 
 
-def start_side_by_side(tag: str, prefill_connector: dict, metrics_port: int) -> dict[str, VllmServer]:
-    """Aggregated vLLM (core 0), kvbridge prefill (core 0) + decode (core 1, its worker's metrics on
+def start_side_by_side(tag: str, prefill_connector: dict, metrics_port: int, agg_core: str = "0"
+                       ) -> dict[str, VllmServer]:
+    """Aggregated vLLM (`agg_core`), kvbridge prefill (core 0) + decode (core 1, its worker's metrics on
     `metrics_port`) and NixlConnector-best prefill (core 0) + decode (core 1), all started, none waited for."""
     def best(role: str, core: str) -> VllmServer:
         return start(f"{tag}-best-{role}", kv_config=BEST, env={"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()),
                                                                  "VLLM_CPU_OMP_THREADS_BIND": core})
-    return {"agg": start(f"{tag}-agg", env={"VLLM_CPU_OMP_THREADS_BIND": "0"}),
+    return {"agg": start(f"{tag}-agg", env={"VLLM_CPU_OMP_THREADS_BIND": agg_core}),
             "kp": start_vllm(f"bench-{tag}-kvb-prefill", "prefill", prefill_connector, model=MODEL, max_model_len=4096),
             "kd": start_vllm(f"bench-{tag}-kvb-decode", "decode", {"metrics_port": metrics_port}, model=MODEL,
                              max_model_len=4096),
@@ -59,11 +60,14 @@ def main() -> None:
                     "busy-polls for 1 s after its last step, on its node's core, and would slow whoever comes next")
     ap.add_argument("--prefill-connector", type=json.loads, default={},
                     help='extra kvbridge settings for the prefill node, e.g. \'{"gil_switch_interval_ms": 5}\'')
+    ap.add_argument("--agg-core", default="0", help="the aggregated server's core: 0, the prefill nodes' (its TTFT "
+                    "computes where theirs do), or 1, the decode nodes' (its time per output token is measured "
+                    "where theirs is)")
     args = ap.parse_args()
     make_tiny_model(MODEL, "bench")
     rng = random.Random(1)
     metrics_port = free_port()
-    servers = start_side_by_side("il", args.prefill_connector, metrics_port)
+    servers = start_side_by_side("il", args.prefill_connector, metrics_port, args.agg_core)
     exposed = ExposedTimes(f"http://127.0.0.1:{metrics_port}/metrics")
     s = servers
     systems = {"aggregated": lambda b: stream_ttft(s["agg"].url, b),
@@ -111,8 +115,8 @@ def main() -> None:
         ex = statistics.median(exposed.by_length[n]) if exposed.by_length.get(n) else float("nan")
         print(f"{n:6} {k:13.1f} {b:23.1f} {k / b if b else float('nan'):16.2f}  "
               f"{eq['kvbridge']}/{args.repeats}, {eq['nixl-best']}/{args.repeats}{'':21}{ex:.1f}")
-    print("\ntime per output token after the first, ms (median; aggregated decodes on core 0, both decode nodes on "
-          "core 1)\nprompt  aggregated  kvbridge (/ agg)  NixlConnector-best (/ agg)")
+    print(f"\ntime per output token after the first, ms (median; aggregated decodes on core {args.agg_core}, both "
+          "decode nodes on core 1)\nprompt  aggregated  kvbridge (/ agg)  NixlConnector-best (/ agg)")
     for n, *_, t in rows:
         a = t["aggregated"]
         print(f"{n:6} {a:11.2f} {t['kvbridge']:9.2f} ({t['kvbridge'] / a:4.2f}) {t['nixl-best']:13.2f} "

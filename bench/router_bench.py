@@ -11,7 +11,7 @@ Everything shares this machine's cores: the load generator, the stub (which answ
 request) and the router. Stub and load generator run on uvloop when it is installed, as the router does,
 so that the harness takes as little of the cores as it can from either side.
 
-    python bench/router_bench.py [--requests 2000] [--repeats 5]
+    python bench/router_bench.py [--requests 2000] [--repeats 5] [--decode-dispatch with_prefill]
 """
 from __future__ import annotations
 
@@ -134,13 +134,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--decode-dispatch", choices=["auto", "with_prefill", "after_prefill"], default="auto",
+                    help="the router's decode_dispatch. The stub is always idle, so auto sends the decode leg after "
+                    "the prefill leg answered and p50 holds two stub round trips in series; with_prefill measures "
+                    "the router alone")
     args = ap.parse_args()
     stub_port, router_port = 18601, 18600
     # The stub runs this module's run_stub() in its own process, started like every other server.
     stub = ProcessHandle("router-bench-stub", [sys.executable, "-c", "from bench.router_bench import run_stub; "
                                                f"run_stub({stub_port})"],
                          f"http://127.0.0.1:{stub_port}/health", None, LOG_DIR)
-    cfg = RouterConfig(port=router_port, model="tiny", health_interval_s=5,
+    cfg = RouterConfig(port=router_port, model="tiny", health_interval_s=5, decode_dispatch=args.decode_dispatch,
                        prefill=[{"name": "p", "url": f"http://127.0.0.1:{stub_port}"}],
                        decode=[{"name": "d", "url": f"http://127.0.0.1:{stub_port}",
                                 "kv_address": f"127.0.0.1:{stub_port + 1}"}])

@@ -32,6 +32,16 @@ def chunk_bytes(p: Producer, s, chunk: int) -> torch.Tensor:
     return torch.randint(1, 256, (p.geometry.chunk_nbytes(s.num_tokens, chunk),), dtype=torch.uint8)
 
 
+def half_staged(p: Producer, consumer_address: str, key: str) -> tuple[str, int, int]:
+    """A one-chunk push, granted, whose chunk's first half is handed over: (handle, slot, chunk bytes)."""
+    s = spec(key, 1)
+    handle = p.begin(s, consumer_address)
+    wait_for(lambda: p._jobs[handle].t.state == State.SENDING, 5, 0.01, "lease granted")
+    slot, n = p.open(handle, 0), p.geometry.chunk_nbytes(s.num_tokens, 0)
+    assert p.stage_part(handle, 0, slot, 0, n // 2)
+    return handle, slot, n
+
+
 def test_a_chunk_in_parts_is_announced_only_after_its_last_part_and_lands_equal(consumer):  # noqa: F811
     stream = LateCopies()
     p = Producer(LAYOUT, CHUNK_TOKENS, ProducerSettings(producer_id="parts", fence=stream.fence, checksum=True))
@@ -67,12 +77,7 @@ def test_a_chunk_in_parts_is_announced_only_after_its_last_part_and_lands_equal(
 def test_a_transfer_that_ends_while_a_chunk_is_half_staged_gives_its_slot_back_once(consumer):  # noqa: F811
     p = Producer(LAYOUT, CHUNK_TOKENS, ProducerSettings(producer_id="parts-abort"))
     try:
-        s = spec("parts-2", 1)
-        handle = p.begin(s, consumer.address)
-        wait_for(lambda: p._jobs[handle].t.state == State.SENDING, 5, 0.01, "lease granted")
-        slot = p.open(handle, 0)
-        n = p.geometry.chunk_nbytes(s.num_tokens, 0)
-        assert p.stage_part(handle, 0, slot, 0, n // 2)
+        handle, slot, n = half_staged(p, consumer.address, "parts-2")
         p.abort(handle)
         assert finished(p, {"parts-2"})["parts-2"] == State.ABORTED
         assert p.staging.free == p.staging.num_slots - 1, "the push thread freed a slot the engine still fills"
@@ -140,16 +145,11 @@ def _thread_cpu_s(name: str) -> float:
 
 def test_the_push_thread_sleeps_while_the_forward_fills_an_open_chunk(consumer):  # noqa: F811
     """A chunk opened before the forward holds no range to write for most of it (seconds, for a long prompt);
-    the push thread, on the prefill's cores and interpreter, must sleep meanwhile. It once spun there, and a
-    1000-token prefill took 11 s of CPU on that thread and ran a fifth slower."""
+    the push thread, on the prefill's cores and interpreter, must sleep meanwhile. It once spun there: four
+    1000-token prefills took 11 s of CPU on that thread, and their TTFT went from 2.1-2.7 s to 3.6-4.6 s."""
     p = make_producer("parts-idle")
     try:
-        s = spec("parts-3", 1)
-        handle = p.begin(s, consumer.address)
-        wait_for(lambda: p._jobs[handle].t.state == State.SENDING, 5, 0.01, "lease granted")
-        slot = p.open(handle, 0)
-        n = p.geometry.chunk_nbytes(s.num_tokens, 0)
-        assert p.stage_part(handle, 0, slot, 0, n // 2)
+        handle, slot, n = half_staged(p, consumer.address, "parts-3")
         wait_for(lambda: not p._jobs[handle].writing() and not p._jobs[handle].staged[0].parts, 5, 0.01,
                  "first range written")
         t0, cpu0 = time.monotonic(), _thread_cpu_s("kvbridge-producer")
