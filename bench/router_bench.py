@@ -136,8 +136,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--decode-dispatch", choices=["auto", "with_prefill", "after_prefill"], default="auto",
                     help="the router's decode_dispatch. The stub is always idle, so auto sends the decode leg after "
-                    "the prefill leg answered and p50 holds two stub round trips in series; with_prefill measures "
-                    "the router alone")
+                    "the prefill leg answered (two stub round trips in series); with_prefill sends both at once")
     args = ap.parse_args()
     stub_port, router_port = 18601, 18600
     # The stub runs this module's run_stub() in its own process, started like every other server.

@@ -80,7 +80,7 @@ class PushSide:
             if slot is None or (slot == HELD and key is not None):
                 break  # no free slot, or the transfer ended: the chunks from here go after the forward
             if slot != HELD:
-                lo, hi = self._chunk_blocks(task.num_tokens, nxt)
+                lo, hi = self.producer.geometry.block_range(task.num_tokens, nxt)
                 self._open.append(_OpenChunk(handle, nxt, slot, task.block_ids[lo:hi], key))
             nxt += 1
         self._out[task.req_id] = (handle, nxt)
@@ -116,22 +116,18 @@ class PushSide:
             self._send_ready_chunks(task)
 
     def _ready(self, task: OutgoingTask, chunk: int) -> bool:
-        n_chunks = -(-task.num_tokens // self.chunk_tokens)
+        n_chunks = self.producer.geometry.n_chunks(task.num_tokens)
         return chunk < n_chunks and min((chunk + 1) * self.chunk_tokens, task.num_tokens) <= task.ready_tokens
 
     def _store_key(self, task: OutgoingTask, chunk: int) -> str | None:
         return task.store_keys[chunk] if task.store_from <= chunk < len(task.store_keys) else None
-
-    def _chunk_blocks(self, n_tokens: int, chunk: int) -> tuple[int, int]:
-        n_blocks = -(-n_tokens // self.kv.layout.block_size)
-        return chunk * self.blocks_per_chunk, min((chunk + 1) * self.blocks_per_chunk, n_blocks)
 
     def _send_ready_chunks(self, task: OutgoingTask) -> None:
         if task.req_id not in self._out:
             return  # aborted
         tid, nxt = self._out[task.req_id]
         while self._ready(task, nxt):
-            lo, hi = self._chunk_blocks(task.num_tokens, nxt)
+            lo, hi = self.producer.geometry.block_range(task.num_tokens, nxt)
             ids, key, kept = task.block_ids[lo:hi], self._store_key(task, nxt), False
 
             def fill(view: torch.Tensor, ids: list[int] = ids, key: str | None = key) -> int:
@@ -150,7 +146,7 @@ class PushSide:
             if key is not None:
                 PROMPT_TOKENS.labels("saved").inc(self.chunk_tokens)
             nxt += 1
-        n_chunks = -(-task.num_tokens // self.chunk_tokens)
+        n_chunks = self.producer.geometry.n_chunks(task.num_tokens)
         if tid is not None and nxt == n_chunks:
             self.last_staged[tid] = time.monotonic()  # the prompt's last forward has run
         if nxt < n_chunks and (tid is not None or nxt < len(task.store_keys)):

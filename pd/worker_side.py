@@ -2,9 +2,9 @@
 
 Producer (pd/push_side.py): the chunks a forward completes leave a group of layers at a time while it computes,
 and every other chunk whose tokens exist after the forward leaves whole, so chunks leave while later prefill
-chunks compute; with a store, each new whole chunk is also kept there; chunks the scheduler found in the store load asynchronously (pd/store_loads.py: fetched off
-the engine thread, scattered from memory once fetched, reported as a finished receive; one that went missing is
-reported as a load error and recomputed).
+chunks compute; with a store, each new whole chunk is also kept there; chunks the scheduler found in the store
+load asynchronously (pd/store_loads.py: fetched off the engine thread, scattered from memory once fetched,
+reported as a finished receive; one that went missing is reported as a load error and recomputed).
 Consumer: each step checks its expected transfers; a complete one is verified, scattered into the blocks vLLM
 allocated and its slots released (a windowed one chunk by chunk as it lands: pd/lease_scatter.py); one that
 expires (no sign of life for `load_timeout_s`, or none `no_show_s` after the router said its prefill answered:
