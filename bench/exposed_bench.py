@@ -86,8 +86,9 @@ def measure(busy_poll_s: float, repeats: int, chunks: int, forward_s: float) -> 
                     time.sleep(forward_s)  # the last forward computes; earlier chunks are on their way
                     t_last = time.time()
                 assert producer.stage(handle, c, _filler(c, nbytes)), f"chunk {c} not staged"
-            # the push thread took the last chunk off its queue to write it (its state: no public call says so)
-            while (job := producer._jobs.get(handle)) is not None and job.staged:
+            # the push thread posted the last chunk's write, notice and all (its state: no public call says so)
+            while (job := producer._jobs.get(handle)) is not None and any(
+                    not sc.announced for sc in list(job.staged.values())):
                 time.sleep(0.00005)
             t_posted = time.time()
             exposed, why = conn.recv()

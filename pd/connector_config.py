@@ -37,8 +37,9 @@ class ConnectorConfig(BaseModel):
         default="device", description="where a GPU consumer keeps its slots: device memory, or pinned host memory "
         "(no VRAM taken; the scatter reads over PCIe)")
     layer_groups: int = Field(default=4, ge=1, le=1024, description="a chunk the prefill's forward completes "
-                              "leaves in this many parts, each once its layers computed, so little is left to move "
-                              "when the forward ends; 1: whole chunks after the forward")
+                              "leaves in up to this many parts (groups of whole layers), each once its layers "
+                              "computed, so little is left to move when the forward ends; 1: whole chunks after the "
+                              "forward")
     staging_chunks: int = Field(default=16, gt=0, description="producer staging slots, one chunk each")
     slot_pool_bytes: int | None = Field(default=None, gt=0, description="consumer slot pool as a size (e.g. 2GiB): "
                                         "as many slots as fit, at least one; wins over num_slots")

@@ -102,6 +102,7 @@ class PushSide:
         if last and oc.store_key is not None:  # on a GPU, copied on the engine's stream after the gather
             self.store.put(oc.store_key, view[:nbytes])
             PROMPT_TOKENS.labels("saved").inc(self.chunk_tokens)
+            oc.store_key = None
         oc.ended = not self.producer.stage_part(oc.handle, oc.chunk, oc.slot, start, stop, last, ready_at)
         oc.next_layer = end
         if last and not oc.ended:
@@ -111,6 +112,8 @@ class PushSide:
         """After the forward: the rest of each open chunk, then every other chunk whose tokens now exist."""
         for oc in self._open:
             self._hand_over(oc, self.num_layers)  # layers vLLM did not report (a backend without the call)
+            if oc.ended and oc.store_key is not None:
+                self._keep(oc.block_ids, oc.store_key)  # its push ended mid-forward: the store still gets it
         self._open = []
         for task in outgoing:
             self._send_ready_chunks(task)
@@ -142,23 +145,26 @@ class PushSide:
             elif tid is not None:
                 STAGED.labels("whole").inc()
             if key is not None and not kept:
-                fill(self._scratch_chunk())
-            if key is not None:
+                self._keep(ids, key)
+            elif key is not None:
                 PROMPT_TOKENS.labels("saved").inc(self.chunk_tokens)
             nxt += 1
         n_chunks = self.producer.geometry.n_chunks(task.num_tokens)
         if tid is not None and nxt == n_chunks:
             self.last_staged[tid] = time.monotonic()  # the prompt's last forward has run
-        if nxt < n_chunks and (tid is not None or nxt < len(task.store_keys)):
+        if nxt < n_chunks:  # kept even when nothing more leaves: a request we forgot would be pushed anew
             self._out[task.req_id] = (tid, nxt)
         else:
             self._out.pop(task.req_id, None)
 
-    def _scratch_chunk(self) -> torch.Tensor:
+    def _keep(self, block_ids: list[int], key: str) -> None:
+        """Store a chunk that is not pushed, through a scratch chunk."""
         if self._scratch is None:
             self._scratch = torch.empty(self.kv.chunk_nbytes(self.blocks_per_chunk), dtype=torch.uint8,
                                         device=self.kv.device)
-        return self._scratch
+        n = self.kv.gather(block_ids, self._scratch)
+        self.store.put(key, self._scratch[:n])
+        PROMPT_TOKENS.labels("saved").inc(self.chunk_tokens)
 
     def abort(self, req_id: str) -> None:
         out = self._out.pop(req_id, None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import threading
 import time
 import zlib
@@ -17,11 +18,13 @@ import torch
 from prometheus_client import REGISTRY
 
 from launch.polling import wait_for
+from tests.consumer_proc import ConsumerProcess
 from tests.test_device_ordering import LateCopies
 from pd.paged_kv import PagedKV
 from pd.push_side import PushSide
 from pd.step_metadata import OutgoingTask
-from tests.test_transfer import CHUNK_TOKENS, LAYOUT, check_landed, consumer, finished, make_producer, spec  # noqa: F401
+from tests.test_transfer import (CHUNK_TOKENS, LAYOUT, check_landed, consumer, finished,  # noqa: F401
+                                 make_producer, spec)
 from transfer.device_fence import COMPLETED
 from transfer.producer import Producer, ProducerSettings
 from transfer.staged_chunk import StagedChunk
@@ -162,3 +165,31 @@ def test_the_push_thread_sleeps_while_the_forward_fills_an_open_chunk(consumer):
         assert p.staging.free == p.staging.num_slots
     finally:
         p.close()
+
+
+def test_a_half_staged_chunk_whose_write_is_in_flight_when_its_transfer_ends_is_freed_after_the_write():
+    """The engine thread learns that the transfer ended while a range of the chunk it fills is still being
+    written: the slot must stay taken until that write is done with (else a new chunk could be gathered into
+    memory NIXL still reads), and be freed exactly once after."""
+    c = ConsumerProcess(LAYOUT, chunk_tokens=CHUNK_TOKENS, num_slots=4)
+    p = make_producer("parts-inflight")
+    try:
+        s = spec("parts-4", 1)
+        handle = p.begin(s, c.address)
+        wait_for(lambda: p._jobs[handle].t.state == State.SENDING, 5, 0.01, "lease granted")
+        slot, n = p.open(handle, 0), p.geometry.chunk_nbytes(s.num_tokens, 0)
+        os.kill(c.proc.pid, signal.SIGSTOP)  # a write completes only once the consumer drives NIXL
+        try:
+            assert p.stage_part(handle, 0, slot, 0, n // 2)
+            wait_for(lambda: p._jobs[handle].writing(), 5, 0.001, "first range in flight")
+            p.abort(handle)
+            wait_for(lambda: p._jobs[handle].t.done, 5, 0.001, "transfer ended")
+            assert not p.stage_part(handle, 0, slot, n // 2, n, last=True)
+            assert p.staging.free == p.staging.num_slots - 1, "a slot was freed while a write from it was in flight"
+        finally:
+            os.kill(c.proc.pid, signal.SIGCONT)
+        assert finished(p, {"parts-4"})["parts-4"] == State.ABORTED
+        assert p.staging.free == p.staging.num_slots
+    finally:
+        p.close()
+        c.stop()

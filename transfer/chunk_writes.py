@@ -34,9 +34,10 @@ class ChunkWrites:
         transfer failed instead."""
         skip = job.grant.skip_chunks
         want = self._geometry.chunk_nbytes(job.spec.num_tokens, chunk)
-        if max(end for _, end in ranges + [due or (0, 0)]) > min(want, w.slot_bytes) or (due and sc.nbytes != want):
-            job.t.to(State.FAILED, f"chunk {chunk} holds {sc.nbytes} bytes, it must hold {want} "
-                     f"(slot {w.slot_bytes})")
+        end = max(end for _, end in ranges + [due or (0, 0)])
+        if end > min(want, w.slot_bytes) or (due and sc.nbytes != want):
+            held = f"holds {sc.nbytes} bytes" if due else f"has bytes up to {end}"
+            job.t.to(State.FAILED, f"chunk {chunk} {held}, it must hold {want} (slot {w.slot_bytes})")
             return False
         if w.incarnation != job.grant.incarnation:  # its slots may be another transfer's now
             job.t.to(State.FAILED, f"consumer {job.consumer} restarted (incarnation {job.grant.incarnation[:12]} "

@@ -3,9 +3,9 @@
 It names transfer id, chunk index, lease epoch and producer incarnation so the consumer
 can match it against a live lease; `crc` (when the producer computes one) lets the
 consumer prove the slot still holds exactly what was sent. `kv_ready_at` (the producer's wall clock
-when the chunk's KV was complete: its last range staged, at or near the end of the forward that computed it) lets the consumer measure how
-long the request waited for its KV after the prefill ended; meaningful across hosts only as far as their
-clocks agree.
+when the chunk's KV was complete: its last range staged, at or near the end of the forward that computed it)
+lets the consumer measure how long the request waited for its KV after the prefill ended; meaningful across
+hosts only as far as their clocks agree.
 """
 from __future__ import annotations
 

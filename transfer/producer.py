@@ -1,7 +1,9 @@
 """Producer push engine: lease slots on a consumer, write staged chunks, renew, clean up.
 
 The engine thread calls `begin` when a request first appears and `stage` as soon as a
-chunk's KV exists (per scheduler step), so writes leave while prefill continues. One
+chunk's KV exists (per scheduler step), or `open` a chunk before the forward that computes it and
+`stage_part` each group of its layers as the forward goes (staged_chunk.py), so writes leave while
+prefill continues. One
 background thread drives NIXL and each transfer's state, sleeping when there is nothing to post or
 poll; control calls (lease, renew, window progress, release) run on each consumer's own thread (link_calls.py).
 """
@@ -119,15 +121,19 @@ class Producer:
                    ready_at: float | None = None) -> bool:
         """Bytes `start:end` of `chunk`'s slot are gathered (queued on the caller's stream just now): write them
         once that is done; `last` marks the chunk whole, its notice going with this range. False when the
-        transfer ended: the slot is free again and the caller stops filling it."""
+        transfer ended: the caller stops filling the slot, which is free again (at once, or once the writes
+        already posted from it are done with)."""
         fence = self._record_fence()
         with self._cv:
             job = self._jobs.get(handle)
             sc = job.staged.get(chunk) if job is not None else None
             if sc is None or job.t.done:
-                if sc is not None:
-                    del job.staged[chunk]
-                self.staging.release(slot)  # the caller's until now (staged_chunk.py)
+                if sc is None:
+                    self.staging.release(slot)  # the caller's until now (staged_chunk.py)
+                else:  # writes from it may be in flight: the push thread frees it with the job (`_cleanup`)
+                    sc.parts.clear()
+                    sc.whole = True
+                    self._cv.notify()
                 return False
             sc.parts.append((start, end, fence))
             if last:
@@ -230,7 +236,8 @@ class Producer:
         skip, todo = job.grant.skip_chunks, []
         with self._cv:
             for chunk, sc in sorted(job.staged.items()):
-                if chunk < skip:  # staged before the grant said the consumer holds it
+                if chunk < skip:  # staged before the grant said the consumer holds it: nothing of it is written
+                    sc.parts.clear()
                     if sc.whole and not sc.writing:
                         self.staging.release(sc.slot)
                         del job.staged[chunk]
@@ -258,10 +265,7 @@ class Producer:
         """Staging back now; the lease released (its answer awaited, so a finished transfer's slots are
         free on the consumer), then the job is forgotten."""
         with self._cv:
-            for chunk, sc in list(job.staged.items()):
-                if sc.whole:  # one the engine thread still fills is its to free (staged_chunk.py)
-                    self.staging.release(sc.slot)
-                    del job.staged[chunk]
+            self._free_whole(job)
         gave_up = job.t.state == State.FAILED
         if job.t.state != State.SENT and not job.peer_down and (job.grant is not None or gave_up) \
                 and not job.released:
@@ -271,6 +275,15 @@ class Producer:
             job.released = True
             self._ask(job, "release", lambda link: link.release(key, epoch, why))
             return
-        with self._cv:
+        with self._cv:  # with the pop: a chunk the engine thread gave up meanwhile is freed here, not leaked
+            self._free_whole(job)
             if self._jobs.pop(job.t.transfer_id, None) is not None:
                 self._finished.append(job.t)
+
+    def _free_whole(self, job: PushJob) -> None:
+        """Free the slots of the job's whole chunks (no write from them is in flight: the job is done and its
+        writes polled or dropped); one the engine thread still fills is its to free (staged_chunk.py)."""
+        for chunk, sc in list(job.staged.items()):
+            if sc.whole:
+                self.staging.release(sc.slot)
+                del job.staged[chunk]

@@ -22,7 +22,7 @@ def window_blocked(job: PushJob, staged_lock: threading.Condition, now: float) -
     if now < job.window_ask_at:
         return False
     with staged_lock:
-        if all(job.may_write(c) for c in job.staged):
+        if all(job.may_write(c) for c, sc in job.staged.items() if sc.parts or sc.whole):  # not ones still empty
             return False
     job.window_ask_at = now + ASK_EVERY_S
     return True
