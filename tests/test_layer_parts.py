@@ -193,3 +193,35 @@ def test_a_half_staged_chunk_whose_write_is_in_flight_when_its_transfer_ends_is_
     finally:
         p.close()
         c.stop()
+
+
+def test_ranges_of_a_chunk_the_consumer_holds_are_dropped_and_do_not_keep_the_push_thread_awake(consumer):  # noqa: F811
+    """A chunk opened before the grant said the consumer holds it (its own prefix cache) keeps receiving ranges
+    until the forward ends: none is written, the push thread sleeps meanwhile, and its slot is freed once whole."""
+    p = make_producer("parts-held")
+    try:
+        s = spec("parts-5", 2)
+        consumer.call("expect", (s.key, s.num_tokens, s.token_hash, 1, 1))  # the decode request holds chunk 0
+        os.kill(consumer.proc.pid, signal.SIGSTOP)  # the grant cannot come before chunk 0 is opened
+        try:
+            handle = p.begin(s, consumer.address)
+            slot, n = p.open(handle, 0), p.geometry.chunk_nbytes(s.num_tokens, 0)
+        finally:
+            os.kill(consumer.proc.pid, signal.SIGCONT)
+        wait_for(lambda: p._jobs[handle].t.state == State.SENDING, 5, 0.01, "lease granted")
+        assert p._jobs[handle].grant.skip_chunks == 1
+        assert p.stage_part(handle, 0, slot, 0, n // 2)
+        time.sleep(0.1)
+        t0, cpu0 = time.monotonic(), _thread_cpu_s("kvbridge-producer")
+        time.sleep(1.0)
+        busy = (_thread_cpu_s("kvbridge-producer") - cpu0) / (time.monotonic() - t0)
+        assert busy < 0.05, f"the push thread used {busy:.2f} of a core beside a chunk it will never write"
+        assert p.stage_part(handle, 0, slot, n // 2, n, last=True)
+        data = chunk_bytes(p, s, 1)
+        assert p.stage(handle, 1, lambda view: view[:len(data)].copy_(data).numel())
+        assert finished(p, {"parts-5"})["parts-5"] == State.SENT
+        assert consumer.call("lease", "parts-5")["arrived"] == [0]  # the lease's chunk 0 is prompt chunk 1
+        assert consumer.call("release", "parts-5")
+        assert p.staging.free == p.staging.num_slots
+    finally:
+        p.close()
