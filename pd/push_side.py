@@ -92,9 +92,10 @@ class PushSide:
             for oc in self._open:
                 self._hand_over(oc, end)
 
-    def _hand_over(self, oc: _OpenChunk, end: int) -> None:
+    def _hand_over(self, oc: _OpenChunk, end: int, after_forward: bool = False) -> None:
         if oc.ended or oc.next_layer >= end:
             return
+        how = "whole" if after_forward and oc.next_layer == 0 else "layers"  # none of it left during the forward
         view, ready_at = self.producer.staging.view(oc.slot), time.time()
         nbytes = self.kv.gather(oc.block_ids, view, (oc.next_layer, end))
         start, stop = self.kv.layer_span(len(oc.block_ids), (oc.next_layer, end))
@@ -106,12 +107,12 @@ class PushSide:
         oc.ended = not self.producer.stage_part(oc.handle, oc.chunk, oc.slot, start, stop, last, ready_at)
         oc.next_layer = end
         if last and not oc.ended:
-            STAGED.labels("layers").inc()
+            STAGED.labels(how).inc()
 
     def after_forward(self, outgoing: list[OutgoingTask]) -> None:
         """After the forward: the rest of each open chunk, then every other chunk whose tokens now exist."""
         for oc in self._open:
-            self._hand_over(oc, self.num_layers)  # layers vLLM did not report (a backend without the call)
+            self._hand_over(oc, self.num_layers, after_forward=True)  # layers vLLM did not report
             if oc.ended and oc.store_key is not None:
                 self._keep(oc.block_ids, oc.store_key)  # its push ended mid-forward: the store still gets it
         self._open = []

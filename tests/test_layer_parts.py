@@ -94,22 +94,24 @@ def staged(how: str) -> float:
     return REGISTRY.get_sample_value("kvbridge_producer_chunks_staged_total", {"how": how}) or 0.0
 
 
-@pytest.mark.parametrize("groups", [2, 1])
-def test_chunks_handed_over_layer_by_layer_land_as_a_whole_gather_would(consumer, groups):  # noqa: F811
+@pytest.mark.parametrize("groups,calls", [(2, True), (1, True), (2, False)])
+def test_chunks_handed_over_layer_by_layer_land_as_a_whole_gather_would(consumer, groups, calls):  # noqa: F811
+    """`calls` False: a backend that never calls save_kv_layer; the chunks then go whole after the forward."""
     views = [torch.randn(32, 2, LAYOUT.block_size, 2 * LAYOUT.head_size) for _ in range(LAYOUT.num_layers)]
     kv = PagedKV(views, LAYOUT)
-    p = make_producer(f"layers-{groups}")
+    p = make_producer(f"layers-{groups}-{calls}")
     push = PushSide(kv, p, None, CHUNK_TOKENS // LAYOUT.block_size, ["m.layers.0.attn", "m.layers.1.attn"], groups)
     try:
-        s = spec(f"layers-{groups}", 3, last_tokens=20)  # 148 tokens: 10 blocks, the last chunk 2 of them
+        s = spec(f"layers-{groups}-{calls}", 3, last_tokens=20)  # 148 tokens: 10 blocks, the last chunk 2 of them
         block_ids = random.Random(groups).sample(range(32), 10)
         task = OutgoingTask("r1", s, consumer.address, s.num_tokens, block_ids, ready_tokens=s.num_tokens)
         before = staged("layers"), staged("whole")
         assert push.begin([task]) == (groups > 1)
-        for name in ["m.layers.0.attn", "m.layers.1.attn"]:  # as vLLM calls it after each attention layer
+        for name in ["m.layers.0.attn", "m.layers.1.attn"] if calls else []:  # as vLLM calls it after each layer
             push.layer_done(name)
         push.after_forward([task])
-        assert (staged("layers") - before[0], staged("whole") - before[1]) == ((3, 0) if groups > 1 else (0, 3))
+        by_layers = groups > 1 and calls
+        assert (staged("layers") - before[0], staged("whole") - before[1]) == ((3, 0) if by_layers else (0, 3))
         assert finished(p, {s.key})[s.key] == State.SENT
         crcs = []
         for chunk in range(3):
