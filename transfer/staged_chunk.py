@@ -8,8 +8,9 @@ consumer treats a notice as "the whole chunk is in the slot" (transfer/consumer_
 must never overtake the chunk's bytes. A chunk staged whole is the one-range case.
 
 Invariants:
-- Until `whole`, the engine thread may still write into the slot: only the engine thread frees it then
-  (`Producer.stage_part` on a transfer that ended); the push thread never releases or reuses it.
+- Until `whole`, the engine thread may still write into the slot: the push thread never releases or reuses
+  it. When the transfer ended first, the engine thread's next `Producer.stage_part` gives the slot up: freed at
+  once if the job is gone, else marked whole for the push thread to free with the job.
 - A whole chunk's slot is free again only when no write from it is in flight.
 """
 from __future__ import annotations
