@@ -31,19 +31,23 @@ def reference(servers, path: str, body: dict) -> str:
     return text_of(reply)
 
 
+def chunks_staged(server) -> dict[str, float]:
+    """The prefill node's count of chunks handed to its push thread, by how: during the forward or after it."""
+    m = connector_metrics(server)
+    return {how: m.get(f'kvbridge_producer_chunks_staged_total{{how="{how}"}}', 0.0) for how in ("layers", "whole")}
+
+
 @pytest.mark.parametrize("n", [1, 2, 127, 128, 129, 255, 256, 257, 1000])
 def test_completion_tokens_equal_aggregated(servers, n):
     body = {"model": "tiny", "prompt": random_token_prompt(n, seed=n), "max_tokens": MAX_TOKENS, "temperature": 0}
     want = reference(servers, "/v1/completions", body)
     before_src = source_tokens(servers["decode"].url)
     before = pool_status(servers["decode"].handshake).counters
-    staged_before = connector_metrics(servers["prefill"])
+    staged_before = chunks_staged(servers["prefill"])
     pre, dec = pd_request(servers, "/v1/completions", body)
     assert pre[0] == 200 and dec[0] == 200, (pre, dec)
     assert text_of(dec[1]) == want
-    staged = {how: connector_metrics(servers["prefill"]).get(f'kvbridge_producer_chunks_staged_total{{how="{how}"}}',
-                                                             0) - staged_before.get(
-        f'kvbridge_producer_chunks_staged_total{{how="{how}"}}', 0) for how in ("layers", "whole")}
+    staged = {how: count - staged_before[how] for how, count in chunks_staged(servers["prefill"]).items()}
     if n > 1:  # the chunks left during the forward that computed them, a group of layers at a time
         assert staged["layers"] >= 1 and staged["whole"] == 0, staged
     assert dec[1]["usage"]["prompt_tokens"] == n and dec[1]["usage"]["completion_tokens"] == MAX_TOKENS
