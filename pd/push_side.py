@@ -47,7 +47,7 @@ class PushSide:
                  layer_names: list[str], layer_groups: int) -> None:
         self.kv, self.producer, self.store = kv, producer, store
         self.blocks_per_chunk = blocks_per_chunk
-        self.chunk_tokens = blocks_per_chunk * kv.layout.block_size
+        self.chunk_tokens = producer.geometry.chunk_tokens
         self.num_layers = n = len(layer_names)
         per_group = -(-n // max(1, min(layer_groups, n)))
         # layer name -> the layer count handed over once it computed, for the last layer of each group
@@ -100,9 +100,8 @@ class PushSide:
         nbytes = self.kv.gather(oc.block_ids, view, (oc.next_layer, end))
         start, stop = self.kv.layer_span(len(oc.block_ids), (oc.next_layer, end))
         last = end == self.num_layers
-        if last and oc.store_key is not None:  # on a GPU, copied on the engine's stream after the gather
-            self.store.put(oc.store_key, view[:nbytes])
-            PROMPT_TOKENS.labels("saved").inc(self.chunk_tokens)
+        if last and oc.store_key is not None:
+            self._save(oc.store_key, view[:nbytes])
             oc.store_key = None
         oc.ended = not self.producer.stage_part(oc.handle, oc.chunk, oc.slot, start, stop, last, ready_at)
         oc.next_layer = end
@@ -137,8 +136,8 @@ class PushSide:
             def fill(view: torch.Tensor, ids: list[int] = ids, key: str | None = key) -> int:
                 nonlocal kept
                 n = self.kv.gather(ids, view)
-                if key is not None:  # on a GPU, copied on the engine's stream after the gather, not waited for
-                    self.store.put(key, view[:n])
+                if key is not None:
+                    self._save(key, view[:n])
                     kept = True
                 return n
             if tid is not None and not self.producer.stage(tid, nxt, fill):
@@ -147,8 +146,6 @@ class PushSide:
                 STAGED.labels("whole").inc()
             if key is not None and not kept:
                 self._keep(ids, key)
-            elif key is not None:
-                PROMPT_TOKENS.labels("saved").inc(self.chunk_tokens)
             nxt += 1
         n_chunks = self.producer.geometry.n_chunks(task.num_tokens)
         if tid is not None and nxt == n_chunks:
@@ -164,7 +161,11 @@ class PushSide:
             self._scratch = torch.empty(self.kv.chunk_nbytes(self.blocks_per_chunk), dtype=torch.uint8,
                                         device=self.kv.device)
         n = self.kv.gather(block_ids, self._scratch)
-        self.store.put(key, self._scratch[:n])
+        self._save(key, self._scratch[:n])
+
+    def _save(self, key: str, chunk: torch.Tensor) -> None:
+        """Keep one whole chunk in the store (on a GPU, copied on the engine's stream after its gather)."""
+        self.store.put(key, chunk)
         PROMPT_TOKENS.labels("saved").inc(self.chunk_tokens)
 
     def abort(self, req_id: str) -> None:
