@@ -85,10 +85,11 @@ class ExposedTimes:
 
 
 def kvbridge_once(p: VllmServer, d: VllmServer, body: dict, exposed: ExposedTimes,
-                  dispatch: str = "after_prefill") -> tuple[float, str, float]:
+                  dispatch: str = "after_prefill", gap: float = 0.0) -> tuple[float, str, float]:
     """One request through kvbridge's two legs, sent as the router does (`decode_dispatch`): requests here run
     one at a time, so the router's `auto` sends the decode leg after the prefill leg answered; `with_prefill`
-    sends both at once. TTFT is counted from the first leg's start."""
+    sends both at once. TTFT is counted from the first leg's start, without `gap`: seconds slept between the
+    legs (after_prefill only), so the decode leg's tokens are timed with the prefill node quiet."""
     import concurrent.futures as cf
     before = exposed.read()
     tid = uuid.uuid4().hex
@@ -100,6 +101,7 @@ def kvbridge_once(p: VllmServer, d: VllmServer, body: dict, exposed: ExposedTime
         return time.perf_counter() - t0
     if dispatch == "after_prefill":
         leg_s = prefill_leg()
+        time.sleep(gap)
         ttft, text, tpot = stream_ttft(d.url, dec)
         ttft += leg_s
     else:
@@ -113,7 +115,8 @@ def kvbridge_once(p: VllmServer, d: VllmServer, body: dict, exposed: ExposedTime
     return ttft, text, tpot
 
 
-def nixl_once(p: VllmServer, d: VllmServer, body: dict) -> tuple[float, str, float]:
+def nixl_once(p: VllmServer, d: VllmServer, body: dict, gap: float = 0.0) -> tuple[float, str, float]:
+    """One request through NixlConnector's two legs; `gap` as for kvbridge_once."""
     t0 = time.perf_counter()
     pre = dict(body, max_tokens=1, kv_transfer_params={"do_remote_decode": True, "do_remote_prefill": False,
                                                        "remote_engine_id": None, "remote_block_ids": None,
@@ -122,6 +125,7 @@ def nixl_once(p: VllmServer, d: VllmServer, body: dict) -> tuple[float, str, flo
     r.raise_for_status()
     params = r.json()["kv_transfer_params"]
     prefill_s = time.perf_counter() - t0
+    time.sleep(gap)
     ttft, text, tpot = stream_ttft(d.url, dict(body, kv_transfer_params=params))
     print(f"    nixl leg times: prefill {prefill_s * 1000:.1f} ms, decode TTFT {ttft * 1000:.1f} ms", flush=True)
     return prefill_s + ttft, text, tpot

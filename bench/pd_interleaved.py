@@ -14,7 +14,12 @@ others. Prints per length the median overhead of each system, the ratio kvbridge
 those medians, whether every answer equalled aggregated's, and each system's time per output token.
 
     python -m bench.pd_interleaved [--lengths 128 1000 2000] [--repeats 5] [--kvbridge-dispatch with_prefill]
-        [--settle 1.5] [--prefill-connector JSON] [--agg-core 1]
+        [--settle 1.5] [--prefill-connector JSON] [--agg-core 1] [--decode-after 1.5]
+
+`--decode-after S` sleeps S seconds between each PD request's prefill answer and its decode leg, so the
+decode's time per output token is timed with its prefill node quiet (that node's worker busy-polls its core
+for 1 s after its last step, and on a 2-core box the decode's unpinned threads then share the other core);
+the TTFT table is then left out.
 """
 from __future__ import annotations
 
@@ -47,6 +52,15 @@ def start_side_by_side(tag: str, prefill_connector: dict, metrics_port: int, agg
                              max_model_len=4096),
             "np": best("prefill", "0"), "nd": best("decode", "1")}
 
+def print_ttft(rows: list, exposed: ExposedTimes, repeats: int) -> None:
+    print(f"\nTTFT over aggregated, same prompts back to back, median of {repeats} per length")
+    print("prompt  kvbridge +ms  NixlConnector-best +ms  kvbridge / best  answers equal (kvbridge, best)  "
+          "kvbridge exposed transfer ms")
+    for n, k, b, eq, _ in rows:
+        ex = statistics.median(exposed.by_length[n]) if exposed.by_length.get(n) else float("nan")
+        print(f"{n:6} {k:13.1f} {b:23.1f} {k / b if b else float('nan'):16.2f}  "
+              f"{eq['kvbridge']}/{repeats}, {eq['nixl-best']}/{repeats}{'':21}{ex:.1f}")
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -63,6 +77,8 @@ def main() -> None:
     ap.add_argument("--agg-core", default="0", help="the aggregated server's core: 0, the prefill nodes' (its TTFT "
                     "computes where theirs do), or 1, the decode nodes' (its time per output token is measured "
                     "where theirs is)")
+    ap.add_argument("--decode-after", type=float, default=0.0,
+                    help="seconds between a PD request's prefill answer and its decode leg (times per output token only)")
     args = ap.parse_args()
     make_tiny_model(MODEL, "bench")
     rng = random.Random(1)
@@ -71,8 +87,9 @@ def main() -> None:
     exposed = ExposedTimes(f"http://127.0.0.1:{metrics_port}/metrics")
     s = servers
     systems = {"aggregated": lambda b: stream_ttft(s["agg"].url, b),
-               "kvbridge": lambda b: kvbridge_once(s["kp"], s["kd"], b, exposed, args.kvbridge_dispatch),
-               "nixl-best": lambda b: nixl_once(s["np"], s["nd"], b)}
+               "kvbridge": lambda b: kvbridge_once(s["kp"], s["kd"], b, exposed, args.kvbridge_dispatch,
+                                                       args.decode_after),
+               "nixl-best": lambda b: nixl_once(s["np"], s["nd"], b, args.decode_after)}
     names = list(systems)
     rows = []
     try:
@@ -103,24 +120,19 @@ def main() -> None:
             k, b = statistics.median(over["kvbridge"]), statistics.median(over["nixl-best"])
             rows.append((n, k, b, equal, {name: statistics.median(v) for name, v in tpot.items()}))
             print(f"  {n} tokens: overhead kvbridge {k:.1f} ms, NixlConnector-best {b:.1f} ms "
-                  f"(per prompt: {[round(x) for x in over['kvbridge']]} / {[round(x) for x in over['nixl-best']]})",
-                  flush=True)
+                  f"(per prompt: {[round(x) for x in over['kvbridge']]} / {[round(x) for x in over['nixl-best']]}); "
+                  f"per output token ms {({k: [round(x, 1) for x in v] for k, v in tpot.items()})}", flush=True)
     finally:
         for srv in servers.values():
             srv.stop()
-    print(f"\nTTFT over aggregated, same prompts back to back, median of {args.repeats} per length")
-    print("prompt  kvbridge +ms  NixlConnector-best +ms  kvbridge / best  answers equal (kvbridge, best)  "
-          "kvbridge exposed transfer ms")
-    for n, k, b, eq, _ in rows:
-        ex = statistics.median(exposed.by_length[n]) if exposed.by_length.get(n) else float("nan")
-        print(f"{n:6} {k:13.1f} {b:23.1f} {k / b if b else float('nan'):16.2f}  "
-              f"{eq['kvbridge']}/{args.repeats}, {eq['nixl-best']}/{args.repeats}{'':21}{ex:.1f}")
+    if not args.decode_after:
+        print_ttft(rows, exposed, args.repeats)
     print(f"\ntime per output token after the first, ms (median; aggregated decodes on core {args.agg_core}, both "
-          "decode nodes on core 1)\nprompt  aggregated  kvbridge (/ agg)  NixlConnector-best (/ agg)")
-    for n, *_, t in rows:
+          "decode nodes on core 1)\nprompt  aggregated  kvbridge (/ agg)  NixlConnector-best (/ agg)  answers equal")
+    for n, _, _, eq, t in rows:
         a = t["aggregated"]
         print(f"{n:6} {a:11.2f} {t['kvbridge']:9.2f} ({t['kvbridge'] / a:4.2f}) {t['nixl-best']:13.2f} "
-              f"({t['nixl-best'] / a:4.2f})")
+              f"({t['nixl-best'] / a:4.2f})      {eq['kvbridge']}/{args.repeats}, {eq['nixl-best']}/{args.repeats}")
 
 
 if __name__ == "__main__":
