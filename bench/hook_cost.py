@@ -1,12 +1,13 @@
 """What the connector's hooks cost a decode loop that receives nothing: kvbridge against NixlConnector-best.
 
 vLLM calls a loaded connector on every engine step, so on a decode node its per-step hooks are paid on every
-token of every request, transfer or not. Two decode nodes run on core 1 — kvbridge's (`kv_consumer`) and
-NixlConnector-best's (pd/nixl_best.py, whose hooks are timed by the same wrapper as kvbridge's, pd/hook_timer.py)
-— and serve the same `--streams` plain requests (no transfer ever) in alternating rounds, one node at a time.
+token of every request, transfer or not. Three decode nodes run on core 1 — kvbridge's (`kv_consumer`),
+NixlConnector-best's (pd/nixl_best.py) and one with a connector that does nothing (pd/empty_connector.py: the floor,
+what vLLM's calls and the timer cost by themselves), all three timed by the same wrapper (pd/hook_timer.py) — and
+serve the same `--streams` plain requests (no transfer ever) in alternating rounds, one node at a time.
 Aggregated vLLM (no connector) on core 1 serves the same rounds. Each connector node's worker and scheduler log
 their hooks' mean cost per engine step every 10 s; the bench prints, per node and process, the median of those
-lines and per hook, the ratio kvbridge / NixlConnector-best of the medians, and each node's time per output
+lines and per hook, the ratio kvbridge / NixlConnector-best of the medians and each one's cost above the floor, and each node's time per output
 token (median gap between streamed tokens once every stream runs) with its ratio to aggregated's, and that ratio
 taken round by round (the nodes of one round run within a minute of each other, so load that drifts between
 rounds cancels), with its median and quartiles.
@@ -25,6 +26,9 @@ from bench.pd_bench import MODEL, hook_lines, start
 from bench.pd_interleaved import BEST
 from launch.local_servers import free_port, start_vllm
 from launch.tiny_model import make_tiny_model
+
+EMPTY = {"kv_connector": "EmptyConnector", "kv_role": "kv_both", "kv_connector_module_path": "pd.empty_connector"}
+PEERS = ("kvbridge", "nixl-best", "empty")  # the connector nodes; "aggregated" has none
 
 
 def median_hooks(lines: list[tuple[float, dict[str, float]]]) -> tuple[float, dict[str, float]]:
@@ -47,7 +51,8 @@ def main() -> None:
              "kvbridge": start_vllm("bench-hooks-kvb-decode", "decode", {"metrics_port": free_port()}, model=MODEL,
                                     max_model_len=4096),
              "nixl-best": start("hooks-best-decode", kv_config=BEST, env={
-                 "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()), "VLLM_CPU_OMP_THREADS_BIND": "1"})}
+                 "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()), "VLLM_CPU_OMP_THREADS_BIND": "1"}),
+             "empty": start("hooks-empty-decode", kv_config=EMPTY, env={"VLLM_CPU_OMP_THREADS_BIND": "1"})}
     gaps: dict[str, list[float]] = {name: [] for name in nodes}
     try:
         for node in nodes.values():
@@ -68,16 +73,19 @@ def main() -> None:
     print(f"\n{args.streams} plain requests x {args.tokens} tokens per round, {args.rounds} rounds per node; "
           "connector hooks in us per engine step (median of each process's 10 s lines)")
     for kind in ("Worker", "EngineCore"):
-        got = {name: median_hooks(lines[name][kind]) for name in ("kvbridge", "nixl-best") if lines[name].get(kind)}
+        got = {name: median_hooks(lines[name][kind]) for name in PEERS if lines[name].get(kind)}
         for name, (total, per) in got.items():
             print(f"  {kind:10} {name:9}: {total:6.1f} us/step ({len(lines[name][kind])} lines): "
                   + ", ".join(f"{h} {us:.1f}" for h, us in per.items()))
-        if len(got) == 2:
-            print(f"  {kind:10} kvbridge / nixl-best: {got['kvbridge'][0] / got['nixl-best'][0]:.2f}")
+        if len(got) == len(PEERS):
+            floor = got["empty"][0]
+            print(f"  {kind:10} kvbridge / nixl-best: {got['kvbridge'][0] / got['nixl-best'][0]:.2f}; above the "
+                  f"empty connector's {floor:.1f} us/step: kvbridge {got['kvbridge'][0] - floor:.1f}, "
+                  f"nixl-best {got['nixl-best'][0] - floor:.1f}")
     tpot = {name: statistics.median(g) for name, g in gaps.items()}
     print("time per output token, median of rounds: " + ", ".join(
         f"{n} {ms:.2f} ms ({ms / tpot['aggregated']:.3f} x aggregated)" for n, ms in tpot.items()))
-    for name in ("kvbridge", "nixl-best"):  # each round's three nodes ran within a minute of each other
+    for name in PEERS:  # each round's nodes ran within a minute of each other
         paired = sorted(a / b for a, b in zip(gaps[name], gaps["aggregated"]))
         q1, q3 = (statistics.quantiles(paired, n=4)[i] for i in (0, 2)) if len(paired) > 1 else (paired[0],) * 2
         print(f"  {name} / aggregated, paired by round: median {statistics.median(paired):.3f}, "

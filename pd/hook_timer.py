@@ -107,3 +107,14 @@ class _HookCollector(Collector):
 REGISTRY.register(_HookCollector())
 SCHEDULER_HOOKS = HookTimer("build_connector_meta")  # the scheduler process: one build per engine step
 WORKER_HOOKS = HookTimer("bind_connector_metadata")  # a worker process: one bind per engine step
+
+
+def time_peer_hooks(cls: type) -> None:
+    """Wrap a bench peer connector's step and per-request hooks (the ones kvbridge's facade times) in the same
+    timers, so every connector in bench/hook_cost.py pays the same price for being measured."""
+    for timer, hooks in ((WORKER_HOOKS, ("bind_connector_metadata", "start_load_kv", "wait_for_save",
+                                         "get_transfer_results", "get_block_ids_with_load_errors")),
+                         (SCHEDULER_HOOKS, ("get_num_new_matched_tokens", "on_new_request", "update_state_after_alloc",
+                                            "build_connector_meta", "update_connector_output", "request_finished"))):
+        for name in hooks:
+            setattr(cls, name, timer.timed(getattr(cls, name)))

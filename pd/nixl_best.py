@@ -25,7 +25,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.nixl import base_worker
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlConnector as _StockNixlConnector
 
 from pd.connector import route_logs_through_vllm
-from pd.hook_timer import SCHEDULER_HOOKS, WORKER_HOOKS
+from pd.hook_timer import time_peer_hooks
 
 _config = base_worker.nixl_agent_config
 _sync_t = sys.modules[_config.__module__].nixl_thread_sync_t
@@ -55,10 +55,4 @@ class NixlConnector(_StockNixlConnector):
             os.sched_setaffinity(0, cpus)
 
 
-# the hooks vLLM calls on every engine step (and the scheduler's per-request ones), timed as kvbridge's are
-for _timer, _hooks in ((WORKER_HOOKS, ("bind_connector_metadata", "start_load_kv", "wait_for_save",
-                                       "get_transfer_results", "get_block_ids_with_load_errors")),
-                       (SCHEDULER_HOOKS, ("get_num_new_matched_tokens", "on_new_request", "update_state_after_alloc",
-                                          "build_connector_meta", "update_connector_output", "request_finished"))):
-    for _name in _hooks:
-        setattr(NixlConnector, _name, _timer.timed(getattr(_StockNixlConnector, _name)))
+time_peer_hooks(NixlConnector)  # timed as kvbridge's hooks are

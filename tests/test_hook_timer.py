@@ -61,3 +61,34 @@ def test_a_scrape_sees_every_call_so_far_with_no_prometheus_work_per_call():
     for _ in range(3):
         scraped_step()
     assert exported("calls", "scraped_step") == 3 and exported("seconds", "scraped_step") == 6e-6
+
+
+def test_a_bench_peer_connector_is_timed_on_exactly_the_hooks_kvbridge_times():
+    """bench/hook_cost.py compares connectors per engine step: a peer timed on other hooks would not compare."""
+    import ast
+    import pathlib
+
+    from pd.hook_timer import SCHEDULER_HOOKS, WORKER_HOOKS, time_peer_hooks
+
+    facade = ast.parse((pathlib.Path(__file__).parents[1] / "pd" / "connector.py").read_text())
+    ours = {f.name for f in ast.walk(facade) if isinstance(f, ast.FunctionDef)
+            and any(ast.unparse(d).endswith("_HOOKS.timed") for d in f.decorator_list)}
+
+    class Peer:
+        pass
+
+    def calls() -> dict[str, int]:
+        return {name: sum(t.totals.get(name, [0, 0])[1] for t in (SCHEDULER_HOOKS, WORKER_HOOKS)) for name in ours}
+
+    for name in ours:
+        def hook(self) -> None:
+            return None
+        hook.__name__ = name
+        setattr(Peer, name, hook)
+    before = calls()
+    time_peer_hooks(Peer)
+    peer = Peer()
+    for name in ours:
+        getattr(peer, name)()
+    counted = {name: n - before[name] for name, n in calls().items()}
+    assert len(ours) == 11 and counted == dict.fromkeys(ours, 1)
