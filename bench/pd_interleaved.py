@@ -56,7 +56,7 @@ def print_ttft(rows: list, exposed: ExposedTimes, repeats: int) -> None:
     print(f"\nTTFT over aggregated, same prompts back to back, median of {repeats} per length")
     print("prompt  kvbridge +ms  NixlConnector-best +ms  kvbridge / best  answers equal (kvbridge, best)  "
           "kvbridge exposed transfer ms")
-    for n, k, b, eq, _ in rows:
+    for n, k, b, eq, *_ in rows:
         ex = statistics.median(exposed.by_length[n]) if exposed.by_length.get(n) else float("nan")
         print(f"{n:6} {k:13.1f} {b:23.1f} {k / b if b else float('nan'):16.2f}  "
               f"{eq['kvbridge']}/{repeats}, {eq['nixl-best']}/{repeats}{'':21}{ex:.1f}")
@@ -118,7 +118,8 @@ def main() -> None:
                     over[name].append((got[name][0] - got["aggregated"][0]) * 1000)
                     equal[name] += got[name][1] == got["aggregated"][1]
             k, b = statistics.median(over["kvbridge"]), statistics.median(over["nixl-best"])
-            rows.append((n, k, b, equal, {name: statistics.median(v) for name, v in tpot.items()}))
+            paired = {name: statistics.median(x / a for x, a in zip(tpot[name], tpot["aggregated"])) for name in over}
+            rows.append((n, k, b, equal, {name: statistics.median(v) for name, v in tpot.items()}, paired))
             print(f"  {n} tokens: overhead kvbridge {k:.1f} ms, NixlConnector-best {b:.1f} ms "
                   f"(per prompt: {[round(x) for x in over['kvbridge']]} / {[round(x) for x in over['nixl-best']]}); "
                   f"per output token ms {({k: [round(x, 1) for x in v] for k, v in tpot.items()})}", flush=True)
@@ -128,11 +129,13 @@ def main() -> None:
     if not args.decode_after:
         print_ttft(rows, exposed, args.repeats)
     print(f"\ntime per output token after the first, ms (median; aggregated decodes on core {args.agg_core}, both "
-          "decode nodes on core 1)\nprompt  aggregated  kvbridge (/ agg)  NixlConnector-best (/ agg)  answers equal")
-    for n, _, _, eq, t in rows:
+          "decode nodes on core 1; 'paired': the median of each prompt's own ratio to aggregated)\n"
+          "prompt  aggregated  kvbridge (/ agg, paired)  NixlConnector-best (/ agg, paired)  answers equal")
+    for n, _, _, eq, t, p in rows:
         a = t["aggregated"]
-        print(f"{n:6} {a:11.2f} {t['kvbridge']:9.2f} ({t['kvbridge'] / a:4.2f}) {t['nixl-best']:13.2f} "
-              f"({t['nixl-best'] / a:4.2f})      {eq['kvbridge']}/{args.repeats}, {eq['nixl-best']}/{args.repeats}")
+        print(f"{n:6} {a:11.2f} {t['kvbridge']:9.2f} ({t['kvbridge'] / a:4.2f}, {p['kvbridge']:4.2f}) "
+              f"{t['nixl-best']:13.2f} ({t['nixl-best'] / a:4.2f}, {p['nixl-best']:4.2f})      "
+              f"{eq['kvbridge']}/{args.repeats}, {eq['nixl-best']}/{args.repeats}")
 
 
 if __name__ == "__main__":
