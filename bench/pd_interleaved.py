@@ -52,6 +52,7 @@ def start_side_by_side(tag: str, prefill_connector: dict, metrics_port: int, agg
                              max_model_len=4096),
             "np": best("prefill", "0"), "nd": best("decode", "1")}
 
+
 def print_ttft(rows: list, exposed: ExposedTimes, repeats: int) -> None:
     print(f"\nTTFT over aggregated, same prompts back to back, median of {repeats} per length")
     print("prompt  kvbridge +ms  NixlConnector-best +ms  kvbridge / best  answers equal (kvbridge, best)  "
@@ -80,6 +81,8 @@ def main() -> None:
     ap.add_argument("--decode-after", type=float, default=0.0,
                     help="seconds between a PD request's prefill answer and its decode leg (times per output token only)")
     args = ap.parse_args()
+    if args.decode_after and args.kvbridge_dispatch == "with_prefill":
+        ap.error("--decode-after needs the decode leg sent after the prefill answered (--kvbridge-dispatch after_prefill)")
     make_tiny_model(MODEL, "bench")
     rng = random.Random(1)
     metrics_port = free_port()
@@ -122,7 +125,7 @@ def main() -> None:
             rows.append((n, k, b, equal, {name: statistics.median(v) for name, v in tpot.items()}, paired))
             print(f"  {n} tokens: overhead kvbridge {k:.1f} ms, NixlConnector-best {b:.1f} ms "
                   f"(per prompt: {[round(x) for x in over['kvbridge']]} / {[round(x) for x in over['nixl-best']]}); "
-                  f"per output token ms {({k: [round(x, 1) for x in v] for k, v in tpot.items()})}", flush=True)
+                  f"per output token ms {({name: [round(x, 1) for x in v] for name, v in tpot.items()})}", flush=True)
     finally:
         for srv in servers.values():
             srv.stop()
