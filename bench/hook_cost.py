@@ -7,10 +7,10 @@ what vLLM's calls and the timer cost by themselves), all three timed by the same
 serve the same `--streams` plain requests (no transfer ever) in alternating rounds, one node at a time.
 Aggregated vLLM (no connector) on core 1 serves the same rounds. Each connector node's worker and scheduler log
 their hooks' mean cost per engine step every 10 s; the bench prints, per node and process, the median of those
-lines and per hook, the ratio kvbridge / NixlConnector-best of the medians and each one's cost above the floor, and each node's time per output
-token (median gap between streamed tokens once every stream runs) with its ratio to aggregated's, and that ratio
-taken round by round (the nodes of one round run within a minute of each other, so load that drifts between
-rounds cancels), with its median and quartiles.
+lines and per hook, the ratio kvbridge / NixlConnector-best of the medians and each one's cost above the floor,
+and each node's time per output token (median gap between streamed tokens once every stream runs) with its ratio
+to aggregated's, and that ratio taken round by round (the nodes of one round run within a minute of each other, so
+load that drifts between rounds cancels), with its median and quartiles.
 
     python -m bench.hook_cost [--streams 8] [--tokens 128] [--rounds 4]
 """
