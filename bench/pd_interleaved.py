@@ -79,10 +79,12 @@ def main() -> None:
                     "computes where theirs do), or 1, the decode nodes' (its time per output token is measured "
                     "where theirs is)")
     ap.add_argument("--decode-after", type=float, default=0.0,
-                    help="seconds between a PD request's prefill answer and its decode leg (times per output token only)")
+                    help="seconds between a PD request's prefill answer and its decode leg "
+                    "(times per output token only)")
     args = ap.parse_args()
     if args.decode_after and args.kvbridge_dispatch == "with_prefill":
-        ap.error("--decode-after needs the decode leg sent after the prefill answered (--kvbridge-dispatch after_prefill)")
+        ap.error("--decode-after needs the decode leg sent after the prefill answered "
+                 "(--kvbridge-dispatch after_prefill)")
     make_tiny_model(MODEL, "bench")
     rng = random.Random(1)
     metrics_port = free_port()
