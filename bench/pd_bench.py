@@ -21,7 +21,7 @@ each request also prints its exposed transfer time (the decode's kvbridge_expose
 prefill's last forward to the decode being able to schedule the request), read from the decode worker's
 metrics endpoint.
 
-    python bench/pd_bench.py [--lengths 128 1000 2000] [--repeats 5]
+    python bench/pd_bench.py [--lengths 128 1000 2000] [--repeats 5] [--agg-core 1 --decode-after 1.5]
 """
 from __future__ import annotations
 
@@ -151,7 +151,7 @@ def run_phase(label: str, servers: list, once, bodies: dict, repeats: int) -> di
     return out
 
 
-def nixl_phase(label: str, kv_extra: dict, bodies: dict, repeats: int) -> dict:
+def nixl_phase(label: str, kv_extra: dict, bodies: dict, repeats: int, gap: float = 0.0) -> dict:
     """NixlConnector prefill (core 0) + decode (core 1) with `kv_extra` in the connector config; {} if it fails."""
     kv = {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu",
           "kv_load_failure_policy": "recompute", **kv_extra}
@@ -160,7 +160,7 @@ def nixl_phase(label: str, kv_extra: dict, bodies: dict, repeats: int) -> dict:
     d = start(f"{label}-decode", kv_config=kv, env={"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()),
                                                     "VLLM_CPU_OMP_THREADS_BIND": "1"})
     try:
-        return run_phase(label, [p, d], lambda b: nixl_once(p, d, b), bodies, repeats)
+        return run_phase(label, [p, d], lambda b: nixl_once(p, d, b, gap), bodies, repeats)
     except requests.RequestException as e:  # the table still shows what the other phases measured
         print(f"  {label} phase failed: {type(e).__name__}: {e} (logs: {p.log_path}, {d.log_path})")
         return {}
@@ -185,7 +185,13 @@ def main() -> None:
                     "for requests one at a time)")
     ap.add_argument("--agg-core", default="0", help="the aggregated server's core: 0 is the prefill node's (TTFT "
                     "compares), 1 the decode node's (per-token time compares on the same core)")
+    ap.add_argument("--decode-after", type=float, default=0.0, help="seconds between a PD request's prefill answer "
+                    "and its decode leg: per-token times with the prefill node quiet (its worker busy-polls its core "
+                    "for 1 s after its last step); the TTFT table is then not comparable (KV lands during the pause)")
     args = ap.parse_args()
+    if args.decode_after and args.kvbridge_dispatch == "with_prefill":
+        ap.error("--decode-after needs the decode leg sent after the prefill answered "
+                 "(--kvbridge-dispatch after_prefill)")
     make_tiny_model(MODEL, "bench")
     rng = random.Random(0)
     def body(n: int) -> dict:
@@ -203,16 +209,18 @@ def main() -> None:
     decode_connector.setdefault("metrics_port", free_port())
     kd = start_vllm("bench-kvb-decode", "decode", decode_connector, model=MODEL, max_model_len=4096)
     exposed = ExposedTimes(f"http://127.0.0.1:{decode_connector['metrics_port']}/metrics")
-    ours = run_phase("kvbridge", [kp, kd], lambda b: kvbridge_once(kp, kd, b, exposed, args.kvbridge_dispatch), bodies, args.repeats)
+    ours = run_phase("kvbridge", [kp, kd], lambda b: kvbridge_once(kp, kd, b, exposed, args.kvbridge_dispatch,
+                                                                   args.decode_after), bodies, args.repeats)
     pushes = push_times_ms(kp.log_path)
     hooks = [total for total, _ in hook_lines(kd.log_path).get("Worker", [])]
     theirs, best = {}, {}
     if not args.skip_nixl:
         print("phase 3: NixlConnector (pull), stock configuration")
-        theirs = nixl_phase("nixl", {}, bodies, args.repeats)
+        theirs = nixl_phase("nixl", {}, bodies, args.repeats, args.decode_after)
         print("phase 4: NixlConnector (pull), best configuration here (pd/nixl_best.py)")
         best = nixl_phase("nixl-best", {"kv_connector_module_path": "pd.nixl_best",
-                                        "kv_connector_extra_config": {"num_threads": 0}}, bodies, args.repeats)
+                                        "kv_connector_extra_config": {"num_threads": 0}}, bodies, args.repeats,
+                          args.decode_after)
     nan = {"ttft_ms": float("nan"), "tpot_ms": float("nan"), "texts": None}
     print("\nprompt  agg TTFT  kvbridge +ms  NixlConnector +ms  NixlConnector-best +ms  ratio to best  "
           "tokens equal (ours, stock, best)")
