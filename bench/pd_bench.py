@@ -187,7 +187,7 @@ def main() -> None:
                     "compares), 1 the decode node's (per-token time compares on the same core)")
     ap.add_argument("--decode-after", type=float, default=0.0, help="seconds between a PD request's prefill answer "
                     "and its decode leg: per-token times with the prefill node quiet (its worker busy-polls its core "
-                    "for 1 s after its last step); the TTFT table is then not comparable (KV lands during the pause)")
+                    "for 1 s after its last step); keep it well under the decode's unclaimed_ttl_s (30 s)")
     args = ap.parse_args()
     if args.decode_after and args.kvbridge_dispatch == "with_prefill":
         ap.error("--decode-after needs the decode leg sent after the prefill answered "
@@ -222,6 +222,9 @@ def main() -> None:
                                         "kv_connector_extra_config": {"num_threads": 0}}, bodies, args.repeats,
                           args.decode_after)
     nan = {"ttft_ms": float("nan"), "tpot_ms": float("nan"), "texts": None}
+    if args.decode_after:
+        print(f"\n(--decode-after {args.decode_after}: the PD TTFT columns below are not comparable, KV landed during "
+              "the pause; the equal-tokens column and the per-token table are)")
     print("\nprompt  agg TTFT  kvbridge +ms  NixlConnector +ms  NixlConnector-best +ms  ratio to best  "
           "tokens equal (ours, stock, best)")
     for n in args.lengths:

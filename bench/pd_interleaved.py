@@ -125,7 +125,8 @@ def main() -> None:
             k, b = statistics.median(over["kvbridge"]), statistics.median(over["nixl-best"])
             paired = {name: statistics.median(x / a for x, a in zip(tpot[name], tpot["aggregated"])) for name in over}
             rows.append((n, k, b, equal, {name: statistics.median(v) for name, v in tpot.items()}, paired))
-            print(f"  {n} tokens: overhead kvbridge {k:.1f} ms, NixlConnector-best {b:.1f} ms "
+            print(f"  {n} tokens: TTFT overhead{' (not comparable: --decode-after)' if args.decode_after else ''} "
+                  f"kvbridge {k:.1f} ms, NixlConnector-best {b:.1f} ms "
                   f"(per prompt: {[round(x) for x in over['kvbridge']]} / {[round(x) for x in over['nixl-best']]}); "
                   f"per output token ms {({name: [round(x, 1) for x in v] for name, v in tpot.items()})}", flush=True)
     finally:

@@ -2,8 +2,10 @@
 
 bench/hook_cost.py runs it beside kvbridge and NixlConnector-best on a decode node. Its hooks return at once or are
 vLLM's base-class defaults, and they are timed by the same wrapper as the other two (pd/hook_timer.py), so what it
-logs per engine step is what merely being a connector costs the engine loop on this machine: vLLM's calls, the base
-class, the timer. A connector's figure minus this one is that connector's own work. Load it with
+logs per engine step is the floor of the timed hooks on this machine: the wrapper, the calls and vLLM's default
+bodies. A connector's figure minus this one is that connector's own work in those hooks. (vLLM calls a few more
+hooks per step that nobody times; the whole cost of having a connector is the per-token ratio to aggregated vLLM
+that the bench prints for this node too.) Load it with
 `"kv_connector": "EmptyConnector", "kv_connector_module_path": "pd.empty_connector"`.
 """
 from __future__ import annotations
