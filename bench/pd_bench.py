@@ -223,8 +223,9 @@ def main() -> None:
                           args.decode_after)
     nan = {"ttft_ms": float("nan"), "tpot_ms": float("nan"), "texts": None}
     if args.decode_after:
-        print(f"\n(--decode-after {args.decode_after}: the PD TTFT columns below are not comparable, KV landed during "
-              "the pause; the equal-tokens column and the per-token table are)")
+        print(f"\n(--decode-after {args.decode_after}: the PD TTFT columns and kvbridge's exposed transfer times "
+              "below are not comparable, KV landed during the pause; the equal-tokens column and the per-token "
+              "table are)")
     print("\nprompt  agg TTFT  kvbridge +ms  NixlConnector +ms  NixlConnector-best +ms  ratio to best  "
           "tokens equal (ours, stock, best)")
     for n in args.lengths:
