@@ -166,6 +166,18 @@ def nixl_phase(label: str, kv_extra: dict, bodies: dict, repeats: int, gap: floa
         return {}
 
 
+def parse_with_decode_after(ap: argparse.ArgumentParser) -> argparse.Namespace:
+    """The arguments, with `--decode-after` added and checked against `--kvbridge-dispatch` (which `ap` has)."""
+    ap.add_argument("--decode-after", type=float, default=0.0, help="seconds between a PD request's prefill answer "
+                    "and its decode leg: per-token times with the prefill node quiet (its worker busy-polls its core "
+                    "for 1 s after its last step); keep it well under the decode's unclaimed_ttl_s (30 s)")
+    args = ap.parse_args()
+    if args.decode_after and args.kvbridge_dispatch == "with_prefill":  # the pause would apply to NixlConnector only
+        ap.error("--decode-after needs the decode leg sent after the prefill answered "
+                 "(--kvbridge-dispatch after_prefill)")
+    return args
+
+
 def push_times_ms(log_path: Path) -> list[float]:
     pat = re.compile(r"producer \w+ -> SENT  \{.*'SENDING': ([\d.]+), 'SENT': ([\d.]+)\}")
     return [float(b) - float(a) for a, b in pat.findall(log_path.read_text(errors="replace"))]
@@ -185,13 +197,7 @@ def main() -> None:
                     "for requests one at a time)")
     ap.add_argument("--agg-core", default="0", help="the aggregated server's core: 0 is the prefill node's (TTFT "
                     "compares), 1 the decode node's (per-token time compares on the same core)")
-    ap.add_argument("--decode-after", type=float, default=0.0, help="seconds between a PD request's prefill answer "
-                    "and its decode leg: per-token times with the prefill node quiet (its worker busy-polls its core "
-                    "for 1 s after its last step); keep it well under the decode's unclaimed_ttl_s (30 s)")
-    args = ap.parse_args()
-    if args.decode_after and args.kvbridge_dispatch == "with_prefill":
-        ap.error("--decode-after needs the decode leg sent after the prefill answered "
-                 "(--kvbridge-dispatch after_prefill)")
+    args = parse_with_decode_after(ap)
     make_tiny_model(MODEL, "bench")
     rng = random.Random(0)
     def body(n: int) -> dict:

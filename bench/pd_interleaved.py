@@ -29,7 +29,7 @@ import random
 import statistics
 import time
 
-from bench.pd_bench import MODEL, ExposedTimes, kvbridge_once, nixl_once, start, stream_ttft
+from bench.pd_bench import MODEL, ExposedTimes, kvbridge_once, nixl_once, parse_with_decode_after, start, stream_ttft
 from launch.local_servers import free_port, start_vllm
 from launch.servers import VllmServer
 from launch.tiny_model import make_tiny_model
@@ -78,13 +78,7 @@ def main() -> None:
     ap.add_argument("--agg-core", default="0", help="the aggregated server's core: 0, the prefill nodes' (its TTFT "
                     "computes where theirs do), or 1, the decode nodes' (its time per output token is measured "
                     "where theirs is)")
-    ap.add_argument("--decode-after", type=float, default=0.0,
-                    help="seconds between a PD request's prefill answer and its decode leg "
-                    "(times per output token only)")
-    args = ap.parse_args()
-    if args.decode_after and args.kvbridge_dispatch == "with_prefill":
-        ap.error("--decode-after needs the decode leg sent after the prefill answered "
-                 "(--kvbridge-dispatch after_prefill)")
+    args = parse_with_decode_after(ap)
     make_tiny_model(MODEL, "bench")
     rng = random.Random(1)
     metrics_port = free_port()
