@@ -5,10 +5,14 @@
 (prefill node on core 0, decode node on core 1): an arrival's KV is pushed into the decode node while the
 streams decode there. On aggregated vLLM (on core 1 too) the same arrivals are prefilled by the node that decodes.
 Each configuration also runs without arrivals, and kvbridge's decode node once more serving the same streams as
-plain requests (prefilled by itself, no transfer ever): the table shows what the connector costs a decode loop
-that never receives, one with no transfer in flight, and one receiving arrivals. Per-token time is the gap
-between consecutive streamed tokens of the running requests once all of them have their first token, median and
-p90; the median of `--repeats` rounds is printed, with the ratio kvbridge / aggregated measured in the same run.
+plain requests (prefilled by itself, no transfer ever), and once with the arrivals sent to its prefill node alone
+("prefill busy": the same prefills, nothing pushed). The table shows what the connector costs a decode loop that
+never receives, one with no transfer in flight, one whose machine is busy with prefills it does not receive, and
+one receiving arrivals: on a shared box the last two differ by what receiving KV costs the running requests, and
+that ratio is printed last. Per-token time is the gap between consecutive streamed tokens of the running
+requests once all of them have their first token, median and p90; each of `--repeats` rounds runs every load
+once, and the median over rounds is printed with the paired ratio (the median of each round's kvbridge /
+aggregated).
 For each kvbridge load the decode worker's connector hooks are timed per engine step (its Prometheus counters,
 read before and after: pd/hook_timer.py), per hook.
 
@@ -54,8 +58,10 @@ class Target:
 
     def __init__(self, decode: VllmServer, prefill: VllmServer | None = None) -> None:
         self.decode, self.prefill = decode, prefill
+        self.sent = 0  # requests run so far
 
     async def run(self, s: aiohttp.ClientSession, body: dict) -> list[float]:
+        self.sent += 1
         if self.prefill is None:
             return await stream_stamps(s, self.decode.url, body)
         tid = uuid.uuid4().hex
@@ -68,7 +74,22 @@ class Target:
         return stamps
 
 
-async def one_round(target: Target, args, rng: random.Random, arrivals: bool) -> list[float]:
+class PrefillOnly(Target):
+    """An arrival that only keeps the prefill node busy: the PD prefill leg's work (the prompt, one token), with
+    nothing pushed and no decode leg. The control for "with arrivals": on a box where the prefill node shares the
+    machine, it tells the cost of a busy neighbour from the cost of receiving KV."""
+
+    async def run(self, s: aiohttp.ClientSession, body: dict) -> list[float]:
+        self.sent += 1
+        async with s.post(self.prefill.url + "/v1/completions", json=dict(body, max_tokens=1)) as r:
+            r.raise_for_status()
+            await r.read()
+        return []
+
+
+async def one_round(target: Target, args, rng: random.Random, arrivals: Target | None) -> list[float]:
+    """Per-token gaps of the running requests (sent to `target`) while a new request goes to `arrivals` every
+    `args.every_s` seconds (none when it is None)."""
     def prompt(n: int) -> list[int]:
         return [rng.randrange(10, 1000) for _ in range(n)]
     running = {"model": "tiny", "max_tokens": args.tokens, "ignore_eos": True, "temperature": 0}
@@ -78,8 +99,8 @@ async def one_round(target: Target, args, rng: random.Random, arrivals: bool) ->
                    for _ in range(args.streams)]
         extra = []
         await asyncio.sleep(args.every_s)
-        while arrivals and not all(t.done() for t in streams):
-            extra.append(asyncio.create_task(target.run(s, dict(arriving, prompt=prompt(args.arrival_tokens)))))
+        while arrivals is not None and not all(t.done() for t in streams):
+            extra.append(asyncio.create_task(arrivals.run(s, dict(arriving, prompt=prompt(args.arrival_tokens)))))
             await asyncio.sleep(args.every_s)
         stamps = [await t for t in streams]
         await asyncio.gather(*extra)
@@ -139,42 +160,64 @@ def main() -> None:
     dec = start_vllm("bench-kvb-decode", "decode", dict(args.decode_connector, metrics_port=metrics_port),
                      model=MODEL, max_model_len=4096)
     hooks = WorkerHooks(f"http://127.0.0.1:{metrics_port}/metrics")
-    # (target, load): load "plain" sends the streams to kvbridge's decode node without PD; aggregated's
-    # "no arrivals" is the baseline of both of kvbridge's loads without arrivals
-    runs = [("aggregated", Target(agg), "no arrivals"), ("aggregated", Target(agg), "with arrivals"),
-            ("kvbridge", Target(dec), "plain"), ("kvbridge", Target(dec, pre), "no arrivals"),
-            ("kvbridge", Target(dec, pre), "with arrivals")]
-    results: dict[tuple[str, str], tuple[float, float]] = {}
-    hook_us: dict[str, tuple[float, dict[str, float]]] = {}
+    # (target, load) -> where arrivals go. Load "plain" sends the streams to kvbridge's decode node without PD;
+    # "prefill busy" sends arrivals to the prefill node alone (nothing pushed); aggregated's "no arrivals" is the
+    # baseline of kvbridge's loads without arrivals, its "with arrivals" of the two with them
+    pd = Target(dec, pre)
+    runs = {("aggregated", "no arrivals"): (Target(agg), None),
+            ("aggregated", "with arrivals"): (Target(agg), Target(agg)),
+            ("kvbridge", "plain"): (Target(dec), None), ("kvbridge", "no arrivals"): (pd, None),
+            ("kvbridge", "prefill busy"): (pd, PrefillOnly(dec, pre)),
+            ("kvbridge", "with arrivals"): (pd, Target(dec, pre))}
+    rounds: dict[tuple[str, str], list[list[float]]] = {key: [] for key in runs}
+    hook_sums: dict[str, dict[str, tuple[float, float]]] = {}  # load -> hook -> (seconds, calls) over its rounds
     try:
         for s in (agg, pre, dec):
             s.wait_ready(900)
         for name, target in {"aggregated": Target(agg), "kvbridge": Target(dec, pre)}.items():
-            asyncio.run(one_round(target, args, random.Random(9), arrivals=False))  # warm-up
-        for name, target, load in runs:
-            before = hooks.read() if name == "kvbridge" else {}
-            rounds = [asyncio.run(one_round(target, args, random.Random(r), load == "with arrivals"))
-                      for r in range(args.repeats)]
-            results[name, load] = summarize(rounds)
-            if name == "kvbridge":
-                hook_us[load] = WorkerHooks.per_step_us(before, hooks.read())
-            print(f"  {name:10} {load:13}: per token median {results[name, load][0]:.2f} ms, "
-                  f"p90 {results[name, load][1]:.2f} ms", flush=True)
+            asyncio.run(one_round(target, args, random.Random(9), arrivals=None))  # warm-up
+        for r in range(args.repeats):  # each round runs every load once: drifts of the shared box hit all alike
+            for (name, load), (target, arrivals) in runs.items():
+                before = hooks.read() if name == "kvbridge" else {}
+                rounds[name, load].append(asyncio.run(one_round(target, args, random.Random(r), arrivals)))
+                if name == "kvbridge":
+                    sums = hook_sums.setdefault(load, {})
+                    for hook, (sec, calls) in hooks.read().items():
+                        was, had = before.get(hook, (0.0, 0.0)), sums.get(hook, (0.0, 0.0))
+                        sums[hook] = (had[0] + sec - was[0], had[1] + calls - was[1])
+                med, p90 = summarize(rounds[name, load][-1:])
+                print(f"  round {r}: {name:10} {load:13}: per token median {med:.2f} ms, p90 {p90:.2f} ms", flush=True)
     finally:
         for s in (agg, pre, dec):
             s.stop()
     print(f"\n{args.streams} running requests x {args.tokens} tokens; arrivals: one {args.arrival_tokens}-token "
-          f"prompt every {args.every_s} s (medians of {args.repeats} rounds)")
-    print("kvbridge load   aggregated med/p90 ms   kvbridge decode med/p90 ms   ratio med   ratio p90   "
+          f"prompt every {args.every_s} s (medians of {args.repeats} rounds; paired: the median of each round's "
+          "kvbridge / aggregated)")
+    print("kvbridge load   aggregated med/p90 ms   kvbridge decode med/p90 ms   paired ratio med / p90   "
           "worker hooks us/step")
-    for load in ("plain", "no arrivals", "with arrivals"):
-        (am, ap90) = results["aggregated", "with arrivals" if load == "with arrivals" else "no arrivals"]
-        km, kp90 = results["kvbridge", load]
-        total, per = hook_us[load]
-        print(f"{load:15} {am:8.2f} / {ap90:6.2f}      {km:8.2f} / {kp90:6.2f}         {km / am:6.2f}     "
-              f"{kp90 / ap90:6.2f}   {total:8.1f}")
+    for load in ("plain", "no arrivals", "prefill busy", "with arrivals"):
+        agg_rounds = rounds["aggregated", "with arrivals" if runs["kvbridge", load][1] else "no arrivals"]
+        kvb_rounds = rounds["kvbridge", load]
+        (am, ap90), (km, kp90) = summarize(agg_rounds), summarize(kvb_rounds)
+        pairs = [(summarize([k]), summarize([a])) for k, a in zip(kvb_rounds, agg_rounds)]
+        ratio_med = statistics.median(k[0] / a[0] for k, a in pairs)
+        ratio_p90 = statistics.median(k[1] / a[1] for k, a in pairs)
+        total, per = WorkerHooks.per_step_us({}, hook_sums[load])
+        print(f"{load:15} {am:8.2f} / {ap90:6.2f}      {km:8.2f} / {kp90:6.2f}         {ratio_med:6.2f} / "
+              f"{ratio_p90:4.2f}          {total:8.1f}")
         print(f"{'':15} per hook: " + ", ".join(f"{h} {us:.1f}" for h, us in sorted(per.items())))
-
+    received = [(summarize([w]), summarize([b])) for w, b in zip(rounds["kvbridge", "with arrivals"],
+                                                                 rounds["kvbridge", "prefill busy"])]
+    print("what receiving the arrivals' KV costs the running requests, kvbridge with arrivals / prefill busy, paired: "
+          f"median {statistics.median(w[0] / b[0] for w, b in received):.2f}, "
+          f"p90 {statistics.median(w[1] / b[1] for w, b in received):.2f}")
+    # Both loads run the same streams (same prompts): what the hooks spent beyond "prefill busy" is the arrivals'
+    extra_s = sum(sec for sec, _ in hook_sums["with arrivals"].values()) - sum(
+        sec for sec, _ in hook_sums["prefill busy"].values())
+    arrived = runs["kvbridge", "with arrivals"][1].sent
+    print(f"the decode worker's hooks spent about {extra_s / arrived * 1000:.2f} ms per arrival on its engine thread "
+          f"({arrived} arrivals of {args.arrival_tokens} tokens: verifying and scattering their KV), in the steps "
+          "that take it in")
 
 if __name__ == "__main__":
     main()

@@ -59,12 +59,12 @@ def main() -> None:
         for node in nodes.values():
             node.wait_ready(900)
         for node in nodes.values():  # warm-up, not counted
-            asyncio.run(one_round(Target(node), args, random.Random(99), arrivals=False))
+            asyncio.run(one_round(Target(node), args, random.Random(99), arrivals=None))
         offsets = {name: node.log_path.stat().st_size for name, node in nodes.items()}
         for r in range(args.rounds):
             order = list(nodes.items())
             for name, node in order[r % len(order):] + order[:r % len(order)]:  # each node first in turn
-                round_gaps = asyncio.run(one_round(Target(node), args, random.Random(r), arrivals=False))
+                round_gaps = asyncio.run(one_round(Target(node), args, random.Random(r), arrivals=None))
                 gaps[name].append(statistics.median(round_gaps) * 1000)
                 print(f"  round {r} {name:9}: per token {gaps[name][-1]:.2f} ms", flush=True)
         lines = {name: hook_lines(node.log_path, offsets[name]) for name, node in nodes.items()}

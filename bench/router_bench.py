@@ -1,7 +1,8 @@
 """Router overhead: the same load sent straight to a stub OpenAI backend and through the kvbridge router.
 
-The stub answers at once, so what differs is the router: parsing, picking instances, the prefill leg
-and the decode leg (both to the stub), and relaying the answer. Each repeat measures p50/p99 latency at
+The stub answers at once (a decode leg as soon as its prefill leg was answered, as a real decode node answers
+only once the prefill's KV is there), so what differs is the router: parsing, picking instances, the prefill
+leg and the decode leg (both to the stub), and relaying the answer. Each repeat measures p50/p99 latency at
 concurrency 1 and requests/s at concurrency 32, direct then through the router, back to back; the figures
 printed are medians over repeats of each repeat's pair (router minus direct p50, router over direct
 requests/s), so a change in what else the machine runs between repeats cancels out. The router's CPU time
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
 import sys
@@ -71,8 +73,22 @@ def run_loop(coro: Awaitable[T]) -> T:
 
 
 def run_stub(port: int) -> None:
+    """An OpenAI backend that answers at once, except that a decode leg answers only after the prefill leg of its
+    transfer did: a real decode node cannot produce a token before the KV its prefill pushes, so a stub that
+    answered it first would send the router down its cancel path (the prefill leg unanswered) on every request."""
     run_pool_stub(port + 1)
-    async def completions(_: web.Request) -> web.Response:
+    prefilled: dict[str, asyncio.Event] = {}  # transfer id -> its prefill leg was answered
+
+    async def completions(request: web.Request) -> web.Response:
+        raw = await request.read()
+        if b"kv_transfer_params" in raw:  # a PD leg; requests sent straight to the stub skip the parse
+            kv = json.loads(raw)["kv_transfer_params"]["kvbridge"]
+            done = prefilled.setdefault(kv["transfer_id"], asyncio.Event())
+            if not kv.get("receive"):
+                done.set()
+            else:
+                await asyncio.wait_for(done.wait(), 30)
+                del prefilled[kv["transfer_id"]]
         return web.json_response(REPLY)
 
     async def health(_: web.Request) -> web.Response:
