@@ -219,5 +219,6 @@ def main() -> None:
           f"({arrived} arrivals of {args.arrival_tokens} tokens: verifying and scattering their KV), in the steps "
           "that take it in")
 
+
 if __name__ == "__main__":
     main()
