@@ -33,6 +33,7 @@ import statistics
 import time
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 import requests
 
@@ -64,6 +65,14 @@ def start(name: str, role: str = "aggregated", kv_config: dict | None = None,
     return start_vllm(f"bench-{name}", role, model=MODEL, max_model_len=4096, env=env, vllm_args=args)
 
 
+class PDAnswer(NamedTuple):
+    """One request through a PD system's two legs."""
+    ttft: float  # seconds from the first leg's start to the first streamed token, without a --decode-after pause
+    text: str
+    tpot: float  # seconds per output token after the first
+    prefill_s: float  # the prefill leg's own time, until it answered
+
+
 class ExposedTimes:
     """Per request, the decode worker's exposed transfer time: the change in its histogram's sum across one
     request (requests run one at a time), grouped by prompt length."""
@@ -85,7 +94,7 @@ class ExposedTimes:
 
 
 def kvbridge_once(p: VllmServer, d: VllmServer, body: dict, exposed: ExposedTimes,
-                  dispatch: str = "after_prefill", gap: float = 0.0) -> tuple[float, str, float]:
+                  dispatch: str = "after_prefill", gap: float = 0.0) -> PDAnswer:
     """One request through kvbridge's two legs, sent as the router does (`decode_dispatch`): requests here run
     one at a time, so the router's `auto` sends the decode leg after the prefill leg answered; `with_prefill`
     sends both at once. TTFT is counted from the first leg's start, without `gap`: seconds slept between the
@@ -112,10 +121,10 @@ def kvbridge_once(p: VllmServer, d: VllmServer, body: dict, exposed: ExposedTime
     print(f"    kvbridge leg times ({dispatch}): prefill {leg_s * 1000:.1f} ms, decode TTFT {ttft * 1000:.1f} ms "
           "from the first leg's start", flush=True)
     exposed.record(len(body["prompt"]), before)
-    return ttft, text, tpot
+    return PDAnswer(ttft, text, tpot, leg_s)
 
 
-def nixl_once(p: VllmServer, d: VllmServer, body: dict, gap: float = 0.0) -> tuple[float, str, float]:
+def nixl_once(p: VllmServer, d: VllmServer, body: dict, gap: float = 0.0) -> PDAnswer:
     """One request through NixlConnector's two legs; `gap` as for kvbridge_once."""
     t0 = time.perf_counter()
     pre = dict(body, max_tokens=1, kv_transfer_params={"do_remote_decode": True, "do_remote_prefill": False,
@@ -128,7 +137,7 @@ def nixl_once(p: VllmServer, d: VllmServer, body: dict, gap: float = 0.0) -> tup
     time.sleep(gap)
     ttft, text, tpot = stream_ttft(d.url, dict(body, kv_transfer_params=params))
     print(f"    nixl leg times: prefill {prefill_s * 1000:.1f} ms, decode TTFT {ttft * 1000:.1f} ms", flush=True)
-    return prefill_s + ttft, text, tpot
+    return PDAnswer(prefill_s + ttft, text, tpot, prefill_s)
 
 
 def run_phase(label: str, servers: list, once, bodies: dict, repeats: int) -> dict:

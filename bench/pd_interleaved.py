@@ -11,7 +11,11 @@ nodes burn about 0.02 of a core, but a vLLM worker busy-polls for 1 s after its 
 and without the pause whoever follows the aggregated server, which decodes on core 0, paid for it). kvbridge's
 legs are sent as its router sends them (`--kvbridge-dispatch`, bench/core_share.py says why). Stock NixlConnector is left out: its progress threads spin a core per node, which would slow the
 others. Prints per length the median overhead of each system, the ratio kvbridge / NixlConnector-best of
-those medians, whether every answer equalled aggregated's, and each system's time per output token.
+those medians, whether every answer equalled aggregated's, and each system's time per output token. Each
+overhead is also split in two: the prefill leg's time until it answered minus aggregated's TTFT (the prompt
+computed by another server on another core: where most of the spread between prompts comes from), and the
+decode's first token after the prefill answered (the part PD itself adds, and the one the two systems do
+differently: kvbridge pushed the KV during the prefill, NixlConnector pulls it now).
 
     python -m bench.pd_interleaved [--lengths 128 1000 2000] [--repeats 5] [--kvbridge-dispatch with_prefill]
         [--settle 1.5] [--prefill-connector JSON] [--agg-core 1] [--decode-after 1.5]
@@ -61,6 +65,14 @@ def print_ttft(rows: list, exposed: ExposedTimes, repeats: int) -> None:
         ex = statistics.median(exposed.by_length[n]) if exposed.by_length.get(n) else float("nan")
         print(f"{n:6} {k:13.1f} {b:23.1f} {k / b if b else float('nan'):16.2f}  "
               f"{eq['kvbridge']}/{repeats}, {eq['nixl-best']}/{repeats}{'':21}{ex:.1f}")
+    print("\nthe same overheads in two parts (medians): the prefill leg's time until it answered, minus aggregated's "
+          "TTFT (the prompt's compute on another server: most of the spread between prompts), and the decode's first "
+          "token after the prefill answered (what PD adds: the KV's move, the decode's scheduling, its first step)")
+    print("prompt  prefill leg - aggregated ms (kvbridge / best)  first token after the prefill answered ms "
+          "(kvbridge / best, ratio)")
+    for n, *_, split in rows:
+        (kp, ka), (bp, ba) = split["kvbridge"], split["nixl-best"]
+        print(f"{n:6} {kp:15.1f} / {bp:7.1f}{'':22}{ka:15.1f} / {ba:7.1f}, {ka / ba if ba else float('nan'):.2f}")
 
 
 def main() -> None:
@@ -102,6 +114,7 @@ def main() -> None:
             over: dict[str, list[float]] = {"kvbridge": [], "nixl-best": []}
             equal = {"kvbridge": 0, "nixl-best": 0}
             tpot: dict[str, list[float]] = {name: [] for name in names}
+            parts: dict[str, list[tuple[float, float]]] = {name: [] for name in over}  # (prefill - agg, after) ms
             for _ in range(args.repeats):
                 body = {"model": "tiny", "prompt": [rng.randrange(10, 1000) for _ in range(n)],
                         "max_tokens": args.max_tokens, "temperature": 0}
@@ -114,11 +127,14 @@ def main() -> None:
                 for name in names:
                     tpot[name].append(got[name][2] * 1000)
                 for name in over:
-                    over[name].append((got[name][0] - got["aggregated"][0]) * 1000)
+                    over[name].append((got[name].ttft - got["aggregated"][0]) * 1000)
+                    parts[name].append(((got[name].prefill_s - got["aggregated"][0]) * 1000,
+                                        (got[name].ttft - got[name].prefill_s) * 1000))
                     equal[name] += got[name][1] == got["aggregated"][1]
             k, b = statistics.median(over["kvbridge"]), statistics.median(over["nixl-best"])
             paired = {name: statistics.median(x / a for x, a in zip(tpot[name], tpot["aggregated"])) for name in over}
-            rows.append((n, k, b, equal, {name: statistics.median(v) for name, v in tpot.items()}, paired))
+            split = {name: tuple(statistics.median(x) for x in zip(*v)) for name, v in parts.items()}
+            rows.append((n, k, b, equal, {name: statistics.median(v) for name, v in tpot.items()}, paired, split))
             print(f"  {n} tokens: TTFT overhead{' (not comparable: --decode-after)' if args.decode_after else ''} "
                   f"kvbridge {k:.1f} ms, NixlConnector-best {b:.1f} ms "
                   f"(per prompt: {[round(x) for x in over['kvbridge']]} / {[round(x) for x in over['nixl-best']]}); "
@@ -131,7 +147,7 @@ def main() -> None:
     print(f"\ntime per output token after the first, ms (median; aggregated decodes on core {args.agg_core}, both "
           "decode nodes on core 1; 'paired': the median of each prompt's own ratio to aggregated)\n"
           "prompt  aggregated  kvbridge (/ agg, paired)  NixlConnector-best (/ agg, paired)  answers equal")
-    for n, _, _, eq, t, p in rows:
+    for n, _, _, eq, t, p, _ in rows:
         a = t["aggregated"]
         print(f"{n:6} {a:11.2f} {t['kvbridge']:9.2f} ({t['kvbridge'] / a:4.2f}, {p['kvbridge']:4.2f}) "
               f"{t['nixl-best']:13.2f} ({t['nixl-best'] / a:4.2f}, {p['nixl-best']:4.2f})      "
