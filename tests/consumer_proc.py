@@ -5,8 +5,8 @@ import multiprocessing as mp
 import time
 import zlib
 
+from launch.polling import wait_for
 from transfer.consumer_endpoint import ConsumerEndpoint
-
 from transfer.consumer_settings import ConsumerSettings
 from transfer.device_fence import COMPLETED
 from transfer.layout import KVLayout
@@ -99,6 +99,16 @@ class ConsumerProcess:
         if not self._conn.poll(timeout_s):
             raise TimeoutError(f"consumer process gave no answer within {timeout_s}s")
         return self._conn.recv()
+
+    def wait_pool_full(self, timeout_s: float = 5) -> None:
+        """Every slot free again: what each test must leave behind (nothing leased, nothing quarantined)."""
+        wait_for(lambda: (s := self.call("stats")).free == s.total, timeout_s, 0.01, "consumer pool back to full")
+
+    def ended_reason(self, key: str, timeout_s: float = 5) -> str:
+        """Why transfer `key` ended here, once its consumer-side state is ENDED."""
+        _, reason = wait_for(lambda: (st := self.call("status", key))[0] == "ENDED" and st, timeout_s, 0.01,
+                             f"{key} ended")
+        return reason
 
     def stop(self) -> None:
         if self.proc.is_alive():

@@ -25,13 +25,7 @@ def consumer():
 @pytest.fixture(autouse=True)
 def pool_returns_full(consumer):
     yield
-    wait_for(lambda: (s := consumer.call("stats")).free == s.total, 5, 0.01, "consumer pool back to full")
-
-
-def ended_reason(consumer: ConsumerProcess, key: str) -> str:
-    arrival, reason = wait_for(lambda: (st := consumer.call("status", key))[0] == "ENDED" and st, 5, 0.01,
-                               f"{key} ended")
-    return reason
+    consumer.wait_pool_full()
 
 
 def test_alloc_for_another_prompt_is_refused_and_its_request_fails_at_once(consumer):
@@ -41,7 +35,7 @@ def test_alloc_for_another_prompt_is_refused_and_its_request_fails_at_once(consu
         with pytest.raises(PeerError) as e:
             p.link(consumer.address).alloc(spec("h-1", 3), 5.0)
         assert e.value.code == "refused" and "does not match the request" in str(e.value)
-        assert "does not match" in ended_reason(consumer, "h-1")
+        assert "does not match" in consumer.ended_reason("h-1")
         assert consumer.call("lease", "h-1") is None
     finally:
         p.close()
@@ -60,7 +54,7 @@ def test_a_chunk_with_the_wrong_byte_count_fails_the_transfer(consumer):
                           w.mem_type, w.dev_id, bad.encode())
         wait_for(lambda: p.agent.poll(h) == "DONE", 5, 0.01, "write done")
         p.agent.release(h)
-        assert "must hold" in ended_reason(consumer, "s-1")
+        assert "must hold" in consumer.ended_reason("s-1")
         assert consumer.call("lease", "s-1") is None
     finally:
         p.close()

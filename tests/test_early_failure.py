@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 
-from launch.polling import wait_for
 from tests.consumer_proc import ConsumerProcess
 from tests.test_transfer import CHUNK_TOKENS, LAYOUT, finished, make_producer, spec
 from transfer.producer import Producer, ProducerSettings
@@ -23,7 +22,7 @@ def consumer():
 @pytest.fixture(autouse=True)
 def pool_returns_full(consumer):
     yield
-    wait_for(lambda: (s := consumer.call("stats")).free == s.total, 5, 0.01, "consumer pool back to full")
+    consumer.wait_pool_full()
 
 
 def expect_and_end(consumer: ConsumerProcess, p: Producer, key: str, n_chunks: int, stage: int = 0) -> str:
@@ -35,8 +34,7 @@ def expect_and_end(consumer: ConsumerProcess, p: Producer, key: str, n_chunks: i
         if not p.stage(handle, i, lambda view: p.geometry.chunk_nbytes(spec(key, n_chunks).num_tokens, i)):
             break
     assert finished(p, {key})[key] == State.FAILED
-    arrival, reason = wait_for(lambda: (st := consumer.call("status", key))[0] == "ENDED" and st, 5, 0.01,
-                               f"{key} ended")
+    reason = consumer.ended_reason(key)
     assert reason.startswith("producer gave up: "), reason
     return reason
 

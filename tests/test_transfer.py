@@ -47,7 +47,7 @@ def pool_returns_full(request):
     if "consumer" in request.fixturenames:
         c = request.getfixturevalue("consumer")
         if c.proc.is_alive():
-            wait_for(lambda: c.call("stats").free == c.call("stats").total, 5, 0.01, "consumer pool back to full")
+            c.wait_pool_full()
 
 
 def make_producer(name: str, **kw) -> Producer:

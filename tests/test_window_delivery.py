@@ -29,7 +29,7 @@ def consumer():
 @pytest.fixture(autouse=True)
 def pool_returns_full(consumer):
     yield
-    wait_for(lambda: (s := consumer.call("stats")).free == s.total, 5, 0.01, "consumer pool back to full")
+    consumer.wait_pool_full()
 
 
 @pytest.mark.parametrize("times_pool", [3, 8])
@@ -65,8 +65,7 @@ def test_a_chunk_written_beyond_the_open_window_fails_the_transfer(consumer):
                           early.encode())
         wait_for(lambda: p.agent.poll(h) == "DONE", 5, 0.01, "write done")
         p.agent.release(h)
-        arrival, reason = wait_for(lambda: (st := consumer.call("status", "wb-1"))[0] == "ENDED" and st, 5, 0.01,
-                                   "wb-1 ended")
+        reason = consumer.ended_reason("wb-1")
         assert "outside the open window 0..3" in reason
     finally:
         p.close()
