@@ -135,11 +135,19 @@ class WorkerHooks:
         return sum(per.values()), per
 
 
-def summarize(rounds: list[list[float]]) -> tuple[float, float]:
-    """(median per-token ms, p90 per-token ms): each the median over rounds."""
-    med = statistics.median(statistics.median(r) * 1000 for r in rounds)
-    p90 = statistics.median(statistics.quantiles(r, n=10)[-1] * 1000 for r in rounds)
-    return med, p90
+def round_stats(gaps: list[float]) -> tuple[float, float]:
+    """(median per-token ms, p90 per-token ms) of one round."""
+    return statistics.median(gaps) * 1000, statistics.quantiles(gaps, n=10)[-1] * 1000
+
+
+def over_rounds(stats: list[tuple[float, float]]) -> tuple[float, float]:
+    """(median, p90): each the median over rounds."""
+    return statistics.median(m for m, _ in stats), statistics.median(p for _, p in stats)
+
+
+def paired(num: list[tuple[float, float]], den: list[tuple[float, float]]) -> tuple[float, float]:
+    """(median ratio, p90 ratio): each the median of the rounds' own ratios."""
+    return over_rounds([(n[0] / d[0], n[1] / d[1]) for n, d in zip(num, den)])
 
 
 def main() -> None:
@@ -169,7 +177,7 @@ def main() -> None:
             ("kvbridge", "plain"): (Target(dec), None), ("kvbridge", "no arrivals"): (pd, None),
             ("kvbridge", "prefill busy"): (pd, PrefillOnly(dec, pre)),
             ("kvbridge", "with arrivals"): (pd, Target(dec, pre))}
-    rounds: dict[tuple[str, str], list[list[float]]] = {key: [] for key in runs}
+    rounds: dict[tuple[str, str], list[tuple[float, float]]] = {key: [] for key in runs}  # each round's stats
     hook_sums: dict[str, dict[str, tuple[float, float]]] = {}  # load -> hook -> (seconds, calls) over its rounds
     try:
         for s in (agg, pre, dec):
@@ -179,13 +187,13 @@ def main() -> None:
         for r in range(args.repeats):  # each round runs every load once: drifts of the shared box hit all alike
             for (name, load), (target, arrivals) in runs.items():
                 before = hooks.read() if name == "kvbridge" else {}
-                rounds[name, load].append(asyncio.run(one_round(target, args, random.Random(r), arrivals)))
+                rounds[name, load].append(round_stats(asyncio.run(one_round(target, args, random.Random(r), arrivals))))
                 if name == "kvbridge":
                     sums = hook_sums.setdefault(load, {})
                     for hook, (sec, calls) in hooks.read().items():
                         was, had = before.get(hook, (0.0, 0.0)), sums.get(hook, (0.0, 0.0))
                         sums[hook] = (had[0] + sec - was[0], had[1] + calls - was[1])
-                med, p90 = summarize(rounds[name, load][-1:])
+                med, p90 = rounds[name, load][-1]
                 print(f"  round {r}: {name:10} {load:13}: per token median {med:.2f} ms, p90 {p90:.2f} ms", flush=True)
     finally:
         for s in (agg, pre, dec):
@@ -198,19 +206,15 @@ def main() -> None:
     for load in ("plain", "no arrivals", "prefill busy", "with arrivals"):
         agg_rounds = rounds["aggregated", "with arrivals" if runs["kvbridge", load][1] else "no arrivals"]
         kvb_rounds = rounds["kvbridge", load]
-        (am, ap90), (km, kp90) = summarize(agg_rounds), summarize(kvb_rounds)
-        pairs = [(summarize([k]), summarize([a])) for k, a in zip(kvb_rounds, agg_rounds)]
-        ratio_med = statistics.median(k[0] / a[0] for k, a in pairs)
-        ratio_p90 = statistics.median(k[1] / a[1] for k, a in pairs)
+        (am, ap90), (km, kp90) = over_rounds(agg_rounds), over_rounds(kvb_rounds)
+        ratio_med, ratio_p90 = paired(kvb_rounds, agg_rounds)
         total, per = WorkerHooks.per_step_us({}, hook_sums[load])
         print(f"{load:15} {am:8.2f} / {ap90:6.2f}      {km:8.2f} / {kp90:6.2f}         {ratio_med:6.2f} / "
               f"{ratio_p90:4.2f}          {total:8.1f}")
         print(f"{'':15} per hook: " + ", ".join(f"{h} {us:.1f}" for h, us in sorted(per.items())))
-    received = [(summarize([w]), summarize([b])) for w, b in zip(rounds["kvbridge", "with arrivals"],
-                                                                 rounds["kvbridge", "prefill busy"])]
+    cost_med, cost_p90 = paired(rounds["kvbridge", "with arrivals"], rounds["kvbridge", "prefill busy"])
     print("what receiving the arrivals' KV costs the running requests, kvbridge with arrivals / prefill busy, paired: "
-          f"median {statistics.median(w[0] / b[0] for w, b in received):.2f}, "
-          f"p90 {statistics.median(w[1] / b[1] for w, b in received):.2f}")
+          f"median {cost_med:.2f}, p90 {cost_p90:.2f}")
     # Both loads run the same streams (same prompts): what the hooks spent beyond "prefill busy" is the arrivals'
     extra_s = sum(sec for sec, _ in hook_sums["with arrivals"].values()) - sum(
         sec for sec, _ in hook_sums["prefill busy"].values())

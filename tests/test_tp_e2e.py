@@ -26,12 +26,11 @@ def tp2(tiny_model):
     # answered, and its transfer failed (recomputed: the answer stayed right). These tests are about every rank's
     # KV arriving, not about leases under starvation (tests/test_failures_e2e.py has those): leases and the
     # decode's wait get room.
-    slack = {"lease_ttl_s": 10.0, "alloc_timeout_s": 10.0}
     trio = {"agg": start_vllm("agg-tp2", env=EACH_RANK_ITS_CORE, vllm_args=TP2),
             "decode": start_vllm("decode-tp2", "decode", dict(DECODE_EXTRA, load_timeout_s=12.0),
                                  env=EACH_RANK_ITS_CORE, vllm_args=TP2),
-            "prefill": start_vllm("prefill-tp2", "prefill", dict(PREFILL_EXTRA, **slack), env=EACH_RANK_ITS_CORE,
-                                  vllm_args=(*TP2, "--no-enable-prefix-caching"))}
+            "prefill": start_vllm("prefill-tp2", "prefill", dict(PREFILL_EXTRA, lease_ttl_s=10.0, alloc_timeout_s=10.0),
+                                  env=EACH_RANK_ITS_CORE, vllm_args=(*TP2, "--no-enable-prefix-caching"))}
     try:
         for s in trio.values():
             s.wait_ready()
