@@ -23,7 +23,10 @@ differently: kvbridge pushed the KV during the prefill, NixlConnector pulls it n
 `--decode-after S` sleeps S seconds between each PD request's prefill answer and its decode leg, so the
 decode's time per output token is timed with its prefill node quiet (that node's worker busy-polls its core
 for 1 s after its last step, and on a 2-core box the decode's unpinned threads then share the other core);
-the TTFT table is then left out.
+the TTFT table is then left out, and a fourth system runs: aggregated vLLM decoding after the same pause, a prompt
+of the same length already in its cache (`paused_aggregated`): a PD decode node starts decoding after sitting idle
+while another node computed the prompt, and the ratio to this control is what is left for the connector. Every
+per-token ratio is taken prompt by prompt and printed as a median with its 95 % interval (bench/median_ci.py).
 """
 from __future__ import annotations
 
@@ -32,12 +35,17 @@ import json
 import random
 import statistics
 import time
+from dataclasses import dataclass, field
 
+import requests
+
+from bench.median_ci import MedianCI, median_ci
 from bench.pd_bench import MODEL, ExposedTimes, kvbridge_once, nixl_once, parse_with_decode_after, start, stream_ttft
 from launch.local_servers import free_port, start_vllm
 from launch.servers import VllmServer
 from launch.tiny_model import make_tiny_model
 
+PAUSED = "aggregated after the same pause"  # with --decode-after: see paused_aggregated
 BEST = {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu",
         "kv_load_failure_policy": "recompute", "kv_connector_module_path": "pd.nixl_best",
         "kv_connector_extra_config": {"num_threads": 0}}
@@ -57,22 +65,78 @@ def start_side_by_side(tag: str, prefill_connector: dict, metrics_port: int, agg
             "np": best("prefill", "0"), "nd": best("decode", "1")}
 
 
-def print_ttft(rows: list, exposed: ExposedTimes, repeats: int) -> None:
-    print(f"\nTTFT over aggregated, same prompts back to back, median of {repeats} per length")
-    print("prompt  kvbridge +ms  NixlConnector-best +ms  kvbridge / best  answers equal (kvbridge, best)  "
+def paused_aggregated(url: str, body: dict, pause: float, rng: random.Random) -> tuple[float, str, float]:
+    """Aggregated vLLM decoding as a PD decode node does: a prompt of the same length computed first (and kept in
+    its prefix cache), `pause` seconds of idleness, then the request, which computes one token of it and decodes.
+    A PD decode starts from a node that sat idle while another computed the prompt; this control tells that
+    from the connector's cost. Its own prompt: the body's would then be cached for the plain aggregated run."""
+    own = dict(body, prompt=[rng.randrange(10, 1000) for _ in body["prompt"]])
+    requests.post(url + "/v1/completions", json=dict(own, max_tokens=1), timeout=300).raise_for_status()
+    time.sleep(pause)
+    return stream_ttft(url, own)
+
+
+@dataclass
+class Length:
+    """One prompt length's figures, one entry per prompt, in the order the prompts ran."""
+    n: int
+    names: list[str]
+    over: dict[str, list[float]] = field(default_factory=lambda: {"kvbridge": [], "nixl-best": []})  # TTFT - agg ms
+    parts: dict[str, list[tuple[float, float]]] = field(  # (prefill leg - aggregated TTFT, first token after it) ms
+        default_factory=lambda: {"kvbridge": [], "nixl-best": []})
+    equal: dict[str, int] = field(default_factory=lambda: {"kvbridge": 0, "nixl-best": 0})
+    tpot: dict[str, list[float]] = field(default_factory=dict)  # ms per output token after the first
+
+    def add(self, got: dict) -> None:
+        for name in self.names:
+            self.tpot.setdefault(name, []).append(got[name][2] * 1000)
+        agg_ttft = got["aggregated"][0]
+        for name in self.over:
+            self.over[name].append((got[name].ttft - agg_ttft) * 1000)
+            prefill_s = got[name].prefill_s
+            self.parts[name].append(((prefill_s - agg_ttft) * 1000, (got[name].ttft - prefill_s) * 1000))
+            self.equal[name] += got[name][1] == got["aggregated"][1]
+
+    def paired(self) -> dict[tuple[str, str], MedianCI]:
+        """Each system's per-token time over aggregated's, over the paused control's and over NixlConnector-best's,
+        prompt by prompt."""
+        pairs = [("kvbridge", "aggregated"), ("kvbridge", PAUSED), ("kvbridge", "nixl-best"),
+                 ("nixl-best", "aggregated"), ("nixl-best", PAUSED), (PAUSED, "aggregated")]
+        return {(num, den): median_ci([x / y for x, y in zip(self.tpot[num], self.tpot[den])])
+                for num, den in pairs if num in self.tpot and den in self.tpot}
+
+
+def print_ttft(rows: list[Length], exposed: ExposedTimes, repeats: int) -> None:
+    print(f"\nTTFT over aggregated, same prompts back to back, median of {repeats} per length [95 % interval]")
+    print("prompt  kvbridge +ms            NixlConnector-best +ms  kvbridge / best  answers equal (kvbridge, best)  "
           "kvbridge exposed transfer ms")
-    for n, k, b, eq, *_ in rows:
-        ex = statistics.median(exposed.by_length[n]) if exposed.by_length.get(n) else float("nan")
-        print(f"{n:6} {k:13.1f} {b:23.1f} {k / b if b else float('nan'):16.2f}  "
-              f"{eq['kvbridge']}/{repeats}, {eq['nixl-best']}/{repeats}{'':21}{ex:.1f}")
+    for r in rows:
+        ex = statistics.median(exposed.by_length[r.n]) if exposed.by_length.get(r.n) else float("nan")
+        kc, bc = median_ci(r.over["kvbridge"]), median_ci(r.over["nixl-best"])
+        print(f"{r.n:6} {kc.median:7.1f} [{kc.low:.0f}, {kc.high:.0f}] {bc.median:10.1f} [{bc.low:.0f}, {bc.high:.0f}] "
+              f"{kc.median / bc.median if bc.median else float('nan'):10.2f}  {r.equal['kvbridge']}/{repeats}, "
+              f"{r.equal['nixl-best']}/{repeats}{'':21}{ex:.1f}")
     print("\nthe same overheads in two parts (medians): the prefill leg's time until it answered, minus aggregated's "
           "TTFT (the prompt's compute on another server: most of the spread between prompts), and the decode's first "
           "token after the prefill answered (what PD adds: the KV's move, the decode's scheduling, its first step)")
     print("prompt  prefill leg - aggregated ms (kvbridge / best)  first token after the prefill answered ms "
-          "(kvbridge / best, ratio)")
-    for n, *_, split in rows:
-        (kp, ka), (bp, ba) = split["kvbridge"], split["nixl-best"]
-        print(f"{n:6} {kp:15.1f} / {bp:7.1f}{'':22}{ka:15.1f} / {ba:7.1f}, {ka / ba if ba else float('nan'):.2f}")
+          "(kvbridge / best; kvbridge / best paired by prompt [95 % interval])")
+    for r in rows:
+        (kp, ka), (bp, ba) = ([statistics.median(x) for x in zip(*r.parts[name])] for name in ("kvbridge", "nixl-best"))
+        after = median_ci([k[1] / b[1] for k, b in zip(r.parts["kvbridge"], r.parts["nixl-best"]) if b[1] > 0])
+        print(f"{r.n:6} {kp:15.1f} / {bp:7.1f}{'':22}{ka:15.1f} / {ba:7.1f}; {after}")
+
+
+def print_tpot(rows: list[Length], agg_core: str, repeats: int) -> None:
+    print(f"\ntime per output token after the first, ms (median; aggregated decodes on core {agg_core}, both decode "
+          "nodes on core 1), and each prompt's own ratio to another system's, median [95 % interval]")
+    for r in rows:
+        print(f"{r.n} tokens (answers equal to aggregated: kvbridge {r.equal['kvbridge']}/{repeats}, "
+              f"NixlConnector-best {r.equal['nixl-best']}/{repeats})")
+        paired = r.paired()
+        for name, ms in r.tpot.items():
+            ratios = "  ".join(f"/ {den} {ci}" for (num, den), ci in paired.items() if num == name)
+            print(f"  {name:30} {statistics.median(ms):7.2f}  {ratios}")
 
 
 def main() -> None:
@@ -101,6 +165,8 @@ def main() -> None:
                "kvbridge": lambda b: kvbridge_once(s["kp"], s["kd"], b, exposed, args.kvbridge_dispatch,
                                                        args.decode_after),
                "nixl-best": lambda b: nixl_once(s["np"], s["nd"], b, args.decode_after)}
+    if args.decode_after:
+        systems[PAUSED] = lambda b: paused_aggregated(s["agg"].url, b, args.decode_after, rng)
     names = list(systems)
     rows = []
     try:
@@ -111,47 +177,28 @@ def main() -> None:
             once(warm)
         turn = 0
         for n in args.lengths:
-            over: dict[str, list[float]] = {"kvbridge": [], "nixl-best": []}
-            equal = {"kvbridge": 0, "nixl-best": 0}
-            tpot: dict[str, list[float]] = {name: [] for name in names}
-            parts: dict[str, list[tuple[float, float]]] = {name: [] for name in over}  # (prefill - agg, after) ms
+            row = Length(n, names)
             for _ in range(args.repeats):
                 body = {"model": "tiny", "prompt": [rng.randrange(10, 1000) for _ in range(n)],
                         "max_tokens": args.max_tokens, "temperature": 0}
-                order = names[turn % 3:] + names[:turn % 3]
+                order = names[turn % len(names):] + names[:turn % len(names)]
                 turn += 1
                 got = {}
                 for name in order:
                     time.sleep(args.settle)
                     got[name] = systems[name](body)
-                for name in names:
-                    tpot[name].append(got[name][2] * 1000)
-                for name in over:
-                    over[name].append((got[name].ttft - got["aggregated"][0]) * 1000)
-                    parts[name].append(((got[name].prefill_s - got["aggregated"][0]) * 1000,
-                                        (got[name].ttft - got[name].prefill_s) * 1000))
-                    equal[name] += got[name][1] == got["aggregated"][1]
-            k, b = statistics.median(over["kvbridge"]), statistics.median(over["nixl-best"])
-            paired = {name: statistics.median(x / a for x, a in zip(tpot[name], tpot["aggregated"])) for name in over}
-            split = {name: tuple(statistics.median(x) for x in zip(*v)) for name, v in parts.items()}
-            rows.append((n, k, b, equal, {name: statistics.median(v) for name, v in tpot.items()}, paired, split))
+                row.add(got)
+            rows.append(row)
             print(f"  {n} tokens: TTFT overhead{' (not comparable: --decode-after)' if args.decode_after else ''} "
-                  f"kvbridge {k:.1f} ms, NixlConnector-best {b:.1f} ms "
-                  f"(per prompt: {[round(x) for x in over['kvbridge']]} / {[round(x) for x in over['nixl-best']]}); "
-                  f"per output token ms {({name: [round(x, 1) for x in v] for name, v in tpot.items()})}", flush=True)
+                  f"per prompt, kvbridge / NixlConnector-best ms: {[round(x) for x in row.over['kvbridge']]} / "
+                  f"{[round(x) for x in row.over['nixl-best']]}; per output token ms "
+                  f"{({name: [round(x, 1) for x in v] for name, v in row.tpot.items()})}", flush=True)
     finally:
         for srv in servers.values():
             srv.stop()
     if not args.decode_after:
         print_ttft(rows, exposed, args.repeats)
-    print(f"\ntime per output token after the first, ms (median; aggregated decodes on core {args.agg_core}, both "
-          "decode nodes on core 1; 'paired': the median of each prompt's own ratio to aggregated)\n"
-          "prompt  aggregated  kvbridge (/ agg, paired)  NixlConnector-best (/ agg, paired)  answers equal")
-    for n, _, _, eq, t, p, _ in rows:
-        a = t["aggregated"]
-        print(f"{n:6} {a:11.2f} {t['kvbridge']:9.2f} ({t['kvbridge'] / a:4.2f}, {p['kvbridge']:4.2f}) "
-              f"{t['nixl-best']:13.2f} ({t['nixl-best'] / a:4.2f}, {p['nixl-best']:4.2f})      "
-              f"{eq['kvbridge']}/{args.repeats}, {eq['nixl-best']}/{args.repeats}")
+    print_tpot(rows, args.agg_core, args.repeats)
 
 
 if __name__ == "__main__":
