@@ -16,10 +16,12 @@ class MedianCI(NamedTuple):
     median: float
     low: float
     high: float
-    level: float  # the interval's actual coverage (order statistics give discrete levels, at least the one asked)
+    level: float  # the interval's actual coverage: order statistics give discrete levels; below the one asked
+    # when there are too few values for it (then the interval is the whole range)
 
     def __str__(self) -> str:
-        return f"{self.median:.3f} [{self.low:.3f}, {self.high:.3f}]"
+        short = f" covers only {self.level:.0%}" if self.level < 0.95 else ""
+        return f"{self.median:.3f} [{self.low:.3f}, {self.high:.3f}]{short}"
 
 
 def _below(n: int, j: int) -> float:

@@ -1,32 +1,32 @@
 """PD TTFT overhead of kvbridge and of NixlConnector at its best, measured back to back on the same prompts.
 
-bench/pd_bench.py runs each system in its own phase, minutes apart; on a shared 2-core box the load drifts
-between phases by more than the overheads it compares (one run measured NixlConnector-best 143 ms *faster*
-than aggregated at 2000 tokens). Here every server is up at once — aggregated vLLM (core 0), kvbridge prefill
-(core 0) + decode (core 1), NixlConnector-best prefill (core 0) + decode (core 1), pd/nixl_best.py — and each
-prompt goes to the three systems one after the other, in an order that rotates, so each overhead is a
-difference taken within seconds: system TTFT minus aggregated TTFT for the same prompt. Requests run one at a
-time, `--settle` seconds apart (an idle server costs the others little: kvbridge's and NixlConnector-best's idle
-nodes burn about 0.02 of a core, but a vLLM worker busy-polls for 1 s after its last step, on its node's core,
-and without the pause whoever follows the aggregated server, which decodes on core 0, paid for it). kvbridge's
-legs are sent as its router sends them (`--kvbridge-dispatch`, bench/core_share.py says why). Stock NixlConnector is left out: its progress threads spin a core per node, which would slow the
-others. Prints per length the median overhead of each system, the ratio kvbridge / NixlConnector-best of
-those medians, whether every answer equalled aggregated's, and each system's time per output token. Each
-overhead is also split in two: the prefill leg's time until it answered minus aggregated's TTFT (the prompt
-computed by another server on another core: where most of the spread between prompts comes from), and the
-decode's first token after the prefill answered (the part PD itself adds, and the one the two systems do
-differently: kvbridge pushed the KV during the prefill, NixlConnector pulls it now).
+bench/pd_bench.py runs each system in its own phase, minutes apart; on a shared 2-core box the load drifts between
+phases by more than the overheads it compares (one run measured NixlConnector-best 143 ms *faster* than aggregated
+at 2000 tokens). Here every server is up at once — aggregated vLLM (core 0), kvbridge prefill (core 0) + decode
+(core 1), NixlConnector-best prefill (core 0) + decode (core 1), pd/nixl_best.py — and each prompt goes to the three
+systems (four with `--decode-after`) one after the other, in an order that rotates, so each overhead is a difference
+taken within seconds: system TTFT minus aggregated TTFT for the same prompt. Requests run one at a time, `--settle`
+seconds apart (an idle server costs the others little: kvbridge's and NixlConnector-best's idle nodes burn about
+0.02 of a core, but a vLLM worker busy-polls for 1 s after its last step, on its node's core, and without the pause
+whoever follows the aggregated server, which decodes on core 0, paid for it). kvbridge's legs are sent as its router
+sends them (`--kvbridge-dispatch`, bench/core_share.py says why). Stock NixlConnector is left out: its progress
+threads spin a core per node, which would slow the others. Prints per length the median overhead of each system, the
+ratio kvbridge / NixlConnector-best of those medians, whether every answer equalled aggregated's, and each system's
+time per output token. Each overhead is also split in two: the prefill leg's time until it answered minus
+aggregated's TTFT (the prompt computed by another server on another core: where most of the spread between prompts
+comes from), and the decode's first token after the prefill answered (the part PD itself adds, and the one the two
+systems do differently: kvbridge pushed the KV during the prefill, NixlConnector pulls it now).
 
-    python -m bench.pd_interleaved [--lengths 128 1000 2000] [--repeats 5] [--kvbridge-dispatch with_prefill]
+    python -m bench.pd_interleaved [--lengths 128 1000 2000] [--repeats 6] [--kvbridge-dispatch with_prefill]
         [--settle 1.5] [--prefill-connector JSON] [--agg-core 1] [--decode-after 1.5]
 
-`--decode-after S` sleeps S seconds between each PD request's prefill answer and its decode leg, so the
-decode's time per output token is timed with its prefill node quiet (that node's worker busy-polls its core
-for 1 s after its last step, and on a 2-core box the decode's unpinned threads then share the other core);
-the TTFT table is then left out, and a fourth system runs: aggregated vLLM decoding after the same pause, a prompt
-of the same length already in its cache (`paused_aggregated`): a PD decode node starts decoding after sitting idle
-while another node computed the prompt, and the ratio to this control is what is left for the connector. Every
-per-token ratio is taken prompt by prompt and printed as a median with its 95 % interval (bench/median_ci.py).
+`--decode-after S` sleeps S seconds between each PD request's prefill answer and its decode leg, so the decode's
+time per output token is timed with its prefill node quiet (that node's worker busy-polls its core for 1 s after its
+last step, and on a 2-core box the decode's unpinned threads then share the other core); the TTFT table is then left
+out, and a fourth system runs: aggregated vLLM decoding after the same pause, a prompt of the same length computed
+before it (`paused_aggregated`): a PD decode node starts decoding after sitting idle while another node computed the
+prompt, and the ratio to this control is what is left for the connector. Every per-token ratio is taken prompt by
+prompt and printed as a median with its 95 % interval (bench/median_ci.py).
 """
 from __future__ import annotations
 
@@ -66,10 +66,12 @@ def start_side_by_side(tag: str, prefill_connector: dict, metrics_port: int, agg
 
 
 def paused_aggregated(url: str, body: dict, pause: float, rng: random.Random) -> tuple[float, str, float]:
-    """Aggregated vLLM decoding as a PD decode node does: a prompt of the same length computed first (and kept in
-    its prefix cache), `pause` seconds of idleness, then the request, which computes one token of it and decodes.
-    A PD decode starts from a node that sat idle while another computed the prompt; this control tells that
-    from the connector's cost. Its own prompt: the body's would then be cached for the plain aggregated run."""
+    """Aggregated vLLM decoding after the idle pause a PD decode node has: a prompt of the same length computed
+    first (and kept in its prefix cache), `pause` seconds of idleness, then the request, which decodes after
+    recomputing what the cache did not hold (vLLM keeps whole blocks and recomputes at least the last token: with
+    128-token blocks, all of a 128-token prompt, the last 104 of 1000, the last 80 of 2000; a PD decode computes
+    one). A PD decode starts on a node that sat idle while another computed the prompt; this control has the pause
+    without a connector. Its own prompt: the body's would then be cached for the plain aggregated run."""
     own = dict(body, prompt=[rng.randrange(10, 1000) for _ in body["prompt"]])
     requests.post(url + "/v1/completions", json=dict(own, max_tokens=1), timeout=300).raise_for_status()
     time.sleep(pause)
@@ -123,7 +125,7 @@ def print_ttft(rows: list[Length], exposed: ExposedTimes, repeats: int) -> None:
           "(kvbridge / best; kvbridge / best paired by prompt [95 % interval])")
     for r in rows:
         (kp, ka), (bp, ba) = ([statistics.median(x) for x in zip(*r.parts[name])] for name in ("kvbridge", "nixl-best"))
-        after = median_ci([k[1] / b[1] for k, b in zip(r.parts["kvbridge"], r.parts["nixl-best"]) if b[1] > 0])
+        after = median_ci([k[1] / b[1] for k, b in zip(r.parts["kvbridge"], r.parts["nixl-best"])])
         print(f"{r.n:6} {kp:15.1f} / {bp:7.1f}{'':22}{ka:15.1f} / {ba:7.1f}; {after}")
 
 
@@ -136,13 +138,14 @@ def print_tpot(rows: list[Length], agg_core: str, repeats: int) -> None:
         paired = r.paired()
         for name, ms in r.tpot.items():
             ratios = "  ".join(f"/ {den} {ci}" for (num, den), ci in paired.items() if num == name)
-            print(f"  {name:30} {statistics.median(ms):7.2f}  {ratios}")
+            print(f"  {name:32} {statistics.median(ms):7.2f}  {ratios}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[128, 1000, 2000])
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=6, help="prompts per length (6: the fewest whose medians get "
+                    "a 95 %% interval)")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--kvbridge-dispatch", choices=["after_prefill", "with_prefill"], default="after_prefill",
                     help="when kvbridge's decode leg is sent (the router's decode_dispatch; its auto is "
@@ -155,6 +158,8 @@ def main() -> None:
                     "computes where theirs do), or 1, the decode nodes' (its time per output token is measured "
                     "where theirs is)")
     args = parse_with_decode_after(ap)
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
     make_tiny_model(MODEL, "bench")
     rng = random.Random(1)
     metrics_port = free_port()
@@ -166,7 +171,8 @@ def main() -> None:
                                                        args.decode_after),
                "nixl-best": lambda b: nixl_once(s["np"], s["nd"], b, args.decode_after)}
     if args.decode_after:
-        systems[PAUSED] = lambda b: paused_aggregated(s["agg"].url, b, args.decode_after, rng)
+        own = random.Random(2)  # its prompts: those of the other systems stay the same with or without it
+        systems[PAUSED] = lambda b: paused_aggregated(s["agg"].url, b, args.decode_after, own)
     names = list(systems)
     rows = []
     try:

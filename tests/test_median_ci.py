@@ -16,7 +16,11 @@ def test_interval_is_the_order_statistics_of_the_binomial_table():
 def test_too_few_values_give_the_whole_range_and_say_the_coverage_they_have():
     ci = median_ci([3.0, 1.0, 2.0, 5.0, 4.0])
     assert (ci.low, ci.median, ci.high) == (1.0, 3.0, 5.0)
-    assert ci.level == pytest.approx(1 - 2 / 32)
+    assert ci.level == pytest.approx(1 - 2 / 32) and str(ci).endswith("covers only 94%")
+    two = median_ci([2.0, 1.0])
+    assert (two.low, two.high, two.level) == (1.0, 2.0, 0.5)
+    six = median_ci([float(i) for i in range(6)])  # the fewest values that reach 95 %: the whole range, 96.9 %
+    assert (six.low, six.high) == (0.0, 5.0) and six.level == pytest.approx(1 - 2 / 64) and "covers" not in str(six)
 
 
 def test_a_skewed_noise_s_true_median_falls_inside_at_least_as_often_as_promised():
@@ -30,5 +34,5 @@ def test_a_skewed_noise_s_true_median_falls_inside_at_least_as_often_as_promised
 
 
 def test_no_values_is_an_error():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="no values"):
         median_ci([])
