@@ -46,10 +46,13 @@ def store_dir(tmp_path_factory):
 def servers(tiny_model, redis_url, store_dir):
     """Started together (they load in parallel), shared by every end-to-end test. The prefill node
     keeps prefills in the tiered store (memory, disk, Redis) instead of vLLM's own prefix cache, so
-    every repeated prompt in the suite also exercises the store's load path."""
+    every repeated prompt in the suite also exercises the store's load path. Its Redis socket timeout (2 s)
+    is longer than its lookup timeout (1 s): a lookup that waited on a stopped Redis would time out, which
+    tests/test_store_e2e.py can tell from a lookup the loaded machine answered late."""
     prefill_extra = dict(PREFILL_EXTRA, metrics_port=free_port(),
                          store={"memory_bytes": "64MiB", "disk_path": str(store_dir), "disk_bytes": "256MiB",
-                                "redis_url": redis_url, "admin_port": free_port()})
+                                "redis_url": redis_url, "redis_timeout_s": 2.0, "lookup_timeout_s": 1.0,
+                                "admin_port": free_port()})
     trio = {"agg": start_vllm("agg"),
             "decode": start_vllm("decode-0", "decode", DECODE_EXTRA),
             "prefill": start_vllm("prefill-0", "prefill", prefill_extra, vllm_args=("--no-enable-prefix-caching",))}

@@ -94,17 +94,21 @@ def test_store_survives_a_prefill_restart_through_its_disk_tier(servers, redis_u
 
 
 def test_a_stopped_redis_costs_misses_not_engine_time(servers, redis_url):
-    """Redis SIGSTOPped during prefix reuse: answers stay right, memory hits still load, and no lookup holds
-    the scheduler for Redis's socket timeout (0.5 s, which every lookup used to pay at least once after a stop):
-    it answers within its Redis budget (20 ms) plus the round trip to the worker."""
+    """Redis SIGSTOPped during prefix reuse: answers stay right, memory hits still load, and no lookup waits
+    for Redis's socket timeout (which every lookup used to pay at least once after a stop): the store gives
+    Redis its budget (20 ms) and answers without it. This suite's Redis socket timeout (2 s) is longer than
+    the scheduler's lookup timeout (1 s), so a lookup that waited on the socket would time out; the time a
+    lookup takes as the scheduler sees it also counts the engine's steps, which a loaded 2-core machine can
+    stretch to half a second, so that is not what is checked."""
     import os
     import signal
 
     pre, agg = servers["prefill"], servers["agg"]
     prefix = random_token_prompt(1000, 801)
     assert complete(pre.url, prefix + [3, 4]) == complete(agg.url, prefix + [3, 4])
-    bucket, total = ('kvbridge_store_lookup_seconds_bucket{answer="asked",le="0.5"}',
-                     'kvbridge_store_lookup_seconds_count{answer="asked"}')
+    asked, timed_out, late = ('kvbridge_store_lookup_seconds_count{answer="asked"}',
+                              'kvbridge_store_lookup_seconds_count{answer="timed_out"}',
+                              'kvbridge_store_late_answers_total{tier="redis"}')
     m0 = connector_metrics(pre)
     pid = redis.Redis.from_url(redis_url).info("server")["process_id"]
     os.kill(pid, signal.SIGSTOP)
@@ -118,6 +122,6 @@ def test_a_stopped_redis_costs_misses_not_engine_time(servers, redis_url):
     finally:
         os.kill(pid, signal.SIGCONT)
     m1 = connector_metrics(pre)
-    asked = delta(m1, m0, total)
-    assert asked >= 3
-    assert delta(m1, m0, bucket) == asked, "a lookup waited on the stopped Redis"
+    assert delta(m1, m0, late) >= 1, "no lookup asked the stopped Redis: the test did not test the budget"
+    assert delta(m1, m0, timed_out) == 0, "a lookup waited on the stopped Redis"
+    assert delta(m1, m0, asked) >= 3
