@@ -32,9 +32,10 @@ from storage.chunk_keys import chunk_keys
 from transfer.threads import io_context, start_io_thread
 
 log = logging.getLogger("kvbridge.store")
-LOOKUP_SECONDS = Histogram("kvbridge_store_lookup_seconds", "Store lookups: from question to the worker's answer "
-                           "(asked) or to giving up (timed_out); scheduler time for an answer kept from this "
-                           "request's earlier lookup (cached)", ["answer"],
+LOOKUP_SECONDS = Histogram("kvbridge_store_lookup_seconds", "Store lookups: from question to the scheduler reading "
+                           "the worker's answer, on the first engine step after it came (asked), or to giving up "
+                           "(timed_out); scheduler time for an answer kept from this request's earlier lookup "
+                           "(cached)", ["answer"],
                            buckets=(1e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5))
 
 
