@@ -45,6 +45,7 @@ from launch.local_servers import free_port, start_vllm
 from launch.servers import VllmServer
 from launch.tiny_model import make_tiny_model
 
+PD = ("kvbridge", "nixl-best")  # the PD systems: their TTFT is compared with aggregated's
 PAUSED = "aggregated after the same pause"  # with --decode-after: see paused_aggregated
 BEST = {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu",
         "kv_load_failure_policy": "recompute", "kv_connector_module_path": "pd.nixl_best",
@@ -83,10 +84,10 @@ class Length:
     """One prompt length's figures, one entry per prompt, in the order the prompts ran."""
     n: int
     names: list[str]
-    over: dict[str, list[float]] = field(default_factory=lambda: {"kvbridge": [], "nixl-best": []})  # TTFT - agg ms
+    over: dict[str, list[float]] = field(default_factory=lambda: {name: [] for name in PD})  # TTFT - agg ms
     parts: dict[str, list[tuple[float, float]]] = field(  # (prefill leg - aggregated TTFT, first token after it) ms
-        default_factory=lambda: {"kvbridge": [], "nixl-best": []})
-    equal: dict[str, int] = field(default_factory=lambda: {"kvbridge": 0, "nixl-best": 0})
+        default_factory=lambda: {name: [] for name in PD})
+    equal: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PD, 0))
     tpot: dict[str, list[float]] = field(default_factory=dict)  # ms per output token after the first
 
     def add(self, got: dict) -> None:
@@ -124,7 +125,7 @@ def print_ttft(rows: list[Length], exposed: ExposedTimes, repeats: int) -> None:
     print("prompt  prefill leg - aggregated ms (kvbridge / best)  first token after the prefill answered ms "
           "(kvbridge / best; kvbridge / best paired by prompt [95 % interval])")
     for r in rows:
-        (kp, ka), (bp, ba) = ([statistics.median(x) for x in zip(*r.parts[name])] for name in ("kvbridge", "nixl-best"))
+        (kp, ka), (bp, ba) = ([statistics.median(x) for x in zip(*r.parts[name])] for name in PD)
         after = median_ci([k[1] / b[1] for k, b in zip(r.parts["kvbridge"], r.parts["nixl-best"])])
         print(f"{r.n:6} {kp:15.1f} / {bp:7.1f}{'':22}{ka:15.1f} / {ba:7.1f}; {after}")
 
