@@ -26,7 +26,8 @@ import time
 import requests
 from collections import defaultdict
 
-from bench.pd_bench import MODEL, ExposedTimes, kvbridge_once, nixl_once, stream_ttft
+from bench.pd_bench import MODEL, ExposedTimes, kvbridge_once, nixl_once
+from bench.streamed import stream_ttft
 from bench.pd_interleaved import start_side_by_side
 from launch.local_servers import free_port
 from launch.tiny_model import make_tiny_model
@@ -157,7 +158,7 @@ def main() -> None:
                         t0 = time.perf_counter()
                         got = once(body)
                         wall = (time.perf_counter() - t0) * 1000
-                    print(f"  {n} tokens {name}: TTFT {got[0] * 1000:.1f} ms, wall {wall:.0f} ms; CPU by thread:")
+                    print(f"  {n} tokens {name}: TTFT {got.ttft * 1000:.1f} ms, wall {wall:.0f} ms; CPU by thread:")
                     after = engine_times(servers[gs[0]].url)
                     print("      " + gs[0] + " engine: " + ", ".join(
                         f"{k} {(after[k] - before[k]) * 1000:.0f} ms" for k in ENGINE_TIMES))

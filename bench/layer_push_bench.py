@@ -24,7 +24,8 @@ import uuid
 
 import requests
 
-from bench.pd_bench import MODEL, ExposedTimes, start, stream_ttft
+from bench.pd_bench import MODEL, ExposedTimes, start
+from bench.streamed import stream_ttft
 from launch.local_servers import free_port, start_vllm
 from launch.servers import VllmServer
 from launch.tiny_model import make_tiny_model

@@ -37,25 +37,12 @@ from typing import NamedTuple
 
 import requests
 
+from bench.streamed import stream_ttft
 from launch.local_servers import MODEL_DIR, free_port, start_vllm
 from launch.servers import VllmServer
 from launch.tiny_model import make_tiny_model
 
 MODEL = MODEL_DIR.parent / "bench"
-
-
-def stream_ttft(url: str, body: dict) -> tuple[float, str, float]:
-    """(time to the first streamed token, the text, time per output token after the first)."""
-    t0 = time.perf_counter()
-    stamps, text = [], []
-    with requests.post(url + "/v1/completions", json=dict(body, stream=True), stream=True, timeout=120) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if line.startswith(b"data: ") and line != b"data: [DONE]":
-                stamps.append(time.perf_counter() - t0)
-                text.append(json.loads(line[6:])["choices"][0]["text"])
-    tpot = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else float("nan")
-    return stamps[0], "".join(text), tpot
 
 
 def start(name: str, role: str = "aggregated", kv_config: dict | None = None,
@@ -69,8 +56,9 @@ class PDAnswer(NamedTuple):
     """One request through a PD system's two legs."""
     ttft: float  # seconds from the first leg's start to the first streamed token, without a --decode-after pause
     text: str
-    tpot: float  # seconds per output token after the first
+    tpot: float  # seconds per output token after the first event's
     prefill_s: float  # the prefill leg's own time, until it answered
+    held: int  # the decode's events that carried more than one token (Streamed.held)
 
 
 class ExposedTimes:
@@ -111,17 +99,17 @@ def kvbridge_once(p: VllmServer, d: VllmServer, body: dict, exposed: ExposedTime
     if dispatch == "after_prefill":
         leg_s = prefill_leg()
         time.sleep(gap)
-        ttft, text, tpot = stream_ttft(d.url, dec)
-        ttft += leg_s
+        got = stream_ttft(d.url, dec)
+        ttft = got.ttft + leg_s
     else:
         with cf.ThreadPoolExecutor(1) as ex:
             f = ex.submit(prefill_leg)
-            ttft, text, tpot = stream_ttft(d.url, dec)
-            leg_s = f.result()
+            got = stream_ttft(d.url, dec)
+            ttft, leg_s = got.ttft, f.result()
     print(f"    kvbridge leg times ({dispatch}): prefill {leg_s * 1000:.1f} ms, decode TTFT {ttft * 1000:.1f} ms "
           "from the first leg's start", flush=True)
     exposed.record(len(body["prompt"]), before)
-    return PDAnswer(ttft, text, tpot, leg_s)
+    return PDAnswer(ttft, got.text, got.tpot, leg_s, got.held)
 
 
 def nixl_once(p: VllmServer, d: VllmServer, body: dict, gap: float = 0.0) -> PDAnswer:
@@ -135,9 +123,9 @@ def nixl_once(p: VllmServer, d: VllmServer, body: dict, gap: float = 0.0) -> PDA
     params = r.json()["kv_transfer_params"]
     prefill_s = time.perf_counter() - t0
     time.sleep(gap)
-    ttft, text, tpot = stream_ttft(d.url, dict(body, kv_transfer_params=params))
-    print(f"    nixl leg times: prefill {prefill_s * 1000:.1f} ms, decode TTFT {ttft * 1000:.1f} ms", flush=True)
-    return PDAnswer(prefill_s + ttft, text, tpot, prefill_s)
+    got = stream_ttft(d.url, dict(body, kv_transfer_params=params))
+    print(f"    nixl leg times: prefill {prefill_s * 1000:.1f} ms, decode TTFT {got.ttft * 1000:.1f} ms", flush=True)
+    return PDAnswer(prefill_s + got.ttft, got.text, got.tpot, prefill_s, got.held)
 
 
 def run_phase(label: str, servers: list, once, bodies: dict, repeats: int) -> dict:
@@ -150,10 +138,11 @@ def run_phase(label: str, servers: list, once, bodies: dict, repeats: int) -> di
             if n == "warmup":
                 continue
             runs = [once(b) for b in variants[:repeats]]  # fresh prompts: no prefix-cache hits
-            out[n] = {"ttft_ms": statistics.median(r[0] for r in runs) * 1000, "texts": [r[1] for r in runs],
-                      "tpot_ms": statistics.median(r[2] for r in runs) * 1000}
+            out[n] = {"ttft_ms": statistics.median(r.ttft for r in runs) * 1000, "texts": [r.text for r in runs],
+                      "tpot_ms": statistics.median(r.tpot for r in runs) * 1000}
             print(f"  {label:10} {n:5} tokens: TTFT {out[n]['ttft_ms']:.1f} ms, per output token "
-                  f"{out[n]['tpot_ms']:.2f} ms", flush=True)
+                  f"{out[n]['tpot_ms']:.2f} ms, answers with tokens sent in bursts {sum(r.held > 0 for r in runs)}"
+                  f"/{len(runs)}", flush=True)
     finally:
         for s in servers:
             s.stop()

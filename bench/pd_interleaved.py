@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 import requests
 
 from bench.median_ci import MedianCI, median_ci
-from bench.pd_bench import MODEL, ExposedTimes, kvbridge_once, nixl_once, parse_with_decode_after, start, stream_ttft
+from bench.pd_bench import MODEL, ExposedTimes, kvbridge_once, nixl_once, parse_with_decode_after, start
+from bench.streamed import Streamed, stream_ttft
 from launch.local_servers import free_port, start_vllm
 from launch.servers import VllmServer
 from launch.tiny_model import make_tiny_model
@@ -66,7 +67,7 @@ def start_side_by_side(tag: str, prefill_connector: dict, metrics_port: int, agg
             "np": best("prefill", "0"), "nd": best("decode", "1")}
 
 
-def paused_aggregated(url: str, body: dict, pause: float, rng: random.Random) -> tuple[float, str, float]:
+def paused_aggregated(url: str, body: dict, pause: float, rng: random.Random) -> Streamed:
     """Aggregated vLLM decoding after the idle pause a PD decode node has: a prompt of the same length computed
     first (and kept in its prefix cache), `pause` seconds of idleness, then the request, which decodes after
     recomputing what the cache did not hold (vLLM keeps whole blocks and recomputes at least the last token: with
@@ -88,17 +89,19 @@ class Length:
     parts: dict[str, list[tuple[float, float]]] = field(  # (prefill leg - aggregated TTFT, first token after it) ms
         default_factory=lambda: {name: [] for name in PD})
     equal: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PD, 0))
-    tpot: dict[str, list[float]] = field(default_factory=dict)  # ms per output token after the first
+    tpot: dict[str, list[float]] = field(default_factory=dict)  # ms per output token after the first event's
+    bursty: dict[str, int] = field(default_factory=dict)  # answers with an event that carried more than one token
 
     def add(self, got: dict) -> None:
         for name in self.names:
-            self.tpot.setdefault(name, []).append(got[name][2] * 1000)
-        agg_ttft = got["aggregated"][0]
+            self.tpot.setdefault(name, []).append(got[name].tpot * 1000)
+            self.bursty[name] = self.bursty.get(name, 0) + (got[name].held > 0)
+        agg_ttft = got["aggregated"].ttft
         for name in self.over:
             self.over[name].append((got[name].ttft - agg_ttft) * 1000)
             prefill_s = got[name].prefill_s
             self.parts[name].append(((prefill_s - agg_ttft) * 1000, (got[name].ttft - prefill_s) * 1000))
-            self.equal[name] += got[name][1] == got["aggregated"][1]
+            self.equal[name] += got[name].text == got["aggregated"].text
 
     def paired(self) -> dict[tuple[str, str], MedianCI]:
         """Each system's per-token time over aggregated's, over the paused control's and over NixlConnector-best's,
@@ -131,15 +134,16 @@ def print_ttft(rows: list[Length], exposed: ExposedTimes, repeats: int) -> None:
 
 
 def print_tpot(rows: list[Length], agg_core: str, repeats: int) -> None:
-    print(f"\ntime per output token after the first, ms (median; aggregated decodes on core {agg_core}, both decode "
-          "nodes on core 1), and each prompt's own ratio to another system's, median [95 % interval]")
+    print(f"\ntime per output token after the first event's, ms (median; aggregated decodes on core {agg_core}, both "
+          "decode nodes on core 1), and each prompt's own ratio to another system's, median [95 % interval]; "
+          "'bursts': answers that sent tokens late, several in one event")
     for r in rows:
         print(f"{r.n} tokens (answers equal to aggregated: kvbridge {r.equal['kvbridge']}/{repeats}, "
               f"NixlConnector-best {r.equal['nixl-best']}/{repeats})")
         paired = r.paired()
         for name, ms in r.tpot.items():
             ratios = "  ".join(f"/ {den} {ci}" for (num, den), ci in paired.items() if num == name)
-            print(f"  {name:32} {statistics.median(ms):7.2f}  {ratios}")
+            print(f"  {name:32} {statistics.median(ms):7.2f}  bursts {r.bursty[name]}/{repeats}  {ratios}")
 
 
 def main() -> None:
