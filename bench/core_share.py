@@ -26,6 +26,7 @@ import time
 import requests
 from collections import defaultdict
 
+from bench.confine import confine
 from bench.pd_bench import MODEL, ExposedTimes, kvbridge_once, nixl_once
 from bench.streamed import stream_ttft
 from bench.pd_interleaved import start_side_by_side
@@ -136,12 +137,8 @@ def main() -> None:
             srv.wait_ready(900)
         groups = {k: os.getpgid(v.proc.pid) for k, v in servers.items()}
         if args.confine:
-            for k, pg in groups.items():
-                for pid, tid in group_threads(pg):
-                    try:
-                        os.sched_setaffinity(tid, {1} if k in ("kd", "nd") else {0})
-                    except OSError:
-                        pass
+            for k, srv in servers.items():
+                confine(srv, {1} if k in ("kd", "nd") else {0})
         warm = {"model": "tiny", "prompt": [rng.randrange(10, 1000) for _ in range(64)], "max_tokens": 2}
         for once, _ in systems.values():
             once(warm)

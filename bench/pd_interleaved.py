@@ -18,7 +18,7 @@ comes from), and the decode's first token after the prefill answered (the part P
 systems do differently: kvbridge pushed the KV during the prefill, NixlConnector pulls it now).
 
     python -m bench.pd_interleaved [--lengths 128 1000 2000] [--repeats 6] [--kvbridge-dispatch with_prefill]
-        [--settle 1.5] [--prefill-connector JSON] [--agg-core 1] [--decode-after 1.5]
+        [--settle 1.5] [--prefill-connector JSON] [--agg-core 1] [--decode-after 1.5] [--confine-prefills]
 
 `--decode-after S` sleeps S seconds between each PD request's prefill answer and its decode leg, so the decode's
 time per output token is timed with its prefill node quiet (that node's worker busy-polls its core for 1 s after its
@@ -27,6 +27,10 @@ out, and a fourth system runs: aggregated vLLM decoding after the same pause, a 
 before it (`paused_aggregated`): a PD decode node starts decoding after sitting idle while another node computed the
 prompt, and the ratio to this control is what is left for the connector. Every per-token ratio is taken prompt by
 prompt and printed as a median with its 95 % interval (bench/median_ci.py).
+
+`--confine-prefills` keeps every thread of both prefill nodes on core 0 (bench/confine.py): NixlConnector's prefill
+node stays busy for about a second after its decode pulled the KV, and unconfined its threads then take CPU from
+its decode's, which separate hosts would not.
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ from dataclasses import dataclass, field
 
 import requests
 
+from bench.confine import confine
 from bench.median_ci import MedianCI, median_ci
 from bench.pd_bench import MODEL, ExposedTimes, kvbridge_once, nixl_once, parse_with_decode_after, start
 from bench.streamed import Streamed, stream_ttft
@@ -162,6 +167,8 @@ def main() -> None:
     ap.add_argument("--agg-core", default="0", help="the aggregated server's core: 0, the prefill nodes' (its TTFT "
                     "computes where theirs do), or 1, the decode nodes' (its time per output token is measured "
                     "where theirs is)")
+    ap.add_argument("--confine-prefills", action="store_true", help="every thread of both prefill nodes on core 0, "
+                    "as separate hosts would keep a prefill node's work off its decode node's cores")
     args = parse_with_decode_after(ap)
     if args.repeats < 1:
         ap.error("--repeats must be at least 1")
@@ -183,6 +190,9 @@ def main() -> None:
     try:
         for srv in servers.values():
             srv.wait_ready(900)
+        if args.confine_prefills:
+            print(f"confined to core 0: {confine(s['kp'], {0})} threads of kvbridge's prefill node, "
+                  f"{confine(s['np'], {0})} of NixlConnector-best's", flush=True)
         warm = {"model": "tiny", "prompt": [rng.randrange(10, 1000) for _ in range(64)], "max_tokens": 2}
         for once in systems.values():
             once(warm)
