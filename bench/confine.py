@@ -2,9 +2,10 @@
 
 On this 2-core box a PD pair shares the machine: prefill on core 0, decode on core 1, by their compute threads'
 binding only. Their other threads (vLLM's EngineCore, API server, NIXL's and ours) run wherever the kernel puts
-them, so a node busy after its request was answered (NixlConnector's prefill steps its engine until the decode
-has read the KV, then its worker busy-polls for 1 s) takes CPU from the other node's threads, which two hosts would
-not. Threads created later inherit the confinement of the thread that creates them.
+them: a node busy after its request was answered (NixlConnector's prefill steps its engine until the decode
+has read the KV, then its worker busy-polls for 1 s) takes CPU from the other node's threads, and a node's own
+threads (kvbridge's producer pushing) may run on the other node's core, neither of which two hosts would allow.
+Threads created later inherit the confinement of the thread that creates them.
 """
 from __future__ import annotations
 

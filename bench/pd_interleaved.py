@@ -28,9 +28,9 @@ before it (`paused_aggregated`): a PD decode node starts decoding after sitting 
 prompt, and the ratio to this control is what is left for the connector. Every per-token ratio is taken prompt by
 prompt and printed as a median with its 95 % interval (bench/median_ci.py).
 
-`--confine-prefills` keeps every thread of both prefill nodes on core 0 (bench/confine.py): NixlConnector's prefill
-node stays busy for about a second after its decode pulled the KV, and unconfined its threads then take CPU from
-its decode's, which separate hosts would not.
+`--confine-prefills` keeps every thread of both prefill nodes on core 0 (bench/confine.py), as separate hosts would:
+unconfined, NixlConnector's prefill node, busy for about a second after its decode pulled the KV, takes CPU from its
+decode's threads (its answers then come partly in bursts), and kvbridge's prefill node may push from core 1.
 """
 from __future__ import annotations
 
