@@ -151,10 +151,11 @@ async def kill_under_load(url: str, victim) -> tuple[list[dict], float]:
     """KILL_REQUESTS at once (half streamed); decode-1 killed while at least one of its streams is flowing.
 
     A stream can finish on the server before its client (sharing one busy event loop with 159 others) has
-    read its first event, so the victim is frozen (SIGSTOP) first; once no event of its has arrived for a
-    moment, what its clients saw is all it sent: if one of its streams is then unfinished it is killed,
-    else it goes on (SIGCONT) until the next of its streams begins."""
+    read its first event, so the victim is frozen (SIGSTOP) first, at the first event of any stream; once no event
+    of its has arrived for a moment, what its clients saw is all it sent: if one of its streams is then unfinished
+    it is killed, else it goes on (SIGCONT) until the next of its streams begins."""
     victim_streaming, flowing, last_event, t_kill = asyncio.Event(), set(), [0.0], [0.0]
+    any_streaming = asyncio.Event()  # the first event of any stream: the first freeze comes then
 
     async def client(s: aiohttp.ClientSession, i: int) -> dict:
         p, stream = i % KILL_PROMPTS, i % 4 < 2  # round robin alternates decodes: each gets both kinds
@@ -167,6 +168,7 @@ async def kill_under_load(url: str, victim) -> tuple[list[dict], float]:
             while event := await r.content.readuntil(b"\n\n"):
                 events.append(event.decode().removeprefix("data: ").strip())
                 if len(events) == 1 and r.status == 200:
+                    any_streaming.set()
                     on_victim = "decode=decode-1" in await dispatch_of(s, url, r)
                 if on_victim:
                     last_event[0] = time.monotonic()
@@ -175,15 +177,19 @@ async def kill_under_load(url: str, victim) -> tuple[list[dict], float]:
             return {"i": i, "stream": True, "status": r.status, "events": events, "end": time.monotonic()}
 
     async def killer() -> None:
+        # First frozen at the first event of any stream, before a client has learnt where its stream runs (one
+        # more router call): waiting for a decode-1 event first, every decode-1 stream could end in the meantime.
+        await asyncio.wait_for(any_streaming.wait(), 60)
         while True:
-            await asyncio.wait_for(victim_streaming.wait(), 60)
             os.killpg(victim.proc.pid, signal.SIGSTOP)
+            await asyncio.sleep(1.0)  # its clients read what it sent and learn where their streams run
             while time.monotonic() - last_event[0] < 1.0:  # its clients read what it sent before it froze
                 await asyncio.sleep(0.1)
             if flowing:
                 break
             victim_streaming.clear()
             os.killpg(victim.proc.pid, signal.SIGCONT)
+            await asyncio.wait_for(victim_streaming.wait(), 60)
         victim.kill9()
         t_kill[0] = time.monotonic()
 
