@@ -14,24 +14,24 @@ import os
 from launch.servers import VllmServer
 
 
-def process_group_threads(pgid: int) -> list[int]:
-    """Thread ids of every process in process group `pgid` (a server and the processes it started)."""
-    tids = []
+def process_group_tasks(pgid: int) -> list[tuple[int, int]]:
+    """(pid, tid) of every thread of every process in process group `pgid` (a server and the processes it started)."""
+    tasks = []
     for p in os.listdir("/proc"):
         if not p.isdigit():
             continue
         try:
             if os.getpgid(int(p)) == pgid:
-                tids += [int(t) for t in os.listdir(f"/proc/{p}/task")]
+                tasks += [(int(p), int(t)) for t in os.listdir(f"/proc/{p}/task")]
         except (OSError, ProcessLookupError):  # gone while listed
             continue
-    return tids
+    return tasks
 
 
 def confine(server: VllmServer, cores: set[int]) -> int:
     """Confine every thread of a started server to `cores`; how many threads were confined."""
     done = 0
-    for tid in process_group_threads(os.getpgid(server.proc.pid)):
+    for _, tid in process_group_tasks(os.getpgid(server.proc.pid)):
         try:
             os.sched_setaffinity(tid, cores)
             done += 1

@@ -26,7 +26,7 @@ import time
 import requests
 from collections import defaultdict
 
-from bench.confine import confine
+from bench.confine import confine, process_group_tasks
 from bench.pd_bench import MODEL, ExposedTimes, kvbridge_once, nixl_once
 from bench.streamed import stream_ttft
 from bench.pd_interleaved import start_side_by_side
@@ -50,20 +50,15 @@ def engine_times(url: str) -> dict[str, float]:
 def group_threads(pgid: int) -> dict[tuple[int, int], tuple[str, int, int, str]]:
     """(pid, tid) -> (thread name, CPU ticks, last core, allowed cores) for every thread in process group."""
     out = {}
-    for p in os.listdir("/proc"):
-        if not p.isdigit():
-            continue
+    for p, t in process_group_tasks(pgid):
         try:
-            if os.getpgid(int(p)) != pgid:
-                continue
-            for t in os.listdir(f"/proc/{p}/task"):
-                st = open(f"/proc/{p}/task/{t}/stat").read()
-                f = st.rsplit(")", 1)[1].split()
-                allowed = [ln for ln in open(f"/proc/{p}/task/{t}/status") if ln.startswith("Cpus_allowed_list")]
-                out[(int(p), int(t))] = (st[st.index("(") + 1:st.rindex(")")], int(f[11]) + int(f[12]), int(f[36]),
-                                         allowed[0].split()[1] if allowed else "?")
-        except (OSError, ProcessLookupError):
+            st = open(f"/proc/{p}/task/{t}/stat").read()
+            allowed = [ln for ln in open(f"/proc/{p}/task/{t}/status") if ln.startswith("Cpus_allowed_list")]
+        except OSError:  # exited since it was listed
             continue
+        f = st.rsplit(")", 1)[1].split()
+        out[(p, t)] = (st[st.index("(") + 1:st.rindex(")")], int(f[11]) + int(f[12]), int(f[36]),
+                       allowed[0].split()[1] if allowed else "?")
     return out
 
 
