@@ -13,6 +13,7 @@ import time
 import uuid
 
 import aiohttp
+import psutil
 import pytest
 import requests
 
@@ -105,9 +106,19 @@ def test_abort_storm_releases_everything(servers, router, failure_report):
                    "none: both vLLM block pools 0 % used, decode slots and prefill staging full")
 
 
+def freeze_engine(server) -> None:
+    """SIGSTOP every process under the API server (vLLM's engine core and its worker): the API server
+    still accepts requests and hands them on, but nothing computes or pushes."""
+    for child in psutil.Process(server.proc.pid).children(recursive=True):
+        child.send_signal(signal.SIGSTOP)
+
+
 def test_prefill_killed_decode_recomputes_then_reconnects(servers, failure_report):
     """kill -9 of the prefill node mid-request: decode recomputes (correct tokens) within the bound and its
-    slots return; the restarted prefill (new incarnation) is accepted by the decode node without a restart."""
+    slots return; the restarted prefill (new incarnation) is accepted by the decode node without a restart.
+
+    The prefill's engine is frozen before the legs are sent and killed while still frozen, so the kill always
+    finds the request inside the node: a bare sleep before the kill let a fast machine answer first."""
     body = {"model": "tiny", "prompt": random_token_prompt(1500, seed=77), "max_tokens": 8, "temperature": 0}
     want = text_of(post(servers["agg"].url, "/v1/completions", body)[1])
     tid = uuid.uuid4().hex
@@ -116,10 +127,11 @@ def test_prefill_killed_decode_recomputes_then_reconnects(servers, failure_repor
     dec_body = dict(body, kv_transfer_params={"kvbridge": {"transfer_id": tid, "receive": True}})
     try:
         with cf.ThreadPoolExecutor(2) as ex:
+            freeze_engine(servers["prefill"])
             t0 = time.monotonic()
             pre = ex.submit(post, servers["prefill"].url, "/v1/completions", pre_body)
             dec_fut = ex.submit(post, servers["decode"].url, "/v1/completions", dec_body)
-            time.sleep(0.05)
+            time.sleep(0.5)  # the API server (not frozen) reads the request and queues it for its engine
             servers["prefill"].kill9()
             dec = dec_fut.result()
             with pytest.raises(requests.RequestException):
@@ -136,8 +148,8 @@ def test_prefill_killed_decode_recomputes_then_reconnects(servers, failure_repor
     pre, dec = pd_request(servers, "/v1/completions", body)
     assert pre[0] == 200 and dec[0] == 200 and text_of(dec[1]) == want
     assert pool_status(servers["decode"].handshake).counters["transfers_scattered"] == before + 1
-    failure_report("kill -9 prefill mid-transfer", "decode recomputed, correct tokens; restarted prefill (new "
-                   "incarnation) accepted without a decode restart", took, time.monotonic() - t_restart,
+    failure_report("kill -9 prefill with the request in its (frozen) engine", "decode recomputed, correct tokens; "
+                   "restarted prefill (new incarnation) accepted without a decode restart", took, time.monotonic() - t_restart,
                    "none: decode slots full, decode vLLM blocks 0 % used")
 
 
