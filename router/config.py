@@ -45,9 +45,15 @@ class RouterConfig(BaseModel):
         "prefill leg; the decode node admits it at once and takes the KV the step it lands, but vLLM's engine "
         "steps without pause while its only request waits for KV (measured here: an idle decode node spinning "
         "that way slowed the prefill on the neighbouring core by 10-30 %). after_prefill: once the prefill leg "
-        "answered, as vLLM's NixlConnector proxy does; the pushed KV waits in the decode node's slots. auto: "
-        "after_prefill when the chosen decode node has nothing of ours running (its engine would only spin), "
-        "with_prefill when it is busy (its steps run anyway)")
+        "answered, as vLLM's NixlConnector proxy does; the pushed KV waits in the decode node's slots, and the "
+        "decode node admits the request only then. auto: when the chosen decode node has nothing of ours running, "
+        "`decode_lead_s` before the prefill leg's predicted end (from the placement model's learned rates), or "
+        "when it answered if that comes first: the decode node admits the request while the prompt's last "
+        "layers compute and spins only that long; with_prefill when it is busy (its steps run anyway)")
+    decode_lead_s: float = Field(
+        default=0.15, ge=0, description="auto dispatch: how long before an idle decode node's prefill leg is "
+        "predicted to end its decode leg is sent. Measured here: a decode node took 40-130 ms from its leg's "
+        "arrival to its first token when the KV was already there")
     health_interval_s: float = Field(default=2.0, gt=0)
     health_timeout_s: float = Field(default=1.0, gt=0)
     unhealthy_after: int = Field(default=2, ge=1, description="consecutive failed health checks before removal")

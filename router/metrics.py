@@ -21,7 +21,8 @@ DECODE_POOL_FREE = Gauge("kvbridge_router_decode_pool_free", "Free fraction of a
 REJECTED = Counter("kvbridge_router_rejected_total", "Requests refused with 429, by which cap", ["cap"])
 RETRIES = Counter("kvbridge_router_retries_total", "Requests re-dispatched before their first byte", ["kind"])
 DECODE_DISPATCH = Counter("kvbridge_router_decode_dispatch_total", "Disaggregated requests by when their decode "
-                          "leg was sent: with_prefill or after_prefill (router config decode_dispatch)", ["order"])
+                          "leg was sent: with_prefill, before_prefill_end (auto's lead before the prefill's predicted end) or "
+                          "after_prefill (router config decode_dispatch)", ["order"])
 STREAM_ERRORS = Counter("kvbridge_router_stream_errors_total", "Started streams ended by an upstream failure")
 AGGREGATED = Counter("kvbridge_router_aggregated_total", "Requests served on the decode node without a "
                      "prefill leg because transferred KV cannot honour them", ["reason"])

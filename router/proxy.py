@@ -1,7 +1,9 @@
 """One PD request: admit it, pick instances, mint a transfer id, send both legs at once, relay the decode leg.
 
 The prefill leg carries `max_tokens=1` and names the decode instance's kv address; the decode leg
-says KV is coming. Both go out concurrently: the connector does not care which arrives first.
+says KV is coming. The connector does not care which arrives first; when the decode leg goes is
+`decode_dispatch`: to a busy decode node at once, to an idle one (whose engine would spin while it
+waits) `decode_lead_s` before the prefill leg's predicted end, or once it answered if that is sooner.
 
 Failures are sorted by whose they are (router/failures.py). A decode failure before anything was
 sent to the client is retried once on another decode instance, with a fresh transfer; after the
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 
@@ -113,18 +116,18 @@ class Proxy:
         self.placement.dispatched(decision)
         up: aiohttp.ClientResponse | None = None
         outcome: RelayOutcome | None = None
-        deferred = prefill_task is not None and self._defer_decode(decode)
-        if prefill_task is not None:
-            DECODE_DISPATCH.labels("after_prefill" if deferred else "with_prefill").inc()
+        wait_s = self._decode_wait_s(decision) if prefill_task is not None else 0.0
         self.registry.acquire(decode)
         try:
-            if deferred:
-                ok = await self._prefill_answered(prefill_task, decode, trace)
-                if not ok and self.cfg.on_prefill_failure == "error":
+            if wait_s > 0:
+                ok = await self._prefill_answered(prefill_task, decode, trace, wait_s)
+                DECODE_DISPATCH.labels("before_prefill_end" if ok is None else "after_prefill").inc()
+                if ok is False and self.cfg.on_prefill_failure == "error":
                     raise APIError(502, "the prefill instance failed", "upstream_error", code="prefill_failed")
-                if not ok:
+                if ok is False:
                     decode_leg = dict(body)  # nothing was pushed: the decode node prefills the prompt itself
             elif prefill_task is not None:
+                DECODE_DISPATCH.labels("with_prefill").inc()
                 await asyncio.sleep(0)  # the prefill leg goes out first: its KV is what the decode leg waits for
             up = await post(self.session, decode, path, decode_leg, headers, self._first_wait(body))
             if prefill_task is not None and self.cfg.on_prefill_failure == "error" and not (await prefill_task).ok:
@@ -148,16 +151,20 @@ class Proxy:
             else:
                 up.release()  # a stream may stop reading at [DONE], before the chunked terminator
                 if prefill_task is not None and not prefill_task.done() and not prefill_answered.is_set():
-                    # The answer is complete (the decode recomputed the prompt): nothing will claim what
-                    # the still-running prefill pushes. A prefill that already answered is left to finish
-                    # reading its reply, as one that is done: there is nothing left to abort on its node.
-                    self._abort_legs(None, prefill_task, decode, tid)
+                    self._end_unanswered_prefill(prefill_task, decode, tid)
 
-    async def _prefill_answered(self, prefill_task: asyncio.Task, decode: Backend, trace: Trace) -> bool:
-        """Wait for the prefill leg before sending a deferred decode leg; whether it answered."""
+    async def _prefill_answered(self, prefill_task: asyncio.Task, decode: Backend, trace: Trace,
+                                wait_s: float) -> bool | None:
+        """Wait up to `wait_s` for the prefill leg before sending the decode leg: whether it answered, or None
+        when the wait ended first (the decode leg then goes out while the prefill computes, as with_prefill)."""
         self._deferred[decode.name] = self._deferred.get(decode.name, 0) + 1
-        try:  # shielded: a client leaving ends the prefill leg through _abort_legs, as in every other case
-            ok = (await asyncio.shield(prefill_task)).ok
+        try:  # asyncio.wait leaves the leg running: a client leaving ends it through _abort_legs, as in every case
+            done, _ = await asyncio.wait({prefill_task}, timeout=None if math.isinf(wait_s) else wait_s)
+            if not done:
+                trace.add("decode_dispatched", f"{self.cfg.decode_lead_s:g} s before the prefill leg's predicted "
+                          f"end, {wait_s * 1000:.0f} ms after it was sent")
+                return None
+            ok = prefill_task.result().ok
         except Exception:  # a fault in the leg itself, not a client leaving: the decode node prefills
             log.exception("request %s: its prefill leg raised; the decode leg computes the prompt", trace.id)
             ok = False
@@ -166,11 +173,18 @@ class Proxy:
         trace.add("decode_dispatched", f"after the prefill leg ({'answered' if ok else 'failed'})")
         return ok
 
-    def _defer_decode(self, decode: Backend) -> bool:
-        """Whether this request's decode leg waits for its prefill leg's answer (`decode_dispatch`)."""
+    def _decode_wait_s(self, decision: Decision) -> float:
+        """How long this request's decode leg waits for its prefill leg's answer before it is sent anyway
+        (`decode_dispatch`): 0 sends it at once, inf waits for the answer. auto: a decode node with nothing of
+        ours running gets its leg `decode_lead_s` before the prefill leg's predicted end, so it admits the
+        request while the prompt's last layers compute, but spins its engine only that long; a busy one at once
+        (its steps run anyway)."""
         if self.cfg.decode_dispatch != "auto":
-            return self.cfg.decode_dispatch == "after_prefill"
-        return decode.outstanding - self._deferred.get(decode.name, 0) == 0  # nothing of ours running there
+            return math.inf if self.cfg.decode_dispatch == "after_prefill" else 0.0
+        decode = decision.decode
+        if decode.outstanding - self._deferred.get(decode.name, 0) > 0:  # others of ours run there
+            return 0.0
+        return max(0.0, self.placement.prefill_eta_s(decision) - self.cfg.decode_lead_s)
 
     def _prefill_finished(self, decision: Decision, task: asyncio.Task, was_idle: bool, trace: Trace) -> None:
         """The prefill leg ended: its node's queue shrinks, and a leg that answered teaches the placement model."""
@@ -220,6 +234,20 @@ class Proxy:
         else:
             self.registry.report_success(decode)
             trace.add("decode_done", f"{decode.name} HTTP {outcome.response.status}")
+
+    def _end_unanswered_prefill(self, prefill_task: asyncio.Task, decode: Backend, tid: str) -> None:
+        """The answer is complete before the prefill leg's reply. If the decode node scattered the pushed KV,
+        the prefill node is done but for its reply (a short answer sent ahead of it): the leg ends on its own and
+        the placement model learns from it. Otherwise the decode recomputed the prompt, and nothing will claim
+        what the still-running prefill pushes: both legs are cancelled. (A prefill that already answered is left
+        to finish reading its reply: there is nothing left to abort on its node.)"""
+        async def settle() -> None:
+            got = await transfer_trace(self.registry.control, decode.kv_address, tid, self.cfg.health_timeout_s)
+            if (got or {}).get("state") != "SCATTERED" and not prefill_task.done():
+                self._abort_legs(None, prefill_task, decode, tid)
+        task = asyncio.ensure_future(settle())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _abort_legs(self, up: aiohttp.ClientResponse | None, prefill_task: asyncio.Task | None, decode: Backend,
                     tid: str) -> None:

@@ -24,17 +24,18 @@ class StubNode:
     | silent (go quiet after one event) | hang (never answer, and fail /health from then on) | late (headers
     at once, then no first event and no unstreamed answer for an hour, /health passing: a stuck prefill).
     `store`: it keeps every prompt it saw (until `held.clear()`) and its unstreamed answers report `usage`
-    as vLLM does, 4 characters a token, with the longest held prefix as `cached_tokens`."""
+    as vLLM does, 4 characters a token, with the longest held prefix as `cached_tokens`. `scattered`: its
+    connector says of every transfer asked about that it was received and scattered (else that it has none)."""
 
     def __init__(self, name: str, mode: str = "ok", events: int = 4, interval: float = 0.0, die_after: int = 2,
-                 kv: bool = False, store: bool = False, ranks: int = 1) -> None:
+                 kv: bool = False, store: bool = False, ranks: int = 1, scattered: bool = False) -> None:
         self.name, self.mode, self.events, self.interval, self.die_after = name, mode, events, interval, die_after
         self.bodies, self.headers, self.cancels, self.answered = [], [], [], []  # each leg's, rank 0 connector's
         self.rank_notices: dict[int, list[tuple[str, str]]] = {r: [] for r in range(1, ranks)}  # (type, tid)
         self.aborted, self.healthy = 0, True  # aborted: requests the router closed before their answer was whole
         self._stop = threading.Event()
         self.held: list[str] | None = [] if store else None
-        self.ranks = ranks
+        self.ranks, self.scattered = ranks, scattered
         self.kv_port = self._start_connector() if kv else None
 
     def _start_connector(self) -> int:
@@ -67,6 +68,10 @@ class StubNode:
                     self.rank_notices[rank].append((req.type, req.transfer_id))
                 else:
                     (self.cancels if isinstance(req, wire.Cancel) else self.answered).append(req.transfer_id)
+            if isinstance(req, wire.TraceQuery):  # `scattered`: every transfer was received and used
+                reply = wire.TransferTrace(rid=req.rid, found=self.scattered, state="SCATTERED" if self.scattered else "")
+                sock.send_multipart([ident, auth.seal_reply(opened, wire.encode(reply))])
+                continue
             reply = wire.Ack(rid=req.rid, ok=True) if isinstance(req, (wire.Cancel, wire.PrefillAnswered)) else wire.PoolStatus(
                 rid=req.rid, incarnation="stub", total=8, free=8, used=0, quarantined=0, expired_total=0,
                 dropped_total=0, ranks=self.ranks)

@@ -79,7 +79,9 @@ async def test_a_prefix_another_node_is_computing_is_not_computed_again_unless_c
     cache there) instead of computing it on the idle node, unless duplicate_weight is 0."""
     p0, p1 = StubNode("p0", interval=1.0, store=True), StubNode("p1", store=True)
     dec = StubNode("d", kv=True)
-    url, _ = await make([p0, p1], [dec], policy="prefix_aware",
+    # after_prefill: the stub decode answers without waiting for KV, and sent beside the prefill leg it would
+    # end the first request (and its prefill leg) before the second one is placed
+    url, _ = await make([p0, p1], [dec], policy="prefix_aware", decode_dispatch="after_prefill",
                         placement={"chunk_chars": 64, "duplicate_weight": weight})
     first = asyncio.create_task(send(url, SYSTEM_A + "first question"))
     assert await eventually(lambda: len(p0.bodies) == 1)

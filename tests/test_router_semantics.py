@@ -49,39 +49,86 @@ async def test_client_leaving_during_prefill_cancels_both_legs(make, dispatch):
     assert states(api, "prefill") == ["up"] and states(api) == ["up"]
 
 
-async def test_auto_dispatch_sends_the_decode_leg_after_the_prefill_to_an_idle_decode_and_at_once_to_a_busy_one(make):
+def dispatch_counts() -> dict[str, float]:
+    return {o: REGISTRY.get_sample_value("kvbridge_router_decode_dispatch_total", {"order": o}) or 0
+            for o in ("with_prefill", "before_prefill_end", "after_prefill")}
+
+
+def phase_at(api, headers, phase: str) -> tuple[str, float]:
+    """(detail, ms since the request came) of the request's `phase` event in the router's trace."""
+    trace = api[PROXY].traces.get(headers["x-kvbridge-request-id"])
+    return next((detail, ms) for p, detail, ms in trace.events if p == phase)
+
+
+async def test_auto_dispatch_sends_an_idle_decode_its_leg_shortly_before_the_prefill_ends_and_a_busy_one_at_once(make):
     """An idle decode node given a request that waits for KV steps without pause (vLLM's engine loop), which
-    slows a prefill computing beside it; a busy one steps anyway and takes the KV the step it lands."""
-    pre, dec = StubNode("p", interval=0.5), StubNode("d", events=40, interval=0.05, kv=True)
-    url, api = await make([pre], [dec])
-    before = {o: REGISTRY.get_sample_value("kvbridge_router_decode_dispatch_total", {"order": o}) or 0
-              for o in ("after_prefill", "with_prefill")}
+    slows a prefill computing beside it: its leg goes `decode_lead_s` before the prefill leg's predicted end
+    (here 1.0 s, the configured fixed cost of a prompt, not learned), so it admits the request while the prompt
+    still computes. A busy one steps anyway and takes the KV the step it lands: its leg goes at once."""
+    pre, dec = StubNode("p", interval=2.0), StubNode("d", events=60, interval=0.05, kv=True)
+    url, api = await make([pre], [dec], decode_lead_s=0.5, placement={"request_s": 1.0, "learn": False})
+    before = dispatch_counts()
     first = asyncio.create_task(post(url, dict(REQ, stream=True)))
     await asyncio.sleep(0.3)
     assert (len(pre.bodies), len(dec.bodies)) == (1, 0)
-    assert await eventually(lambda: len(dec.bodies) == 1)  # the prefill answered after 0.5 s
+    assert await eventually(lambda: len(dec.bodies) == 1)
+    assert not first.done() and len(pre.bodies) == 1  # the prefill leg (2 s) has not answered
     second = asyncio.create_task(post(url, dict(REQ, stream=True)))
     await asyncio.sleep(0.3)
-    assert (len(pre.bodies), len(dec.bodies)) == (2, 2)  # the first still streams there: both legs at once
-    for done in await asyncio.gather(first, second):
-        assert done[0] == 200 and events(done[2])[-1] == "[DONE]"
+    assert (len(pre.bodies), len(dec.bodies)) == (2, 2)  # the first waits for KV there: both legs at once
+    done = await asyncio.gather(first, second)
+    for status, _, raw in done:
+        assert status == 200 and events(raw)[-1] == "[DONE]"
     assert all("kvbridge" in b["kv_transfer_params"] for b in dec.bodies)
-    dispatched = {o: REGISTRY.get_sample_value("kvbridge_router_decode_dispatch_total", {"order": o}) or 0
-                  for o in ("after_prefill", "with_prefill")}
-    assert dispatched["after_prefill"] - before["after_prefill"] == 1
-    assert dispatched["with_prefill"] - before["with_prefill"] == 1
+    detail, sent_ms = phase_at(api, done[0][1], "decode_dispatched")
+    assert "before the prefill leg's predicted end" in detail and sent_ms >= 500 - 1  # 1.0 s predicted - 0.5 s
+    assert sent_ms < phase_at(api, done[0][1], "prefill_done")[1]
+    after = dispatch_counts()
+    assert {o: after[o] - before[o] for o in after} == {"with_prefill": 1, "before_prefill_end": 1, "after_prefill": 0}
 
 
+async def test_auto_dispatch_waits_for_a_prefill_that_answers_before_its_predicted_end(make):
+    """A prediction too long costs nothing: the leg goes when the prefill answered, as after_prefill would."""
+    pre, dec = StubNode("p", interval=0.3), StubNode("d", kv=True)
+    url, api = await make([pre], [dec], decode_lead_s=0.5, placement={"request_s": 5.0, "learn": False})
+    before = dispatch_counts()
+    status, headers, _ = await post(url, REQ)
+    assert status == 200 and phase_at(api, headers, "decode_dispatched")[0] == "after the prefill leg (answered)"
+    assert phase_at(api, headers, "decode_dispatched")[1] >= phase_at(api, headers, "prefill_done")[1]
+    after = dispatch_counts()
+    assert {o: after[o] - before[o] for o in after} == {"with_prefill": 0, "before_prefill_end": 0, "after_prefill": 1}
+
+
+@pytest.mark.parametrize("scattered", [True, False])
+async def test_an_answer_done_before_its_prefill_replied_cancels_that_leg_only_if_its_kv_went_unused(make, scattered):
+    """A short answer can end before its prefill leg's reply: if the decode node scattered the pushed KV, the
+    prefill node is done but for that reply, which ends the leg on its own (and teaches the placement model);
+    if the decode recomputed the prompt, the still-running prefill is cancelled, its transfer too."""
+    pre, dec = StubNode("p", interval=1.0), StubNode("d", kv=True, scattered=scattered)
+    url, api = await make([pre], [dec], decode_dispatch="with_prefill")
+    status, headers, _ = await post(url, REQ)
+    assert status == 200
+    trace = api[PROXY].traces.get(headers["x-kvbridge-request-id"])
+    if scattered:
+        assert await eventually(lambda: any(p == "prefill_done" for p, _, _ in trace.events))
+        assert pre.aborted == 0 and dec.cancels == []
+    else:
+        assert await eventually(lambda: (pre.aborted, dec.cancels) == (1, [transfer_id(pre)]))
+        assert not any(p == "prefill_done" for p, _, _ in trace.events)
+
+
+@pytest.mark.parametrize("dispatch", ["after_prefill", "with_prefill"])
 @pytest.mark.parametrize("mode", ["ok", "reset"])
-async def test_the_decode_connector_hears_that_the_prefill_answered_or_failed(make, mode):
+async def test_the_decode_connector_hears_that_the_prefill_answered_or_failed(make, mode, dispatch):
     """A prefill that answered is announced (a producer the connector has not heard from by then cannot reach
     it: its request gives up after no_show_s); a failed one is cancelled (recompute at once)."""
     pre, dec = StubNode("p", mode=mode, die_after=0), StubNode("d", kv=True)
-    url, _ = await make([pre], [dec])
+    url, _ = await make([pre], [dec], decode_dispatch=dispatch)
     assert (await post(url, REQ))[0] == 200
     tid = transfer_id(pre)
-    # a failed prefill pushed nothing: the decode leg, sent after it (the decode node was idle), prefills itself
-    assert ("kv_transfer_params" in dec.bodies[0]) == (mode == "ok")
+    # a failed prefill pushed nothing: a decode leg sent after it prefills itself; one sent beside it waits for
+    # KV until the cancel
+    assert ("kv_transfer_params" in dec.bodies[0]) == (mode == "ok" or dispatch == "with_prefill")
     want = ([tid], []) if mode == "ok" else ([], [tid])
     assert await eventually(lambda: (dec.answered, dec.cancels) == want), (dec.answered, dec.cancels)
 
@@ -91,7 +138,8 @@ async def test_every_tp_rank_of_the_decode_connector_hears_of_its_transfer(make,
     """Each rank of a TP decode node is its own process with its own endpoint (port + rank) and book: a notice
     sent to rank 0 only would leave the other ranks waiting for their producers until load_timeout_s."""
     pre, dec = StubNode("p", mode=mode, die_after=0), StubNode("d", kv=True, ranks=3)
-    url, api = await make([pre], [dec])
+    # after_prefill: one notice per rank (a leg sent beside a failing prefill may end first and cancel it again)
+    url, api = await make([pre], [dec], decode_dispatch="after_prefill")
     assert api[PROXY].registry.backends["decode"][0].ranks == 3  # learned from its connector's pool status
     assert (await post(url, REQ))[0] == 200
     tid = transfer_id(pre)

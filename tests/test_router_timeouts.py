@@ -34,7 +34,7 @@ async def test_a_prefill_leg_silent_past_the_first_byte_limit_fails_and_the_deco
     """The prefill leg's 1-token answer is its first byte: past first_byte_timeout_s the leg is the prefill
     node's failure, the decode connector is told to stop waiting (CANCEL), and the answer still comes."""
     pre, dec = StubNode("p", mode="late"), StubNode("d", interval=2.0, kv=True)
-    url, api = await make([pre], [dec], first_byte_timeout_s=0.5)
+    url, api = await make([pre], [dec], first_byte_timeout_s=0.5, decode_dispatch="after_prefill")
     status, headers, raw = await post(url, REQ)
     assert status == 200 and json.loads(raw)["choices"][0]["text"] == "d"
     tid = pre.bodies[0]["kv_transfer_params"]["kvbridge"]["transfer_id"]
