@@ -20,58 +20,16 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, field
 
 from router.learned_rates import LearnedRates
 from router.metrics import PLACEMENT, PLACEMENT_SETTING, PREFIX_HIT_TOKENS, child
 from router.placement_config import Mode, PlacementConfig
+from router.placement_decision import Candidate, Decision
 from router.prefix_index import SHARED, PrefixIndex, prompt_text
 from router.registry import Backend, Registry
 
 MODE_CODE = {"auto": 0, "always": 1, "never": 2}
 SHORT_LEG_TOKENS = 64
-
-
-@dataclass
-class Candidate:
-    decode: Backend
-    prefill: Backend | None  # None: prefilled on the decode node
-    cost_s: float
-    parts: dict[str, float]  # the cost's terms, seconds (hits in tokens)
-
-    def explain(self) -> dict:
-        return {"decode": self.decode.name, "prefill": self.prefill.name if self.prefill else None,
-                "where": "remote" if self.prefill else "local", "cost_s": round(self.cost_s, 6),
-                **{k: round(v, 6) for k, v in self.parts.items()}}
-
-
-@dataclass
-class Decision:
-    decode: Backend
-    prefill: Backend | None
-    reason: str
-    why: str
-    keys: list[str]
-    chars: int
-    tokens: float
-    chosen: Candidate
-    candidates: list[Candidate]
-    predicted: dict[str, int] = field(default_factory=dict)  # node -> leading chunks it was believed to hold
-
-    @property
-    def miss_tokens(self) -> float:
-        """Prompt tokens the computing node is expected to compute (not held there)."""
-        return self.tokens - self.chosen.parts["held_tokens"]
-
-    @property
-    def where(self) -> str:
-        return "remote" if self.prefill else "local"
-
-    def explain(self) -> dict:
-        return {"decode": self.decode.name, "prefill": self.prefill.name if self.prefill else None,
-                "where": self.where, "reason": self.reason, "why": self.why, "prompt_chars": self.chars,
-                "prompt_tokens_estimated": round(self.tokens, 1), "prefix_chunks_held": self.predicted,
-                "candidates": [c.explain() for c in sorted(self.candidates, key=lambda c: c.cost_s)]}
 
 
 class Placement:
@@ -243,32 +201,45 @@ class Placement:
             if self.cfg.learn:
                 self.rates.chars_per_token.observe(d.chars / prompt_tokens)
             if isinstance(cached, int):
-                observed = min(len(d.keys), int(cached * d.chars / prompt_tokens) // self.cfg.chunk_chars)
-                own, shared = d.predicted.get(p.name, 0), d.predicted.get(SHARED, 0) if self.cfg.shared_store else 0
-                predicted = max(own, shared)
-                child(PREFIX_HIT_TOKENS, "predicted").inc(predicted * self.cfg.chunk_chars / self.rates.chars_per_token.value)
-                child(PREFIX_HIT_TOKENS, "reported").inc(cached)
-                # vLLM and the store hit whole blocks or chunks, and recompute the last token: a hit this
-                # close to the prediction is the prediction
-                slack = math.ceil(self.cfg.reply_slack_tokens * d.chars / prompt_tokens / self.cfg.chunk_chars)
-                if abs(observed - own) > slack:
-                    note = self.index.correct(p.name, d.keys, own, observed)
-                if shared > observed + slack:  # the shared tier did not have what it was believed to
-                    note = self.index.correct(SHARED, d.keys, shared, observed) or note
+                note, from_shared = self._correct(d, prompt_tokens, cached)
                 miss = prompt_tokens - cached
-                if self.cfg.learn and was_idle and leg_s > 0:
-                    if own == 0 and shared > 0 and cached > 0:  # the hit came from the shared tier
-                        rest = miss / self.rates.prefill_tokens_per_s.value
-                        self.rates.shared_load_tokens_per_s.observe(cached / (leg_s - rest) if leg_s > rest else 0)
-                    elif miss < SHORT_LEG_TOKENS:  # a short prompt's leg is mostly the fixed cost
-                        self.rates.request_s.observe(leg_s - miss / self.rates.prefill_tokens_per_s.value)
-                    elif leg_s > self.rates.request_s.value:
-                        self.rates.prefill_tokens_per_s.observe(miss / (leg_s - self.rates.request_s.value))
-                        child(PLACEMENT_SETTING, "break_even_tokens").set(self.break_even_tokens())
+            else:  # vLLM reports cached tokens only when started with --enable-prompt-tokens-details
+                miss, from_shared = max(0.0, prompt_tokens - d.chosen.parts.get("held_tokens", 0.0)), 0
+            if self.cfg.learn and was_idle and leg_s > 0:
+                self._learn_leg(leg_s, miss, from_shared)
         self.index.record(p.name, d.keys)
         if self.cfg.shared_store:
             self.index.record(SHARED, d.keys)
         return note
+
+    def _correct(self, d: Decision, prompt_tokens: int, cached: int) -> tuple[str | None, int]:
+        """Fold a node's reported prefix hit into the index; (what changed, the hit's tokens if only the shared
+        tier held the prefix, else 0)."""
+        p, note = d.prefill, None
+        observed = min(len(d.keys), int(cached * d.chars / prompt_tokens) // self.cfg.chunk_chars)
+        own, shared = d.predicted.get(p.name, 0), d.predicted.get(SHARED, 0) if self.cfg.shared_store else 0
+        child(PREFIX_HIT_TOKENS, "predicted").inc(max(own, shared) * self.cfg.chunk_chars / self.rates.chars_per_token.value)
+        child(PREFIX_HIT_TOKENS, "reported").inc(cached)
+        # vLLM and the store hit whole blocks or chunks, and recompute the last token: a hit this close to the
+        # prediction is the prediction
+        slack = math.ceil(self.cfg.reply_slack_tokens * d.chars / prompt_tokens / self.cfg.chunk_chars)
+        if abs(observed - own) > slack:
+            note = self.index.correct(p.name, d.keys, own, observed)
+        if shared > observed + slack:  # the shared tier did not have what it was believed to
+            note = self.index.correct(SHARED, d.keys, shared, observed) or note
+        return note, cached if own == 0 and shared > 0 and cached > 0 else 0
+
+    def _learn_leg(self, leg_s: float, miss: float, from_shared: int) -> None:
+        """An idle prefill leg's time teaches the rates: the shared tier's load rate when only it held the
+        prefix, a prompt's fixed cost from short prompts, the prefill rate from longer ones."""
+        if from_shared:
+            rest = miss / self.rates.prefill_tokens_per_s.value
+            self.rates.shared_load_tokens_per_s.observe(from_shared / (leg_s - rest) if leg_s > rest else 0)
+        elif miss < SHORT_LEG_TOKENS:  # a short prompt's leg is mostly the fixed cost
+            self.rates.request_s.observe(leg_s - miss / self.rates.prefill_tokens_per_s.value)
+        elif leg_s > self.rates.request_s.value:
+            self.rates.prefill_tokens_per_s.observe(miss / (leg_s - self.rates.request_s.value))
+            child(PLACEMENT_SETTING, "break_even_tokens").set(self.break_even_tokens())
 
     def served(self, d: Decision) -> None:
         """A complete answer: the decode node's prefix cache holds the prompt now."""

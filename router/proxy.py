@@ -31,7 +31,8 @@ from router.failures import UpstreamFailure
 from router.leg_bodies import decode_body, needs_aggregated, prefill_body
 from router.metrics import AGGREGATED, CANCELLED, DECODE_DISPATCH, RETRIES, STREAM_ERRORS, TTFT, child
 from router.openai_errors import APIError
-from router.placement import Decision, Placement
+from router.placement import Placement
+from router.placement_decision import Decision
 from router.pool_probe import cancel_transfer, transfer_trace
 from router.prefill_leg import PrefillResult, run_prefill
 from router.registry import Backend, Registry

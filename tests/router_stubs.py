@@ -24,18 +24,20 @@ class StubNode:
     | silent (go quiet after one event) | hang (never answer, and fail /health from then on) | late (headers
     at once, then no first event and no unstreamed answer for an hour, /health passing: a stuck prefill).
     `store`: it keeps every prompt it saw (until `held.clear()`) and its unstreamed answers report `usage`
-    as vLLM does, 4 characters a token, with the longest held prefix as `cached_tokens`. `scattered`: its
+    as vLLM does, 4 characters a token, with the longest held prefix as `cached_tokens` (`details=False`: no
+    `prompt_tokens_details`, as vLLM without --enable-prompt-tokens-details). `scattered`: its
     connector says of every transfer asked about that it was received and scattered (else that it has none)."""
 
     def __init__(self, name: str, mode: str = "ok", events: int = 4, interval: float = 0.0, die_after: int = 2,
-                 kv: bool = False, store: bool = False, ranks: int = 1, scattered: bool = False) -> None:
+                 kv: bool = False, store: bool = False, ranks: int = 1, scattered: bool = False,
+                 details: bool = True) -> None:
         self.name, self.mode, self.events, self.interval, self.die_after = name, mode, events, interval, die_after
         self.bodies, self.headers, self.cancels, self.answered = [], [], [], []  # each leg's, rank 0 connector's
         self.rank_notices: dict[int, list[tuple[str, str]]] = {r: [] for r in range(1, ranks)}  # (type, tid)
         self.aborted, self.healthy = 0, True  # aborted: requests the router closed before their answer was whole
         self._stop = threading.Event()
         self.held: list[str] | None = [] if store else None
-        self.ranks, self.scattered = ranks, scattered
+        self.ranks, self.scattered, self.details = ranks, scattered, details
         self.kv_port = self._start_connector() if kv else None
 
     def _start_connector(self) -> int:
@@ -101,8 +103,8 @@ class StubNode:
         prompt = body["prompt"]
         common = max((len(os.path.commonprefix([prompt, h])) for h in self.held), default=0)
         self.held.append(prompt)
-        return {"usage": {"prompt_tokens": max(1, len(prompt) // 4),
-                          "prompt_tokens_details": {"cached_tokens": common // 4}}}
+        details = {"prompt_tokens_details": {"cached_tokens": common // 4}} if self.details else {}
+        return {"usage": {"prompt_tokens": max(1, len(prompt) // 4), **details}}
 
     async def health(self, _: web.Request) -> web.Response:
         return web.Response(status=200 if self.healthy else 500)

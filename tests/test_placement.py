@@ -136,6 +136,20 @@ async def test_short_prompts_stay_local_and_long_ones_go_remote(make):
     assert placements("remote", "remote_cheaper") == long_remote + 1
 
 
+@pytest.mark.parametrize("details", [True, False])
+async def test_an_idle_prefill_leg_teaches_the_prefill_rate_whether_or_not_vllm_reports_cached_tokens(make, details):
+    """vLLM sends `prompt_tokens_details` only when started with --enable-prompt-tokens-details; without it the
+    leg's compute is the prompt less what the index believed the node held, and the rate is learned all the
+    same (auto dispatch times an idle decode node's leg by it)."""
+    pre, dec = StubNode("p", store=True, details=details, interval=0.5), StubNode("d", kv=True, scattered=True)
+    url, api = await make([pre], [dec], placement={"mode": "always", "prefill_tokens_per_s": 100000.0,
+                                                   "request_s": 0.0})
+    await send(url, "The quarter went well. " * 200)  # ~1150 tokens in 0.5 s: ~2300 tokens/s
+    rate = api[PROXY].placement.rates.prefill_tokens_per_s
+    assert await eventually(lambda: rate.samples == 1)
+    assert 1500 < (rate.value - 0.8 * 100000) / 0.2 < 2400, rate  # the one sample the moving mean took in
+
+
 async def test_the_mode_can_be_pinned_at_run_time(make):
     pre, dec = StubNode("p"), StubNode("d", kv=True)
     url, _ = await make([pre], [dec], placement={"mode": "auto"})
