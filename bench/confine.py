@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from launch.servers import VllmServer
+from launch.process_handle import ProcessHandle
 
 
 def process_group_tasks(pgid: int) -> list[tuple[int, int]]:
@@ -28,7 +28,7 @@ def process_group_tasks(pgid: int) -> list[tuple[int, int]]:
     return tasks
 
 
-def confine(server: VllmServer, cores: set[int]) -> int:
+def confine(server: ProcessHandle, cores: set[int]) -> int:
     """Confine every thread of a started server to `cores`; how many threads were confined."""
     done = 0
     for _, tid in process_group_tasks(os.getpgid(server.proc.pid)):

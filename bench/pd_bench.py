@@ -112,6 +112,26 @@ def kvbridge_once(p: VllmServer, d: VllmServer, body: dict, exposed: ExposedTime
     return PDAnswer(ttft, got.text, got.tpot, leg_s, got.held)
 
 
+def router_once(router_url: str, body: dict, exposed: ExposedTimes) -> PDAnswer:
+    """One request through kvbridge's router, whose `decode_dispatch` decides when the decode leg goes; the
+    prefill leg's time is the router's (its trace's `prefill_done`)."""
+    before = exposed.read()
+    got = stream_ttft(router_url, body)
+    for _ in range(50):  # a short answer may end before its prefill leg's reply
+        trace = requests.get(f"{router_url}/debug/requests/{got.request_id}", timeout=10).json()
+        at = {e["phase"]: e for e in trace["events"]}
+        if "prefill_done" in at:
+            break
+        time.sleep(0.1)
+    else:
+        raise RuntimeError(f"kvbridge's prefill leg did not answer: {trace['events']}")
+    dispatched = at["decode_dispatched"]["detail"] if "decode_dispatched" in at else "with the prefill leg"
+    print(f"    kvbridge via its router: prefill leg {at['prefill_done']['ms']:.1f} ms, decode leg sent "
+          f"{dispatched}, TTFT {got.ttft * 1000:.1f} ms", flush=True)
+    exposed.record(len(body["prompt"]), before)
+    return PDAnswer(got.ttft, got.text, got.tpot, at["prefill_done"]["ms"] / 1000, got.held)
+
+
 def nixl_once(p: VllmServer, d: VllmServer, body: dict, gap: float = 0.0) -> PDAnswer:
     """One request through NixlConnector's two legs; `gap` as for kvbridge_once."""
     t0 = time.perf_counter()

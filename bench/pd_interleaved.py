@@ -8,8 +8,11 @@ systems (four with `--decode-after`) one after the other, in an order that rotat
 taken within seconds: system TTFT minus aggregated TTFT for the same prompt. Requests run one at a time, `--settle`
 seconds apart (an idle server costs the others little: kvbridge's and NixlConnector-best's idle nodes burn about
 0.02 of a core, but a vLLM worker busy-polls for 1 s after its last step, on its node's core, and without the pause
-whoever follows the aggregated server, which decodes on core 0, paid for it). kvbridge's legs are sent as its router
-sends them (`--kvbridge-dispatch`, bench/core_share.py says why). Stock NixlConnector is left out: its progress
+whoever follows the aggregated server, which decodes on core 0, paid for it). kvbridge's requests go through its
+router (started here; it learns its prefill rates from one prompt per length first), which sends an idle decode node
+its leg `decode_lead_s` before the prefill leg's predicted end; `--kvbridge-dispatch after_prefill|with_prefill`
+sends the legs from here instead (bench/core_share.py says why the order matters). NixlConnector-best's legs are
+sent from here, as its proxy would, without a router's cost. Stock NixlConnector is left out: its progress
 threads spin a core per node, which would slow the others. Prints per length the median overhead of each system, the
 ratio kvbridge / NixlConnector-best of those medians, whether every answer equalled aggregated's, and each system's
 time per output token. Each overhead is also split in two: the prefill leg's time until it answered minus
@@ -17,7 +20,7 @@ aggregated's TTFT (the prompt computed by another server on another core: where 
 comes from), and the decode's first token after the prefill answered (the part PD itself adds, and the one the two
 systems do differently: kvbridge pushed the KV during the prefill, NixlConnector pulls it now).
 
-    python -m bench.pd_interleaved [--lengths 128 1000 2000] [--repeats 6] [--kvbridge-dispatch with_prefill]
+    python -m bench.pd_interleaved [--lengths 128 1000 2000] [--repeats 6] [--kvbridge-dispatch router]
         [--settle 1.5] [--prefill-connector JSON] [--agg-core 1] [--decode-after 1.5] [--confine-prefills]
 
 `--decode-after S` sleeps S seconds between each PD request's prefill answer and its decode leg, so the decode's
@@ -30,7 +33,8 @@ prompt and printed as a median with its 95 % interval (bench/median_ci.py).
 
 `--confine-prefills` keeps every thread of both prefill nodes on core 0 (bench/confine.py), as separate hosts would:
 unconfined, NixlConnector's prefill node, busy for about a second after its decode pulled the KV, takes CPU from its
-decode's threads (its answers then come partly in bursts), and kvbridge's prefill node may push from core 1.
+decode's threads (its answers then come partly in bursts), and kvbridge's prefill node may push from core 1. kvbridge's
+router goes to core 0 too: it relays every token, and would otherwise do so on the decode's core.
 """
 from __future__ import annotations
 
@@ -45,10 +49,12 @@ import requests
 
 from bench.confine import confine
 from bench.median_ci import MedianCI, median_ci
-from bench.pd_bench import MODEL, ExposedTimes, kvbridge_once, nixl_once, parse_with_decode_after, start
+from bench.pd_bench import (MODEL, ExposedTimes, PDAnswer, kvbridge_once, nixl_once, parse_with_decode_after,
+                             router_once, start)
 from bench.streamed import Streamed, stream_ttft
-from launch.local_servers import free_port, start_vllm
-from launch.servers import VllmServer
+from launch.local_servers import free_port, start_router, start_vllm
+from launch.servers import RouterServer, VllmServer
+from router.config import RouterConfig
 from launch.tiny_model import make_tiny_model
 
 PD = ("kvbridge", "nixl-best")  # the PD systems: their TTFT is compared with aggregated's
@@ -157,9 +163,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=6, help="prompts per length (6: the fewest whose medians get "
                     "a 95 %% interval)")
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--kvbridge-dispatch", choices=["after_prefill", "with_prefill"], default="after_prefill",
-                    help="when kvbridge's decode leg is sent (the router's decode_dispatch; its auto is "
-                    "after_prefill for requests one at a time)")
+    ap.add_argument("--kvbridge-dispatch", choices=["router", "after_prefill", "with_prefill"], default="router",
+                    help="when kvbridge's decode leg is sent: router sends kvbridge's requests through its router "
+                    "(decode_dispatch auto: for requests one at a time, decode_lead_s before the prefill leg's "
+                    "predicted end), the others play the router with that decode_dispatch")
     ap.add_argument("--settle", type=float, default=1.5, help="seconds between requests: an idle vLLM worker "
                     "busy-polls for 1 s after its last step, on its node's core, and would slow whoever comes next")
     ap.add_argument("--prefill-connector", type=json.loads, default={},
@@ -167,20 +174,26 @@ def main() -> None:
     ap.add_argument("--agg-core", default="0", help="the aggregated server's core: 0, the prefill nodes' (its TTFT "
                     "computes where theirs do), or 1, the decode nodes' (its time per output token is measured "
                     "where theirs is)")
-    ap.add_argument("--confine-prefills", action="store_true", help="every thread of both prefill nodes on core 0, "
-                    "as separate hosts would keep a prefill node's work off its decode node's cores")
+    ap.add_argument("--confine-prefills", action="store_true", help="every thread of both prefill nodes (and of "
+                    "kvbridge's router) on core 0, as separate hosts would keep their work off the decode nodes' core")
     args = parse_with_decode_after(ap)
     if args.repeats < 1:
         ap.error("--repeats must be at least 1")
+    if args.decode_after and args.kvbridge_dispatch == "router":
+        args.kvbridge_dispatch = "after_prefill"  # the pause goes between the legs: this bench sends them
     make_tiny_model(MODEL, "bench")
     rng = random.Random(1)
     metrics_port = free_port()
     servers = start_side_by_side("il", args.prefill_connector, metrics_port, args.agg_core)
     exposed = ExposedTimes(f"http://127.0.0.1:{metrics_port}/metrics")
     s = servers
-    systems = {"aggregated": lambda b: stream_ttft(s["agg"].url, b),
-               "kvbridge": lambda b: kvbridge_once(s["kp"], s["kd"], b, exposed, args.kvbridge_dispatch,
-                                                       args.decode_after),
+    router: list[RouterServer] = []
+
+    def kvbridge(b: dict) -> PDAnswer:
+        if router:
+            return router_once(router[0].url, b, exposed)
+        return kvbridge_once(s["kp"], s["kd"], b, exposed, args.kvbridge_dispatch, args.decode_after)
+    systems = {"aggregated": lambda b: stream_ttft(s["agg"].url, b), "kvbridge": kvbridge,
                "nixl-best": lambda b: nixl_once(s["np"], s["nd"], b, args.decode_after)}
     if args.decode_after:
         own = random.Random(2)  # its prompts: those of the other systems stay the same with or without it
@@ -193,6 +206,16 @@ def main() -> None:
         if args.confine_prefills:
             print(f"confined to core 0: {confine(s['kp'], {0})} threads of kvbridge's prefill node, "
                   f"{confine(s['np'], {0})} of NixlConnector-best's", flush=True)
+        if args.kvbridge_dispatch == "router":
+            router.append(start_router(RouterConfig(
+                port=free_port(), model="tiny", prefill=[{"name": "kp", "url": s["kp"].url}],
+                decode=[{"name": "kd", "url": s["kd"].url, "kv_address": s["kd"].handshake}])))
+            if args.confine_prefills:  # a router runs on its own host: here, not on the decode node's core
+                print(f"confined to core 0: {confine(router[0], {0})} threads of kvbridge's router", flush=True)
+            learn = random.Random(3)  # the router learns its prefill rates from these: a deployment's steady state
+            for n in args.lengths:
+                router_once(router[0].url, {"model": "tiny", "prompt": [learn.randrange(10, 1000) for _ in range(n)],
+                                            "max_tokens": 8}, exposed)
         warm = {"model": "tiny", "prompt": [rng.randrange(10, 1000) for _ in range(64)], "max_tokens": 2}
         for once in systems.values():
             once(warm)
@@ -215,7 +238,7 @@ def main() -> None:
                   f"{[round(x) for x in row.over['nixl-best']]}; per output token ms "
                   f"{({name: [round(x, 1) for x in v] for name, v in row.tpot.items()})}", flush=True)
     finally:
-        for srv in servers.values():
+        for srv in [*router, *servers.values()]:
             srv.stop()
     if not args.decode_after:
         print_ttft(rows, exposed, args.repeats)

@@ -18,6 +18,7 @@ class Streamed(NamedTuple):
     text: str
     tpot: float  # seconds per output token after those of the first event
     held: int  # events that carried more than one token: tokens the client got late, in a burst
+    request_id: str | None = None  # the kvbridge router's id for the request (its /debug/requests/{id} trace)
 
 
 def stream_ttft(url: str, body: dict) -> Streamed:
@@ -27,13 +28,14 @@ def stream_ttft(url: str, body: dict) -> Streamed:
     with requests.post(url + "/v1/completions", json=dict(body, stream=True, return_token_ids=True), stream=True,
                        timeout=120) as r:
         r.raise_for_status()
+        request_id = r.headers.get("x-kvbridge-request-id")
         for line in r.iter_lines():
             if line.startswith(b"data: ") and line != b"data: [DONE]":
                 stamps.append(time.perf_counter() - t0)
                 choice = json.loads(line[6:])["choices"][0]
                 text.append(choice["text"])
                 counts.append(len(choice["token_ids"]) if choice.get("token_ids") is not None else 1)
-    return Streamed(stamps[0], "".join(text), *pace(stamps, counts))
+    return Streamed(stamps[0], "".join(text), *pace(stamps, counts), request_id)
 
 
 def pace(stamps: list[float], counts: list[int]) -> tuple[float, int]:
