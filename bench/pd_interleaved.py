@@ -9,7 +9,7 @@ taken within seconds: system TTFT minus aggregated TTFT for the same prompt. Req
 seconds apart (an idle server costs the others little: kvbridge's and NixlConnector-best's idle nodes burn about
 0.02 of a core, but a vLLM worker busy-polls for 1 s after its last step, on its node's core, and without the pause
 whoever follows the aggregated server, which decodes on core 0, paid for it). kvbridge's requests go through its
-router (started here; it learns its prefill rates from one prompt per length first), which sends an idle decode node
+router (started here; it learns its prefill rates from a few prompts of each length first), which sends an idle decode node
 its leg `decode_lead_s` before the prefill leg's predicted end; `--kvbridge-dispatch after_prefill|with_prefill`
 sends the legs from here instead (bench/core_share.py says why the order matters). NixlConnector-best's legs are
 sent from here, as its proxy would, without a router's cost. Stock NixlConnector is left out: its progress
@@ -212,8 +212,10 @@ def main() -> None:
                 decode=[{"name": "kd", "url": s["kd"].url, "kv_address": s["kd"].handshake}])))
             if args.confine_prefills:  # a router runs on its own host: here, not on the decode node's core
                 print(f"confined to core 0: {confine(router[0], {0})} threads of kvbridge's router", flush=True)
-            learn = random.Random(3)  # the router learns its prefill rates from these: a deployment's steady state
-            for n in args.lengths:
+            # the router learns its rates from idle prefill legs: a prompt's fixed cost from short ones, the
+            # prefill rate from longer ones, each a moving mean that takes a fifth of every sample
+            learn = random.Random(3)
+            for n in [32] * 3 + sorted(args.lengths) * 4:
                 router_once(router[0].url, {"model": "tiny", "prompt": [learn.randrange(10, 1000) for _ in range(n)],
                                             "max_tokens": 8}, exposed)
         warm = {"model": "tiny", "prompt": [rng.randrange(10, 1000) for _ in range(64)], "max_tokens": 2}

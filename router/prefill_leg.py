@@ -48,14 +48,14 @@ def reply_usage(raw: bytes) -> dict | None:
 
 async def run_prefill(cfg: RouterConfig, registry: Registry, session: aiohttp.ClientSession, b: Backend,
                       path: str, body: dict, headers: dict[str, str], trace: Trace, kv_addresses: list[str],
-                      transfer_id: str, answered: asyncio.Event) -> PrefillResult:
-    """`answered` is set once the node's reply headers arrived: the node has finished the request (one token,
-    not streamed), so closing the connection would abort nothing there and only lose a pooled connection."""
+                      transfer_id: str, over: asyncio.Event) -> PrefillResult:
+    """`over` is set once the leg is over on its node: its reply headers arrived (the node has finished the
+    request: one token, not streamed) or the leg failed. Closing the connection would then abort nothing there."""
     t0, usage = time.monotonic(), None
     registry.acquire(b)
     try:
         up = await post(session, b, path, body, headers, cfg.first_byte_timeout_s)
-        answered.set()
+        over.set()
         try:
             usage = reply_usage(await read_all(up, b, cfg.first_byte_timeout_s))
         finally:
@@ -67,6 +67,7 @@ async def run_prefill(cfg: RouterConfig, registry: Registry, session: aiohttp.Cl
             _NOTICES.add(notice)  # sent beside the leg's end, not awaited by it: the loop keeps only weak references
             notice.add_done_callback(_NOTICES.discard)
     except UpstreamFailure as e:
+        over.set()
         registry.report_failure(b, e.why)
         ok, why = False, e.why
     finally:

@@ -1,4 +1,4 @@
-"""One PD request: admit it, pick instances, mint a transfer id, send both legs at once, relay the decode leg.
+"""One PD request: admit it, pick instances, mint a transfer id, send both legs, relay the decode leg.
 
 The prefill leg carries `max_tokens=1` and names the decode instance's kv address; the decode leg
 says KV is coming. The connector does not care which arrives first; when the decode leg goes is
@@ -95,13 +95,13 @@ class Proxy:
         aggregated = needs_aggregated(body)
         decode, prefill = decision.decode, decision.prefill
         prefill_task: asyncio.Task | None = None
-        prefill_answered = asyncio.Event()
+        prefill_over = asyncio.Event()
         if prefill is not None:
             was_idle = not self.placement.pending.get(prefill.name)
             prefill_task = asyncio.create_task(run_prefill(
                 self.cfg, self.registry, self.session, prefill, path, prefill_body(body, tid, decode.kv_address,
                                                                       self.cfg.push_key, self.cfg.push_token_ttl_s),
-                headers, trace, decode.rank_addresses, tid, prefill_answered))
+                headers, trace, decode.rank_addresses, tid, prefill_over))
             prefill_task.add_done_callback(lambda t: self._prefill_finished(decision, t, was_idle, trace))
             decode_leg = decode_body(body, tid)
             trace.transfer = (decode.kv_address, tid)
@@ -151,8 +151,8 @@ class Proxy:
                 self._abort_legs(up, prefill_task, decode, tid)
             else:
                 up.release()  # a stream may stop reading at [DONE], before the chunked terminator
-                if prefill_task is not None and not prefill_task.done() and not prefill_answered.is_set():
-                    self._end_unanswered_prefill(prefill_task, decode, tid)
+                if prefill_task is not None and not prefill_task.done() and not prefill_over.is_set():
+                    self._end_unanswered_prefill(prefill_task, prefill_over, decode, tid)
 
     async def _prefill_answered(self, prefill_task: asyncio.Task, decode: Backend, trace: Trace,
                                 wait_s: float) -> bool | None:
@@ -236,15 +236,20 @@ class Proxy:
             self.registry.report_success(decode)
             trace.add("decode_done", f"{decode.name} HTTP {outcome.response.status}")
 
-    def _end_unanswered_prefill(self, prefill_task: asyncio.Task, decode: Backend, tid: str) -> None:
+    def _end_unanswered_prefill(self, prefill_task: asyncio.Task, over: asyncio.Event, decode: Backend,
+                                tid: str) -> None:
         """The answer is complete before the prefill leg's reply. If the decode node scattered the pushed KV,
         the prefill node is done but for its reply (a short answer sent ahead of it): the leg ends on its own and
         the placement model learns from it. Otherwise the decode recomputed the prompt, and nothing will claim
-        what the still-running prefill pushes: both legs are cancelled. (A prefill that already answered is left
-        to finish reading its reply: there is nothing left to abort on its node.)"""
+        what the still-running prefill pushes: both legs are cancelled. A leg over meanwhile (answered, or
+        failed and already cancelling its transfer) is left alone."""
         async def settle() -> None:
-            got = await transfer_trace(self.registry.control, decode.kv_address, tid, self.cfg.health_timeout_s)
-            if (got or {}).get("state") != "SCATTERED" and not prefill_task.done():
+            try:
+                got = await transfer_trace(self.registry.control, decode.kv_address, tid, self.cfg.health_timeout_s)
+            except Exception:  # no answer is no evidence that the KV was used
+                log.exception("transfer %s: asking %s whether its KV was scattered failed", tid, decode.name)
+                got = None
+            if (got or {}).get("state") != "SCATTERED" and not over.is_set():
                 self._abort_legs(None, prefill_task, decode, tid)
         task = asyncio.ensure_future(settle())
         self._background.add(task)

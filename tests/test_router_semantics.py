@@ -122,7 +122,8 @@ async def test_an_answer_done_before_its_prefill_replied_cancels_that_leg_only_i
 async def test_the_decode_connector_hears_that_the_prefill_answered_or_failed(make, mode, dispatch):
     """A prefill that answered is announced (a producer the connector has not heard from by then cannot reach
     it: its request gives up after no_show_s); a failed one is cancelled (recompute at once)."""
-    pre, dec = StubNode("p", mode=mode, die_after=0), StubNode("d", kv=True)
+    # scattered: a decode that got the KV says so (a leg sent beside a prefill that answered may end first)
+    pre, dec = StubNode("p", mode=mode, die_after=0), StubNode("d", kv=True, scattered=mode == "ok")
     url, _ = await make([pre], [dec], decode_dispatch=dispatch)
     assert (await post(url, REQ))[0] == 200
     tid = transfer_id(pre)
