@@ -158,14 +158,14 @@ class Placement:
             reason = "prefill_holds_prefix" if held > 0 else "remote_cheaper"
         return reason, f"{won} at {best.cost_s:.4f} s ({held:.0f} prompt tokens held there){vs}"
 
-    # What completed requests teach the model.
-
     def prefill_eta_s(self, d: Decision) -> float:
         """How long the decision's prefill leg is expected to take, in the terms the leg's own time is learned
         in (`prefill_done`): the node's queue, the prompt's fixed cost, the shared tier's load and the compute of
         what the node does not hold."""
         parts = d.chosen.parts
         return self.rates.request_s.value + sum(parts.get(k, 0.0) for k in ("queue_s", "shared_load_s", "compute_s"))
+
+    # What completed requests teach the model.
 
     def dispatched(self, d: Decision) -> None:
         """The prompt is on its way to the node that computes it: counted in that node's queue, and indexed
