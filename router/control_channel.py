@@ -10,6 +10,7 @@ nonce the frame carries (transfer/control_auth.py), so many questions can be in 
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import zmq
 import zmq.asyncio
@@ -17,16 +18,19 @@ import zmq.asyncio
 from transfer import wire
 from transfer.control_auth import UNSIGNED_NONCE, AuthError, Credential, parse
 
+log = logging.getLogger("kvbridge.router")
+
 
 class _Channel:
     def __init__(self, address: str, cred: Credential) -> None:
-        self.cred = cred
+        self.cred, self.address = cred, address
         self.sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.IMMEDIATE, 1)  # no queue for a connector that is down: its questions time out
         self.sock.connect(f"tcp://{address}")
         self.waiting: dict[bytes, asyncio.Future[bytes]] = {}
         self.reader: asyncio.Task | None = None
+        self.sending: set[asyncio.Task] = set()  # tells that a connection did not take at once
 
     async def ask(self, msg: wire.Message, timeout_s: float) -> wire.ReplyMessage | None:
         frame, nonce = self.cred.seal(wire.encode(msg))
@@ -43,17 +47,27 @@ class _Channel:
         finally:
             self.waiting.pop(nonce, None)
 
-    async def tell(self, msg: wire.Message, timeout_s: float) -> bool:
-        """Send `msg` without waiting for its reply (read and dropped when it comes); False when it could not
-        be handed to a connection within `timeout_s` (the connector is down)."""
+    def tell(self, msg: wire.Message, timeout_s: float) -> None:
+        """Send `msg` without waiting for its reply (read and dropped when it comes). A connection that takes
+        the frame at once (the usual case) costs no task and no timer; otherwise the send is retried in the
+        background for up to `timeout_s` and then dropped (the connector is down)."""
         frame, _ = self.cred.seal(wire.encode(msg))
         self._keep_reading()
+        sent = self.sock.send(frame)
+        if not sent.done():
+            task = asyncio.ensure_future(self._send_within(sent, timeout_s))
+            self.sending.add(task)  # the loop keeps only weak references to tasks
+            task.add_done_callback(self.sending.discard)
+        elif sent.exception() is not None:
+            log.debug("control message to %s not sent: %s", self.address, sent.exception())
+
+    async def _send_within(self, sent: asyncio.Future, timeout_s: float) -> None:
         try:
             async with asyncio.timeout(timeout_s):
-                await self.sock.send(frame)
-            return True
-        except (TimeoutError, zmq.ZMQError):
-            return False
+                await sent
+        except (TimeoutError, zmq.ZMQError) as e:
+            sent.cancel()
+            log.debug("control message to %s not sent within %g s: %s", self.address, timeout_s, e)
 
     def _keep_reading(self) -> None:
         if self.reader is None or self.reader.done():
@@ -79,6 +93,8 @@ class _Channel:
     def close(self) -> None:
         if self.reader is not None:
             self.reader.cancel()
+        for task in self.sending:
+            task.cancel()
         self.sock.close(0)
 
 
@@ -93,9 +109,9 @@ class ControlChannels:
         """The decoded reply to `msg`, or None when none came in time (or it was not an authentic, valid one)."""
         return await self._channel(address).ask(msg, timeout_s)
 
-    async def tell(self, address: str, msg: wire.Message, timeout_s: float) -> bool:
+    def tell(self, address: str, msg: wire.Message, timeout_s: float) -> None:
         """`msg` sent without waiting for the connector's reply (see `_Channel.tell`)."""
-        return await self._channel(address).tell(msg, timeout_s)
+        self._channel(address).tell(msg, timeout_s)
 
     def _channel(self, address: str) -> _Channel:
         channel = self._channels.get(address)

@@ -25,13 +25,12 @@ async def cancel_transfer(control: ControlChannels, addresses: list[str], transf
     return all(a is not None for a in answers)
 
 
-async def prefill_answered(control: ControlChannels, addresses: list[str], transfer_id: str, timeout_s: float) -> bool:
+def prefill_answered(control: ControlChannels, addresses: list[str], transfer_id: str, timeout_s: float) -> None:
     """Tell every rank of the decode connector the prefill node answered: a producer it has not heard from by
     then cannot reach it, and its request stops waiting after the connector's `no_show_s` instead of
-    `load_timeout_s`."""
-    sent = await asyncio.gather(*(control.tell(a, wire.PrefillAnswered(rid=1, transfer_id=transfer_id), timeout_s)
-                                  for a in addresses))
-    return all(sent)
+    `load_timeout_s`. Sent, not awaited: a rank that cannot take it within `timeout_s` is down."""
+    for a in addresses:
+        control.tell(a, wire.PrefillAnswered(rid=1, transfer_id=transfer_id), timeout_s)
 
 
 async def transfer_trace(control: ControlChannels, address: str, transfer_id: str, timeout_s: float) -> dict | None:

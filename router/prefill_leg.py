@@ -25,7 +25,6 @@ from router.upstream import post, read_all
 
 log = logging.getLogger("kvbridge.router")
 ANSWERED_SEND_S = 0.25  # a decode connector that cannot take the notice this soon is down or unreachable
-_NOTICES: set[asyncio.Task] = set()
 
 
 @dataclass
@@ -63,9 +62,7 @@ async def run_prefill(cfg: RouterConfig, registry: Registry, session: aiohttp.Cl
         ok, why = up.status == 200, f"HTTP {up.status}"
         if ok:
             registry.report_success(b)
-            notice = asyncio.create_task(prefill_answered(registry.control, kv_addresses, transfer_id, ANSWERED_SEND_S))
-            _NOTICES.add(notice)  # sent beside the leg's end, not awaited by it: the loop keeps only weak references
-            notice.add_done_callback(_NOTICES.discard)
+            prefill_answered(registry.control, kv_addresses, transfer_id, ANSWERED_SEND_S)
     except UpstreamFailure as e:
         over.set()
         registry.report_failure(b, e.why)
