@@ -59,6 +59,7 @@ class PDAnswer(NamedTuple):
     tpot: float  # seconds per output token after the first event's
     prefill_s: float  # the prefill leg's own time, until it answered
     held: int  # the decode's events that carried more than one token (Streamed.held)
+    predicted_s: float | None = None  # the router's prediction of the prefill leg's time (auto dispatch times by it)
 
 
 class ExposedTimes:
@@ -126,10 +127,11 @@ def router_once(router_url: str, body: dict, exposed: ExposedTimes) -> PDAnswer:
     else:
         raise RuntimeError(f"kvbridge's prefill leg did not answer: {trace['events']}")
     dispatched = at["decode_dispatched"]["detail"] if "decode_dispatched" in at else "with the prefill leg"
-    print(f"    kvbridge via its router: prefill leg {at['prefill_done']['ms']:.1f} ms, decode leg sent "
-          f"{dispatched}, TTFT {got.ttft * 1000:.1f} ms", flush=True)
+    eta = trace["placement"][-1]["prefill_eta_s"]
+    print(f"    kvbridge via its router: prefill leg {at['prefill_done']['ms']:.1f} ms (predicted {eta * 1000:.1f}), "
+          f"decode leg sent {dispatched}, TTFT {got.ttft * 1000:.1f} ms", flush=True)
     exposed.record(len(body["prompt"]), before)
-    return PDAnswer(got.ttft, got.text, got.tpot, at["prefill_done"]["ms"] / 1000, got.held)
+    return PDAnswer(got.ttft, got.text, got.tpot, at["prefill_done"]["ms"] / 1000, got.held, eta)
 
 
 def nixl_once(p: VllmServer, d: VllmServer, body: dict, gap: float = 0.0) -> PDAnswer:

@@ -102,6 +102,7 @@ class Length:
     equal: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PD, 0))
     tpot: dict[str, list[float]] = field(default_factory=dict)  # ms per output token after the first event's
     bursty: dict[str, int] = field(default_factory=dict)  # answers with an event that carried more than one token
+    eta: list[float] = field(default_factory=list)  # kvbridge's router: predicted / actual prefill leg time
 
     def add(self, got: dict) -> None:
         for name in self.names:
@@ -113,6 +114,8 @@ class Length:
             prefill_s = got[name].prefill_s
             self.parts[name].append(((prefill_s - agg_ttft) * 1000, (got[name].ttft - prefill_s) * 1000))
             self.equal[name] += got[name].text == got["aggregated"].text
+        if got["kvbridge"].predicted_s is not None:
+            self.eta.append(got["kvbridge"].predicted_s / got["kvbridge"].prefill_s)
 
     def paired(self) -> dict[tuple[str, str], MedianCI]:
         """Each system's per-token time over aggregated's, over the paused control's and over NixlConnector-best's,
@@ -142,6 +145,10 @@ def print_ttft(rows: list[Length], exposed: ExposedTimes, repeats: int) -> None:
         (kp, ka), (bp, ba) = ([statistics.median(x) for x in zip(*r.parts[name])] for name in PD)
         after = median_ci([k[1] / b[1] for k, b in zip(r.parts["kvbridge"], r.parts["nixl-best"])])
         print(f"{r.n:6} {kp:15.1f} / {bp:7.1f}{'':22}{ka:15.1f} / {ba:7.1f}; {after}")
+    if any(r.eta for r in rows):
+        print("the router's predicted prefill leg time / the leg's actual time (auto dispatch sends an idle decode "
+              "node its leg decode_lead_s before the predicted end): "
+              + ", ".join(f"{r.n} tokens {median_ci(r.eta)}" for r in rows if r.eta))
 
 
 def print_tpot(rows: list[Length], agg_core: str, repeats: int) -> None:
@@ -213,7 +220,7 @@ def main() -> None:
             if args.confine_prefills:  # a router runs on its own host: here, not on the decode node's core
                 print(f"confined to core 0: {confine(router[0], {0})} threads of kvbridge's router", flush=True)
             # the router learns its rates from idle prefill legs: a prompt's fixed cost from short ones, the
-            # prefill rate from longer ones, each a moving mean that takes a fifth of every sample
+            # prefill compute's cost (which grows with the prompt's length) from longer ones of each length
             learn = random.Random(3)
             for n in [32] * 3 + sorted(args.lengths) * 4:
                 router_once(router[0].url, {"model": "tiny", "prompt": [learn.randrange(10, 1000) for _ in range(n)],

@@ -3,15 +3,15 @@ moved (remote) or prefilled on the decode node itself (local), from a cost model
 
 For every decode node d (and, for remote, every prefill node p) the model estimates how soon the prompt's
 KV would be ready on d:
-  local  = load(d) + queue(d) + (tokens - held by d) / rate x local_penalty
-  remote = load(d) + overhead + queue(p) + shared load + (tokens - held by p) / rate
+  local  = load(d) + queue(d) + compute(held by d .. tokens) x local_penalty
+  remote = load(d) + overhead + queue(p) + shared load + compute(held by p .. tokens)
            + (tokens - held by d) x kv bytes per token / link rate
 and either, for the tokens of its prefix a prefill node is computing for us right now and this node does not
 hold, adds their compute again x `duplicate_weight` (a round of chats sharing a system prompt then queues
 behind the node computing it instead of computing it once per node).
-`held` comes from the router's prefix index (router/prefix_index.py); `queue` is the prompt tokens the
-router has in flight on that node over the prefill rate; `load(d)` the requests already on d. The rates
-are learned (router/learned_rates.py). With `policy: prefix_aware` every up node is a candidate; with the
+`held` comes from the router's prefix index (router/prefix_index.py); `compute` grows faster than the tokens
+(router/prefill_cost.py); `queue` is the compute of the prompts the router has in flight on that node;
+`load(d)` the requests already on d. The rates are learned (router/learned_rates.py). With `policy: prefix_aware` every up node is a candidate; with the
 other policies the candidates are the nodes that policy picks, and the model only decides local or remote.
 `mode` pins the choice (always remote, never remote) while still choosing among nodes. Each decision keeps
 its candidates and scores for /debug/requests/{id} and is counted by reason in the metrics.
@@ -39,6 +39,7 @@ class Placement:
         self.rates = LearnedRates(cfg.chars_per_token, cfg.prefill_tokens_per_s, cfg.request_s,
                                   cfg.shared_load_tokens_per_s, cfg.link_bytes_per_s)
         self.pending: dict[str, float] = {}  # node -> prompt tokens it is computing for us now
+        self.pending_s: dict[str, float] = {}  # node -> their predicted compute
         self.pending_requests: dict[str, int] = {}  # node -> prompts it is computing for us now
         self._inflight: dict[str, Counter[str]] = {}  # node -> prefix keys of the prompts it is computing for us
         self._downs: dict[str, int] = {}  # node -> its `downs` when its index was last trusted
@@ -51,10 +52,15 @@ class Placement:
 
     def break_even_tokens(self) -> float:
         """Below this many uncached prompt tokens an idle decode node prefills sooner than a prefill node plus
-        the transfer (inf: local always sooner at these rates)."""
-        rate = self.rates.prefill_tokens_per_s.value
-        per_token = (self.cfg.local_penalty - 1) / rate - self.cfg.kv_bytes_per_token / self.rates.link_bytes_per_s.value
-        return self.cfg.remote_overhead_s / per_token if per_token > 0 else math.inf
+        the transfer (inf: local always sooner at these rates): the positive root of
+        (penalty - 1) x compute(0 .. n) - n x kv bytes per token / link rate = remote overhead."""
+        extra = self.cfg.local_penalty - 1
+        quad = extra * self.rates.prefill.context_s / 2
+        lin = extra * self.rates.prefill.per_token_s - self.cfg.kv_bytes_per_token / self.rates.link_bytes_per_s.value
+        overhead = self.cfg.remote_overhead_s
+        if quad > 0:
+            return (-lin + math.sqrt(lin * lin + 4 * quad * overhead)) / (2 * quad)
+        return overhead / lin if lin > 0 else math.inf
 
     def decide(self, body: dict, exclude: set[str], forced_local: str | None = None) -> Decision | None:
         """The decode node and prefill node (None: local) for this request; None when no decode node is up.
@@ -98,24 +104,22 @@ class Placement:
         return min(tokens, self.index.held(name, keys) * self.cfg.chunk_chars / self.rates.chars_per_token.value)
 
     def _queue_s(self, node: str) -> float:
-        """What the node computes for us before this prompt: its queued tokens, and a forward pass's fixed
-        cost per queued prompt (on a small model that cost, not the tokens, is most of a short prompt's time)."""
-        return (self.pending.get(node, 0) / self.rates.prefill_tokens_per_s.value
-                + self.pending_requests.get(node, 0) * self.rates.request_s.value)
+        """What the node computes for us before this prompt: its queued prompts' compute, and a forward pass's
+        fixed cost per queued prompt (on a small model that cost, not the tokens, is most of a short prompt's
+        time)."""
+        return self.pending_s.get(node, 0.0) + self.pending_requests.get(node, 0) * self.rates.request_s.value
 
     def _base(self, d: Backend) -> float:
         return d.outstanding * self.cfg.decode_load_s
 
     def _local(self, d: Backend, keys: list[str], tokens: float) -> Candidate:
-        rate = self.rates.prefill_tokens_per_s.value
         held = self._held_tokens(d.name, keys, tokens)
         parts = {"load_s": self._base(d), "queue_s": self._queue_s(d.name),
-                 "compute_s": (tokens - held) / rate * self.cfg.local_penalty,
+                 "compute_s": self.rates.prefill.seconds(tokens, held) * self.cfg.local_penalty,
                  "duplicate_s": self._duplicate_s(d.name, keys, tokens, held), "held_tokens": held}
         return Candidate(d, None, sum(v for k, v in parts.items() if k.endswith("_s")), parts)
 
     def _remote(self, d: Backend, p: Backend, keys: list[str], tokens: float) -> Candidate:
-        rate = self.rates.prefill_tokens_per_s.value
         own = self._held_tokens(p.name, keys, tokens)
         shared = self._held_tokens(SHARED, keys, tokens) if self.cfg.shared_store else 0.0
         held = max(own, shared)
@@ -123,7 +127,7 @@ class Placement:
         parts = {"load_s": self._base(d), "overhead_s": self.cfg.remote_overhead_s,
                  "queue_s": self._queue_s(p.name),
                  "shared_load_s": max(0.0, shared - own) / self.rates.shared_load_tokens_per_s.value,
-                 "compute_s": (tokens - held) / rate, "duplicate_s": self._duplicate_s(p.name, keys, tokens, held),
+                 "compute_s": self.rates.prefill.seconds(tokens, held), "duplicate_s": self._duplicate_s(p.name, keys, tokens, held),
                  "transfer_s": (tokens - on_decode) * self.cfg.kv_bytes_per_token / self.rates.link_bytes_per_s.value,
                  "held_tokens": held, "decode_held_tokens": on_decode}
         return Candidate(d, p, sum(v for k, v in parts.items() if k.endswith("_s")), parts)
@@ -131,8 +135,8 @@ class Placement:
     def _duplicate_s(self, node: str, keys: list[str], tokens: float, held: float) -> float:
         """The compute of the prompt's leading tokens that another node is computing for us now, not held here."""
         lead = max((_leading(c, keys) for n, c in self._inflight.items() if n != node), default=0)
-        twice = min(tokens, lead * self.cfg.chunk_chars / self.rates.chars_per_token.value) - held
-        return max(0.0, twice) / self.rates.prefill_tokens_per_s.value * self.cfg.duplicate_weight
+        twice = min(tokens, lead * self.cfg.chunk_chars / self.rates.chars_per_token.value)
+        return self.rates.prefill.seconds(twice, held) * self.cfg.duplicate_weight
 
     def _reason(self, best: Candidate, cands: list[Candidate], forced_local: str | None,
                 had_prefills: bool) -> tuple[str, str]:
@@ -172,6 +176,7 @@ class Placement:
         there from now on (a second request for the same prefix belongs there too; the reply corrects it)."""
         node = (d.prefill or d.decode).name
         self.pending[node] = self.pending.get(node, 0) + d.miss_tokens
+        self.pending_s[node] = self.pending_s.get(node, 0.0) + d.chosen.parts["compute_s"]
         self.pending_requests[node] = self.pending_requests.get(node, 0) + 1
         if d.prefill is not None:  # a local prefill's end is not seen (only its answer's), so it is not counted
             self._inflight.setdefault(node, Counter()).update(d.keys)
@@ -183,8 +188,12 @@ class Placement:
         """The computing node is done with the prompt (or gave up): out of its queue. For a local prefill that
         is when the answer ends: the router sees nothing of the decode node's prefill but the answer."""
         node = (d.prefill or d.decode).name
-        self.pending[node] = max(0.0, self.pending.get(node, 0) - d.miss_tokens)
         self.pending_requests[node] = max(0, self.pending_requests.get(node, 0) - 1)
+        if self.pending_requests[node]:
+            self.pending[node] = max(0.0, self.pending.get(node, 0) - d.miss_tokens)
+            self.pending_s[node] = max(0.0, self.pending_s.get(node, 0.0) - d.chosen.parts["compute_s"])
+        else:  # exactly empty: sums of floats taken apart again in another order leave a residue
+            self.pending[node] = self.pending_s[node] = 0.0
         if d.prefill is not None and node in self._inflight:
             self._inflight[node].subtract(d.keys)
             self._inflight[node] = +self._inflight[node]  # keys of no prompt in flight any more leave
@@ -206,7 +215,7 @@ class Placement:
             else:  # vLLM reports cached tokens only when started with --enable-prompt-tokens-details
                 miss, from_shared = max(0.0, prompt_tokens - d.chosen.parts.get("held_tokens", 0.0)), 0
             if self.cfg.learn and was_idle and leg_s > 0:
-                self._learn_leg(leg_s, miss, from_shared)
+                self._learn_leg(leg_s, prompt_tokens, miss, from_shared)
         self.index.record(p.name, d.keys)
         if self.cfg.shared_store:
             self.index.record(SHARED, d.keys)
@@ -229,16 +238,17 @@ class Placement:
             note = self.index.correct(SHARED, d.keys, shared, observed) or note
         return note, cached if own == 0 and shared > 0 and cached > 0 else 0
 
-    def _learn_leg(self, leg_s: float, miss: float, from_shared: int) -> None:
+    def _learn_leg(self, leg_s: float, tokens: float, miss: float, from_shared: int) -> None:
         """An idle prefill leg's time teaches the rates: the shared tier's load rate when only it held the
-        prefix, a prompt's fixed cost from short prompts, the prefill rate from longer ones."""
+        prefix, a prompt's fixed cost from short prompts, the prefill compute's cost from longer ones."""
+        held = tokens - miss
         if from_shared:
-            rest = miss / self.rates.prefill_tokens_per_s.value
+            rest = self.rates.prefill.seconds(tokens, held)
             self.rates.shared_load_tokens_per_s.observe(from_shared / (leg_s - rest) if leg_s > rest else 0)
         elif miss < SHORT_LEG_TOKENS:  # a short prompt's leg is mostly the fixed cost
-            self.rates.request_s.observe(leg_s - miss / self.rates.prefill_tokens_per_s.value)
+            self.rates.request_s.observe(leg_s - self.rates.prefill.seconds(tokens, held))
         elif leg_s > self.rates.request_s.value:
-            self.rates.prefill_tokens_per_s.observe(miss / (leg_s - self.rates.request_s.value))
+            self.rates.prefill.observe(tokens, held, leg_s - self.rates.request_s.value)
             child(PLACEMENT_SETTING, "break_even_tokens").set(self.break_even_tokens())
 
     def served(self, d: Decision) -> None:

@@ -22,7 +22,8 @@ class PlacementConfig(BaseModel):
     shared_load_tokens_per_s: float = Field(default=50000.0, gt=0, description="start value; learned from legs "
                                             "whose prefix only the shared tier held")
     chars_per_token: float = Field(default=4.0, gt=0, description="start value; learned from replies' prompt_tokens")
-    prefill_tokens_per_s: float = Field(default=2000.0, gt=0, description="start value; learned from prefill legs")
+    prefill_tokens_per_s: float = Field(default=2000.0, gt=0, description="start value; learned from prefill legs, "
+                                        "with what each token of context adds (router/prefill_cost.py)")
     request_s: float = Field(default=0.05, ge=0, description="a prompt's fixed cost on the node computing it (a "
                              "forward pass), counted per prompt queued there; start value, learned from prefill legs")
     link_bytes_per_s: float = Field(default=1e9, gt=0, description="start value; learned from completed transfers")

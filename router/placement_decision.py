@@ -32,6 +32,7 @@ class Decision:
     chosen: Candidate
     candidates: list[Candidate]
     predicted: dict[str, int] = field(default_factory=dict)  # node -> leading chunks it was believed to hold
+    prefill_eta_s: float | None = None  # a prefill leg's predicted time, once it was sent (Placement.prefill_eta_s)
 
     @property
     def miss_tokens(self) -> float:
@@ -46,4 +47,5 @@ class Decision:
         return {"decode": self.decode.name, "prefill": self.prefill.name if self.prefill else None,
                 "where": self.where, "reason": self.reason, "why": self.why, "prompt_chars": self.chars,
                 "prompt_tokens_estimated": round(self.tokens, 1), "prefix_chunks_held": self.predicted,
+                "prefill_eta_s": None if self.prefill_eta_s is None else round(self.prefill_eta_s, 6),
                 "candidates": [c.explain() for c in sorted(self.candidates, key=lambda c: c.cost_s)]}

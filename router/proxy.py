@@ -97,7 +97,8 @@ class Proxy:
         prefill_task: asyncio.Task | None = None
         prefill_over = asyncio.Event()
         if prefill is not None:
-            was_idle = not self.placement.pending.get(prefill.name)
+            was_idle = not self.placement.pending_requests.get(prefill.name)
+            decision.prefill_eta_s = self.placement.prefill_eta_s(decision)
             prefill_task = asyncio.create_task(run_prefill(
                 self.cfg, self.registry, self.session, prefill, path, prefill_body(body, tid, decode.kv_address,
                                                                       self.cfg.push_key, self.cfg.push_token_ttl_s),
@@ -185,7 +186,7 @@ class Proxy:
         decode = decision.decode
         if decode.outstanding - self._deferred.get(decode.name, 0) > 0:  # others of ours run there
             return 0.0
-        return max(0.0, self.placement.prefill_eta_s(decision) - self.cfg.decode_lead_s)
+        return max(0.0, decision.prefill_eta_s - self.cfg.decode_lead_s)
 
     def _prefill_finished(self, decision: Decision, task: asyncio.Task, was_idle: bool, trace: Trace) -> None:
         """The prefill leg ended: its node's queue shrinks, and a leg that answered teaches the placement model."""

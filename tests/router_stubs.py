@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import threading
+from typing import Callable
 
 import aiohttp
 import pytest
@@ -23,12 +24,14 @@ class StubNode:
     """A fake vLLM node. `mode`: ok | reset (drop the connection) | die (abort after `die_after` events)
     | silent (go quiet after one event) | hang (never answer, and fail /health from then on) | late (headers
     at once, then no first event and no unstreamed answer for an hour, /health passing: a stuck prefill).
-    `store`: it keeps every prompt it saw (until `held.clear()`) and its unstreamed answers report `usage`
+    `interval`: seconds between streamed events, and before an unstreamed answer (a function of the request's
+    body: a prefill whose time depends on the prompt). `store`: it keeps every prompt it saw (until `held.clear()`) and its unstreamed answers report `usage`
     as vLLM does, 4 characters a token, with the longest held prefix as `cached_tokens` (`details=False`: no
     `prompt_tokens_details`, as vLLM without --enable-prompt-tokens-details). `scattered`: its
     connector says of every transfer asked about that it was received and scattered (else that it has none)."""
 
-    def __init__(self, name: str, mode: str = "ok", events: int = 4, interval: float = 0.0, die_after: int = 2,
+    def __init__(self, name: str, mode: str = "ok", events: int = 4,
+                 interval: float | Callable[[dict], float] = 0.0, die_after: int = 2,
                  kv: bool = False, store: bool = False, ranks: int = 1, scattered: bool = False,
                  details: bool = True) -> None:
         self.name, self.mode, self.events, self.interval, self.die_after = name, mode, events, interval, die_after
@@ -125,7 +128,8 @@ class StubNode:
                 self.healthy = False
                 await asyncio.sleep(3600)
             if not body.get("stream"):
-                await asyncio.sleep(3600 if self.mode == "late" else self.interval)
+                await asyncio.sleep(3600 if self.mode == "late" else
+                                    self.interval(body) if callable(self.interval) else self.interval)
                 return web.json_response({"object": "text_completion", "choices": [{"index": 0, "text": self.name}],
                                           "kv_transfer_params": {"kvbridge": {}}, **self._usage(body)})
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "X-Request-Id": "from-" + self.name})

@@ -145,9 +145,31 @@ async def test_an_idle_prefill_leg_teaches_the_prefill_rate_whether_or_not_vllm_
     url, api = await make([pre], [dec], placement={"mode": "always", "prefill_tokens_per_s": 100000.0,
                                                    "request_s": 0.0})
     await send(url, "The quarter went well. " * 200)  # ~1150 tokens in 0.5 s: ~2300 tokens/s
-    rate = api[PROXY].placement.rates.prefill_tokens_per_s
-    assert await eventually(lambda: rate.samples == 1)
-    assert 1500 < (rate.value - 0.8 * 100000) / 0.2 < 2400, rate  # the one sample the moving mean took in
+    cost = api[PROXY].placement.rates.prefill
+    assert await eventually(lambda: cost.samples == 1)
+    assert 1500 < cost.tokens_per_s() < 2400 and cost.context_s == 0, cost.snapshot()  # one length: no slope yet
+
+
+async def test_an_idle_prefill_legs_predicted_time_follows_a_cost_that_grows_with_the_prompt(make):
+    """A token's compute grows with the context before it, so a prompt twice as long takes more than twice as
+    long: after legs of two lengths the router predicts a longer prompt's leg (auto dispatch times an idle
+    decode node's leg by it), as /debug/requests shows, to within a tenth (one rate: a fifth short)."""
+    def leg_s(body: dict) -> float:  # the stub reports 4 characters a token
+        tokens = len(body["prompt"]) // 4
+        return 0.02 + tokens * (1.5e-4 + 3e-7 * tokens / 2)
+    pre, dec = StubNode("p", store=True, details=False, interval=leg_s), StubNode("d", kv=True, scattered=True)
+    url, api = await make([pre], [dec], placement={"mode": "always", "request_s": 0.02})
+    words = iter(range(10 ** 6))
+    placement = api[PROXY].placement
+
+    def prompt(tokens: int) -> str:  # 8 characters a word, none shared with another prompt
+        return "".join(f"w{next(words):06d} " for _ in range(tokens // 2))
+    for tokens in [400, 1600] * 3:
+        await send(url, prompt(tokens))  # the decode stub answers at once: wait for the prefill leg, idle again
+        assert await eventually(lambda: not placement.pending_requests.get("p"))
+    assert placement.rates.prefill.samples == 6
+    decision = await send(url, prompt(2000))
+    assert decision["prefill_eta_s"] == pytest.approx(leg_s({"prompt": "x" * 8000}), rel=0.1), decision
 
 
 async def test_the_mode_can_be_pinned_at_run_time(make):
