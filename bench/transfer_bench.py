@@ -1,7 +1,10 @@
 """Transfer benchmark: producer and consumer as two processes on 127.0.0.1, real NIXL.
 
 For each size it times one contiguous WRITE (post -> DONE, median of repeats) and a
-single-process memcpy of the same bytes in the same run, and prints the ratio. Every buffer is
+single-process memcpy of the same bytes in the same run, and prints the ratio. On the host it also times the
+kernel copy UCX's `cma` transport is built on (one `process_vm_writev` of the same bytes into the consumer's
+registered buffer, in one call): what crossing from one process to another costs here, which an in-process
+memcpy does not pay, as `ratio_cma` (UCX, splitting a write in pieces, can beat the one call). Every buffer is
 what the engine registers (`zeroed_buffer`: huge pages on the host), the memcpy's included. Each
 write carries a chunk notice, as the producer's do. Once a notice has gone over TCP (UCX's lane
 for NIXL notifications with peer error handling) the next write completes only after the receiver
@@ -19,6 +22,7 @@ lines, from Python or native code, in either process) goes to stderr.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import multiprocessing as mp
 import os
@@ -70,6 +74,22 @@ def _median_s(fn, repeats: int, device: str) -> float:
         _sync(device)
         out.append(time.perf_counter() - t0)
     return statistics.median(out)
+
+
+class _IoVec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+def _cma_s(pid: int, src_addr: int, dst_addr: int, size: int, repeats: int) -> float:
+    """One process_vm_writev of `size` bytes into process `pid` (the kernel copy UCX's cma transport makes, in
+    the writer's thread), median seconds."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    local, remote = _IoVec(src_addr, size), _IoVec(dst_addr, size)
+
+    def write() -> None:
+        if libc.process_vm_writev(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0) != size:
+            raise OSError(ctypes.get_errno(), "process_vm_writev into the consumer failed")
+    return _median_s(write, repeats, "cpu")
 
 
 def _notice(chunk: int, nbytes: int) -> bytes:
@@ -129,6 +149,9 @@ def run(device: str, repeats: int, max_mib: int = 256, desc_mib: int = 16) -> li
         t_copy = _median_s(lambda: dst[:size].copy_(src[:size]), repeats, device)
         rows.append(_row(f"contiguous {size // MiB} MiB", size, t_nixl, t_copy,
                          _copy_1t(dst, src, size, repeats, device)))
+        if device == "cpu":
+            cma_gbs = size / _cma_s(proc.pid, local.addr, raddr, size, repeats) / 1e9
+            rows[-1].update(cma_gb_s=round(cma_gbs, 2), ratio_cma=round(rows[-1]["gb_s"] / cma_gbs, 3))
     size, piece = desc_mib * MiB, 64 * 1024
     t_desc = nixl_s(lambda: w.write([[(o, o, piece) for o in range(0, size, piece)]]))
     t_copy = _median_s(lambda: dst[:size].copy_(src[:size]), repeats, device)
@@ -198,10 +221,11 @@ def main(argv: list[str] | None = None) -> None:
         result.close()
         return
     rows = run(args.device, args.repeats, args.max_mib, args.desc_mib)
-    print(f"{'case':58} {'GB/s':>7} {'memcpy':>7} {'ratio':>6} {'memcpy1t':>8} {'ratio1t':>7}")
+    print(f"{'case':58} {'GB/s':>7} {'memcpy':>7} {'ratio':>6} {'memcpy1t':>8} {'ratio1t':>7} {'cma':>6} {'ratio_cma':>9}")
     for r in rows:
+        cma = f"{r['cma_gb_s']:6.2f} {r['ratio_cma']:9.2f}" if "cma_gb_s" in r else ""
         print(f"{r['case']:58} {r['gb_s']:7.2f} {r['memcpy_gb_s']:7.2f} {r['ratio']:6.2f} "
-              f"{r['memcpy_1thread_gb_s']:8.2f} {r['ratio_1thread']:7.2f}")
+              f"{r['memcpy_1thread_gb_s']:8.2f} {r['ratio_1thread']:7.2f} {cma}")
 
 
 if __name__ == "__main__":

@@ -23,4 +23,5 @@ def test_bench_json_stdout_is_json_alone_even_with_ucx_printing():
                           "--desc-mib", "1"], capture_output=True, text=True, timeout=300, check=True, env=env)
     rows = json.loads(out.stdout)
     assert [r["case"] for r in rows][:2] == ["contiguous 1 MiB", "1 MiB as 16 x 64 KiB descriptors"]
+    assert rows[0]["cma_gb_s"] > 0 and rows[0]["ratio_cma"] > 0  # the cross-process kernel copy beside it
     assert "remote memory write" in out.stderr  # UCX did print its tables: they went to stderr
