@@ -128,7 +128,8 @@ def router_once(router_url: str, body: dict, exposed: ExposedTimes) -> PDAnswer:
         raise RuntimeError(f"kvbridge's prefill leg did not answer: {trace['events']}")
     dispatched = at["decode_dispatched"]["detail"] if "decode_dispatched" in at else "with the prefill leg"
     eta = trace["placement"][-1]["prefill_eta_s"]
-    print(f"    kvbridge via its router: prefill leg {at['prefill_done']['ms']:.1f} ms (predicted {eta * 1000:.1f}), "
+    print(f"    kvbridge via its router: prefill leg {at['prefill_done']['ms']:.1f} ms (predicted "
+          f"{'-' if eta is None else round(eta * 1000, 1)}), "
           f"decode leg sent {dispatched}, TTFT {got.ttft * 1000:.1f} ms", flush=True)
     exposed.record(len(body["prompt"]), before)
     return PDAnswer(got.ttft, got.text, got.tpot, at["prefill_done"]["ms"] / 1000, got.held, eta)

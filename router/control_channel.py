@@ -27,7 +27,11 @@ class _Channel:
         self.sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.IMMEDIATE, 1)  # no queue for a connector that is down: its questions time out
-        self.sock.connect(f"tcp://{address}")
+        try:
+            self.sock.connect(f"tcp://{address}")
+        except zmq.ZMQError:
+            self.sock.close(0)
+            raise
         self.waiting: dict[bytes, asyncio.Future[bytes]] = {}
         self.reader: asyncio.Task | None = None
         self.sending: set[asyncio.Task] = set()  # tells that a connection did not take at once

@@ -58,9 +58,10 @@ class Placement:
         quad = extra * self.rates.prefill.context_s / 2
         lin = extra * self.rates.prefill.per_token_s - self.cfg.kv_bytes_per_token / self.rates.link_bytes_per_s.value
         overhead = self.cfg.remote_overhead_s
-        if quad > 0:
-            return (-lin + math.sqrt(lin * lin + 4 * quad * overhead)) / (2 * quad)
-        return overhead / lin if lin > 0 else math.inf
+        root = math.sqrt(lin * lin + 4 * quad * overhead)
+        if lin > 0:  # the same root, without the cancellation of -lin + root when quad is tiny
+            return 2 * overhead / (lin + root)
+        return (root - lin) / (2 * quad) if quad > 0 else math.inf
 
     def decide(self, body: dict, exclude: set[str], forced_local: str | None = None) -> Decision | None:
         """The decode node and prefill node (None: local) for this request; None when no decode node is up.
@@ -268,6 +269,7 @@ class Placement:
         return {"mode": self.mode, "prefix_aware": self.prefix_aware,
                 "break_even_tokens": None if math.isinf(even) else round(even, 1),
                 "rates": self.rates.snapshot(), "pending_tokens": {k: round(v, 1) for k, v in self.pending.items()},
+                "pending_s": {k: round(v, 4) for k, v in self.pending_s.items()},
                 "index": self.index.snapshot()}
 
 

@@ -5,9 +5,12 @@ They travel on the router's long-lived channels (router/control_channel.py)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from router.control_channel import ControlChannels
 from transfer import wire
+
+log = logging.getLogger("kvbridge.router")
 
 
 async def pool_status(control: ControlChannels, address: str, timeout_s: float) -> tuple[float, int] | None:
@@ -30,7 +33,11 @@ def prefill_answered(control: ControlChannels, addresses: list[str], transfer_id
     then cannot reach it, and its request stops waiting after the connector's `no_show_s` instead of
     `load_timeout_s`. Sent, not awaited: a rank that cannot take it within `timeout_s` is down."""
     for a in addresses:
-        control.tell(a, wire.PrefillAnswered(rid=1, transfer_id=transfer_id), timeout_s)
+        try:
+            control.tell(a, wire.PrefillAnswered(rid=1, transfer_id=transfer_id), timeout_s)
+        except Exception as e:  # a notice that cannot go (no socket to be had) must not fail the leg that answered
+            log.warning("could not tell the decode connector at %s that transfer %s's prefill answered: %s",
+                        a, transfer_id, e)
 
 
 async def transfer_trace(control: ControlChannels, address: str, transfer_id: str, timeout_s: float) -> dict | None:

@@ -24,24 +24,26 @@ def test_legs_of_two_lengths_predict_every_length_and_a_held_prefix():
         assert cost.seconds(tokens, held) == pytest.approx(true_s(tokens, held), rel=0.01), (tokens, held)
 
 
-def test_a_single_rate_would_have_predicted_the_longer_prompt_short():
-    """What the model replaces: the rate of 1000-token legs is ~17 % short on a 2000-token prompt here."""
-    rate = 1000 / true_s(1000)
-    assert 2000 / rate < 0.85 * true_s(2000)
-
-
 def test_legs_of_one_length_fit_that_length_and_learn_no_slope():
     cost = PrefillCost(2000.0)
     for _ in range(5):
         cost.observe(1000, 0, true_s(1000))
     assert cost.context_s == 0.0
-    assert cost.seconds(1000) == pytest.approx(true_s(1000), rel=1e-9)
+    assert cost.seconds(1000) == pytest.approx(true_s(1000), rel=0.01)  # the start rate all but faded
 
 
-def test_the_first_leg_replaces_the_configured_start_rate():
+def test_a_long_first_leg_all_but_replaces_the_configured_start_rate():
     cost = PrefillCost(100000.0)
     cost.observe(1000, 0, 0.5)
-    assert cost.tokens_per_s() == pytest.approx(2000.0) and cost.samples == 1
+    assert cost.tokens_per_s() == pytest.approx(2000.0, rel=0.05) and cost.samples == 1
+
+
+def test_a_short_first_leg_that_stalled_moves_the_start_only_part_of_the_way():
+    """An 80-token first leg half a second late reads as 15 times the cost per token; weighed against the
+    configured start (as one 128-token leg) it makes the model less than 6 times too slow, not 15."""
+    cost = PrefillCost(1 / FLAT_S)
+    cost.observe(80, 0, true_s(80) + 0.5)
+    assert true_s(100) < cost.seconds(100) < 6 * true_s(100)
 
 
 def test_a_node_that_got_slower_is_followed_within_a_few_legs():
@@ -72,6 +74,19 @@ def test_a_long_leg_that_stalled_moves_the_model_a_bounded_step():
     assert true_s(2000) < cost.seconds(2000) < 1.5 * true_s(2000)
 
 
+def test_a_change_of_speed_seen_at_one_length_is_right_everywhere_once_other_lengths_come_again():
+    cost = PrefillCost(2000.0)
+    for n in [1000, 2000] * 4:
+        cost.observe(n, 0, true_s(n))
+    for _ in range(12):
+        cost.observe(2000, 0, true_s(2000, slower=2.0))
+    assert cost.seconds(2000) == pytest.approx(true_s(2000, slower=2.0), rel=0.05)
+    for n in [1000, 2000] * 3:
+        cost.observe(n, 0, true_s(n, slower=2.0))
+    for n in (500, 1000, 4000):
+        assert cost.seconds(n) == pytest.approx(true_s(n, slower=2.0), rel=0.03), n
+
+
 def test_a_node_three_times_slower_is_followed_within_a_dozen_legs():
     cost = PrefillCost(2000.0)
     for n in [1000, 2000] * 4:
@@ -93,7 +108,7 @@ def test_noisy_legs_never_give_a_negative_cost_or_slope():
 
 def test_legs_whose_cost_is_all_context_keep_a_positive_flat_part():
     cost = PrefillCost(2000.0)
-    for n in [1000, 2000, 1000]:
+    for n in [1000, 2000] * 4:
         cost.observe(n, 0, n * CONTEXT_S * n / 2)
     assert cost.per_token_s > 0 and cost.seconds(3000) == pytest.approx(3000 * CONTEXT_S * 1500, rel=0.02)
 
@@ -102,6 +117,8 @@ def test_nothing_to_compute_costs_nothing_and_teaches_nothing():
     cost = PrefillCost(2000.0)
     cost.observe(1000, 1000, 0.1)
     cost.observe(1000, 0, 0.0)
+    cost.observe(1000, 0, float("nan"))
+    cost.observe(1000, 0, float("inf"))
     assert cost.samples == 0 and cost.seconds(1000, 1000) == 0.0 and cost.seconds(500, 800) == 0.0
 
 
