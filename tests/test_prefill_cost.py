@@ -16,10 +16,16 @@ def true_s(tokens: float, held: float = 0.0, slower: float = 1.0) -> float:
     return slower * (tokens - held) * (FLAT_S + CONTEXT_S * (tokens + held) / 2)
 
 
-def test_legs_of_two_lengths_predict_every_length_and_a_held_prefix():
+def learned() -> PrefillCost:
+    """A model that saw four legs of each of two lengths at the true cost."""
     cost = PrefillCost(2000.0)
     for n in [1000, 2000] * 4:
         cost.observe(n, 0, true_s(n))
+    return cost
+
+
+def test_legs_of_two_lengths_predict_every_length_and_a_held_prefix():
+    cost = learned()
     for tokens, held in [(1000, 0), (2000, 0), (1500, 0), (4000, 0), (3000, 1000)]:
         assert cost.seconds(tokens, held) == pytest.approx(true_s(tokens, held), rel=0.01), (tokens, held)
 
@@ -46,38 +52,31 @@ def test_a_short_first_leg_that_stalled_moves_the_start_only_part_of_the_way():
     assert true_s(100) < cost.seconds(100) < 6 * true_s(100)
 
 
-def test_a_node_that_got_slower_is_followed_within_a_few_legs():
-    cost = PrefillCost(2000.0)
-    for n in [1000, 2000] * 4:
-        cost.observe(n, 0, true_s(n))
+@pytest.mark.parametrize("slower, within", [(1.5, 0.05), (3.0, 0.1)])
+def test_a_node_that_got_slower_is_followed_within_a_dozen_legs(slower, within):
+    cost = learned()
     for n in [1000, 2000] * 6:
-        cost.observe(n, 0, true_s(n, slower=1.5))
-    assert cost.seconds(2000) == pytest.approx(true_s(2000, slower=1.5), rel=0.05)
+        cost.observe(n, 0, true_s(n, slower=slower))
+    assert cost.seconds(2000) == pytest.approx(true_s(2000, slower=slower), rel=within)
 
 
 def test_a_short_leg_that_stalled_barely_moves_the_long_prompts_prediction():
     """A 64-token leg half a second late (a first request of a new shape, a scheduler hiccup) reads as 15 times
     the cost per token; it moves a 2000-token prediction by under 2 %, a 128-token one by under 5 %."""
-    cost = PrefillCost(2000.0)
-    for n in [1000, 2000] * 4:
-        cost.observe(n, 0, true_s(n))
+    cost = learned()
     cost.observe(64, 0, true_s(64) + 0.5)
     assert cost.seconds(2000) == pytest.approx(true_s(2000), rel=0.02)
     assert cost.seconds(128) == pytest.approx(true_s(128), rel=0.05)
 
 
 def test_a_long_leg_that_stalled_moves_the_model_a_bounded_step():
-    cost = PrefillCost(2000.0)
-    for n in [1000, 2000] * 4:
-        cost.observe(n, 0, true_s(n))
+    cost = learned()
     cost.observe(2000, 0, true_s(2000) * 10)
     assert true_s(2000) < cost.seconds(2000) < 1.5 * true_s(2000)
 
 
 def test_a_change_of_speed_seen_at_one_length_is_right_everywhere_once_other_lengths_come_again():
-    cost = PrefillCost(2000.0)
-    for n in [1000, 2000] * 4:
-        cost.observe(n, 0, true_s(n))
+    cost = learned()
     for _ in range(12):
         cost.observe(2000, 0, true_s(2000, slower=2.0))
     assert cost.seconds(2000) == pytest.approx(true_s(2000, slower=2.0), rel=0.05)
@@ -85,15 +84,6 @@ def test_a_change_of_speed_seen_at_one_length_is_right_everywhere_once_other_len
         cost.observe(n, 0, true_s(n, slower=2.0))
     for n in (500, 1000, 4000):
         assert cost.seconds(n) == pytest.approx(true_s(n, slower=2.0), rel=0.03), n
-
-
-def test_a_node_three_times_slower_is_followed_within_a_dozen_legs():
-    cost = PrefillCost(2000.0)
-    for n in [1000, 2000] * 4:
-        cost.observe(n, 0, true_s(n))
-    for n in [1000, 2000] * 6:
-        cost.observe(n, 0, true_s(n, slower=3.0))
-    assert cost.seconds(2000) == pytest.approx(true_s(2000, slower=3.0), rel=0.1)
 
 
 def test_noisy_legs_never_give_a_negative_cost_or_slope():
@@ -130,8 +120,7 @@ def test_the_break_even_prompt_costs_the_decode_node_as_much_as_going_remote():
 
     cfg = PlacementConfig()
     placement = Placement(cfg, None, prefix_aware=False)
-    for n in [1000, 2000] * 4:
-        placement.rates.prefill.observe(n, 0, true_s(n))
+    placement.rates.prefill = learned()
     n = placement.break_even_tokens()
     local = (cfg.local_penalty - 1) * placement.rates.prefill.seconds(n)
     remote = cfg.remote_overhead_s + n * cfg.kv_bytes_per_token / placement.rates.link_bytes_per_s.value
