@@ -123,6 +123,13 @@ def post_json(url: str, body: dict) -> dict:
     return requests.post(url + "/v1/completions", json=body, timeout=60).json()
 
 
+def running(node) -> float:
+    """The requests the vLLM node is generating now (its num_requests_running gauge)."""
+    text = requests.get(node.url + "/metrics", timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("vllm:num_requests_running"))
+
+
 def wait_health(router, healthy: bool, timeout: float) -> None:
     """Until the router's /health says its decode node is (or is not) healthy."""
     wait_for(lambda: requests.get(router.url + "/health", timeout=5).json()["instances"]["decode"][0]["healthy"]
@@ -135,20 +142,26 @@ def test_decode_killed_mid_request_then_recovers(servers, router, failure_report
     import concurrent.futures as cf
     decode = servers["decode"]
     old_incarnation = pool_status(decode.handshake).incarnation
-    body = {"model": "tiny", "prompt": random_words(300, seed=5), "max_tokens": 1200, "temperature": 0,
+    # a long answer (seconds of decoding here), killed once the decode node is generating it
+    body = {"model": "tiny", "prompt": random_words(100, seed=5), "max_tokens": 1700, "temperature": 0,
             "ignore_eos": True}
     pushes = [{"model": "tiny", "prompt": random_words(1200, seed=50 + i), "max_tokens": 4} for i in range(3)]
     with cf.ThreadPoolExecutor(4) as ex:
         fut = ex.submit(requests.post, router.url + "/v1/completions", json=body, timeout=60)
-        time.sleep(0.5)
+        assert wait_for(lambda: running(decode) >= 1, 30), "the long request never reached the decode node"
         mid = [ex.submit(requests.post, router.url + "/v1/completions", json=b, timeout=60) for b in pushes]
         time.sleep(0.05)  # their prefills are computing and pushing
+        assert not fut.done(), f"the long request ended before the kill: {fut.result().status_code}"
         decode.kill9()
         t_kill = time.monotonic()
         r = fut.result()
         for f in mid:
             assert f.result().status_code in (200, 502, 503)
-    assert r.status_code in (502, 503) and r.json()["error"]["message"]
+    if r.status_code not in (502, 503):  # what the router did with it says why it survived the kill
+        rid = r.headers.get("x-kvbridge-request-id")
+        trace = requests.get(f"{router.url}/debug/requests/{rid}", timeout=10).text
+        pytest.fail(f"HTTP {r.status_code} {r.text[:300]!r} {r.elapsed}; router trace: {trace[:3000]}")
+    assert r.json()["error"]["message"]
     wait_health(router, False, 5)
     detect = time.monotonic() - t_kill  # until /health says unhealthy
     cleanup = wait_producer_idle(servers["prefill"], 15)  # staging slots back, no transfer left behind
