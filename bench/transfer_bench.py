@@ -221,7 +221,8 @@ def main(argv: list[str] | None = None) -> None:
         result.close()
         return
     rows = run(args.device, args.repeats, args.max_mib, args.desc_mib)
-    print(f"{'case':58} {'GB/s':>7} {'memcpy':>7} {'ratio':>6} {'memcpy1t':>8} {'ratio1t':>7} {'cma':>6} {'ratio_cma':>9}")
+    print(f"{'case':58} {'GB/s':>7} {'memcpy':>7} {'ratio':>6} {'memcpy1t':>8} {'ratio1t':>7} {'cma':>6} "
+          f"{'ratio_cma':>9}")
     for r in rows:
         cma = f"{r['cma_gb_s']:6.2f} {r['ratio_cma']:9.2f}" if "cma_gb_s" in r else ""
         print(f"{r['case']:58} {r['gb_s']:7.2f} {r['memcpy_gb_s']:7.2f} {r['ratio']:6.2f} "

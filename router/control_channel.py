@@ -69,8 +69,7 @@ class _Channel:
         try:
             async with asyncio.timeout(timeout_s):
                 await sent
-        except (TimeoutError, zmq.ZMQError) as e:
-            sent.cancel()
+        except (TimeoutError, zmq.ZMQError) as e:  # a timeout cancelled the send it awaited
             log.debug("control message to %s not sent within %g s: %s", self.address, timeout_s, e)
 
     def _keep_reading(self) -> None:

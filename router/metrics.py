@@ -33,8 +33,8 @@ INSTANCE_STATE = Gauge("kvbridge_router_instance_state", "0 up, 1 suspect, 2 dow
 PLACEMENT = Counter("kvbridge_router_placement_total", "Placement decisions by where the prompt was prefilled "
                     "(remote: a prefill node, local: the decode node) and why", ["where", "reason"])
 LEARNED_RATE = Gauge("kvbridge_router_learned_rate", "The placement cost model's learned rates (chars_per_token, "
-                     "prefill_tokens_per_s at a prompt's start, prefill_context_s: what each token of context adds to a token's "
-                     "seconds, request_s, shared_load_tokens_per_s, link_bytes_per_s)", ["rate"])
+                     "prefill_tokens_per_s at a prompt's start, prefill_context_s: what each token of context "
+                     "adds to a token's seconds, request_s, shared_load_tokens_per_s, link_bytes_per_s)", ["rate"])
 PLACEMENT_SETTING = Gauge("kvbridge_router_placement_setting", "Placement settings in force: mode (0 auto, "
                           "1 always remote, 2 never remote) and the break-even prompt tokens below which an "
                           "idle decode node prefills locally", ["setting"])

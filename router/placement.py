@@ -11,8 +11,8 @@ hold, adds their compute again x `duplicate_weight` (a round of chats sharing a 
 behind the node computing it instead of computing it once per node).
 `held` comes from the router's prefix index (router/prefix_index.py); `compute` grows faster than the tokens
 (router/prefill_cost.py); `queue` is the compute of the prompts the router has in flight on that node;
-`load(d)` the requests already on d. The rates are learned (router/learned_rates.py). With `policy: prefix_aware` every up node is a candidate; with the
-other policies the candidates are the nodes that policy picks, and the model only decides local or remote.
+`load(d)` the requests already on d. The rates are learned (router/learned_rates.py). With
+`policy: prefix_aware` every up node is a candidate; with the other policies the candidates are the nodes that policy picks, and the model only decides local or remote.
 `mode` pins the choice (always remote, never remote) while still choosing among nodes. Each decision keeps
 its candidates and scores for /debug/requests/{id} and is counted by reason in the metrics.
 """
@@ -128,7 +128,8 @@ class Placement:
         parts = {"load_s": self._base(d), "overhead_s": self.cfg.remote_overhead_s,
                  "queue_s": self._queue_s(p.name),
                  "shared_load_s": max(0.0, shared - own) / self.rates.shared_load_tokens_per_s.value,
-                 "compute_s": self.rates.prefill.seconds(tokens, held), "duplicate_s": self._duplicate_s(p.name, keys, tokens, held),
+                 "compute_s": self.rates.prefill.seconds(tokens, held),
+                 "duplicate_s": self._duplicate_s(p.name, keys, tokens, held),
                  "transfer_s": (tokens - on_decode) * self.cfg.kv_bytes_per_token / self.rates.link_bytes_per_s.value,
                  "held_tokens": held, "decode_held_tokens": on_decode}
         return Candidate(d, p, sum(v for k, v in parts.items() if k.endswith("_s")), parts)

@@ -25,8 +25,8 @@ class StubNode:
     | silent (go quiet after one event) | hang (never answer, and fail /health from then on) | late (headers
     at once, then no first event and no unstreamed answer for an hour, /health passing: a stuck prefill).
     `interval`: seconds between streamed events, and before an unstreamed answer (a function of the request's
-    body: a prefill whose time depends on the prompt). `store`: it keeps every prompt it saw (until `held.clear()`) and its unstreamed answers report `usage`
-    as vLLM does, 4 characters a token, with the longest held prefix as `cached_tokens` (`details=False`: no
+    body: a prefill whose time depends on the prompt). `store`: it keeps every prompt it saw (until
+    `held.clear()`) and its unstreamed answers report `usage` as vLLM does, 4 characters a token, with the longest held prefix as `cached_tokens` (`details=False`: no
     `prompt_tokens_details`, as vLLM without --enable-prompt-tokens-details). `scattered`: its
     connector says of every transfer asked about that it was received and scattered (else that it has none)."""
 

@@ -161,10 +161,8 @@ def test_decode_killed_mid_request_then_recovers(servers, router, failure_report
         r = requests.post(router.url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2},
                           timeout=10)
         assert r.status_code == 503 and r.json()["error"]["code"] == "no_decode"
+    finally:  # restarted even when an assertion failed: the tests after this one share the decode node
         t_restart = time.monotonic()
-        decode.start()
-        decode.wait_ready()
-    finally:  # the tests after this one share the decode node
         if decode.proc.poll() is not None:
             decode.start()
             decode.wait_ready()
@@ -177,6 +175,7 @@ def test_decode_killed_mid_request_then_recovers(servers, router, failure_report
                    f"event after {len(rest) - 2} more tokens; router marked decode unhealthy; prefill staging all "
                    f"free {cleanup:.1f}s after; restarted decode reconnected by the prefill on its own", detect,
                    time.monotonic() - t_restart, "none: prefill staging full, no producer transfer left")
+
 
 json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False)
                            | st.text(max_size=12),
