@@ -1,5 +1,6 @@
-"""kvbridge's ZMQ I/O threads run on any core, even when the context is made from a thread pinned to one
-core (vLLM's CPU worker pins its threads to the compute cores, and a message then waited behind compute)."""
+"""kvbridge's ZMQ I/O threads run on any of the cores their process was given, even when the context is made
+from a thread pinned to one core (vLLM's CPU worker pins its threads to the compute cores, and a message then
+waited behind compute), and never beyond them."""
 from __future__ import annotations
 
 import os
@@ -7,9 +8,10 @@ import subprocess
 import sys
 
 PROBE = """
-import glob, os, time, zmq
+import glob, os, sys, time, zmq
 from transfer.threads import io_context
-os.sched_setaffinity(0, {0})  # as a vLLM CPU worker's thread is, on its compute core
+if sys.argv[1:] == ["pinned"]:
+    os.sched_setaffinity(0, {0})  # as a vLLM CPU worker's thread is, on its compute core
 sock = io_context().socket(zmq.REP)
 sock.bind_to_random_port("tcp://127.0.0.1")
 def io_threads():
@@ -26,8 +28,24 @@ sock.close()
 """
 
 
-def test_zmq_io_threads_of_kvbridge_sockets_may_run_on_every_core():
-    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=60,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), check=True).stdout
-    every = str(list(range(os.cpu_count() or 1)))  # every core of the machine, whatever pins this process
-    assert out.strip() and all(line == every for line in out.strip().splitlines()), (out, every)
+OPENMP_BINDING = ("OMP_PLACES", "GOMP_CPU_AFFINITY", "KMP_AFFINITY")
+
+
+def io_thread_cores(args: list[str], env: dict[str, str], cores: set[int]) -> list[str]:
+    """The cores of each ZMQ I/O thread of a probe started on `cores` with `env`, one line each."""
+    return subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, timeout=60,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env, check=True,
+                          preexec_fn=lambda: os.sched_setaffinity(0, cores)).stdout.strip().splitlines()
+
+
+def test_zmq_io_threads_of_an_openmp_pinned_worker_may_run_on_every_core_its_parent_had():
+    given = os.sched_getaffinity(0)
+    lines = io_thread_cores(["pinned"], dict(os.environ, GOMP_CPU_AFFINITY="0"), given)
+    assert lines and all(line == str(sorted(given)) for line in lines), (lines, given)
+
+
+def test_zmq_io_threads_of_a_process_started_on_some_cores_stay_on_them():
+    last = max(os.sched_getaffinity(0))
+    env = {k: v for k, v in os.environ.items() if k not in OPENMP_BINDING}
+    lines = io_thread_cores([], env, {last})
+    assert lines and all(line == str([last]) for line in lines), lines

@@ -2,7 +2,9 @@
 
 vLLM's CPU worker pins its process to the compute cores; threads it starts inherit
 that, so our control thread would queue behind OpenMP compute and a lease RPC could
-take seconds. These threads are mostly asleep, so they may run on any core.
+take seconds. These threads are mostly asleep, so they may run on any of the cores the
+process was given (`process_cores`) — never beyond them: an operator who runs two CPU vLLM
+instances on one host with `taskset` or `numactl --physcpubind` keeps each on its own cores.
 
 The same goes for ZMQ's own I/O thread, which moves every byte of a context's sockets: started
 from a pinned thread it sits on the compute core, and a message waits there however idle the
@@ -25,10 +27,28 @@ _context: zmq.Context | None = None
 _context_lock = threading.Lock()
 
 
-def widen_affinity() -> None:
-    """Let the calling thread run on any core."""
+_OPENMP_BINDING = ("OMP_PLACES", "GOMP_CPU_AFFINITY", "KMP_AFFINITY")  # what vLLM sets before starting a CPU worker
+
+
+def process_cores() -> set[int]:
+    """The cores this process was given (by taskset, numactl or its pod's cpuset), before its compute threads
+    were pinned to some of them. A process started with an OpenMP binding in its environment (vLLM's CPU worker)
+    had its main thread narrowed while the OpenMP runtime loaded, before any of our code ran: its cores are those
+    of the parent that started it (whose own main thread runs no OpenMP compute). Any other process's are its
+    main thread's."""
     try:
-        os.sched_setaffinity(0, range(os.cpu_count() or 1))
+        cores = os.sched_getaffinity(os.getpid())
+        if any(k in os.environ for k in _OPENMP_BINDING):
+            cores |= os.sched_getaffinity(os.getppid())
+        return cores
+    except (AttributeError, OSError):  # not Linux, or the parent is gone
+        return set(range(os.cpu_count() or 1))
+
+
+def widen_affinity() -> None:
+    """Let the calling thread run on any of the process's cores (`process_cores`)."""
+    try:
+        os.sched_setaffinity(0, process_cores())
     except (AttributeError, OSError):
         pass  # not Linux, or not allowed: keep the inherited set
 
@@ -48,7 +68,8 @@ def _libc() -> ctypes.CDLL:
 
 
 def prepare_io_thread(name: str) -> None:
-    """What each kvbridge background thread does first: any core, and its name ('kvbridge-x' shows as 'kvb-x')."""
+    """What each kvbridge background thread does first: any of the process's cores, and its name ('kvbridge-x'
+    shows as 'kvb-x')."""
     widen_affinity()
     name_os_thread(name.replace("kvbridge-", "kvb-"))
 
@@ -64,12 +85,12 @@ def start_io_thread(target: Callable[[], None], name: str) -> threading.Thread:
 
 
 def io_context() -> zmq.Context:
-    """kvbridge's ZMQ context (one per process), its I/O threads free to run on any core."""
+    """kvbridge's ZMQ context (one per process), its I/O threads free to run on any of the process's cores."""
     global _context
     with _context_lock:
         if _context is None:
             ctx = zmq.Context()
-            for cpu in range(os.cpu_count() or 1):
+            for cpu in sorted(process_cores()):
                 ctx.set(zmq.THREAD_AFFINITY_CPU_ADD, cpu)  # before the first socket starts the I/O thread
             _context = ctx
         return _context
