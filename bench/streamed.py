@@ -19,6 +19,8 @@ class Streamed(NamedTuple):
     tpot: float  # seconds per output token after those of the first event
     held: int  # events that carried more than one token: tokens the client got late, in a burst
     request_id: str | None = None  # the kvbridge router's id for the request (its /debug/requests/{id} trace)
+    stamps: tuple[float, ...] = ()  # seconds from the request's start to each event that carried tokens
+    counts: tuple[int, ...] = ()  # tokens each of those events carried
 
 
 def stream_ttft(url: str, body: dict) -> Streamed:
@@ -35,7 +37,7 @@ def stream_ttft(url: str, body: dict) -> Streamed:
                 choice = json.loads(line[6:])["choices"][0]
                 text.append(choice["text"])
                 counts.append(len(choice["token_ids"]) if choice.get("token_ids") is not None else 1)
-    return Streamed(stamps[0], "".join(text), *pace(stamps, counts), request_id)
+    return Streamed(stamps[0], "".join(text), *pace(stamps, counts), request_id, tuple(stamps), tuple(counts))
 
 
 def pace(stamps: list[float], counts: list[int]) -> tuple[float, int]:

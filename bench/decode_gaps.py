@@ -1,0 +1,126 @@
+"""Where a PD decode's extra time per output token goes: the gap before each token, by the token's index.
+
+bench/pd_interleaved.py measures kvbridge's decode node 4-7 % slower per token than aggregated vLLM, and its
+per-step hooks cost microseconds; this says whether the excess sits in the first steps after the KV arrived (the
+scatter's freshly touched pages, the receive's bookkeeping, the slot's release) or spreads over the whole answer
+(the connector's threads, the process itself). Three systems, each prompt to all three back to back in a rotating
+order, every decode on core 1, the prefill node confined to core 0:
+
+- `pd`: kvbridge's prefill node pushes the KV, `--decode-after` seconds of quiet, then the decode node decodes;
+- `decode-node-local`: the same decode node computes a prompt of the same length itself, then after the same pause
+  decodes it (a prefix-cache hit that recomputes its last partial block): the same process and connector, no
+  transfer;
+- `aggregated`: vLLM without a connector, the same sequence (bench/pd_interleaved.py's `paused_aggregated`).
+
+    python -m bench.decode_gaps [--length 1000] [--repeats 12] [--max-tokens 96] [--decode-after 1.5]
+
+Prints, per range of token indices, each system's median gap in ms and each prompt's own ratio pd / the others,
+median [95 % interval].
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+import uuid
+
+import requests
+
+from bench.confine import confine
+from bench.median_ci import median_ci
+from bench.pd_bench import MODEL, start
+from bench.pd_interleaved import paused_aggregated
+from bench.streamed import Streamed, stream_ttft
+from launch.local_servers import start_vllm
+from launch.servers import VllmServer
+from launch.tiny_model import make_tiny_model
+
+RANGES = [(1, 1), (2, 2), (3, 3), (4, 4), (5, 8), (9, 16), (17, 32), (33, 64), (65, 10_000)]
+
+
+def pd_decode(p: VllmServer, d: VllmServer, body: dict, pause: float) -> Streamed:
+    """The prefill node pushes `body`'s KV to `d`; `pause` seconds later `d` decodes it."""
+    tid = uuid.uuid4().hex
+    pre = dict(body, max_tokens=1, kv_transfer_params={"kvbridge": {"transfer_id": tid, "push_to": d.handshake}})
+    requests.post(p.url + "/v1/completions", json=pre, timeout=300).raise_for_status()
+    time.sleep(pause)
+    return stream_ttft(d.url, dict(body, kv_transfer_params={"kvbridge": {"transfer_id": tid, "receive": True}}))
+
+
+def gaps_by_index(got: Streamed) -> dict[int, float]:
+    """Seconds before each output token (index 1 = the one after the first event's), an event's gap shared out
+    evenly among the tokens it carried."""
+    out, seen = {}, got.counts[0] if got.counts else 0
+    for k in range(1, len(got.stamps)):
+        per = (got.stamps[k] - got.stamps[k - 1]) / got.counts[k]
+        for _ in range(got.counts[k]):
+            seen += 1
+            out[seen - got.counts[0]] = per
+    return out
+
+
+def in_range(gaps: dict[int, float], lo: int, hi: int) -> float | None:
+    """The mean gap over token indices lo..hi, or None when the answer has none there."""
+    xs = [g for i, g in gaps.items() if lo <= i <= hi]
+    return sum(xs) / len(xs) if xs else None
+
+
+def report(per_system: dict[str, list[dict[int, float]]]) -> None:
+    names = list(per_system)
+    print("\ngap before each output token, ms: median over prompts of each prompt's mean gap in the range; "
+          "then pd / each other system, prompt by prompt, median [95 % interval]")
+    print(f"{'tokens':>10} " + " ".join(f"{n:>18}" for n in names) + "   pd / " + "   pd / ".join(names[1:]))
+    for lo, hi in RANGES:
+        means = {n: [in_range(g, lo, hi) for g in per_system[n]] for n in names}
+        if any(m is None for ms in means.values() for m in ms):
+            continue
+        meds = " ".join(f"{statistics.median(means[n]) * 1000:18.2f}" for n in names)
+        ratios = "   ".join(str(median_ci([a / b for a, b in zip(means["pd"], means[n])])) for n in names[1:])
+        print(f"{f'{lo}-{hi}' if hi < 10_000 else f'{lo}+':>10} {meds}   {ratios}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--length", type=int, default=1000)
+    ap.add_argument("--repeats", type=int, default=12)
+    ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--decode-after", type=float, default=1.5, help="seconds of quiet before each decode")
+    ap.add_argument("--settle", type=float, default=1.5, help="seconds between requests")
+    args = ap.parse_args()
+    make_tiny_model(MODEL, "bench")
+    rng, own = random.Random(1), random.Random(2)
+    servers = {"agg": start("gaps-agg", env={"VLLM_CPU_OMP_THREADS_BIND": "1"}),
+               "kp": start_vllm("bench-gaps-kvb-prefill", "prefill", {}, model=MODEL, max_model_len=4096),
+               "kd": start_vllm("bench-gaps-kvb-decode", "decode", {}, model=MODEL, max_model_len=4096)}
+    s = servers
+    systems = {"pd": lambda b: pd_decode(s["kp"], s["kd"], b, args.decode_after),
+               "decode-node-local": lambda b: paused_aggregated(s["kd"].url, b, args.decode_after, own),
+               "aggregated": lambda b: paused_aggregated(s["agg"].url, b, args.decode_after, own)}
+    names = list(systems)
+    per_system: dict[str, list[dict[int, float]]] = {n: [] for n in names}
+    try:
+        for srv in servers.values():
+            srv.wait_ready(900)
+        print(f"confined to core 0: {confine(s['kp'], {0})} threads of kvbridge's prefill node", flush=True)
+        warm = {"model": "tiny", "prompt": [rng.randrange(10, 1000) for _ in range(64)], "max_tokens": 2}
+        for once in systems.values():
+            once(warm)
+        for turn in range(args.repeats):
+            body = {"model": "tiny", "prompt": [rng.randrange(10, 1000) for _ in range(args.length)],
+                    "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True}
+            for name in names[turn % 3:] + names[:turn % 3]:
+                time.sleep(args.settle)
+                got = systems[name](body)
+                per_system[name].append(gaps_by_index(got))
+            print(f"  prompt {turn + 1}: ms per token "
+                  f"{ {n: round(statistics.mean(g[-1].values()) * 1000, 2) for n, g in per_system.items()} }",
+                  flush=True)
+    finally:
+        for srv in servers.values():
+            srv.stop()
+    report(per_system)
+
+
+if __name__ == "__main__":
+    main()
