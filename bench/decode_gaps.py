@@ -12,10 +12,10 @@ order, every decode on core 1, the prefill node confined to core 0:
   transfer;
 - `aggregated`: vLLM without a connector, the same sequence (bench/pd_interleaved.py's `paused_aggregated`).
 
-    python -m bench.decode_gaps [--length 1000] [--repeats 12] [--max-tokens 96] [--decode-after 1.5]
+    python -m bench.decode_gaps [--lengths 1000] [--repeats 12] [--max-tokens 96] [--decode-after 1.5]
 
-Prints, per range of token indices, each system's median gap in ms and each prompt's own ratio pd / the others,
-median [95 % interval].
+Prints per prompt length, per range of token indices, each system's median gap in ms and each prompt's own ratio
+pd / the others, median [95 % interval], then the same over the whole answer.
 """
 from __future__ import annotations
 
@@ -66,23 +66,24 @@ def in_range(gaps: dict[int, float], lo: int, hi: int) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def report(per_system: dict[str, list[dict[int, float]]]) -> None:
+def report(length: int, per_system: dict[str, list[dict[int, float]]]) -> None:
     names = list(per_system)
-    print("\ngap before each output token, ms: median over prompts of each prompt's mean gap in the range; "
-          "then pd / each other system, prompt by prompt, median [95 % interval]")
+    print(f"\n{length}-token prompts: gap before each output token, ms: median over prompts of each prompt's mean "
+          "gap in the range; then pd / each other system, prompt by prompt, median [95 % interval]")
     print(f"{'tokens':>10} " + " ".join(f"{n:>18}" for n in names) + "   pd / " + "   pd / ".join(names[1:]))
-    for lo, hi in RANGES:
+    for lo, hi in [*RANGES, (1, 10_000)]:
         means = {n: [in_range(g, lo, hi) for g in per_system[n]] for n in names}
         if any(m is None for ms in means.values() for m in ms):
             continue
         meds = " ".join(f"{statistics.median(means[n]) * 1000:18.2f}" for n in names)
         ratios = "   ".join(str(median_ci([a / b for a, b in zip(means["pd"], means[n])])) for n in names[1:])
-        print(f"{f'{lo}-{hi}' if hi < 10_000 else f'{lo}+':>10} {meds}   {ratios}")
+        label = "all" if (lo, hi) == (1, 10_000) else f"{lo}-{hi}" if hi < 10_000 else f"{lo}+"
+        print(f"{label:>10} {meds}   {ratios}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--length", type=int, default=1000)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[1000])
     ap.add_argument("--repeats", type=int, default=12)
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--decode-after", type=float, default=1.5, help="seconds of quiet before each decode")
@@ -98,7 +99,7 @@ def main() -> None:
                "decode-node-local": lambda b: paused_aggregated(s["kd"].url, b, args.decode_after, own),
                "aggregated": lambda b: paused_aggregated(s["agg"].url, b, args.decode_after, own)}
     names = list(systems)
-    per_system: dict[str, list[dict[int, float]]] = {n: [] for n in names}
+    by_length: dict[int, dict[str, list[dict[int, float]]]] = {n: {name: [] for name in names} for n in args.lengths}
     try:
         for srv in servers.values():
             srv.wait_ready(900)
@@ -106,20 +107,21 @@ def main() -> None:
         warm = {"model": "tiny", "prompt": [rng.randrange(10, 1000) for _ in range(64)], "max_tokens": 2}
         for once in systems.values():
             once(warm)
-        for turn in range(args.repeats):
-            body = {"model": "tiny", "prompt": [rng.randrange(10, 1000) for _ in range(args.length)],
-                    "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True}
-            for name in names[turn % 3:] + names[:turn % 3]:
-                time.sleep(args.settle)
-                got = systems[name](body)
-                per_system[name].append(gaps_by_index(got))
-            print(f"  prompt {turn + 1}: ms per token "
-                  f"{ {n: round(statistics.mean(g[-1].values()) * 1000, 2) for n, g in per_system.items()} }",
-                  flush=True)
+        for n, per_system in by_length.items():
+            for turn in range(args.repeats):
+                body = {"model": "tiny", "prompt": [rng.randrange(10, 1000) for _ in range(n)],
+                        "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True}
+                for name in names[turn % 3:] + names[:turn % 3]:
+                    time.sleep(args.settle)
+                    per_system[name].append(gaps_by_index(systems[name](body)))
+                print(f"  {n} tokens, prompt {turn + 1}: ms per token "
+                      f"{ {k: round(statistics.mean(g[-1].values()) * 1000, 2) for k, g in per_system.items()} }",
+                      flush=True)
     finally:
         for srv in servers.values():
             srv.stop()
-    report(per_system)
+    for length, per_system in by_length.items():
+        report(length, per_system)
 
 
 if __name__ == "__main__":
