@@ -14,8 +14,9 @@ order, every decode on core 1, the prefill node confined to core 0:
 
     python -m bench.decode_gaps [--lengths 1000] [--repeats 12] [--max-tokens 96] [--decode-after 1.5]
 
-Prints per prompt length, per range of token indices, each system's median gap in ms and each prompt's own ratio
-pd / the others, median [95 % interval], then the same over the whole answer.
+Prints per prompt length, per range of token indices (a range past the answers' length is left out: every answer
+has `--max-tokens` tokens, EOS ignored), each system's median gap in ms and each prompt's own ratio pd / the others,
+median [95 % interval], then the same over the whole answer.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from bench.confine import confine
 from bench.median_ci import median_ci
 from bench.pd_bench import MODEL, start
 from bench.pd_interleaved import paused_aggregated
-from bench.streamed import Streamed, stream_ttft
+from bench.streamed import Streamed, gaps_by_index, in_range, stream_ttft
 from launch.local_servers import start_vllm
 from launch.servers import VllmServer
 from launch.tiny_model import make_tiny_model
@@ -48,35 +49,18 @@ def pd_decode(p: VllmServer, d: VllmServer, body: dict, pause: float) -> Streame
     return stream_ttft(d.url, dict(body, kv_transfer_params={"kvbridge": {"transfer_id": tid, "receive": True}}))
 
 
-def gaps_by_index(got: Streamed) -> dict[int, float]:
-    """Seconds before each output token (index 1 = the one after the first event's), an event's gap shared out
-    evenly among the tokens it carried."""
-    out, seen = {}, got.counts[0] if got.counts else 0
-    for k in range(1, len(got.stamps)):
-        per = (got.stamps[k] - got.stamps[k - 1]) / got.counts[k]
-        for _ in range(got.counts[k]):
-            seen += 1
-            out[seen - got.counts[0]] = per
-    return out
-
-
-def in_range(gaps: dict[int, float], lo: int, hi: int) -> float | None:
-    """The mean gap over token indices lo..hi, or None when the answer has none there."""
-    xs = [g for i, g in gaps.items() if lo <= i <= hi]
-    return sum(xs) / len(xs) if xs else None
-
-
 def report(length: int, per_system: dict[str, list[dict[int, float]]]) -> None:
     names = list(per_system)
     print(f"\n{length}-token prompts: gap before each output token, ms: median over prompts of each prompt's mean "
           "gap in the range; then pd / each other system, prompt by prompt, median [95 % interval]")
-    print(f"{'tokens':>10} " + " ".join(f"{n:>18}" for n in names) + "   pd / " + "   pd / ".join(names[1:]))
+    print(f"{'tokens':>10} " + " ".join(f"{n:>18}" for n in names) + "   "
+          + "   ".join(f"{'pd / ' + n:26}" for n in names[1:]))
     for lo, hi in [*RANGES, (1, 10_000)]:
         means = {n: [in_range(g, lo, hi) for g in per_system[n]] for n in names}
         if any(m is None for ms in means.values() for m in ms):
             continue
         meds = " ".join(f"{statistics.median(means[n]) * 1000:18.2f}" for n in names)
-        ratios = "   ".join(str(median_ci([a / b for a, b in zip(means["pd"], means[n])])) for n in names[1:])
+        ratios = "   ".join(f"{str(median_ci([a / b for a, b in zip(means['pd'], means[n])])):26}" for n in names[1:])
         label = "all" if (lo, hi) == (1, 10_000) else f"{lo}-{hi}" if hi < 10_000 else f"{lo}+"
         print(f"{label:>10} {meds}   {ratios}")
 
@@ -111,12 +95,11 @@ def main() -> None:
             for turn in range(args.repeats):
                 body = {"model": "tiny", "prompt": [rng.randrange(10, 1000) for _ in range(n)],
                         "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True}
-                for name in names[turn % 3:] + names[:turn % 3]:
+                for name in names[turn % len(names):] + names[:turn % len(names)]:
                     time.sleep(args.settle)
                     per_system[name].append(gaps_by_index(systems[name](body)))
-                print(f"  {n} tokens, prompt {turn + 1}: ms per token "
-                      f"{ {k: round(statistics.mean(g[-1].values()) * 1000, 2) for k, g in per_system.items()} }",
-                      flush=True)
+                ms = {k: round((in_range(g[-1], 1, 10_000) or float("nan")) * 1000, 2) for k, g in per_system.items()}
+                print(f"  {n} tokens, prompt {turn + 1}: ms per token {ms}", flush=True)
     finally:
         for srv in servers.values():
             srv.stop()

@@ -1,5 +1,5 @@
 """A streamed completion as its client sees it: when the first token arrived, the text, and the time per token
-after it, counted by tokens rather than by events."""
+after it, counted by tokens rather than by events, also token by token (`gaps_by_index`)."""
 from __future__ import annotations
 
 import json
@@ -46,3 +46,24 @@ def pace(stamps: list[float], counts: list[int]) -> tuple[float, int]:
     after_first = sum(counts) - counts[0]
     tpot = (stamps[-1] - stamps[0]) / after_first if after_first else float("nan")
     return tpot, sum(c > 1 for c in counts)
+
+
+def gaps_by_index(got: Streamed) -> dict[int, float]:
+    """Seconds before each output token after the first event's (index 1 = the first of them), an event's gap since
+    the last event that carried tokens shared out evenly among the tokens it carried."""
+    out: dict[int, float] = {}
+    last = None  # when the last event that carried tokens arrived
+    for stamp, count in zip(got.stamps, got.counts):
+        if not count:
+            continue
+        if last is not None:
+            for _ in range(count):
+                out[len(out) + 1] = (stamp - last) / count
+        last = stamp
+    return out
+
+
+def in_range(gaps: dict[int, float], lo: int, hi: int) -> float | None:
+    """The mean gap over token indices lo..hi, or None when the answer has none there."""
+    xs = [g for i, g in gaps.items() if lo <= i <= hi]
+    return sum(xs) / len(xs) if xs else None

@@ -2,8 +2,7 @@
 and its gaps by token index share a burst's gap among its tokens."""
 import math
 
-from bench.decode_gaps import gaps_by_index, in_range
-from bench.streamed import Streamed, pace
+from bench.streamed import Streamed, gaps_by_index, in_range, pace
 
 
 def test_one_token_per_event_is_the_gap_between_events() -> None:
@@ -29,7 +28,7 @@ def test_a_single_event_has_no_pace() -> None:
 
 
 def test_gaps_by_token_index_share_a_bursts_gap_among_its_tokens_and_start_after_the_first_event() -> None:
-    got = Streamed(0.5, "", 0.0, 1, stamps=(0.5, 0.6, 0.9, 1.0), counts=(2, 1, 3, 1))
+    got = Streamed(0.5, "", 0.0, 1, stamps=(0.5, 0.6, 0.8, 0.9, 1.0), counts=(2, 1, 0, 3, 1))  # one event empty
     gaps = gaps_by_index(got)
     assert list(gaps) == [1, 2, 3, 4, 5]
     assert [round(g, 6) for g in gaps.values()] == [0.1, 0.1, 0.1, 0.1, 0.1]

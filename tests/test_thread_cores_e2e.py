@@ -1,6 +1,7 @@
 """In a real vLLM CPU worker, whose main thread the OpenMP runtime pins to the compute core, kvbridge's threads
-run on the cores the worker's parent (EngineCore) was given: off the compute core when there is another, and
-within whatever taskset, numactl or a pod gave the server."""
+run on the cores the worker's parent (EngineCore) was given, not only on the compute core: vLLM's worker really is
+started the way tests/test_io_threads.py's probes are (there, a restricted server's threads are shown to stay
+within its cores)."""
 from __future__ import annotations
 
 import os
@@ -30,4 +31,4 @@ def test_kvbridge_threads_of_a_vllm_worker_run_on_its_parents_cores_not_only_the
     assert "kvb-consumer" in seen, f"no kvbridge consumer thread in the decode node's processes: {sorted(seen)}"
     pid, got = seen["kvb-consumer"]
     assert cores(pid) == {1}, "the worker's main thread is on the decode's compute core (VLLM_CPU_OMP_THREADS_BIND)"
-    assert got == cores(parent_of(pid)), (got, cores(parent_of(pid)))
+    assert got == {1} | cores(parent_of(pid)), (got, cores(parent_of(pid)))

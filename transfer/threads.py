@@ -10,7 +10,7 @@ The same goes for ZMQ's own I/O thread, which moves every byte of a context's so
 from a pinned thread it sits on the compute core, and a message waits there however idle the
 thread that reads it (a store lookup went unanswered for over 1 s, its server thread idle in
 poll, while the prefill computed). So kvbridge's sockets share one context whose I/O threads
-may run on any core (`io_context`). Sharing it means a socket must never block that I/O thread: a
+may run on any of the process's cores (`io_context`). Sharing it means a socket must never block that I/O thread: a
 monitored socket's events must be read (consumer_link.py).
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import re
 import threading
 from typing import Callable
 
@@ -32,17 +33,30 @@ _OPENMP_BINDING = ("OMP_PLACES", "GOMP_CPU_AFFINITY", "KMP_AFFINITY")  # what vL
 
 def process_cores() -> set[int]:
     """The cores this process was given (by taskset, numactl or its pod's cpuset), before its compute threads
-    were pinned to some of them. A process started with an OpenMP binding in its environment (vLLM's CPU worker)
-    had its main thread narrowed while the OpenMP runtime loaded, before any of our code ran: its cores are those
-    of the parent that started it (whose own main thread runs no OpenMP compute). Any other process's are its
-    main thread's."""
+    were pinned to some of them: its main thread's, and where an OpenMP binding in its environment names the
+    cores that thread is on (vLLM's CPU worker: its OpenMP runtime pinned the main thread as it loaded, before
+    any of our code ran), also those of the parent that started it, whose own main thread runs no OpenMP
+    compute. A binding that names other cores (a variable inherited, not applied) adds nothing."""
     try:
         cores = os.sched_getaffinity(os.getpid())
-        if any(k in os.environ for k in _OPENMP_BINDING):
-            cores |= os.sched_getaffinity(os.getppid())
-        return cores
-    except (AttributeError, OSError):  # not Linux, or the parent is gone
+    except (AttributeError, OSError):  # not Linux
         return set(range(os.cpu_count() or 1))
+    parent = os.getppid()
+    if parent > 1 and any(cores <= _named_cores(os.environ.get(k, "")) for k in _OPENMP_BINDING):
+        try:
+            cores |= os.sched_getaffinity(parent)
+        except OSError:  # the parent is gone: its cores with it
+            pass
+    return cores
+
+
+def _named_cores(binding: str) -> set[int]:
+    """The cores an OpenMP binding names in the forms vLLM writes: '1 2 3' (GOMP_CPU_AFFINITY), '{1,2,3}'
+    (OMP_PLACES), 'granularity=fine,explicit,proclist=[1,2,3]' (KMP_AFFINITY), ranges such as '0-3' too."""
+    named: set[int] = set()
+    for lo, hi in re.findall(r"(\d+)(?:-(\d+))?", binding):
+        named.update(range(int(lo), int(hi or lo) + 1))
+    return named
 
 
 def widen_affinity() -> None:
