@@ -126,8 +126,11 @@ def two_decode_router(servers):
     try:
         extra.wait_ready()
         decodes = [servers["decode"], extra]
+        # health_timeout_s 10: in a whole-suite run decode-1's /health went unanswered for 3 s just before the load
+        # (two saturated cores), it was suspect while all 160 requests were placed, got none, and the killer waited
+        # for a decode-1 stream that never came; kill -9 is seen from refused connections, not from timeouts
         router = start_router(RouterConfig(
-            port=free_port(), model=SERVED_MODEL, policy="round_robin", health_interval_s=0.5, health_timeout_s=3,
+            port=free_port(), model=SERVED_MODEL, policy="round_robin", health_interval_s=0.5, health_timeout_s=10,
             prefill=[{"name": servers["prefill"].name, "url": servers["prefill"].url}],
             decode=[{"name": d.name, "url": d.url, "kv_address": d.handshake} for d in decodes]))
         yield router, extra
@@ -139,6 +142,11 @@ def two_decode_router(servers):
 KILL_PROMPTS, KILL_TOKENS, KILL_REQUESTS = 8, 300, 160
 PRODUCER_IDLE_WITHIN_S = 20.0  # after the load ends; one 2 s RPC timeout per dead transfer took ~90 s for 22
 # (0.4 s measured with this test alone; the whole suite on 2 cores needs more)
+
+
+def decode_states(router_url: str) -> list[str]:
+    """The router's view of its decode nodes (decode-0, decode-1)."""
+    return [d["state"] for d in requests.get(router_url + "/health", timeout=5).json()["instances"]["decode"]]
 
 
 async def dispatch_of(s: aiohttp.ClientSession, url: str, r: aiohttp.ClientResponse) -> str:
@@ -207,6 +215,7 @@ def test_decode_killed_under_load_streams_end_with_error_and_unstreamed_are_retr
         body = {"model": "tiny", "prompt": random_words(30 + 5 * p, seed=1700 + p), "max_tokens": KILL_TOKENS,
                 "temperature": 0, "ignore_eos": True}
         expected.append(requests.post(servers["agg"].url + "/v1/completions", json=body, timeout=60).json())
+    wait_for(lambda: decode_states(router.url) == ["up", "up"], 30, 0.25, "both decode nodes up before the load")
     results, t_kill = asyncio.run(kill_under_load(router.url, victim))
     texts = [e["choices"][0]["text"] for e in expected]
     for r in (r for r in results if not r["stream"]):  # nothing sent yet when decode-1 died: retried on decode-0
@@ -229,10 +238,7 @@ def test_decode_killed_under_load_streams_end_with_error_and_unstreamed_are_retr
     # decode-0 was never taken out; a /health answered late on two saturated cores may have made it suspect
     # for a moment (routable still), so its state is read once the checks have caught up with the quiet
     assert " decode decode-0 is now DOWN" not in router.log_path.read_text(errors="replace")
-
-    def decode_states() -> list[str]:
-        return [d["state"] for d in requests.get(router.url + "/health", timeout=5).json()["instances"]["decode"]]
-    wait_for(lambda: decode_states() == ["up", "down"], 15, 0.25, "decode-0 up and decode-1 down")
+    wait_for(lambda: decode_states(router.url) == ["up", "down"], 15, 0.25, "decode-0 up and decode-1 down")
     retries = [ln for ln in requests.get(router.url + "/metrics", timeout=5).text.splitlines()
                if ln.startswith("kvbridge_router_retries_total")]
     assert retries and float(retries[0].rsplit(" ", 1)[1]) > 0, retries  # some moved to decode-0 before a byte
