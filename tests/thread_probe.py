@@ -2,8 +2,8 @@
 
 It pins its main thread to CORES (comma-separated), as taskset or an OpenMP runtime would, then prints the cores
 of a kvbridge thread it starts (`io`, its name for the OS `comm`) and the distinct core sets of its ZMQ context's
-I/O threads (`zmq`), one JSON line. Given
-CHILD_CORES it instead runs the probe again from there on those cores, so the probe's parent is a process on CORES.
+I/O threads (`zmq`), one JSON line. Given CHILD_CORES it instead runs the probe again from there on those cores,
+so the probe's parent is a process on CORES.
 """
 from __future__ import annotations
 
