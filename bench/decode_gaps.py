@@ -1,7 +1,7 @@
 """Where a PD decode's extra time per output token goes: the gap before each token, by the token's index.
 
-bench/pd_interleaved.py measures kvbridge's decode node 4-7 % slower per token than aggregated vLLM, and its
-per-step hooks cost microseconds; this says whether the excess sits in the first steps after the KV arrived (the
+bench/pd_interleaved.py measured kvbridge's decode node 4-7 % slower per token than aggregated vLLM in one
+24-prompt run, and its per-step hooks cost microseconds; this says whether the excess sits in the first steps after the KV arrived (the
 scatter's freshly touched pages, the receive's bookkeeping, the slot's release) or spreads over the whole answer
 (the connector's threads, the process itself). Three systems, each prompt to all three back to back in a rotating
 order, every decode on core 1, the prefill node confined to core 0:
