@@ -19,8 +19,8 @@ class Streamed(NamedTuple):
     tpot: float  # seconds per output token after those of the first event
     held: int  # events that carried more than one token: tokens the client got late, in a burst
     request_id: str | None = None  # the kvbridge router's id for the request (its /debug/requests/{id} trace)
-    stamps: tuple[float, ...] = ()  # seconds from the request's start to each event that carried tokens
-    counts: tuple[int, ...] = ()  # tokens each of those events carried
+    stamps: tuple[float, ...] = ()  # seconds from the request's start to each event
+    counts: tuple[int, ...] = ()  # tokens each event carried (0 for one that carried none)
 
 
 def stream_ttft(url: str, body: dict) -> Streamed:

@@ -14,8 +14,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from transfer.threads import OPENMP_BINDING
+
 ROOT = Path(__file__).resolve().parent.parent
-OPENMP_BINDING = ("OMP_PLACES", "GOMP_CPU_AFFINITY", "KMP_AFFINITY")
 GIVEN = os.sched_getaffinity(0)  # the cores this test process (every probe's first parent) runs on
 FIRST, LAST = min(GIVEN), max(GIVEN)
 

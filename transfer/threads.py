@@ -28,7 +28,7 @@ _context: zmq.Context | None = None
 _context_lock = threading.Lock()
 
 
-_OPENMP_BINDING = ("OMP_PLACES", "GOMP_CPU_AFFINITY", "KMP_AFFINITY")  # what vLLM sets before starting a CPU worker
+OPENMP_BINDING = ("OMP_PLACES", "GOMP_CPU_AFFINITY", "KMP_AFFINITY")  # what vLLM sets before starting a CPU worker
 
 
 def process_cores() -> set[int]:
@@ -42,7 +42,7 @@ def process_cores() -> set[int]:
     except (AttributeError, OSError):  # not Linux
         return set(range(os.cpu_count() or 1))
     parent = os.getppid()
-    if parent > 1 and any(cores <= _named_cores(os.environ.get(k, "")) for k in _OPENMP_BINDING):
+    if parent > 1 and any(cores <= _named_cores(os.environ.get(k, "")) for k in OPENMP_BINDING):
         try:
             cores |= os.sched_getaffinity(parent)
         except OSError:  # the parent is gone: its cores with it
