@@ -37,7 +37,7 @@ def find(proxy: Proxy, name: str) -> Backend:
     raise APIError(404, f"no node named {name!r}", code="not_found")
 
 
-def add_node(proxy: Proxy, spec: dict) -> Backend:
+async def add_node(proxy: Proxy, spec: dict) -> Backend:
     """Add a node from its instance spec; it takes requests once its first health check passes."""
     kind = spec.get("kind")
     if kind not in ("prefill", "decode"):
@@ -55,8 +55,8 @@ def add_node(proxy: Proxy, spec: dict) -> Backend:
         raise APIError(500, f"could not record the node in {proxy.registry.node_file.path}: {e}", "server_error",
                        code="nodes_file") from None
     b = Backend(inst, kind)
-    proxy.registry.backends[kind].append(b)
     log.info("%s %s added at %s", kind, inst.name, inst.url)
+    await proxy.registry.add(b)
     return b
 
 
@@ -70,10 +70,7 @@ async def drain(proxy: Proxy, name: str, wait: bool) -> dict:
         while b.outstanding > 0:
             await asyncio.sleep(DRAIN_POLL_S)
         if b in proxy.registry.backends[b.kind]:
-            proxy.registry.backends[b.kind].remove(b)
-            if b.kv_address and all(o.kv_address != b.kv_address for o in proxy.registry.backends["decode"]):
-                for address in b.rank_addresses:
-                    proxy.registry.control.drop(address)
+            proxy.registry.remove(b)
             proxy.placement.index.forget(b.name)
             try:
                 proxy.registry.node_file.removed(b.name)
@@ -92,8 +89,7 @@ def add_node_admin_routes(app: web.Application, proxy: Callable[[], Proxy]) -> N
 
     async def add(request: web.Request) -> web.Response:
         try:
-            b = add_node(proxy(), await _json(request))
-            await proxy().registry.check_all()
+            b = await add_node(proxy(), await _json(request))
             return web.json_response({"name": b.name, "kind": b.kind, "state": b.state}, status=201)
         except APIError as e:
             return e.response()

@@ -8,6 +8,9 @@ A node that stays down by its health checks for `abandon_after_s` has whatever s
 cancelled (`DownWatch`), so no request hangs on a node that vanished without closing its
 connections; the grace keeps a node that is only slow to answer /health under load from losing
 its in-flight requests (a node that really died closes its connections, which fails them at once).
+
+Each node is checked on its own schedule (one task per node), so a node whose /health hangs delays only its own
+next check, never another node's return to service or fall from it.
 """
 from __future__ import annotations
 
@@ -114,19 +117,39 @@ class Registry:
         nodes = self.node_file.apply({"prefill": list(cfg.prefill), "decode": list(cfg.decode)})
         self.backends = {kind: [Backend(i, kind) for i in insts] for kind, insts in nodes.items()}
         self._rr = {k: itertools.count() for k in self.backends}
-        self._task: asyncio.Task | None = None
+        self._watches: dict[Backend, asyncio.Task] = {}  # each node's health-check loop
         self._session: aiohttp.ClientSession | None = None
         self.control = ControlChannels(cfg.kv_cred)  # to the decode connectors, for probes, cancels and traces
 
     async def start(self, session: aiohttp.ClientSession) -> None:
+        """Check every node once (the router serves from its first answer), then each on its own loop."""
         self._session = session
-        await self.check_all()
-        self._task = asyncio.create_task(self._loop())
+        nodes = [b for bs in self.backends.values() for b in bs]
+        await asyncio.gather(*(self._check(b) for b in nodes))
+        for b in nodes:
+            self._watch(b)
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
+        for task in self._watches.values():
+            task.cancel()
+        self._watches.clear()
         self.control.close()
+
+    async def add(self, b: Backend) -> None:
+        """Serve `b` too: it takes requests once a health check passed (the first one runs now)."""
+        self.backends[b.kind].append(b)
+        await self._check(b)
+        if b in self.backends[b.kind] and b not in self._watches:  # not removed while its first check ran
+            self._watch(b)
+
+    def remove(self, b: Backend) -> None:
+        """Stop serving and checking `b`; its connector channels close unless another node shares its address."""
+        self.backends[b.kind].remove(b)
+        if task := self._watches.pop(b, None):
+            task.cancel()
+        if b.kv_address and all(o.kv_address != b.kv_address for o in self.backends["decode"]):
+            for address in b.rank_addresses:
+                self.control.drop(address)
 
     def pick(self, kind: str, exclude: set[str] = frozenset()) -> Backend | None:
         """An up instance (a suspect one only when no up one is left), or None when none is alive.
@@ -172,13 +195,13 @@ class Registry:
                      "outstanding": b.outstanding, "draining": b.draining, **({"pool_free": round(b.pool_free, 3)} if b.kv_address else {})}
                     for b in bs] for k, bs in self.backends.items()}
 
-    async def check_all(self) -> None:
-        await asyncio.gather(*(self._check(b) for bs in self.backends.values() for b in bs))
+    def _watch(self, b: Backend) -> None:
+        self._watches[b] = asyncio.create_task(self._health_loop(b), name=f"health {b.kind} {b.name}")
 
-    async def _loop(self) -> None:
+    async def _health_loop(self, b: Backend) -> None:
         while True:
             await asyncio.sleep(self.cfg.health_interval_s)
-            await self.check_all()
+            await self._check(b)
 
     async def _check(self, b: Backend) -> None:
         try:

@@ -28,7 +28,8 @@ class StubNode:
     body: a prefill whose time depends on the prompt). `store`: it keeps every prompt it saw (until
     `held.clear()`) and its unstreamed answers report `usage` as vLLM does, 4 characters a token, with the longest held prefix as `cached_tokens` (`details=False`: no
     `prompt_tokens_details`, as vLLM without --enable-prompt-tokens-details). `scattered`: its
-    connector says of every transfer asked about that it was received and scattered (else that it has none)."""
+    connector says of every transfer asked about that it was received and scattered (else that it has none).
+    `healthy` and `health_hangs` (set at any time): /health answers 500, or never answers."""
 
     def __init__(self, name: str, mode: str = "ok", events: int = 4,
                  interval: float | Callable[[dict], float] = 0.0, die_after: int = 2,
@@ -37,7 +38,7 @@ class StubNode:
         self.name, self.mode, self.events, self.interval, self.die_after = name, mode, events, interval, die_after
         self.bodies, self.headers, self.cancels, self.answered = [], [], [], []  # each leg's, rank 0 connector's
         self.rank_notices: dict[int, list[tuple[str, str]]] = {r: [] for r in range(1, ranks)}  # (type, tid)
-        self.aborted, self.healthy = 0, True  # aborted: requests the router closed before their answer was whole
+        self.aborted, self.healthy, self.health_hangs = 0, True, False  # aborted: requests the router closed before their answer was whole
         self._stop = threading.Event()
         self.held: list[str] | None = [] if store else None
         self.ranks, self.scattered, self.details = ranks, scattered, details
@@ -110,6 +111,8 @@ class StubNode:
         return {"usage": {"prompt_tokens": max(1, len(prompt) // 4), **details}}
 
     async def health(self, _: web.Request) -> web.Response:
+        if self.health_hangs:
+            await asyncio.sleep(3600)
         return web.Response(status=200 if self.healthy else 500)
 
     async def models(self, _: web.Request) -> web.Response:

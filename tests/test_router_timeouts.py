@@ -4,7 +4,9 @@ request moves on while nothing was sent (the per-read limit and the 4-minute str
 tests/test_router_semantics.py)."""
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
 import pytest
 
@@ -41,6 +43,28 @@ async def test_a_prefill_leg_silent_past_the_first_byte_limit_fails_and_the_deco
     assert "kv_transfer_params" not in dec.bodies[0]  # sent after the failed prefill leg: it prefills itself
     assert dec.cancels == [tid] and "down" not in states(api, "prefill") and states(api) == ["up"]
     assert failed_phase(api, headers, "prefill_failed") == "p timed out"
+
+
+async def test_a_node_whose_health_check_hangs_delays_no_other_nodes_check(make):
+    """d0's /health stops answering (the router waits health_timeout_s = 30 s for it); meanwhile d1 fails its
+    checks and passes them again: the router sees each change within a few health intervals, not 30 s later."""
+    d0, d1 = StubNode("d0", kv=True), StubNode("d1", kv=True)
+    url, api = await make([StubNode("p")], [d0, d1], health_interval_s=0.2, health_timeout_s=30)
+    assert states(api) == ["up", "up"]
+    d0.health_hangs, d1.healthy = True, False
+    assert await within(3.0, lambda: states(api)[1] == "down")
+    d1.healthy = True
+    assert await within(3.0, lambda: states(api)[1] == "up")
+    assert states(api)[0] == "up"  # its check has not ended yet: nothing is known against it
+
+
+async def within(seconds: float, cond) -> bool:
+    deadline = time.monotonic() + seconds
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
 
 
 def failed_phase(api, headers, phase: str) -> str:
