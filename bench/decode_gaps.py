@@ -36,6 +36,7 @@ from bench.streamed import Streamed, gaps_by_index, in_range, stream_ttft
 from launch.local_servers import start_vllm
 from launch.servers import VllmServer
 from launch.tiny_model import make_tiny_model
+from router.leg_bodies import decode_body, prefill_body
 
 RANGES = [(1, 1), (2, 2), (3, 3), (4, 4), (5, 8), (9, 16), (17, 32), (33, 64), (65, 10_000)]
 
@@ -43,10 +44,9 @@ RANGES = [(1, 1), (2, 2), (3, 3), (4, 4), (5, 8), (9, 16), (17, 32), (33, 64), (
 def pd_decode(p: VllmServer, d: VllmServer, body: dict, pause: float) -> Streamed:
     """The prefill node pushes `body`'s KV to `d`; `pause` seconds later `d` decodes it."""
     tid = uuid.uuid4().hex
-    pre = dict(body, max_tokens=1, kv_transfer_params={"kvbridge": {"transfer_id": tid, "push_to": d.handshake}})
-    requests.post(p.url + "/v1/completions", json=pre, timeout=300).raise_for_status()
+    requests.post(p.url + "/v1/completions", json=prefill_body(body, tid, d.handshake), timeout=300).raise_for_status()
     time.sleep(pause)
-    return stream_ttft(d.url, dict(body, kv_transfer_params={"kvbridge": {"transfer_id": tid, "receive": True}}))
+    return stream_ttft(d.url, decode_body(body, tid))
 
 
 def report(length: int, per_system: dict[str, list[dict[int, float]]]) -> None:

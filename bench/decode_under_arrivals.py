@@ -39,6 +39,7 @@ from bench.pd_bench import MODEL, start
 from launch.local_servers import free_port, start_vllm
 from launch.servers import VllmServer
 from launch.tiny_model import make_tiny_model
+from router.leg_bodies import decode_body, prefill_body
 
 
 async def stream_stamps(s: aiohttp.ClientSession, url: str, body: dict) -> list[float]:
@@ -65,11 +66,9 @@ class Target:
         if self.prefill is None:
             return await stream_stamps(s, self.decode.url, body)
         tid = uuid.uuid4().hex
-        pre = dict(body, max_tokens=1, kv_transfer_params={"kvbridge": {"transfer_id": tid,
-                                                                         "push_to": self.decode.handshake}})
-        dec = dict(body, kv_transfer_params={"kvbridge": {"transfer_id": tid, "receive": True}})
+        pre = prefill_body(body, tid, self.decode.handshake)
         leg = asyncio.create_task(s.post(self.prefill.url + "/v1/completions", json=pre))
-        stamps = await stream_stamps(s, self.decode.url, dec)
+        stamps = await stream_stamps(s, self.decode.url, decode_body(body, tid))
         (await leg).release()
         return stamps
 

@@ -21,6 +21,7 @@ from launch.local_servers import MODEL_DIR, free_port, start_vllm
 from launch.servers import VllmServer
 from launch.tiny_model import make_tiny_model
 from launch.tiny_prompts import random_token_prompt
+from router.leg_bodies import decode_body
 
 
 def group_cpu_s(pid: int) -> dict[str, float]:
@@ -71,8 +72,8 @@ def main() -> None:
         time.sleep(3)
         idle = busy(servers, a.seconds)
         consumer = servers["kvbridge consumer"]
-        body = {"model": "tiny", "prompt": random_token_prompt(300, 1), "max_tokens": 2,
-                "kv_transfer_params": {"kvbridge": {"transfer_id": uuid.uuid4().hex, "receive": True}}}
+        body = decode_body({"model": "tiny", "prompt": random_token_prompt(300, 1), "max_tokens": 2},
+                           uuid.uuid4().hex)
         waiting = threading.Thread(target=lambda: requests.post(consumer.url + "/v1/completions", json=body,
                                                                 timeout=120), daemon=True)
         waiting.start()

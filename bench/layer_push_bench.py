@@ -29,18 +29,18 @@ from bench.streamed import stream_ttft
 from launch.local_servers import free_port, start_vllm
 from launch.servers import VllmServer
 from launch.tiny_model import make_tiny_model
+from router.leg_bodies import decode_body, prefill_body
 
 
 def pd_once(p: VllmServer, d: VllmServer, body: dict, exposed: ExposedTimes) -> tuple[float, float, str, float]:
     """(TTFT from the prefill leg's start, the decode leg's TTFT, the text, exposed ms) for one request."""
     before = exposed.read()
     tid = uuid.uuid4().hex
-    pre = dict(body, max_tokens=1, kv_transfer_params={"kvbridge": {"transfer_id": tid, "push_to": d.handshake}})
+    pre = prefill_body(body, tid, d.handshake)
     t0 = time.perf_counter()
     requests.post(p.url + "/v1/completions", json=pre, timeout=300).raise_for_status()
     leg = time.perf_counter() - t0
-    ttft, text, _ = stream_ttft(d.url, dict(body, kv_transfer_params={"kvbridge": {"transfer_id": tid,
-                                                                                   "receive": True}}))
+    ttft, text, _ = stream_ttft(d.url, decode_body(body, tid))
     s0, c0 = before
     s1, c1 = exposed.read()
     return (leg + ttft) * 1000, ttft * 1000, text, (s1 - s0) * 1000 if c1 == c0 + 1 else float("nan")

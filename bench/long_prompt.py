@@ -20,6 +20,7 @@ import requests
 from launch.local_servers import MODEL_DIR, start_vllm
 from launch.tiny_model import make_tiny_model
 from launch.tiny_prompts import random_token_prompt
+from router.leg_bodies import decode_body, prefill_body
 from transfer.control_request import fetch_pool_status
 
 
@@ -52,10 +53,8 @@ def main() -> None:
         tid = uuid.uuid4().hex
         t0 = time.perf_counter()
         with cf.ThreadPoolExecutor(2) as ex:  # both legs at once, as the router sends them
-            dec = ex.submit(post, servers["decode"].url, dict(body, kv_transfer_params={"kvbridge": {
-                "transfer_id": tid, "receive": True}}))
-            pre = ex.submit(post, servers["prefill"].url, dict(body, max_tokens=1, kv_transfer_params={"kvbridge": {
-                "transfer_id": tid, "push_to": servers["decode"].handshake}}))
+            dec = ex.submit(post, servers["decode"].url, decode_body(body, tid))
+            pre = ex.submit(post, servers["prefill"].url, prefill_body(body, tid, servers["decode"].handshake))
             pre_s, _ = pre.result()
             _, got = dec.result()
         pd_s = time.perf_counter() - t0

@@ -41,6 +41,7 @@ from bench.streamed import stream_ttft
 from launch.local_servers import MODEL_DIR, free_port, start_vllm
 from launch.servers import VllmServer
 from launch.tiny_model import make_tiny_model
+from router.leg_bodies import decode_body, prefill_body
 
 MODEL = MODEL_DIR.parent / "bench"
 
@@ -91,8 +92,7 @@ def kvbridge_once(p: VllmServer, d: VllmServer, body: dict, exposed: ExposedTime
     import concurrent.futures as cf
     before = exposed.read()
     tid = uuid.uuid4().hex
-    pre = dict(body, max_tokens=1, kv_transfer_params={"kvbridge": {"transfer_id": tid, "push_to": d.handshake}})
-    dec = dict(body, kv_transfer_params={"kvbridge": {"transfer_id": tid, "receive": True}})
+    pre, dec = prefill_body(body, tid, d.handshake), decode_body(body, tid)
     def prefill_leg() -> float:
         t0 = time.perf_counter()
         requests.post(p.url + "/v1/completions", json=pre, timeout=300).raise_for_status()
