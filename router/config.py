@@ -54,8 +54,10 @@ class RouterConfig(BaseModel):
         default=0.15, ge=0, description="auto dispatch: how long before an idle decode node's prefill leg is "
         "predicted to end its decode leg is sent. Measured here: a decode node took 40-130 ms from its leg's "
         "arrival to its first token when the KV was already there")
-    health_interval_s: float = Field(default=2.0, gt=0)
-    health_timeout_s: float = Field(default=1.0, gt=0)
+    health_interval_s: float = Field(default=2.0, gt=0, description="pause between two health checks of a node; "
+                                     "each node is checked on its own schedule")
+    health_timeout_s: float = Field(default=1.0, gt=0, description="how long /health (and, for a decode node, its "
+                                    "connector's pool probe) may take before the check fails")
     unhealthy_after: int = Field(default=2, ge=1, description="consecutive failed health checks before removal")
     abandon_after_s: float = Field(default=3.0, ge=0, description="a node down by its health checks this long "
                                    "has the requests still waiting on it ended (retried if nothing was sent)")
