@@ -5,7 +5,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from router.placement_config import PlacementConfig
 from transfer.config_errors import ConfigError, format_errors, load_yaml
@@ -21,7 +21,15 @@ class Instance(BaseModel):
 
 
 class DecodeInstance(Instance):
-    kv_address: str = Field(pattern=r"^[\w.\-]+:\d+$", description="the decode connector's handshake host:port")
+    kv_address: str = Field(pattern=r"^[A-Za-z0-9_](?:[\w\-]*)(?:\.[\w\-]+)*:\d{1,5}$",
+                            description="the decode connector's handshake host:port (a host name or IPv4 address)")
+
+    @field_validator("kv_address")
+    @classmethod
+    def _port_in_range(cls, v: str) -> str:
+        if not 1 <= int(v.rsplit(":", 1)[1]) <= 65535:
+            raise ValueError(f"kv_address {v!r}: the port must be between 1 and 65535")
+        return v
 
 
 class RouterConfig(BaseModel):

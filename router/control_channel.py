@@ -109,17 +109,24 @@ class ControlChannels:
         self._channels: dict[str, _Channel] = {}
 
     async def ask(self, address: str, msg: wire.Message, timeout_s: float) -> wire.ReplyMessage | None:
-        """The decoded reply to `msg`, or None when none came in time (or it was not an authentic, valid one)."""
-        return await self._channel(address).ask(msg, timeout_s)
+        """The decoded reply to `msg`, or None when none came in time (or it was not an authentic, valid one, or
+        ZMQ cannot connect to `address` at all)."""
+        channel = self._channel(address)
+        return None if channel is None else await channel.ask(msg, timeout_s)
 
     def tell(self, address: str, msg: wire.Message, timeout_s: float) -> None:
         """`msg` sent without waiting for the connector's reply (see `_Channel.tell`)."""
-        self._channel(address).tell(msg, timeout_s)
+        channel = self._channel(address)
+        if channel is not None:
+            channel.tell(msg, timeout_s)
 
-    def _channel(self, address: str) -> _Channel:
+    def _channel(self, address: str) -> _Channel | None:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = _Channel(address, self.cred)
+            try:
+                channel = self._channels[address] = _Channel(address, self.cred)
+            except zmq.ZMQError as e:
+                log.warning("cannot open a control channel to %s: %s", address, e)
         return channel
 
     def drop(self, address: str) -> None:

@@ -9,7 +9,7 @@ from prometheus_client.metrics import MetricWrapperBase
 REQUESTS = Counter("kvbridge_router_requests_total", "Requests by endpoint and HTTP status", ["endpoint", "status"])
 LATENCY = Histogram("kvbridge_router_request_seconds", "End-to-end request latency", ["endpoint"],
                     buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120))
-TTFT = Histogram("kvbridge_router_ttft_seconds", "Time to first byte of the decode answer", ["endpoint"],
+TTFT = Histogram("kvbridge_router_ttft_seconds", "From the request's arrival to its answer's first event (streamed) or whole answer read (not streamed)", ["endpoint"],
                  buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
 PREFILL_FAILURES = Counter("kvbridge_router_prefill_failures_total", "Prefill legs that failed", ["action"])
 CANCELLED = Counter("kvbridge_router_cancelled_total", "Requests whose client went away")
@@ -45,5 +45,17 @@ PREFIX_HIT_TOKENS = Counter("kvbridge_router_prefix_hit_tokens_total", "Prompt t
 @lru_cache(maxsize=4096)
 def child(metric: MetricWrapperBase, *labels: str) -> MetricWrapperBase:
     """`metric.labels(*labels)`, looked up once per label set: labels() checks and hashes its arguments on every
-    call, a few microseconds that each routed request paid about ten times (no label set here is ever removed)."""
+    call, a few microseconds that each routed request paid about ten times. Emptied when a label set is removed
+    (`forget_instance`), so that a node added again under its name gets a child that is exported."""
     return metric.labels(*labels)
+
+
+def forget_instance(kind: str, name: str) -> None:
+    """A removed node's series go with it: a drained node must not show as healthy (or busy) forever."""
+    for metric, labels in ((INSTANCE_HEALTHY, (kind, name)), (INSTANCE_STATE, (kind, name)),
+                           (OUTSTANDING, (kind, name)), (DECODE_POOL_FREE, (name,))):
+        try:
+            metric.remove(*labels)
+        except KeyError:  # never exported (DECODE_POOL_FREE for a prefill node, OUTSTANDING before a request)
+            pass
+    child.cache_clear()

@@ -27,7 +27,7 @@ from router.admission import AtCapacity
 from router.config import DecodeInstance, Instance, RouterConfig
 from router.control_channel import ControlChannels
 from router.failures import UpstreamFailure
-from router.metrics import DECODE_POOL_FREE, INSTANCE_HEALTHY, INSTANCE_STATE, OUTSTANDING, child
+from router.metrics import DECODE_POOL_FREE, INSTANCE_HEALTHY, INSTANCE_STATE, OUTSTANDING, child, forget_instance
 from router.node_file import NodeFile
 from router.pool_probe import pool_status
 from transfer.rank_address import rank_address
@@ -125,7 +125,7 @@ class Registry:
         """Check every node once (the router serves from its first answer), then each on its own loop."""
         self._session = session
         nodes = [b for bs in self.backends.values() for b in bs]
-        await asyncio.gather(*(self._check(b) for b in nodes))
+        await asyncio.gather(*(self._check_guarded(b) for b in nodes))
         for b in nodes:
             self._watch(b)
 
@@ -136,11 +136,12 @@ class Registry:
         self.control.close()
 
     async def add(self, b: Backend) -> None:
-        """Serve `b` too: it takes requests once a health check passed (the first one runs now)."""
+        """Serve `b` too: it takes requests once a health check passed. Its loop starts now with its first check,
+        which this awaits; a caller cancelled meanwhile (an admin client that left) leaves the loop running."""
         self.backends[b.kind].append(b)
-        await self._check(b)
-        if b in self.backends[b.kind] and b not in self._watches:  # not removed while its first check ran
-            self._watch(b)
+        first = asyncio.get_running_loop().create_future()
+        self._watch(b, first)
+        await asyncio.shield(first)
 
     def remove(self, b: Backend) -> None:
         """Stop serving and checking `b`; its connector channels close unless another node shares its address."""
@@ -150,6 +151,7 @@ class Registry:
         if b.kv_address and all(o.kv_address != b.kv_address for o in self.backends["decode"]):
             for address in b.rank_addresses:
                 self.control.drop(address)
+        forget_instance(b.kind, b.name)
 
     def pick(self, kind: str, exclude: set[str] = frozenset()) -> Backend | None:
         """An up instance (a suspect one only when no up one is left), or None when none is alive.
@@ -195,13 +197,27 @@ class Registry:
                      "outstanding": b.outstanding, "draining": b.draining, **({"pool_free": round(b.pool_free, 3)} if b.kv_address else {})}
                     for b in bs] for k, bs in self.backends.items()}
 
-    def _watch(self, b: Backend) -> None:
-        self._watches[b] = asyncio.create_task(self._health_loop(b), name=f"health {b.kind} {b.name}")
+    def _watch(self, b: Backend, first: asyncio.Future | None = None) -> None:
+        """Check `b` every health_interval_s from now on; with `first`, once at once, then resolve `first`."""
+        self._watches[b] = asyncio.create_task(self._health_loop(b, first), name=f"health {b.kind} {b.name}")
 
-    async def _health_loop(self, b: Backend) -> None:
+    async def _health_loop(self, b: Backend, first: asyncio.Future | None) -> None:
+        if first is not None:
+            try:
+                await self._check_guarded(b)
+            finally:
+                first.set_result(None)
         while True:
             await asyncio.sleep(self.cfg.health_interval_s)
+            await self._check_guarded(b)
+
+    async def _check_guarded(self, b: Backend) -> None:
+        """A check that raised (a fault of ours, not the node's answer) is logged and the loop goes on: ending it
+        would freeze the node's state for good."""
+        try:
             await self._check(b)
+        except Exception:
+            log.exception("%s %s: health check raised; its state stays %s", b.kind, b.name, b.state)
 
     async def _check(self, b: Backend) -> None:
         try:

@@ -6,6 +6,7 @@ import asyncio
 
 import aiohttp
 import pytest
+from prometheus_client import REGISTRY
 
 from launch.node_ctl import AdminError, nodes_command
 from router.app import PROXY, build_app
@@ -109,3 +110,48 @@ def test_a_node_file_entry_of_no_known_kind_is_refused_naming_the_file(tmp_path)
     bad.write_text('{"version": 1, "added": [{"kind": "router", "name": "r", "url": "http://127.0.0.1:1"}]}')
     with pytest.raises(ConfigError, match="nodes.json: not a node file"):
         NodeFile(bad, set())
+
+
+async def test_an_add_whose_client_leaves_during_the_first_check_still_checks_the_node_from_then_on(make):
+    """The admin client gives up while the new node's /health hangs: the node is added (the file has it), and once
+    it answers it is up; it does not stay down for want of a health loop."""
+    d0, d1 = StubNode("d0", kv=True), StubNode("d1", kv=True)
+    await d1.start()
+    d1.health_hangs = True
+    try:
+        url, api = await make([StubNode("p")], [d0], health_timeout_s=2)
+        spec = {"kind": "decode", "name": "d1", "url": d1.url, "kv_address": f"127.0.0.1:{d1.kv_port}"}
+        with pytest.raises(TimeoutError):
+            async with aiohttp.ClientSession() as s:
+                await s.post(url + "/admin/nodes", json=spec, timeout=aiohttp.ClientTimeout(total=0.3))
+        d1.health_hangs = False
+        assert await eventually(lambda: [b.state for b in api[PROXY].registry.backends["decode"]] == ["up", "up"])
+    finally:
+        await d1.stop()
+
+
+@pytest.mark.parametrize("address", ["-host:5600", ".host:5600", "host:0", "host:70000", "host:port"])
+async def test_a_node_whose_kv_address_zmq_cannot_use_is_refused_with_400(make, address):
+    url, api = await make([StubNode("p")], [StubNode("d0", kv=True)])
+    spec = {"kind": "decode", "name": "d1", "url": "http://127.0.0.1:9", "kv_address": address}
+    async with aiohttp.ClientSession() as s, s.post(url + "/admin/nodes", json=spec) as r:
+        assert r.status == 400 and "kv_address" in (await r.json())["error"]["message"]
+    assert [b.name for b in api[PROXY].registry.backends["decode"]] == ["d0"]
+
+
+async def test_health_is_503_while_every_decode_node_drains_and_a_removed_node_leaves_no_metrics(make):
+    """A load balancer must stop sending to a router whose decode nodes all drain; a drained node must not show
+    as a healthy instance on /metrics for ever after."""
+    d0 = StubNode("d0", events=20, interval=0.05, kv=True)
+    url, _ = await make([StubNode("p")], [d0])
+    flying = asyncio.create_task(post(url, dict(REQ, stream=True)))
+    assert await eventually(lambda: len(d0.bodies) == 1)
+    await asyncio.to_thread(nodes_command, url, "drain", name="d0", wait=False)
+    async with aiohttp.ClientSession() as s, s.get(url + "/health") as r:
+        assert r.status == 503
+    assert (await flying)[0] == 200
+    assert REGISTRY.get_sample_value("kvbridge_router_instance_healthy", {"kind": "decode", "instance": "d0"}) == 1
+    await asyncio.to_thread(nodes_command, url, "drain", name="d0")
+    for metric in ("kvbridge_router_instance_healthy", "kvbridge_router_instance_state", "kvbridge_router_outstanding"):
+        assert REGISTRY.get_sample_value(metric, {"kind": "decode", "instance": "d0"}) is None, metric
+    assert REGISTRY.get_sample_value("kvbridge_router_decode_pool_free", {"instance": "d0"}) is None
