@@ -21,7 +21,7 @@ from router.config import ConfigError, RouterConfig, load_router_config
 from router.metrics import LATENCY, REQUESTS, child
 from router.models_proxy import backend_models
 from router.node_admin import add_node_admin_routes
-from router.openai_errors import APIError, parse_request
+from router.openai_errors import TOO_DEEP, APIError, parse_request
 from router.pool_probe import transfer_trace
 from router.proxy import Proxy
 from router.registry import Registry
@@ -110,6 +110,12 @@ def build_app(cfg: RouterConfig) -> web.Application:
             except web.HTTPRequestEntityTooLarge:
                 status = 413
                 return APIError(413, f"request body exceeds {MAX_BODY} bytes").response()
+            except RecursionError:  # parsed, but too deep to walk or serialise for a leg
+                status = 400
+                return APIError(400, TOO_DEEP).response()
+            except asyncio.CancelledError:  # the client left before its answer began: nginx's 499, not a 500
+                status = 499
+                raise
             finally:
                 child(REQUESTS, path, str(status)).inc()
                 child(LATENCY, path).observe(time.perf_counter() - t0)
@@ -123,7 +129,7 @@ def build_app(cfg: RouterConfig) -> web.Application:
 
     async def health(_: web.Request) -> web.Response:
         snap = registry.snapshot()
-        ok = any(b["healthy"] for b in snap["decode"])
+        ok = any(b["healthy"] and not b["draining"] for b in snap["decode"])
         return web.json_response({"status": "ok" if ok else "degraded", "instances": snap}, status=200 if ok else 503)
 
     app.router.add_post("/v1/completions", openai_endpoint("/v1/completions", "completions"))

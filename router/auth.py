@@ -38,10 +38,12 @@ def load_secret(env: str | None, file: Path | None, what: str) -> str | None:
 
 
 def bearer_matches(headers: CIMultiDictProxy[str], key: str) -> bool:
-    """Constant-time check of `Authorization: Bearer <key>`."""
+    """Constant-time check of `Authorization: Bearer <key>`. A header that is not UTF-8 (aiohttp keeps its bytes as
+    surrogates) is compared as its bytes: it cannot match, and it must not raise."""
     got = headers.get("authorization", "")
     scheme, _, token = got.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(errors="surrogateescape"),
+                                                              key.encode())
 
 
 def upstream_headers(client_headers: CIMultiDictProxy[str], backend_key: str | None) -> dict[str, str]:

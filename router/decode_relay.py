@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
@@ -29,6 +29,7 @@ class RelayOutcome:
     response: web.StreamResponse
     failure: UpstreamFailure | None = None  # the decode failed after the stream started
     client_gone: bool = False
+    first_byte_at: float = field(default_factory=time.monotonic)  # when the answer's first event went out
 
     @property
     def complete(self) -> bool:
@@ -96,6 +97,7 @@ async def relay_stream(request: web.Request, up: aiohttp.ClientResponse, b: Back
         except ConnectionError as e:
             raise ClientGone(str(e)) from None
         await write(resp, rewrite_event(first))
+        out.first_byte_at = time.monotonic()
         done = first.startswith(DONE)
         last, itl = time.monotonic(), child(ITL, request.path)
         while not done:

@@ -6,6 +6,9 @@ import json
 from aiohttp import web
 
 
+TOO_DEEP = "request body is nested too deeply"
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
                  param: str | None = None, code: str | None = None) -> None:
@@ -28,6 +31,8 @@ def parse_request(raw: bytes, endpoint: str, model: str, max_tokens_limit: int) 
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise APIError(400, f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise APIError(400, TOO_DEEP) from None
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object")
     if "model" not in body:
@@ -51,7 +56,7 @@ def parse_request(raw: bytes, endpoint: str, model: str, max_tokens_limit: int) 
         v = body.get(key)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= max_tokens_limit):
             raise APIError(400, f"'{key}' must be an integer between 1 and {max_tokens_limit}, got {v!r}", param=key)
-    if not isinstance(body.get("stream", False), bool):
+    if body.get("stream") not in (None, True, False):  # null is OpenAI's (and vLLM's) "not streamed"
         raise APIError(400, "'stream' must be a boolean", param="stream")
     body.pop("kv_transfer_params", None)
     return body

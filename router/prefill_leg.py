@@ -1,7 +1,9 @@
 """The prefill leg: a 1-token request that makes the prefill node compute the prompt and push its KV.
 
 Its failure is the prefill node's (counted) unless it was cancelled because the client left or the
-decode leg ended first (not counted). A failed leg cancels the transfer at the decode connector, which
+decode leg ended first (not counted). A 4xx answer is neither: the node refused the request itself (a prompt
+over its context length, a parameter out of range), which the decode node would refuse too, so it is kept for
+the client (`refusal`) and counted as no failure. A failed leg cancels the transfer at the decode connector, which
 then recomputes the prompt itself instead of waiting for KV that will not come; a leg that answered tells
 the connector so, which then gives up on a producer it has not heard from within its `no_show_s`.
 """
@@ -24,6 +26,7 @@ from router.request_trace import Trace
 from router.upstream import post, read_all
 
 log = logging.getLogger("kvbridge.router")
+RETRYABLE_4XX = frozenset({408, 429})  # a timeout or a full node: the node's state, not the request's fault
 ANSWERED_SEND_S = 0.25  # a decode connector that cannot take the notice this soon is down or unreachable
 
 
@@ -35,6 +38,7 @@ class PrefillResult:
     ok: bool
     seconds: float
     usage: dict | None = None
+    refusal: tuple[int, bytes] | None = None  # the node refused the request itself: its 4xx status and body
 
 
 def reply_usage(raw: bytes) -> dict | None:
@@ -50,18 +54,22 @@ async def run_prefill(cfg: RouterConfig, registry: Registry, session: aiohttp.Cl
                       transfer_id: str, over: asyncio.Event) -> PrefillResult:
     """`over` is set once the leg is over on its node: its reply headers arrived (the node has finished the
     request: one token, not streamed) or the leg failed. Closing the connection would then abort nothing there."""
-    t0, usage = time.monotonic(), None
+    t0, usage, refusal = time.monotonic(), None, None
     registry.acquire(b)
     try:
         up = await post(session, b, path, body, headers, cfg.first_byte_timeout_s)
         over.set()
         try:
-            usage = reply_usage(await read_all(up, b, cfg.first_byte_timeout_s))
+            raw = await read_all(up, b, cfg.first_byte_timeout_s)
         finally:
             up.release()
-        ok, why = up.status == 200, f"HTTP {up.status}"
-        if ok:
+        ok, why, usage = up.status == 200, f"HTTP {up.status}", reply_usage(raw)
+        if 400 <= up.status < 500 and up.status not in RETRYABLE_4XX:
+            refusal = (up.status, raw)
+            why = f"refused the request: HTTP {up.status} {raw[:200].decode(errors='replace')}"
+        if ok or refusal:  # it answered as a healthy node does
             registry.report_success(b)
+        if ok:
             prefill_answered(registry.control, kv_addresses, transfer_id, ANSWERED_SEND_S)
     except UpstreamFailure as e:
         over.set()
@@ -69,10 +77,13 @@ async def run_prefill(cfg: RouterConfig, registry: Registry, session: aiohttp.Cl
         ok, why = False, e.why
     finally:
         registry.release(b)
-    trace.add("prefill_done" if ok else "prefill_failed", f"{b.name} {why}")
-    if not ok:
+    trace.add("prefill_done" if ok else "prefill_refused" if refusal else "prefill_failed", f"{b.name} {why}")
+    if refusal:
+        log.info("prefill leg on %s %s; nothing was pushed", b.name, why)
+        await cancel_transfer(registry.control, kv_addresses, transfer_id, cfg.health_timeout_s)
+    elif not ok:
         PREFILL_FAILURES.labels(cfg.on_prefill_failure).inc()
         log.warning("prefill leg on %s failed (%s); the decode instance falls back by its load policy", b.name, why)
         await cancel_transfer(registry.control, kv_addresses, transfer_id, cfg.health_timeout_s)
-    return PrefillResult(ok, time.monotonic() - t0, usage if ok else None)
+    return PrefillResult(ok, time.monotonic() - t0, usage if ok else None, refusal)
 

@@ -44,6 +44,17 @@ MAX_ATTEMPTS = 2  # the first dispatch and one retry, only while nothing was sen
 log = logging.getLogger("kvbridge.router")
 
 
+def prefill_failed(leg: asyncio.Task, request_id: str) -> web.Response:
+    """on_prefill_failure=error: the prefill node's own refusal of the request (a 4xx, such as a prompt over its
+    context length) as it gave it, else a 502 that says the prefill instance failed."""
+    result: PrefillResult | None = leg.result() if leg.exception() is None else None
+    if result is None or result.refusal is None:
+        raise APIError(502, "the prefill instance failed", "upstream_error", code="prefill_failed")
+    status, raw = result.refusal
+    return web.Response(status=status, body=raw, content_type="application/json",
+                        headers={"x-kvbridge-request-id": request_id})
+
+
 class Proxy:
     def __init__(self, cfg: RouterConfig, registry: Registry, session: aiohttp.ClientSession,
                  backend_key: str | None) -> None:
@@ -125,7 +136,7 @@ class Proxy:
                 ok = await self._prefill_answered(prefill_task, decode, trace, wait_s)
                 DECODE_DISPATCH.labels("before_prefill_end" if ok is None else "after_prefill").inc()
                 if ok is False and self.cfg.on_prefill_failure == "error":
-                    raise APIError(502, "the prefill instance failed", "upstream_error", code="prefill_failed")
+                    return prefill_failed(prefill_task, trace.id)
                 if ok is False:
                     decode_leg = dict(body)  # nothing was pushed: the decode node prefills the prompt itself
             elif prefill_task is not None:
@@ -133,13 +144,13 @@ class Proxy:
                 await asyncio.sleep(0)  # the prefill leg goes out first: its KV is what the decode leg waits for
             up = await post(self.session, decode, path, decode_leg, headers, self._first_wait(body))
             if prefill_task is not None and self.cfg.on_prefill_failure == "error" and not (await prefill_task).ok:
-                raise APIError(502, "the prefill instance failed", "upstream_error", code="prefill_failed")
+                return prefill_failed(prefill_task, trace.id)
             if body.get("stream") and up.status == 200:
                 outcome = await relay_stream(request, up, decode, trace.id, self.cfg.first_byte_timeout_s,
                                              self.cfg.read_timeout_s)
             else:
                 outcome = await relay_whole(up, decode, trace.id, self._first_wait(body))
-            child(TTFT, path).observe(trace.ms() / 1000)
+            child(TTFT, path).observe(outcome.first_byte_at - trace.t0)
             self._settle(outcome, decode, trace)
             if outcome.complete and outcome.failure is None:
                 self._learn_after(decision, tid if prefill_task is not None else None)

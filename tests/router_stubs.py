@@ -20,8 +20,13 @@ from router.app import PROXY, build_admin_app, build_app
 from router.config import RouterConfig
 from transfer import control_auth, wire
 
+REFUSAL = {"object": "error", "message": "This model's maximum context length is 2048 tokens", "type": "BadRequestError",
+           "param": None, "code": 400}
+
+
 class StubNode:
-    """A fake vLLM node. `mode`: ok | reset (drop the connection) | die (abort after `die_after` events)
+    """A fake vLLM node. `mode`: ok | refuse (HTTP 400, as vLLM refuses a prompt over its context length)
+    | reset (drop the connection) | die (abort after `die_after` events)
     | silent (go quiet after one event) | hang (never answer, and fail /health from then on) | late (headers
     at once, then no first event and no unstreamed answer for an hour, /health passing: a stuck prefill).
     `interval`: seconds between streamed events, and before an unstreamed answer (a function of the request's
@@ -127,6 +132,8 @@ class StubNode:
             if self.mode == "reset":
                 request.transport.abort()
                 return web.Response()
+            if self.mode == "refuse":
+                return web.json_response(REFUSAL, status=400)
             if self.mode == "hang":
                 self.healthy = False
                 await asyncio.sleep(3600)
