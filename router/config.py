@@ -75,6 +75,9 @@ class RouterConfig(BaseModel):
     first_byte_timeout_s: float = Field(default=600.0, gt=0, description="streamed: until the decode's first "
                                         "event (queueing + prefill); the prefill leg: until its 1-token answer")
     read_timeout_s: float = Field(default=300.0, gt=0, description="streamed: longest silence between two events")
+    client_write_timeout_s: float = Field(default=60.0, gt=0, description="streamed: longest a client may leave the "
+                                          "answer unread (its connection's buffers full) before it counts as gone and "
+                                          "both legs are cancelled")
     unstreamed_timeout_s: float = Field(default=7200.0, gt=0, description="a non-streamed answer comes whole, "
                                         "so this must fit a whole generation (32k tokens at 5 tok/s)")
     max_inflight_total: int | None = Field(default=2048, ge=1, description="past it: 429 with Retry-After")

@@ -8,6 +8,7 @@ could be taken for the backend's. `kv_transfer_params` is internal and is remove
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from dataclasses import dataclass, field
@@ -69,11 +70,16 @@ def error_event(message: str) -> bytes:
     return b"data: " + json.dumps(err).encode() + b"\n\n" + DONE + b"\n\n"
 
 
-async def write(resp: web.StreamResponse, data: bytes) -> None:
+async def write(resp: web.StreamResponse, data: bytes, timeout_s: float) -> None:
+    """A client that stops reading but keeps its connection open blocks the write once the buffers fill; after
+    `timeout_s` it is treated as gone, so it cannot hold its decode request (and its slot of the router) for ever."""
     try:
-        await resp.write(data)
+        async with asyncio.timeout(timeout_s):
+            await resp.write(data)
     except ConnectionError as e:
         raise ClientGone(f"client went away: {e}") from None
+    except TimeoutError:
+        raise ClientGone(f"client read nothing for {timeout_s:g} s") from None
 
 
 async def relay_whole(up: aiohttp.ClientResponse, b: Backend, request_id: str, timeout_s: float) -> RelayOutcome:
@@ -85,7 +91,7 @@ async def relay_whole(up: aiohttp.ClientResponse, b: Backend, request_id: str, t
 
 
 async def relay_stream(request: web.Request, up: aiohttp.ClientResponse, b: Backend, request_id: str,
-                       first_byte_timeout_s: float, read_timeout_s: float) -> RelayOutcome:
+                       first_byte_timeout_s: float, read_timeout_s: float, write_timeout_s: float) -> RelayOutcome:
     first = await read_event(up, b, first_byte_timeout_s)  # a failure here: nothing sent, retryable
     if not first.strip():
         raise UpstreamFailure(b.name, "stream ended before its first event")
@@ -96,7 +102,7 @@ async def relay_stream(request: web.Request, up: aiohttp.ClientResponse, b: Back
             await resp.prepare(request)
         except ConnectionError as e:
             raise ClientGone(str(e)) from None
-        await write(resp, rewrite_event(first))
+        await write(resp, rewrite_event(first), write_timeout_s)
         out.first_byte_at = time.monotonic()
         done = first.startswith(DONE)
         last, itl = time.monotonic(), child(ITL, request.path)
@@ -114,12 +120,13 @@ async def relay_stream(request: web.Request, up: aiohttp.ClientResponse, b: Back
                 now = time.monotonic()
                 itl.observe(now - last)
                 last = now
-            await write(resp, rewrite_event(event))
+            await write(resp, rewrite_event(event), write_timeout_s)
         if out.failure:
-            await write(resp, error_event(f"the decode instance failed mid-stream: {out.failure}"))
+            await write(resp, error_event(f"the decode instance failed mid-stream: {out.failure}"), write_timeout_s)
         try:
-            await resp.write_eof()
-        except ConnectionError:
+            async with asyncio.timeout(write_timeout_s):
+                await resp.write_eof()
+        except (ConnectionError, TimeoutError):
             raise ClientGone("client went away before the end of the stream") from None
     except ClientGone:
         out.client_gone = True

@@ -147,7 +147,7 @@ class Proxy:
                 return prefill_failed(prefill_task, trace.id)
             if body.get("stream") and up.status == 200:
                 outcome = await relay_stream(request, up, decode, trace.id, self.cfg.first_byte_timeout_s,
-                                             self.cfg.read_timeout_s)
+                                             self.cfg.read_timeout_s, self.cfg.client_write_timeout_s)
             else:
                 outcome = await relay_whole(up, decode, trace.id, self._first_wait(body))
             child(TTFT, path).observe(outcome.first_byte_at - trace.t0)

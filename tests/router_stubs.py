@@ -34,19 +34,19 @@ class StubNode:
     `held.clear()`) and its unstreamed answers report `usage` as vLLM does, 4 characters a token, with the longest held prefix as `cached_tokens` (`details=False`: no
     `prompt_tokens_details`, as vLLM without --enable-prompt-tokens-details). `scattered`: its
     connector says of every transfer asked about that it was received and scattered (else that it has none).
-    `healthy` and `health_hangs` (set at any time): /health answers 500, or never answers."""
+    `pad`: characters added to each streamed event's text. `healthy` and `health_hangs` (set at any time): /health answers 500, or never answers."""
 
     def __init__(self, name: str, mode: str = "ok", events: int = 4,
                  interval: float | Callable[[dict], float] = 0.0, die_after: int = 2,
                  kv: bool = False, store: bool = False, ranks: int = 1, scattered: bool = False,
-                 details: bool = True) -> None:
+                 details: bool = True, pad: int = 0) -> None:
         self.name, self.mode, self.events, self.interval, self.die_after = name, mode, events, interval, die_after
         self.bodies, self.headers, self.cancels, self.answered = [], [], [], []  # each leg's, rank 0 connector's
         self.rank_notices: dict[int, list[tuple[str, str]]] = {r: [] for r in range(1, ranks)}  # (type, tid)
         self.aborted, self.healthy, self.health_hangs = 0, True, False  # aborted: requests the router closed before their answer was whole
         self._stop = threading.Event()
         self.held: list[str] | None = [] if store else None
-        self.ranks, self.scattered, self.details = ranks, scattered, details
+        self.ranks, self.scattered, self.details, self.pad = ranks, scattered, details, pad
         self.kv_port = self._start_connector() if kv else None
 
     def _start_connector(self) -> int:
@@ -150,7 +150,7 @@ class StubNode:
                     return resp
                 if (self.mode == "silent" and i == 1) or (self.mode == "late" and i == 0):
                     await asyncio.sleep(3600)
-                chunk = {"choices": [{"index": 0, "text": f"t{i}"}], **({"kv_transfer_params": {"kvbridge": {}}} if i == 0 else {})}
+                chunk = {"choices": [{"index": 0, "text": f"t{i}" + "x" * self.pad}], **({"kv_transfer_params": {"kvbridge": {}}} if i == 0 else {})}
                 await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
                 await asyncio.sleep(self.interval)
             await resp.write(b"data: [DONE]\n\n")
