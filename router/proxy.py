@@ -19,6 +19,7 @@ import logging
 import math
 import time
 import uuid
+from dataclasses import replace
 
 import aiohttp
 from aiohttp import web
@@ -99,6 +100,9 @@ class Proxy:
         finally:
             self.admission.leave()
             trace.add("done")
+            # The trace outlives the request (trace_history of them): its decisions keep no prompt keys, which
+            # grow with the prompt (~180 KB for 512 k characters); the placement model holds its own reference
+            trace.placement = [replace(d, keys=[]) for d in trace.placement]
 
     async def _attempt(self, request: web.Request, path: str, body: dict, headers: dict[str, str],
                        decision: Decision, trace: Trace) -> web.StreamResponse:
