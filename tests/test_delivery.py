@@ -99,6 +99,23 @@ def test_a_new_attempt_replaces_the_old_one_and_only_its_bytes_land(consumer):
         p.close()
 
 
+def test_a_second_push_of_a_delivered_key_is_ended_without_touching_the_first(consumer):
+    """Duplicate prompts share a key: a push that begins after the first one was SENT must neither write into
+    its complete lease nor fail it; it ends ABORTED and the first push's bytes are read intact."""
+    p = make_producer("repeated")
+    try:
+        crcs = push(p, consumer, "r-1", 2)
+        assert finished(p, {"r-1"})["r-1"] == State.SENT
+        again = p.begin(spec("r-1", 2), consumer.address)
+        assert again == "r-1@0"  # the first job is gone: only the consumer can tell
+        states = finished(p, {"r-1"})
+        assert states["r-1"] == State.ABORTED
+        assert consumer.call("status", "r-1") == ("COMPLETE", "")
+        check_landed(consumer, "r-1", crcs)
+    finally:
+        p.close()
+
+
 def test_each_producer_rank_reaches_only_its_own_consumer_rank():
     """TP=2 on both roles: rank r's producer pushes to rank r's endpoint (listen_port + r); a rank that
     reaches the other rank's endpoint, or a producer with another TP size, is refused with a sentence."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transfer.notice import ChunkNotice
 from transfer.receive_book import ReceiveBook
-from transfer.slot_pool import SlotPool
+from transfer.slot_pool import LeaseInUse, SlotPool
 
 
 class Clock:
@@ -124,3 +124,19 @@ def test_a_request_that_stopped_waiting_refuses_its_late_producer():
     book.expect("on-time", 30, "ab")
     book.finish("on-time", None, {"state": "ABORTED", "reason": "preempted"})  # a new attempt may follow
     assert book.check_alloc("on-time", 30, "ab") == ""
+
+
+def test_a_second_push_of_a_lease_that_took_chunks_is_refused_not_handed_its_slots():
+    """Only a lost reply gets its lease back: once chunks arrived, the same producer and attempt asking again is
+    a second push, whose writes would land in slots the first one's reader frees at once."""
+    pool = SlotPool(4, 100, quarantine_s=2.0, clock=Clock())
+    lease = pool.grant("a", sizes(2), 10.0, "p1")
+    assert pool.grant("a", sizes(2), 10.0, "p1") is lease  # nothing arrived yet: a lost reply
+    pool.accept(notice("a", 0, lease.epoch))
+    try:
+        pool.grant("a", sizes(2), 10.0, "p1")
+    except LeaseInUse as e:
+        assert e.transfer_id == "a" and "1 of 2 chunks arrived" in str(e)
+    else:
+        raise AssertionError("a lease that took a chunk was handed to a second push")
+    assert pool.live("a") is lease and pool.stats().free == 2

@@ -10,7 +10,7 @@ import logging
 import time
 
 from transfer import wire
-from transfer.consumer_link import PeerUnreachable
+from transfer.consumer_link import PeerError, PeerUnreachable
 from transfer.producer_settings import ProducerSettings
 from transfer.push_job import PushJob
 from transfer.push_window import window_answered
@@ -29,6 +29,11 @@ def answered(job: PushJob, kind: str, sent_at: float, cfg: ProducerSettings) -> 
         if kind == "release":
             log.info("release of %s on %s not confirmed (%s); the lease will expire", t.transfer_id,
                      job.consumer, e)
+            return
+        if kind == "alloc" and isinstance(e, PeerError) and e.code == wire.LEASE_IN_USE:
+            # An earlier push of this key and attempt already wrote into the lease: ended, not failed, so no
+            # release with a reason fails the transfer that push delivered.
+            t.to(State.ABORTED, f"not pushed again: {e}")
             return
         job.peer_down = isinstance(e, PeerUnreachable)
         if not t.done:

@@ -18,7 +18,7 @@ from collections import OrderedDict
 from transfer import wire
 from transfer.geometry import ChunkGeometry
 from transfer.receive_book import ReceiveBook
-from transfer.slot_pool import SlotPool
+from transfer.slot_pool import LeaseInUse, SlotPool
 
 
 class GrantQueue:
@@ -80,8 +80,12 @@ class LeaseDesk:
         skip = min(held or 0, len(sizes) - 1)  # the decode computes at least the last prompt token itself
         sizes = sizes[skip:]
         window = min(len(sizes), self.window_slots)
-        lease = self.pool.grant(msg.transfer_id, sizes, msg.ttl_s, msg.incarnation, msg.attempt, skip, window,
-                                keep_free=self.queue.reserved_before(msg.transfer_id))
+        try:
+            lease = self.pool.grant(msg.transfer_id, sizes, msg.ttl_s, msg.incarnation, msg.attempt, skip, window,
+                                    keep_free=self.queue.reserved_before(msg.transfer_id))
+        except LeaseInUse as e:
+            self.book.count("allocs_refused_lease_in_use")
+            return wire.Error(code=wire.LEASE_IN_USE, message=str(e))
         if lease is None:
             self.queue.wait(msg.transfer_id, window)
             self.book.sign_of_life(msg.transfer_id)  # queued for slots: its request keeps waiting

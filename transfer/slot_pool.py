@@ -56,8 +56,24 @@ class Lease:
         """Chunks below this index may be written now (the open window)."""
         return min(len(self.chunk_nbytes), self.freed + len(self.slots))
 
+    @property
+    def untouched(self) -> bool:
+        """Nothing arrived, was read or was freed: handing this lease out again cannot race a reader."""
+        return not self.arrived and not self.freed and not self.taken and not self.pins
+
     def slot_of(self, chunk: int) -> int:
         return self.slots[chunk % len(self.slots)]
+
+
+class LeaseInUse(RuntimeError):
+    """An ALLOC asked again for a lease that already took chunks (a second push of the same key and attempt,
+    not a lost reply): its slots may be read or freed while the second push writes, so it is refused."""
+
+    def __init__(self, lease: Lease) -> None:
+        super().__init__(f"transfer {lease.transfer_id} attempt {lease.attempt} already holds lease epoch "
+                         f"{lease.epoch} with {lease.freed + len(lease.arrived)} of {len(lease.chunk_nbytes)} "
+                         f"chunks arrived{' and being read' if lease.pins else ''}: a second push of it is refused")
+        self.transfer_id = lease.transfer_id
 
 
 @dataclass(frozen=True)
@@ -94,8 +110,9 @@ class SlotPool:
               attempt: int = 0, first_chunk: int = 0, window: int | None = None, keep_free: int = 0) -> Lease | None:
         """Lease `window` slots (default: one per chunk) while leaving `keep_free` slots free for others,
         or None when that is not possible now (caller says NO_CAPACITY). The same producer asking again
-        for the same attempt gets its lease back (a lost reply); a new attempt, or another producer,
-        ends the old lease first."""
+        for the same attempt gets its lease back (a lost reply) while nothing arrived in it; once a chunk
+        did, the ask is a second push and raises LeaseInUse. A new attempt, or another producer, ends the
+        old lease first."""
         if any(n <= 0 or n > self.slot_bytes for n in chunk_nbytes):
             raise ValueError(f"chunk sizes {chunk_nbytes} do not fit {self.slot_bytes}-byte slots")
         with self._lock:
@@ -103,6 +120,8 @@ class SlotPool:
             old = self._leases.get(transfer_id)
             if old is not None:
                 if old.producer == producer and old.attempt == attempt:
+                    if not old.untouched:
+                        raise LeaseInUse(old)
                     return old
                 self._end_locked(old, complete=False)
             want = len(chunk_nbytes) if window is None else max(1, min(window, len(chunk_nbytes)))

@@ -197,6 +197,11 @@ class Error(_Msg):
     message: str
 
 
+# Error.code of an ALLOC for a lease that already took chunks from the same producer and attempt: a second
+# push of bytes the consumer has (or had). The producer ends that push without failing the transfer.
+LEASE_IN_USE = "lease_in_use"
+
+
 class StoreLookup(_Msg):
     """Engine -> its own worker: how many of these leading chunk keys does your store hold?"""
     type: Literal["store_lookup"] = "store_lookup"
