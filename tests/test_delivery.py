@@ -3,6 +3,8 @@ what it carries, chunk geometry is agreed, producers cannot end each other's lea
 separate. (A producer that gives up tells the consumer at once: tests/test_early_failure.py.)"""
 from __future__ import annotations
 
+from concurrent.futures import Future
+
 import pytest
 
 from launch.polling import wait_for
@@ -112,6 +114,25 @@ def test_a_second_push_of_a_delivered_key_is_ended_without_touching_the_first(co
         assert states["r-1"] == State.ABORTED
         assert consumer.call("status", "r-1") == ("COMPLETE", "")
         check_landed(consumer, "r-1", crcs)
+    finally:
+        p.close()
+
+
+def test_a_push_that_ended_but_is_not_cleaned_up_keeps_its_job_against_a_second_begin(consumer):
+    """Its staging slots, writes and lease release are its job's: a second begin of the same attempt then is
+    refused instead of replacing (and leaking) them."""
+    p = make_producer("uncleaned")
+    try:
+        s = spec("u-1", 1)
+        with p._cv:  # a control call still under way holds the ended job in place
+            handle = p.begin(s, consumer.address)
+            job = p._jobs[handle]
+            job.call, job.abort = Future(), True
+        wait_for(lambda: job.t.done, 5, 0.01, "the push ended")
+        assert p.begin(s, consumer.address) == "" and p._jobs[handle] is job
+        job.call.set_result(wire.Ack(ok=True))
+        p._wake()
+        assert finished(p, {"u-1"})["u-1"] == State.ABORTED
     finally:
         p.close()
 

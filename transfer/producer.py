@@ -74,9 +74,12 @@ class Producer:
 
     def begin(self, spec: TransferSpec, consumer: str) -> str:
         """Start pushing one transfer attempt; returns its handle for `stage` and `abort` ('' when this
-        key is already being pushed: its consumer gets the bytes once)."""
+        key is already being pushed: its consumer gets the bytes once; also when an earlier push of this
+        attempt ended but is not cleaned up yet: its staging slots, writes and lease are still its own)."""
         handle = f"{spec.key}@{spec.attempt}"
         with self._cv:
+            if handle in self._jobs:
+                return ""
             if any(j.spec.key == spec.key and not (j.abort or j.t.done) for j in self._jobs.values()):
                 return ""  # the same prompt is on its way already (n > 1, a repeated prompt): one push is enough
             self._jobs[handle] = PushJob(Transfer(handle, "producer"), spec, consumer,
