@@ -13,8 +13,8 @@ A transfer read by `n > 1` engine requests (parallel sampling) is claimed `claim
 slots are freed after the last claim. A failure is remembered for `remember_s` even when no request
 expects the transfer yet, so a request scheduled after its producer gave up fails at once; a request
 that stopped waiting (EXPIRED) is remembered too, so a late producer is refused instead of leased.
-Remembered failures and cancels (at most `max_ended`, oldest forgotten first) and traces (`keep_traces`)
-are bounded: a flood of cancels cannot grow the consumer's memory.
+Remembered failures and cancels (at most `max_ended`, ended_keys.py) and traces (`keep_traces`) are
+bounded: a flood of cancels cannot grow the consumer's memory.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from transfer.device_fence import COMPLETED, Fence
+from transfer.ended_keys import EndedKeys
 from transfer.identity import transfer_id_of
 from transfer.slot_pool import Lease, SlotPool
 
@@ -56,7 +57,7 @@ class ReceiveBook:
         self._lock = threading.Lock()
         self._expected: dict[str, _Expected] = {}
         self._granted: dict[str, tuple[int, int, str]] = {}   # key -> (epoch, num_tokens, token_hash)
-        self._ended: dict[str, tuple[str, float]] = {}        # key or transfer id -> (reason, forget at)
+        self._ended = EndedKeys(remember_s, max_ended, clock)
         self._traces: OrderedDict[str, dict] = OrderedDict()
         self._first_alloc: dict[str, float] = {}  # key -> when an ALLOC for it first came before its request
         # (scatter's fence, key, lease, last claim, window chunks freed by it or None for a whole-lease claim)
@@ -81,7 +82,7 @@ class ReceiveBook:
             return None if exp is None else exp.held_chunks
 
     def status(self, key: str) -> tuple[Arrival, str]:
-        reason = self._ended_reason(key)
+        reason = self._ended.reason(key)
         if reason:
             return Arrival.ENDED, reason
         lease = self.pool.live(key)
@@ -159,7 +160,7 @@ class ReceiveBook:
         if last and trace["state"] == "EXPIRED":
             # Its request stopped waiting and recomputes: KV leased after this would sit unclaimed for
             # unclaimed_ttl_s, holding slots other requests need (a prefill queue behind a storm is late).
-            self._remember(key, f"its request stopped waiting ({trace.get('reason') or 'expired'})")
+            self._ended.remember(key, f"its request stopped waiting ({trace.get('reason') or 'expired'})")
         if lease is not None:
             with self._lock:
                 self._settling.append((fence, key, lease, last, None))
@@ -200,7 +201,7 @@ class ReceiveBook:
 
     def check_alloc(self, key: str, num_tokens: int, token_hash: str) -> str:
         """'' when an ALLOC may be granted; else why not (and the transfer is failed for its request)."""
-        reason = self._ended_reason(key)
+        reason = self._ended.reason(key)
         if reason:
             return reason
         with self._lock:
@@ -248,16 +249,16 @@ class ReceiveBook:
     def fail(self, key: str, reason: str) -> None:
         """The transfer cannot be delivered (its producer gave up, a chunk was wrong, its lease expired):
         its request follows the load-failure policy now, and its slots are released."""
-        self._remember(key, reason)
+        self._ended.remember(key, reason)
         self.pool.release(key)
 
     def expired(self, key: str) -> None:
         """The pool's expiry hook (runs under the pool's lock, so it only takes note)."""
-        self._remember(key, "lease expired: its producer stopped renewing it")
+        self._ended.remember(key, "lease expired: its producer stopped renewing it")
 
     def discard(self, transfer_id: str) -> None:
         """The router's request is gone: every transfer of it is refused from now on and freed."""
-        self._remember(transfer_id, "cancelled: the request ended")
+        self._ended.remember(transfer_id, "cancelled: the request ended")
         for lease_key in self.pool.keys_of(transfer_id):
             if self.pool.release(lease_key):
                 self.count("transfers_discarded")
@@ -276,25 +277,3 @@ class ReceiveBook:
     def snapshot(self) -> dict[str, int]:
         with self._lock:
             return dict(self.counters)
-
-    def _remember(self, key: str, reason: str) -> None:
-        with self._lock:
-            now = self._clock()
-            old = self._ended.get(key)
-            if old is not None and old[1] > now:
-                return  # the first reason stands
-            self._ended.pop(key, None)
-            if len(self._ended) >= self.max_ended:
-                self._ended = {k: v for k, v in self._ended.items() if v[1] > now}
-            while len(self._ended) >= self.max_ended:
-                del self._ended[next(iter(self._ended))]
-            self._ended[key] = (reason, now + self.remember_s)
-
-    def _ended_reason(self, key: str) -> str:
-        with self._lock:
-            now = self._clock()
-            for k in (key, transfer_id_of(key)):
-                hit = self._ended.get(k)
-                if hit is not None and hit[1] > now:
-                    return hit[0]
-        return ""
