@@ -91,3 +91,36 @@ def test_an_alloc_that_came_before_its_request_is_a_sign_of_life():
     book.prefill_answered("t")
     now[0] = 6.0
     assert book.alloc_waits("t", 0.05) and book.last_sign("t") == 6.0 > book.answered_at("t") == 5.0
+
+
+def test_grants_no_request_ever_finishes_are_forgotten_when_their_transfer_ends():
+    """Cancelled before its request was scheduled, failed by its producer, or never claimed until its lease
+    expired: nothing will `finish` such a transfer, so its end forgets it."""
+    now = [0.0]
+    pool = SlotPool(4, 100, 0.0, clock=lambda: now[0], on_expire=lambda key: book.expired(key))
+    book = ReceiveBook(pool, 30.0, clock=lambda: now[0])
+    for i in range(1000):
+        book.granted(f"T{i}/h", 1, 10, "h")
+        book.discard(f"T{i}")
+    book.granted("F/h", 1, 10, "h")
+    book.fail("F/h", "producer gave up")
+    lease = pool.grant("E/h", [100], 5.0, "p")
+    book.granted("E/h", lease.epoch, 10, "h")
+    now[0] = 6.0
+    assert pool.live("E/h") is None and book.status("E/h")[0].value == "ENDED"
+    assert book._granted == {}
+
+
+def test_claims_that_never_come_are_forgotten_when_the_lease_ends_but_a_waiting_request_keeps_its_own():
+    book = ReceiveBook(SlotPool(4, 100, 0.0), 30.0)
+    book.expect("n2/h", 10, "h", claims=2)  # parallel sampling: the second child never comes
+    book.granted("n2/h", 1, 10, "h")
+    book.finish("n2/h", None, {"state": "ABORTED", "reason": "", "ms": {}})
+    book.expect("w/h", 10, "h")  # still waiting for its transfer when the router cancels it
+    book.granted("w/h", 2, 10, "h")
+    book.fail("n2/h", "lease expired")
+    book.discard("w")
+    assert "n2/h" not in book._expected and "n2/h" not in book._granted
+    assert book.held_chunks("w/h") == 0 and "w/h" in book._granted  # its finish forgets it
+    book.finish("w/h", None, {"state": "ABORTED", "reason": "cancelled", "ms": {}})
+    assert book._expected == {} and book._granted == {}

@@ -43,6 +43,7 @@ class _Expected:
     token_hash: str
     claims_left: int
     held_chunks: int  # leading chunks the decode node computed itself (its prefix cache): not to be pushed
+    waiting: int = 0  # requests that called expect and not finish yet (fewer than claims_left when some never come)
 
 
 class ReceiveBook:
@@ -73,7 +74,7 @@ class ReceiveBook:
         prompt share the key and the first call's claim count). `held_chunks` leading chunks are already
         in its blocks (the decode node's own prefix cache): the producer is told not to push them."""
         with self._lock:
-            self._expected.setdefault(key, _Expected(num_tokens, token_hash, max(1, claims), held_chunks))
+            self._expected.setdefault(key, _Expected(num_tokens, token_hash, max(1, claims), held_chunks)).waiting += 1
 
     def held_chunks(self, key: str) -> int | None:
         """Leading chunks the expecting request already holds; None while no request expects the key."""
@@ -146,7 +147,7 @@ class ReceiveBook:
             exp = self._expected.get(key)
             last = exp is None or exp.claims_left <= 1
             if exp is not None:
-                exp.claims_left -= 1
+                exp.claims_left, exp.waiting = exp.claims_left - 1, exp.waiting - 1
                 if last:
                     del self._expected[key]
                     self._granted.pop(key, None)
@@ -250,18 +251,35 @@ class ReceiveBook:
         """The transfer cannot be delivered (its producer gave up, a chunk was wrong, its lease expired):
         its request follows the load-failure policy now, and its slots are released."""
         self._ended.remember(key, reason)
+        self._forget_unread([key])
         self.pool.release(key)
 
     def expired(self, key: str) -> None:
         """The pool's expiry hook (runs under the pool's lock, so it only takes note)."""
         self._ended.remember(key, "lease expired: its producer stopped renewing it")
+        self._forget_unread([key])
 
     def discard(self, transfer_id: str) -> None:
         """The router's request is gone: every transfer of it is refused from now on and freed."""
         self._ended.remember(transfer_id, "cancelled: the request ended")
+        with self._lock:
+            keys = [k for k in {**self._granted, **self._expected} if transfer_id_of(k) == transfer_id]
+        self._forget_unread(keys)
         for lease_key in self.pool.keys_of(transfer_id):
             if self.pool.release(lease_key):
                 self.count("transfers_discarded")
+
+    def _forget_unread(self, keys: list[str]) -> None:
+        """These transfers ended: what the book holds for them goes unless a request still waits for one (its
+        `finish` forgets it). Else a grant no request ever finishes (cancelled before it was scheduled, left
+        unclaimed), or claims that never come, would stay here for good."""
+        with self._lock:
+            for key in keys:
+                exp = self._expected.get(key)
+                if exp is None or exp.waiting <= 0:
+                    self._expected.pop(key, None)
+                    self._granted.pop(key, None)
+                    self._readers.pop(key, None)
 
     def trace(self, transfer_id: str) -> dict | None:
         with self._lock:
