@@ -120,15 +120,20 @@ class ConsumerEndpoint:
             # A write completes only as this thread drives NIXL: while chunks stream it looks every
             # stream_poll_s; a lease waiting for its first chunk every lease_poll_s, a settling scatter every
             # busy_poll_s (ZMQ's poll counts whole milliseconds, so those look, then sleep)
-            settling, receiving = self.book.settle(), self.pool.receiving()
-            streaming = receiving and time.monotonic() < spin_until
-            events = dict(poller.poll(0 if settling or streaming else lease_ms if receiving else idle_ms))
-            if not events and (settling or streaming):
-                time.sleep(self.cfg.stream_poll_s if streaming else self.cfg.busy_poll_s)
-            if self._sock in events:
-                self._drain_socket()
-            if self._pump_notifications():
-                spin_until = time.monotonic() + self.cfg.spin_s
+            try:
+                settling, receiving = self.book.settle(), self.pool.receiving()
+                streaming = receiving and time.monotonic() < spin_until
+                events = dict(poller.poll(0 if settling or streaming else lease_ms if receiving else idle_ms))
+                if not events and (settling or streaming):
+                    time.sleep(self.cfg.stream_poll_s if streaming else self.cfg.busy_poll_s)
+                if self._sock in events:
+                    self._drain_socket()
+                if self._pump_notifications():
+                    spin_until = time.monotonic() + self.cfg.spin_s
+            except Exception:  # the only thread serving leases and notices: every later transfer needs it
+                log.exception("consumer endpoint %s: unexpected error; serving on", self.address)
+                self.book.count("endpoint_loop_errors")
+                time.sleep(self.cfg.idle_poll_s)  # a fault that repeats must not spin a core
 
     def _drain_socket(self) -> None:
         while True:
@@ -163,17 +168,17 @@ class ConsumerEndpoint:
             self._refused_logged_at = now
 
     def _dispatch(self, opened: Opened, msg: wire.Message) -> wire.Message:
-        why = forbidden(opened.sender, msg, self.producers, self.pool)
-        if why:
-            log.warning("forbidden %s from %s: %s", msg.type, opened.sender[:64], why)
-            self.book.count("forbidden_messages")
-            reply: wire.Message = wire.Error(code="forbidden", message=why)
-        else:
-            try:
+        try:  # a bad request must never take the service down (its sender's check included)
+            why = forbidden(opened.sender, msg, self.producers, self.pool)
+            if why:
+                log.warning("forbidden %s from %s: %s", msg.type, opened.sender[:64], why)
+                self.book.count("forbidden_messages")
+                reply: wire.Message = wire.Error(code="forbidden", message=why)
+            else:
                 reply = getattr(self, f"_on_{msg.type}")(msg)
-            except Exception as e:  # a bad request must never take the service down
-                log.exception("error handling %s", msg.type)
-                reply = wire.Error(code="internal", message=f"{type(e).__name__}: {e}")
+        except Exception as e:
+            log.exception("error handling %s", msg.type)
+            reply = wire.Error(code="internal", message=f"{type(e).__name__}: {e}")
         reply.rid = msg.rid
         return reply
 
