@@ -107,3 +107,17 @@ def test_a_mutated_authentic_frame_never_opens_to_another_message(msg, where, by
     # an equivalent msgpack encoding of the same fields (uint64 vs int64 for the timestamp) is the same message
     assert (opened.sender, opened.body) == ("producer/p", wire.encode(msg))
     assert control_auth.parse(mutated)[1:3] == control_auth.parse(frame)[1:3]
+
+
+def test_an_alloc_for_more_tokens_than_any_prompt_is_refused_by_the_wire_not_built():
+    """The consumer would build one entry per chunk of num_tokens: 10**12 must stop at decoding, typed."""
+    alloc = dict(wire.Alloc(incarnation="i", transfer_id="t", num_tokens=1, token_hash="ab", ttl_s=5).model_dump(),
+                 num_tokens=10**12)
+    try:
+        wire.decode_request(msgpack.packb(alloc, use_bin_type=True))
+    except wire.WireError as e:
+        assert e.code == "invalid" and "num_tokens" in str(e)
+    else:
+        raise AssertionError("an ALLOC for 10**12 tokens was accepted")
+    alloc["num_tokens"] = wire.MAX_PROMPT_TOKENS
+    assert wire.decode_request(msgpack.packb(alloc, use_bin_type=True)).num_tokens == wire.MAX_PROMPT_TOKENS

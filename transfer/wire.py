@@ -17,6 +17,9 @@ from transfer.layout import KVLayout
 # 4: HMAC frames
 PROTOCOL_VERSION = 8
 MAX_MESSAGE_BYTES = 1 << 20
+# The longest prompt an ALLOC may carry (16.7M tokens, beyond any model's context today): the consumer builds
+# one entry per chunk of it, so an unbounded count from a buggy or hostile peer would stall or exhaust it.
+MAX_PROMPT_TOKENS = 1 << 24
 
 
 class WireError(ValueError):
@@ -57,7 +60,7 @@ class Alloc(_Request):
     incarnation: str = Field(max_length=64)
     transfer_id: str = Field(min_length=1, max_length=256)
     attempt: int = Field(default=0, ge=0)
-    num_tokens: int = Field(gt=0)
+    num_tokens: int = Field(gt=0, le=MAX_PROMPT_TOKENS)
     token_hash: str = Field(min_length=1, max_length=64)
     weights_fingerprint: str = Field(default="", max_length=64)
     ttl_s: float = Field(gt=0, le=600)
