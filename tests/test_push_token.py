@@ -73,3 +73,16 @@ def test_producer_scheduler_pushes_with_a_valid_token():
     assert side._outgoing["r1"].consumer == TARGET
     _, answer = side.request_finished(req, [])
     assert "push_refused" not in answer[PARAMS_KEY]
+
+
+@pytest.mark.parametrize("push_to", ["127.0.0.1:abc", "127.0.0.1", "127.0.0.1:0", "127.0.0.1:70000", "localhost:\u0665\u0666"])
+def test_a_push_target_that_is_not_host_port_is_refused_for_its_request_alone(push_to):
+    """Loopback by its host, but a TP rank > 0 derives its own port from it: refused where the request is read,
+    it is that request's answer, not a failure inside the engine."""
+    assert "not host:port" in PushPolicy().refusal("t", push_to, None)
+    side = SchedulerSide(16, is_producer=True, is_consumer=False, push_policy=PushPolicy())
+    req = request({"transfer_id": "t1", "push_to": push_to})
+    side.update_state_after_alloc(req, None, 0)
+    assert side._outgoing == {}
+    _, answer = side.request_finished(req, [])
+    assert "not host:port" in answer[PARAMS_KEY]["push_refused"]

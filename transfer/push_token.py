@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 
 from transfer.credentials import derive, is_loopback
+from transfer.rank_address import host_port_error
 
 
 def _mac(key: bytes, transfer_id: str, push_to: str, expires_ms: int) -> str:
@@ -43,6 +44,9 @@ class PushPolicy:
     def refusal(self, transfer_id: str, push_to: str, token: str | None, now: float | None = None) -> str:
         """'' when the producer may push this transfer to `push_to`; else why not (for the log and the
         request's answer: it names no secret). Never raises: it runs in vLLM's scheduler."""
+        malformed = host_port_error(push_to)
+        if malformed:
+            return malformed
         if push_to in self.allow:
             return ""
         if self.key is None:
