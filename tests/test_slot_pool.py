@@ -173,3 +173,48 @@ def test_a_read_window_ended_early_returns_its_slots_only_past_its_deadline():
     assert pool.stats().quarantined == 2
     clock.t = 12.1
     assert pool.stats().free == 2
+
+
+def test_a_lease_its_producer_releases_early_rests_quarantine_s_from_then_not_past_its_deadline():
+    """The producer's own release says it writes no more: only writes it posted before can still land."""
+    clock = Clock()
+    pool = SlotPool(2, 100, quarantine_s=2.0, clock=clock)
+    lease = pool.grant("a", sizes(2), ttl_s=10.0, producer="p1")
+    pool.accept(notice("a", 0, lease.epoch))
+    clock.t = 1.0
+    assert pool.release("a", lease.epoch, producer_stopped=True)
+    clock.t = 2.9
+    assert pool.stats().quarantined == 2
+    clock.t = 3.1
+    assert pool.stats().free == 2
+
+
+def test_a_cancelled_lease_whose_producer_then_says_it_stopped_comes_back_quarantine_s_after_that():
+    """The router cancels (the consumer ends the lease: its slots would rest past the deadline), then the
+    prefill's abort reaches its producer, which releases: from then on only `quarantine_s`. A stop for another
+    epoch shortens nothing."""
+    clock = Clock()
+    pool = SlotPool(2, 100, quarantine_s=2.0, clock=clock)
+    lease = pool.grant("a", sizes(2), ttl_s=10.0, producer="p1")
+    assert pool.release("a") and pool.resting("a") is lease
+    clock.t = 1.0
+    assert not pool.stopped("a", lease.epoch + 1) and pool.stopped("a", lease.epoch)
+    clock.t = 2.9
+    assert pool.stats().quarantined == 2
+    clock.t = 3.1
+    assert pool.stats().free == 2 and pool.resting("a") is None
+
+
+def test_a_pinned_lease_cancelled_then_stopped_by_its_producer_rests_quarantine_s_after_its_last_unpin():
+    clock = Clock()
+    pool = SlotPool(2, 100, quarantine_s=2.0, clock=clock)
+    lease = pool.grant("a", sizes(4), ttl_s=10.0, producer="p1", window=2)
+    pool.accept(notice("a", 0, lease.epoch))
+    pool.take_front("a", lease.epoch)
+    assert pool.release("a") and pool.stopped("a", lease.epoch)
+    clock.t = 1.0
+    pool.free_front(lease, 1)  # the last pin goes
+    clock.t = 2.9
+    assert pool.stats().quarantined == 2
+    clock.t = 3.1
+    assert pool.stats().free == 2
