@@ -113,7 +113,7 @@ def build_app(cfg: RouterConfig) -> web.Application:
             except RecursionError:  # parsed, but too deep to walk or serialise for a leg
                 status = 400
                 return APIError(400, TOO_DEEP).response()
-            except asyncio.CancelledError:  # the client left before its answer began: nginx's 499, not a 500
+            except asyncio.CancelledError:  # the client left (or the router stops) mid-request: nginx's 499, not 500
                 status = 499
                 raise
             finally:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
@@ -30,7 +30,7 @@ class RelayOutcome:
     response: web.StreamResponse
     failure: UpstreamFailure | None = None  # the decode failed after the stream started
     client_gone: bool = False
-    first_byte_at: float = field(default_factory=time.monotonic)  # when the answer's first event went out
+    first_byte_at: float | None = None  # when the answer's first event went out (None: it never did)
 
     @property
     def complete(self) -> bool:
@@ -86,8 +86,8 @@ async def relay_whole(up: aiohttp.ClientResponse, b: Backend, request_id: str, t
     """A non-streamed answer (or a stream's 4xx), read in full before anything is sent: an
     UpstreamFailure here leaves the request free to be retried."""
     data = await read_all(up, b, timeout_s)
-    return RelayOutcome(web.Response(body=without_kv_params(data), status=up.status,
-                                     headers=client_headers(up, request_id)))
+    response = web.Response(body=without_kv_params(data), status=up.status, headers=client_headers(up, request_id))
+    return RelayOutcome(response, first_byte_at=time.monotonic())
 
 
 async def relay_stream(request: web.Request, up: aiohttp.ClientResponse, b: Backend, request_id: str,
@@ -130,4 +130,6 @@ async def relay_stream(request: web.Request, up: aiohttp.ClientResponse, b: Back
             raise ClientGone("client went away before the end of the stream") from None
     except ClientGone:
         out.client_gone = True
+        if request.transport is not None:  # else aiohttp's own end of the response would wait on a full socket
+            request.transport.abort()
     return out

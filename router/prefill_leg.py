@@ -1,9 +1,9 @@
 """The prefill leg: a 1-token request that makes the prefill node compute the prompt and push its KV.
 
 Its failure is the prefill node's (counted) unless it was cancelled because the client left or the
-decode leg ended first (not counted). A 4xx answer is neither: the node refused the request itself (a prompt
-over its context length, a parameter out of range), which the decode node would refuse too, so it is kept for
-the client (`refusal`) and counted as no failure. A failed leg cancels the transfer at the decode connector, which
+decode leg ended first (not counted). A 400, 413 or 422 is neither: the node refused the request's content (a
+prompt over its context length, a parameter out of range), which the decode node would refuse too, so it is kept
+for the client (`refusal`) and counted as no failure. A failed leg cancels the transfer at the decode connector, which
 then recomputes the prompt itself instead of waiting for KV that will not come; a leg that answered tells
 the connector so, which then gives up on a producer it has not heard from within its `no_show_s`.
 """
@@ -26,7 +26,9 @@ from router.request_trace import Trace
 from router.upstream import post, read_all
 
 log = logging.getLogger("kvbridge.router")
-RETRYABLE_4XX = frozenset({408, 429})  # a timeout or a full node: the node's state, not the request's fault
+# The request's own content refused (a prompt over the context length, a bad parameter, a body too large); other
+# 4xx (401, 403, 404, 405, 408, 429...) say the router or node is misconfigured or busy: a prefill failure
+REQUEST_REFUSED = frozenset({400, 413, 422})
 ANSWERED_SEND_S = 0.25  # a decode connector that cannot take the notice this soon is down or unreachable
 
 
@@ -64,7 +66,7 @@ async def run_prefill(cfg: RouterConfig, registry: Registry, session: aiohttp.Cl
         finally:
             up.release()
         ok, why, usage = up.status == 200, f"HTTP {up.status}", reply_usage(raw)
-        if 400 <= up.status < 500 and up.status not in RETRYABLE_4XX:
+        if up.status in REQUEST_REFUSED:
             refusal = (up.status, raw)
             why = f"refused the request: HTTP {up.status} {raw[:200].decode(errors='replace')}"
         if ok or refusal:  # it answered as a healthy node does

@@ -154,7 +154,8 @@ class Proxy:
                                              self.cfg.read_timeout_s, self.cfg.client_write_timeout_s)
             else:
                 outcome = await relay_whole(up, decode, trace.id, self._first_wait(body))
-            child(TTFT, path).observe(outcome.first_byte_at - trace.t0)
+            if outcome.first_byte_at is not None:
+                child(TTFT, path).observe(outcome.first_byte_at - trace.t0)
             self._settle(outcome, decode, trace)
             if outcome.complete and outcome.failure is None:
                 self._learn_after(decision, tid if prefill_task is not None else None)

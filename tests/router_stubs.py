@@ -25,7 +25,8 @@ REFUSAL = {"object": "error", "message": "This model's maximum context length is
 
 
 class StubNode:
-    """A fake vLLM node. `mode`: ok | refuse (HTTP 400, as vLLM refuses a prompt over its context length)
+    """A fake vLLM node. `mode`: ok | refuse (HTTP `refuse_status`, by default 400 as vLLM refuses a prompt over
+    its context length)
     | reset (drop the connection) | die (abort after `die_after` events)
     | silent (go quiet after one event) | hang (never answer, and fail /health from then on) | late (headers
     at once, then no first event and no unstreamed answer for an hour, /health passing: a stuck prefill).
@@ -39,7 +40,7 @@ class StubNode:
     def __init__(self, name: str, mode: str = "ok", events: int = 4,
                  interval: float | Callable[[dict], float] = 0.0, die_after: int = 2,
                  kv: bool = False, store: bool = False, ranks: int = 1, scattered: bool = False,
-                 details: bool = True, pad: int = 0) -> None:
+                 details: bool = True, pad: int = 0, refuse_status: int = 400) -> None:
         self.name, self.mode, self.events, self.interval, self.die_after = name, mode, events, interval, die_after
         self.bodies, self.headers, self.cancels, self.answered = [], [], [], []  # each leg's, rank 0 connector's
         self.rank_notices: dict[int, list[tuple[str, str]]] = {r: [] for r in range(1, ranks)}  # (type, tid)
@@ -47,6 +48,7 @@ class StubNode:
         self._stop = threading.Event()
         self.held: list[str] | None = [] if store else None
         self.ranks, self.scattered, self.details, self.pad = ranks, scattered, details, pad
+        self.refuse_status = refuse_status
         self.kv_port = self._start_connector() if kv else None
 
     def _start_connector(self) -> int:
@@ -133,7 +135,7 @@ class StubNode:
                 request.transport.abort()
                 return web.Response()
             if self.mode == "refuse":
-                return web.json_response(REFUSAL, status=400)
+                return web.json_response(REFUSAL, status=self.refuse_status)
             if self.mode == "hang":
                 self.healthy = False
                 await asyncio.sleep(3600)

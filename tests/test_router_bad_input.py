@@ -40,6 +40,18 @@ async def test_with_on_prefill_failure_error_a_refused_prompt_gets_the_prefill_n
     assert await eventually(lambda: tid in dec.cancels)  # nothing was pushed: the connector stops waiting
 
 
+@pytest.mark.parametrize("status", [401, 404])
+async def test_a_prefill_node_that_refuses_the_router_itself_is_a_prefill_failure(make, status):
+    """A wrong backend key or path is the deployment's fault, not the request's: counted, and not passed off to
+    the client as its own error."""
+    pre, dec = StubNode("p", mode="refuse", refuse_status=status), StubNode("d", kv=True)
+    url, _ = await make([pre], [dec], on_prefill_failure="error", decode_dispatch="after_prefill")
+    failures = prefill_failures()
+    status_seen, _, raw = await post(url, REQ)
+    assert status_seen == 502 and json.loads(raw)["error"]["code"] == "prefill_failed"
+    assert prefill_failures() == failures + 1
+
+
 async def test_a_refused_prefill_leg_is_no_prefill_failure_and_the_decode_node_answers_alone(make):
     pre, dec = StubNode("p", mode="refuse"), StubNode("d", kv=True)
     url, api = await make([pre], [dec], decode_dispatch="after_prefill")

@@ -64,11 +64,3 @@ async def test_a_client_that_stops_reading_a_stream_is_let_go_after_client_write
     finally:
         writer.close()
 
-
-async def test_a_finished_requests_trace_keeps_no_prompt_keys_and_still_explains_its_placement(make):
-    """Traces outlive their requests (trace_history): what grows with the prompt must not stay in them."""
-    url, api = await make([StubNode("p")], [StubNode("d", kv=True)], policy="prefix_aware")
-    status, headers, _ = await post(url, dict(REQ, prompt="many words " * 20_000))
-    trace = api[PROXY].traces.get(headers["x-kvbridge-request-id"])
-    assert status == 200 and [d.keys for d in trace.placement] == [[]]
-    assert trace.placement[0].explain()["prompt_chars"] == 220_000
