@@ -266,27 +266,34 @@ class ConsumerEndpoint:
         for sender, msgs in self.agent.notifications().items():
             for raw in msgs:
                 try:
-                    notice = ChunkNotice.decode(raw)
-                except NoticeError as e:
-                    self.pool.count_drop()
-                    log.warning("dropped notification from %s: %s", sender, e)
-                    continue
-                why = self.pool.accept(notice)
-                if why:
-                    log.info("dropped chunk %d of %s (epoch %d): %s", notice.chunk, notice.transfer_id,
-                             notice.epoch, why)
-                    lease = self.pool.live(notice.transfer_id)
-                    if lease is not None and (lease.epoch, lease.producer) == (notice.epoch, notice.incarnation):
-                        self.book.fail(notice.transfer_id, f"bad chunk: {why}")  # its own producer erred
-                    continue
-                got = True
-                self.book.count("chunks_received")
-                self.book.count("bytes_received", notice.nbytes)
-                lease = self.pool.live(notice.transfer_id)
-                if lease is not None and lease.complete:
-                    self.pool.renew(lease.transfer_id, lease.epoch, self.cfg.unclaimed_ttl_s)
+                    got = self._take_notice(sender, raw) or got
+                except Exception:  # the batch's other notices are still read: each is a transfer's chunk
+                    log.exception("notification from %s: unexpected error", sender)
+                    self.book.count("notice_errors")
         if got:
             with self._arrived:
                 self.arrivals += 1
                 self._arrived.notify_all()
         return got
+
+    def _take_notice(self, sender: str, raw: bytes) -> bool:
+        """One chunk notice accepted (True) or dropped and counted (False)."""
+        try:
+            notice = ChunkNotice.decode(raw)
+        except NoticeError as e:
+            self.pool.count_drop()
+            log.warning("dropped notification from %s: %s", sender, e)
+            return False
+        why = self.pool.accept(notice)
+        if why:
+            log.info("dropped chunk %d of %s (epoch %d): %s", notice.chunk, notice.transfer_id, notice.epoch, why)
+            lease = self.pool.live(notice.transfer_id)
+            if lease is not None and (lease.epoch, lease.producer) == (notice.epoch, notice.incarnation):
+                self.book.fail(notice.transfer_id, f"bad chunk: {why}")  # its own producer erred
+            return False
+        self.book.count("chunks_received")
+        self.book.count("bytes_received", notice.nbytes)
+        lease = self.pool.live(notice.transfer_id)
+        if lease is not None and lease.complete:
+            self.pool.renew(lease.transfer_id, lease.epoch, self.cfg.unclaimed_ttl_s)
+        return True
