@@ -41,10 +41,9 @@ class Quarantine:
                 found = True
         return found
 
-    def resting(self, transfer_id: str, epoch: int) -> EndedLease | None:
-        """That ended lease, while it rests here (its producer may say it stopped)."""
-        return next((lease for _, lease in self._resting if (lease.transfer_id, lease.epoch) == (transfer_id, epoch)),
-                    None)
+    def resting(self, transfer_id: str) -> EndedLease | None:
+        """The last ended lease of this transfer still resting here (whose producer may say it stopped)."""
+        return next((lease for _, lease in reversed(self._resting) if lease.transfer_id == transfer_id), None)
 
     def reap(self, now: float) -> list[int]:
         """The slots whose rest is over (removed from here)."""

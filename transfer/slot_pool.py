@@ -110,10 +110,11 @@ class SlotPool:
 
     def grant(self, transfer_id: str, chunk_nbytes: list[int], ttl_s: float, producer: str,
               attempt: int = 0, first_chunk: int = 0, window: int | None = None, keep_free: int = 0) -> Lease | None:
-        """Lease `window` slots (default: one per chunk) while leaving `keep_free` slots free for others, or None
-        when that is not possible now (caller says NO_CAPACITY). The same producer asking again for the same
-        attempt gets its lease back (a lost reply) while nothing arrived in it; once a chunk did, the ask is a
-        second push and raises LeaseInUse. A new attempt, or another producer, ends the old lease first."""
+        """Lease `window` slots (default: one per chunk) while leaving `keep_free` slots free for others,
+        or None when that is not possible now (caller says NO_CAPACITY). The same producer asking again
+        for the same attempt gets its lease back (a lost reply) while nothing arrived in it; once a chunk
+        did, the ask is a second push and raises LeaseInUse. A new attempt, or another producer, ends the
+        old lease first."""
         if any(n <= 0 or n > self.slot_bytes for n in chunk_nbytes):
             raise ValueError(f"chunk sizes {chunk_nbytes} do not fit {self.slot_bytes}-byte slots")
         with self._lock:
@@ -123,7 +124,6 @@ class SlotPool:
                 if old.producer == producer and old.attempt == attempt:
                     if not old.untouched:
                         raise LeaseInUse(old)
-                    old.deadline = max(old.deadline, self._clock() + ttl_s)  # the reply tells the producer ttl_s
                     return old
                 self._end_locked(old, complete=False)
             want = len(chunk_nbytes) if window is None else max(1, min(window, len(chunk_nbytes)))
@@ -250,11 +250,11 @@ class SlotPool:
                 lease.producer_stopped = True
             return self._quarantine.stopped(transfer_id, epoch, self._clock()) or bool(draining)
 
-    def resting(self, transfer_id: str, epoch: int) -> Lease | None:
-        """That ended lease (`transfer_id`, `epoch`) while its slots are not back yet (draining or in quarantine)."""
+    def resting(self, transfer_id: str) -> Lease | None:
+        """An ended lease of this transfer whose slots are not back yet (draining or in quarantine)."""
         with self._lock:
-            return next((x for x in self._draining if (x.transfer_id, x.epoch) == (transfer_id, epoch)), None) \
-                or self._quarantine.resting(transfer_id, epoch)
+            return next((x for x in self._draining if x.transfer_id == transfer_id), None) \
+                or self._quarantine.resting(transfer_id)
 
     def release_producer(self, producer: str) -> int:
         """End every lease of a producer incarnation that is gone (restart or death)."""
