@@ -29,8 +29,6 @@ def forbidden(sender: str, msg: wire.Message, producers: ProducerRegistry, pool:
         return f"incarnation {msg.incarnation[:12]} belongs to another producer"
     if isinstance(msg, (wire.Alloc, wire.Renew, wire.Release, wire.Progress)):  # an ALLOC would replace the lease
         lease = pool.live(msg.transfer_id)
-        if lease is None and isinstance(msg, wire.Release):  # it would shorten an ended lease's quarantine
-            lease = pool.resting(msg.transfer_id)
         if lease is not None and producers.owner(lease.producer) != pid:
             return f"the lease on {msg.transfer_id} belongs to another producer"
     return ""

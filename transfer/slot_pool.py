@@ -3,9 +3,10 @@
 A one-sided NIXL write cannot be refused when it lands, so safety comes from timing and
 quarantine, not from checks on arrival:
 - the producer stops writing `write_margin_s` before the lease deadline it was told;
-- slots of a lease that ends without all its chunks sit in quarantine before reuse (quarantine.py: until
-  `quarantine_s` past its deadline when the consumer ended it, past the moment its producer said it stopped
-  writing otherwise), so a late write can only land in a slot nobody holds;
+- slots of a lease that ends without all its chunks (expiry, abort, cancel, failure) sit in quarantine
+  until `quarantine_s` past the later of its end and its deadline before reuse: its producer learns of an
+  early end only at its next renewal and may write until its own deadline (never past the one it was
+  told), so a late write can only land in a slot nobody holds;
 - a notice for a chunk is accepted only if transfer key, epoch and producer incarnation
   match a live lease and its byte count is exactly what that chunk index must hold;
   anything else is dropped and counted;
@@ -27,7 +28,6 @@ from typing import Callable
 
 from transfer.identity import KEY_SEPARATOR
 from transfer.notice import ChunkNotice
-from transfer.quarantine import Quarantine
 
 
 @dataclass
@@ -44,7 +44,6 @@ class Lease:
     pins: int = 0
     taken: int = 0  # leading chunks handed to the reader of a windowed lease
     freed: int = 0  # leading chunks scattered and done with: their slots take chunk i + W
-    producer_stopped: bool = False  # its producer said it writes no more (a release of its own)
 
     @property
     def complete(self) -> bool:
@@ -97,11 +96,12 @@ class SlotPool:
         when a lease reaches its deadline: its producer went silent."""
         self.num_slots = num_slots
         self.slot_bytes = slot_bytes
+        self.quarantine_s = quarantine_s
         self._clock = clock
         self._on_expire = on_expire
         self._lock = threading.Lock()
         self._free: list[int] = list(range(num_slots - 1, -1, -1))
-        self._quarantine = Quarantine(quarantine_s)
+        self._quarantine: list[tuple[float, list[int]]] = []
         self._leases: dict[str, Lease] = {}
         self._draining: list[Lease] = []  # ended while pinned: slots return at the last unpin
         self._next_epoch = 1
@@ -230,31 +230,14 @@ class SlotPool:
             else:
                 self._drain_locked(lease)
 
-    def release(self, transfer_id: str, epoch: int | None = None, producer_stopped: bool = False) -> bool:
-        """End a lease; idempotent. Slots of an incomplete lease go to quarantine (shorter when its producer
-        releases it: `producer_stopped`)."""
+    def release(self, transfer_id: str, epoch: int | None = None) -> bool:
+        """End a lease; idempotent. Slots of an incomplete lease go to quarantine."""
         with self._lock:
             lease = self._leases.get(transfer_id)
             if lease is None or (epoch is not None and lease.epoch != epoch):
                 return False
-            lease.producer_stopped = producer_stopped
             self._end_locked(lease, complete=lease.complete)
             return True
-
-    def stopped(self, transfer_id: str, epoch: int) -> bool:
-        """The producer of an ended lease (`transfer_id`, `epoch`) says it writes no more: its slots rest only
-        `quarantine_s` from now instead of past its deadline. Whether such a lease was found."""
-        with self._lock:
-            draining = [x for x in self._draining if x.transfer_id == transfer_id and x.epoch == epoch]
-            for lease in draining:
-                lease.producer_stopped = True
-            return self._quarantine.stopped(transfer_id, epoch, self._clock()) or bool(draining)
-
-    def resting(self, transfer_id: str) -> Lease | None:
-        """An ended lease of this transfer whose slots are not back yet (draining or in quarantine)."""
-        with self._lock:
-            return next((x for x in self._draining if x.transfer_id == transfer_id), None) \
-                or self._quarantine.resting(transfer_id)
 
     def release_producer(self, producer: str) -> int:
         """End every lease of a producer incarnation that is gone (restart or death)."""
@@ -267,7 +250,7 @@ class SlotPool:
     def stats(self) -> PoolStats:
         with self._lock:
             self._reap_locked()
-            q = self._quarantine.slots
+            q = sum(len(s) for _, s in self._quarantine)
             return PoolStats(self.num_slots, len(self._free), self.num_slots - len(self._free) - q,
                              q, self.expired_total, self.dropped_total)
 
@@ -278,7 +261,7 @@ class SlotPool:
         elif complete:
             self._free.extend(lease.slots)
         else:
-            self._quarantine.add(lease, self._clock(), lease.producer_stopped)
+            self._quarantine_locked(lease)
 
     def _drain_locked(self, lease: Lease) -> None:
         """An ended lease whose last pin is gone gives its slots back (to quarantine if chunks were still
@@ -288,7 +271,11 @@ class SlotPool:
             if lease.complete:
                 self._free.extend(lease.slots)
             else:
-                self._quarantine.add(lease, self._clock(), lease.producer_stopped)
+                self._quarantine_locked(lease)
+
+    def _quarantine_locked(self, lease: Lease) -> None:
+        """Its producer may still write until the lease's deadline: the slots wait `quarantine_s` past that."""
+        self._quarantine.append((max(self._clock(), lease.deadline) + self.quarantine_s, lease.slots))
 
     def _reap_locked(self) -> None:
         now = self._clock()
@@ -297,4 +284,11 @@ class SlotPool:
             self._end_locked(lease, complete=False)
             if self._on_expire is not None:
                 self._on_expire(lease.transfer_id)
-        self._free.extend(self._quarantine.reap(now))
+        if self._quarantine:
+            keep = []
+            for until, slots in self._quarantine:
+                if until <= now:
+                    self._free.extend(slots)
+                else:
+                    keep.append((until, slots))
+            self._quarantine = keep
