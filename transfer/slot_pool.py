@@ -3,10 +3,8 @@
 A one-sided NIXL write cannot be refused when it lands, so safety comes from timing and
 quarantine, not from checks on arrival:
 - the producer stops writing `write_margin_s` before the lease deadline it was told;
-- slots of a lease that ends without all its chunks (expiry, abort, cancel, failure) sit in quarantine
-  until `quarantine_s` past the later of its end and its deadline before reuse: its producer learns of an
-  early end only at its next renewal and may write until its own deadline (never past the one it was
-  told), so a late write can only land in a slot nobody holds;
+- slots of a lease that ends without all its chunks (expiry, abort) sit in quarantine for
+  `quarantine_s` before reuse, so a late write can only land in a slot nobody holds;
 - a notice for a chunk is accepted only if transfer key, epoch and producer incarnation
   match a live lease and its byte count is exactly what that chunk index must hold;
   anything else is dropped and counted;
@@ -261,7 +259,7 @@ class SlotPool:
         elif complete:
             self._free.extend(lease.slots)
         else:
-            self._quarantine_locked(lease)
+            self._quarantine.append((self._clock() + self.quarantine_s, lease.slots))
 
     def _drain_locked(self, lease: Lease) -> None:
         """An ended lease whose last pin is gone gives its slots back (to quarantine if chunks were still
@@ -271,11 +269,7 @@ class SlotPool:
             if lease.complete:
                 self._free.extend(lease.slots)
             else:
-                self._quarantine_locked(lease)
-
-    def _quarantine_locked(self, lease: Lease) -> None:
-        """Its producer may still write until the lease's deadline: the slots wait `quarantine_s` past that."""
-        self._quarantine.append((max(self._clock(), lease.deadline) + self.quarantine_s, lease.slots))
+                self._quarantine.append((self._clock() + self.quarantine_s, lease.slots))
 
     def _reap_locked(self) -> None:
         now = self._clock()
