@@ -124,10 +124,7 @@ class Registry:
     async def start(self, session: aiohttp.ClientSession) -> None:
         """Check every node once (the router serves from its first answer), then each on its own loop."""
         self._session = session
-        nodes = [b for bs in self.backends.values() for b in bs]
-        await asyncio.gather(*(self._check_guarded(b) for b in nodes))
-        for b in nodes:
-            self._watch(b)
+        await asyncio.gather(*(self._watch(b) for bs in self.backends.values() for b in bs))
 
     async def stop(self) -> None:
         for task in self._watches.values():
@@ -139,9 +136,7 @@ class Registry:
         """Serve `b` too: it takes requests once a health check passed. Its loop starts now with its first check,
         which this awaits; a caller cancelled meanwhile (an admin client that left) leaves the loop running."""
         self.backends[b.kind].append(b)
-        first = asyncio.get_running_loop().create_future()
-        self._watch(b, first)
-        await asyncio.shield(first)
+        await asyncio.shield(self._watch(b))
 
     def remove(self, b: Backend) -> None:
         """Stop serving and checking `b`; its connector channels close unless another node shares its address."""
@@ -197,16 +192,17 @@ class Registry:
                      "outstanding": b.outstanding, "draining": b.draining, **({"pool_free": round(b.pool_free, 3)} if b.kv_address else {})}
                     for b in bs] for k, bs in self.backends.items()}
 
-    def _watch(self, b: Backend, first: asyncio.Future | None = None) -> None:
-        """Check `b` every health_interval_s from now on; with `first`, once at once, then resolve `first`."""
+    def _watch(self, b: Backend) -> asyncio.Future:
+        """Check `b` now and then every health_interval_s; the future resolves once the first check is done."""
+        first = asyncio.get_running_loop().create_future()
         self._watches[b] = asyncio.create_task(self._health_loop(b, first), name=f"health {b.kind} {b.name}")
+        return first
 
-    async def _health_loop(self, b: Backend, first: asyncio.Future | None) -> None:
-        if first is not None:
-            try:
-                await self._check_guarded(b)
-            finally:
-                first.set_result(None)
+    async def _health_loop(self, b: Backend, first: asyncio.Future) -> None:
+        try:
+            await self._check_guarded(b)
+        finally:
+            first.set_result(None)
         while True:
             await asyncio.sleep(self.cfg.health_interval_s)
             await self._check_guarded(b)

@@ -149,9 +149,7 @@ class ReceiveBook:
             if exp is not None:
                 exp.claims_left, exp.waiting = exp.claims_left - 1, exp.waiting - 1
                 if last:
-                    del self._expected[key]
-                    self._granted.pop(key, None)
-                    self._readers.pop(key, None)
+                    self._drop_locked(key)
                     self._signs.pop(key, None)
             self._traces[key] = trace
             self._traces.move_to_end(key)
@@ -263,7 +261,7 @@ class ReceiveBook:
         """The router's request is gone: every transfer of it is refused from now on and freed."""
         self._ended.remember(transfer_id, "cancelled: the request ended")
         with self._lock:
-            keys = [k for k in {**self._granted, **self._expected} if transfer_id_of(k) == transfer_id]
+            keys = [k for k in self._granted.keys() | self._expected.keys() if transfer_id_of(k) == transfer_id]
         self._forget_unread(keys)
         for lease_key in self.pool.keys_of(transfer_id):
             if self.pool.release(lease_key):
@@ -277,9 +275,13 @@ class ReceiveBook:
             for key in keys:
                 exp = self._expected.get(key)
                 if exp is None or exp.waiting <= 0:
-                    self._expected.pop(key, None)
-                    self._granted.pop(key, None)
-                    self._readers.pop(key, None)
+                    self._drop_locked(key)
+
+    def _drop_locked(self, key: str) -> None:
+        """Forget what the book holds for a transfer no request will read any more (under the lock)."""
+        self._expected.pop(key, None)
+        self._granted.pop(key, None)
+        self._readers.pop(key, None)
 
     def trace(self, transfer_id: str) -> dict | None:
         with self._lock:
