@@ -100,8 +100,9 @@ class ConsumerProcess:
             raise TimeoutError(f"consumer process gave no answer within {timeout_s}s")
         return self._conn.recv()
 
-    def wait_pool_full(self, timeout_s: float = 5) -> None:
-        """Every slot free again: what each test must leave behind (nothing leased, nothing quarantined)."""
+    def wait_pool_full(self, timeout_s: float = 10) -> None:
+        """Every slot free again: what each test must leave behind (nothing leased, nothing quarantined). A lease
+        ended early rests until its quarantine past its deadline, up to a 5 s lease's ttl."""
         wait_for(lambda: (s := self.call("stats")).free == s.total, timeout_s, 0.01, "consumer pool back to full")
 
     def ended_reason(self, key: str, timeout_s: float = 5) -> str:

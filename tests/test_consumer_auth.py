@@ -134,6 +134,23 @@ def test_spoofed_producer_id_cannot_end_or_renew_another_producers_lease(consume
         victim.close()
 
 
+def test_another_producer_cannot_say_a_cancelled_lease_is_done_with_only_its_owner_can(consumer):
+    """Once ended, a lease's slots rest until past its deadline unless its producer says it stopped writing: a
+    rival saying so would let the owner's late writes land in slots handed to someone else."""
+    victim = producer("victim-2")
+    try:
+        grant = victim.link(consumer.address).alloc(TransferSpec("v-2", CHUNK, "ab" * 16), 5.0)
+        assert isinstance(call(consumer.address, Credential("router", SECRET), wire.Cancel(transfer_id="v-2")),
+                          wire.Ack)
+        assert consumer.call("lease", "v-2") is None
+        reply = call(consumer.address, Credential("producer/attacker", SECRET),
+                     wire.Release(transfer_id="v-2", epoch=grant.epoch))
+        assert isinstance(reply, wire.Error) and reply.code == "forbidden"
+        assert victim.link(consumer.address).release("v-2", grant.epoch) is False  # heard (ended already), not refused
+    finally:
+        victim.close()
+
+
 def test_router_cancels_and_honest_producer_still_pushes(consumer):
     assert isinstance(call(consumer.address, Credential("router", SECRET), wire.Cancel(transfer_id="gone")), wire.Ack)
     p = producer("honest")

@@ -50,7 +50,8 @@ def test_a_refused_handshake_reaches_the_waiting_request(consumer):
 def test_no_slots_for_the_alloc_timeout_reaches_the_waiting_request(consumer):
     hog, p = make_producer("hog"), make_producer("patient", alloc_timeout_s=0.3)
     try:
-        grant = hog.link(consumer.address).alloc(spec("hog-1", 4), 30.0)  # every slot, for longer than we wait
+        # every slot, for longer than we wait (not much longer: released early, they rest until past the deadline)
+        grant = hog.link(consumer.address).alloc(spec("hog-1", 4), 3.0)
         assert "had no free slots for 0.3s" in expect_and_end(consumer, p, "nc-1", 1)
         assert hog.link(consumer.address).release("hog-1", grant.epoch)
     finally:
@@ -62,7 +63,7 @@ def test_full_staging_reaches_the_waiting_request(consumer):
     hog = make_producer("hog-2")
     p = make_producer("cramped", staging_chunks=1, staging_wait_s=0.2, alloc_timeout_s=60)
     try:
-        grant = hog.link(consumer.address).alloc(spec("hog-2", 4), 30.0)  # no lease: chunk 0 stays staged
+        grant = hog.link(consumer.address).alloc(spec("hog-2", 4), 3.0)  # no lease: chunk 0 stays staged
         assert "staging full for 0.2s" in expect_and_end(consumer, p, "sf-1", 2, stage=2)
         assert hog.link(consumer.address).release("hog-2", grant.epoch)
         assert p.staging.free == p.staging.num_slots

@@ -32,7 +32,7 @@ def test_expired_slots_are_quarantined_before_reuse():
     s = pool.stats()
     assert (s.free, s.used, s.quarantined, s.expired_total) == (1, 0, 3, 1)
     assert pool.grant("b", sizes(2), 1.0, "p1") is None  # quarantined slots are not handed out
-    assert "no live lease" in pool.accept(notice("a", 0, lease.epoch))  # the late chunk is dropped and counted
+    assert "lease has ended" in pool.accept(notice("a", 0, lease.epoch))  # the late chunk is dropped and counted
     assert pool.stats().dropped_total == 1
     clock.t = 3.6
     b = pool.grant("b", sizes(2), 1.0, "p1")
@@ -51,10 +51,10 @@ def test_release_is_idempotent_and_complete_leases_free_at_once():
 def test_wrong_epoch_incarnation_or_index_is_refused():
     pool = SlotPool(2, 100, clock=Clock())
     lease = pool.grant("a", sizes(1), 10.0, "p1")
-    assert "no live lease" in pool.accept(notice("a", 0, lease.epoch + 1))
-    assert "no live lease" in pool.accept(notice("a", 0, lease.epoch, inc="p2"))
+    assert "no lease" in pool.accept(notice("a", 0, lease.epoch + 1))
+    assert "no lease" in pool.accept(notice("a", 0, lease.epoch, inc="p2"))
     assert "outside" in pool.accept(notice("a", 1, lease.epoch))
-    assert "no live lease" in pool.accept(notice("zzz", 0, lease.epoch))
+    assert "no lease" in pool.accept(notice("zzz", 0, lease.epoch))
     assert pool.stats().dropped_total == 4 and not pool.live("a").arrived
 
 
@@ -92,7 +92,7 @@ def test_a_new_attempt_ends_the_old_lease_and_its_chunks_are_refused():
     assert pool.grant("a", sizes(2), 10.0, "p1", attempt=0) is first  # a lost reply, asked again
     second = pool.grant("a", sizes(2), 10.0, "p1", attempt=1)
     assert second.epoch != first.epoch and not set(second.slots) & set(first.slots)
-    assert "no live lease" in pool.accept(notice("a", 0, first.epoch))
+    assert "lease has ended" in pool.accept(notice("a", 0, first.epoch)) and not second.arrived
     assert pool.stats().quarantined == 2
 
 
@@ -140,3 +140,141 @@ def test_a_second_push_of_a_lease_that_took_chunks_is_refused_not_handed_its_slo
     else:
         raise AssertionError("a lease that took a chunk was handed to a second push")
     assert pool.live("a") is lease and pool.stats().free == 2
+
+
+def test_slots_of_a_lease_ended_early_stay_quarantined_until_past_its_deadline():
+    """A cancel (or a failure) ends a lease whose producer hears of it only at its next renewal and may write
+    until the deadline it was told: the slots come back `quarantine_s` after that deadline, not after the end."""
+    clock = Clock()
+    pool = SlotPool(2, 100, quarantine_s=2.0, clock=clock)
+    lease = pool.grant("a", sizes(2), ttl_s=10.0, producer="p1")
+    pool.accept(notice("a", 0, lease.epoch))
+    clock.t = 1.0
+    assert pool.release("a")  # ended early, one chunk still due
+    clock.t = 11.9  # past the end + quarantine_s, before the deadline + quarantine_s
+    assert pool.stats().quarantined == 2 and pool.grant("b", sizes(1), 1.0, "p1") is None
+    clock.t = 12.1
+    assert pool.stats().free == 2
+
+
+def test_a_read_window_ended_early_returns_its_slots_only_past_its_deadline():
+    """A windowed lease cancelled while its reader holds a pin: at the last unpin its producer may still be
+    writing the next chunks, so the slots wait for its deadline too."""
+    clock = Clock()
+    pool = SlotPool(2, 100, quarantine_s=2.0, clock=clock)
+    lease = pool.grant("a", sizes(4), ttl_s=10.0, producer="p1", window=2)
+    pool.accept(notice("a", 0, lease.epoch))
+    _, taken = pool.take_front("a", lease.epoch)
+    assert taken == [0] and pool.release("a")
+    clock.t = 5.0
+    pool.free_front(lease, 1)  # the scatter is done: the last pin goes
+    assert pool.stats().quarantined == 2
+    clock.t = 11.9
+    assert pool.stats().quarantined == 2
+    clock.t = 12.1
+    assert pool.stats().free == 2
+
+
+def test_a_lease_its_producer_releases_early_rests_quarantine_s_from_then_not_past_its_deadline():
+    """The producer's own release says it writes no more: only writes it posted before can still land."""
+    clock = Clock()
+    pool = SlotPool(2, 100, quarantine_s=2.0, clock=clock)
+    lease = pool.grant("a", sizes(2), ttl_s=10.0, producer="p1")
+    pool.accept(notice("a", 0, lease.epoch))
+    clock.t = 1.0
+    assert pool.release("a", lease.epoch, producer_stopped=True)
+    clock.t = 2.9
+    assert pool.stats().quarantined == 2
+    clock.t = 3.1
+    assert pool.stats().free == 2
+
+
+def test_a_cancelled_lease_whose_producer_then_says_it_stopped_comes_back_quarantine_s_after_that():
+    """The router cancels (the consumer ends the lease: its slots would rest past the deadline), then the
+    prefill's abort reaches its producer, which releases: from then on only `quarantine_s`. A stop for another
+    epoch shortens nothing."""
+    clock = Clock()
+    pool = SlotPool(2, 100, quarantine_s=2.0, clock=clock)
+    lease = pool.grant("a", sizes(2), ttl_s=10.0, producer="p1")
+    assert pool.release("a") and pool.resting("a", lease.epoch) is lease and pool.resting("a", lease.epoch + 1) is None
+    clock.t = 1.0
+    assert not pool.stopped("a", lease.epoch + 1) and pool.stopped("a", lease.epoch)
+    clock.t = 2.9
+    assert pool.stats().quarantined == 2
+    clock.t = 3.1
+    assert pool.stats().free == 2 and pool.resting("a", lease.epoch) is None
+
+
+def test_a_pinned_lease_cancelled_then_stopped_by_its_producer_rests_quarantine_s_after_its_last_unpin():
+    clock = Clock()
+    pool = SlotPool(2, 100, quarantine_s=2.0, clock=clock)
+    lease = pool.grant("a", sizes(4), ttl_s=10.0, producer="p1", window=2)
+    pool.accept(notice("a", 0, lease.epoch))
+    pool.take_front("a", lease.epoch)
+    assert pool.release("a") and pool.stopped("a", lease.epoch)
+    clock.t = 1.0
+    pool.free_front(lease, 1)  # the last pin goes
+    clock.t = 2.9
+    assert pool.stats().quarantined == 2
+    clock.t = 3.1
+    assert pool.stats().free == 2
+
+
+def test_a_lost_reply_asked_again_gets_its_lease_with_the_deadline_the_new_reply_states():
+    """The second reply tells the producer ttl_s from now: the consumer's deadline (which its quarantine counts
+    from) must not be earlier than what the producer was told."""
+    clock = Clock()
+    pool = SlotPool(2, 100, quarantine_s=2.0, clock=clock)
+    lease = pool.grant("a", sizes(1), ttl_s=5.0, producer="p1")
+    clock.t = 3.0
+    assert pool.grant("a", sizes(1), ttl_s=5.0, producer="p1") is lease and lease.deadline == 8.0
+
+
+def test_a_lease_cancelled_before_its_last_notices_were_read_is_free_once_they_come():
+    """A push that wrote every chunk before the consumer ended its lease (a cancel racing the notices): each chunk
+    is written once and its notice follows its bytes, so once all are in nothing is left to land there."""
+    clock = Clock()
+    pool = SlotPool(2, 100, quarantine_s=2.0, clock=clock)
+    lease = pool.grant("a", sizes(2), ttl_s=10.0, producer="p1")
+    assert pool.accept(notice("a", 0, lease.epoch)) == ""
+    assert pool.release("a")  # cancelled with chunk 1 still due
+    assert "lease has ended" in pool.accept(notice("a", 1, lease.epoch))  # dropped (nobody reads it), yet counted
+    s = pool.stats()
+    assert (s.free, s.quarantined, s.dropped_total) == (2, 0, 1)
+
+
+def test_a_late_notice_from_another_producer_or_epoch_does_not_end_a_quarantine():
+    clock = Clock()
+    pool = SlotPool(2, 100, quarantine_s=2.0, clock=clock)
+    lease = pool.grant("a", sizes(1), ttl_s=10.0, producer="p1")
+    assert pool.release("a")
+    assert "no lease" in pool.accept(notice("a", 0, lease.epoch, inc="p2"))
+    assert "no lease" in pool.accept(notice("a", 0, lease.epoch + 1))
+    assert "has 11 bytes" in pool.accept(notice("a", 0, lease.epoch, nbytes=11))
+    assert pool.stats().quarantined == 1
+
+
+def test_a_window_ended_early_is_not_freed_by_the_chunks_its_window_held():
+    """Chunks past the open window are still due: the producer may write them once it hears of a freed slot."""
+    clock = Clock()
+    pool = SlotPool(2, 100, quarantine_s=2.0, clock=clock)
+    lease = pool.grant("a", sizes(4), ttl_s=10.0, producer="p1", window=2)
+    assert pool.release("a")
+    for c in (0, 1):
+        assert "lease has ended" in pool.accept(notice("a", c, lease.epoch))
+    assert "outside the open window" in pool.accept(notice("a", 2, lease.epoch))
+    assert pool.stats().quarantined == 2
+
+
+def test_a_pinned_lease_ended_early_whose_chunks_then_all_land_is_free_at_its_last_unpin():
+    clock = Clock()
+    pool = SlotPool(2, 100, quarantine_s=2.0, clock=clock)
+    lease = pool.grant("a", sizes(3), ttl_s=10.0, producer="p1", window=2)
+    assert pool.accept(notice("a", 0, lease.epoch)) == ""
+    _, taken = pool.take_front("a", lease.epoch)
+    assert taken == [0] and pool.release("a")  # cancelled while its reader scatters chunk 0
+    assert "lease has ended" in pool.accept(notice("a", 1, lease.epoch))
+    pool.free_front(lease, 1)  # the last pin goes: chunk 2 may land now (slot 0 is open to it)
+    assert pool.stats().quarantined == 2
+    assert "lease has ended" in pool.accept(notice("a", 2, lease.epoch))
+    assert pool.stats().free == 2

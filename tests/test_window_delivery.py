@@ -76,6 +76,13 @@ def alloc(key: str, n_chunks: int) -> wire.Alloc:
     return wire.Alloc(incarnation="p", transfer_id=key, num_tokens=s.num_tokens, token_hash=s.token_hash, ttl_s=5)
 
 
+def deliver(pool: SlotPool, key: str) -> None:
+    """Every chunk of `key`'s lease arrives (a lease ended early rests in quarantine past its deadline)."""
+    lease = pool.live(key)
+    for c, n in enumerate(lease.chunk_nbytes):
+        assert pool.accept(ChunkNotice(transfer_id=key, chunk=c, epoch=lease.epoch, incarnation="p", nbytes=n)) == ""
+
+
 def test_small_grants_cannot_take_the_slots_a_waiting_window_needs():
     pool = SlotPool(8, ChunkGeometry(LAYOUT, CHUNK_TOKENS).slot_bytes, quarantine_s=0)
     desk = LeaseDesk(pool, ReceiveBook(pool, 30.0), ChunkGeometry(LAYOUT, CHUNK_TOKENS), 0, 4, 0.0, "c-inc")
@@ -83,7 +90,8 @@ def test_small_grants_cannot_take_the_slots_a_waiting_window_needs():
     assert isinstance(desk.alloc(alloc("small-1", 3)), wire.Grant)  # 3 free
     assert isinstance(desk.alloc(alloc("big", 40)), wire.NoCapacity)  # wants a window of 4: queued
     assert isinstance(desk.alloc(alloc("small-2", 1)), wire.NoCapacity)  # would leave the window 2 of 4
-    pool.release("small-0")
+    deliver(pool, "small-0")
+    pool.release("small-0")  # read and done with: its slots are free at once
     big = desk.alloc(alloc("big", 40))
     assert isinstance(big, wire.Grant) and len(big.offsets) == 4 and big.chunks == 40
     assert isinstance(desk.alloc(alloc("small-2", 1)), wire.Grant)  # the last free slot: nobody waits ahead

@@ -226,13 +226,19 @@ class ConsumerEndpoint:
         return wire.Ack(ok=True)
 
     def _on_release(self, msg: wire.Release) -> wire.Message:
+        """A producer's release also says it writes no more to that lease: ended by either side, its slots then
+        rest only quarantine_s (slot_pool.py), not until past its deadline."""
         self.desk.queue.leave(msg.transfer_id)
         if msg.reason and (msg.epoch == 0 or self.pool.live(msg.transfer_id) is None
                            or self.pool.live(msg.transfer_id).epoch == msg.epoch):
             log.info("producer gave up on %s: %s", msg.transfer_id, msg.reason)
             self.book.fail(msg.transfer_id, f"producer gave up: {msg.reason}")
+            self.pool.stopped(msg.transfer_id, msg.epoch)
             return wire.Ack(ok=True)
-        return wire.Ack(ok=self.pool.release(msg.transfer_id, msg.epoch))
+        released = self.pool.release(msg.transfer_id, msg.epoch, producer_stopped=True)
+        if not released:  # the consumer ended it before (a cancel): its slots rest now only quarantine_s
+            self.pool.stopped(msg.transfer_id, msg.epoch)
+        return wire.Ack(ok=released)
 
     def _on_cancel(self, msg: wire.Cancel) -> wire.Message:
         self.book.discard(msg.transfer_id)

@@ -29,6 +29,10 @@ def forbidden(sender: str, msg: wire.Message, producers: ProducerRegistry, pool:
         return f"incarnation {msg.incarnation[:12]} belongs to another producer"
     if isinstance(msg, (wire.Alloc, wire.Renew, wire.Release, wire.Progress)):  # an ALLOC would replace the lease
         lease = pool.live(msg.transfer_id)
+        if isinstance(msg, wire.Release) and (lease is None or lease.epoch != msg.epoch):
+            # the lease it names has ended (replaced by a new attempt, cancelled): releasing it would shorten its
+            # quarantine, which only the producer that may still write there can do
+            lease = pool.resting(msg.transfer_id, msg.epoch) or lease
         if lease is not None and producers.owner(lease.producer) != pid:
             return f"the lease on {msg.transfer_id} belongs to another producer"
     return ""

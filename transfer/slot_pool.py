@@ -3,8 +3,10 @@
 A one-sided NIXL write cannot be refused when it lands, so safety comes from timing and
 quarantine, not from checks on arrival:
 - the producer stops writing `write_margin_s` before the lease deadline it was told;
-- slots of a lease that ends without all its chunks (expiry, abort) sit in quarantine for
-  `quarantine_s` before reuse, so a late write can only land in a slot nobody holds;
+- slots of a lease that ends without all its chunks sit in quarantine before reuse (quarantine.py: until
+  `quarantine_s` past its deadline when the consumer ended it, past the moment its producer said it stopped
+  writing otherwise, or until its last chunk's notice comes), so a late write can only land in a slot
+  nobody holds;
 - a notice for a chunk is accepted only if transfer key, epoch and producer incarnation
   match a live lease and its byte count is exactly what that chunk index must hold;
   anything else is dropped and counted;
@@ -26,6 +28,7 @@ from typing import Callable
 
 from transfer.identity import KEY_SEPARATOR
 from transfer.notice import ChunkNotice
+from transfer.quarantine import Quarantine
 
 
 @dataclass
@@ -42,6 +45,7 @@ class Lease:
     pins: int = 0
     taken: int = 0  # leading chunks handed to the reader of a windowed lease
     freed: int = 0  # leading chunks scattered and done with: their slots take chunk i + W
+    producer_stopped: bool = False  # its producer said it writes no more (a release of its own)
 
     @property
     def complete(self) -> bool:
@@ -86,6 +90,19 @@ class PoolStats:
     dropped_total: int
 
 
+def _wrong_chunk(lease: Lease | None, notice: ChunkNotice) -> str:
+    """Why `notice` cannot be a chunk of `lease` ('' when it can)."""
+    if lease is None or lease.producer != notice.incarnation:
+        return "no lease with that epoch and producer"
+    if not 0 <= notice.chunk < len(lease.chunk_nbytes):
+        return f"chunk index {notice.chunk} outside 0..{len(lease.chunk_nbytes) - 1}"
+    if not lease.freed <= notice.chunk < lease.writable:
+        return f"chunk {notice.chunk} outside the open window {lease.freed}..{lease.writable - 1}"
+    if notice.nbytes != lease.chunk_nbytes[notice.chunk]:
+        return f"chunk {notice.chunk} has {notice.nbytes} bytes, it must hold {lease.chunk_nbytes[notice.chunk]}"
+    return ""
+
+
 class SlotPool:
     def __init__(self, num_slots: int, slot_bytes: int, quarantine_s: float = 2.0,
                  clock: Callable[[], float] = time.monotonic,
@@ -94,25 +111,22 @@ class SlotPool:
         when a lease reaches its deadline: its producer went silent."""
         self.num_slots = num_slots
         self.slot_bytes = slot_bytes
-        self.quarantine_s = quarantine_s
         self._clock = clock
         self._on_expire = on_expire
         self._lock = threading.Lock()
         self._free: list[int] = list(range(num_slots - 1, -1, -1))
-        self._quarantine: list[tuple[float, list[int]]] = []
+        self._ended = Quarantine(quarantine_s)  # ended leases whose slots are not back yet
         self._leases: dict[str, Lease] = {}
-        self._draining: list[Lease] = []  # ended while pinned: slots return at the last unpin
         self._next_epoch = 1
         self.expired_total = 0
         self.dropped_total = 0
 
     def grant(self, transfer_id: str, chunk_nbytes: list[int], ttl_s: float, producer: str,
               attempt: int = 0, first_chunk: int = 0, window: int | None = None, keep_free: int = 0) -> Lease | None:
-        """Lease `window` slots (default: one per chunk) while leaving `keep_free` slots free for others,
-        or None when that is not possible now (caller says NO_CAPACITY). The same producer asking again
-        for the same attempt gets its lease back (a lost reply) while nothing arrived in it; once a chunk
-        did, the ask is a second push and raises LeaseInUse. A new attempt, or another producer, ends the
-        old lease first."""
+        """Lease `window` slots (default: one per chunk) while leaving `keep_free` slots free for others, or None
+        when that is not possible now (caller says NO_CAPACITY). The same producer asking again for the same
+        attempt gets its lease back (a lost reply) while nothing arrived in it; once a chunk did, the ask is a
+        second push and raises LeaseInUse. A new attempt, or another producer, ends the old lease first."""
         if any(n <= 0 or n > self.slot_bytes for n in chunk_nbytes):
             raise ValueError(f"chunk sizes {chunk_nbytes} do not fit {self.slot_bytes}-byte slots")
         with self._lock:
@@ -122,8 +136,9 @@ class SlotPool:
                 if old.producer == producer and old.attempt == attempt:
                     if not old.untouched:
                         raise LeaseInUse(old)
+                    old.deadline = max(old.deadline, self._clock() + ttl_s)  # the reply tells the producer ttl_s
                     return old
-                self._end_locked(old, complete=False)
+                self._end_locked(old)
             want = len(chunk_nbytes) if window is None else max(1, min(window, len(chunk_nbytes)))
             if want + keep_free > len(self._free):
                 return None
@@ -149,21 +164,21 @@ class SlotPool:
             return self._leases.get(transfer_id)
 
     def accept(self, notice: ChunkNotice) -> str:
-        """Record an arrived chunk; '' when accepted, else why it was dropped (and counted)."""
+        """Record an arrived chunk; '' when accepted, else why it was dropped (and counted). A chunk of an ended
+        lease is dropped too, but still counted as landed there: once all did, its slots are free (quarantine.py)."""
         with self._lock:
             self._reap_locked()
             lease = self._leases.get(notice.transfer_id)
-            if lease is None or lease.epoch != notice.epoch or lease.producer != notice.incarnation:
-                why = "no live lease with that epoch and producer"
-            elif not 0 <= notice.chunk < len(lease.chunk_nbytes):
-                why = f"chunk index {notice.chunk} outside 0..{len(lease.chunk_nbytes) - 1}"
-            elif not lease.freed <= notice.chunk < lease.writable:
-                why = f"chunk {notice.chunk} outside the open window {lease.freed}..{lease.writable - 1}"
-            elif notice.nbytes != lease.chunk_nbytes[notice.chunk]:
-                why = f"chunk {notice.chunk} has {notice.nbytes} bytes, it must hold {lease.chunk_nbytes[notice.chunk]}"
-            else:
+            ended = lease is None or lease.epoch != notice.epoch
+            if ended:
+                lease = self._ended.find(notice.transfer_id, notice.epoch)
+            why = _wrong_chunk(lease, notice)
+            if not why:
                 lease.arrived[notice.chunk] = notice
-                return ""
+                if not ended:
+                    return ""
+                why = "its lease has ended"
+                self._free.extend(self._ended.landed(lease))
             self.dropped_total += 1
             return why
 
@@ -217,72 +232,63 @@ class SlotPool:
                 lease.arrived.pop(c, None)
             lease.freed = max(lease.freed, upto)
             lease.pins -= 1
-            self._drain_locked(lease)
+            self._free.extend(self._ended.unpinned(lease, self._clock()))
 
     def unpin(self, lease: Lease, release: bool) -> None:
         """Drop one pin; with `release`, end the lease too (its slots are free once no pin is left)."""
         with self._lock:
             lease.pins -= 1
             if release and self._leases.get(lease.transfer_id) is lease:
-                self._end_locked(lease, complete=True)
+                self._end_locked(lease)
             else:
-                self._drain_locked(lease)
+                self._free.extend(self._ended.unpinned(lease, self._clock()))
 
-    def release(self, transfer_id: str, epoch: int | None = None) -> bool:
-        """End a lease; idempotent. Slots of an incomplete lease go to quarantine."""
+    def release(self, transfer_id: str, epoch: int | None = None, producer_stopped: bool = False) -> bool:
+        """End a lease; idempotent. Slots of an incomplete lease go to quarantine (shorter when its producer
+        releases it: `producer_stopped`)."""
         with self._lock:
             lease = self._leases.get(transfer_id)
             if lease is None or (epoch is not None and lease.epoch != epoch):
                 return False
-            self._end_locked(lease, complete=lease.complete)
+            lease.producer_stopped = producer_stopped
+            self._end_locked(lease)
             return True
+
+    def stopped(self, transfer_id: str, epoch: int) -> bool:
+        """The producer of an ended lease (`transfer_id`, `epoch`) says it writes no more: its slots rest only
+        `quarantine_s` from now instead of past its deadline. Whether such a lease was found."""
+        with self._lock:
+            return self._ended.stopped(transfer_id, epoch, self._clock())
+
+    def resting(self, transfer_id: str, epoch: int) -> Lease | None:
+        """That ended lease (`transfer_id`, `epoch`) while its slots are not back yet (draining or in quarantine)."""
+        with self._lock:
+            return self._ended.find(transfer_id, epoch)
 
     def release_producer(self, producer: str) -> int:
         """End every lease of a producer incarnation that is gone (restart or death)."""
         with self._lock:
             gone = [lease for lease in self._leases.values() if lease.producer == producer]
             for lease in gone:
-                self._end_locked(lease, complete=False)
+                self._end_locked(lease)
             return len(gone)
 
     def stats(self) -> PoolStats:
         with self._lock:
             self._reap_locked()
-            q = sum(len(s) for _, s in self._quarantine)
+            q = self._ended.slots
             return PoolStats(self.num_slots, len(self._free), self.num_slots - len(self._free) - q,
                              q, self.expired_total, self.dropped_total)
 
-    def _end_locked(self, lease: Lease, complete: bool) -> None:
+    def _end_locked(self, lease: Lease) -> None:
         del self._leases[lease.transfer_id]
-        if lease.pins:
-            self._draining.append(lease)  # a reader holds these slots: they are neither free nor reusable
-        elif complete:
-            self._free.extend(lease.slots)
-        else:
-            self._quarantine.append((self._clock() + self.quarantine_s, lease.slots))
-
-    def _drain_locked(self, lease: Lease) -> None:
-        """An ended lease whose last pin is gone gives its slots back (to quarantine if chunks were still
-        due: a window's producer may still be writing)."""
-        if lease.pins == 0 and lease in self._draining:
-            self._draining.remove(lease)
-            if lease.complete:
-                self._free.extend(lease.slots)
-            else:
-                self._quarantine.append((self._clock() + self.quarantine_s, lease.slots))
+        self._free.extend(self._ended.end(lease, self._clock()))
 
     def _reap_locked(self) -> None:
         now = self._clock()
         for lease in [x for x in self._leases.values() if x.deadline <= now and not x.pins]:
             self.expired_total += 1
-            self._end_locked(lease, complete=False)
+            self._end_locked(lease)
             if self._on_expire is not None:
                 self._on_expire(lease.transfer_id)
-        if self._quarantine:
-            keep = []
-            for until, slots in self._quarantine:
-                if until <= now:
-                    self._free.extend(slots)
-                else:
-                    keep.append((until, slots))
-            self._quarantine = keep
+        self._free.extend(self._ended.reap(now))
