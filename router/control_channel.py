@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Callable
 
 import zmq
 import zmq.asyncio
@@ -102,15 +103,18 @@ class _Channel:
 
 
 class ControlChannels:
-    """One channel per connector address, opened on first use, signed as `cred`."""
+    """One channel per connector address, opened on first use, signed as `cred`. With `in_use`, only to an
+    address it says a node uses now: a removed node's channel, once dropped, is not opened again by a late
+    question about it (a background cancel, a health check still under way), which would keep reconnecting."""
 
-    def __init__(self, cred: Credential) -> None:
+    def __init__(self, cred: Credential, in_use: Callable[[str], bool] | None = None) -> None:
         self.cred = cred
+        self._in_use = in_use
         self._channels: dict[str, _Channel] = {}
 
     async def ask(self, address: str, msg: wire.Message, timeout_s: float) -> wire.ReplyMessage | None:
         """The decoded reply to `msg`, or None when none came in time (or it was not an authentic, valid one, or
-        ZMQ cannot connect to `address` at all)."""
+        ZMQ cannot connect to `address` at all, or no node uses it)."""
         channel = self._channel(address)
         return None if channel is None else await channel.ask(msg, timeout_s)
 
@@ -123,6 +127,9 @@ class ControlChannels:
     def _channel(self, address: str) -> _Channel | None:
         channel = self._channels.get(address)
         if channel is None:
+            if self._in_use is not None and not self._in_use(address):
+                log.debug("no control message to %s: no node uses that connector now", address)
+                return None
             try:
                 channel = self._channels[address] = _Channel(address, self.cred)
             except zmq.ZMQError as e:

@@ -119,7 +119,8 @@ class Registry:
         self._rr = {k: itertools.count() for k in self.backends}
         self._watches: dict[Backend, asyncio.Task] = {}  # each node's health-check loop
         self._session: aiohttp.ClientSession | None = None
-        self.control = ControlChannels(cfg.kv_cred)  # to the decode connectors, for probes, cancels and traces
+        # to the decode connectors, for probes, cancels and traces
+        self.control = ControlChannels(cfg.kv_cred, in_use=self._kv_address_in_use)
 
     async def start(self, session: aiohttp.ClientSession) -> None:
         """Check every node once (the router serves from its first answer), then each on its own loop."""
@@ -147,6 +148,9 @@ class Registry:
             for address in b.rank_addresses:
                 self.control.drop(address)
         forget_instance(b.kind, b.name)
+
+    def _kv_address_in_use(self, address: str) -> bool:
+        return any(address in b.rank_addresses for b in self.backends["decode"])
 
     def pick(self, kind: str, exclude: set[str] = frozenset()) -> Backend | None:
         """An up instance (a suspect one only when no up one is left), or None when none is alive.

@@ -12,6 +12,7 @@ from launch.node_ctl import AdminError, nodes_command
 from router.app import PROXY, build_app
 from router.config import DecodeInstance, Instance, RouterConfig
 from router.node_file import AddedNode, NodeFile
+from transfer import wire
 from transfer.config_errors import ConfigError
 from tests.router_stubs import REQ, StubNode, eventually, events, post
 
@@ -155,3 +156,15 @@ async def test_health_is_503_while_every_decode_node_drains_and_a_removed_node_l
     for metric in ("kvbridge_router_instance_healthy", "kvbridge_router_instance_state", "kvbridge_router_outstanding"):
         assert REGISTRY.get_sample_value(metric, {"kind": "decode", "instance": "d0"}) is None, metric
     assert REGISTRY.get_sample_value("kvbridge_router_decode_pool_free", {"instance": "d0"}) is None
+
+
+async def test_a_removed_decode_node_gets_no_control_message_from_then_on(make):
+    """Its channel is closed at the removal; a late question about it (a background cancel, a health check that was
+    under way) must not open a new one, which would keep reconnecting to an address no node uses."""
+    d0, d1 = StubNode("d0", kv=True), StubNode("d1", kv=True)
+    url, api = await make([StubNode("p")], [d0, d1])
+    control, gone = api[PROXY].registry.control, f"127.0.0.1:{d0.kv_port}"
+    assert isinstance(await control.ask(gone, wire.Stats(rid=1), 2), wire.PoolStatus)  # its connector answers
+    await asyncio.to_thread(nodes_command, url, "drain", name="d0")
+    assert await control.ask(gone, wire.Stats(rid=1), 2) is None
+    assert isinstance(await control.ask(f"127.0.0.1:{d1.kv_port}", wire.Stats(rid=1), 2), wire.PoolStatus)
