@@ -3,7 +3,8 @@
     GET  /admin/nodes                      every node, its state, load and whether it drains
     POST /admin/nodes                      {"kind": "prefill"|"decode", "name", "url"[, "kv_address"]}: add one
     POST /admin/nodes/{name}/drain         no new request goes there; those in flight finish; answers once
-                                           none is left (?wait=0: at once), then the node is removed
+                                           none is left and the node is removed (which goes on if the client
+                                           leaves); ?wait=0: answers at once and the node stays, draining
     GET  /admin/placement, /debug/placement   mode, learned rates, break-even tokens, the prefix index's size
     POST /admin/placement                  {"mode": "auto"|"always"|"never"}
 
@@ -61,25 +62,32 @@ async def add_node(proxy: Proxy, spec: dict) -> Backend:
 
 
 async def drain(proxy: Proxy, name: str, wait: bool) -> dict:
-    """Stop sending `name` new requests; with `wait`, return once its in-flight ones are done and remove it."""
+    """Stop sending `name` new requests; with `wait`, return once its in-flight ones are done and it is removed.
+    The removal goes on if the admin client leaves meanwhile (every waiting drain of a node shares it)."""
     b = find(proxy, name)
     if not b.draining:
         b.draining = True
         log.info("%s %s draining (%d in flight)", b.kind, b.name, b.outstanding)
     if wait:
-        while b.outstanding > 0:
-            await asyncio.sleep(DRAIN_POLL_S)
-        if b in proxy.registry.backends[b.kind]:
-            proxy.registry.remove(b)
-            proxy.placement.index.forget(b.name)
-            try:
-                proxy.registry.node_file.removed(b.name)
-            except OSError as e:
-                log.error("%s %s removed, but not from %s (%s): a restarted router will serve it again",
-                          b.kind, b.name, proxy.registry.node_file.path, e)
-            log.info("%s %s drained and removed", b.kind, b.name)
+        if b.removal is None:
+            b.removal = asyncio.create_task(_remove_when_idle(proxy, b))
+        await asyncio.shield(b.removal)
     return {"name": b.name, "kind": b.kind, "outstanding": b.outstanding,
             "removed": b not in proxy.registry.backends[b.kind]}
+
+
+async def _remove_when_idle(proxy: Proxy, b: Backend) -> None:
+    while b.outstanding > 0:
+        await asyncio.sleep(DRAIN_POLL_S)
+    if b in proxy.registry.backends[b.kind]:
+        proxy.registry.remove(b)
+        proxy.placement.index.forget(b.name)
+        try:
+            proxy.registry.node_file.removed(b.name)
+        except OSError as e:
+            log.error("%s %s removed, but not from %s (%s): a restarted router will serve it again",
+                      b.kind, b.name, proxy.registry.node_file.path, e)
+        log.info("%s %s drained and removed", b.kind, b.name)
 
 
 def add_node_admin_routes(app: web.Application, proxy: Callable[[], Proxy]) -> None:

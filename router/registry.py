@@ -48,6 +48,7 @@ class Backend:
     pool_free: float = 1.0  # decode only: fraction of its connector's slots that are free
     ranks: int = 1  # decode only: its TP ranks, from its connector (each rank's endpoint is on port + rank)
     draining: bool = False  # takes no new request; those in flight finish
+    removal: asyncio.Task | None = None  # a waiting drain's: removes it once none is in flight (router/node_admin.py)
     downs: int = 0  # times it went down: what it held may be gone (router/placement.py forgets it)
     down_since: float | None = field(default_factory=time.monotonic)  # state starts "down": since creation
     watchers: set[Callable[[], None]] = field(default_factory=set)

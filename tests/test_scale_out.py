@@ -168,3 +168,15 @@ async def test_a_removed_decode_node_gets_no_control_message_from_then_on(make):
     await asyncio.to_thread(nodes_command, url, "drain", name="d0")
     assert await control.ask(gone, wire.Stats(rid=1), 2) is None
     assert isinstance(await control.ask(f"127.0.0.1:{d1.kv_port}", wire.Stats(rid=1), 2), wire.PoolStatus)
+
+
+async def test_a_drain_whose_client_leaves_still_removes_the_node_once_its_requests_are_done(make):
+    d0 = StubNode("d0", events=20, interval=0.05, kv=True)
+    url, api = await make([StubNode("p")], [d0, StubNode("d1", kv=True)])
+    flying = asyncio.create_task(post(url, dict(REQ, stream=True)))
+    assert await eventually(lambda: len(d0.bodies) == 1)
+    with pytest.raises(TimeoutError):
+        async with aiohttp.ClientSession() as s:
+            await s.post(url + "/admin/nodes/d0/drain", timeout=aiohttp.ClientTimeout(total=0.2))
+    assert (await flying)[0] == 200
+    assert await eventually(lambda: [b.name for b in api[PROXY].registry.backends["decode"]] == ["d1"])
