@@ -42,7 +42,7 @@ PROXY = web.AppKey("proxy", Proxy)
 def api_key_middleware(key: str) -> Callable:
     @web.middleware
     async def require_key(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path.startswith(("/v1/", "/admin/")) and not bearer_matches(request.headers, key):
+        if request.path.startswith(("/v1/", "/admin/", "/debug/")) and not bearer_matches(request.headers, key):
             return APIError(401, "missing or wrong API key (send Authorization: Bearer <key>)",
                             code="invalid_api_key").response()
         return await handler(request)
@@ -51,7 +51,8 @@ def api_key_middleware(key: str) -> Callable:
 
 def add_admin_routes(app: web.Application, api: web.Application, cfg: RouterConfig) -> None:
     """/metrics, /debug/requests/{id} and /admin (router/node_admin.py), reading the API app's proxy. On the
-    API port (no admin_port) /admin asks for the client API key when one is configured."""
+    API port (no admin_port) /admin and /debug ask for the client API key when one is configured; /metrics stays
+    open there, as vLLM's does, for scrapers."""
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 

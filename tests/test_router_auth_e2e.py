@@ -80,9 +80,12 @@ def router_requests(url: str) -> dict[str, float]:
 
 def kv_arrived(url: str, response: requests.Response) -> bool:
     """The decode node scattered KV the prefill node pushed for this request: the prefill leg was let in
-    (refused, it would have pushed nothing and the decode node would have recomputed the prompt)."""
+    (refused, it would have pushed nothing and the decode node would have recomputed the prompt). The trace asks
+    for the router's key too."""
     rid = response.headers["x-kvbridge-request-id"]
-    trace = requests.get(f"{url}/debug/requests/{rid}", timeout=5).json()
+    trace = requests.get(f"{url}/debug/requests/{rid}", headers=bearer(ROUTER_KEY), timeout=5)
+    assert trace.status_code == 200, trace.text
+    trace = trace.json()
     return (trace.get("decode_connector") or {}).get("state") == "SCATTERED"
 
 

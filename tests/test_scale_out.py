@@ -65,6 +65,21 @@ async def test_admin_asks_for_the_api_key_on_the_api_port(make, monkeypatch):
     assert (await asyncio.to_thread(nodes_command, url, "drain", name="d", wait=False))["removed"] is False
 
 
+async def test_request_traces_ask_for_the_api_key_on_the_api_port_and_metrics_stay_open(make, monkeypatch):
+    """A trace names the nodes a request went to and why: not for whoever reaches the API port without the key."""
+    monkeypatch.setenv("ROUTER_TEST_KEY", "k1")
+    url, _ = await make([StubNode("p")], [StubNode("d", kv=True)], api_key_env="ROUTER_TEST_KEY")
+    status, headers, _ = await post(url, REQ, headers={"Authorization": "Bearer k1"})
+    trace = f"{url}/debug/requests/{headers['x-kvbridge-request-id']}"
+    async with aiohttp.ClientSession() as s:
+        async with s.get(trace) as r:
+            assert r.status == 401
+        async with s.get(trace, headers={"Authorization": "Bearer k1"}) as r:
+            assert r.status == 200 and (await r.json())["events"]
+        async with s.get(url + "/metrics") as r:
+            assert r.status == 200
+
+
 async def test_nodes_added_and_drained_at_run_time_stay_so_after_a_router_restart(make, tmp_path):
     nodes_file = tmp_path / "nodes.json"
     d0, d1 = StubNode("d0", kv=True), StubNode("d1", kv=True)
