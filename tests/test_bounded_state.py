@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from transfer import wire
 from transfer.layout import KVLayout
+from transfer.notice import ChunkNotice
 from transfer.producer_registry import ProducerRegistry
 from transfer.receive_book import ReceiveBook
 from transfer.slot_pool import SlotPool
@@ -124,3 +125,20 @@ def test_claims_that_never_come_are_forgotten_when_the_lease_ends_but_a_waiting_
     assert book.held_chunks("w/h") == 0 and "w/h" in book._granted  # its finish forgets it
     book.finish("w/h", None, {"state": "ABORTED", "reason": "cancelled", "ms": {}})
     assert book._expected == {} and book._granted == {}
+
+
+def test_the_same_prompt_twice_in_one_request_is_read_by_both_engine_requests():
+    """Both wait for the one transfer their shared key names (claims=1 each: the router counts `n`, not repeats);
+    the first one done must not free the slots the second is about to read."""
+    pool = SlotPool(4, 100, 0.0)
+    book = ReceiveBook(pool, 30.0)
+    book.expect("t/h", 10, "h")
+    book.expect("t/h", 10, "h")
+    lease = pool.grant("t/h", [100], 5.0, "p")
+    book.granted("t/h", lease.epoch, 10, "h")
+    assert pool.accept(ChunkNotice(transfer_id="t/h", chunk=0, epoch=lease.epoch, incarnation="p", nbytes=100)) == ""
+    for _ in range(2):
+        got, why = book.claim("t/h")
+        assert got is lease, why
+        book.finish("t/h", got, {"state": "SCATTERED", "reason": "", "ms": {}})
+    assert pool.live("t/h") is None and pool.stats().free == 4 and book._expected == {}

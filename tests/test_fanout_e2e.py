@@ -60,8 +60,8 @@ def test_list_prompts_each_get_their_own_kv(servers, prompt):
     status, got = pd_fanout(servers, "/v1/completions", body)
     assert status == 200 and choices(got) == choices(want)
     assert got["usage"]["prompt_tokens"] == want["usage"]["prompt_tokens"]
-    distinct = len({tuple(p) if isinstance(p, list) else p for p in prompt})
-    assert scattered(servers) - before >= distinct, "each distinct prompt's KV should arrive, not be recomputed"
+    # the same prompt twice shares one transfer: both engine requests read it
+    assert scattered(servers) - before >= len(prompt), "each prompt's KV should arrive, not be recomputed"
 
 
 def test_n_2_with_a_seed_reads_one_transfer_twice(servers):

@@ -9,10 +9,11 @@ A claimed lease stays pinned until the fence recorded after its scatter is done 
 the endpoint thread and by `finish`): on a GPU the scatter is still queued when `finish` is called, and a
 slot freed then could be granted and overwritten while the scatter reads it.
 
-A transfer read by `n > 1` engine requests (parallel sampling) is claimed `claims` times; its
-slots are freed after the last claim. A failure is remembered for `remember_s` even when no request
-expects the transfer yet, so a request scheduled after its producer gave up fails at once; a request
-that stopped waiting (EXPIRED) is remembered too, so a late producer is refused instead of leased.
+A transfer read by `n > 1` engine requests (parallel sampling) is claimed `claims` times; its slots are
+freed after the last claim, and not while another request expecting it is unfinished (the same prompt twice
+in one OpenAI request: both read its one transfer). A failure is remembered for `remember_s` even when no
+request expects it yet, so a request scheduled after its producer gave up fails at once; a request that
+stopped waiting (EXPIRED) is remembered too, so a late producer is refused instead of leased.
 Remembered failures and cancels (at most `max_ended`, ended_keys.py) and traces (`keep_traces`) are
 bounded: a flood of cancels cannot grow the consumer's memory.
 """
@@ -145,7 +146,7 @@ class ReceiveBook:
         counter of its final state."""
         with self._lock:
             exp = self._expected.get(key)
-            last = exp is None or exp.claims_left <= 1
+            last = exp is None or (exp.claims_left <= 1 and exp.waiting <= 1)
             if exp is not None:
                 exp.claims_left, exp.waiting = exp.claims_left - 1, exp.waiting - 1
                 if last:
