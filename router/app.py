@@ -16,7 +16,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from router.auth import bearer_matches, load_secret
+from router.auth import access_middleware, load_secret
 from router.config import ConfigError, RouterConfig, load_router_config
 from router.metrics import LATENCY, REQUESTS, child
 from router.models_proxy import backend_models
@@ -39,20 +39,9 @@ SESSION = web.AppKey("session", aiohttp.ClientSession)
 PROXY = web.AppKey("proxy", Proxy)
 
 
-def api_key_middleware(key: str) -> Callable:
-    @web.middleware
-    async def require_key(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path.startswith(("/v1/", "/admin/", "/debug/")) and not bearer_matches(request.headers, key):
-            return APIError(401, "missing or wrong API key (send Authorization: Bearer <key>)",
-                            code="invalid_api_key").response()
-        return await handler(request)
-    return require_key
-
-
 def add_admin_routes(app: web.Application, api: web.Application, cfg: RouterConfig) -> None:
-    """/metrics, /debug/requests/{id} and /admin (router/node_admin.py), reading the API app's proxy. On the
-    API port (no admin_port) /admin and /debug ask for the client API key when one is configured; /metrics stays
-    open there, as vLLM's does, for scrapers."""
+    """/metrics, /debug/requests/{id} and /admin (router/node_admin.py), reading the API app's proxy. Who may
+    call them: router/auth.py's access_middleware (on either port)."""
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -81,8 +70,8 @@ def build_app(cfg: RouterConfig) -> web.Application:
     if cfg.push_key is None:  # reads the deployment secret now: an unreadable secret file stops the start
         log.warning("no deployment secret (%s or kv_secret_file): control messages and push targets are unsigned; "
                     "decode and prefill nodes must then run without one too, on loopback", cfg.kv_secret_env)
-    app = web.Application(client_max_size=MAX_BODY,
-                          middlewares=[api_key_middleware(client_key)] if client_key else [])
+    access = access_middleware(client_key, cfg.host)
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[access] if access else [])
     registry = Registry(cfg)
 
     async def on_startup(app: web.Application) -> None:
@@ -145,7 +134,8 @@ def build_app(cfg: RouterConfig) -> web.Application:
 
 
 def build_admin_app(api: web.Application, cfg: RouterConfig) -> web.Application:
-    admin = web.Application()
+    access = access_middleware(load_secret(cfg.api_key_env, cfg.api_key_file, "router api key"), cfg.admin_host)
+    admin = web.Application(middlewares=[access] if access else [])
     add_admin_routes(admin, api, cfg)
     return admin
 

@@ -10,11 +10,17 @@ from __future__ import annotations
 import hmac
 import os
 from pathlib import Path
+from typing import Awaitable, Callable
 
+from aiohttp import web
 from multidict import CIMultiDictProxy
 
+from router.openai_errors import APIError
 from transfer.config_errors import ConfigError
+from transfer.credentials import is_loopback
 
+ADMIN_PATHS = ("/admin/", "/debug/")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Request headers that follow the request to both legs (tracing and request ids, and auth unless overridden).
 PASS_THROUGH = ("authorization", "x-request-id", "traceparent", "tracestate")
 
@@ -52,3 +58,27 @@ def upstream_headers(client_headers: CIMultiDictProxy[str], backend_key: str | N
     if backend_key:
         out["authorization"] = f"Bearer {backend_key}"
     return out
+
+
+def access_middleware(key: str | None, bind_host: str) -> Callable | None:
+    """Who may call what on an app listening on `bind_host` (None: anyone may, nothing to check). With a client
+    key, /v1, /admin and /debug ask for it. Without one, /admin and /debug answer clients on this host only:
+    /admin can add a decode node, to which prefill nodes would then push prompts' KV, so a router listening on a
+    routable address must not be re-pointed by whoever reaches it. /health and /metrics stay open (probes,
+    scrapers)."""
+    if key is None and is_loopback(bind_host, resolve=False):
+        return None  # every client is on this host
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        admin = request.path.startswith(ADMIN_PATHS)
+        if key is not None:
+            if (admin or request.path.startswith("/v1/")) and not bearer_matches(request.headers, key):
+                return APIError(401, "missing or wrong API key (send Authorization: Bearer <key>)",
+                                code="invalid_api_key").response()
+        elif admin and not is_loopback(request.remote or "", resolve=False):
+            return APIError(403, f"/{request.path.split('/')[1]} answers clients on the router's host only while the "
+                            "router has no API key: set api_key_env or api_key_file to manage it from elsewhere",
+                            code="forbidden").response()
+        return await handler(request)
+    return check
