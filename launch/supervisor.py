@@ -1,7 +1,8 @@
 """Starts the processes of a deployment, waits for health, and stops them all, leaving none behind.
 
 Each child is a ProcessHandle in its own process group, so vLLM's engine and worker processes go
-down with their API server on stop, on Ctrl-C and on SIGTERM.
+down with their API server on stop, on Ctrl-C, on SIGTERM and on SIGHUP (the terminal or SSH session that
+ran `kvbridge up` went away: the children, in sessions of their own, would otherwise hold GPUs and ports).
 """
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ class Supervisor:
         log.info("all processes stopped")
 
     def __enter__(self) -> Supervisor:
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, lambda signum, _: sys.exit(128 + signum))
         return self
 
     def __exit__(self, *exc: object) -> None:
