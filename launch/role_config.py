@@ -8,11 +8,12 @@ are compared against, or, with a --kv-transfer-config in its vllm_args, vLLM wit
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pd.connector_config import ConnectorConfig
 from router.config import RouterConfig
@@ -21,6 +22,17 @@ from transfer.credentials import CredentialError, require_secret
 
 KV_ROLE = {"prefill": "kv_producer", "decode": "kv_consumer", "both": "kv_both"}
 KV_TRANSFER_FLAG = "--kv-transfer-config"
+SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|API_?KEY|PRIVATE_KEY|CREDENTIAL", re.IGNORECASE)
+
+
+def no_secret_in_env(env: dict[str, str]) -> dict[str, str]:
+    """A config file's `env` holds no secret: it is plain text (and a ConfigMap once rendered for Kubernetes)."""
+    named = sorted(k for k in env if SECRET_NAME.search(k))
+    if named:
+        raise ValueError(f"{', '.join(named)} {'looks like a secret' if len(named) == 1 else 'look like secrets'}, "
+                         "which a config file must not hold: export it in the environment `kvbridge up` runs in "
+                         "(every role inherits it), or put it in a Kubernetes Secret")
+    return env
 
 
 class RoleConfig(BaseModel):
@@ -36,6 +48,7 @@ class RoleConfig(BaseModel):
     vllm_args: list[str] = Field(default_factory=lambda: ["--enforce-eager"])
     env: dict[str, str] = Field(default_factory=dict)
     connector: ConnectorConfig = Field(default_factory=ConnectorConfig)
+    _env = field_validator("env")(no_secret_in_env)
 
     @model_validator(mode="after")
     def _one_connector(self) -> RoleConfig:
@@ -107,6 +120,7 @@ class DeploymentConfig(BaseModel):
                                         "network namespace of its own on this box (launch/placement.py)")
     link: HostLink = Field(default_factory=HostLink)
     base_dir: Path = Path(".")
+    _env = field_validator("env")(no_secret_in_env)
 
     @model_validator(mode="after")
     def _files_exist(self) -> DeploymentConfig:

@@ -20,10 +20,31 @@ def format_errors(e: ValidationError, source: str) -> str:
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML keeps the last of two equal keys without a word; in a config that silently drops the first block
+    (a second `connector:` would lose the first one's listen address and secret file), so it is an error."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[object, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base class says so
+                break
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (first on line {first + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml(path: str | Path) -> dict:
-    """A YAML file's top-level mapping, or a ConfigError saying why it is not one."""
+    """A YAML file's top-level mapping, or a ConfigError saying why it is not one (a duplicate key included)."""
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"{path}: cannot read YAML: {e}") from None
     if not isinstance(data, dict):
