@@ -134,7 +134,7 @@ def render(path: str | Path, image: str, secret_name: str | None = None) -> dict
     dep = load_config(path)
     if not isinstance(dep, DeploymentConfig):
         raise ConfigError(f"{path}: expected role: deployment")
-    prefill, decode, router = dep.load()
+    prefill, decode, router = dep.load(check_router=False)  # its lists come from the graph
     secret = secret_name or pods.dns_name(dep.name, "kvbridge")
     texts = {f"{r.name}.yaml": _dump(_cluster_role(r)) for r in prefill + decode}
     texts["router.yaml"] = _dump(_cluster_router(router, prefill, decode, dep.name))

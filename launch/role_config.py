@@ -133,14 +133,16 @@ class DeploymentConfig(BaseModel):
         """role name -> its host, from `hosts`; each role on exactly one host (checked in load())."""
         return {role: host for host, roles in self.hosts.items() for role in roles}
 
-    def load(self) -> tuple[list[RoleConfig], list[RoleConfig], RouterConfig]:
-        pre = [load_config(self.base_dir / p) for p in self.prefill]
-        dec = [load_config(self.base_dir / p) for p in self.decode]
+    def load(self, check_router: bool = True) -> tuple[list[RoleConfig], list[RoleConfig], RouterConfig]:
+        """The role files and the router file, checked to describe one deployment: each file of the kind its
+        list needs, one model name, each placed once, and (`check_router`: for a deployment that runs the router
+        file as written) the router's instances the graph's roles."""
+        pre = [self._role(p, ("prefill", "both")) for p in self.prefill]
+        dec = [self._role(p, ("decode", "both")) for p in self.decode]
         router = load_config(self.base_dir / self.router)
-        aggregated = [c.name for c in pre + dec if c.role == "aggregated"]
-        if aggregated:
-            raise ConfigError(f"deployment {self.name}: {aggregated} run no kvbridge connector (role aggregated) "
-                              "and cannot be prefill or decode nodes")
+        if not isinstance(router, RouterConfig):
+            raise ConfigError(f"deployment {self.name}: router file {self.router} is a role file "
+                              f"(role: {router.role}), not a router file (role: router)")
         served = {c.served_model_name for c in pre + dec} | {router.model}
         if len(served) != 1:
             raise ConfigError(f"deployment {self.name}: every role must serve the same model name, got {served}")
@@ -150,7 +152,36 @@ class DeploymentConfig(BaseModel):
             if placed != names:
                 raise ConfigError(f"deployment {self.name}: hosts must place each of {names} exactly once, "
                                   f"placed: {placed}")
+        wrong = router_mismatches(router, pre, dec) if check_router else []
+        if wrong:
+            raise ConfigError(f"deployment {self.name}: router file {self.router} does not send to the graph's "
+                              "roles (the router would wait for nodes that are not there):\n  " + "\n  ".join(wrong))
         return pre, dec, router
+
+    def _role(self, path: str, kinds: tuple[str, ...]) -> RoleConfig:
+        role = load_config(self.base_dir / path)
+        if not isinstance(role, RoleConfig) or role.role not in kinds:
+            got = role.role if isinstance(role, RoleConfig) else ("router" if isinstance(role, RouterConfig)
+                                                                   else "deployment")
+            raise ConfigError(f"deployment {self.name}: {path} is role {got}; this list takes role "
+                              f"{' or '.join(kinds)}")
+        return role
+
+
+def router_mismatches(router: RouterConfig, prefill: list[RoleConfig], decode: list[RoleConfig]) -> list[str]:
+    """How the router's instance lists differ from the roles' own addresses (empty when they agree)."""
+    out = []
+    for kind, roles, insts in (("prefill", prefill, router.prefill), ("decode", decode, router.decode)):
+        want = {r.name: (r.url, r.kv_address if kind == "decode" else None) for r in roles}
+        have = {i.name: (i.url.rstrip("/"), getattr(i, "kv_address", None)) for i in insts}
+        out += [f"{kind} {n}: in the graph, not in the router file" for n in sorted(want.keys() - have.keys())]
+        out += [f"{kind} {n}: in the router file, not in the graph" for n in sorted(have.keys() - want.keys())]
+        for n in sorted(want.keys() & have.keys()):
+            if want[n][0] != have[n][0]:
+                out.append(f"{kind} {n}: the router sends to {have[n][0]}, the role serves {want[n][0]}")
+            if want[n][1] != have[n][1]:
+                out.append(f"{kind} {n}: the router's kv_address is {have[n][1]}, the role listens on {want[n][1]}")
+    return out
 
 
 def load_config(path: str | Path) -> RoleConfig | RouterConfig | DeploymentConfig:

@@ -131,7 +131,7 @@ async def collect(path: str | Path, log_dir: str | Path = ".kvbridge/logs", time
     dep = load_config(path)
     if not isinstance(dep, DeploymentConfig):
         raise ConfigError(f"{path}: expected role: deployment")
-    prefill, decode, router = dep.load()
+    prefill, decode, router = dep.load(check_router=False)  # reads the roles, routes nothing
     rows = {"router": InstanceStatus("router", "router", _router_url(router))}
     for kind, roles in (("prefill", prefill), ("decode", decode)):
         rows.update({r.name: InstanceStatus(r.name, kind, r.url) for r in roles})

@@ -52,7 +52,7 @@ def store_nodes(path: str | Path) -> list[RoleConfig]:
     dep = load_config(path)
     if not isinstance(dep, DeploymentConfig):
         raise ConfigError(f"{path}: expected role: deployment")
-    prefill, _, _ = dep.load()
+    prefill, _, _ = dep.load(check_router=False)
     return [r for r in prefill if r.connector.store is not None]
 
 

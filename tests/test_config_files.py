@@ -1,11 +1,15 @@
 """Config files that would run differently from what they say are refused, naming the file and what is wrong."""
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from launch.role_config import load_config
 from transfer.config_errors import ConfigError
 
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 DECODE = "role: decode\nname: d0\nmodel: m\nserved_model_name: m\nport: 8200\n"
 
 
@@ -50,3 +54,47 @@ def test_a_secret_in_a_deployments_env_is_refused(tmp_path):
 def test_ordinary_environment_settings_are_kept(tmp_path):
     role = load_config(write(tmp_path, DECODE + "env:\n  HF_HOME: /models\n  VLLM_CPU_KVCACHE_SPACE: '1'\n"))
     assert role.env == {"HF_HOME": "/models", "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+def graph_copy(tmp_path):
+    """The shipped local graph (configs/), copied so a test can change one file."""
+    for f in ("deployment.yaml", "prefill.yaml", "decode.yaml", "router.yaml"):
+        (tmp_path / f).write_text((CONFIGS / f).read_text())
+    return tmp_path / "deployment.yaml"
+
+
+def test_the_shipped_graph_describes_one_deployment(tmp_path):
+    pre, dec, router = load_config(graph_copy(tmp_path)).load()
+    assert [r.name for r in pre] == [i.name for i in router.prefill] and router.decode[0].kv_address == dec[0].kv_address
+
+
+@pytest.mark.parametrize("file, old, new, said", [
+    ("decode.yaml", "port: 8200", "port: 8201",
+     "decode decode-0: the router sends to http://127.0.0.1:8200, the role serves http://127.0.0.1:8201"),
+    ("decode.yaml", "listen_port: 5600", "listen_port: 5601",
+     "decode decode-0: the router's kv_address is 127.0.0.1:5600, the role listens on 127.0.0.1:5601"),
+    ("prefill.yaml", "name: prefill-0", "name: prefill-9", "prefill prefill-9: in the graph, not in the router file"),
+], ids=["decode-port", "kv-port", "prefill-name"])
+def test_a_router_file_that_does_not_send_to_the_graphs_roles_is_refused_naming_the_difference(
+        tmp_path, file, old, new, said):
+    """`kvbridge up` would otherwise wait out its health timeout for a router whose nodes are not where it looks."""
+    path = graph_copy(tmp_path)
+    text = (tmp_path / file).read_text()
+    assert old in text
+    (tmp_path / file).write_text(text.replace(old, new))
+    with pytest.raises(ConfigError) as e:
+        load_config(path).load()
+    assert said in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("key, value, said", [
+    ("router", "prefill.yaml", "router file prefill.yaml is a role file (role: prefill)"),
+    ("decode", "[prefill.yaml]", "prefill.yaml is role prefill; this list takes role decode or both"),
+    ("prefill", "[router.yaml]", "router.yaml is role router; this list takes role prefill or both"),
+])
+def test_a_file_in_the_wrong_place_of_the_graph_is_refused_naming_its_role(tmp_path, key, value, said):
+    path = graph_copy(tmp_path)
+    lines = [f"{key}: {value}" if ln.startswith(f"{key}:") else ln for ln in path.read_text().splitlines()]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        load_config(path).load()
