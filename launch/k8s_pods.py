@@ -12,6 +12,10 @@ from transfer.config_errors import ConfigError
 PART_OF = "kvbridge"
 SECRET_ENV = "KVBRIDGE_SECRET"   # what pd/connector_config.py and router/config.py read the shared secret from
 SECRET_KEY = "secret"
+# The router's keys, when its file sets them: rendered as these env vars, from these keys of the same Secret
+API_KEY_ENV, API_KEY_KEY = "KVBRIDGE_ROUTER_API_KEY", "api-key"
+BACKEND_KEY_ENV, BACKEND_KEY_KEY = "KVBRIDGE_VLLM_API_KEY", "backend-api-key"
+VLLM_KEY_ENV = "VLLM_API_KEY"    # vLLM's own --api-key, from the environment
 CONFIG_DIR = "/etc/kvbridge"
 WORK_DIR = "/srv/kvbridge"       # relative paths in role files (model, store.disk_path) resolve here
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -50,12 +54,12 @@ def health_probes(port_name: str, alive_by_tcp: bool = False) -> dict[str, dict]
             "livenessProbe": {**alive, "periodSeconds": 10, "failureThreshold": 3, "timeoutSeconds": 5}}
 
 
-def env_list(plain: dict[str, str], secret_name: str, extra_secret_keys: list[str] = ()) -> list[dict]:
+def env_list(plain: dict[str, str], secret_name: str, secret_keys: dict[str, str]) -> list[dict]:
     """The role's and deployment's env, POD_IP from the downward API (a decode connector listens on it),
-    and the shared secret by reference: its value never appears in a manifest."""
-    env = [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
-           {"name": SECRET_ENV, "valueFrom": {"secretKeyRef": {"name": secret_name, "key": SECRET_KEY}}}]
-    env += [{"name": k, "valueFrom": {"secretKeyRef": {"name": secret_name, "key": k}}} for k in extra_secret_keys]
+    and each env var of `secret_keys` from that key of the Secret: no secret's value appears in a manifest."""
+    env = [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
+    env += [{"name": k, "valueFrom": {"secretKeyRef": {"name": secret_name, "key": key}}}
+            for k, key in secret_keys.items()]
     taken = {e["name"] for e in env}
     return env + [{"name": k, "value": str(v)} for k, v in sorted(plain.items()) if k not in taken]
 

@@ -39,16 +39,38 @@ PRE_STOP_S = 10    # endpoints and the router's health checks notice the pod is 
 
 
 def _cluster_role(role: RoleConfig) -> dict:
+    """The role file as its pod runs it: bound to the pod, the deployment secret read from the Secret's env var
+    (a `secret_file` of the local file is not there in the pod)."""
     data = role.model_dump(mode="json", exclude_unset=True)
     data.update(role=role.role, host="0.0.0.0")
-    data.get("connector", {}).pop("listen_host", None)   # the pod IP, given at start by --listen-host
+    connector = data.setdefault("connector", {})
+    connector.pop("listen_host", None)   # the pod IP, given at start by --listen-host
+    connector.pop("secret_file", None)
+    connector["secret_env"] = pods.SECRET_ENV
     return data
+
+
+def _router_secrets(router: RouterConfig) -> dict[str, str]:
+    """Env var -> Secret key for the router: the deployment secret, and its two API keys when its file sets them."""
+    keys = {pods.SECRET_ENV: pods.SECRET_KEY}
+    if router.api_key_env or router.api_key_file:
+        keys[pods.API_KEY_ENV] = pods.API_KEY_KEY
+    if router.backend_api_key_env or router.backend_api_key_file:
+        keys[pods.BACKEND_KEY_ENV] = pods.BACKEND_KEY_KEY
+    return keys
 
 
 def _cluster_router(router: RouterConfig, prefill: list[RoleConfig], decode: list[RoleConfig],
                     dep: str) -> dict:
     data = router.model_dump(mode="json", exclude_unset=True)
-    data.update(role="router", host="0.0.0.0", admin_host="0.0.0.0")
+    data.update(role="router", host="0.0.0.0", admin_host="0.0.0.0", kv_secret_env=pods.SECRET_ENV)
+    for key in ("kv_secret_file", "api_key_file", "backend_api_key_file", "api_key_env", "backend_api_key_env"):
+        data.pop(key, None)  # the pod has the Secret's env vars, not the local files or variable names
+    keys = _router_secrets(router)
+    if pods.API_KEY_ENV in keys:
+        data["api_key_env"] = pods.API_KEY_ENV
+    if pods.BACKEND_KEY_ENV in keys:
+        data["backend_api_key_env"] = pods.BACKEND_KEY_ENV
     data["prefill"] = [{"name": r.name, "url": f"http://{pods.dns_name(dep, r.name)}:{r.port}"} for r in prefill]
     data["decode"] = [{"name": r.name, "url": f"http://{pods.dns_name(dep, r.name)}:{r.port}",
                        "kv_address": f"{pods.dns_name(dep, r.name)}:{r.connector.listen_port}"} for r in decode]
@@ -102,16 +124,22 @@ def _workload(dep: DeploymentConfig, name: str, component: str, container: dict,
     return [deployment, service]
 
 
-def _vllm_docs(dep: DeploymentConfig, role: RoleConfig, text: str, image: str, secret: str) -> list[dict]:
+def _vllm_docs(dep: DeploymentConfig, role: RoleConfig, text: str, image: str, secret: str,
+               router: RouterConfig) -> list[dict]:
+    """A vLLM role's Deployment and Service; with a backend key in the router file, vLLM asks for it (its own
+    VLLM_API_KEY, from the Secret)."""
     ports = [{"name": "http", "port": role.port}]
     if role.role in ("decode", "both"):
         ports.append({"name": "kv", "port": role.connector.listen_port})
     if role.connector.metrics_port:
         ports.append({"name": "metrics", "port": role.connector.metrics_port})
+    keys = {pods.SECRET_ENV: pods.SECRET_KEY}
+    if pods.BACKEND_KEY_ENV in _router_secrets(router):
+        keys[pods.VLLM_KEY_ENV] = pods.BACKEND_KEY_KEY
     gpus = str(pods.tensor_parallel(role.vllm_args))
     container = {"name": "vllm", "image": image,
                  "args": ["serve", f"{pods.CONFIG_DIR}/{role.name}.yaml", "--listen-host", "$(POD_IP)"],
-                 "command": ["kvbridge"], "env": pods.env_list({**dep.env, **role.env}, secret),
+                 "command": ["kvbridge"], "env": pods.env_list({**dep.env, **role.env}, secret, keys),
                  "resources": {"limits": {"nvidia.com/gpu": gpus}, "requests": {"nvidia.com/gpu": gpus}}}
     return _workload(dep, role.name, role.role, container, ports, role.connector.metrics_port or role.port,
                      text, role)
@@ -121,7 +149,7 @@ def _router_docs(dep: DeploymentConfig, router: RouterConfig, text: str, image: 
     ports = [{"name": "http", "port": router.port}]
     if router.admin_port:
         ports.append({"name": "admin", "port": router.admin_port})
-    keys = [k for k in (router.api_key_env, router.backend_api_key_env) if k]
+    keys = _router_secrets(router)
     container = {"name": "router", "image": image, "command": ["kvbridge"],
                  "args": ["router", "--config", f"{pods.CONFIG_DIR}/router.yaml"],
                  "env": pods.env_list(dep.env, secret, keys),
@@ -146,7 +174,7 @@ def render(path: str | Path, image: str, secret_name: str | None = None) -> dict
                                                        "app.kubernetes.io/instance": dep.name}},
                                "data": texts}]}
     for r in prefill + decode:
-        out[f"{r.name}.yaml"] = _vllm_docs(dep, r, texts[f"{r.name}.yaml"], image, secret)
+        out[f"{r.name}.yaml"] = _vllm_docs(dep, r, texts[f"{r.name}.yaml"], image, secret, router)
     out["router.yaml"] = _router_docs(dep, router, texts["router.yaml"], image, secret)
     return out
 

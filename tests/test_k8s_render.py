@@ -144,3 +144,41 @@ def test_a_name_kubernetes_cannot_take_is_refused(tmp_path):
     graph.write_text(graph.read_text().replace("name: pd-2x2", "name: PD_2x2!"))
     with pytest.raises(ConfigError, match="not a Kubernetes DNS label"):
         render(graph, "img")
+
+
+def _env(workload: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in workload["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
+def test_local_secret_files_and_variable_names_become_the_secrets_env_vars_in_the_pods(tmp_path):
+    """A role or router file that reads its secrets from files (not in the pod) or from variables of other names
+    still runs: the pod's copy reads the env vars the render fills from the Secret."""
+    graph = _two_by_two(tmp_path)
+    _role_file(tmp_path, "decode.yaml", "decode-0", 8200, listen_port=5600, secret_file="/run/secrets/kvb",
+               secret_env="MY_DEPLOY_SECRET")
+    router = yaml.safe_load((tmp_path / "router.yaml").read_text())
+    router.update(kv_secret_file="/run/secrets/kvb", api_key_file="/run/secrets/api", backend_api_key_env="MY_VLLM_KEY")
+    (tmp_path / "router.yaml").write_text(yaml.safe_dump(router))
+    objects = _objects(graph, tmp_path / "out")
+    files = next(iter(_of(objects, "ConfigMap").values()))["data"]
+    decode, routed = yaml.safe_load(files["decode-0.yaml"]), yaml.safe_load(files["router.yaml"])
+    assert decode["connector"]["secret_env"] == "KVBRIDGE_SECRET" and "secret_file" not in decode["connector"]
+    assert (routed["kv_secret_env"], routed["api_key_env"], routed["backend_api_key_env"]) == (
+        "KVBRIDGE_SECRET", "KVBRIDGE_ROUTER_API_KEY", "KVBRIDGE_VLLM_API_KEY")
+    assert not {"kv_secret_file", "api_key_file", "backend_api_key_file"} & routed.keys()
+    workloads = _of(objects, "Deployment")
+    ref = lambda key: {"secretKeyRef": {"name": "pd-2x2-kvbridge", "key": key}}  # noqa: E731
+    r = _env(workloads["pd-2x2-router"])
+    assert (r["KVBRIDGE_SECRET"]["valueFrom"], r["KVBRIDGE_ROUTER_API_KEY"]["valueFrom"],
+            r["KVBRIDGE_VLLM_API_KEY"]["valueFrom"]) == (ref("secret"), ref("api-key"), ref("backend-api-key"))
+    for name in ("pd-2x2-prefill-0", "pd-2x2-decode-0", "pd-2x2-decode-1"):
+        env = _env(workloads[name])  # vLLM asks for the key the router sends it
+        assert env["KVBRIDGE_SECRET"]["valueFrom"] == ref("secret") and env["VLLM_API_KEY"]["valueFrom"] == ref(
+            "backend-api-key")
+    for obj in objects:
+        kubernetes_validate.validate(obj, K8S_VERSIONS[-1], strict=True)
+
+
+def test_without_api_keys_in_the_router_file_the_pods_ask_the_secret_for_none(tmp_path):
+    workloads = _of(_objects(_two_by_two(tmp_path), tmp_path / "out"), "Deployment")
+    assert not any({"VLLM_API_KEY", "KVBRIDGE_ROUTER_API_KEY"} & _env(w).keys() for w in workloads.values())
