@@ -48,8 +48,13 @@ def _serve(a: argparse.Namespace) -> None:
 
 
 def _up(a: argparse.Namespace) -> None:
+    """Every process is stopped by then; a role that died while starting, or a deployment that never got
+    healthy, ends with what happened and where its log is, not a traceback."""
     from launch.deployment import run_deployment
-    run_deployment(a.file, demo=a.demo, log_dir=a.log_dir)
+    try:
+        run_deployment(a.file, demo=a.demo, log_dir=a.log_dir)
+    except (TimeoutError, RuntimeError) as e:
+        raise SystemExit(f"kvbridge up {a.file}: {e} (role logs in {a.log_dir})") from None
 
 
 def _render_k8s(a: argparse.Namespace) -> None:

@@ -47,3 +47,17 @@ def test_a_launcher_ended_by_a_signal_stops_its_children(tmp_path, sig):
         launcher.wait()
         if alive(child):
             os.kill(child, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("error", [TimeoutError("not healthy after 600s: ['router']"),
+                                   RuntimeError("decode-0 exited with code 1 while starting; see x.log")])
+def test_kvbridge_up_ends_a_failed_start_with_what_happened_not_a_traceback(monkeypatch, error):
+    import launch.deployment
+    from launch.cli import main
+
+    def fail(*_, **__):
+        raise error
+    monkeypatch.setattr(launch.deployment, "run_deployment", fail)
+    with pytest.raises(SystemExit) as e:
+        main(["up", "configs/deployment.yaml", "--log-dir", "/tmp/kvb-logs"])
+    assert str(e.value) == f"kvbridge up configs/deployment.yaml: {error} (role logs in /tmp/kvb-logs)"
