@@ -187,6 +187,8 @@ def router_mismatches(router: RouterConfig, prefill: list[RoleConfig], decode: l
 def load_config(path: str | Path) -> RoleConfig | RouterConfig | DeploymentConfig:
     data = load_yaml(path)
     role = data.get("role")
+    if role is None:  # else a router or graph file would be judged as a vLLM role, field by field
+        raise ConfigError(f"{path}: role: missing; one of prefill, decode, both, aggregated, router, deployment")
     model = {"router": RouterConfig, "deployment": DeploymentConfig}.get(role, RoleConfig)
     if model is DeploymentConfig:
         data.setdefault("base_dir", str(Path(path).parent))

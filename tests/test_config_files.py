@@ -98,3 +98,10 @@ def test_a_file_in_the_wrong_place_of_the_graph_is_refused_naming_its_role(tmp_p
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(ConfigError, match=re.escape(said)):
         load_config(path).load()
+
+
+def test_a_file_without_a_role_is_refused_saying_which_roles_there_are(tmp_path):
+    """A router file without `role:` used to be judged as a vLLM role, its every router key "not permitted"."""
+    router = (CONFIGS / "router.yaml").read_text().replace("role: router\n", "")
+    with pytest.raises(ConfigError, match="router.yaml: role: missing; one of .*router, deployment"):
+        load_config(write(tmp_path, router, "router.yaml"))
