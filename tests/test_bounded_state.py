@@ -6,7 +6,7 @@ from transfer import wire
 from transfer.layout import KVLayout
 from transfer.notice import ChunkNotice
 from transfer.producer_registry import ProducerRegistry
-from transfer.receive_book import ReceiveBook
+from transfer.receive_book import DELIVERED, ReceiveBook
 from transfer.slot_pool import SlotPool
 
 LAYOUT = KVLayout(model_id="m", num_layers=2, num_kv_heads=2, kv_heads_per_rank=2, head_size=32, dtype="float32",
@@ -142,3 +142,8 @@ def test_the_same_prompt_twice_in_one_request_is_read_by_both_engine_requests():
         assert got is lease, why
         book.finish("t/h", got, {"state": "SCATTERED", "reason": "", "ms": {}})
     assert pool.live("t/h") is None and pool.stats().free == 4 and book._expected == {}
+    # its prefill node pushes the prompt once per repeat: the late second push is ended, not leased for nobody
+    assert book.check_alloc("t/h", 10, "h") == DELIVERED
+    book.expect("u/h", 10, "h")  # a prompt read by one request: a later push of it is let in (a new attempt)
+    book.finish("u/h", None, {"state": "SCATTERED", "reason": "", "ms": {}})
+    assert book.check_alloc("u/h", 10, "h") == ""

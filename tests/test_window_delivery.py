@@ -96,3 +96,18 @@ def test_small_grants_cannot_take_the_slots_a_waiting_window_needs():
     assert isinstance(big, wire.Grant) and len(big.offsets) == 4 and big.chunks == 40
     assert isinstance(desk.alloc(alloc("small-2", 1)), wire.Grant)  # the last free slot: nobody waits ahead
     assert len(desk.queue) == 0
+
+
+def test_a_push_of_a_prompt_its_repeats_have_all_read_is_ended_as_not_pushed_again():
+    """The answer the producer reads as ABORTED ("not pushed again"), like a second push into a touched lease."""
+    pool = SlotPool(8, ChunkGeometry(LAYOUT, CHUNK_TOKENS).slot_bytes, quarantine_s=0)
+    book = ReceiveBook(pool, 30.0)
+    desk = LeaseDesk(pool, book, ChunkGeometry(LAYOUT, CHUNK_TOKENS), 0, 4, 0.0, "c-inc")
+    s = spec("r", 1)
+    for _ in range(2):
+        book.expect("r", s.num_tokens, s.token_hash)
+    for _ in range(2):
+        book.finish("r", None, {"state": "SCATTERED", "reason": "", "ms": {}})
+    reply = desk.alloc(alloc("r", 1))
+    assert isinstance(reply, wire.Error) and reply.code == wire.LEASE_IN_USE and "delivered" in reply.message
+    assert pool.stats().free == 8

@@ -17,7 +17,7 @@ from collections import OrderedDict
 
 from transfer import wire
 from transfer.geometry import ChunkGeometry
-from transfer.receive_book import ReceiveBook
+from transfer.receive_book import DELIVERED, ReceiveBook
 from transfer.slot_pool import LeaseInUse, SlotPool
 
 
@@ -71,6 +71,8 @@ class LeaseDesk:
 
     def alloc(self, msg: wire.Alloc) -> wire.Message:
         refused = self.book.check_alloc(msg.transfer_id, msg.num_tokens, msg.token_hash)
+        if refused == DELIVERED:  # the same prompt pushed again (repeated in its request): ended, not failed
+            return wire.Error(code=wire.LEASE_IN_USE, message=f"transfer {msg.transfer_id}: {refused}")
         if refused:
             return wire.Error(code="refused", message=f"transfer {msg.transfer_id}: {refused}")
         held = self.book.held_chunks(msg.transfer_id)

@@ -28,7 +28,11 @@ from enum import Enum
 from transfer.device_fence import COMPLETED, Fence
 from transfer.ended_keys import EndedKeys
 from transfer.identity import transfer_id_of
+from transfer.key_stamps import KeyStamps
 from transfer.slot_pool import Lease, SlotPool
+
+
+DELIVERED = "delivered: every request expecting it has read it"
 
 
 class Arrival(str, Enum):
@@ -45,6 +49,7 @@ class _Expected:
     claims_left: int
     held_chunks: int  # leading chunks the decode node computed itself (its prefix cache): not to be pushed
     waiting: int = 0  # requests that called expect and not finish yet (fewer than claims_left when some never come)
+    repeated: bool = False  # more requests expect it than it has claims: the same prompt twice in one request
 
 
 class ReceiveBook:
@@ -65,8 +70,8 @@ class ReceiveBook:
         # (scatter's fence, key, lease, last claim, window chunks freed by it or None for a whole-lease claim)
         self._settling: list[tuple[Fence, str, Lease, bool, int | None]] = []
         self._readers: dict[str, str] = {}  # windowed key -> the one request reading its stream
-        self._signs: dict[str, float] = {}  # key -> when its producer last showed life without chunks
-        self._answered: dict[str, float] = {}  # transfer id -> when the router said its prefill node answered
+        self._signs = KeyStamps(remember_s, max_ended, clock)  # key: its producer showed life without chunks
+        self._answered = KeyStamps(remember_s, max_ended, clock)  # transfer id: the router said its prefill answered
         self.counters: dict[str, int] = {}
 
     # --- engine (worker) side
@@ -75,7 +80,9 @@ class ReceiveBook:
         prompt share the key and the first call's claim count). `held_chunks` leading chunks are already
         in its blocks (the decode node's own prefix cache): the producer is told not to push them."""
         with self._lock:
-            self._expected.setdefault(key, _Expected(num_tokens, token_hash, max(1, claims), held_chunks)).waiting += 1
+            exp = self._expected.setdefault(key, _Expected(num_tokens, token_hash, max(1, claims), held_chunks))
+            exp.waiting += 1
+            exp.repeated = exp.repeated or exp.waiting > exp.claims_left
 
     def held_chunks(self, key: str) -> int | None:
         """Leading chunks the expecting request already holds; None while no request expects the key."""
@@ -151,16 +158,18 @@ class ReceiveBook:
                 exp.claims_left, exp.waiting = exp.claims_left - 1, exp.waiting - 1
                 if last:
                     self._drop_locked(key)
-                    self._signs.pop(key, None)
+                    self._signs.forget(key)
             self._traces[key] = trace
             self._traces.move_to_end(key)
             while len(self._traces) > self.keep_traces:
                 self._traces.popitem(last=False)
         self.count(f"transfers_{trace['state'].lower()}")
+        # A lease after the last reader would hold slots for unclaimed_ttl_s: after a request that stopped waiting
+        # (a prefill queue behind a storm is late), or a repeated prompt (its prefill node pushes once per repeat)
         if last and trace["state"] == "EXPIRED":
-            # Its request stopped waiting and recomputes: KV leased after this would sit unclaimed for
-            # unclaimed_ttl_s, holding slots other requests need (a prefill queue behind a storm is late).
             self._ended.remember(key, f"its request stopped waiting ({trace.get('reason') or 'expired'})")
+        elif last and trace["state"] == "SCATTERED" and exp is not None and exp.repeated:
+            self._ended.remember(key, DELIVERED)
         if lease is not None:
             with self._lock:
                 self._settling.append((fence, key, lease, last, None))
@@ -196,7 +205,7 @@ class ReceiveBook:
             waits = now - self._first_alloc.setdefault(key, now) < wait_s
             if not waits:
                 self._first_alloc.pop(key, None)
-        self._stamp(self._signs, key)  # its producer reached this node: not silent, only early
+        self._signs.stamp(key)  # its producer reached this node: not silent, only early
         return waits
 
     def check_alloc(self, key: str, num_tokens: int, token_hash: str) -> str:
@@ -221,30 +230,19 @@ class ReceiveBook:
     def sign_of_life(self, key: str) -> None:
         """The producer of `key` is alive without a lease in use (the request waits in the prefill's queue,
         or for slots here): the waiting decode request's timeout restarts from now."""
-        self._stamp(self._signs, key)
+        self._signs.stamp(key)
 
     def last_sign(self, key: str) -> float:
         """When `key`'s producer last showed life without a lease in use (0 if never)."""
-        with self._lock:
-            return self._signs.get(key, 0.0)
+        return self._signs.at(key)
 
     def prefill_answered(self, transfer_id: str) -> None:
         """From the router: the prefill node answered. Its producer asks for slots before the forward, so
         from now on its silence means it cannot reach this node (or gave up unable to say so)."""
-        self._stamp(self._answered, transfer_id)
+        self._answered.stamp(transfer_id)
 
     def answered_at(self, key: str) -> float:  # when the router said so for `key`'s transfer (0: not yet)
-        with self._lock:
-            return self._answered.get(transfer_id_of(key), 0.0)
-
-    def _stamp(self, stamps: dict[str, float], key: str) -> None:
-        now = self._clock()
-        with self._lock:
-            if len(stamps) >= self.max_ended:  # bounded: the stale are forgotten, else the oldest
-                stale = [k for k, t in stamps.items() if now - t >= self.remember_s]
-                for k in stale or [next(iter(stamps))]:
-                    del stamps[k]
-            stamps[key] = now
+        return self._answered.at(transfer_id_of(key))
 
     def fail(self, key: str, reason: str) -> None:
         """The transfer cannot be delivered (its producer gave up, a chunk was wrong, its lease expired):

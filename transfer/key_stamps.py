@@ -1,0 +1,41 @@
+"""When each transfer key last showed a sign (a producer alive, the router saying the prefill answered).
+
+Bounded like the memory of ended transfers (ended_keys.py): at most `max_keys`, the stale (older than
+`remember_s`), else the oldest, forgotten first, so a flood of transfers cannot grow the consumer's memory.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable
+
+
+class KeyStamps:
+    def __init__(self, remember_s: float, max_keys: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.remember_s = remember_s
+        self.max_keys = max_keys
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._at: dict[str, float] = {}
+
+    def stamp(self, key: str) -> None:
+        now = self._clock()
+        with self._lock:
+            if len(self._at) >= self.max_keys:
+                stale = [k for k, t in self._at.items() if now - t >= self.remember_s]
+                for k in stale or [next(iter(self._at))]:
+                    del self._at[k]
+            self._at[key] = now
+
+    def at(self, key: str) -> float:
+        """When `key` was last stamped (0 if never, or forgotten)."""
+        with self._lock:
+            return self._at.get(key, 0.0)
+
+    def forget(self, key: str) -> None:
+        with self._lock:
+            self._at.pop(key, None)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._at)
