@@ -56,7 +56,7 @@ class StoreLoads:
 
     def _scatter(self, task: StoreLoadTask) -> None:
         """Scatter stored chunks into the request's blocks; from the first chunk that is gone on, report the
-        blocks as load errors so vLLM recomputes them."""
+        blocks we were to fill as load errors so vLLM recomputes them."""
         expect = self.kv.chunk_nbytes(self.blocks_per_chunk)
         loaded, bpc = 0, self.blocks_per_chunk
         for i, key in enumerate(task.keys):
@@ -71,7 +71,10 @@ class StoreLoads:
                 return data.numel()
             got = self.store.load(key, scatter, cold=False)
             if got != expect:
-                self._load_errors.update(task.block_ids[c * bpc:(task.first_chunk + len(task.keys)) * bpc])
+                # blocks before skip_blocks are vLLM's own prefix-cache hit, maybe shared with running requests:
+                # valid, so never reported (vLLM would recompute, or fail, every request that shares them)
+                first_bad = max(c * bpc, task.skip_blocks)
+                self._load_errors.update(task.block_ids[first_bad:(task.first_chunk + len(task.keys)) * bpc])
                 PROMPT_TOKENS.labels("load_failed").inc((len(task.keys) - i) * self.chunk_tokens)
                 log.warning("request %s: stored chunk %d is gone (%s); its blocks will be recomputed", task.req_id,
                             c, "missing" if got is None else f"{got} bytes, expected {expect}")

@@ -93,3 +93,17 @@ def test_a_chunk_gone_is_a_load_error_from_it_on_and_an_ended_request_is_dropped
     assert done == {"r"}
     assert torch.equal(kv.blocks[(1, 2)], chunk(0)) and errors == {3, 4, 5, 6}
     store.close()
+
+
+def test_a_load_error_never_reports_blocks_of_vllms_own_prefix_cache_hit(tmp_path):
+    """vLLM's prefix cache held the first block of chunk 0 (shared with other running requests); the store's
+    chunk 0 is gone: only the block the store was to fill is a load error."""
+    store = TieredStore([MemoryTier(1 << 20), DiskTier(tmp_path, 1 << 20)])
+    kv, errors = FakeKV(), set()
+    loads = StoreLoads(store, kv, BPC, BPC * BLOCK, errors)
+    loads.add(StoreLoadTask("r", ["gone", "gone too"], 0, [1, 2, 3, 4], 1))
+    while loads.pending:
+        loads.wait(5)
+        loads.finished()
+    assert errors == {2, 3, 4}, "block 1 is vLLM's valid cached block"
+    store.close()
