@@ -137,7 +137,10 @@ class DiskTier:
                 size = self._index.pop(key, 0)
                 self.used -= size
         else:
-            os.utime(path)
+            try:
+                os.utime(path)  # the LRU order, kept across restarts
+            except OSError:  # removed since the read (a clear, an eviction): the bytes read are whole and checked
+                pass
         return count_read(self.name, data)
 
     def _read(self, path: Path, key: str, into: Callable[[int], torch.Tensor | None] | None) -> torch.Tensor | None:

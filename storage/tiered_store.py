@@ -129,14 +129,19 @@ class TieredStore:
             if slot is not None:
                 reserved.append(slot)
             return slot.data if slot is not None else None
-        data = disk.get(key, into)
-        if data is None or not reserved:
-            for slot in reserved:  # the read failed after its slot was reserved: give the slot back
-                slot.evicted = True
-                self.memory.release(slot)
-            return data, None
-        self.memory.commit(key, reserved[0])
-        return data, reserved[0]
+        kept = False
+        try:
+            data = disk.get(key, into)
+            if data is None or not reserved:
+                return data, None
+            self.memory.commit(key, reserved[0])
+            kept = True
+            return data, reserved[0]
+        finally:
+            if not kept:  # the read failed or raised after its slot was reserved: the arena gets the slot back
+                for slot in reserved:
+                    slot.evicted = True
+                    self.memory.release(slot)
 
     def get(self, key: str) -> torch.Tensor | None:
         """A copy of a held chunk's bytes (tests, tools; the worker loads with `load`)."""

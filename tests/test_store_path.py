@@ -214,3 +214,43 @@ def test_prefetch_brings_cold_chunks_into_memory_and_a_load_waits_for_it(tmp_pat
     wait_for(lambda: fresh.memory.keys() == keys, 10, what="prefetched chunks in memory, with no load asking")
     assert HITS.labels("slowdisk")._value.get() == 6
     fresh.close()
+
+
+def test_a_chunk_file_removed_right_after_its_read_is_still_loaded(tmp_path):
+    """An admin clear (or an eviction) removes the file between the read and the touch that keeps the LRU
+    order: the bytes read are whole, so the load uses them and raises nothing."""
+    from storage.disk_tier import DiskTier
+
+    class ClearedDuringRead(DiskTier):
+        def _read(self, path, key, into):
+            data = super()._read(path, key, into)
+            path.unlink()
+            return data
+
+    disk = ClearedDuringRead(tmp_path, 1 << 20)
+    disk.put("a" * 32, chunk(seed=1))
+    store = TieredStore([MemoryTier(4 * 4096), disk])
+    assert store.load("a" * 32, lambda d: torch.equal(d, chunk(seed=1))) is True
+    assert store.memory.keys() == ["a" * 32]
+    assert store.memory._arena.free_bytes() == 3 * 4096, "one slot holds the chunk, nothing else is taken"
+    store.close()
+
+
+def test_a_disk_read_that_raises_gives_its_reserved_memory_slot_back(tmp_path):
+    """The prefetch thread reads a chunk into a reserved slot; a read that raises after the reservation must
+    not keep the slot (arena space lost for good)."""
+    from storage.disk_tier import DiskTier
+
+    class Failing(DiskTier):
+        def get(self, key, into=None):
+            into(4096)
+            raise RuntimeError("a tier bug")
+
+    disk = Failing(tmp_path, 1 << 20)
+    DiskTier.put(disk, "a" * 32, chunk(seed=1))
+    store = TieredStore([MemoryTier(4 * 4096), disk])
+    store.prefetch(["a" * 32])
+    store.wait_fetched(["a" * 32], 5)
+    assert not store.fetching(["a" * 32])
+    assert store.memory.keys() == [] and store.memory._arena.free_bytes() == 4 * 4096
+    store.close()
