@@ -53,7 +53,8 @@ class MemoryTier:
         return True
 
     def put_held(self, key: str, data: torch.Tensor) -> Slot | None:
-        """Like `put`, and the slot comes back borrowed (the caller releases it), or None if not kept."""
+        """Like `put`, and the slot comes back borrowed (the caller releases it), or None if not kept. If another
+        thread stored the key during the copy, the slot is its own copy of the bytes, freed on release."""
         src = data.reshape(-1).view(torch.uint8)
         n = src.numel()
         if n > self.capacity:
@@ -75,6 +76,9 @@ class MemoryTier:
             else:
                 slot.data.copy_(src)
             with self._lock:
+                if key in self._items:  # put or promoted by another thread during our copy: that one is kept
+                    slot.evicted = True  # and ours goes back to the arena when the caller releases it
+                    return slot
                 self._items[key] = slot
                 self.used += n
                 USED_BYTES.labels(self.name).set(self.used)

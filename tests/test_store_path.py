@@ -254,3 +254,23 @@ def test_a_disk_read_that_raises_gives_its_reserved_memory_slot_back(tmp_path):
     assert not store.fetching(["a" * 32])
     assert store.memory.keys() == [] and store.memory._arena.free_bytes() == 4 * 4096
     store.close()
+
+
+def test_a_key_put_twice_at_once_keeps_one_slot_and_frees_the_other():
+    """A put copies outside the lock; the prefetch thread may commit the same key meanwhile. The key must end
+    up in one slot, the other given back (it was held under no key, its bytes lost to the arena for good)."""
+    tier = MemoryTier(4 * 4096)
+    view = tier._arena.view
+
+    def racing_view(offset: int, nbytes: int) -> torch.Tensor:
+        tier._arena.view = view
+        assert tier.put("a", chunk(seed=1)), "the other thread's put lands during our copy"
+        return view(offset, nbytes)
+
+    tier._arena.view = racing_view
+    slot = tier.put_held("a", chunk(seed=1))
+    tier.release(slot)
+    assert tier.keys() == ["a"] and tier.used == 4096
+    assert torch.equal(tier.get("a"), chunk(seed=1))
+    tier.clear()
+    assert tier.used == 0 and tier._arena.free_bytes() == 4 * 4096, "a slot was lost"
