@@ -5,10 +5,15 @@ a TTL. A Redis that is down or slow degrades the store, never a request: every c
 socket timeout, and after a failure the tier answers "not here" at once for `retry_s` before it
 tries the server again. Batches (lookups, background writes) go in one pipelined round trip.
 Whoever can write to Redis can write any value: each carries a MAC over its key and bytes
-(framing.py), and one that fails it is a counted miss, never KV.
+(framing.py), and one that fails it is a counted miss, never KV, and is deleted: left in place it would
+still answer EXISTS, so every lookup would report the chunk held and every load would recompute it.
+Keys are prefixed with a tag of the store key, so deployments sharing one Redis (or one deployment
+after a secret rotation) never see, nor delete, each other's values.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import threading
 import time
@@ -16,24 +21,40 @@ import time
 import redis
 import torch
 
-from storage.framing import HEADER, BadChunk, check, header, parse_header
+from storage.framing import HEADER, UNKEYED, BadChunk, check, header, parse_header
 from storage.tier import BYTES_WRITTEN, ERRORS, REJECTED, count_read, timed
 
 log = logging.getLogger("kvbridge.store")
+
+# Deletes a value only while it still starts with the header that failed: an honest value written since stays.
+_DELETE_IF_UNCHANGED = """
+if redis.call('GETRANGE', KEYS[1], 0, tonumber(ARGV[2]) - 1) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+def deployment_prefix(mac_key: bytes | None) -> str:
+    """`kvbridge:chunk:<tag>:`, the tag a keyed hash of the store key (it tells nothing of the key): values
+    another deployment wrote, which fail our MAC, are not even looked at."""
+    tag = hmac.new(mac_key or UNKEYED, b"kvbridge redis key prefix", hashlib.sha256).hexdigest()[:16]
+    return f"kvbridge:chunk:{tag}:"
 
 
 class RedisTier:
     remote = True  # the store waits for its lookups only up to a budget (storage/deadline.py)
 
     def __init__(self, url: str, ttl_s: float | None = None, timeout_s: float = 0.5, retry_s: float = 2.0,
-                 prefix: str = "kvbridge:chunk:", name: str = "redis", mac_key: bytes | None = None) -> None:
+                 prefix: str | None = None, name: str = "redis", mac_key: bytes | None = None) -> None:
         self.name = name
         self._mac_key = mac_key
         self.url = url
         self.ttl_ms = int(ttl_s * 1000) if ttl_s else None
         self.retry_s = retry_s
-        self.prefix = prefix
+        self.prefix = deployment_prefix(mac_key) if prefix is None else prefix
         self._client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self._delete_if_unchanged = self._client.register_script(_DELETE_IF_UNCHANGED)
         self._down_until = 0.0
         self._lock = threading.Lock()
 
@@ -88,9 +109,18 @@ class RedisTier:
             check(self._mac_key, key, out.numpy(), tag)
         except BadChunk as e:
             REJECTED.labels(self.name).inc()
-            log.warning("redis tier %s: ignoring bad value for chunk %s: %s", self.url, key[:12], e)
+            log.warning("redis tier %s: deleting bad value for chunk %s: %s", self.url, key[:12], e)
+            self._delete_bad(key, raw)
             return count_read(self.name, None)
         return count_read(self.name, out)
+
+    def _delete_bad(self, key: str, raw: bytes) -> None:
+        """Delete a value that failed its check, unless it was replaced since the read."""
+        try:
+            self._delete_if_unchanged(keys=[self.prefix + key], args=[raw[:HEADER.size], HEADER.size])
+        except redis.RedisError as e:  # not marked down: reads work, only this delete did not (an ACL, say)
+            ERRORS.labels(self.name, "delete").inc()
+            log.warning("redis tier %s: could not delete bad value for chunk %s: %s", self.url, key[:12], e)
 
     def contains(self, keys: list[str]) -> list[bool]:
         if not keys or not self.available:
@@ -125,7 +155,7 @@ class RedisTier:
         return self._scan(remove=False)
 
     def clear(self) -> int:
-        """Unlink every chunk under the prefix: shared by every node using this Redis, so cleared for all."""
+        """Unlink every chunk under the prefix: shared by every node of this deployment, so cleared for all."""
         return self._scan(remove=True)
 
     def close(self) -> None:

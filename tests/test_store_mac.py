@@ -62,3 +62,33 @@ def test_tampered_redis_value_is_a_counted_miss(redis_url):
     assert tier.get(CHUNK_KEY) is None, "a value written by a node without the store key is not loaded"
     assert counted("kvbridge_store_rejected_total", "redis-mac") == before + 2
     client.delete(raw_key)
+
+
+def test_a_value_that_fails_its_mac_is_deleted_from_redis(redis_url):
+    """Left in place it answers EXISTS: every lookup reports the chunk held, every load misses it."""
+    prefix = "kvbridge-test:del:"
+    tier = RedisTier(redis_url, prefix=prefix, name="redis-del", mac_key=KEY)
+    RedisTier(redis_url, prefix=prefix, name="redis-rotated", mac_key=b"old secret").put(CHUNK_KEY, chunk(8))
+    assert tier.contains([CHUNK_KEY]) == [True]
+    assert tier.get(CHUNK_KEY) is None
+    assert tier.contains([CHUNK_KEY]) == [False], "the bad value is gone: the chunk is computed and stored again"
+
+    class Racing(RedisTier):
+        """An honest node rewrites the chunk between our read of the bad value and our delete."""
+        def _delete_bad(self, key, raw):
+            tier.put(key, chunk(9))
+            super()._delete_bad(key, raw)
+
+    RedisTier(redis_url, prefix=prefix, name="redis-rotated", mac_key=b"old secret").put(CHUNK_KEY, chunk(8))
+    assert Racing(redis_url, prefix=prefix, name="redis-del", mac_key=KEY).get(CHUNK_KEY) is None
+    assert torch.equal(tier.get(CHUNK_KEY), chunk(9)), "a value written since the bad read is kept"
+    tier.clear()
+
+
+def test_deployments_sharing_a_redis_do_not_see_each_others_chunks(redis_url):
+    ours = RedisTier(redis_url, name="redis-ours", mac_key=KEY)
+    theirs = RedisTier(redis_url, name="redis-theirs", mac_key=b"another deployment's key")
+    assert ours.put(CHUNK_KEY, chunk(10))
+    assert theirs.contains([CHUNK_KEY]) == [False] and theirs.get(CHUNK_KEY) is None
+    assert theirs.clear() == 0 and torch.equal(ours.get(CHUNK_KEY), chunk(10)), "their clear leaves ours"
+    assert ours.clear() == 1
