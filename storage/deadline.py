@@ -8,6 +8,7 @@ a call still running when the next one comes means the tier is stuck, and the ne
 """
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Callable, Generic, TypeVar
 
@@ -15,13 +16,15 @@ from prometheus_client import Counter
 
 from transfer.threads import start_io_thread
 
+log = logging.getLogger("kvbridge.store")
 T = TypeVar("T")
 LATE = Counter("kvbridge_store_late_answers_total", "Remote tier calls not answered within the lookup budget",
                ["tier"])
 
 
 class Deadline(Generic[T]):
-    """One background thread; `call` returns fn's result, or None when it took longer than the budget."""
+    """One background thread; `call` returns fn's result, or None when it took longer than the budget or
+    raised (logged: the thread lives on, so later calls are still answered)."""
 
     def __init__(self, name: str, budget_s: float) -> None:
         self.name = name
@@ -35,15 +38,23 @@ class Deadline(Generic[T]):
     def call(self, fn: Callable[[], T]) -> T | None:
         box: list = []  # filled with the result by the thread; a caller that gave up never reads it
         done = threading.Event()
+
+        def job() -> None:
+            try:
+                box.append(fn())
+            except Exception:  # a tier bug: this call's chunks count as missing, the next call is still made
+                log.exception("store: a %s call failed; its chunks count as not held", self.name)
+            finally:
+                done.set()
         with self._cv:
             if self._busy:
                 LATE.labels(self.name).inc()
                 return None
             self._busy = True
-            self._job = lambda: (box.append(fn()), done.set())
+            self._job = job
             self._cv.notify()
         if done.wait(self.budget_s):
-            return box[0]
+            return box[0] if box else None
         LATE.labels(self.name).inc()
         return None
 

@@ -228,3 +228,18 @@ def test_store_lookup_listener_survives_hostile_frames():
         assert client.held(client.keys(list(range(13)))) == 3
     finally:
         server.close()
+
+
+def test_a_remote_call_that_raises_leaves_later_calls_answered():
+    """A Redis client error that is not a RedisError ended the thread, and every later lookup answered
+    "not held" without asking Redis."""
+    from storage.deadline import Deadline
+
+    deadline = Deadline("raising", budget_s=5.0)
+    try:
+        t0 = time.monotonic()
+        assert deadline.call(lambda: 1 // 0) is None
+        assert time.monotonic() - t0 < 2.5, "a call that raised is answered at once, not after the budget"
+        assert deadline.call(lambda: 7) == 7
+    finally:
+        deadline.close()
