@@ -72,10 +72,10 @@ class TieredStore:
     def load(self, key: str, use: Callable[[torch.Tensor], R], cold: bool = True) -> R | None:
         """`use(bytes)` for a held chunk, hot to cold; a memory hit is used in place (no copy out), a cold
         hit is promoted. None when no tier holds it. A chunk being prefetched is waited for, up to
-        `prefetch_wait_s`, rather than read twice. `cold=False` reads memory only (a caller that let the
-        prefetch finish first, and must not read a slow tier on its own thread), unless the store has no
-        memory tier: then the cold tiers are all there is."""
-        if self._prefetcher is not None:
+        `prefetch_wait_s`, rather than read twice. `cold=False` reads memory only and waits for nothing (a
+        caller that let the prefetch finish first, on vLLM's engine thread: a chunk still on its way is a
+        miss), unless the store has no memory tier: then the cold tiers are all there is."""
+        if cold and self._prefetcher is not None:
             self._prefetcher.wait(key, self.prefetch_wait_s)  # a fetch under way ends sooner than a second read
         if self.memory is not None:
             slot = self.memory.hold(key)

@@ -4,6 +4,7 @@ tier is read only by the prefetch thread (never the engine's), and the bytes sca
 from __future__ import annotations
 
 import threading
+import time
 from types import SimpleNamespace
 
 import torch
@@ -106,4 +107,19 @@ def test_a_load_error_never_reports_blocks_of_vllms_own_prefix_cache_hit(tmp_pat
         loads.wait(5)
         loads.finished()
     assert errors == {2, 3, 4}, "block 1 is vLLM's valid cached block"
+    store.close()
+
+
+def test_a_memory_only_load_does_not_wait_for_a_fetch_in_flight(tmp_path):
+    """The engine thread scatters with cold=False: a chunk some other lookup is fetching again right then is a
+    miss (a load error, recomputed), not up to prefetch_wait_s of the engine's time per chunk."""
+    disk = GatedDisk(tmp_path, 1 << 20, name="gated-wait")
+    store = TieredStore([MemoryTier(1 << 20), disk], prefetch_wait_s=5.0)
+    disk.put("cold0", chunk(0))
+    store.prefetch(["cold0"])
+    assert store.fetching(["cold0"])
+    t0 = time.monotonic()
+    assert store.load("cold0", len, cold=False) is None
+    assert time.monotonic() - t0 < 2.5, "the engine thread waited for the fetch"
+    disk.gate.set()
     store.close()
