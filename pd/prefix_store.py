@@ -4,7 +4,8 @@ The worker seeds the key chain with the KV layout it registered (model, layers, 
 block size, cache layout, TP size) and a fingerprint of the model's weights, so a chunk is found
 only by a node whose KV bytes mean the same thing: regenerated weights under the same name do not
 read old KV back from disk or Redis. Under tensor parallelism each rank keeps its own heads'
-bytes, under the same key plus its rank.
+bytes, under the same key plus its rank, and its disk files in a folder of its own (`rank<r>` under
+`disk_path`): ranks sharing one folder counted, evicted and deleted each other's files.
 """
 from __future__ import annotations
 
@@ -53,6 +54,8 @@ def model_fingerprint(model_path: str) -> str:
 class PrefixStore:
     def __init__(self, cfg: StoreConfig, layout: KVLayout, chunk_tokens: int, model_path: str,
                  mac_key: bytes | None = None) -> None:
+        if cfg.disk_path and layout.tp_size > 1:
+            cfg = cfg.model_copy(update={"disk_path": str(Path(cfg.disk_path) / f"rank{layout.tp_rank}")})
         self.store = cfg.build(mac_key)
         identity = sorted(layout.model_dump(exclude={"tp_rank"}).items())
         self.seed = chain_seed(f"{identity}|chunk{chunk_tokens}|{model_fingerprint(model_path)}")

@@ -50,7 +50,10 @@ class DiskTier:
                 p.unlink(missing_ok=True)
                 log.warning("disk tier %s: removed %s left by a writer that did not finish", self.root, p.name)
             elif p.suffix == ".kvc":
-                st = p.stat()
+                try:
+                    st = p.stat()
+                except FileNotFoundError:  # removed since the listing (a clear, another process): not held
+                    continue
                 found.append((st.st_mtime_ns, p.stem, st.st_size))
         for _, key, size in sorted(found):
             self._index[key] = size

@@ -243,3 +243,38 @@ def test_a_remote_call_that_raises_leaves_later_calls_answered():
         assert deadline.call(lambda: 7) == 7
     finally:
         deadline.close()
+
+
+def test_a_chunk_file_gone_during_the_start_scan_does_not_stop_the_disk_tier(tmp_path):
+    """Listed, then removed before its stat (another process's eviction or clear): not held, no error."""
+    (tmp_path / "ab").mkdir()
+    (tmp_path / "ab" / f"{'ab' * 16}.kvc").symlink_to(tmp_path / "removed")
+    tier = DiskTier(tmp_path, 1 << 20)
+    assert tier.keys() == [] and tier.get("ab" * 16) is None
+
+
+def test_tp_ranks_sharing_a_disk_path_keep_their_own_files(tmp_path):
+    """Each rank's disk tier indexed every rank's files: it counted them against its budget, evicted them,
+    and removed their in-flight .part files at its start."""
+    from pd.prefix_store import PrefixStore
+    from transfer.layout import KVLayout
+
+    def rank_store(rank: int) -> PrefixStore:
+        layout = KVLayout(model_id="tiny", num_layers=1, num_kv_heads=2, kv_heads_per_rank=1, head_size=4,
+                          dtype="uint8", block_size=4, cache_layout="LBHNC", tp_size=2, tp_rank=rank)
+        cfg = StoreConfig(memory_bytes=0, disk_path=str(tmp_path), disk_bytes=3 * (4096 + 64))
+        return PrefixStore(cfg, layout, 4, "no-such-model-dir")
+
+    keys = [f"{i:032x}" for i in range(4)]
+    rank0 = rank_store(0)
+    for i, k in enumerate(keys[:2]):
+        rank0.put(k, chunk(seed=i))
+    assert rank0.store.flush(5)
+    rank1 = rank_store(1)
+    for i, k in enumerate(keys[2:]):
+        rank1.put(k, chunk(seed=10 + i))
+    assert rank1.store.flush(5)
+    assert [rank0.load(k, lambda d: d.clone()) is not None for k in keys[:2]] == [True, True]
+    assert rank1.store.tiers[0].keys() == [k + ".1" for k in keys[2:]]
+    rank0.close()
+    rank1.close()
