@@ -1,11 +1,13 @@
 """The tiered store as the worker sees it: chunk keys seeded by what the KV bytes mean.
 
 The worker seeds the key chain with the KV layout it registered (model, layers, heads, dtype,
-block size, cache layout, TP size) and a fingerprint of the model's weights, so a chunk is found
-only by a node whose KV bytes mean the same thing: regenerated weights under the same name do not
-read old KV back from disk or Redis. Under tensor parallelism each rank keeps its own heads'
-bytes, under the same key plus its rank, and its disk files in a folder of its own (`rank<r>` under
-`disk_path`): ranks sharing one folder counted, evicted and deleted each other's files.
+block size, cache layout, TP size) and a fingerprint of the model's weights (for a hub model id, its
+name and the revision vLLM was given), so a chunk is found only by a node whose KV bytes mean the same
+thing: regenerated weights under the same name do not read old KV back from disk or Redis. Under
+tensor parallelism each rank keeps its own heads' bytes, under the same key plus its rank, and its disk
+files in a folder of its own (`rank<r>` under `disk_path`): ranks sharing one folder counted, evicted
+and deleted each other's files. Pipeline parallelism is refused: every stage's layout looks the same
+(only its layer count is in it), so stages would read each other's layers as their own.
 """
 from __future__ import annotations
 
@@ -53,12 +55,17 @@ def model_fingerprint(model_path: str) -> str:
 
 class PrefixStore:
     def __init__(self, cfg: StoreConfig, layout: KVLayout, chunk_tokens: int, model_path: str,
-                 mac_key: bytes | None = None) -> None:
+                 mac_key: bytes | None = None, revision: str | None = None, pp_size: int = 1) -> None:
+        if pp_size > 1:
+            raise ValueError(f"store: pipeline parallelism (pipeline_parallel_size={pp_size}) is not supported: "
+                             "every stage would store its layers' KV under the keys of the others. Remove the "
+                             "connector's `store:` section or run with pipeline_parallel_size 1")
         if cfg.disk_path and layout.tp_size > 1:
             cfg = cfg.model_copy(update={"disk_path": str(Path(cfg.disk_path) / f"rank{layout.tp_rank}")})
         self.store = cfg.build(mac_key)
         identity = sorted(layout.model_dump(exclude={"tp_rank"}).items())
-        self.seed = chain_seed(f"{identity}|chunk{chunk_tokens}|{model_fingerprint(model_path)}")
+        weights = model_fingerprint(model_path) + (f"@{revision}" if revision else "")
+        self.seed = chain_seed(f"{identity}|chunk{chunk_tokens}|{weights}")
         self.chunk_tokens = chunk_tokens
         self._suffix = f".{layout.tp_rank}" if layout.tp_size > 1 else ""
         log.info("store ready: tiers %s", ", ".join(t.name for t in self.store.tiers))

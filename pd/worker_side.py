@@ -111,8 +111,10 @@ class WorkerSide:
                 write_margin_s=self.cfg.write_margin_s, alloc_timeout_s=self.cfg.alloc_timeout_s,
                 checksum=self.cfg.checksum, secret=self._secret, device=device))
         if self.cfg.store is not None and self.is_producer:
-            self.store = PrefixStore(self.cfg.store, layout, chunk_tokens, self.vllm_config.model_config.model,
-                                     store_key(self._secret) if self._secret is not None else None)
+            mc = self.vllm_config.model_config
+            self.store = PrefixStore(self.cfg.store, layout, chunk_tokens, mc.model,
+                                     store_key(self._secret) if self._secret is not None else None,
+                                     mc.revision, self.vllm_config.parallel_config.pipeline_parallel_size)
             self.lookup_server = LookupServer(self.store)  # loopback only: the scheduler is on this host
             self.store_loads = StoreLoads(self.store, self.kv, self.blocks_per_chunk, chunk_tokens, self._load_errors)
             if self.cfg.store.admin_port:

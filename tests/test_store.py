@@ -7,17 +7,20 @@ import subprocess
 import sys
 import time
 
+import pytest
 import redis
 import torch
 
 from launch.polling import wait_for
 from launch.redis_server import RedisServer
+from pd.prefix_store import PrefixStore
 from storage.chunk_keys import chain_seed, chunk_keys
 from storage.config import StoreConfig
 from storage.disk_tier import DiskTier
 from storage.memory_tier import MemoryTier
 from storage.redis_tier import RedisTier
 from storage.tiered_store import TieredStore
+from transfer.layout import KVLayout
 
 SEED = chain_seed("tiny|LBHNC|float32|block128|tp0/1")
 
@@ -253,17 +256,18 @@ def test_a_chunk_file_gone_during_the_start_scan_does_not_stop_the_disk_tier(tmp
     assert tier.keys() == [] and tier.get("ab" * 16) is None
 
 
+def prefix_store(cfg: StoreConfig, rank: int = 0, tp_size: int = 1, **kw) -> PrefixStore:
+    layout = KVLayout(model_id="tiny", num_layers=1, num_kv_heads=2, kv_heads_per_rank=2 // tp_size, head_size=4,
+                      dtype="uint8", block_size=4, cache_layout="LBHNC", tp_size=tp_size, tp_rank=rank)
+    return PrefixStore(cfg, layout, 4, "org/hub-model", **kw)
+
+
 def test_tp_ranks_sharing_a_disk_path_keep_their_own_files(tmp_path):
     """Each rank's disk tier indexed every rank's files: it counted them against its budget, evicted them,
     and removed their in-flight .part files at its start."""
-    from pd.prefix_store import PrefixStore
-    from transfer.layout import KVLayout
-
     def rank_store(rank: int) -> PrefixStore:
-        layout = KVLayout(model_id="tiny", num_layers=1, num_kv_heads=2, kv_heads_per_rank=1, head_size=4,
-                          dtype="uint8", block_size=4, cache_layout="LBHNC", tp_size=2, tp_rank=rank)
-        cfg = StoreConfig(memory_bytes=0, disk_path=str(tmp_path), disk_bytes=3 * (4096 + 64))
-        return PrefixStore(cfg, layout, 4, "no-such-model-dir")
+        return prefix_store(StoreConfig(memory_bytes=0, disk_path=str(tmp_path), disk_bytes=3 * (4096 + 64)),
+                            rank, tp_size=2)
 
     keys = [f"{i:032x}" for i in range(4)]
     rank0 = rank_store(0)
@@ -278,3 +282,17 @@ def test_tp_ranks_sharing_a_disk_path_keep_their_own_files(tmp_path):
     assert rank1.store.tiers[0].keys() == [k + ".1" for k in keys[2:]]
     rank0.close()
     rank1.close()
+
+
+def test_the_store_seed_names_a_hub_models_revision_and_pipeline_parallelism_is_refused():
+    """A hub model id is fingerprinted by its name: another revision's KV would be read as this one's. Under
+    pipeline parallelism every stage's layout looks alike, so stages would read each other's layers."""
+    def seed(revision: str | None) -> bytes:
+        store = prefix_store(StoreConfig(memory_bytes=4096), revision=revision)
+        store.close()
+        return store.seed
+
+    seeds = {rev: seed(rev) for rev in (None, "v1", "v2")}
+    assert len(set(seeds.values())) == 3 and seed("v1") == seeds["v1"]
+    with pytest.raises(ValueError, match="pipeline_parallel_size=2"):
+        prefix_store(StoreConfig(memory_bytes=4096), pp_size=2)
