@@ -67,13 +67,19 @@ class PrefixStore:
         weights = model_fingerprint(model_path) + (f"@{revision}" if revision else "")
         self.seed = chain_seed(f"{identity}|chunk{chunk_tokens}|{weights}")
         self.chunk_tokens = chunk_tokens
+        # a load scatters from memory: a prefix longer than memory holds would evict its own first chunks
+        self._max_held = self.store.memory.room_for(layout.chunk_bytes(chunk_tokens)) if self.store.memory else None
+        if self._max_held == 0:
+            log.warning("store: memory_bytes %d is smaller than one chunk (%d bytes): no stored prefix will be "
+                        "loaded; raise memory_bytes", cfg.memory_bytes, layout.chunk_bytes(chunk_tokens))
         self._suffix = f".{layout.tp_rank}" if layout.tp_size > 1 else ""
         log.info("store ready: tiers %s", ", ".join(t.name for t in self.store.tiers))
 
     def lookup(self, keys: list[str]) -> int:
-        """How many leading chunks are held (in any tier); those held only in cold tiers start coming into
-        memory now, so the load that follows a step later finds them there."""
-        ks = [k + self._suffix for k in keys]
+        """How many leading chunks are held (in any tier), at most as many as the memory tier holds at once;
+        those held only in cold tiers start coming into memory now, so the load that follows a step later
+        finds them there."""
+        ks = [k + self._suffix for k in keys][:self._max_held]
         held = len(self.store.lookup(ks))
         self.store.prefetch(ks[:held])
         return held

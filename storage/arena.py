@@ -16,6 +16,11 @@ import torch
 ALIGN = 64  # cache-line aligned slots: copies in and out run at full speed
 
 
+def slot_bytes(nbytes: int) -> int:
+    """The bytes a range of `nbytes` takes in the arena (aligned, never empty)."""
+    return max(ALIGN, -(-nbytes // ALIGN) * ALIGN)
+
+
 class Arena:
     """Byte ranges of one buffer, handed out and taken back; not thread-safe (the tier locks)."""
 
@@ -30,7 +35,7 @@ class Arena:
 
     def alloc(self, nbytes: int) -> int | None:
         """Offset of a free range of at least `nbytes`, or None when no free range is large enough."""
-        need = max(ALIGN, -(-nbytes // ALIGN) * ALIGN)
+        need = slot_bytes(nbytes)
         for i, (off, size) in enumerate(self._free):
             if size >= need:
                 if size == need:
@@ -42,7 +47,7 @@ class Arena:
 
     def free(self, offset: int, nbytes: int) -> None:
         """Give back a range `alloc` returned for `nbytes`; neighbours merge into one range."""
-        size = max(ALIGN, -(-nbytes // ALIGN) * ALIGN)
+        size = slot_bytes(nbytes)
         i = bisect.bisect_left(self._free, (offset, 0))
         if i < len(self._free) and self._free[i][0] == offset + size:
             size += self._free.pop(i)[1]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from storage.arena import Arena
+from storage.arena import Arena, slot_bytes
 from storage.tier import BYTES_WRITTEN, EVICTIONS, USED_BYTES, count_read, timed
 from transfer.device_fence import COMPLETED, Fence, recorder_for
 
@@ -157,6 +157,10 @@ class MemoryTier:
     def contains(self, keys: list[str]) -> list[bool]:
         with self._lock:
             return [k in self._items for k in keys]
+
+    def room_for(self, nbytes: int) -> int:
+        """How many chunks of `nbytes` the tier can hold at once: a load needs all of its chunks in memory."""
+        return self.capacity // slot_bytes(nbytes)
 
     def keys(self) -> list[str]:
         """Least recently used first."""

@@ -9,11 +9,14 @@ from types import SimpleNamespace
 
 import torch
 
+from pd.prefix_store import PrefixStore
 from pd.step_metadata import StoreLoadTask
 from pd.store_loads import StoreLoads
+from storage.config import StoreConfig
 from storage.disk_tier import DiskTier
 from storage.memory_tier import MemoryTier
 from storage.tiered_store import TieredStore
+from transfer.layout import KVLayout
 
 BLOCK, BPC = 4, 2            # 2 blocks of 4 tokens per chunk
 CHUNK_BYTES = 4096
@@ -122,4 +125,29 @@ def test_a_memory_only_load_does_not_wait_for_a_fetch_in_flight(tmp_path):
     assert store.load("cold0", len, cold=False) is None
     assert time.monotonic() - t0 < 2.5, "the engine thread waited for the fetch"
     disk.gate.set()
+    store.close()
+
+
+def test_a_lookup_reports_held_no_more_chunks_than_memory_holds_at_once(tmp_path):
+    """Four chunks on disk, room for two in memory: fetching chunks 2 and 3 evicted chunks 0 and 1, so the load
+    failed from chunk 0 on and the whole prefix was recomputed after waiting for every disk read."""
+    layout = KVLayout(model_id="tiny", num_layers=1, num_kv_heads=1, kv_heads_per_rank=1, head_size=256,
+                      dtype="uint8", block_size=BLOCK, cache_layout="LBHNC")
+    assert layout.chunk_bytes(BPC * BLOCK) == CHUNK_BYTES
+    cfg = StoreConfig(memory_bytes=2 * CHUNK_BYTES, disk_path=str(tmp_path), disk_bytes="1MiB")
+    store = PrefixStore(cfg, layout, BPC * BLOCK, "org/hub-model")
+    keys = [f"{i:032x}" for i in range(4)]
+    for i, k in enumerate(keys):
+        store.put(k, chunk(i))
+        assert store.store.flush(5)
+    store.store.memory.clear()
+    held = store.lookup(keys)
+    assert held == 2
+    kv, errors = FakeKV(), set()
+    loads = StoreLoads(store, kv, BPC, BPC * BLOCK, errors)
+    loads.add(StoreLoadTask("r", keys[:held], 0, list(range(2 * held)), 0))
+    while loads.pending:
+        loads.wait(5)
+        loads.finished()
+    assert not errors and [torch.equal(kv.blocks[(2 * i, 2 * i + 1)], chunk(i)) for i in range(held)] == [True] * 2
     store.close()
