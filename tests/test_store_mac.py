@@ -86,7 +86,7 @@ def test_a_value_that_fails_its_mac_is_deleted_from_redis(redis_url):
 
 
 def test_deployments_sharing_a_redis_do_not_see_each_others_chunks(redis_url):
-    ours = RedisTier(redis_url, name="redis-ours", mac_key=KEY)
+    ours = RedisTier(redis_url, name="redis-ours", mac_key=b"this test's deployment key")
     theirs = RedisTier(redis_url, name="redis-theirs", mac_key=b"another deployment's key")
     assert ours.put(CHUNK_KEY, chunk(10))
     assert theirs.contains([CHUNK_KEY]) == [False] and theirs.get(CHUNK_KEY) is None
