@@ -3,10 +3,11 @@ remembered cancels and failures, traces, and the control plane's seen-nonce tabl
 from __future__ import annotations
 
 from transfer import wire
+from transfer.ended_keys import EndedKeys
 from transfer.layout import KVLayout
 from transfer.notice import ChunkNotice
 from transfer.producer_registry import ProducerRegistry
-from transfer.receive_book import DELIVERED, ReceiveBook
+from transfer.receive_book import DELIVERED, Arrival, ReceiveBook
 from transfer.slot_pool import SlotPool
 
 LAYOUT = KVLayout(model_id="m", num_layers=2, num_kv_heads=2, kv_heads_per_rank=2, head_size=32, dtype="float32",
@@ -144,6 +145,25 @@ def test_the_same_prompt_twice_in_one_request_is_read_by_both_engine_requests():
     assert pool.live("t/h") is None and pool.stats().free == 4 and book._expected == {}
     # its prefill node pushes the prompt once per repeat: the late second push is ended, not leased for nobody
     assert book.check_alloc("t/h", 10, "h") == DELIVERED
-    book.expect("u/h", 10, "h")  # a prompt read by one request: a later push of it is let in (a new attempt)
-    book.finish("u/h", None, {"state": "SCATTERED", "reason": "", "ms": {}})
-    assert book.check_alloc("u/h", 10, "h") == ""
+    book.expect("t/h", 10, "h")  # a repeat scheduled after the others read it: ended at once, it recomputes
+    assert book.status("t/h") == (Arrival.ENDED, DELIVERED)
+    book.expect("v/h", 10, "h")  # a request that ended otherwise (preempted): a new attempt's push is let in
+    book.finish("v/h", None, {"state": "ABORTED", "reason": "preempted", "ms": {}})
+    assert book.check_alloc("v/h", 10, "h") == ""
+
+
+def test_remembered_transfers_are_forgotten_from_the_front_when_expired_or_at_the_bound():
+    """Every delivered transfer is remembered (a late push of it is refused), so an insert must not scan the whole
+    memory: keys expire in the order they came, and the oldest go first at the bound."""
+    now = [0.0]
+    ended = EndedKeys(remember_s=10, max_ended=1000, clock=lambda: now[0])
+    for i in range(1000):
+        now[0] = i * 0.001
+        ended.remember(f"k{i}", "done")
+    now[0] = 5.0
+    ended.remember("fresh", "done")  # at the bound: k0 goes, the rest stay
+    assert len(ended) == 1000 and ended.reason("k0") == "" and ended.reason("k1") == "done"
+    now[0] = 10.0025  # k1 and k2 expired by now: dropped as the next key comes, below the bound
+    ended.remember("fresh-2", "done")
+    assert len(ended) == 999 and ended.reason("k2") == "" and ended.reason("k3") == "done"
+    assert ended.reason("fresh") == "done"

@@ -30,10 +30,13 @@ class EndedKeys:
             if old is not None and old[1] > now:
                 return  # the first reason stands
             self._ended.pop(key, None)
-            if len(self._ended) >= self.max_ended:
-                self._ended = {k: v for k, v in self._ended.items() if v[1] > now}
-            while len(self._ended) >= self.max_ended:
-                del self._ended[next(iter(self._ended))]
+            # Every key is kept remember_s, so insertion order is expiry order: the expired, then (at the bound)
+            # the oldest, are at the front. O(1) a call: every delivered transfer is remembered here.
+            while self._ended:
+                first = next(iter(self._ended))
+                if self._ended[first][1] > now and len(self._ended) < self.max_ended:
+                    break
+                del self._ended[first]
             self._ended[key] = (reason, now + self.remember_s)
 
     def reason(self, key: str) -> str:

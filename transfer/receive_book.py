@@ -49,7 +49,6 @@ class _Expected:
     claims_left: int
     held_chunks: int  # leading chunks the decode node computed itself (its prefix cache): not to be pushed
     waiting: int = 0  # requests that called expect and not finish yet (fewer than claims_left when some never come)
-    repeated: bool = False  # more requests expect it than it has claims: the same prompt twice in one request
 
 
 class ReceiveBook:
@@ -80,9 +79,7 @@ class ReceiveBook:
         prompt share the key and the first call's claim count). `held_chunks` leading chunks are already
         in its blocks (the decode node's own prefix cache): the producer is told not to push them."""
         with self._lock:
-            exp = self._expected.setdefault(key, _Expected(num_tokens, token_hash, max(1, claims), held_chunks))
-            exp.waiting += 1
-            exp.repeated = exp.repeated or exp.waiting > exp.claims_left
+            self._expected.setdefault(key, _Expected(num_tokens, token_hash, max(1, claims), held_chunks)).waiting += 1
 
     def held_chunks(self, key: str) -> int | None:
         """Leading chunks the expecting request already holds; None while no request expects the key."""
@@ -165,10 +162,11 @@ class ReceiveBook:
                 self._traces.popitem(last=False)
         self.count(f"transfers_{trace['state'].lower()}")
         # A lease after the last reader would hold slots for unclaimed_ttl_s: after a request that stopped waiting
-        # (a prefill queue behind a storm is late), or a repeated prompt (its prefill node pushes once per repeat)
+        # (a prefill queue behind a storm is late), or a delivered one (a prompt repeated in one request is pushed
+        # once per repeat; a repeat scheduled after the others read it recomputes at once instead of waiting)
         if last and trace["state"] == "EXPIRED":
             self._ended.remember(key, f"its request stopped waiting ({trace.get('reason') or 'expired'})")
-        elif last and trace["state"] == "SCATTERED" and exp is not None and exp.repeated:
+        elif last and trace["state"] == "SCATTERED":
             self._ended.remember(key, DELIVERED)
         if lease is not None:
             with self._lock:
