@@ -12,6 +12,7 @@ import re
 import sys
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -22,7 +23,8 @@ from transfer.credentials import CredentialError, require_secret
 
 KV_ROLE = {"prefill": "kv_producer", "decode": "kv_consumer", "both": "kv_both"}
 KV_TRANSFER_FLAG = "--kv-transfer-config"
-SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|API_?KEY|PRIVATE_KEY|CREDENTIAL", re.IGNORECASE)
+# whole words of the name: HF_TOKEN and MY_SECRET are secrets, TOKENIZERS_PARALLELISM is not
+SECRET_NAME = re.compile(r"(^|_)(SECRET|TOKEN|PASSWORD|PASSWD|API_?KEY|PRIVATE_KEY)(_|$)", re.IGNORECASE)
 
 
 def no_secret_in_env(env: dict[str, str]) -> dict[str, str]:
@@ -168,18 +170,28 @@ class DeploymentConfig(BaseModel):
         return role
 
 
+def _reaches(target: str, listen: str) -> bool:
+    """Whether host:port `target` (a URL's or a kv_address) can be the listener `listen` (host:port): the same
+    port, and the same host, any host for a wildcard listener, or loopback names for a loopback one."""
+    (t_host, _, t_port), (l_host, _, l_port) = target.rpartition(":"), listen.rpartition(":")
+    if t_port != l_port:
+        return False
+    loopback = {t_host, l_host} <= {"localhost", "127.0.0.1", "::1", "[::1]"}
+    return t_host == l_host or l_host in ("0.0.0.0", "::", "[::]") or loopback
+
+
 def router_mismatches(router: RouterConfig, prefill: list[RoleConfig], decode: list[RoleConfig]) -> list[str]:
-    """How the router's instance lists differ from the roles' own addresses (empty when they agree)."""
+    """How the router's instance lists differ from the roles' own listeners (empty when they agree)."""
     out = []
     for kind, roles, insts in (("prefill", prefill, router.prefill), ("decode", decode, router.decode)):
-        want = {r.name: (r.url, r.kv_address if kind == "decode" else None) for r in roles}
-        have = {i.name: (i.url.rstrip("/"), getattr(i, "kv_address", None)) for i in insts}
+        want = {r.name: (f"{r.host}:{r.port}", r.kv_address if kind == "decode" else None) for r in roles}
+        have = {i.name: (urlsplit(i.url).netloc, getattr(i, "kv_address", None)) for i in insts}
         out += [f"{kind} {n}: in the graph, not in the router file" for n in sorted(want.keys() - have.keys())]
         out += [f"{kind} {n}: in the router file, not in the graph" for n in sorted(have.keys() - want.keys())]
         for n in sorted(want.keys() & have.keys()):
-            if want[n][0] != have[n][0]:
+            if not _reaches(have[n][0], want[n][0]):
                 out.append(f"{kind} {n}: the router sends to {have[n][0]}, the role serves {want[n][0]}")
-            if want[n][1] != have[n][1]:
+            if want[n][1] is not None and not _reaches(have[n][1], want[n][1]):
                 out.append(f"{kind} {n}: the router's kv_address is {have[n][1]}, the role listens on {want[n][1]}")
     return out
 

@@ -52,7 +52,8 @@ class Supervisor:
 
     def __enter__(self) -> Supervisor:
         for sig in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, lambda signum, _: sys.exit(128 + signum))
+            if signal.getsignal(sig) is not signal.SIG_IGN:  # `nohup kvbridge up`: logging out must stop nothing
+                signal.signal(sig, lambda signum, _: sys.exit(128 + signum))
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -8,6 +8,7 @@ backends works without learning the key.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import os
 from pathlib import Path
 from typing import Awaitable, Callable
@@ -76,9 +77,24 @@ def access_middleware(key: str | None, bind_host: str) -> Callable | None:
             if (admin or request.path.startswith("/v1/")) and not bearer_matches(request.headers, key):
                 return APIError(401, "missing or wrong API key (send Authorization: Bearer <key>)",
                                 code="invalid_api_key").response()
-        elif admin and not is_loopback(request.remote or "", resolve=False):
+        elif admin and not _on_this_host(request):
             return APIError(403, f"/{request.path.split('/')[1]} answers clients on the router's host only while the "
                             "router has no API key: set api_key_env or api_key_file to manage it from elsewhere",
                             code="forbidden").response()
         return await handler(request)
     return check
+
+
+def _on_this_host(request: web.Request) -> bool:
+    """A loopback client (IPv4-mapped too, as a dual-stack listener reports it), or one that connected from the
+    address it reached the router at: a client on the router's host using its routable address (a multi-host
+    graph's demo does, from the router's own network namespace)."""
+    peer = request.remote or ""
+    try:
+        ip = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    if ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback):
+        return True
+    local = request.transport.get_extra_info("sockname") if request.transport is not None else None
+    return bool(local) and local[0] == peer

@@ -69,7 +69,7 @@ async def drain(proxy: Proxy, name: str, wait: bool) -> dict:
         b.draining = True
         log.info("%s %s draining (%d in flight)", b.kind, b.name, b.outstanding)
     if wait:
-        if b.removal is None:
+        if b.removal is None or (b.removal.done() and (b.removal.cancelled() or b.removal.exception())):  # retried
             b.removal = asyncio.create_task(_remove_when_idle(proxy, b))
         await asyncio.shield(b.removal)
     return {"name": b.name, "kind": b.kind, "outstanding": b.outstanding,

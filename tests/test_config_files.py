@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from launch.role_config import load_config
-from transfer.config_errors import ConfigError
+from transfer.config_errors import ConfigError, load_yaml
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 DECODE = "role: decode\nname: d0\nmodel: m\nserved_model_name: m\nport: 8200\n"
@@ -52,8 +52,15 @@ def test_a_secret_in_a_deployments_env_is_refused(tmp_path):
 
 
 def test_ordinary_environment_settings_are_kept(tmp_path):
-    role = load_config(write(tmp_path, DECODE + "env:\n  HF_HOME: /models\n  VLLM_CPU_KVCACHE_SPACE: '1'\n"))
-    assert role.env == {"HF_HOME": "/models", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env = {"HF_HOME": "/models", "TOKENIZERS_PARALLELISM": "false", "GOOGLE_APPLICATION_CREDENTIALS": "/k.json"}
+    role = load_config(write(tmp_path, DECODE + "env:\n" + "".join(f"  {k}: '{v}'\n" for k, v in env.items())))
+    assert role.env == env
+
+
+def test_yaml_merge_keys_still_work_and_may_be_overridden(tmp_path):
+    """`<<: *anchor` brings keys in that the file may then set again: not a key given twice."""
+    path = write(tmp_path, "base: &b {a: 1, b: 2}\nmerged:\n  <<: *b\n  b: 3\n", "anchors.yaml")
+    assert load_yaml(path)["merged"] == {"a": 1, "b": 3}
 
 
 def graph_copy(tmp_path):
@@ -70,7 +77,7 @@ def test_the_shipped_graph_describes_one_deployment(tmp_path):
 
 @pytest.mark.parametrize("file, old, new, said", [
     ("decode.yaml", "port: 8200", "port: 8201",
-     "decode decode-0: the router sends to http://127.0.0.1:8200, the role serves http://127.0.0.1:8201"),
+     "decode decode-0: the router sends to 127.0.0.1:8200, the role serves 127.0.0.1:8201"),
     ("decode.yaml", "listen_port: 5600", "listen_port: 5601",
      "decode decode-0: the router's kv_address is 127.0.0.1:5600, the role listens on 127.0.0.1:5601"),
     ("prefill.yaml", "name: prefill-0", "name: prefill-9", "prefill prefill-9: in the graph, not in the router file"),
@@ -105,3 +112,14 @@ def test_a_file_without_a_role_is_refused_saying_which_roles_there_are(tmp_path)
     router = (CONFIGS / "router.yaml").read_text().replace("role: router\n", "")
     with pytest.raises(ConfigError, match="router.yaml: role: missing; one of .*router, deployment"):
         load_config(write(tmp_path, router, "router.yaml"))
+
+
+@pytest.mark.parametrize("router_host, role_host", [("localhost", "127.0.0.1"), ("127.0.0.1", "0.0.0.0")])
+def test_a_router_reaching_a_role_by_another_name_for_its_listener_is_accepted(tmp_path, router_host, role_host):
+    path = graph_copy(tmp_path)
+    (tmp_path / "router.yaml").write_text((tmp_path / "router.yaml").read_text().replace(
+        "http://127.0.0.1:8200", f"http://{router_host}:8200"))
+    decode = (tmp_path / "decode.yaml").read_text()
+    (tmp_path / "decode.yaml").write_text(decode.replace("host: 127.0.0.1", f"host: {role_host}", 1)
+                                          if "host: 127.0.0.1" in decode else decode + f"host: {role_host}\n")
+    load_config(path).load()

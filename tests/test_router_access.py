@@ -11,9 +11,11 @@ from aiohttp.test_utils import make_mocked_request
 from router.auth import access_middleware
 
 
-def from_peer(method: str, path: str, peer: str, key: str | None = None) -> web.Request:
+def from_peer(method: str, path: str, peer: str, key: str | None = None, local: str = "10.9.9.9") -> web.Request:
+    """A request from `peer` that reached the router at its address `local`."""
     transport = mock.Mock()
-    transport.get_extra_info.side_effect = lambda name, default=None: (peer, 40000) if name == "peername" else default
+    extra = {"peername": (peer, 40000), "sockname": (local, 8000)}
+    transport.get_extra_info.side_effect = lambda name, default=None: extra.get(name, default)
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     return make_mocked_request(method, path, headers=headers, transport=transport)
 
@@ -57,3 +59,12 @@ async def test_a_router_on_loopback_without_a_key_checks_nothing():
 async def test_the_refusal_says_how_to_manage_the_router_from_elsewhere():
     r = await access_middleware(None, "0.0.0.0")(from_peer("POST", "/admin/nodes", "10.1.2.3"), answered)
     assert "api_key_env" in r.text and "/admin" in r.text
+
+
+async def test_without_a_key_a_client_on_the_routers_host_may_use_its_routable_address():
+    """The peer's address is the router's own (a multi-host graph's demo runs in the router's namespace), or a
+    dual-stack listener reports a loopback client IPv4-mapped."""
+    access = access_middleware(None, "0.0.0.0")
+    assert await status(access, from_peer("GET", "/debug/requests/r1", "198.18.0.3", local="198.18.0.3")) == 200
+    assert await status(access, from_peer("GET", "/debug/requests/r1", "::ffff:127.0.0.1", local="::")) == 200
+    assert await status(access, from_peer("GET", "/debug/requests/r1", "198.18.0.4", local="198.18.0.3")) == 403

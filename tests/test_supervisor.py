@@ -61,3 +61,20 @@ def test_kvbridge_up_ends_a_failed_start_with_what_happened_not_a_traceback(monk
     with pytest.raises(SystemExit) as e:
         main(["up", "configs/deployment.yaml", "--log-dir", "/tmp/kvb-logs"])
     assert str(e.value) == f"kvbridge up configs/deployment.yaml: {error} (role logs in /tmp/kvb-logs)"
+
+
+def test_a_launcher_started_under_nohup_survives_its_session_ending(tmp_path):
+    """nohup sets SIGHUP to ignore: a logout must not stop the deployment it was asked to keep running."""
+    launcher = subprocess.Popen(["nohup", sys.executable, "-c", LAUNCHER, str(tmp_path)], stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True,
+                                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    child = int(launcher.stdout.readline())
+    try:
+        launcher.send_signal(signal.SIGHUP)
+        with pytest.raises(subprocess.TimeoutExpired):
+            launcher.wait(1)
+        assert alive(child)
+    finally:
+        launcher.terminate()
+        assert launcher.wait(30) == 128 + signal.SIGTERM
+        wait_for(lambda: not alive(child), 10, 0.05, "the launcher's child stopped")

@@ -27,6 +27,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: dict[object, int] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: keys it brings may be overridden
+                continue
             key = self.construct_object(key_node, deep=deep)
             try:
                 first = seen.get(key)
