@@ -7,7 +7,8 @@ content keys, so a put of a key already held only refreshes its place in the LRU
 
 Readers borrow a slot (`hold` ... `release`): the background writer copies it to disk or Redis, a
 load scatters it into the KV cache, both without a copy out. A slot evicted while borrowed goes back to
-the arena when its last borrower releases it, so its bytes never change under a reader.
+the arena when its last borrower releases it, so its bytes never change under a reader; one whose device
+copy is still running goes back once it is done (else that copy could land in a chunk put there since).
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ class MemoryTier:
         self.used = 0
         self._arena = Arena(capacity_bytes, pin=torch.cuda.is_available())
         self._items: OrderedDict[str, Slot] = OrderedDict()
+        self._landing: list[Slot] = []  # evicted and unborrowed, a device copy still landing in them
         self._lock = threading.Lock()
 
     def put(self, key: str, data: torch.Tensor) -> bool:
@@ -105,10 +107,15 @@ class MemoryTier:
     def _make_room(self, n: int) -> int | None:
         """Evict least recently used chunks that nobody borrows until `n` bytes fit in one range (lock
         held); None, evicting nothing, when even that could not free enough (the writer holds the rest)."""
+        if self._landing:
+            landed = [s for s in self._landing if s.fence.done()]
+            self._landing = [s for s in self._landing if not s.fence.done()]
+            for s in landed:
+                self._arena.free(s.offset, s.nbytes)
         offset = self._arena.alloc(n)
         if offset is not None:
             return offset
-        idle = [k for k, s in self._items.items() if s.refs == 0]
+        idle = [k for k, s in self._items.items() if s.refs == 0 and s.fence.done()]
         if self._arena.free_bytes() + sum(self._items[k].nbytes for k in idle) < n:
             return None
         for key in idle:
@@ -124,7 +131,13 @@ class MemoryTier:
         USED_BYTES.labels(self.name).set(self.used)
         slot.evicted = True
         if slot.refs == 0:
+            self._free_locked(slot)
+
+    def _free_locked(self, slot: Slot) -> None:
+        if slot.fence.done():
             self._arena.free(slot.offset, slot.nbytes)
+        else:
+            self._landing.append(slot)
 
     def hold(self, key: str) -> Slot | None:
         """Borrow a held chunk whose bytes are ready (a still-running device copy counts as a miss)."""
@@ -142,7 +155,7 @@ class MemoryTier:
         with self._lock:
             slot.refs -= 1
             if slot.refs == 0 and slot.evicted:
-                self._arena.free(slot.offset, slot.nbytes)
+                self._free_locked(slot)
 
     def get(self, key: str) -> torch.Tensor | None:
         """A copy of the chunk's bytes (loads borrow the slot instead, see `hold`)."""
