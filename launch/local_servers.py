@@ -64,6 +64,11 @@ def _tp_size(vllm_args: Sequence[str]) -> int:
     return 1
 
 
+def _cpu_env(role: str) -> dict[str, str]:
+    return {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "1",
+            "VLLM_CPU_OMP_THREADS_BIND": "1" if role == "decode" else "0"}
+
+
 def start_vllm(name: str, role: Literal["prefill", "decode", "both", "aggregated"] = "aggregated",
                connector: dict | None = None, *, policy: Literal["recompute", "fail"] | None = None,
                model: Path = MODEL_DIR, max_model_len: int = 2048, env: dict[str, str] | None = None,
@@ -71,20 +76,20 @@ def start_vllm(name: str, role: Literal["prefill", "decode", "both", "aggregated
     """Start (without waiting for) one vLLM server on a free port, its log in LOG_DIR/<name>.log; start
     several, then wait_ready() each, and they load in parallel. `connector` is kvbridge's connector
     settings (the decode and both roles also get a free handshake port; instance_id is `name`);
-    role aggregated runs no kvbridge connector, and `vllm_args` may give it another one."""
+    role aggregated runs no kvbridge connector, and `vllm_args` may give it another one. `env` is the process's
+    (secrets included), never written into the role file."""
     data: dict = {
         "role": role, "name": name, "model": str(model), "served_model_name": SERVED_MODEL, "port": free_port(),
         "vllm_args": ["--enforce-eager", "--dtype", "float32", "--max-model-len", str(max_model_len),
                       "--max-num-seqs", "32", *vllm_args],
-        "env": {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "1",
-                "VLLM_CPU_OMP_THREADS_BIND": "1" if role == "decode" else "0", **(env or {})}}
+        "env": {k: v for k, v in _cpu_env(role).items() if k not in (env or {})}}  # the caller's own settings win
     if role != "aggregated" or connector is not None:
         data["connector"] = dict(connector or {})
         if role in ("decode", "both"):
             data["connector"].setdefault("listen_port", free_port(span=_tp_size(vllm_args)))
     if policy is not None:
         data["load_failure_policy"] = policy
-    server = VllmServer(RoleConfig.model_validate(data), LOG_DIR)
+    server = VllmServer(RoleConfig.model_validate(data), LOG_DIR, env=env)  # `env` may hold secrets: not the file's
     server.start()
     return server
 
