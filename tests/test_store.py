@@ -46,49 +46,6 @@ def test_keys_chain_over_the_prefix_and_ignore_hash_seed():
         assert out.split(",") == keys
 
 
-def test_memory_tier_roundtrip_capacity_lru():
-    tier = MemoryTier(10 * 4096)
-    src = chunk()
-    assert tier.put("a", src) and torch.equal(tier.get("a"), src)
-    src[0] ^= 1
-    assert not torch.equal(tier.get("a"), src), "the tier keeps its own copy"
-    rng = random.Random(1)
-    for i in range(100):
-        tier.put(f"k{i}", chunk(rng.choice([1024, 4096, 8192]), i))
-        assert tier.used <= tier.capacity
-    tier = MemoryTier(3 * 4096)
-    for k in "abc":
-        tier.put(k, chunk())
-    tier.get("a")
-    tier.put("d", chunk())
-    assert tier.keys() == ["c", "a", "d"], "b was least recently used"
-    assert not tier.put("huge", chunk(4 * 4096)) and tier.get("huge") is None
-
-
-class Landing:
-    """A device copy into a slot that has not finished yet (a CUDA event not reached)."""
-
-    def __init__(self) -> None:
-        self.landed = False
-
-    def done(self) -> bool:
-        return self.landed
-
-
-def test_a_slot_whose_device_copy_still_runs_is_not_reused_until_it_is_done():
-    """Evicted or cleared while its non-blocking copy from the GPU is on its way, its range must not hold another
-    chunk: that copy would land in it."""
-    tier = MemoryTier(4096)
-    slot = tier.put_held("a", chunk(4096, 1))
-    slot.fence = copy = Landing()
-    tier.release(slot)
-    assert not tier.put("b", chunk(4096, 2)), "evicting a copy still landing"
-    tier.clear()
-    assert not tier.put("b", chunk(4096, 2)), "a cleared slot reused while its copy lands"
-    copy.landed = True
-    assert tier.put("b", chunk(4096, 2)) and torch.equal(tier.get("b"), chunk(4096, 2))
-
-
 def test_disk_tier_roundtrip_capacity_lru_and_restart(tmp_path):
     tier = DiskTier(tmp_path, 3 * (4096 + 64))
     data = {k: chunk(seed=i) for i, k in enumerate(["a" * 32, "b" * 32, "c" * 32])}
