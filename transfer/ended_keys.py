@@ -1,4 +1,4 @@
-"""The consumer's memory of transfers that ended (failed, cancelled, their request stopped waiting).
+"""The consumer's memory of transfers that ended (delivered, failed, cancelled, their request stopped waiting).
 
 Kept for `remember_s` so a request scheduled after the end, or a producer asking late, is answered at
 once; at most `max_ended` keys (the expired, else the oldest, are forgotten first), so a flood of cancels
@@ -8,9 +8,22 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable
+from typing import Callable, TypeVar
 
 from transfer.identity import transfer_id_of
+
+V = TypeVar("V")
+
+
+def drop_front(entries: dict[str, V], max_entries: int, expired: Callable[[V], bool]) -> None:
+    """Make room for one more entry in `entries`, kept in the order they expire (each for the same time, a key
+    given again moved to the end): the expired, then while at the bound the oldest, go from the front. O(1) a
+    call, amortised: every delivered transfer and every sign of life passes through here."""
+    while entries:
+        first = next(iter(entries))
+        if not expired(entries[first]) and len(entries) < max_entries:
+            return
+        del entries[first]
 
 
 class EndedKeys:
@@ -30,13 +43,7 @@ class EndedKeys:
             if old is not None and old[1] > now:
                 return  # the first reason stands
             self._ended.pop(key, None)
-            # Every key is kept remember_s, so insertion order is expiry order: the expired, then (at the bound)
-            # the oldest, are at the front. O(1) a call: every delivered transfer is remembered here.
-            while self._ended:
-                first = next(iter(self._ended))
-                if self._ended[first][1] > now and len(self._ended) < self.max_ended:
-                    break
-                del self._ended[first]
+            drop_front(self._ended, self.max_ended, lambda v: v[1] <= now)
             self._ended[key] = (reason, now + self.remember_s)
 
     def reason(self, key: str) -> str:

@@ -9,6 +9,8 @@ import threading
 import time
 from typing import Callable
 
+from transfer.ended_keys import drop_front
+
 
 class KeyStamps:
     def __init__(self, remember_s: float, max_keys: int, clock: Callable[[], float] = time.monotonic) -> None:
@@ -21,10 +23,8 @@ class KeyStamps:
     def stamp(self, key: str) -> None:
         now = self._clock()
         with self._lock:
-            if len(self._at) >= self.max_keys:
-                stale = [k for k, t in self._at.items() if now - t >= self.remember_s]
-                for k in stale or [next(iter(self._at))]:
-                    del self._at[k]
+            self._at.pop(key, None)  # to the end: the dict stays in stamp order
+            drop_front(self._at, self.max_keys, lambda t: now - t >= self.remember_s)
             self._at[key] = now
 
     def at(self, key: str) -> float:
