@@ -5,11 +5,16 @@ A lookup runs on vLLM's scheduler path: it must answer in milliseconds even whil
 timeout on every retry. So the call runs on its own thread and the caller waits at most `budget_s`;
 a call still running when the next one comes means the tier is stuck, and the next one answers
 "no answer" at once instead of queueing behind it.
+
+A call that raises is logged with its stack the first time its error is seen and then at most once a
+`REPEAT_LOG_S`, with how many times it recurred since: a tier that fails the same way on every lookup
+(a wrong password, a renamed command) would otherwise write a stack per scheduler step.
 """
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Callable, Generic, TypeVar
 
 from prometheus_client import Counter
@@ -20,15 +25,20 @@ log = logging.getLogger("kvbridge.store")
 T = TypeVar("T")
 LATE = Counter("kvbridge_store_late_answers_total", "Remote tier calls not answered within the lookup budget",
                ["tier"])
+FAILED = Counter("kvbridge_store_failed_calls_total", "Remote tier calls that raised (their chunks count as not held)",
+                 ["tier"])
+REPEAT_LOG_S = 60.0
 
 
 class Deadline(Generic[T]):
     """One background thread; `call` returns fn's result, or None when it took longer than the budget or
     raised (logged: the thread lives on, so later calls are still answered)."""
 
-    def __init__(self, name: str, budget_s: float) -> None:
+    def __init__(self, name: str, budget_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.name = name
         self.budget_s = budget_s
+        self._clock = clock
+        self._logged: dict[str, tuple[float, int]] = {}  # error -> (when its stack was last logged, repeats since)
         self._cv = threading.Condition()
         self._job: Callable[[], object] | None = None
         self._busy = False
@@ -42,8 +52,8 @@ class Deadline(Generic[T]):
         def job() -> None:
             try:
                 box.append(fn())
-            except Exception:  # a tier bug: this call's chunks count as missing, the next call is still made
-                log.exception("store: a %s call failed; its chunks count as not held", self.name)
+            except Exception as e:  # a tier bug: this call's chunks count as missing, the next call is still made
+                self._log_failure(e)
             finally:
                 done.set()
         with self._cv:
@@ -57,6 +67,19 @@ class Deadline(Generic[T]):
             return box[0] if box else None
         LATE.labels(self.name).inc()
         return None
+
+    def _log_failure(self, e: Exception) -> None:
+        FAILED.labels(self.name).inc()
+        error, now = f"{type(e).__name__}: {e}", self._clock()
+        last, repeats = self._logged.get(error, (None, 0))
+        if last is not None and now - last < REPEAT_LOG_S:
+            self._logged[error] = (last, repeats + 1)
+            return
+        if len(self._logged) >= 64:  # bounded: errors that carry ever-changing text are not kept for good
+            self._logged.clear()
+        self._logged[error] = (now, 0)
+        since = f" (it failed so {repeats} more times since it was last logged)" if repeats else ""
+        log.error("store: a %s call failed; its chunks count as not held%s", self.name, since, exc_info=e)
 
     def _run(self) -> None:
         while True:
