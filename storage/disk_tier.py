@@ -166,8 +166,14 @@ class DiskTier:
             return None
 
     def contains(self, keys: list[str]) -> list[bool]:
+        """Which keys are held; a held key counts as used, as in the memory tier (in this process's order;
+        only a read touches the file's mtime, the order a restart rebuilds)."""
         with self._lock:
-            return [k in self._index for k in keys]
+            held = [k in self._index for k in keys]
+            for k, h in zip(keys, held):
+                if h:
+                    self._index.move_to_end(k)
+            return held
 
     def keys(self) -> list[str]:
         """Least recently used first."""

@@ -168,8 +168,14 @@ class MemoryTier:
             self.release(slot)
 
     def contains(self, keys: list[str]) -> list[bool]:
+        """Which keys are held; a held key counts as used (LRU): a prefix vLLM keeps in its own cache is
+        found by every lookup but never loaded, and must not age out of the store while it is that hot."""
         with self._lock:
-            return [k in self._items for k in keys]
+            held = [k in self._items for k in keys]
+            for k, h in zip(keys, held):
+                if h:
+                    self._items.move_to_end(k)
+            return held
 
     def room_for(self, nbytes: int) -> int:
         """How many chunks of `nbytes` the tier can hold at once: a load needs all of its chunks in memory."""

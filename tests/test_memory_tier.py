@@ -28,6 +28,17 @@ def test_memory_tier_roundtrip_capacity_lru():
     assert not tier.put("huge", chunk(4 * 4096)) and tier.get("huge") is None
 
 
+def test_a_chunk_every_lookup_finds_is_not_the_one_evicted():
+    """A prefix vLLM keeps in its own cache is looked up by every request and never loaded: it was evicted
+    as least recently used while it was the hottest chunk."""
+    tier = MemoryTier(3 * 4096)
+    for k in "abc":
+        tier.put(k, chunk())
+    assert tier.contains(["a", "x"]) == [True, False]
+    tier.put("d", chunk())
+    assert tier.keys() == ["c", "a", "d"], "b was least recently used"
+
+
 class Landing:
     """A device copy into a slot that has not finished yet (a CUDA event not reached)."""
 

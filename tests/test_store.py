@@ -58,6 +58,8 @@ def test_disk_tier_roundtrip_capacity_lru_and_restart(tmp_path):
     assert tier.keys() == ["c" * 32, "a" * 32, "d" * 32] and tier.used <= tier.capacity
     again = DiskTier(tmp_path, 3 * (4096 + 64))
     assert again.keys() == ["c" * 32, "a" * 32, "d" * 32], "contents and LRU order survive a restart"
+    assert again.contains(["c" * 32]) == [True] and again.keys()[-1] == "c" * 32, "a key found counts as used"
+    again = DiskTier(tmp_path, 3 * (4096 + 64))
     assert torch.equal(again.get("c" * 32), data["c" * 32])
     for i in range(30):
         again.put(f"{i:032x}", chunk(random.Random(i).choice([100, 4096, 9000]), i))
