@@ -87,6 +87,8 @@ def test_transfers_to_a_frozen_consumer_fail_after_one_unanswered_call(healthy):
         wait_for(lambda: p.staging.free == p.staging.num_slots, LEASE_TTL_S, 0.01, "staging back to full")
         os.kill(frozen.proc.pid, signal.SIGCONT)
         time.sleep(RPC_TIMEOUT_S)  # past the span in which calls fail at once: the next one asks again
+        # the failed pushes' fences free their slots; without them they would rest fence_timeout_s (30 s)
+        assert frozen.call("counters").get("fences_received") == DOOMED
         crcs = push(p, frozen, "thawed-1", 2)
         assert finished(p, {"thawed-1"})["thawed-1"] == State.SENT
         check_landed(frozen, "thawed-1", crcs)

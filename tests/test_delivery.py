@@ -19,7 +19,9 @@ from transfer.states import State
 
 @pytest.fixture(scope="module")
 def consumer():
-    c = ConsumerProcess(LAYOUT, chunk_tokens=CHUNK_TOKENS, num_slots=16, quarantine_s=0.3, expect_wait_s=0.05)
+    # fence_timeout_s: the tests that play a producer by hand end its leases without a fence
+    c = ConsumerProcess(LAYOUT, chunk_tokens=CHUNK_TOKENS, num_slots=16, quarantine_s=0.3, fence_timeout_s=1.0,
+                        expect_wait_s=0.05)
     yield c
     c.stop()
 

@@ -10,7 +10,7 @@ from launch.polling import wait_for
 from pd.exposed_time import EXPOSED_SECONDS, observe_exposed
 from tests.consumer_proc import ConsumerProcess
 from tests.test_transfer import CHUNK_TOKENS, LAYOUT, check_landed, finished, make_producer, push
-from transfer.notice import ChunkNotice
+from transfer.notice import ChunkNotice, decode_notification
 from transfer.states import State
 
 
@@ -23,8 +23,8 @@ def histogram_count() -> float:
 
 
 def test_the_stamp_travels_in_the_notice():
-    assert ChunkNotice.decode(notice(0, 1234.5).encode()).kv_ready_at == 1234.5
-    assert ChunkNotice.decode(notice(0, None).encode()).kv_ready_at is None
+    assert decode_notification(notice(0, 1234.5).encode()).kv_ready_at == 1234.5
+    assert decode_notification(notice(0, None).encode()).kv_ready_at is None
 
 
 def test_exposed_time_counts_from_the_last_chunk_ready():

@@ -25,7 +25,7 @@ def sizes(n: int) -> list[int]:
 
 def test_expired_slots_are_quarantined_before_reuse():
     clock = Clock()
-    pool = SlotPool(4, 100, quarantine_s=2.0, clock=clock)
+    pool = SlotPool(4, 100, quarantine_s=2.0, fence_timeout_s=2.0, clock=clock)
     lease = pool.grant("a", sizes(3), ttl_s=1.0, producer="p1")
     assert pool.grant("b", sizes(2), 1.0, "p1") is None  # only 1 free
     clock.t = 1.5
@@ -144,14 +144,15 @@ def test_a_second_push_of_a_lease_that_took_chunks_is_refused_not_handed_its_slo
 
 def test_slots_of_a_lease_ended_early_stay_quarantined_until_past_its_deadline():
     """A cancel (or a failure) ends a lease whose producer hears of it only at its next renewal and may write
-    until the deadline it was told: the slots come back `quarantine_s` after that deadline, not after the end."""
+    until the deadline it was told: with no word from it, the slots come back `fence_timeout_s` after that
+    deadline, not after the end."""
     clock = Clock()
-    pool = SlotPool(2, 100, quarantine_s=2.0, clock=clock)
+    pool = SlotPool(2, 100, quarantine_s=2.0, fence_timeout_s=2.0, clock=clock)
     lease = pool.grant("a", sizes(2), ttl_s=10.0, producer="p1")
     pool.accept(notice("a", 0, lease.epoch))
     clock.t = 1.0
     assert pool.release("a")  # ended early, one chunk still due
-    clock.t = 11.9  # past the end + quarantine_s, before the deadline + quarantine_s
+    clock.t = 11.9  # past the end + 2 s, before the deadline + 2 s
     assert pool.stats().quarantined == 2 and pool.grant("b", sizes(1), 1.0, "p1") is None
     clock.t = 12.1
     assert pool.stats().free == 2
@@ -161,7 +162,7 @@ def test_a_read_window_ended_early_returns_its_slots_only_past_its_deadline():
     """A windowed lease cancelled while its reader holds a pin: at the last unpin its producer may still be
     writing the next chunks, so the slots wait for its deadline too."""
     clock = Clock()
-    pool = SlotPool(2, 100, quarantine_s=2.0, clock=clock)
+    pool = SlotPool(2, 100, quarantine_s=2.0, fence_timeout_s=2.0, clock=clock)
     lease = pool.grant("a", sizes(4), ttl_s=10.0, producer="p1", window=2)
     pool.accept(notice("a", 0, lease.epoch))
     _, taken = pool.take_front("a", lease.epoch)

@@ -11,7 +11,7 @@ from tests.test_transfer import CHUNK_TOKENS, LAYOUT, finished, make_producer, p
 from transfer import wire
 from transfer.geometry import ChunkGeometry
 from transfer.lease_desk import LeaseDesk
-from transfer.notice import ChunkNotice
+from transfer.notice import ChunkNotice, LeaseFence
 from transfer.receive_book import ReceiveBook
 from transfer.slot_pool import SlotPool
 from transfer.states import State
@@ -67,6 +67,10 @@ def test_a_chunk_written_beyond_the_open_window_fails_the_transfer(consumer):
         p.agent.release(h)
         reason = consumer.ended_reason("wb-1")
         assert "outside the open window 0..3" in reason
+        assert consumer.call("stats").quarantined == POOL, "ended unfilled: its slots wait for the producer's fence"
+        fence = LeaseFence(transfer_id="wb-1", epoch=grant.epoch, incarnation=p.incarnation)
+        p.agent.notify(w.agent_name, fence.encode())  # what a producer's job that failed sends, after its writes
+        consumer.wait_pool_full()
     finally:
         p.close()
 

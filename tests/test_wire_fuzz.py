@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from transfer import control_auth, wire
 from transfer.control_auth import AuthError, Authenticator, Credential
 from transfer.layout import KVLayout
-from transfer.notice import ChunkNotice, NoticeError
+from transfer.notice import NoticeError, decode_notification
 
 LAYOUT = KVLayout(model_id="m", num_layers=2, num_kv_heads=2, kv_heads_per_rank=2, head_size=32, dtype="float32",
                   block_size=16, cache_layout="LBHNC")
@@ -31,7 +31,7 @@ def test_any_bytes(raw):
         except wire.WireError as e:
             assert e.code in {"malformed", "version", "invalid", "too_large"}
     try:
-        ChunkNotice.decode(raw)
+        decode_notification(raw)
     except NoticeError:
         pass
 

@@ -31,7 +31,7 @@ from transfer.geometry import ChunkGeometry
 from transfer.layout import KVLayout
 from transfer.lease_desk import LeaseDesk
 from transfer.nixl_agent import NixlAgent, zeroed_buffer
-from transfer.notice import ChunkNotice, NoticeError
+from transfer.notice_intake import NoticeIntake
 from transfer.producer_registry import ProducerRegistry
 from transfer.sender_rules import forbidden
 from transfer.receive_book import ReceiveBook
@@ -55,10 +55,11 @@ class ConsumerEndpoint:
         self.incarnation = uuid.uuid4().hex
         self.agent = NixlAgent(f"kvb-consumer-{self.incarnation[:12]}")
         self.region = self.agent.register(zeroed_buffer(settings.num_slots * self.slot_bytes, settings.device))
-        self.pool = SlotPool(settings.num_slots, self.slot_bytes, settings.quarantine_s,
+        self.pool = SlotPool(settings.num_slots, self.slot_bytes, settings.quarantine_s, settings.fence_timeout_s,
                              on_expire=lambda key: self.book.expired(key))
         self.book = ReceiveBook(self.pool, settings.unclaimed_ttl_s)
         self.producers = ProducerRegistry(self.agent, self.pool)
+        self.intake = NoticeIntake(self.pool, self.book, self.producers, settings.unclaimed_ttl_s)
         self.desk = LeaseDesk(self.pool, self.book, self.geometry, self.region.addr, settings.window_slots,
                               settings.expect_wait_s, self.incarnation)
         self._sock = io_context().socket(zmq.ROUTER)
@@ -266,7 +267,7 @@ class ConsumerEndpoint:
         for sender, msgs in self.agent.notifications().items():
             for raw in msgs:
                 try:
-                    got = self._take_notice(sender, raw) or got
+                    got = self.intake.take(sender, raw) or got
                 except Exception:  # the batch's other notices are still read: each is a transfer's chunk
                     log.exception("notification from %s: unexpected error", sender)
                     self.book.count("notice_errors")
@@ -275,25 +276,3 @@ class ConsumerEndpoint:
                 self.arrivals += 1
                 self._arrived.notify_all()
         return got
-
-    def _take_notice(self, sender: str, raw: bytes) -> bool:
-        """One chunk notice accepted (True) or dropped and counted (False)."""
-        try:
-            notice = ChunkNotice.decode(raw)
-        except NoticeError as e:
-            self.pool.count_drop()
-            log.warning("dropped notification from %s: %s", sender, e)
-            return False
-        why = self.pool.accept(notice)
-        if why:
-            log.info("dropped chunk %d of %s (epoch %d): %s", notice.chunk, notice.transfer_id, notice.epoch, why)
-            lease = self.pool.live(notice.transfer_id)
-            if lease is not None and (lease.epoch, lease.producer) == (notice.epoch, notice.incarnation):
-                self.book.fail(notice.transfer_id, f"bad chunk: {why}")  # its own producer erred
-            return False
-        self.book.count("chunks_received")
-        self.book.count("bytes_received", notice.nbytes)
-        lease = self.pool.live(notice.transfer_id)
-        if lease is not None and lease.complete:
-            self.pool.renew(lease.transfer_id, lease.epoch, self.cfg.unclaimed_ttl_s)
-        return True

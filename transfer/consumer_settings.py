@@ -14,6 +14,7 @@ class ConsumerSettings:
     insecure: bool = False  # a routable listener without a secret starts (with a warning) instead of refusing
     device: str = "cpu"  # where the slots live: "cpu", "cuda:N", or "pinned" host memory
     quarantine_s: float = 2.0
+    fence_timeout_s: float = 30.0  # quarantine.py: how long an ended lease's slots wait for a silent producer's fence
     unclaimed_ttl_s: float = 30.0
     expect_wait_s: float = 0.0  # >0: an ALLOC before its decode request waits this long to learn the held chunks
     window_slots: int = 0  # most slots one transfer holds (larger ones stream through them); 0: the whole pool

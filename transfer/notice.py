@@ -6,10 +6,17 @@ consumer prove the slot still holds exactly what was sent. `kv_ready_at` (the pr
 when the chunk's KV was complete: its last range staged, at or near the end of the forward that computed it)
 lets the consumer measure how long the request waited for its KV after the prefill ended; meaningful across
 hosts only as far as their clocks agree.
+
+A `LeaseFence` is the other notification a producer sends: once it has stopped writing to a lease it did not
+fill (its job failed or was aborted), on the same NIXL connection as the writes. NIXL gives each peer one UCX
+endpoint on one worker, whose traffic arrives in the order it was queued, so the consumer reads the fence after
+every byte the producer had queued for that lease, even when a cut link held them for minutes (quarantine.py).
 """
 from __future__ import annotations
 
 import msgpack
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 NOTICE_VERSION = 1
@@ -35,14 +42,30 @@ class ChunkNotice(BaseModel):
     def encode(self) -> bytes:
         return msgpack.packb(self.model_dump())
 
-    @classmethod
-    def decode(cls, raw: bytes) -> ChunkNotice:
-        if len(raw) > MAX_NOTICE_BYTES:
-            raise NoticeError(f"notice of {len(raw)} bytes exceeds {MAX_NOTICE_BYTES}")
-        try:
-            notice = cls.model_validate(msgpack.unpackb(raw, raw=False))
-        except (ValueError, ValidationError, msgpack.UnpackException, TypeError) as e:
-            raise NoticeError(f"malformed chunk notice: {e}") from e
-        if notice.v != NOTICE_VERSION:
-            raise NoticeError(f"chunk notice version {notice.v}, expected {NOTICE_VERSION}")
-        return notice
+
+class LeaseFence(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    v: int = NOTICE_VERSION
+    fence: Literal[True] = True
+    transfer_id: str
+    epoch: int
+    incarnation: str
+
+    def encode(self) -> bytes:
+        return msgpack.packb(self.model_dump())
+
+
+def decode_notification(raw: bytes) -> ChunkNotice | LeaseFence:
+    """A producer's notification, whichever kind it is; NoticeError for anything else."""
+    if len(raw) > MAX_NOTICE_BYTES:
+        raise NoticeError(f"notice of {len(raw)} bytes exceeds {MAX_NOTICE_BYTES}")
+    try:
+        fields = msgpack.unpackb(raw, raw=False)
+        kind = LeaseFence if isinstance(fields, dict) and "fence" in fields else ChunkNotice
+        notice = kind.model_validate(fields)
+    except (ValueError, ValidationError, msgpack.UnpackException, TypeError) as e:
+        raise NoticeError(f"malformed chunk notice: {e}") from e
+    if notice.v != NOTICE_VERSION:
+        raise NoticeError(f"chunk notice version {notice.v}, expected {NOTICE_VERSION}")
+    return notice

@@ -192,6 +192,7 @@ class Producer:
             if now - tended >= 0.5:  # every link's connection events read (consumer_link.py says why)
                 self._calls.tend()
                 self.announcer.tend()
+                self.agent.notifications()  # UCX moves only when driven: a fence queued behind writes goes out
                 tended = now
             for job in jobs:
                 try:
@@ -269,6 +270,11 @@ class Producer:
         free on the consumer), then the job is forgotten."""
         with self._cv:
             self._free_whole(job)
+        if job.grant is not None and job.t.state != State.SENT and not job.fenced:
+            # after its writes, on their connection, even to a consumer that stopped answering: a cut link
+            # delivers it after them when it comes back, and the consumer may then reuse the lease's slots
+            job.fenced = True
+            self._writes.fence(job, self._calls.link(job.consumer).welcome)
         gave_up = job.t.state == State.FAILED
         if job.t.state != State.SENT and not job.peer_down and (job.grant is not None or gave_up) \
                 and not job.released:

@@ -49,6 +49,11 @@ class ProducerRegistry:
         """The producer id that introduced this incarnation, None when none we still know did."""
         return self._incarnations.get(incarnation)
 
+    def agent_of(self, incarnation: str) -> str | None:
+        """The NIXL agent name of a producer incarnation we still know (its fences must come from it)."""
+        p = self._by_id.get(self._incarnations.get(incarnation, ""))
+        return p.agent_name if p is not None and p.incarnation == incarnation else None
+
     def __len__(self) -> int:
         return len(self._by_id)
 
@@ -76,7 +81,7 @@ class ProducerRegistry:
             if msg.generation <= old.generation:
                 return (f"producer {msg.producer_id} generation {msg.generation} is not newer than the live "
                         f"generation {old.generation}: two producers share this id (set distinct instance_id)")
-            n = self._forget(msg.producer_id)
+            n = self._forget(msg.producer_id, restarted=True)
             log.info("producer %s restarted (generation %d -> %d): dropped its old agent, ended %d leases",
                      msg.producer_id, old.generation, msg.generation, n)
         while len(self._by_id) >= self._max:
@@ -93,8 +98,10 @@ class ProducerRegistry:
         its ALLOCs, sent before the forward, go out only once the handshake is done."""
         return max(quiet_s, handshake_s) if self._clock() - self._last_admitted < handshake_s else quiet_s
 
-    def _forget(self, producer_id: str) -> int:
+    def _forget(self, producer_id: str, restarted: bool = False) -> int:
+        """Drop a producer; `restarted`: a newer generation of it said hello, so the old process is gone (one
+        forgotten for silence may only be cut off, its writes still on the way: quarantine.py)."""
         p = self._by_id.pop(producer_id)
         self._incarnations.pop(p.incarnation, None)
         self._agent.remove_remote(p.agent_name)
-        return self._pool.release_producer(p.incarnation)
+        return self._pool.release_producer(p.incarnation, restarted)

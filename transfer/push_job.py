@@ -27,10 +27,11 @@ class PushJob:
     next_renew: float = 0.0
     retry_at: float = 0.0
     abort: bool = False
-    peer_down: bool = False  # the consumer did not answer: nothing more to tell it
+    peer_down: bool = False  # the consumer did not answer: no more control calls to it (a fence still goes)
     call: Future | None = None  # the control call under way on the consumer's link thread
     call_of: tuple[str, float] = ("", 0.0)  # that call's kind (alloc | renew | progress | release) and when it was asked
     released: bool = False  # its lease's release was asked for
+    fenced: bool = False  # its lease's fence was sent (chunk_writes.py)
     writable: int = 0  # lease chunks below this may be written (a windowed grant's last WindowState)
     window_ask_at: float = 0.0
 

@@ -1,22 +1,27 @@
 """Slots of ended leases that are not back in the pool yet: read by a pinned reader, or resting until no late
 write can land in them.
 
-A one-sided write cannot be refused, so an ended lease's slots go back only once its producer cannot be writing
-any more:
+A one-sided write cannot be refused, and one posted before a link was cut lands when the link comes back, however
+late (TCP holds it and retransmits; releasing the write's handle does not recall it). So an ended lease's slots go
+back only once nothing its producer wrote there can still be on the way:
 - every chunk of the lease arrived: each chunk is written once and its notice comes after its bytes, so no write
   is left; the slots are free at once (a chunk notice that comes after the end still counts, `landed`);
-- ended by the consumer (a cancel, a failure, an expiry, a new attempt, its producer forgotten): its producer
-  learns of it at its next call at the latest, and never writes past the deadline it was told, so the slots
-  rest `quarantine_s` past the later of the end and that deadline;
-- ended by its producer (a release), or once that producer says it stopped (`stopped`, a release that came
-  after the consumer ended the lease): it posts nothing after that, so `quarantine_s` from then covers the
-  writes it had posted before.
+- its producer's fence came (`fenced`, notice.py): it follows every byte that producer queued for the lease on
+  the same connection, so the slots rest only `quarantine_s` from then (for traffic UCX spread over other lanes);
+- its producer said it stopped (a release over the control channel, its own or after the consumer ended the
+  lease) before the lease's deadline: the producer was in touch, so what it had posted lands within
+  `quarantine_s` from then. A release that comes after the deadline may come from a producer that was cut off and
+  proves nothing about its writes;
+- its producer restarted (a new generation said hello, `producer_gone`): the old process is gone, `quarantine_s`
+  from then;
+- otherwise (expired, or ended by the consumer, with no word from its producer in time): until its fence, or
+  `fence_timeout_s` past its deadline. A link cut for longer than that can still land old bytes in reused slots.
 A lease a reader still pins (`draining`) keeps its slots whatever ended it; they take one of the ways above at
 the last unpin.
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 
 class EndedLease(Protocol):
@@ -25,7 +30,9 @@ class EndedLease(Protocol):
     deadline: float
     slots: list[int]
     pins: int
+    producer: str
     producer_stopped: bool
+    fenced: bool
 
     @property
     def complete(self) -> bool: ...
@@ -34,8 +41,9 @@ class EndedLease(Protocol):
 class Quarantine:
     """Not thread-safe: the slot pool calls it under its own lock. Methods that give slots back return them."""
 
-    def __init__(self, quarantine_s: float) -> None:
+    def __init__(self, quarantine_s: float, fence_timeout_s: float) -> None:
         self.quarantine_s = quarantine_s
+        self.fence_timeout_s = max(fence_timeout_s, quarantine_s)
         self._draining: list[EndedLease] = []  # ended while pinned: slots return at the last unpin
         self._resting: list[tuple[float, EndedLease]] = []  # (free from, lease)
 
@@ -46,8 +54,11 @@ class Quarantine:
             return []
         if lease.complete:
             return lease.slots
-        start = now if lease.producer_stopped else max(now, lease.deadline)
-        self._resting.append((start + self.quarantine_s, lease))
+        if lease.producer_stopped or lease.fenced:
+            until = now + self.quarantine_s
+        else:
+            until = max(now, lease.deadline) + self.fence_timeout_s
+        self._resting.append((until, lease))
         return []
 
     def unpinned(self, lease: EndedLease, now: float) -> list[int]:
@@ -58,16 +69,31 @@ class Quarantine:
         return self.end(lease, now)
 
     def stopped(self, transfer_id: str, epoch: int, now: float) -> bool:
-        """Its producer writes no more to this ended lease: its slots rest only `quarantine_s` from now (or from
-        the last unpin). Whether such a lease was found."""
+        """Its producer says it writes no more to this ended lease: before the lease's deadline its slots rest
+        only `quarantine_s` from now (or from the last unpin); after it, nothing changes. Whether such a lease
+        was found."""
+        return self._shorten(lambda x: (x.transfer_id, x.epoch) == (transfer_id, epoch), now, fence=False)
+
+    def fenced(self, transfer_id: str, epoch: int, producer: str, now: float) -> bool:
+        """The fence of `producer` for this ended lease came: its slots rest only `quarantine_s` from now (or
+        from the last unpin). Whether such a lease was found."""
+        return self._shorten(lambda x: (x.transfer_id, x.epoch, x.producer) == (transfer_id, epoch, producer),
+                             now, fence=True)
+
+    def producer_gone(self, producer: str, now: float) -> None:
+        """That producer incarnation's process is gone (it restarted): its leases rest only `quarantine_s`."""
+        self._shorten(lambda x: x.producer == producer, now, fence=True)
+
+    def _shorten(self, match: Callable[[EndedLease], bool], now: float, fence: bool) -> bool:
         found = False
-        for lease in self._draining:
-            if (lease.transfer_id, lease.epoch) == (transfer_id, epoch):
-                lease.producer_stopped = found = True
-        for i, (until, lease) in enumerate(self._resting):
-            if (lease.transfer_id, lease.epoch) == (transfer_id, epoch):
-                lease.producer_stopped = found = True
-                self._resting[i] = (min(until, now + self.quarantine_s), lease)
+        for lease in [x for x in self._draining if match(x)] + [x for _, x in self._resting if match(x)]:
+            found = True
+            if fence:
+                lease.fenced = True
+            elif now <= lease.deadline:
+                lease.producer_stopped = True
+        self._resting = [(min(until, now + self.quarantine_s) if x.fenced or x.producer_stopped else until, x)
+                         for until, x in self._resting]
         return found
 
     def find(self, transfer_id: str, epoch: int) -> EndedLease | None:

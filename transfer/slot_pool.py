@@ -1,12 +1,12 @@
 """Consumer-side slot pool: fixed-size slots in one registered region, handed out as leases.
 
-A one-sided NIXL write cannot be refused when it lands, so safety comes from timing and
+A one-sided NIXL write cannot be refused when it lands, so safety comes from ordering, timing and
 quarantine, not from checks on arrival:
 - the producer stops writing `write_margin_s` before the lease deadline it was told;
-- slots of a lease that ends without all its chunks sit in quarantine before reuse (quarantine.py: until
-  `quarantine_s` past its deadline when the consumer ended it, past the moment its producer said it stopped
-  writing otherwise, or until its last chunk's notice comes), so a late write can only land in a slot
-  nobody holds;
+- slots of a lease that ends without all its chunks sit in quarantine before reuse (quarantine.py: until its
+  producer's fence, which follows its writes on their connection, or its word before the deadline that it
+  stopped, each plus `quarantine_s`; else `fence_timeout_s` past its deadline; at once when its last chunk's
+  notice comes), so a late write can only land in a slot nobody holds;
 - a notice for a chunk is accepted only if transfer key, epoch and producer incarnation
   match a live lease and its byte count is exactly what that chunk index must hold;
   anything else is dropped and counted;
@@ -23,61 +23,13 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from transfer.identity import KEY_SEPARATOR
+from transfer.lease import Lease, LeaseInUse, wrong_chunk
 from transfer.notice import ChunkNotice
 from transfer.quarantine import Quarantine
-
-
-@dataclass
-class Lease:
-    transfer_id: str
-    slots: list[int]  # the window: lease chunk i lands in slots[i % len(slots)]
-    epoch: int
-    deadline: float
-    producer: str
-    chunk_nbytes: list[int]  # every chunk the lease carries (more than its slots when windowed)
-    attempt: int = 0
-    first_chunk: int = 0  # lease chunk i is prompt chunk first_chunk + i (the consumer holds the ones before)
-    arrived: dict[int, ChunkNotice] = field(default_factory=dict)  # arrived and not yet freed
-    pins: int = 0
-    taken: int = 0  # leading chunks handed to the reader of a windowed lease
-    freed: int = 0  # leading chunks scattered and done with: their slots take chunk i + W
-    producer_stopped: bool = False  # its producer said it writes no more (a release of its own)
-
-    @property
-    def complete(self) -> bool:
-        return self.freed + len(self.arrived) == len(self.chunk_nbytes)
-
-    @property
-    def windowed(self) -> bool:
-        return len(self.slots) < len(self.chunk_nbytes)
-
-    @property
-    def writable(self) -> int:
-        """Chunks below this index may be written now (the open window)."""
-        return min(len(self.chunk_nbytes), self.freed + len(self.slots))
-
-    @property
-    def untouched(self) -> bool:
-        """Nothing arrived, was read or was freed: handing this lease out again cannot race a reader."""
-        return not self.arrived and not self.freed and not self.taken and not self.pins
-
-    def slot_of(self, chunk: int) -> int:
-        return self.slots[chunk % len(self.slots)]
-
-
-class LeaseInUse(RuntimeError):
-    """An ALLOC asked again for a lease that already took chunks (a second push of the same key and attempt,
-    not a lost reply): its slots may be read or freed while the second push writes, so it is refused."""
-
-    def __init__(self, lease: Lease) -> None:
-        super().__init__(f"transfer {lease.transfer_id} attempt {lease.attempt} already holds lease epoch "
-                         f"{lease.epoch} with {lease.freed + len(lease.arrived)} of {len(lease.chunk_nbytes)} "
-                         f"chunks arrived{' and being read' if lease.pins else ''}: a second push of it is refused")
-        self.transfer_id = lease.transfer_id
 
 
 @dataclass(frozen=True)
@@ -90,32 +42,20 @@ class PoolStats:
     dropped_total: int
 
 
-def _wrong_chunk(lease: Lease | None, notice: ChunkNotice) -> str:
-    """Why `notice` cannot be a chunk of `lease` ('' when it can)."""
-    if lease is None or lease.producer != notice.incarnation:
-        return "no lease with that epoch and producer"
-    if not 0 <= notice.chunk < len(lease.chunk_nbytes):
-        return f"chunk index {notice.chunk} outside 0..{len(lease.chunk_nbytes) - 1}"
-    if not lease.freed <= notice.chunk < lease.writable:
-        return f"chunk {notice.chunk} outside the open window {lease.freed}..{lease.writable - 1}"
-    if notice.nbytes != lease.chunk_nbytes[notice.chunk]:
-        return f"chunk {notice.chunk} has {notice.nbytes} bytes, it must hold {lease.chunk_nbytes[notice.chunk]}"
-    return ""
-
-
 class SlotPool:
-    def __init__(self, num_slots: int, slot_bytes: int, quarantine_s: float = 2.0,
+    def __init__(self, num_slots: int, slot_bytes: int, quarantine_s: float = 2.0, fence_timeout_s: float = 30.0,
                  clock: Callable[[], float] = time.monotonic,
                  on_expire: Callable[[str], None] | None = None) -> None:
         """`on_expire(transfer_id)` runs (under the pool's lock: it must not call back into the pool)
-        when a lease reaches its deadline: its producer went silent."""
+        when a lease reaches its deadline: its producer went silent. quarantine.py says how long the slots of an
+        ended lease rest."""
         self.num_slots = num_slots
         self.slot_bytes = slot_bytes
         self._clock = clock
         self._on_expire = on_expire
         self._lock = threading.Lock()
         self._free: list[int] = list(range(num_slots - 1, -1, -1))
-        self._ended = Quarantine(quarantine_s)  # ended leases whose slots are not back yet
+        self._ended = Quarantine(quarantine_s, fence_timeout_s)  # ended leases whose slots are not back yet
         self._leases: dict[str, Lease] = {}
         self._next_epoch = 1
         self.expired_total = 0
@@ -172,7 +112,7 @@ class SlotPool:
             ended = lease is None or lease.epoch != notice.epoch
             if ended:
                 lease = self._ended.find(notice.transfer_id, notice.epoch)
-            why = _wrong_chunk(lease, notice)
+            why = wrong_chunk(lease, notice)
             if not why:
                 lease.arrived[notice.chunk] = notice
                 if not ended:
@@ -250,27 +190,41 @@ class SlotPool:
             lease = self._leases.get(transfer_id)
             if lease is None or (epoch is not None and lease.epoch != epoch):
                 return False
-            lease.producer_stopped = producer_stopped
+            lease.producer_stopped = producer_stopped and self._clock() <= lease.deadline  # quarantine.py: in time
             self._end_locked(lease)
             return True
 
     def stopped(self, transfer_id: str, epoch: int) -> bool:
-        """The producer of an ended lease (`transfer_id`, `epoch`) says it writes no more: its slots rest only
-        `quarantine_s` from now instead of past its deadline. Whether such a lease was found."""
+        """The producer of an ended lease (`transfer_id`, `epoch`) says it writes no more: before the lease's
+        deadline its slots rest only `quarantine_s` from now. Whether such a lease was found."""
         with self._lock:
             return self._ended.stopped(transfer_id, epoch, self._clock())
+
+    def fence(self, transfer_id: str, epoch: int, producer: str) -> bool:
+        """`producer`'s fence for its lease (`transfer_id`, `epoch`) came: once that lease has ended (now or
+        later) its slots rest only `quarantine_s`. Whether such a lease was found."""
+        with self._lock:
+            lease = self._leases.get(transfer_id)
+            if lease is not None and (lease.epoch, lease.producer) == (epoch, producer):
+                lease.fenced = True
+                return True
+            return self._ended.fenced(transfer_id, epoch, producer, self._clock())
 
     def resting(self, transfer_id: str, epoch: int) -> Lease | None:
         """That ended lease (`transfer_id`, `epoch`) while its slots are not back yet (draining or in quarantine)."""
         with self._lock:
             return self._ended.find(transfer_id, epoch)
 
-    def release_producer(self, producer: str) -> int:
-        """End every lease of a producer incarnation that is gone (restart or death)."""
+    def release_producer(self, producer: str, restarted: bool = False) -> int:
+        """End every lease of a producer incarnation that is gone; `restarted`: its process is known to be gone
+        (a newer generation said hello), so none of its leases waits for its fence."""
         with self._lock:
             gone = [lease for lease in self._leases.values() if lease.producer == producer]
             for lease in gone:
+                lease.fenced = lease.fenced or restarted
                 self._end_locked(lease)
+            if restarted:
+                self._ended.producer_gone(producer, self._clock())
             return len(gone)
 
     def stats(self) -> PoolStats:

@@ -1,0 +1,54 @@
+"""What the lease fence (transfer/notice.py, transfer/quarantine.py) relies on, with real NIXL over a real cut
+link: a WRITE posted before the link went down lands when it comes back, long after its producer released the
+write's handle and after the consumer handed its slots to someone else; and a fence the producer sent after
+releasing it arrives only after the last of those bytes. Two hosts on one box (launch/netns.py)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from launch import netns
+from launch.netns import LinkShape, Network
+from launch.placement import transport_env
+from launch.polling import wait_for
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NBYTES = 2 << 20
+
+
+@pytest.mark.skipif(netns.unavailable() is not None, reason=f"not run: {netns.unavailable()}")
+def test_a_write_held_by_a_cut_link_lands_late_and_its_fence_after_it(tmp_path):
+    with Network(["pa", "pb"], LinkShape(rate="8mbit")) as net:
+        def start(host: str, role: str) -> subprocess.Popen:
+            cmd = net.command(host, [sys.executable, "-m", "tests.late_write_peer", role, str(tmp_path), str(NBYTES)])
+            log = open(tmp_path / f"{role}.log", "w")  # NIXL's and UCX's lines, read when a wait fails
+            return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **transport_env(net, host)},
+                                    stdout=log, stderr=subprocess.STDOUT)
+        peers = [start("pb", "consumer"), start("pa", "producer")]
+        try:
+            wait_for(lambda: (tmp_path / "posted").exists(), 60, 0.01, "the write posted")
+            wait_for(lambda: net.received("pa", "pb") > 256 << 10, 30, 0.01, "bytes arriving")
+            net.set_link("pa", "pb", up=False)
+            time.sleep(1.0)
+            (tmp_path / "release").touch()  # the producer gives up: handle released, fence sent
+            time.sleep(1.0)
+            (tmp_path / "zero").touch()  # the consumer reuses the slots
+            time.sleep(1.0)
+            net.set_link("pa", "pb", up=True)
+            wait_for(lambda: (tmp_path / "fenced").exists(), 60, 0.05, "the fence arriving")
+            time.sleep(0.5)  # a byte landing after the fence would show here
+        finally:
+            (tmp_path / "stop").touch()
+            for p in peers:
+                p.wait(30)
+    events = json.loads((tmp_path / "events").read_text())
+    zeroed = next(t for kind, t, _ in events if kind == "zeroed")
+    fence = next(t for kind, t, _ in events if kind == "fence")
+    landed = [(t, n) for kind, t, n in events if kind == "bytes" and t > zeroed]
+    assert landed, f"no byte landed after the slots were reused: {events}"
+    assert fence >= landed[-1][0], f"the fence came before the last late byte: {events}"
