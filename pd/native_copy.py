@@ -78,6 +78,10 @@ class CudaCopier:
         n = len(table)
         if n == 0:
             return
+        with torch.cuda.device(self.device):  # the launch goes to the thread's current device, the stream is ours
+            self._launch(table, n)
+
+    def _launch(self, table: np.ndarray, n: int) -> None:
         buf = self._buffers(n)
         host = buf.host.numpy()
         host[:3 * n] = table.T.reshape(-1).view(np.int64)  # [src...][dst...][len...], as the kernel reads

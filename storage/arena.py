@@ -13,6 +13,8 @@ import bisect
 
 import torch
 
+from transfer.host_buffer import pinned_buffer
+
 ALIGN = 64  # cache-line aligned slots: copies in and out run at full speed
 
 
@@ -27,9 +29,8 @@ class Arena:
     def __init__(self, capacity_bytes: int, pin: bool) -> None:
         if capacity_bytes <= 0:
             raise ValueError(f"arena capacity must be positive, got {capacity_bytes}")
-        self.buffer = torch.empty(capacity_bytes, dtype=torch.uint8, pin_memory=pin)
-        if not pin:
-            self.buffer.zero_()  # fault every page in now, not on the engine thread during a put
+        # every page faulted in now (zeroed), not on the engine thread during a put
+        self.buffer = pinned_buffer(capacity_bytes) if pin else torch.zeros(capacity_bytes, dtype=torch.uint8)
         self.capacity = capacity_bytes
         self._free: list[tuple[int, int]] = [(0, capacity_bytes)]  # (offset, size), sorted by offset
 

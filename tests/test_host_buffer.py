@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from transfer.host_buffer import HUGE_PAGE, huge_page_buffer
+from transfer.host_buffer import HUGE_PAGE, huge_page_buffer, pinned_buffer
 from transfer.nixl_agent import zeroed_buffer
 
 
@@ -59,3 +59,28 @@ def test_host_devices_get_huge_page_buffers():
         assert zeroed_buffer(HUGE_PAGE + 1, device).data_ptr() % HUGE_PAGE == 0
     with pytest.raises(ValueError, match="positive size"):
         huge_page_buffer(0)
+
+
+class FakeCudart:
+    def __init__(self, answer: int) -> None:
+        self.answer, self.calls = answer, []
+
+    def cudaHostRegister(self, ptr: int, nbytes: int, flags: int) -> int:
+        self.calls.append((ptr, nbytes, flags))
+        return self.answer
+
+
+def test_a_pinned_buffer_locks_exactly_its_own_pages_not_a_power_of_two(monkeypatch):
+    """torch's pin_memory=True rounds each block up to a power of two: 40 GiB of slots locked 64 GiB."""
+    cudart = FakeCudart(0)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    nbytes = 3 * HUGE_PAGE + 5
+    buf = pinned_buffer(nbytes)
+    assert cudart.calls == [(buf.data_ptr(), nbytes, 0)] and buf.numel() == nbytes and buf.data_ptr() % HUGE_PAGE == 0
+
+
+def test_a_refused_registration_falls_back_to_torchs_pinned_memory_and_says_so(monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: FakeCudart(2))  # cudaErrorMemoryAllocation
+    monkeypatch.setattr(torch, "zeros", lambda n, dtype, pin_memory: ("torch-pinned", n, pin_memory))
+    assert pinned_buffer(4096) == ("torch-pinned", 4096, True)
+    assert "cannot page-lock 4096 bytes" in caplog.text

@@ -6,12 +6,19 @@ buffers: on 2 MiB pages at both ends a 64 MiB write moved about 1.9x the bytes p
 on 4 KiB pages (a one-thread memcpy gained 1.3x), and the csrc gather into staging and the scatter out of a
 slot touch fewer TLB entries too. Where huge pages are
 off (`never`) the same mapping is plain pages: nothing fails, it is only slower.
+
+`pinned_buffer` is the same memory page-locked for a GPU's copy engines (decode slots in host memory, the
+store's arena). Not torch's `pin_memory=True`: its caching host allocator rounds each block up to a power of
+two, so a 40 GiB region would lock 64 GiB of the host's memory.
 """
 from __future__ import annotations
 
+import logging
 import mmap
 
 import torch
+
+log = logging.getLogger("kvbridge.memory")
 
 HUGE_PAGE = 2 << 20
 
@@ -30,3 +37,20 @@ def huge_page_buffer(nbytes: int) -> torch.Tensor:
     buf = whole[skip:skip + nbytes]
     buf.zero_()  # faults every page in now (as huge pages), not during the first transfer
     return buf
+
+
+def pinned_buffer(nbytes: int) -> torch.Tensor:
+    """`huge_page_buffer(nbytes)` page-locked for CUDA (cudaHostRegister) for the life of the process: the
+    slot region and the arena it is made for live as long as their process. Where the registration is refused,
+    torch's pinned allocator instead (with its rounding), and a warning that says so."""
+    buf = huge_page_buffer(nbytes)
+    try:
+        rc = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0)
+        error = int(getattr(rc, "value", rc))
+    except (AttributeError, RuntimeError) as e:
+        error = str(e)
+    if error == 0:
+        return buf
+    log.warning("cannot page-lock %d bytes of host memory (cudaHostRegister: %s); using torch's pinned allocator, "
+                "which locks up to twice as much (rounded up to a power of two)", nbytes, error)
+    return torch.zeros(nbytes, dtype=torch.uint8, pin_memory=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from transfer.host_buffer import huge_page_buffer
+from transfer.host_buffer import huge_page_buffer, pinned_buffer
 
 try:
     from nixl._api import nixl_agent, nixl_agent_config
@@ -73,7 +73,7 @@ def zeroed_buffer(nbytes: int, device: str) -> torch.Tensor:
     GPU's copy kernels reach directly and which takes no GPU memory (plain host memory without a GPU).
     Plain host memory is on huge pages (host_buffer.py: a local write is a page-by-page kernel copy)."""
     if device == "pinned" and torch.cuda.is_available():
-        return torch.zeros(nbytes, dtype=torch.uint8, pin_memory=True)
+        return pinned_buffer(nbytes)
     if device == "pinned" or torch.device(device).type == "cpu":
         return huge_page_buffer(nbytes)
     return torch.zeros(nbytes, dtype=torch.uint8, device=device)
