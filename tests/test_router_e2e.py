@@ -65,7 +65,7 @@ def test_client_kv_transfer_params_are_not_trusted(servers, router):
     (b"{not json", 400, None),
     (b'["a list"]', 400, None),
     (b'{"model": "gpt-17", "prompt": "hi"}', 404, "model"),
-    (b'{"prompt": "hi"}', 400, "model"),
+    (b'{"model": "tiny", "prompt": "hi", "seed": ' + b"1" * 5000 + b"}", 400, None),
     (b'{"model": "tiny"}', 400, "prompt"),
     (b'{"model": "tiny", "prompt": "hi", "max_tokens": 1000000000}', 400, "max_tokens"),
     (b'{"model": "tiny", "prompt": "hi", "max_tokens": "many"}', 400, "max_tokens"),
