@@ -93,6 +93,7 @@ def test_partition_of_the_prefill_decode_link_mid_transfer(hosts, pools_full_aft
     n = 1500
     body = {"model": "tiny", "prompt": random_token_prompt(n, seed=31), "max_tokens": MAX_TOKENS, "temperature": 0}
     want = text_of(hosts.reference("/v1/completions", body)[1])
+    fences = hosts.pool_status().counters.get("fences_received", 0)
     net.shape(hp, hd, LinkShape(rate="2mbit"))
     try:
         start = net.received(hp, hd)
@@ -108,6 +109,8 @@ def test_partition_of_the_prefill_decode_link_mid_transfer(hosts, pools_full_aft
     assert code == 200 and text_of(got) == want, got
     assert took < 3.0 + 4.0 + 5.0, f"took {took:.1f}s; bound: lease_ttl_s 3 + load_timeout_s 4 + 5"
     wait_for(lambda: (st := hosts.pool_status()).free == st.total, 30, interval=0.5, what="decode slots back")
+    # the producer gave up on writes the cut link held: its fence crossed the restored link after them
+    assert hosts.pool_status().counters.get("fences_received", 0) > fences
     resumed = until_kv_moves_again(hosts, seed=32)
     failure_report("P-D link down mid-transfer (other links up)", "decode recomputed, same tokens; transfers "
                    "over the restored link again without restarts", took, resumed,
