@@ -7,8 +7,9 @@ namespaces, so no socket of the test's reaches both).
   nonzero count changed, at which it zeroed the buffer (told by DIR/zero: a slot handed to someone else) and
   at which a LeaseFence arrived (also DIR/fenced);
 - producer: loads the consumer, posts one WRITE of NBYTES of 0xAB with a chunk notice, releases the write's
-  handle when told (DIR/release, as the producer gives up on a stuck write), then sends a LeaseFence and keeps
-  driving NIXL progress until DIR/stop.
+  handle when told (DIR/release, as the producer gives up on a stuck write), then posts a LeaseFence as
+  transfer/fence_writes.py does (the notification of a 1-byte write after the consumer's watched bytes) and
+  keeps driving NIXL progress until DIR/stop.
 """
 from __future__ import annotations
 
@@ -20,7 +21,14 @@ from pathlib import Path
 import torch
 
 from transfer.nixl_agent import NixlAgent, zeroed_buffer
-from transfer.notice import LeaseFence, decode_notification
+from transfer.notice import FENCE_BYTES, LeaseFence, NoticeError, decode_notification
+
+
+def _is_fence(raw: bytes) -> bool:
+    try:
+        return isinstance(decode_notification(raw), LeaseFence)
+    except NoticeError:  # the write's own notice, had it completed
+        return False
 
 
 def _wait(path: Path) -> None:
@@ -30,8 +38,8 @@ def _wait(path: Path) -> None:
 
 def consumer(d: Path, nbytes: int) -> None:
     agent = NixlAgent("late-consumer")
-    buf = zeroed_buffer(nbytes, "cpu")
-    region = agent.register(buf)
+    region = agent.register(zeroed_buffer(nbytes + FENCE_BYTES, "cpu"))  # fences land after the watched bytes
+    buf = region.tensor[:nbytes]
     (d / "meta.part").write_bytes(agent.metadata())
     (d / "addr").write_text(str(region.addr))
     (d / "meta.part").rename(d / "meta")
@@ -49,7 +57,7 @@ def consumer(d: Path, nbytes: int) -> None:
             if nonzero != last:  # recorded before this look's fence: they came with it or before it
                 events.append(("bytes", time.monotonic(), nonzero))
                 last = nonzero
-            if any(isinstance(decode_notification(raw), LeaseFence) for msgs in got.values() for raw in msgs):
+            if any(_is_fence(raw) for msgs in got.values() for raw in msgs):
                 events.append(("fence", time.monotonic(), 0))
                 (d / "fenced").touch()
             time.sleep(0.01)
@@ -64,15 +72,17 @@ def producer(d: Path, nbytes: int) -> None:
     (d / "producer-meta.part").rename(d / "producer-meta")
     _wait(d / "meta")
     remote = agent.add_remote((d / "meta").read_bytes())
-    handle = agent.write(region, [(0, int((d / "addr").read_text()), nbytes)], remote, "DRAM", 0, b"chunk notice")
+    addr = int((d / "addr").read_text())
+    handle = agent.write(region, [(0, addr, nbytes)], remote, "DRAM", 0, b"chunk notice")
     (d / "posted").touch()
     while not (d / "release").exists():
         agent.poll(handle)  # drives UCX, as the push thread does while a write is on its way
         time.sleep(0.01)
     agent.release(handle)  # what the producer does with a write stuck past its lease's deadline
-    agent.notify(remote, LeaseFence(transfer_id="t", epoch=1, incarnation="late-producer").encode())
+    fence = LeaseFence(transfer_id="t", epoch=1, incarnation="late-producer").encode()
+    fenced = agent.write(region, [(0, addr + nbytes, 1)], remote, "DRAM", 0, fence)  # as fence_writes.py posts it
     while not (d / "stop").exists():
-        agent.notifications()  # UCX moves only when driven (the producer's push thread does this)
+        agent.poll(fenced)  # UCX moves only when driven (the producer's push thread does this)
         time.sleep(0.01)
 
 

@@ -190,9 +190,9 @@ def read_until(proc: subprocess.Popen, prefix: str) -> str:
 
 def test_lease_expiring_mid_transfer_never_serves_partial_or_reused_slots(servers, failure_report):
     """The race, built on purpose: a producer writes chunk 0 of 2, then freezes (SIGSTOP) past its lease.
-    The decode request waiting on it must recompute (correct tokens), the expired slots go through
-    quarantine and are reused by real transfers while the producer is frozen, and when it wakes (SIGCONT)
-    it must not write into them: every answer stays correct and the pool comes back full."""
+    The decode request waiting on it must recompute (correct tokens); the expired slots rest (its producer
+    said nothing in time: they wait for its fence) while real transfers run beside them; when it wakes (SIGCONT)
+    it gives up, and its fence frees them: every answer stays correct and the pool comes back full."""
     dec_url, hs = servers["decode"].url, servers["decode"].handshake
     body = {"model": "tiny", "prompt": random_token_prompt(400, seed=88), "max_tokens": 8, "temperature": 0}
     want = text_of(post(servers["agg"].url, "/v1/completions", body)[1])
@@ -219,7 +219,7 @@ def test_lease_expiring_mid_transfer_never_serves_partial_or_reused_slots(server
             assert status == 200 and text_of(reply) == want, "decode must recompute, not use chunk 0 alone"
             assert pool_status(hs).expired_total > before.expired_total, "the frozen producer's lease should expire"
 
-            time.sleep(0.6)  # past quarantine_s: the expired slots are free for others now
+            time.sleep(0.6)  # past quarantine_s: the expired slots still rest (no fence from the frozen producer)
             others = [{"model": "tiny", "prompt": random_token_prompt(500, seed=890 + i), "max_tokens": 8,
                        "temperature": 0} for i in range(6)]
             wants = list(ex.map(lambda b: text_of(post(servers["agg"].url, "/v1/completions", b)[1]), others))
@@ -234,8 +234,9 @@ def test_lease_expiring_mid_transfer_never_serves_partial_or_reused_slots(server
         final = read_until(proc, "final")
         assert final.startswith("final FAILED"), f"the woken producer must give up, not finish: {final}"
         failure_report("lease expires mid-transfer (producer SIGSTOPped after chunk 0 of 2)",
-                       "decode recomputed (correct); expired slots quarantined then reused by 6 PD requests, all "
-                       f"correct; woken producer gave up ({final[6:]})", detect, None, "none: decode slots full")
+                       "decode recomputed (correct); expired slots rested until the woken producer's fence while "
+                       f"6 PD requests ran, all correct; woken producer gave up ({final[6:]})", detect, None,
+                       "none: decode slots full")
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGCONT)

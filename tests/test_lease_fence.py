@@ -113,7 +113,10 @@ def test_a_restarted_producers_leases_do_not_wait_for_its_fence_and_a_silent_one
     clock.t = 5.0
     assert pool.release_producer("old", restarted=True) == 1  # a newer generation said hello
     assert pool.release_producer("quiet") == 1  # forgotten for silence: it may only be cut off
-    clock.t = 7.1
+    clock.t = 7.1  # the ended one rests quarantine_s from the restart; the live one rests until past its deadline
+    s = pool.stats()
+    assert (s.free, s.quarantined) == (1, 3)
+    clock.t = 12.1
     s = pool.stats()
     assert (s.free, s.quarantined) == (2, 2)
 
@@ -155,3 +158,28 @@ def test_a_fence_round_trips_and_is_told_apart_from_a_chunk_notice():
         except NoticeError:
             continue
         raise AssertionError(f"{bad} was taken for a notification")
+
+
+def test_a_restarted_producers_live_lease_still_rests_until_past_its_deadline():
+    """Two generations may overlap (a rolling restart): the old one writes until it learns of the end, never
+    past the deadline it was told."""
+    clock = Clock()
+    pool = pool_at(clock)
+    pool.grant("a", sizes(2), ttl_s=10.0, producer="old")
+    clock.t = 1.0
+    pool.release_producer("old", restarted=True)
+    clock.t = 11.9
+    assert pool.stats().quarantined == 2
+    clock.t = 12.1
+    assert pool.stats().free == 2
+
+
+def test_a_push_after_a_fenced_one_of_the_same_key_gets_a_new_lease_not_the_fenced_one():
+    """A late fence of the first push names (key, epoch, producer): had the lease been handed back, it would
+    shorten the rest of slots the second push writes."""
+    clock = Clock()
+    pool = pool_at(clock, 4)
+    first = pool.grant("a", sizes(2), ttl_s=10.0, producer="p1")
+    assert pool.fence("a", first.epoch, "p1")
+    second = pool.grant("a", sizes(2), ttl_s=10.0, producer="p1")
+    assert second is not first and second.epoch > first.epoch and not second.fenced

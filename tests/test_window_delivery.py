@@ -7,11 +7,12 @@ import pytest
 
 from launch.polling import wait_for
 from tests.consumer_proc import ConsumerProcess
+from tests.test_fence_delivery import send_fence
 from tests.test_transfer import CHUNK_TOKENS, LAYOUT, finished, make_producer, push, spec
 from transfer import wire
 from transfer.geometry import ChunkGeometry
 from transfer.lease_desk import LeaseDesk
-from transfer.notice import ChunkNotice, LeaseFence
+from transfer.notice import ChunkNotice
 from transfer.receive_book import ReceiveBook
 from transfer.slot_pool import SlotPool
 from transfer.states import State
@@ -68,8 +69,7 @@ def test_a_chunk_written_beyond_the_open_window_fails_the_transfer(consumer):
         reason = consumer.ended_reason("wb-1")
         assert "outside the open window 0..3" in reason
         assert consumer.call("stats").quarantined == POOL, "ended unfilled: its slots wait for the producer's fence"
-        fence = LeaseFence(transfer_id="wb-1", epoch=grant.epoch, incarnation=p.incarnation)
-        p.agent.notify(w.agent_name, fence.encode())  # what a producer's job that failed sends, after its writes
+        send_fence(p, w, "wb-1", grant.epoch)  # what a producer's job that failed sends, after its writes
         consumer.wait_pool_full()
     finally:
         p.close()

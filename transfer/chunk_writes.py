@@ -12,7 +12,7 @@ import zlib
 from transfer import wire
 from transfer.geometry import ChunkGeometry
 from transfer.nixl_agent import NixlAgent, TransferError
-from transfer.notice import ChunkNotice, LeaseFence
+from transfer.notice import ChunkNotice
 from transfer.push_job import PushJob
 from transfer.staged_chunk import StagedChunk
 from transfer.staging import StagingBuffer
@@ -76,6 +76,7 @@ class ChunkWrites:
                 self._release(job, handle)
                 sc.writing.remove(handle)
                 if state != "DONE":
+                    job.abandoned = True  # what it had not delivered may still land
                     job.t.to(State.FAILED, f"write of chunk {chunk} to {job.consumer} failed")
             if sc.announced and not sc.writing:
                 with self._lock:
@@ -88,19 +89,8 @@ class ChunkWrites:
         for sc in list(job.staged.values()):
             for handle in sc.writing:
                 self._release(job, handle)
+                job.abandoned = True
             sc.writing.clear()
-
-    def fence(self, job: PushJob, w: wire.Welcome | None) -> None:
-        """Tell the consumer, after every write this job queued to it, that it writes no more to its lease
-        (notice.py): queued after them on the same connection, the fence arrives after any of them a cut link
-        still holds. Not to a consumer that restarted since the grant: the old lease died with it."""
-        if w is None or w.incarnation != job.grant.incarnation:
-            return
-        fence = LeaseFence(transfer_id=job.spec.key, epoch=job.grant.epoch, incarnation=self._incarnation)
-        try:
-            self._agent.notify(w.agent_name, fence.encode())
-        except Exception as e:  # a consumer we cannot reach: its lease waits for fence_timeout_s instead
-            log.info("fence for %s to %s not sent: %s", job.spec.key, job.consumer, e)
 
     def _release(self, job: PushJob, handle: object) -> None:
         try:

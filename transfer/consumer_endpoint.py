@@ -31,6 +31,7 @@ from transfer.geometry import ChunkGeometry
 from transfer.layout import KVLayout
 from transfer.lease_desk import LeaseDesk
 from transfer.nixl_agent import NixlAgent, zeroed_buffer
+from transfer.notice import FENCE_BYTES
 from transfer.notice_intake import NoticeIntake
 from transfer.producer_registry import ProducerRegistry
 from transfer.sender_rules import forbidden
@@ -54,7 +55,8 @@ class ConsumerEndpoint:
         self.slot_bytes = self.geometry.slot_bytes
         self.incarnation = uuid.uuid4().hex
         self.agent = NixlAgent(f"kvb-consumer-{self.incarnation[:12]}")
-        self.region = self.agent.register(zeroed_buffer(settings.num_slots * self.slot_bytes, settings.device))
+        self.region = self.agent.register(zeroed_buffer(settings.num_slots * self.slot_bytes + FENCE_BYTES,
+                                                        settings.device))  # fences land after the slots
         self.pool = SlotPool(settings.num_slots, self.slot_bytes, settings.quarantine_s, settings.fence_timeout_s,
                              on_expire=lambda key: self.book.expired(key))
         self.book = ReceiveBook(self.pool, settings.unclaimed_ttl_s)
@@ -227,17 +229,18 @@ class ConsumerEndpoint:
         return wire.Ack(ok=True)
 
     def _on_release(self, msg: wire.Release) -> wire.Message:
-        """A producer's release also says it writes no more to that lease: ended by either side, its slots then
-        rest only quarantine_s (slot_pool.py), not until past its deadline."""
+        """A producer's release also says it writes no more to that lease (unless it gave writes up on their
+        way): ended by either side before its deadline, its slots then rest only quarantine_s (quarantine.py)."""
         self.desk.queue.leave(msg.transfer_id)
         if msg.reason and (msg.epoch == 0 or self.pool.live(msg.transfer_id) is None
                            or self.pool.live(msg.transfer_id).epoch == msg.epoch):
             log.info("producer gave up on %s: %s", msg.transfer_id, msg.reason)
             self.book.fail(msg.transfer_id, f"producer gave up: {msg.reason}")
-            self.pool.stopped(msg.transfer_id, msg.epoch)
+            if msg.writes_done:
+                self.pool.stopped(msg.transfer_id, msg.epoch)
             return wire.Ack(ok=True)
-        released = self.pool.release(msg.transfer_id, msg.epoch, producer_stopped=True)
-        if not released:  # the consumer ended it before (a cancel): its slots rest now only quarantine_s
+        released = self.pool.release(msg.transfer_id, msg.epoch, producer_stopped=msg.writes_done)
+        if not released and msg.writes_done:  # the consumer ended it before (a cancel)
             self.pool.stopped(msg.transfer_id, msg.epoch)
         return wire.Ack(ok=released)
 

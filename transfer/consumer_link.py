@@ -111,9 +111,10 @@ class ConsumerLink:
         """Tell the consumer this transfer's request waits in our queue (needs no handshake)."""
         return self._call(wire.Pending(transfer_id=transfer_id), (wire.Ack,)).ok
 
-    def release(self, transfer_id: str, epoch: int, reason: str = "") -> bool:
-        """End our lease (epoch 0: we never got one); a `reason` tells the consumer we gave up."""
-        return self._call(wire.Release(transfer_id=transfer_id, epoch=epoch, reason=reason[:1024]), (wire.Ack,)).ok
+    def release(self, transfer_id: str, epoch: int, reason: str = "", writes_done: bool = True) -> bool:
+        """End our lease (epoch 0: we never got one); a `reason` tells the consumer we gave up (wire.Release)."""
+        msg = wire.Release(transfer_id=transfer_id, epoch=epoch, reason=reason[:1024], writes_done=writes_done)
+        return self._call(msg, (wire.Ack,)).ok
 
     @property
     def gone(self) -> bool:

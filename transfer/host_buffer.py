@@ -19,6 +19,7 @@ import mmap
 import torch
 
 log = logging.getLogger("kvbridge.memory")
+_REGISTERED: list[torch.Tensor] = []  # page-locked buffers, kept for the life of the process
 
 HUGE_PAGE = 2 << 20
 
@@ -50,6 +51,7 @@ def pinned_buffer(nbytes: int) -> torch.Tensor:
     except (AttributeError, RuntimeError) as e:
         error = str(e)
     if error == 0:
+        _REGISTERED.append(buf)  # never unmapped while registered: the pages would stay locked, unreachable
         return buf
     log.warning("cannot page-lock %d bytes of host memory (cudaHostRegister: %s); using torch's pinned allocator, "
                 "which locks up to twice as much (rounded up to a power of two)", nbytes, error)

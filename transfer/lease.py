@@ -26,6 +26,7 @@ class Lease:
     freed: int = 0  # leading chunks scattered and done with: their slots take chunk i + W
     producer_stopped: bool = False  # its producer said it writes no more, before the deadline (quarantine.py)
     fenced: bool = False  # its producer's fence came: nothing it wrote here is still on the way (quarantine.py)
+    producer_gone: bool = False  # its producer restarted: it writes nothing past the deadline (quarantine.py)
 
     @property
     def complete(self) -> bool:

@@ -172,11 +172,6 @@ class NixlAgent:
         with self._lock:
             self._agent.release_xfer_handle(handle)
 
-    def notify(self, remote: str, msg: bytes) -> None:
-        """Send `msg` to `remote` as a notification, queued after the writes already posted to it."""
-        with self._lock:
-            self._agent.send_notif(remote, msg)
-
     def notifications(self) -> dict[str, list[bytes]]:
         """New notifications by sender; calling this also drives receive-side progress."""
         with self._lock:

@@ -8,9 +8,10 @@ lets the consumer measure how long the request waited for its KV after the prefi
 hosts only as far as their clocks agree.
 
 A `LeaseFence` is the other notification a producer sends: once it has stopped writing to a lease it did not
-fill (its job failed or was aborted), on the same NIXL connection as the writes. NIXL gives each peer one UCX
-endpoint on one worker, whose traffic arrives in the order it was queued, so the consumer reads the fence after
-every byte the producer had queued for that lease, even when a cut link held them for minutes (quarantine.py).
+fill (its job failed or was aborted), as the notification of a 1-byte WRITE into the `FENCE_BYTES` a consumer
+registers after its last slot (fence_writes.py). NIXL sends a write's notification only after flushing the
+connection, so the consumer reads the fence after every byte the producer had posted to it, even bytes a cut
+link held for minutes (quarantine.py).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 NOTICE_VERSION = 1
 MAX_NOTICE_BYTES = 4096
+FENCE_BYTES = 64  # registered after a consumer's last slot: where fences' writes land, read by nobody
 
 
 class NoticeError(ValueError):

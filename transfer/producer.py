@@ -33,6 +33,7 @@ from transfer.producer_settings import ProducerSettings
 from transfer.push_job import PushJob
 from transfer.call_answers import answered
 from transfer.chunk_writes import ChunkWrites
+from transfer.fence_writes import FenceWrites
 from transfer.push_window import window_blocked
 from transfer.staged_chunk import HELD, StagedChunk
 from transfer.staging import StagingBuffer
@@ -65,6 +66,7 @@ class Producer:
         self._cv = threading.Condition()  # guards `_jobs` and what the engine thread hands over (`staged`)
         self._writes = ChunkWrites(self.agent, self.staging, self.geometry, self.incarnation, settings.checksum,
                                    self._cv)
+        self._fences = FenceWrites(self.agent, self.staging, self.incarnation)
         STAGING_FREE.set_function(lambda: self.staging.free)
         STAGING_TOTAL.set(settings.staging_chunks)
         ACTIVE.set_function(lambda: len(self._jobs))
@@ -192,7 +194,7 @@ class Producer:
             if now - tended >= 0.5:  # every link's connection events read (consumer_link.py says why)
                 self._calls.tend()
                 self.announcer.tend()
-                self.agent.notifications()  # UCX moves only when driven: a fence queued behind writes goes out
+                self._fences.poll(now)
                 tended = now
             for job in jobs:
                 try:
@@ -271,18 +273,17 @@ class Producer:
         with self._cv:
             self._free_whole(job)
         if job.grant is not None and job.t.state != State.SENT and not job.fenced:
-            # after its writes, on their connection, even to a consumer that stopped answering: a cut link
-            # delivers it after them when it comes back, and the consumer may then reuse the lease's slots
+            # also to a consumer that stopped answering: a cut link delivers it after the writes it holds
             job.fenced = True
-            self._writes.fence(job, self._calls.link(job.consumer).welcome)
+            self._fences.send(job, self._calls.link(job.consumer).welcome)
         gave_up = job.t.state == State.FAILED
         if job.t.state != State.SENT and not job.peer_down and (job.grant is not None or gave_up) \
                 and not job.released:
             # A failure is reported so the decode request follows its policy now; an abort (preemption,
             # request gone) only frees the lease: a new attempt may follow.
             key, epoch, why = job.spec.key, job.grant.epoch if job.grant else 0, job.t.reason if gave_up else ""
-            job.released = True
-            self._ask(job, "release", lambda link: link.release(key, epoch, why))
+            job.released, done = True, not job.abandoned
+            self._ask(job, "release", lambda link: link.release(key, epoch, why, done))
             return
         with self._cv:  # with the pop: a chunk the engine thread gave up meanwhile is freed here, not leaked
             self._free_whole(job)

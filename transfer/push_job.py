@@ -32,6 +32,7 @@ class PushJob:
     call_of: tuple[str, float] = ("", 0.0)  # that call's kind (alloc | renew | progress | release) and when it was asked
     released: bool = False  # its lease's release was asked for
     fenced: bool = False  # its lease's fence was sent (chunk_writes.py)
+    abandoned: bool = False  # writes of it were given up on their way (`drop`): its release claims no stop
     writable: int = 0  # lease chunks below this may be written (a windowed grant's last WindowState)
     window_ask_at: float = 0.0
 

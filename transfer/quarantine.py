@@ -12,8 +12,9 @@ back only once nothing its producer wrote there can still be on the way:
   lease) before the lease's deadline: the producer was in touch, so what it had posted lands within
   `quarantine_s` from then. A release that comes after the deadline may come from a producer that was cut off and
   proves nothing about its writes;
-- its producer restarted (a new generation said hello, `producer_gone`): the old process is gone, `quarantine_s`
-  from then;
+- its producer restarted (a new generation said hello, `producer_gone`): the old one, forgotten here, learns
+  of it at its next renewal at the latest and never writes past the deadline it was told (two generations may
+  overlap in a rolling restart): `quarantine_s` past the later of then and that deadline;
 - otherwise (expired, or ended by the consumer, with no word from its producer in time): until its fence, or
   `fence_timeout_s` past its deadline. A link cut for longer than that can still land old bytes in reused slots.
 A lease a reader still pins (`draining`) keeps its slots whatever ended it; they take one of the ways above at
@@ -33,6 +34,7 @@ class EndedLease(Protocol):
     producer: str
     producer_stopped: bool
     fenced: bool
+    producer_gone: bool
 
     @property
     def complete(self) -> bool: ...
@@ -54,12 +56,14 @@ class Quarantine:
             return []
         if lease.complete:
             return lease.slots
-        if lease.producer_stopped or lease.fenced:
-            until = now + self.quarantine_s
-        else:
-            until = max(now, lease.deadline) + self.fence_timeout_s
-        self._resting.append((until, lease))
+        self._resting.append((self._until(lease, now), lease))
         return []
+
+    def _until(self, lease: EndedLease, now: float) -> float:
+        """When an ended lease's slots come back, by what its producer said (or did not) by `now`."""
+        if lease.producer_stopped or lease.fenced:
+            return now + self.quarantine_s
+        return max(now, lease.deadline) + (self.quarantine_s if lease.producer_gone else self.fence_timeout_s)
 
     def unpinned(self, lease: EndedLease, now: float) -> list[int]:
         """A pin of `lease` was dropped: an ended lease whose last pin is gone ends for good now."""
@@ -72,28 +76,28 @@ class Quarantine:
         """Its producer says it writes no more to this ended lease: before the lease's deadline its slots rest
         only `quarantine_s` from now (or from the last unpin); after it, nothing changes. Whether such a lease
         was found."""
-        return self._shorten(lambda x: (x.transfer_id, x.epoch) == (transfer_id, epoch), now, fence=False)
+        return self._told(lambda x: (x.transfer_id, x.epoch) == (transfer_id, epoch), now, "producer_stopped")
 
     def fenced(self, transfer_id: str, epoch: int, producer: str, now: float) -> bool:
         """The fence of `producer` for this ended lease came: its slots rest only `quarantine_s` from now (or
         from the last unpin). Whether such a lease was found."""
-        return self._shorten(lambda x: (x.transfer_id, x.epoch, x.producer) == (transfer_id, epoch, producer),
-                             now, fence=True)
+        return self._told(lambda x: (x.transfer_id, x.epoch, x.producer) == (transfer_id, epoch, producer), now,
+                          "fenced")
 
     def producer_gone(self, producer: str, now: float) -> None:
-        """That producer incarnation's process is gone (it restarted): its leases rest only `quarantine_s`."""
-        self._shorten(lambda x: x.producer == producer, now, fence=True)
+        """That producer incarnation restarted: its leases rest `quarantine_s` past the later of now and their
+        deadline, not waiting for its fence."""
+        self._told(lambda x: x.producer == producer, now, "producer_gone")
 
-    def _shorten(self, match: Callable[[EndedLease], bool], now: float, fence: bool) -> bool:
+    def _told(self, match: Callable[[EndedLease], bool], now: float, fact: str) -> bool:
+        """Record `fact` on the matching ended leases (a stop only before the deadline) and bring their slots'
+        return forward to what it allows."""
         found = False
         for lease in [x for x in self._draining if match(x)] + [x for _, x in self._resting if match(x)]:
             found = True
-            if fence:
-                lease.fenced = True
-            elif now <= lease.deadline:
-                lease.producer_stopped = True
-        self._resting = [(min(until, now + self.quarantine_s) if x.fenced or x.producer_stopped else until, x)
-                         for until, x in self._resting]
+            if fact != "producer_stopped" or now <= lease.deadline:
+                setattr(lease, fact, True)
+        self._resting = [(min(until, self._until(x, now)) if match(x) else until, x) for until, x in self._resting]
         return found
 
     def find(self, transfer_id: str, epoch: int) -> EndedLease | None:

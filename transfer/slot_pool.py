@@ -66,14 +66,15 @@ class SlotPool:
         """Lease `window` slots (default: one per chunk) while leaving `keep_free` slots free for others, or None
         when that is not possible now (caller says NO_CAPACITY). The same producer asking again for the same
         attempt gets its lease back (a lost reply) while nothing arrived in it; once a chunk did, the ask is a
-        second push and raises LeaseInUse. A new attempt, or another producer, ends the old lease first."""
+        second push and raises LeaseInUse. A new attempt, another producer, or a push after the old one's fence
+        ends the old lease first."""
         if any(n <= 0 or n > self.slot_bytes for n in chunk_nbytes):
             raise ValueError(f"chunk sizes {chunk_nbytes} do not fit {self.slot_bytes}-byte slots")
         with self._lock:
             self._reap_locked()
             old = self._leases.get(transfer_id)
             if old is not None:
-                if old.producer == producer and old.attempt == attempt:
+                if old.producer == producer and old.attempt == attempt and not old.fenced:
                     if not old.untouched:
                         raise LeaseInUse(old)
                     old.deadline = max(old.deadline, self._clock() + ttl_s)  # the reply tells the producer ttl_s
@@ -185,7 +186,7 @@ class SlotPool:
 
     def release(self, transfer_id: str, epoch: int | None = None, producer_stopped: bool = False) -> bool:
         """End a lease; idempotent. Slots of an incomplete lease go to quarantine (shorter when its producer
-        releases it: `producer_stopped`)."""
+        releases it before its deadline: `producer_stopped`)."""
         with self._lock:
             lease = self._leases.get(transfer_id)
             if lease is None or (epoch is not None and lease.epoch != epoch):
@@ -216,12 +217,12 @@ class SlotPool:
             return self._ended.find(transfer_id, epoch)
 
     def release_producer(self, producer: str, restarted: bool = False) -> int:
-        """End every lease of a producer incarnation that is gone; `restarted`: its process is known to be gone
-        (a newer generation said hello), so none of its leases waits for its fence."""
+        """End every lease of a producer incarnation that is gone; `restarted`: a newer generation said hello, so
+        none of its leases waits for its fence, only past its deadline (quarantine.py)."""
         with self._lock:
             gone = [lease for lease in self._leases.values() if lease.producer == producer]
             for lease in gone:
-                lease.fenced = lease.fenced or restarted
+                lease.producer_gone = lease.producer_gone or restarted
                 self._end_locked(lease)
             if restarted:
                 self._ended.producer_gone(producer, self._clock())

@@ -76,11 +76,14 @@ class Renew(_Request):
 class Release(_Request):
     """The producer is done with a lease it will not complete. A `reason` means it gave up: the
     consumer fails the waiting request at once instead of waiting for its load timeout. `epoch` 0
-    names a transfer that never got a lease (refused handshake, no capacity)."""
+    names a transfer that never got a lease (refused handshake, no capacity). `writes_done` False: writes of
+    ours to it were given up while on their way, so the release says nothing about when they land (the lease's
+    slots then wait for our fence, transfer/quarantine.py)."""
     type: Literal["release"] = "release"
     transfer_id: str = Field(min_length=1, max_length=256)
     epoch: int = Field(ge=0)
     reason: str = Field(default="", max_length=1024)
+    writes_done: bool = True
 
 
 class Progress(_Request):
