@@ -2,7 +2,8 @@
 
 A chunk notice is accepted only against a live lease (slot_pool.py says what must match); a fence frees nothing
 by itself, it shortens the rest of its lease's slots (quarantine.py), and counts only when it names a producer
-incarnation we know and comes from that producer's own NIXL agent.
+incarnation we know and its sender is that producer's NIXL agent. NIXL's sender name is the sender's own claim:
+what a stranger lacks is the incarnation, which travels only over authenticated control frames, as for notices.
 """
 from __future__ import annotations
 
