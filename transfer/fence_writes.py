@@ -60,3 +60,10 @@ class FenceWrites:
                 log.info("release of the fence write for %s failed: %s", key, e)
         self._pending = kept
         return len(kept)
+
+    def flush(self, timeout_s: float) -> None:
+        """At shutdown: drive the fences still on their way for up to `timeout_s` (a consumer that never gets
+        one rests the lease's slots for its fence_timeout_s)."""
+        end = time.monotonic() + timeout_s
+        while self.poll(time.monotonic()) and time.monotonic() < end:
+            time.sleep(0.01)

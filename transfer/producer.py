@@ -168,6 +168,7 @@ class Producer:
                 job.abort = True
             self._cv.notify()
         self._thread.join(timeout=10)
+        self._fences.flush(2.0)  # before the links and the agent go
         self.announcer.close()
         self._calls.close()
         self.staging.close()
