@@ -15,9 +15,9 @@ link held for minutes (quarantine.py).
 """
 from __future__ import annotations
 
-import msgpack
 from typing import Literal
 
+import msgpack
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 NOTICE_VERSION = 1

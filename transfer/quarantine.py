@@ -6,8 +6,8 @@ late (TCP holds it and retransmits; releasing the write's handle does not recall
 back only once nothing its producer wrote there can still be on the way:
 - every chunk of the lease arrived: each chunk is written once and its notice comes after its bytes, so no write
   is left; the slots are free at once (a chunk notice that comes after the end still counts, `landed`);
-- its producer's fence came (`fenced`, notice.py): it follows every byte that producer queued for the lease on
-  the same connection, so the slots rest only `quarantine_s` from then (for traffic UCX spread over other lanes);
+- its producer's fence came (`fenced`, notice.py): NIXL sends it only after every byte that producer posted to
+  this consumer before it has landed, so the slots rest only `quarantine_s` from then (a margin);
 - its producer said it stopped (a release over the control channel, its own or after the consumer ended the
   lease) before the lease's deadline: the producer was in touch, so what it had posted lands within
   `quarantine_s` from then. A release that comes after the deadline may come from a producer that was cut off and

@@ -4,7 +4,7 @@ A one-sided NIXL write cannot be refused when it lands, so safety comes from ord
 quarantine, not from checks on arrival:
 - the producer stops writing `write_margin_s` before the lease deadline it was told;
 - slots of a lease that ends without all its chunks sit in quarantine before reuse (quarantine.py: until its
-  producer's fence, which follows its writes on their connection, or its word before the deadline that it
+  producer's fence, which NIXL sends only after its earlier writes landed, or its word before the deadline that it
   stopped, each plus `quarantine_s`; else `fence_timeout_s` past its deadline; at once when its last chunk's
   notice comes), so a late write can only land in a slot nobody holds;
 - a notice for a chunk is accepted only if transfer key, epoch and producer incarnation
