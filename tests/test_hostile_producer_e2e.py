@@ -17,6 +17,7 @@ from launch.polling import wait_for
 from launch.tiny_prompts import random_token_prompt
 from pd.prefix_store import model_fingerprint
 from tests.pd_client import pool_status, post, text_of
+from tests.test_fence_delivery import send_fence
 from tests.producer_proc import TINY
 from transfer.identity import TransferSpec
 from transfer.notice import ChunkNotice
@@ -80,3 +81,6 @@ def test_a_chunk_with_the_wrong_byte_count_is_refused_and_the_request_recomputes
     after = counters(servers)
     assert after.get("transfers_scattered", 0) == before.get("transfers_scattered", 0)
     assert after.get("transfers_failed", 0) == before.get("transfers_failed", 0) + 1
+    # a producer that never fences holds the lease's slots for fence_timeout_s; this one ends its job as ours do
+    assert pool_status(servers["decode"].handshake).quarantined >= 1
+    send_fence(liar, w, spec.key, grant.epoch)
