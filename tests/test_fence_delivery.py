@@ -11,6 +11,7 @@ from launch.polling import wait_for
 from tests.consumer_proc import ConsumerProcess
 from tests.test_transfer import CHUNK_TOKENS, LAYOUT, make_producer, spec
 from transfer import wire
+from transfer.consumer_link import ConsumerLink
 from transfer.fence_writes import FenceWrites
 from transfer.producer import Producer
 
@@ -25,6 +26,13 @@ def send_fence(p: Producer, w: wire.Welcome, key: str, epoch: int) -> None:
     wait_for(lambda: fences.poll(time.monotonic()) == 0, 5, 0.01, "the fence written")
 
 
+def leased(p: Producer, consumer: ConsumerProcess, key: str) -> tuple[ConsumerLink, wire.Grant]:
+    """A decode request waiting for `key` (2 chunks), and `p`'s lease on it, asked by hand."""
+    link = p.link(consumer.address)
+    consumer.call("expect", (key, 2 * CHUNK_TOKENS, "ab" * 16))
+    return link, link.alloc(spec(key, 2), 5.0)
+
+
 @pytest.fixture(scope="module")
 def consumer():
     c = ConsumerProcess(LAYOUT, chunk_tokens=CHUNK_TOKENS, num_slots=4, quarantine_s=QUARANTINE_S, expect_wait_s=0)
@@ -35,9 +43,7 @@ def consumer():
 def test_a_release_after_writes_were_given_up_waits_for_the_producers_fence(consumer):
     p = make_producer("gave-up-writes")
     try:
-        link = p.link(consumer.address)
-        consumer.call("expect", ("gw-1", 2 * CHUNK_TOKENS, "ab" * 16))
-        grant = link.alloc(spec("gw-1", 2), 5.0)
+        link, grant = leased(p, consumer, "gw-1")
         assert link.release("gw-1", grant.epoch, "writes failed", writes_done=False)
         assert "producer gave up" in consumer.ended_reason("gw-1")
         time.sleep(3 * QUARANTINE_S)
@@ -52,9 +58,7 @@ def test_a_release_after_writes_were_given_up_waits_for_the_producers_fence(cons
 def test_a_release_whose_writes_are_done_frees_the_slots_after_quarantine_s(consumer):
     p = make_producer("writes-done")
     try:
-        link = p.link(consumer.address)
-        consumer.call("expect", ("wd-1", 2 * CHUNK_TOKENS, "ab" * 16))
-        grant = link.alloc(spec("wd-1", 2), 5.0)
+        link, grant = leased(p, consumer, "wd-1")
         assert link.release("wd-1", grant.epoch, "preempted")
         consumer.wait_pool_full(timeout_s=5)
     finally:

@@ -55,4 +55,5 @@ def pinned_buffer(nbytes: int) -> torch.Tensor:
         return buf
     log.warning("cannot page-lock %d bytes of host memory (cudaHostRegister: %s); using torch's pinned allocator, "
                 "which locks up to twice as much (rounded up to a power of two)", nbytes, error)
+    del buf  # unmapped before the replacement is allocated: the two never hold the host's memory at once
     return torch.zeros(nbytes, dtype=torch.uint8, pin_memory=True)
