@@ -88,7 +88,8 @@ class RouterConfig(BaseModel):
     backend_api_key_env: str | None = Field(default=None, description="env var with the backends' --api-key; "
                                             "unset: the client's Authorization header passes through")
     backend_api_key_file: Path | None = None
-    max_tokens_limit: int = Field(default=32768, gt=0)
+    max_tokens_limit: int | None = Field(default=None, gt=0, description="refuse a max_tokens above this; unset: "
+                                         "vLLM caps max_tokens to what the model's context leaves, as it does alone")
     trace_history: int = Field(default=1000, ge=0)
     kv_secret_env: str = Field(default=DEFAULT_SECRET_ENV, description="env var holding the deployment secret "
                                "(signs control messages to decode connectors and prefill push targets)")

@@ -4,9 +4,17 @@ from __future__ import annotations
 import json
 
 from aiohttp import web
+from pydantic import TypeAdapter, ValidationError
 
 
 TOO_DEEP = "request body is nested too deeply"
+# The fields the router itself reads, with the types vLLM's request models give them. vLLM's pydantic models
+# read leniently ("true", 1 and "yes" are true; "16" and 16.0 are 16), so the router reads them the same way and
+# sends both legs the values vLLM would have read: a field the router and vLLM read differently could route a
+# request one way and serve it another (an `n` of "2" was one claim on the transfer for two engine requests).
+_BOOL, _INT = TypeAdapter(bool | None), TypeAdapter(int | None)
+_READ_AS = {"stream": _BOOL, "echo": _BOOL, "use_beam_search": _BOOL, "n": _INT, "max_tokens": _INT,
+            "max_completion_tokens": _INT}
 
 
 class APIError(Exception):
@@ -25,9 +33,10 @@ class APIError(Exception):
         return web.json_response(self.body(), status=self.status, headers=self.headers())
 
 
-def parse_request(raw: bytes, endpoint: str, model: str, max_tokens_limit: int) -> dict:
+def parse_request(raw: bytes, endpoint: str, model: str, max_tokens_limit: int | None) -> dict:
     """The validated body, with any client-supplied kv_transfer_params removed (never trusted). As in vLLM, a
-    missing, null or empty `model` means the served model."""
+    missing, null or empty `model` means the served model, and a `max_tokens` past what the model's context
+    leaves is not an error (vLLM caps it); `max_tokens_limit`, when set, refuses more."""
     try:
         body = json.loads(raw)
     except ValueError as e:  # not UTF-8, not JSON, or an integer too long to convert
@@ -53,12 +62,23 @@ def parse_request(raw: bytes, endpoint: str, model: str, max_tokens_limit: int) 
             raise APIError(400, "missing required field 'messages'", param="messages")
         if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and "role" in m for m in msgs):
             raise APIError(400, "'messages' must be a non-empty list of objects with a 'role'", param="messages")
+    _read_as_vllm_does(body)
     for key in ("max_tokens", "max_completion_tokens"):
         v, least = body.get(key), 0 if endpoint == "completions" and body.get("echo") is True else 1
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not least <= v <= max_tokens_limit):
-            raise APIError(400, f"'{key}' must be an integer between {least} and {max_tokens_limit} (0 only with "
-                           f"echo, to score a prompt), got {v!r}", param=key)
-    if body.get("stream") not in (None, True, False):  # null is OpenAI's (and vLLM's) "not streamed"
-        raise APIError(400, "'stream' must be a boolean", param="stream")
+        if v is not None and not least <= v <= (max_tokens_limit or v):
+            bound = f"between {least} and {max_tokens_limit}" if max_tokens_limit else f"at least {least}"
+            raise APIError(400, f"'{key}' must be an integer {bound} (0 only with echo, to score a prompt), got {v!r}",
+                           param=key)
     body.pop("kv_transfer_params", None)
     return body
+
+
+def _read_as_vllm_does(body: dict) -> None:
+    for key, adapter in _READ_AS.items():
+        if key in body:
+            try:
+                body[key] = adapter.validate_python(body[key])
+            except ValidationError as e:
+                kind = "a boolean" if adapter is _BOOL else "an integer"
+                raise APIError(400, f"'{key}' must be {kind}, got {body[key]!r} ({e.errors()[0]['msg']})",
+                               param=key) from None

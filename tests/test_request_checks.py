@@ -10,7 +10,7 @@ from router.openai_errors import APIError, parse_request
 
 def parse(body: dict | bytes, endpoint: str = "completions") -> dict:
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return parse_request(raw, endpoint, "tiny", 32768)
+    return parse_request(raw, endpoint, "tiny", None)
 
 
 @pytest.mark.parametrize("model", [None, "", "absent"])
@@ -23,7 +23,7 @@ def test_echo_with_max_tokens_0_scores_a_prompt_and_0_without_echo_is_refused():
     assert parse({"model": "tiny", "prompt": "a b", "echo": True, "max_tokens": 0, "logprobs": 1})["max_tokens"] == 0
     with pytest.raises(APIError) as e:
         parse({"model": "tiny", "prompt": "a b", "max_tokens": 0})
-    assert e.value.status == 400 and e.value.param == "max_tokens" and "between 1 and" in e.value.message
+    assert e.value.status == 400 and e.value.param == "max_tokens" and "at least 1" in e.value.message
     with pytest.raises(APIError):
         parse({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "echo": True, "max_tokens": 0},
               "chat")
@@ -41,3 +41,36 @@ def test_another_model_is_not_found_and_client_kv_transfer_params_are_dropped():
         parse({"model": "gpt-17", "prompt": "hi"})
     assert e.value.status == 404 and e.value.code == "model_not_found"
     assert "kv_transfer_params" not in parse({"model": "tiny", "prompt": "hi", "kv_transfer_params": {"x": 1}})
+
+
+LENIENT = [("stream", "true"), ("stream", 1), ("stream", "no"), ("echo", "true"), ("echo", "false"),
+           ("use_beam_search", "off"), ("n", "2"), ("n", 2.0), ("max_tokens", "16"), ("max_tokens", 16.0),
+           ("max_completion_tokens", "9")]
+
+
+@pytest.mark.parametrize("key,value", LENIENT)
+def test_a_field_the_router_reads_is_read_as_vllms_own_request_model_reads_it(key, value):
+    """Checked against vLLM's request models themselves: the router must not route a request by one reading of
+    a field and have vLLM serve it by another."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    endpoint = "chat" if key == "max_completion_tokens" else "completions"
+    base = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]} if endpoint == "chat" else \
+        {"model": "tiny", "prompt": "hi"}
+    model = ChatCompletionRequest if endpoint == "chat" else CompletionRequest
+    assert parse({**base, key: value}, endpoint)[key] == getattr(model(**base, **{key: value}), key)
+
+
+@pytest.mark.parametrize("key,value", [("stream", "sometimes"), ("echo", [1]), ("n", 2.5), ("max_tokens", "many"),
+                                       ("max_tokens", -1)])
+def test_a_value_vllm_would_refuse_is_a_400_naming_the_field(key, value):
+    with pytest.raises(APIError) as e:
+        parse({"model": "tiny", "prompt": "hi", key: value})
+    assert e.value.status == 400 and e.value.param == key and repr(value) in e.value.message
+
+
+def test_max_tokens_past_the_context_is_left_to_vllm_to_cap_unless_a_limit_is_set():
+    assert parse({"model": "tiny", "prompt": "hi", "max_tokens": 10**9})["max_tokens"] == 10**9
+    with pytest.raises(APIError) as e:
+        parse_request(json.dumps({"prompt": "hi", "max_tokens": 40000}).encode(), "completions", "tiny", 32768)
+    assert e.value.param == "max_tokens" and "between 1 and 32768" in e.value.message
