@@ -110,7 +110,7 @@ def stream_ttft(namespace: str, url: str, body: dict) -> tuple[float, str]:
 
 def pushed_bytes(placed: Placement) -> float:
     with entered(placed.namespace("prefill-0")):
-        text = requests.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).text
+        text = requests.get(f"http://{placed.address('prefill-0')}:{METRICS_PORT}/metrics", timeout=10).text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith("kvbridge_transfer_pushed_bytes_total"))
 

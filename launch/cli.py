@@ -71,29 +71,29 @@ def _render_dashboard(a: argparse.Namespace) -> None:
 
 
 def _status(a: argparse.Namespace) -> None:
+    from launch.netns import NetnsError
+    from launch.placement import PlacementGone
     from launch.status_view import show
     try:
         sys.exit(show(a.file, a.log_dir, a.json, a.watch))
     except KeyboardInterrupt:   # how --watch ends
         sys.exit(0)
+    except (PlacementGone, NetnsError) as e:  # a graph with hosts: not running, or not root
+        raise SystemExit(f"kvbridge status: {e}")
 
 
 def _store(a: argparse.Namespace) -> None:
-    from launch.store_cli import StoreAdminError, format_report, node_report, read_prompts, store_nodes, warmup
-    roles = store_nodes(a.file)
-    if not roles:
-        raise SystemExit(f"{a.file}: no prefill node keeps a store (connector.store)")
+    from launch.netns import NetnsError, entered
+    from launch.placement import PlacementGone
+    from launch.store_cli import StoreAdminError, store_lines, store_nodes
     try:
-        if a.sub == "warmup":
-            prompts = read_prompts(a.prompts)
-            for name, (before, after) in warmup(roles, prompts, a.parallel).items():
-                print("\n".join(format_report(name, after, before)))
-            print(f"{len(prompts)} prompts prefilled on {len(roles)} node(s)")
-        else:
-            for role in roles:
-                print("\n".join(format_report(role.name, node_report(role, a.sub))))
-    except StoreAdminError as e:
-        raise SystemExit(str(e))
+        roles, inside = store_nodes(a.file, a.log_dir)
+        if not roles:
+            raise SystemExit(f"{a.file}: no prefill node keeps a store (connector.store)")
+        with entered(inside):  # a graph with hosts: its router's host reaches every host
+            print("\n".join(store_lines(a.sub, roles, getattr(a, "prompts", None), getattr(a, "parallel", 4))))
+    except (StoreAdminError, PlacementGone, NetnsError) as e:
+        raise SystemExit(f"kvbridge store: {e}")
 
 
 def _router(a: argparse.Namespace) -> None:
@@ -153,12 +153,14 @@ def main(argv: list[str] | None = None) -> None:
                                  "recomputes it; a shared Redis is cleared for every node)")):
         s = ssub.add_parser(name, help=text)
         s.add_argument("file", nargs="?", default="configs/deployment.yaml")
+        s.add_argument("--log-dir", default=".kvbridge/logs", help="where `kvbridge up` writes the role logs")
         s.set_defaults(fn=_store)
     s = ssub.add_parser("warmup", help="prefill the prompts in PROMPTS (one per line, or .jsonl with a 'prompt' "
                                        "field) on every prefill node so their chunks are stored")
     s.add_argument("prompts")
     s.add_argument("file", nargs="?", default="configs/deployment.yaml")
     s.add_argument("--parallel", type=int, default=4, help="prompts in flight at once")
+    s.add_argument("--log-dir", default=".kvbridge/logs", help="where `kvbridge up` writes the role logs")
     s.set_defaults(fn=_store)
     p = sub.add_parser("render", help="turn a deployment graph into manifests for another target")
     rsub = p.add_subparsers(dest="sub", required=True)

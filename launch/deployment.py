@@ -31,6 +31,7 @@ def run_deployment(path: str, demo: bool = False, log_dir: str = ".kvbridge/logs
         if placed:
             prefill, decode, router = placed.prefill, placed.decode, placed.router
             vllms = placed.vllm_servers(log_dir, dep.env, keep_old_log=True)
+            stack.callback(placed.write_record(log_dir).unlink, missing_ok=True)  # where `status` finds the hosts
         else:
             vllms = [VllmServer(role, log_dir, env=dep.env, keep_old_log=True) for role in prefill + decode]
         for server in vllms:
@@ -42,6 +43,9 @@ def run_deployment(path: str, demo: bool = False, log_dir: str = ".kvbridge/logs
         sup.wait_healthy()
         url = proxy.url
         log.info("deployment %s is up: OpenAI API at %s/v1", dep.name, url)
+        if placed:
+            log.info("on host %s: `sudo ip netns exec %s curl %s/v1/models`, or `sudo kvbridge status %s`",
+                     placed.host_of[ROUTER], placed.namespace(ROUTER), url, path)
         if demo:
             from launch.demo import run_demo
             with entered(placed.namespace(ROUTER) if placed else None):  # the router's host reaches every host

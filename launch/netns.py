@@ -154,6 +154,13 @@ class Network:
             self.close()
             raise
 
+    @classmethod
+    def existing(cls, hosts: dict[str, Host]) -> Network:
+        """The network another process made (`kvbridge up`), to reach its hosts; close() leaves it as it is."""
+        net = cls.__new__(cls)
+        net.hosts, net._made, net._wires = hosts, [], {}
+        return net
+
     def _make_host(self, host: Host) -> None:
         _run("ip", "netns", "add", host.namespace)
         self._made.append(host.namespace)

@@ -16,6 +16,8 @@ from pathlib import Path
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from launch.netns import entered
+from launch.placement import where_running
 from launch.role_config import DeploymentConfig, RoleConfig, load_config
 from router.config import RouterConfig
 from transfer import wire
@@ -127,35 +129,38 @@ async def _decode_stats(row: InstanceStatus, role: RoleConfig, timeout_s: float,
 
 
 async def collect(path: str | Path, log_dir: str | Path = ".kvbridge/logs", timeout_s: float = 2.0) -> list[dict]:
-    """Every instance of the deployment at `path`, router first, as plain dicts (what --json prints)."""
+    """Every instance of the deployment at `path`, router first, as plain dicts (what --json prints). A graph
+    with `hosts:` is asked from its router's host, where `kvbridge up` placed it (needs root, as `up` did)."""
     dep = load_config(path)
     if not isinstance(dep, DeploymentConfig):
         raise ConfigError(f"{path}: expected role: deployment")
-    prefill, decode, router = dep.load(check_router=False)  # reads the roles, routes nothing
+    prefill, decode, router, inside = where_running(dep, log_dir)
     rows = {"router": InstanceStatus("router", "router", _router_url(router))}
     for kind, roles in (("prefill", prefill), ("decode", decode)):
         rows.update({r.name: InstanceStatus(r.name, kind, r.url) for r in roles})
     timeout = aiohttp.ClientTimeout(total=timeout_s)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        healths = await asyncio.gather(*(_health(session, r.url) for r in rows.values()))
-        for row, health in zip(rows.values(), healths):
-            row.health = health
-            row.errors = _last_errors(Path(log_dir), row.name)
-        admin = f"http://{router.admin_host}:{router.admin_port}" if router.admin_port else rows["router"].url
-        router_samples = await _samples(session, admin + "/metrics")
-        if router_samples is not None:
-            _apply_router(rows, router_samples)
-        if dep.metrics_port:
+    if dep.metrics_port:  # `kvbridge up`'s own, on this host
+        async with aiohttp.ClientSession(timeout=timeout) as session:
             supervisor = await _samples(session, f"http://127.0.0.1:{dep.metrics_port}/metrics")
-            if supervisor is not None:
-                _apply_supervisor(rows, supervisor)
-        engines = [r for r in prefill + decode if r.connector.metrics_port]
-        metrics = await asyncio.gather(*(_samples(
-            session, f"http://{r.connector.listen_host}:{r.connector.metrics_port}/metrics") for r in engines))
-        for role, samples in zip(engines, metrics):
-            if samples is not None:
-                _apply_engine(rows[role.name], samples)
-    await asyncio.gather(*(_decode_stats(rows[r.name], r, timeout_s, router.kv_cred) for r in decode))
+        if supervisor is not None:
+            _apply_supervisor(rows, supervisor)
+    with entered(inside):  # every socket below is made on the router's host: it reaches every host
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            healths = await asyncio.gather(*(_health(session, r.url) for r in rows.values()))
+            for row, health in zip(rows.values(), healths):
+                row.health = health
+                row.errors = _last_errors(Path(log_dir), row.name)
+            admin = f"http://{router.admin_host}:{router.admin_port}" if router.admin_port else rows["router"].url
+            router_samples = await _samples(session, admin + "/metrics")
+            if router_samples is not None:
+                _apply_router(rows, router_samples)
+            engines = [r for r in prefill + decode if r.connector.metrics_port]
+            metrics = await asyncio.gather(*(_samples(
+                session, f"http://{r.connector.listen_host}:{r.connector.metrics_port}/metrics") for r in engines))
+            for role, samples in zip(engines, metrics):
+                if samples is not None:
+                    _apply_engine(rows[role.name], samples)
+        await asyncio.gather(*(_decode_stats(rows[r.name], r, timeout_s, router.kv_cred) for r in decode))
     return [asdict(r) for r in rows.values()]
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import requests
 import zmq
 
+from launch.placement import where_running
 from launch.role_config import DeploymentConfig, RoleConfig, load_config
 from storage.admin_messages import ADMIN_SENDER, AdminError, StoreAdminRequest, StoreReport, decode_report, encode
 from transfer.config_errors import ConfigError
@@ -47,13 +48,14 @@ def ask_store(address: str, op: str, secret: bytes | None, timeout_s: float = 30
     return report
 
 
-def store_nodes(path: str | Path) -> list[RoleConfig]:
-    """The deployment's nodes that keep a store (prefill and both roles with a `store:` section)."""
+def store_nodes(path: str | Path, log_dir: str | Path = ".kvbridge/logs") -> tuple[list[RoleConfig], str | None]:
+    """The deployment's nodes that keep a store (prefill and both roles with a `store:` section), where they
+    run, and the namespace to reach them from (a graph with `hosts:`: its router's host; else None)."""
     dep = load_config(path)
     if not isinstance(dep, DeploymentConfig):
         raise ConfigError(f"{path}: expected role: deployment")
-    prefill, _, _ = dep.load(check_router=False)
-    return [r for r in prefill if r.connector.store is not None]
+    prefill, _, _, inside = where_running(dep, log_dir)
+    return [r for r in prefill if r.connector.store is not None], inside
 
 
 def _admin_address(role: RoleConfig) -> str:
@@ -106,3 +108,13 @@ def format_report(name: str, report: StoreReport, before: StoreReport | None = N
             line += f"  ({t.removed} removed)"
         out.append(line)
     return out
+
+
+def store_lines(op: str, roles: list[RoleConfig], prompts_path: str | None = None, parallel: int = 4) -> list[str]:
+    """What `kvbridge store OP` prints: each node's report (after a warm-up, with what it added)."""
+    if op != "warmup":
+        return [line for role in roles for line in format_report(role.name, node_report(role, op))]
+    prompts = read_prompts(prompts_path)
+    out = [line for name, (before, after) in warmup(roles, prompts, parallel).items()
+           for line in format_report(name, after, before)]
+    return out + [f"{len(prompts)} prompts prefilled on {len(roles)} node(s)"]

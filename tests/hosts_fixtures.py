@@ -24,7 +24,7 @@ import yaml
 from launch import netns
 from launch.local_servers import LOG_DIR, MODEL_DIR, SERVED_MODEL
 from launch.netns import entered
-from launch.placement import ROUTER, Placement
+from launch.placement import RECORD, ROUTER, Placement
 from launch.process_handle import ROOT
 from launch.role_config import load_config
 from launch.servers import RouterServer, VllmServer
@@ -33,7 +33,7 @@ from transfer import wire
 PREFILL, DECODE = "prefill-h", "decode-h"
 HOSTS = {"hp": [PREFILL], "hd": [DECODE], "hr": [ROUTER]}
 LINK = {"rate": "10gbit"}
-KV_PORT, METRICS_PORT = 5600, 9300
+KV_PORT, METRICS_PORT, STORE_ADMIN_PORT = 5600, 9300, 5700
 _VLLM_ARGS = ["--enforce-eager", "--dtype", "float32", "--max-model-len", "2048", "--max-num-seqs", "32"]
 _ENV = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}
 
@@ -44,7 +44,8 @@ def write_graph(folder: Path, link: dict = LINK) -> Path:
         "prefill.yaml": {"role": "prefill", "name": PREFILL, "model": str(MODEL_DIR), "served_model_name": SERVED_MODEL,
                          "port": 8100, "vllm_args": _VLLM_ARGS, "env": dict(_ENV, VLLM_CPU_OMP_THREADS_BIND="0"),
                          "connector": {"checksum": True, "alloc_timeout_s": 3.0, "lease_ttl_s": 3.0,
-                                       "metrics_port": METRICS_PORT}},
+                                       "metrics_port": METRICS_PORT,
+                                       "store": {"memory_bytes": "64MiB", "admin_port": STORE_ADMIN_PORT}}},
         "decode.yaml": {"role": "decode", "name": DECODE, "model": str(MODEL_DIR), "served_model_name": SERVED_MODEL,
                         "port": 8200, "vllm_args": _VLLM_ARGS, "env": dict(_ENV, VLLM_CPU_OMP_THREADS_BIND="1"),
                         "connector": {"checksum": True, "listen_port": KV_PORT, "load_timeout_s": 4.0,
@@ -71,6 +72,7 @@ class HostsDeployment:
     decode: VllmServer
     router: RouterServer
     secret: str
+    graph: Path
 
     def host(self, role: str) -> str:
         return self.placed.host_of[role]
@@ -113,7 +115,7 @@ class HostsDeployment:
 
     def producer_metrics(self) -> dict[str, float]:
         with self.on(PREFILL):
-            text = requests.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).text
+            text = requests.get(f"http://{self.placed.address(PREFILL)}:{METRICS_PORT}/metrics", timeout=10).text
         return {name: float(value) for name, value in (line.rsplit(" ", 1) for line in text.splitlines()
                                                         if line.startswith("kvbridge_") and "_created" not in line)}
 
@@ -127,12 +129,14 @@ def hosts(tiny_model, tmp_path_factory):
     why = netns.unavailable()
     if why:  # root and iproute2 are what the test command needs here; without them the suite has not passed
         pytest.fail(f"multi-host tests cannot run on this machine: {why}")
-    dep = load_config(write_graph(tmp_path_factory.mktemp("hosts")))
+    graph = write_graph(tmp_path_factory.mktemp("hosts"))
+    dep = load_config(graph)
     secret = secrets.token_hex(16)
     env = {"KVBRIDGE_SECRET": secret}
     with Placement(dep, *dep.load(), wired=[("hp", "hd")]) as placed:
         vllms = placed.vllm_servers(LOG_DIR, env)
         started: list = []
+        record = LOG_DIR / RECORD
         try:
             for s in vllms:
                 s.start()
@@ -143,8 +147,10 @@ def hosts(tiny_model, tmp_path_factory):
             router.start()
             started.append(router)
             router.wait_ready(60)
-            yield HostsDeployment(placed, vllms[0], vllms[1], router, secret)
+            placed.write_record(LOG_DIR)  # as `kvbridge up` does, for `kvbridge status`
+            yield HostsDeployment(placed, vllms[0], vllms[1], router, secret, graph)
         finally:
+            record.unlink(missing_ok=True)
             for s in started:
                 s.terminate()
             for s in started:

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import itertools
+import json
+import os
+import re
+import subprocess
+import sys
 import time
 import uuid
 
 import pytest
 import requests
 
+from launch.local_servers import LOG_DIR
 from launch.netns import LinkShape
 from launch.polling import wait_for
 from launch.tiny_prompts import random_token_prompt
+from launch.process_handle import ROOT
 from tests.hosts_fixtures import DECODE, LINK, PREFILL
 from tests.pd_client import text_of
 from transfer.push_token import push_key, sign
@@ -64,6 +71,26 @@ def test_pd_across_hosts_equals_aggregated(hosts, n):
     reach it only over their links, and the KV of the whole prompt arrives over TCP."""
     assert hosts.decode.handshake.startswith("198.18.")
     assert answers_equal(hosts, n, seed=n) == n
+
+
+def kvbridge(hosts, *args: str) -> str:
+    """A `kvbridge` command run as an operator runs it: a process of its own, outside every host."""
+    out = subprocess.run([sys.executable, "-m", "launch.cli", *args, str(hosts.graph), "--log-dir", str(LOG_DIR)],
+                         capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, KVBRIDGE_SECRET=hosts.secret, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    return out.stdout
+
+
+def test_status_and_store_reach_every_host_from_the_router_host(hosts):
+    """`kvbridge status` and `kvbridge store` find the hosts `kvbridge up` placed and ask each part where it
+    is served (they asked the graph's unplaced loopback addresses, and found nothing)."""
+    rows = {r["name"]: r for r in json.loads(kvbridge(hosts, "status", "--json"))}
+    assert {name: r["health"] for name, r in rows.items()} == {"router": "ok", PREFILL: "ok", DECODE: "ok"}
+    assert rows[DECODE]["router_view"] == "up" and rows[DECODE]["slots"].endswith("/32"), rows[DECODE]
+    assert rows[PREFILL]["staging"], rows[PREFILL]  # the prefill connector's metrics, on its host's address
+    stored = re.search(rf"{PREFILL}\s+memory\s+(\d+) chunks", kvbridge(hosts, "store", "stats"))
+    assert stored and int(stored.group(1)) > 0  # the prompts of the tests above
 
 
 def test_pd_moves_the_kv_over_the_prefill_decode_link(hosts):

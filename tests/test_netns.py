@@ -118,6 +118,7 @@ def test_placing_a_graph_points_every_address_at_its_host(tmp_path):
         hp, hd = (placed.address(r) for r in (PREFILL, DECODE))
         (pre,), (dec,), router = placed.prefill, placed.decode, placed.router
         assert pre.host == hp and dec.host == hd and dec.connector.listen_host == hd
+        assert pre.connector.listen_host == hp  # its metrics and store admin, reached from other hosts
         assert router.host == placed.address("router")
         assert router.prefill[0].url == f"http://{hp}:{pre.port}"
         assert router.decode[0].url == f"http://{hd}:{dec.port}" and router.decode[0].kv_address == dec.kv_address

@@ -8,6 +8,7 @@ import json
 import socket
 from pathlib import Path
 
+import pytest
 import yaml
 import zmq
 import zmq.asyncio
@@ -147,3 +148,17 @@ def test_watch_shows_transfers_over_the_window_and_survives_a_restart():
     old = [{"name": "d", "transfers": {"SCATTERED": 10, "EXPIRED": 1}}, {"name": "p", "transfers": {"SENT": 50}}]
     new = [{"name": "d", "transfers": {"SCATTERED": 14, "EXPIRED": 1}}, {"name": "p", "transfers": {"SENT": 3}}]
     assert [r["transfers"] for r in since(old, new)] == [{"SCATTERED": 4, "EXPIRED": 0}, {"SENT": 3}]
+
+
+def test_status_of_a_graph_on_hosts_that_is_not_running_says_so(tmp_path, monkeypatch):
+    """The hosts' namespaces are where `kvbridge up` recorded them; a record whose namespaces are gone (the
+    deployment stopped) or no record at all is an error that says which, not a table of unreachable nodes."""
+    from launch.placement import RECORD, PlacementGone
+    monkeypatch.setenv("KVBRIDGE_SECRET", "s" * 32)
+    graph = ROOT / "configs" / "deployment-hosts.yaml"
+    with pytest.raises(PlacementGone, match="is `kvbridge up` running"):
+        asyncio.run(collect(graph, tmp_path))
+    hosts = {h: {"namespace": f"kvb999999999-{h}", "address": "198.18.0.1"} for h in ("hostp", "hostd", "hostr")}
+    (tmp_path / RECORD).write_text(json.dumps({"deployment": "local-tiny-hosts", "owner_pid": 1, "hosts": hosts}))
+    with pytest.raises(PlacementGone, match="namespaces gone: .*kvb999999999-hostp"):
+        asyncio.run(collect(graph, tmp_path))
