@@ -54,9 +54,9 @@ def test_openai_client_same_text_as_aggregated(servers, router, stream, words):
 
 def test_values_vllm_reads_leniently_are_read_so_by_the_router_too(servers, router):
     """`"stream": "true"`, `"max_tokens": "8"` and `"n": "2"` are what vLLM reads as true, 8 and 2: the router
-    streams the answer and gives the decode two claims on the transfer, so both choices are the prompt's."""
-    prompt = random_words(200, seed=5)
-    body = {"model": "tiny", "prompt": prompt, "max_tokens": "8", "n": "2", "temperature": 0, "stream": "true"}
+    streams the answer and gives the decode two claims on the transfer, so both choices are aggregated's."""
+    body = {"model": "tiny", "prompt": random_words(200, seed=5), "max_tokens": "8", "n": "2", "seed": 5,
+            "temperature": 0.9, "stream": "true"}
     texts = {0: "", 1: ""}
     with requests.post(router.url + "/v1/completions", json=body, stream=True, timeout=60) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"), r.text
@@ -64,8 +64,8 @@ def test_values_vllm_reads_leniently_are_read_so_by_the_router_too(servers, rout
             if line.startswith(b"data: {"):
                 for choice in json.loads(line[6:])["choices"]:
                     texts[choice["index"]] += choice["text"]
-    want = complete(servers["agg"].url, prompt, False, 8)
-    assert texts == {0: want, 1: want}
+    want = requests.post(servers["agg"].url + "/v1/completions", json=dict(body, stream=False), timeout=60).json()
+    assert texts == {c["index"]: c["text"] for c in want["choices"]} and texts[0]
 
 
 def test_client_kv_transfer_params_are_not_trusted(servers, router):
