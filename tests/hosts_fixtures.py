@@ -49,9 +49,7 @@ def write_graph(folder: Path, link: dict = LINK) -> Path:
         "decode.yaml": {"role": "decode", "name": DECODE, "model": str(MODEL_DIR), "served_model_name": SERVED_MODEL,
                         "port": 8200, "vllm_args": _VLLM_ARGS, "env": dict(_ENV, VLLM_CPU_OMP_THREADS_BIND="1"),
                         "connector": {"checksum": True, "listen_port": KV_PORT, "load_timeout_s": 4.0,
-                                      # an ALLOC a cut link delivers late leases slots to a producer that
-                                      # gave up: they wait fence_timeout_s past the lease's deadline
-                                      "num_slots": 32, "quarantine_s": 0.5, "fence_timeout_s": 5.0}},
+                                      "num_slots": 32, "quarantine_s": 0.5}},
         "router.yaml": {"role": "router", "port": 8000, "model": SERVED_MODEL, "health_interval_s": 0.5,
                         "health_timeout_s": 1.0, "unhealthy_after": 1, "connect_timeout_s": 2.0,
                         "prefill": [{"name": PREFILL, "url": "http://127.0.0.1:8100"}],

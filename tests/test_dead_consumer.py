@@ -98,6 +98,35 @@ def test_transfers_to_a_frozen_consumer_fail_after_one_unanswered_call(healthy):
         p.close()
 
 
+def test_an_alloc_a_frozen_consumer_takes_in_late_is_withdrawn_and_holds_no_slots():
+    """The ALLOC waits in the frozen consumer's socket past the producer's call timeout, and the producer gives
+    the transfer up; woken, the consumer would lease slots to nobody until fence_timeout_s past the lease's
+    deadline. The producer withdraws the ALLOC once the consumer answers: its slots rest quarantine_s."""
+    frozen = ConsumerProcess(LAYOUT, chunk_tokens=CHUNK_TOKENS, num_slots=4, quarantine_s=0.3, fence_timeout_s=60.0)
+    p = make_producer("late-alloc", lease_ttl_s=LEASE_TTL_S, staging_chunks=4)
+    try:
+        crcs = push(p, frozen, "before", 1)  # handshaken: a push after this one's first call is its ALLOC
+        assert finished(p, {"before"})["before"] == State.SENT
+        check_landed(frozen, "before", crcs)
+        os.kill(frozen.proc.pid, signal.SIGSTOP)
+        handle = p.begin(spec("late", 2), frozen.address)
+        assert p.stage(handle, 0, lambda v: p.geometry.chunk_nbytes(spec("late", 2).num_tokens, 0))
+        assert finished(p, {"late"})["late"] == State.FAILED  # its ALLOC's call timed out
+        os.kill(frozen.proc.pid, signal.SIGCONT)
+        time.sleep(RPC_TIMEOUT_S)  # past the span in which calls fail at once
+        frozen.wait_pool_full(timeout_s=5)  # without the withdrawal: LEASE_TTL_S + 60 s
+        counters = frozen.call("counters")
+        # the ALLOC came first and its lease ended, or the withdrawal came first and the ALLOC was refused
+        assert counters.get("allocs_withdrawn", 0) + counters.get("allocs_refused_withdrawn", 0) == 1, counters
+        crcs = push(p, frozen, "after-late", 2)  # and the consumer serves this producer as before
+        assert finished(p, {"after-late"})["after-late"] == State.SENT
+        check_landed(frozen, "after-late", crcs)
+    finally:
+        os.kill(frozen.proc.pid, signal.SIGCONT)
+        frozen.stop()
+        p.close()
+
+
 def test_a_frozen_consumer_does_not_hold_pushes_to_another(healthy):
     """Calls to each consumer run on a thread of their own: an ALLOC that a frozen consumer leaves unanswered
     (here for as long as the long RPC timeout) does not stop a healthy consumer's transfer from completing;

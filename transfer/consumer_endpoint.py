@@ -244,6 +244,10 @@ class ConsumerEndpoint:
             self.pool.stopped(msg.transfer_id, msg.epoch)
         return wire.Ack(ok=released)
 
+    def _on_withdraw(self, msg: wire.Withdraw) -> wire.Message:
+        self.desk.withdraw(msg)
+        return wire.Ack(ok=True)
+
     def _on_cancel(self, msg: wire.Cancel) -> wire.Message:
         self.book.discard(msg.transfer_id)
         return wire.Ack(ok=True)

@@ -33,6 +33,7 @@ from transfer.control_auth import AuthError, Credential
 from transfer.identity import TransferSpec
 from transfer.nixl_agent import NixlAgent
 from transfer.threads import io_context
+from transfer.withdrawals import UnansweredAllocs, Unreachable
 
 log = logging.getLogger("kvbridge.producer")
 _LOST = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED  # the peer closed on us, or nobody listens there
@@ -50,7 +51,12 @@ class HandshakeRejected(RuntimeError):
 
 
 class PeerUnreachable(RuntimeError):
-    """No reply within the timeout: the consumer is down or unreachable."""
+    """No reply within the timeout: the consumer is down or unreachable. `sent`: the request went out (it may
+    still arrive, however late); False when the call failed before sending it."""
+
+    def __init__(self, message: str, sent: bool = True) -> None:
+        super().__init__(message)
+        self.sent = sent
 
 
 class PeerError(RuntimeError):
@@ -73,6 +79,8 @@ class ConsumerLink:
         self._cred = Credential(f"producer/{hello.producer_id}", secret)
         self._timeout_ms = int(timeout_s * 1000)
         self._rid = itertools.count(1)
+        self._alloc_ids = itertools.count(1)
+        self.unanswered = UnansweredAllocs()  # sent ALLOCs we gave up on, to withdraw (withdrawals.py)
         self._lock = threading.Lock()
         self._sock: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None
@@ -90,15 +98,30 @@ class ConsumerLink:
         self.ensure()
         msg = wire.Alloc(incarnation=self._incarnation, transfer_id=spec.key, attempt=spec.attempt,
                          num_tokens=spec.num_tokens, token_hash=spec.token_hash,
-                         weights_fingerprint=self._hello_msg.layout.weights_fingerprint, ttl_s=ttl_s)
+                         weights_fingerprint=self._hello_msg.layout.weights_fingerprint, ttl_s=ttl_s,
+                         alloc_id=next(self._alloc_ids))
         try:
-            return self._call(msg, (wire.Grant, wire.NoCapacity))
-        except PeerError as e:
-            if e.code != "handshake_required":
-                raise
-            log.info("consumer %s does not know us (restarted?): handshaking again", self.address)
-            self._hello()
-            return self._call(msg, (wire.Grant, wire.NoCapacity))
+            try:
+                return self._call(msg, (wire.Grant, wire.NoCapacity))
+            except PeerError as e:
+                if e.code != "handshake_required":
+                    raise
+                log.info("consumer %s does not know us (restarted?): handshaking again", self.address)
+                self._hello()
+                return self._call(msg, (wire.Grant, wire.NoCapacity))
+        except PeerUnreachable as e:
+            if e.sent:  # it may still arrive: its lease would hold slots for nobody
+                self.unanswered.add(spec.key, msg.alloc_id)
+            raise
+
+    def withdraw(self, transfer_id: str, alloc_id: int) -> None:
+        """Tell the consumer our unanswered ALLOC `alloc_id` holds nothing (withdrawals.py); Unreachable when
+        the consumer cannot be reached now."""
+        try:
+            self._call(wire.Withdraw(incarnation=self._incarnation, transfer_id=transfer_id, alloc_id=alloc_id),
+                       (wire.Ack,))
+        except PeerUnreachable as e:
+            raise Unreachable(str(e)) from None
 
     def renew(self, transfer_id: str, epoch: int, ttl_s: float) -> bool:
         return self._call(wire.Renew(transfer_id=transfer_id, epoch=epoch, ttl_s=ttl_s), (wire.Ack,)).ok
@@ -169,13 +192,13 @@ class ConsumerLink:
             self._last_call = time.monotonic()
             if time.monotonic() < self._quiet_until:
                 raise PeerUnreachable(f"consumer {self.address} left a call unanswered for {self._timeout_ms} ms "
-                                      f"moments ago (not sent: {msg.type})")
+                                      f"moments ago (not sent: {msg.type})", sent=False)
             self._open()
             self._read_monitor()
             if self._lost_since is not None and not self._wait_back():
                 raise PeerUnreachable(f"consumer {self.address} closed its connection "
                                       f"{time.monotonic() - self._lost_since:.1f} s ago and is not back "
-                                      f"after {RECONNECT_GRACE_S} s (not sent: {msg.type})")
+                                      f"after {RECONNECT_GRACE_S} s (not sent: {msg.type})", sent=False)
             frame, nonce = self._cred.seal(wire.encode(msg))
             self._sock.send(frame)
             poller = zmq.Poller()

@@ -27,6 +27,7 @@ class Lease:
     producer_stopped: bool = False  # its producer said it writes no more, before the deadline (quarantine.py)
     fenced: bool = False  # its producer's fence came: nothing it wrote here is still on the way (quarantine.py)
     producer_gone: bool = False  # its producer restarted: it writes nothing past the deadline (quarantine.py)
+    alloc_ids: set[int] = field(default_factory=set)  # the ALLOCs answered with it (wire.Withdraw names one)
 
     @property
     def complete(self) -> bool:

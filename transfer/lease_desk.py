@@ -9,6 +9,11 @@ Capacity is handed out first come, first served: an ALLOC refused for lack of sl
 later ALLOC is granted only from the slots left once every transfer queued before it has what it waits
 for. So a stream of small transfers cannot keep taking the last slots a large window waits for. A queued
 transfer whose producer stops asking (it retries every `retry_after_s`) leaves the queue after `stale_s`.
+
+A producer whose ALLOC went unanswered withdraws it (wire.Withdraw) once it reaches us again. The ALLOC may
+have come before (its lease, answered to nobody, ends: `SlotPool.withdraw`) or come after, on the old
+connection a healed link delivers late: the desk remembers the last `MAX_WITHDRAWN` withdrawn ALLOCs and
+refuses them.
 """
 from __future__ import annotations
 
@@ -56,6 +61,9 @@ class GrantQueue:
         return len(self._waiting)
 
 
+MAX_WITHDRAWN = 4096
+
+
 class LeaseDesk:
     def __init__(self, pool: SlotPool, book: ReceiveBook, geometry: ChunkGeometry, region_addr: int,
                  window_slots: int, expect_wait_s: float, incarnation: str) -> None:
@@ -68,8 +76,22 @@ class LeaseDesk:
         self.window_slots = min(pool.num_slots, window_slots or pool.num_slots)
         self.expect_wait_s = expect_wait_s
         self.queue = GrantQueue()
+        self._withdrawn: OrderedDict[tuple[str, int], None] = OrderedDict()  # (producer, alloc_id), oldest first
+
+    def withdraw(self, msg: wire.Withdraw) -> None:
+        if self.pool.withdraw(msg.transfer_id, msg.incarnation, msg.alloc_id):
+            self.book.count("allocs_withdrawn")
+        else:  # not come yet (or answered by another ALLOC too): refuse it when it comes
+            self._withdrawn[(msg.incarnation, msg.alloc_id)] = None
+            if len(self._withdrawn) > MAX_WITHDRAWN:
+                self._withdrawn.popitem(last=False)
 
     def alloc(self, msg: wire.Alloc) -> wire.Message:
+        if (msg.incarnation, msg.alloc_id) in self._withdrawn:
+            del self._withdrawn[(msg.incarnation, msg.alloc_id)]
+            self.book.count("allocs_refused_withdrawn")
+            return wire.Error(code="withdrawn", message=f"transfer {msg.transfer_id}: ALLOC {msg.alloc_id} was "
+                              "withdrawn by its producer before it arrived")
         refused = self.book.check_alloc(msg.transfer_id, msg.num_tokens, msg.token_hash)
         if refused == DELIVERED:  # the same prompt pushed again (repeated in its request): ended, not failed
             return wire.Error(code=wire.LEASE_IN_USE, message=f"transfer {msg.transfer_id}: {refused}")
@@ -84,7 +106,7 @@ class LeaseDesk:
         window = min(len(sizes), self.window_slots)
         try:
             lease = self.pool.grant(msg.transfer_id, sizes, msg.ttl_s, msg.incarnation, msg.attempt, skip, window,
-                                    keep_free=self.queue.reserved_before(msg.transfer_id))
+                                    keep_free=self.queue.reserved_before(msg.transfer_id), alloc_id=msg.alloc_id)
         except LeaseInUse as e:
             self.book.count("allocs_refused_lease_in_use")
             return wire.Error(code=wire.LEASE_IN_USE, message=str(e))

@@ -56,11 +56,14 @@ class LinkCalls:
         return future
 
     def tend(self) -> None:
-        """Let every link read its connection events and close an idle socket (ConsumerLink.tend)."""
+        """Let every link read its connection events and close an idle socket (ConsumerLink.tend), and send the
+        withdrawals of its unanswered ALLOCs when due, on its own thread (withdrawals.py)."""
         with self._lock:
-            links = list(self._links.values())
-        for link in links:
+            links = list(self._links.items())
+        for consumer, link in links:
             link.tend()
+            if link.unanswered.claim():
+                self.submit(consumer, lambda lk: lk.unanswered.withdraw_all(lk.withdraw))
 
     def gone(self, consumer: str) -> bool:
         """Whether the consumer closed its connection (ConsumerLink.gone: never waits for a call under way)."""

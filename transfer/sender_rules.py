@@ -1,8 +1,8 @@
 """What each authenticated sender may tell a consumer endpoint.
 
 The router asks (pool stats, cancel, trace) and nothing else; a producer speaks only for itself: it
-introduces only its own id, allocates only under its own incarnation, and renews, releases or replaces only
-its own leases. A frame that passed authentication and breaks one of these is refused with the reason.
+introduces only its own id, allocates and withdraws only under its own incarnation, and renews, releases or
+replaces only its own leases. A frame that passed authentication and breaks one of these is refused with the reason.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from transfer.producer_registry import ProducerRegistry
 from transfer.slot_pool import SlotPool
 
 ROUTER_MESSAGES = frozenset({"stats", "cancel", "prefill_answered", "trace"})
-PRODUCER_MESSAGES = frozenset({"hello", "alloc", "renew", "release", "progress", "pending", "stats"})
+PRODUCER_MESSAGES = frozenset({"hello", "alloc", "renew", "release", "withdraw", "progress", "pending", "stats"})
 
 
 def forbidden(sender: str, msg: wire.Message, producers: ProducerRegistry, pool: SlotPool) -> str:
@@ -25,7 +25,7 @@ def forbidden(sender: str, msg: wire.Message, producers: ProducerRegistry, pool:
     producers.touch(pid)
     if isinstance(msg, wire.Hello) and msg.producer_id != pid:
         return f"credential of producer {pid} cannot introduce producer {msg.producer_id}"
-    if isinstance(msg, wire.Alloc) and producers.owner(msg.incarnation) not in (None, pid):
+    if isinstance(msg, (wire.Alloc, wire.Withdraw)) and producers.owner(msg.incarnation) not in (None, pid):
         return f"incarnation {msg.incarnation[:12]} belongs to another producer"
     if isinstance(msg, (wire.Alloc, wire.Renew, wire.Release, wire.Progress)):  # an ALLOC would replace the lease
         lease = pool.live(msg.transfer_id)

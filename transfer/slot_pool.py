@@ -61,8 +61,8 @@ class SlotPool:
         self.expired_total = 0
         self.dropped_total = 0
 
-    def grant(self, transfer_id: str, chunk_nbytes: list[int], ttl_s: float, producer: str,
-              attempt: int = 0, first_chunk: int = 0, window: int | None = None, keep_free: int = 0) -> Lease | None:
+    def grant(self, transfer_id: str, chunk_nbytes: list[int], ttl_s: float, producer: str, attempt: int = 0,
+              first_chunk: int = 0, window: int | None = None, keep_free: int = 0, alloc_id: int = 0) -> Lease | None:
         """Lease `window` slots (default: one per chunk) while leaving `keep_free` slots free for others, or None
         when that is not possible now (caller says NO_CAPACITY). The same producer asking again for the same
         attempt gets its lease back (a lost reply) while nothing arrived in it; once a chunk did, the ask is a
@@ -78,6 +78,7 @@ class SlotPool:
                     if not old.untouched:
                         raise LeaseInUse(old)
                     old.deadline = max(old.deadline, self._clock() + ttl_s)  # the reply tells the producer ttl_s
+                    old.alloc_ids.add(alloc_id)
                     return old
                 self._end_locked(old)
             want = len(chunk_nbytes) if window is None else max(1, min(window, len(chunk_nbytes)))
@@ -86,9 +87,24 @@ class SlotPool:
             slots = [self._free.pop() for _ in range(want)]
             lease = Lease(transfer_id, slots, self._next_epoch, self._clock() + ttl_s, producer,
                           list(chunk_nbytes), attempt, first_chunk)
+            lease.alloc_ids.add(alloc_id)
             self._next_epoch += 1
             self._leases[transfer_id] = lease
             return lease
+
+    def withdraw(self, transfer_id: str, producer: str, alloc_id: int) -> bool:
+        """`producer` never heard the answer to its ALLOC `alloc_id`, so it writes nothing under it: a lease no
+        other ALLOC was answered with ends, its slots resting only quarantine_s, as after a fence. Whether one did."""
+        with self._lock:
+            lease = self._leases.get(transfer_id)
+            if lease is None or lease.producer != producer or alloc_id not in lease.alloc_ids:
+                return False
+            lease.alloc_ids.discard(alloc_id)
+            if lease.alloc_ids or not lease.untouched:
+                return False
+            lease.fenced = True
+            self._end_locked(lease)
+            return True
 
     def renew(self, transfer_id: str, epoch: int, ttl_s: float) -> Lease | None:
         with self._lock:

@@ -15,7 +15,7 @@ from transfer.layout import KVLayout
 
 # 8: PoolStatus.ranks; 7: PrefillAnswered; 6: Grant.incarnation; 5: windowed grants (Grant.chunks, Progress/WindowState) and Pending;
 # 4: HMAC frames
-PROTOCOL_VERSION = 8
+PROTOCOL_VERSION = 9
 MAX_MESSAGE_BYTES = 1 << 20
 # The longest prompt an ALLOC may carry (16.7M tokens, beyond any model's context today): the consumer builds
 # one entry per chunk of it, so an unbounded count from a buggy or hostile peer would stall or exhaust it.
@@ -64,6 +64,8 @@ class Alloc(_Request):
     token_hash: str = Field(min_length=1, max_length=64)
     weights_fingerprint: str = Field(default="", max_length=64)
     ttl_s: float = Field(gt=0, le=600)
+    # names this ALLOC among its producer's, so a Withdraw can say "the one I never heard answered"; 0: none
+    alloc_id: int = Field(default=0, ge=0)
 
 
 class Renew(_Request):
@@ -84,6 +86,16 @@ class Release(_Request):
     epoch: int = Field(ge=0)
     reason: str = Field(default="", max_length=1024)
     writes_done: bool = True
+
+
+class Withdraw(_Request):
+    """An ALLOC of ours (`alloc_id`) went unanswered: we gave its transfer up and never learnt its lease, so we
+    write nothing there. A link cut mid-call can deliver that ALLOC late, and the lease it gets would hold slots
+    for nobody; whether the ALLOC came before this or comes after, it must hold none (lease_desk.py)."""
+    type: Literal["withdraw"] = "withdraw"
+    incarnation: str = Field(max_length=64)
+    transfer_id: str = Field(min_length=1, max_length=256)
+    alloc_id: int = Field(gt=0)
 
 
 class Progress(_Request):
@@ -222,8 +234,8 @@ class StoreHeld(_Msg):
 _lookups = TypeAdapter(StoreLookup)
 _helds = TypeAdapter(StoreHeld)
 
-Request = Annotated[Union[Hello, Alloc, Renew, Release, Progress, Pending, Cancel, PrefillAnswered, Stats,
-                          TraceQuery],
+Request = Annotated[Union[Hello, Alloc, Renew, Release, Withdraw, Progress, Pending, Cancel, PrefillAnswered,
+                          Stats, TraceQuery],
                     Field(discriminator="type")]
 Reply = Annotated[Union[Welcome, Reject, Grant, WindowState, NoCapacity, Ack, PoolStatus, TransferTrace, Error],
                   Field(discriminator="type")]
@@ -257,8 +269,8 @@ def _decode(raw: bytes, adapter: TypeAdapter):
                                    f"{e.errors()[0]['msg']}") from e
 
 
-def decode_request(raw: bytes) -> (Hello | Alloc | Renew | Release | Progress | Pending | Cancel | PrefillAnswered
-                                   | Stats | TraceQuery):
+def decode_request(raw: bytes) -> (Hello | Alloc | Renew | Release | Withdraw | Progress | Pending | Cancel
+                                   | PrefillAnswered | Stats | TraceQuery):
     return _decode(raw, _requests)
 
 
