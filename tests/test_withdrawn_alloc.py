@@ -26,10 +26,10 @@ def desk_of(pool: SlotPool) -> LeaseDesk:
     return LeaseDesk(pool, ReceiveBook(pool, 30.0), ChunkGeometry(LAYOUT, CHUNK_TOKENS), 0, 0, 0.0, "c-inc")
 
 
-def alloc(key: str, alloc_id: int, producer: str = "p1") -> wire.Alloc:
+def alloc(key: str, alloc_id: int, producer: str = "p1", attempt: int = 0) -> wire.Alloc:
     s = spec(key, 2)
     return wire.Alloc(incarnation=producer, transfer_id=key, num_tokens=s.num_tokens, token_hash=s.token_hash,
-                      ttl_s=5, alloc_id=alloc_id)
+                      ttl_s=5, alloc_id=alloc_id, attempt=attempt)
 
 
 def test_a_lease_answered_to_nobody_rests_quarantine_s_after_its_withdrawal_not_fence_timeout_s():
@@ -55,6 +55,18 @@ def test_a_withdrawal_that_comes_first_refuses_the_late_alloc():
     assert desk.book.snapshot()["allocs_refused_withdrawn"] == 1
 
 
+def test_a_late_alloc_of_an_older_attempt_cannot_end_the_newer_attempts_lease_once_withdrawn():
+    """An ALLOC of another attempt replaces the lease it finds: the late one, withdrawn first, is refused."""
+    clock = Clock()
+    pool = pool_at(clock)
+    desk = desk_of(pool)
+    newer = desk.alloc(alloc("a", 8, attempt=1))
+    assert isinstance(newer, wire.Grant)
+    desk.withdraw(wire.Withdraw(incarnation="p1", transfer_id="a", alloc_id=7))
+    assert isinstance(desk.alloc(alloc("a", 7, attempt=0)), wire.Error)
+    assert pool.live("a").epoch == newer.epoch
+
+
 def test_a_withdrawal_never_ends_a_lease_another_alloc_was_answered_with():
     """The same prompt pushed again by the same producer asks for the same lease (a lost reply's retry gets it
     back): once a second ALLOC was answered with it, someone may write there."""
@@ -62,17 +74,17 @@ def test_a_withdrawal_never_ends_a_lease_another_alloc_was_answered_with():
     pool = pool_at(clock)
     first = pool.grant("a", sizes(2), ttl_s=5.0, producer="p1", alloc_id=7)
     assert pool.grant("a", sizes(2), ttl_s=5.0, producer="p1", alloc_id=9) is first
-    assert not pool.withdraw("a", "p1", 7) and pool.live("a") is first
-    assert pool.withdraw("a", "p1", 9) and pool.live("a") is None  # both withdrawn: nobody writes there
+    assert pool.withdraw("a", "p1", 7) == "kept" and pool.live("a") is first
+    assert pool.withdraw("a", "p1", 9) == "ended" and pool.live("a") is None  # both withdrawn: nobody writes there
 
 
 def test_a_withdrawal_names_its_producer_and_spares_a_lease_chunks_arrived_in():
     clock = Clock()
     pool = pool_at(clock)
     lease = pool.grant("a", sizes(2), ttl_s=5.0, producer="p1", alloc_id=7)
-    assert not pool.withdraw("a", "p2", 7) and pool.live("a") is lease
+    assert pool.withdraw("a", "p2", 7) == "" and pool.live("a") is lease
     assert pool.accept(notice("a", 0, lease.epoch)) == ""  # p1 wrote here: it heard the answer after all
-    assert not pool.withdraw("a", "p1", 7) and pool.live("a") is lease
+    assert pool.withdraw("a", "p1", 7) == "kept" and pool.live("a") is lease
 
 
 def test_the_producer_withdraws_each_unanswered_alloc_once_reachable_and_gives_up_after_give_up_s():

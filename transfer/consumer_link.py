@@ -40,6 +40,11 @@ _LOST = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED  # the peer closed on
 _BACK = zmq.EVENT_CONNECTED
 RECONNECT_IVL_MS = 50  # how often ZMQ retries a lost connection
 RECONNECT_GRACE_S = 0.2  # a call to a lost consumer waits this long for it to be back, then fails
+# error codes a consumer answers a Withdraw with that another try would get again (withdrawals.py drops it)
+FINAL_REFUSALS = frozenset({"forbidden", "invalid", "malformed", "version", "too_large"})
+# numbers every ALLOC of this process: no two of a producer's ALLOCs share an id, even on two links that
+# reach the same consumer by different addresses (a Withdraw names one)
+_alloc_ids = itertools.count(1)
 
 
 class HandshakeRejected(RuntimeError):
@@ -79,7 +84,6 @@ class ConsumerLink:
         self._cred = Credential(f"producer/{hello.producer_id}", secret)
         self._timeout_ms = int(timeout_s * 1000)
         self._rid = itertools.count(1)
-        self._alloc_ids = itertools.count(1)
         self.unanswered = UnansweredAllocs()  # sent ALLOCs we gave up on, to withdraw (withdrawals.py)
         self._lock = threading.Lock()
         self._sock: zmq.Socket | None = None
@@ -99,29 +103,36 @@ class ConsumerLink:
         msg = wire.Alloc(incarnation=self._incarnation, transfer_id=spec.key, attempt=spec.attempt,
                          num_tokens=spec.num_tokens, token_hash=spec.token_hash,
                          weights_fingerprint=self._hello_msg.layout.weights_fingerprint, ttl_s=ttl_s,
-                         alloc_id=next(self._alloc_ids))
+                         alloc_id=next(_alloc_ids))
         try:
-            try:
-                return self._call(msg, (wire.Grant, wire.NoCapacity))
-            except PeerError as e:
-                if e.code != "handshake_required":
-                    raise
-                log.info("consumer %s does not know us (restarted?): handshaking again", self.address)
-                self._hello()
-                return self._call(msg, (wire.Grant, wire.NoCapacity))
+            return self._alloc_call(msg)
+        except PeerError as e:
+            if e.code != "handshake_required":
+                raise
+            log.info("consumer %s does not know us (restarted?): handshaking again", self.address)
+            self._hello()
+            return self._alloc_call(msg)
+
+    def _alloc_call(self, msg: wire.Alloc) -> wire.Grant | wire.NoCapacity:
+        try:
+            return self._call(msg, (wire.Grant, wire.NoCapacity))
         except PeerUnreachable as e:
             if e.sent:  # it may still arrive: its lease would hold slots for nobody
-                self.unanswered.add(spec.key, msg.alloc_id)
+                self.unanswered.add(msg.transfer_id, msg.alloc_id)
             raise
 
     def withdraw(self, transfer_id: str, alloc_id: int) -> None:
-        """Tell the consumer our unanswered ALLOC `alloc_id` holds nothing (withdrawals.py); Unreachable when
-        the consumer cannot be reached now."""
+        """Tell the consumer our unanswered ALLOC `alloc_id` holds nothing (withdrawals.py). Unreachable when
+        it cannot be reached now, or answers with an error that may pass (a PeerError that will not: dropped)."""
         try:
             self._call(wire.Withdraw(incarnation=self._incarnation, transfer_id=transfer_id, alloc_id=alloc_id),
-                       (wire.Ack,))
+                       (wire.Ack,), touch=False)
         except PeerUnreachable as e:
             raise Unreachable(str(e)) from None
+        except PeerError as e:
+            if e.code not in FINAL_REFUSALS:
+                raise Unreachable(str(e)) from None
+            raise
 
     def renew(self, transfer_id: str, epoch: int, ttl_s: float) -> bool:
         return self._call(wire.Renew(transfer_id=transfer_id, epoch=epoch, ttl_s=ttl_s), (wire.Ack,)).ok
@@ -186,10 +197,12 @@ class ConsumerLink:
         self._agent.add_remote(reply.agent_meta)
         self.welcome = reply
 
-    def _call(self, msg: wire._Msg, expect: tuple[type, ...]):
+    def _call(self, msg: wire._Msg, expect: tuple[type, ...], touch: bool = True):
+        """`touch` False: this call does not keep an idle link's socket open (tend)."""
         with self._lock:
             msg.rid = next(self._rid)
-            self._last_call = time.monotonic()
+            if touch:
+                self._last_call = time.monotonic()
             if time.monotonic() < self._quiet_until:
                 raise PeerUnreachable(f"consumer {self.address} left a call unanswered for {self._timeout_ms} ms "
                                       f"moments ago (not sent: {msg.type})", sent=False)

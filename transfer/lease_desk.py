@@ -12,8 +12,8 @@ transfer whose producer stops asking (it retries every `retry_after_s`) leaves t
 
 A producer whose ALLOC went unanswered withdraws it (wire.Withdraw) once it reaches us again. The ALLOC may
 have come before (its lease, answered to nobody, ends: `SlotPool.withdraw`) or come after, on the old
-connection a healed link delivers late: the desk remembers the last `MAX_WITHDRAWN` withdrawn ALLOCs and
-refuses them.
+connection a healed link delivers late: the desk remembers the last `MAX_WITHDRAWN` withdrawals that came
+first and refuses their ALLOCs (one evicted from that memory holds its slots until `fence_timeout_s`).
 """
 from __future__ import annotations
 
@@ -76,19 +76,24 @@ class LeaseDesk:
         self.window_slots = min(pool.num_slots, window_slots or pool.num_slots)
         self.expect_wait_s = expect_wait_s
         self.queue = GrantQueue()
-        self._withdrawn: OrderedDict[tuple[str, int], None] = OrderedDict()  # (producer, alloc_id), oldest first
+        # (producer, transfer, alloc_id) of withdrawals that came before their ALLOC, oldest first
+        self._withdrawn: OrderedDict[tuple[str, str, int], None] = OrderedDict()
 
     def withdraw(self, msg: wire.Withdraw) -> None:
-        if self.pool.withdraw(msg.transfer_id, msg.incarnation, msg.alloc_id):
+        """End the lease only the withdrawn ALLOC was answered with (its request then follows the load-failure
+        policy, as when a lease expires), or refuse that ALLOC when it comes."""
+        found = self.pool.withdraw(msg.transfer_id, msg.incarnation, msg.alloc_id)
+        if found == "ended":
             self.book.count("allocs_withdrawn")
-        else:  # not come yet (or answered by another ALLOC too): refuse it when it comes
-            self._withdrawn[(msg.incarnation, msg.alloc_id)] = None
+            self.book.fail(msg.transfer_id, "its producer never heard its ALLOC answered, and withdrew it")
+        elif not found:  # not come yet: refuse it when it comes (it could end a newer attempt's lease)
+            self._withdrawn[(msg.incarnation, msg.transfer_id, msg.alloc_id)] = None
             if len(self._withdrawn) > MAX_WITHDRAWN:
                 self._withdrawn.popitem(last=False)
 
     def alloc(self, msg: wire.Alloc) -> wire.Message:
-        if (msg.incarnation, msg.alloc_id) in self._withdrawn:
-            del self._withdrawn[(msg.incarnation, msg.alloc_id)]
+        if (msg.incarnation, msg.transfer_id, msg.alloc_id) in self._withdrawn:
+            del self._withdrawn[(msg.incarnation, msg.transfer_id, msg.alloc_id)]
             self.book.count("allocs_refused_withdrawn")
             return wire.Error(code="withdrawn", message=f"transfer {msg.transfer_id}: ALLOC {msg.alloc_id} was "
                               "withdrawn by its producer before it arrived")

@@ -8,6 +8,7 @@ waking when one arrives.
 """
 from __future__ import annotations
 
+import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, TypeVar
@@ -16,6 +17,7 @@ from transfer.consumer_link import ConsumerLink
 from transfer.threads import prepare_io_thread
 
 T = TypeVar("T")
+log = logging.getLogger("kvbridge.producer")
 
 
 class LinksClosed(RuntimeError):
@@ -62,8 +64,14 @@ class LinkCalls:
             links = list(self._links.items())
         for consumer, link in links:
             link.tend()
-            if link.unanswered.claim():
-                self.submit(consumer, lambda lk: lk.unanswered.withdraw_all(lk.withdraw))
+            if not link.gone and link.unanswered.claim():
+                try:
+                    call = self.submit(consumer, lambda lk: lk.unanswered.withdraw_all(lk.withdraw))
+                except Exception:  # a thread that cannot start: the push thread calling us goes on
+                    log.exception("withdrawals to %s not queued", consumer)
+                    link.unanswered.unclaim()
+                else:  # a pass cancelled by close(), or never queued, must not leave the next one blocked
+                    call.add_done_callback(lambda _, pending=link.unanswered: pending.unclaim())
 
     def gone(self, consumer: str) -> bool:
         """Whether the consumer closed its connection (ConsumerLink.gone: never waits for a call under way)."""

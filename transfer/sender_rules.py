@@ -1,8 +1,9 @@
 """What each authenticated sender may tell a consumer endpoint.
 
 The router asks (pool stats, cancel, trace) and nothing else; a producer speaks only for itself: it
-introduces only its own id, allocates and withdraws only under its own incarnation, and renews, releases or
-replaces only its own leases. A frame that passed authentication and breaks one of these is refused with the reason.
+introduces only its own id, allocates and withdraws only under its own incarnation (or one the consumer has
+not met: an ALLOC is then refused for want of a handshake, a Withdraw finds no lease of it), and renews,
+releases or replaces only its own leases. A frame that passed authentication and breaks one of these is refused with the reason.
 """
 from __future__ import annotations
 

@@ -92,19 +92,20 @@ class SlotPool:
             self._leases[transfer_id] = lease
             return lease
 
-    def withdraw(self, transfer_id: str, producer: str, alloc_id: int) -> bool:
+    def withdraw(self, transfer_id: str, producer: str, alloc_id: int) -> str:
         """`producer` never heard the answer to its ALLOC `alloc_id`, so it writes nothing under it: a lease no
-        other ALLOC was answered with ends, its slots resting only quarantine_s, as after a fence. Whether one did."""
+        other ALLOC was answered with ends ("ended"), its slots resting only quarantine_s, as after a fence.
+        "kept": that ALLOC's lease, which another ALLOC got too or chunks arrived in; "": no lease it got."""
         with self._lock:
             lease = self._leases.get(transfer_id)
             if lease is None or lease.producer != producer or alloc_id not in lease.alloc_ids:
-                return False
+                return ""
             lease.alloc_ids.discard(alloc_id)
             if lease.alloc_ids or not lease.untouched:
-                return False
+                return "kept"
             lease.fenced = True
             self._end_locked(lease)
-            return True
+            return "ended"
 
     def renew(self, transfer_id: str, epoch: int, ttl_s: float) -> Lease | None:
         with self._lock:

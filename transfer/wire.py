@@ -91,7 +91,8 @@ class Release(_Request):
 class Withdraw(_Request):
     """An ALLOC of ours (`alloc_id`) went unanswered: we gave its transfer up and never learnt its lease, so we
     write nothing there. A link cut mid-call can deliver that ALLOC late, and the lease it gets would hold slots
-    for nobody; whether the ALLOC came before this or comes after, it must hold none (lease_desk.py)."""
+    for nobody; whether the ALLOC came before this or comes after, its slots rest quarantine_s at most
+    (lease_desk.py)."""
     type: Literal["withdraw"] = "withdraw"
     incarnation: str = Field(max_length=64)
     transfer_id: str = Field(min_length=1, max_length=256)

@@ -3,10 +3,10 @@
 An ALLOC whose call timed out may still arrive: a cut link holds it and delivers it when it heals, on the
 old connection, however late. The consumer then leases slots that nobody will write or release, and the lease
 has no fence to come either (we never learnt its epoch), so its slots would rest until the consumer's
-`fence_timeout_s`. So the link keeps each unanswered ALLOC here and, whenever the consumer may be reachable
-again, sends a `wire.Withdraw` naming it: the consumer ends the lease it got, or refuses it when it comes
-(transfer/lease_desk.py). A withdrawal not delivered within `GIVE_UP_S` is dropped: by then the consumer's
-own timeouts have freed the slots.
+`fence_timeout_s`. So the link keeps each unanswered ALLOC here and, while the consumer's connection is not
+known lost, tries every `RETRY_S` to send a `wire.Withdraw` naming it: the consumer ends the lease it got
+(its slots rest quarantine_s), or refuses it when it comes (transfer/lease_desk.py). A withdrawal not
+delivered within `GIVE_UP_S` is dropped; its ALLOC, if it ever arrives, holds slots as before this module.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Callable
 
 log = logging.getLogger("kvbridge.producer")
 GIVE_UP_S = 600.0
-RETRY_S = 1.0
+RETRY_S = 2.0
 
 
 class Unreachable(Exception):
@@ -48,6 +48,11 @@ class UnansweredAllocs:
             self._busy = True
             return True
 
+    def unclaim(self) -> None:
+        """A claimed pass that will not run (its call was cancelled or never queued) or has ended."""
+        with self._lock:
+            self._busy = False
+
     def withdraw_all(self, send: Callable[[str, int], None]) -> None:
         """`send(transfer_id, alloc_id)` each pending withdrawal, oldest first, until one finds the consumer
         unreachable (Unreachable): the rest wait for the next pass, RETRY_S on."""
@@ -63,9 +68,9 @@ class UnansweredAllocs:
                     except Unreachable:
                         self._next_try = self._clock() + RETRY_S
                         return
-                    except Exception as e:  # refused: it would be refused again
+                    except Exception as e:  # a refusal another try would get again (ConsumerLink.withdraw)
                         log.warning("withdrawal of ALLOC %d (%s) refused: %s; dropped", alloc_id, transfer_id, e)
                 with self._lock:
                     del self._pending[alloc_id]
         finally:
-            self._busy = False
+            self.unclaim()
