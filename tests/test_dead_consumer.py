@@ -60,6 +60,13 @@ def test_transfers_to_a_killed_consumer_fail_at_once_and_free_staging(healthy):
         p.close()
 
 
+def delivered(p, consumer: ConsumerProcess, key: str) -> None:
+    """A 2-chunk push of `key` is SENT and lands byte for byte."""
+    crcs = push(p, consumer, key, 2)
+    assert finished(p, {key})[key] == State.SENT
+    check_landed(consumer, key, crcs)
+
+
 def lease_some(p, consumer: ConsumerProcess, prefix: str) -> list[str]:
     """DOOMED transfers of 3 chunks each with one staged (the rest would follow as prefill goes on), leased."""
     keys = [f"{prefix}-{i}" for i in range(DOOMED)]
@@ -89,9 +96,7 @@ def test_transfers_to_a_frozen_consumer_fail_after_one_unanswered_call(healthy):
         time.sleep(RPC_TIMEOUT_S)  # past the span in which calls fail at once: the next one asks again
         # the failed pushes' fences free their slots; without them they would rest fence_timeout_s (30 s)
         assert frozen.call("counters").get("fences_received") == DOOMED
-        crcs = push(p, frozen, "thawed-1", 2)
-        assert finished(p, {"thawed-1"})["thawed-1"] == State.SENT
-        check_landed(frozen, "thawed-1", crcs)
+        delivered(p, frozen, "thawed-1")
     finally:
         os.kill(frozen.proc.pid, signal.SIGCONT)
         frozen.stop()
@@ -105,9 +110,7 @@ def test_an_alloc_a_frozen_consumer_takes_in_late_is_withdrawn_and_holds_no_slot
     frozen = ConsumerProcess(LAYOUT, chunk_tokens=CHUNK_TOKENS, num_slots=4, quarantine_s=0.3, fence_timeout_s=60.0)
     p = make_producer("late-alloc", lease_ttl_s=LEASE_TTL_S, staging_chunks=4)
     try:
-        crcs = push(p, frozen, "before", 1)  # handshaken: a push after this one's first call is its ALLOC
-        assert finished(p, {"before"})["before"] == State.SENT
-        check_landed(frozen, "before", crcs)
+        delivered(p, frozen, "before")  # handshaken: a push after this one's first call is its ALLOC
         os.kill(frozen.proc.pid, signal.SIGSTOP)
         handle = p.begin(spec("late", 2), frozen.address)
         assert p.stage(handle, 0, lambda v: p.geometry.chunk_nbytes(spec("late", 2).num_tokens, 0))
@@ -118,9 +121,7 @@ def test_an_alloc_a_frozen_consumer_takes_in_late_is_withdrawn_and_holds_no_slot
         counters = frozen.call("counters")
         # the ALLOC came first and its lease ended, or the withdrawal came first and the ALLOC was refused
         assert counters.get("allocs_withdrawn", 0) + counters.get("allocs_refused_withdrawn", 0) == 1, counters
-        crcs = push(p, frozen, "after-late", 2)  # and the consumer serves this producer as before
-        assert finished(p, {"after-late"})["after-late"] == State.SENT
-        check_landed(frozen, "after-late", crcs)
+        delivered(p, frozen, "after-late")  # and the consumer serves this producer as before
     finally:
         os.kill(frozen.proc.pid, signal.SIGCONT)
         frozen.stop()
