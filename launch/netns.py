@@ -73,7 +73,7 @@ def _namespaces() -> list[str]:
     return [line.split()[0] for line in _run("ip", "netns", "list").splitlines() if line.strip()]
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -85,7 +85,7 @@ def _alive(pid: int) -> bool:
 
 def clean_stale() -> list[str]:
     """Delete kvbridge namespaces whose owning process is gone; their names."""
-    stale = [ns for ns in _namespaces() if (m := _NAME.match(ns)) and not _alive(int(m.group(1)))]
+    stale = [ns for ns in _namespaces() if (m := _NAME.match(ns)) and not pid_alive(int(m.group(1)))]
     for ns in stale:
         subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
     return stale

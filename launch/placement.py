@@ -20,7 +20,7 @@ import os
 
 import yaml
 
-from launch.netns import Host, LinkShape, Network
+from launch.netns import Host, LinkShape, Network, pid_alive
 from launch.role_config import DeploymentConfig, HostLink, RoleConfig
 from launch.servers import RouterServer, VllmServer
 from router.config import RouterConfig
@@ -133,10 +133,12 @@ class Placement:
                                 "is `kvbridge up` running with this --log-dir?") from None
         hosts = {h: Host(h, v["namespace"], v["address"]) for h, v in record.get("hosts", {}).items()}
         missing = [h for h in hosts.values() if not Path("/run/netns", h.namespace).exists()]
-        if record.get("deployment") != dep.name or set(hosts) != set(dep.hosts) or missing:
-            raise PlacementGone(f"{path} is not a running deployment {dep.name}'s placement (written by pid "
-                                f"{record.get('owner_pid')} for {record.get('deployment')!r}; namespaces gone: "
-                                f"{[h.namespace for h in missing]})")
+        owner = record.get("owner_pid")
+        owner_gone = not isinstance(owner, int) or not pid_alive(owner)
+        if record.get("deployment") != dep.name or set(hosts) != set(dep.hosts) or missing or owner_gone:
+            raise PlacementGone(f"{path} is not a running deployment {dep.name}'s placement (written by pid {owner}, "
+                                f"{'gone' if owner_gone else 'running'}, for {record.get('deployment')!r}; "
+                                f"namespaces gone: {[h.namespace for h in missing]})")
         return cls(dep, prefill, decode, router, net=Network.existing(hosts))
 
     def close(self) -> None:

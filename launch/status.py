@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import aiohttp
+import zmq.asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
 from launch.netns import entered
@@ -117,8 +118,9 @@ def _apply_engine(row: InstanceStatus, samples: Samples) -> None:
             row.store.setdefault(labels["tier"], {})[key] = value
 
 
-async def _decode_stats(row: InstanceStatus, role: RoleConfig, timeout_s: float, cred: Credential) -> None:
-    reply = await ask(role.kv_address, wire.Stats(rid=1), timeout_s, cred)
+async def _decode_stats(row: InstanceStatus, role: RoleConfig, timeout_s: float, cred: Credential,
+                        context: zmq.asyncio.Context) -> None:
+    reply = await ask(role.kv_address, wire.Stats(rid=1), timeout_s, cred, context)
     if not isinstance(reply, wire.PoolStatus):
         row.slots = "no answer"
         return
@@ -160,7 +162,12 @@ async def collect(path: str | Path, log_dir: str | Path = ".kvbridge/logs", time
             for role, samples in zip(engines, metrics):
                 if samples is not None:
                     _apply_engine(rows[role.name], samples)
-        await asyncio.gather(*(_decode_stats(rows[r.name], r, timeout_s, router.kv_cred) for r in decode))
+        context = zmq.asyncio.Context()  # made here: its I/O thread connects from the router's host (--watch:
+        try:                              # from this collect's, should `up` have restarted on new namespaces)
+            await asyncio.gather(*(_decode_stats(rows[r.name], r, timeout_s, router.kv_cred, context)
+                                   for r in decode))
+        finally:
+            context.destroy(0)
     return [asdict(r) for r in rows.values()]
 
 

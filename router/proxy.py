@@ -157,14 +157,15 @@ class Proxy:
             if outcome.first_byte_at is not None:
                 child(TTFT, path).observe(outcome.first_byte_at - trace.t0)
             self._settle(outcome, decode, trace)
-            if outcome.complete and outcome.failure is None:
+            if outcome.complete and outcome.failure is None and outcome.response.status < 400:
                 self._learn_after(decision, tid if prefill_task is not None else None)
             return outcome.response
         finally:
             self.registry.release(decode)
             if prefill is None:
                 self.placement.computed(decision)
-            if outcome is None or not outcome.complete:
+            # a decode node that refused the request (a 4xx of vLLM's) never read the KV pushed for it
+            if outcome is None or not outcome.complete or outcome.response.status >= 400:
                 self._abort_legs(up, prefill_task, decode, tid)
             else:
                 up.release()  # a stream may stop reading at [DONE], before the chunked terminator

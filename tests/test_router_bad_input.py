@@ -83,3 +83,15 @@ async def test_stream_null_is_served_unstreamed_as_openai_does(make):
     url, _ = await make([StubNode("p")], [StubNode("d", kv=True)])
     status, _, raw = await post(url, dict(REQ, stream=None))
     assert status == 200 and json.loads(raw)["choices"][0]["text"] == "d"
+
+
+async def test_a_request_the_decode_node_refuses_drops_the_kv_pushed_for_it(make):
+    """vLLM checks some fields only where it serves the request (`n` above 1 with greedy sampling): the prefill
+    leg, which drops them, computed and pushed the prompt. The decode node's 400 reaches the client, and the
+    router tells its connector to drop that transfer now, not `unclaimed_ttl_s` later."""
+    pre, dec = StubNode("p"), StubNode("d", mode="refuse", kv=True)
+    url, api = await make([pre], [dec], decode_dispatch="after_prefill")
+    status, _, raw = await post(url, REQ)
+    assert (status, json.loads(raw)) == (400, REFUSAL) and states(api) == ["up"]
+    tid = pre.bodies[0]["kv_transfer_params"]["kvbridge"]["transfer_id"]
+    assert await eventually(lambda: tid in dec.cancels)

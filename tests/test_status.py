@@ -159,6 +159,8 @@ def test_status_of_a_graph_on_hosts_that_is_not_running_says_so(tmp_path, monkey
     with pytest.raises(PlacementGone, match="is `kvbridge up` running"):
         asyncio.run(collect(graph, tmp_path))
     hosts = {h: {"namespace": f"kvb999999999-{h}", "address": "198.18.0.1"} for h in ("hostp", "hostd", "hostr")}
-    (tmp_path / RECORD).write_text(json.dumps({"deployment": "local-tiny-hosts", "owner_pid": 1, "hosts": hosts}))
-    with pytest.raises(PlacementGone, match="namespaces gone: .*kvb999999999-hostp"):
-        asyncio.run(collect(graph, tmp_path))
+    for owner, says in ((1, "pid 1, running.*namespaces gone: .*kvb999999999-hostp"), (999999999, "pid 999999999, gone")):
+        record = {"deployment": "local-tiny-hosts", "owner_pid": owner, "hosts": hosts}
+        (tmp_path / RECORD).write_text(json.dumps(record))
+        with pytest.raises(PlacementGone, match=says):
+            asyncio.run(collect(graph, tmp_path))

@@ -19,12 +19,14 @@ class ControlRequestError(RuntimeError):
     """The consumer did not answer in time, or answered with an error or an unexpected message."""
 
 
-async def ask(address: str, msg: wire.Message, timeout_s: float, cred: Credential | None = None
-              ) -> wire.ReplyMessage | None:
+async def ask(address: str, msg: wire.Message, timeout_s: float, cred: Credential | None = None,
+              context: zmq.asyncio.Context | None = None) -> wire.ReplyMessage | None:
     """Send `msg` to the endpoint at host:port, signed as `cred` (the router, unsigned by default); its
-    decoded reply, or None when none came in time (or the reply was not an authentic, valid message)."""
+    decoded reply, or None when none came in time (or the reply was not an authentic, valid message).
+    `context`: the ZMQ context to connect from (default: the process's); its I/O thread makes the connection,
+    in the network namespace that thread started in."""
     cred = cred or Credential("router", None)
-    sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    sock = (context or zmq.asyncio.Context.instance()).socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     try:
         sock.connect(f"tcp://{address}")
