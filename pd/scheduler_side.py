@@ -37,6 +37,7 @@ from pd.step_metadata import QUIET, QUIET_IDLE, BridgeMetadata, LoadTask, Outgoi
 from pd.store_lookup import LookupClient, StoreHandshake, StoreLookups
 from transfer.identity import TransferSpec
 from transfer.push_token import PushPolicy
+from transfer.wire import MAX_CLAIMS
 
 log = logging.getLogger("kvbridge.scheduler")
 PARAMS_KEY = "kvbridge"
@@ -48,7 +49,7 @@ class BridgeParams(BaseModel):
     push_to: str | None = Field(default=None, max_length=300)
     push_token: str | None = Field(default=None, max_length=200)
     receive: bool = False
-    claims: int = Field(default=1, ge=1, le=256)
+    claims: int = Field(default=1, ge=1, le=MAX_CLAIMS)
 
 
 def bridge_params(request: Any) -> BridgeParams | None:

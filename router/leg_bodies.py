@@ -8,11 +8,13 @@ transfer, so the connector frees it only after the last one.
 
 Some requests need the prompt's own forward pass on the node that answers, which transferred KV
 skips: `echo` and `prompt_logprobs` (logprobs of prompt tokens come from that pass) and beam
-search (vLLM expands it into requests the transfer does not name). They are served aggregated on
-the decode node: no prefill leg, no kv params — correct, at the decode node's compute cost.
+search (vLLM expands it into requests the transfer does not name). So is an `n` above MAX_CLAIMS (more
+engine requests than a transfer may have readers). They are served aggregated on the decode node: no
+prefill leg, no kv params — correct, at the decode node's compute cost.
 """
 from __future__ import annotations
 
+from transfer.wire import MAX_CLAIMS
 from transfer.push_token import sign
 
 PREFILL_DROPS = frozenset({
@@ -29,6 +31,8 @@ def needs_aggregated(body: dict) -> str | None:
         return "prompt_logprobs"
     if body.get("use_beam_search"):
         return "beam_search"
+    if (body.get("n") or 1) > MAX_CLAIMS:
+        return "n_over_claims"
     return None
 
 

@@ -8,13 +8,18 @@ from pydantic import TypeAdapter, ValidationError
 
 
 TOO_DEEP = "request body is nested too deeply"
-# The fields the router itself reads, with the types vLLM's request models give them. vLLM's pydantic models
-# read leniently ("true", 1 and "yes" are true; "16" and 16.0 are 16), so the router reads them the same way and
-# sends both legs the values vLLM would have read: a field the router and vLLM read differently could route a
-# request one way and serve it another (an `n` of "2" was one claim on the transfer for two engine requests).
-_BOOL, _INT = TypeAdapter(bool | None), TypeAdapter(int | None)
-_READ_AS = {"stream": _BOOL, "echo": _BOOL, "use_beam_search": _BOOL, "n": _INT, "max_tokens": _INT,
-            "max_completion_tokens": _INT}
+# The fields the router itself reads, with the types vLLM 0.32's request models give them on each endpoint. vLLM's
+# pydantic models read leniently ("true", 1 and "yes" are true; "16" and 16.0 are 16), so the router reads them the
+# same way and sends both legs the values vLLM would have read: a field the router and vLLM read differently could
+# route a request one way and serve it another (an `n` of "2" was one claim on the transfer for two engine
+# requests). A value vLLM refuses is refused here, before a prefill is spent on it.
+_BOOL, _INT = TypeAdapter(bool), TypeAdapter(int)
+_OPT_BOOL, _OPT_INT = TypeAdapter(bool | None), TypeAdapter(int | None)
+_READ_AS = {
+    "completions": {"stream": _OPT_BOOL, "echo": _OPT_BOOL, "use_beam_search": _BOOL, "n": _INT,
+                    "max_tokens": _OPT_INT},
+    "chat": {"stream": _OPT_BOOL, "echo": _BOOL, "use_beam_search": _BOOL, "n": _OPT_INT, "max_tokens": _OPT_INT,
+             "max_completion_tokens": _OPT_INT}}
 
 
 class APIError(Exception):
@@ -62,8 +67,12 @@ def parse_request(raw: bytes, endpoint: str, model: str, max_tokens_limit: int |
             raise APIError(400, "missing required field 'messages'", param="messages")
         if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and "role" in m for m in msgs):
             raise APIError(400, "'messages' must be a non-empty list of objects with a 'role'", param="messages")
-    _read_as_vllm_does(body)
+    _read_as_vllm_does(body, endpoint)
+    if body.get("n") is not None and body["n"] < 1:
+        raise APIError(400, f"'n' must be at least 1, got {body['n']}", param="n")
     for key in ("max_tokens", "max_completion_tokens"):
+        if key not in _READ_AS[endpoint]:  # completions has no max_completion_tokens: vLLM ignores it there
+            continue
         v, least = body.get(key), 0 if endpoint == "completions" and body.get("echo") is True else 1
         if v is not None and not least <= v <= (max_tokens_limit or v):
             bound = f"between {least} and {max_tokens_limit}" if max_tokens_limit else f"at least {least}"
@@ -73,12 +82,12 @@ def parse_request(raw: bytes, endpoint: str, model: str, max_tokens_limit: int |
     return body
 
 
-def _read_as_vllm_does(body: dict) -> None:
-    for key, adapter in _READ_AS.items():
+def _read_as_vllm_does(body: dict, endpoint: str) -> None:
+    for key, adapter in _READ_AS[endpoint].items():
         if key in body:
             try:
                 body[key] = adapter.validate_python(body[key])
             except ValidationError as e:
-                kind = "a boolean" if adapter is _BOOL else "an integer"
+                kind = "a boolean" if adapter in (_BOOL, _OPT_BOOL) else "an integer"
                 raise APIError(400, f"'{key}' must be {kind}, got {body[key]!r} ({e.errors()[0]['msg']})",
                                param=key) from None

@@ -62,11 +62,28 @@ def test_a_field_the_router_reads_is_read_as_vllms_own_request_model_reads_it(ke
 
 
 @pytest.mark.parametrize("key,value", [("stream", "sometimes"), ("echo", [1]), ("n", 2.5), ("max_tokens", "many"),
-                                       ("max_tokens", -1)])
-def test_a_value_vllm_would_refuse_is_a_400_naming_the_field(key, value):
+                                       ("max_tokens", -1), ("n", None), ("use_beam_search", None), ("n", 0)])
+def test_a_value_vllm_would_refuse_is_a_400_naming_the_field_before_any_prefill(key, value):
+    """vLLM checks these where it serves the request, the decode node: the prefill leg, which drops `n` and
+    `use_beam_search`, would have computed and pushed the prompt for nothing."""
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import SamplingParams
     with pytest.raises(APIError) as e:
         parse({"model": "tiny", "prompt": "hi", key: value})
-    assert e.value.status == 400 and e.value.param == key and repr(value) in e.value.message
+    assert e.value.status == 400 and e.value.param == key and str(value) in e.value.message
+    with pytest.raises((ValueError, VLLMValidationError)):  # and vLLM refuses it too
+        req = CompletionRequest(model="tiny", prompt="hi", **{key: value})
+        SamplingParams(n=req.n, max_tokens=req.max_tokens)
+
+
+def test_null_echo_on_chat_is_refused_as_vllm_refuses_it_and_n_over_the_claims_is_served_aggregated():
+    from router.leg_bodies import needs_aggregated
+    with pytest.raises(APIError) as e:
+        parse({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "echo": None}, "chat")
+    assert e.value.param == "echo"
+    assert needs_aggregated(parse({"model": "tiny", "prompt": "hi", "n": "257"})) == "n_over_claims"
+    assert needs_aggregated(parse({"model": "tiny", "prompt": "hi", "n": 256})) is None
 
 
 def test_max_tokens_past_the_context_is_left_to_vllm_to_cap_unless_a_limit_is_set():

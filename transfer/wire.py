@@ -20,6 +20,9 @@ MAX_MESSAGE_BYTES = 1 << 20
 # The longest prompt an ALLOC may carry (16.7M tokens, beyond any model's context today): the consumer builds
 # one entry per chunk of it, so an unbounded count from a buggy or hostile peer would stall or exhaust it.
 MAX_PROMPT_TOKENS = 1 << 24
+# engine requests that may read one transfer (a request's `n`, in the decode leg's kv_transfer_params); a request
+# with more is served aggregated by the router
+MAX_CLAIMS = 256
 
 
 class WireError(ValueError):
