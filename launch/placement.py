@@ -11,12 +11,11 @@ run later from another process, reaches the same hosts from the router's (`Place
 """
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Sequence
 from urllib.parse import urlsplit, urlunsplit
-
-import json
-import os
 
 import yaml
 

@@ -86,8 +86,7 @@ class SlotPool:
                 return None
             slots = [self._free.pop() for _ in range(want)]
             lease = Lease(transfer_id, slots, self._next_epoch, self._clock() + ttl_s, producer,
-                          list(chunk_nbytes), attempt, first_chunk)
-            lease.alloc_ids.add(alloc_id)
+                          list(chunk_nbytes), attempt, first_chunk, alloc_ids={alloc_id})
             self._next_epoch += 1
             self._leases[transfer_id] = lease
             return lease
