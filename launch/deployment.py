@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 
 from prometheus_client import start_http_server
@@ -34,6 +35,10 @@ def run_deployment(path: str, demo: bool = False, log_dir: str = ".kvbridge/logs
             stack.callback(placed.write_record(log_dir).unlink, missing_ok=True)  # where `status` finds the hosts
         else:
             vllms = [VllmServer(role, log_dir, env=dep.env, keep_old_log=True) for role in prefill + decode]
+        for role in prefill + decode:  # a listener without its secret is refused now, before anything starts
+            warning = role.listener_warning({**os.environ, **dep.env, **role.env})
+            if warning:
+                log.warning(warning)
         for server in vllms:
             sup.start(server)
         sup.wait_healthy()

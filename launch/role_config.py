@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pd.connector_config import ConnectorConfig
 from router.config import RouterConfig
 from transfer.config_errors import ConfigError, format_errors, load_yaml
-from transfer.credentials import CredentialError, require_secret
+from transfer.credentials import ADMIN_RISK, LEASE_RISK, CredentialError, require_secret
 
 KV_ROLE = {"prefill": "kv_producer", "decode": "kv_consumer", "both": "kv_both"}
 KV_TRANSFER_FLAG = "--kv-transfer-config"
@@ -74,14 +74,19 @@ class RoleConfig(BaseModel):
         return f"{self.connector.listen_host}:{self.connector.listen_port}"
 
     def listener_warning(self, env: dict[str, str]) -> str:
-        """Before vLLM starts: refuse (ConfigError) a decode listener on a routable address with no secret in
-        `env` or secret_file unless `insecure: true`; the warning to print in that case, else ''."""
-        if self.role not in ("decode", "both"):
-            return ""
+        """Before vLLM starts: refuse (ConfigError) a listener on a routable address with no secret in `env` or
+        secret_file unless `insecure: true` — the decode's consumer endpoint, and any role's store admin — as the
+        connector would once vLLM loaded it; the warnings to print in that case, else ''."""
         c = self.connector
+        listeners = ([(f"{self.name}'s kvbridge connector", LEASE_RISK)] if self.role in ("decode", "both") else []) + \
+                    ([(f"{self.name}'s store admin (port {c.store.admin_port})", ADMIN_RISK)]
+                     if self.role != "aggregated" and c.store and c.store.admin_port else [])
+        if not listeners:
+            return ""
         try:
             secret = c.secret() if c.secret_file else (env.get(c.secret_env) or None)
-            return require_secret(c.listen_host, secret, c.insecure, f"{self.name}'s kvbridge connector")
+            return "\n".join(filter(None, (require_secret(c.listen_host, secret, c.insecure, what, risk)
+                                            for what, risk in listeners)))
         except (CredentialError, ConfigError) as e:
             raise ConfigError(f"{self.name}: {e}") from None
 

@@ -18,7 +18,7 @@ import zmq
 from storage.admin_messages import ADMIN_SENDER, AdminError, StoreReport, TierReport, decode_request, encode
 from storage.tiered_store import TieredStore
 from transfer.control_auth import AuthError, Authenticator
-from transfer.credentials import require_secret
+from transfer.credentials import ADMIN_RISK, require_secret
 from transfer.threads import io_context, start_io_thread
 
 log = logging.getLogger("kvbridge.store")
@@ -26,7 +26,7 @@ log = logging.getLogger("kvbridge.store")
 
 class StoreAdminServer:
     def __init__(self, store: TieredStore, host: str, port: int, secret: bytes | None, insecure: bool = False) -> None:
-        warning = require_secret(host, secret, insecure, "the store admin listener")
+        warning = require_secret(host, secret, insecure, "the store admin listener", ADMIN_RISK)
         if warning:
             log.warning(warning)
         self.store = store

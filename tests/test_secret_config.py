@@ -75,3 +75,26 @@ def test_router_reads_its_kv_secret_from_a_file_and_refuses_an_unreadable_one(tm
     assert cfg.push_key is not None and SECRET not in cfg.model_dump_json()
     with pytest.raises(ConfigError, match="cannot read"):
         RouterConfig.model_validate(dict(base, kv_secret_file=str(tmp_path / "nope"))).kv_cred
+
+
+def test_up_refuses_a_store_admin_listener_without_a_secret_before_starting_anything(tmp_path, monkeypatch):
+    """The prefill's store admin needs the secret as a decode listener does; `up` says so before any role runs
+    (the connector would refuse only once vLLM had loaded it)."""
+    import launch.supervisor
+    monkeypatch.delenv("KVBRIDGE_SECRET", raising=False)
+    monkeypatch.setattr(launch.supervisor.Supervisor, "start", lambda *_: pytest.fail("a role was started"))
+    store = {"memory_bytes": "1MiB", "admin_port": 5700}
+    prefill = dict(role(listen_host="0.0.0.0", store=store), role="prefill", name="p0")
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(prefill))
+    (tmp_path / "d.yaml").write_text(yaml.safe_dump(dict(role(), port=8201)))
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({"role": "router", "model": "m", "prefill": [{"name": "p0", "url": "http://127.0.0.1:8200"}],
+                                                     "decode": [{"name": "d0", "url": "http://127.0.0.1:8201",
+                                                                 "kv_address": "127.0.0.1:5600"}]}))
+    graph = tmp_path / "deployment.yaml"
+    graph.write_text("role: deployment\nname: t\nprefill: [p.yaml]\ndecode: [d.yaml]\nrouter: r.yaml\n")
+    with pytest.raises(SystemExit, match=r"p0's store admin \(port 5700\) would listen on 0.0.0.0 without a secret: "
+                                         r"anyone who reaches it could read the store's statistics and clear it"):
+        main(["up", str(graph), "--log-dir", str(tmp_path / "logs")])
+    insecure = load_config(_write(tmp_path, dict(prefill, connector=dict(prefill["connector"], insecure=True))))
+    assert "INSECURE: p0's store admin" in insecure.listener_warning({})
+    assert insecure.listener_warning({"KVBRIDGE_SECRET": SECRET}) == ""

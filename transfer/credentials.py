@@ -57,15 +57,18 @@ def is_loopback(host: str, resolve: bool = True) -> bool:
     return bool(addrs) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addrs)
 
 
-def require_secret(host: str, secret: bytes | None, insecure: bool, what: str) -> str:
+LEASE_RISK = "lease slots, write KV and read its layout"
+ADMIN_RISK = "read the store's statistics and clear it"
+
+
+def require_secret(host: str, secret: bytes | None, insecure: bool, what: str, risk: str = LEASE_RISK) -> str:
     """Refuse a listener on a routable address without a secret; returns a warning to log when the
     config accepts that (`insecure: true`), '' when there is nothing to say."""
     if secret is not None or is_loopback(host):
         return ""
     if not insecure:
         raise CredentialError(
-            f"{what} would listen on {host} without a secret: anyone who reaches it could lease slots and "
-            f"write KV. Set {DEFAULT_SECRET_ENV} (or connector secret_file) to the same value on every node "
-            "and the router, listen on 127.0.0.1, or set connector insecure: true to accept this")
-    return (f"INSECURE: {what} listens on {host} without a secret (insecure: true); any peer that reaches it "
-            "can lease slots, write KV and read its layout")
+            f"{what} would listen on {host} without a secret: anyone who reaches it could {risk}. "
+            f"Set {DEFAULT_SECRET_ENV} (or connector secret_file) to the same value on every node and the router, "
+            "listen on 127.0.0.1, or set connector insecure: true to accept this")
+    return f"INSECURE: {what} listens on {host} without a secret (insecure: true); any peer that reaches it can {risk}"
