@@ -10,9 +10,13 @@ order, every decode on core 1, the prefill node confined to core 0:
 - `decode-node-local`: the same decode node computes a prompt of the same length itself, then after the same pause
   decodes it (a prefix-cache hit that recomputes its last partial block): the same process and connector, no
   transfer;
-- `aggregated`: vLLM without a connector, the same sequence (bench/pd_interleaved.py's `paused_aggregated`).
+- `aggregated`: vLLM without a connector, the same sequence (bench/pd_interleaved.py's `paused_aggregated`);
+- `nixl-best`: vLLM's NixlConnector in its best configuration here (bench/pd_interleaved.py's BEST), its prefill
+  node confined to core 0 and its decode on core 1 like ours: the prefill leg, the same pause, then the decode
+  leg, which pulls the KV before its first token. `pd` and `nixl-best` get the same prompt, so their answers are
+  compared too (temperature 0: both must equal what the prompt computed in place gives).
 
-    python -m bench.decode_gaps [--lengths 1000] [--repeats 12] [--max-tokens 96] [--decode-after 1.5]
+    python -m bench.decode_gaps [--lengths 1000] [--repeats 12] [--max-tokens 96] [--decode-after 1.5] [--no-nixl]
 
 Prints per prompt length, per range of token indices (a range past the answers' length is left out: every answer
 has `--max-tokens` tokens, EOS ignored), each system's median gap in ms and each prompt's own ratio pd / the others,
@@ -30,10 +34,10 @@ import requests
 
 from bench.confine import confine
 from bench.median_ci import median_ci
-from bench.pd_bench import MODEL, start
-from bench.pd_interleaved import paused_aggregated
+from bench.pd_bench import MODEL, nixl_prefill, start
+from bench.pd_interleaved import BEST, paused_aggregated
 from bench.streamed import Streamed, gaps_by_index, in_range, stream_ttft
-from launch.local_servers import start_vllm
+from launch.local_servers import free_port, start_vllm
 from launch.servers import VllmServer
 from launch.tiny_model import make_tiny_model
 from router.leg_bodies import decode_body, prefill_body
@@ -47,6 +51,13 @@ def pd_decode(p: VllmServer, d: VllmServer, body: dict, pause: float) -> Streame
     requests.post(p.url + "/v1/completions", json=prefill_body(body, tid, d.handshake), timeout=300).raise_for_status()
     time.sleep(pause)
     return stream_ttft(d.url, decode_body(body, tid))
+
+
+def nixl_decode(p: VllmServer, d: VllmServer, body: dict, pause: float) -> Streamed:
+    """NixlConnector's prefill leg on `p`; `pause` seconds later `d` pulls the KV and decodes."""
+    params = nixl_prefill(p, body)
+    time.sleep(pause)
+    return stream_ttft(d.url, dict(body, kv_transfer_params=params))
 
 
 def report(length: int, per_system: dict[str, list[dict[int, float]]]) -> None:
@@ -72,22 +83,32 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--decode-after", type=float, default=1.5, help="seconds of quiet before each decode")
     ap.add_argument("--settle", type=float, default=1.5, help="seconds between requests")
+    ap.add_argument("--no-nixl", action="store_true", help="leave NixlConnector-best out (two servers fewer)")
     args = ap.parse_args()
     make_tiny_model(MODEL, "bench")
     rng, own = random.Random(1), random.Random(2)
     servers = {"agg": start("gaps-agg", env={"VLLM_CPU_OMP_THREADS_BIND": "1"}),
                "kp": start_vllm("bench-gaps-kvb-prefill", "prefill", {}, model=MODEL, max_model_len=4096),
                "kd": start_vllm("bench-gaps-kvb-decode", "decode", {}, model=MODEL, max_model_len=4096)}
+    if not args.no_nixl:
+        servers.update({f"n{role[0]}": start(f"gaps-best-{role}", kv_config=BEST, env={
+            "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()), "VLLM_CPU_OMP_THREADS_BIND": core})
+            for role, core in (("prefill", "0"), ("decode", "1"))})
     s = servers
     systems = {"pd": lambda b: pd_decode(s["kp"], s["kd"], b, args.decode_after),
                "decode-node-local": lambda b: paused_aggregated(s["kd"].url, b, args.decode_after, own),
                "aggregated": lambda b: paused_aggregated(s["agg"].url, b, args.decode_after, own)}
+    if not args.no_nixl:
+        systems["nixl-best"] = lambda b: nixl_decode(s["np"], s["nd"], b, args.decode_after)
     names = list(systems)
     by_length: dict[int, dict[str, list[dict[int, float]]]] = {n: {name: [] for name in names} for n in args.lengths}
+    same = {n: 0 for n in args.lengths}  # prompts whose pd and nixl-best answers were equal
     try:
         for srv in servers.values():
             srv.wait_ready(900)
-        print(f"confined to core 0: {confine(s['kp'], {0})} threads of kvbridge's prefill node", flush=True)
+        for key, what in (("kp", "kvbridge's"), ("np", "NixlConnector-best's")):
+            if key in s:
+                print(f"confined to core 0: {confine(s[key], {0})} threads of {what} prefill node", flush=True)
         warm = {"model": "tiny", "prompt": [rng.randrange(10, 1000) for _ in range(64)], "max_tokens": 2}
         for once in systems.values():
             once(warm)
@@ -95,9 +116,13 @@ def main() -> None:
             for turn in range(args.repeats):
                 body = {"model": "tiny", "prompt": [rng.randrange(10, 1000) for _ in range(n)],
                         "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True}
+                texts = {}
                 for name in names[turn % len(names):] + names[:turn % len(names)]:
                     time.sleep(args.settle)
-                    per_system[name].append(gaps_by_index(systems[name](body)))
+                    got = systems[name](body)
+                    texts[name] = got.text
+                    per_system[name].append(gaps_by_index(got))
+                same[n] += texts.get("nixl-best", texts["pd"]) == texts["pd"]
                 ms = {k: round((in_range(g[-1], 1, 10_000) or float("nan")) * 1000, 2) for k, g in per_system.items()}
                 print(f"  {n} tokens, prompt {turn + 1}: ms per token {ms}", flush=True)
     finally:
@@ -105,6 +130,8 @@ def main() -> None:
             srv.stop()
     for length, per_system in by_length.items():
         report(length, per_system)
+        if not args.no_nixl:
+            print(f"pd's answer equal to nixl-best's (same prompt, temperature 0): {same[length]}/{args.repeats}")
 
 
 if __name__ == "__main__":

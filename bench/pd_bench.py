@@ -135,15 +135,19 @@ def router_once(router_url: str, body: dict, exposed: ExposedTimes) -> PDAnswer:
     return PDAnswer(got.ttft, got.text, got.tpot, at["prefill_done"]["ms"] / 1000, got.held, eta)
 
 
+def nixl_prefill(p: VllmServer, body: dict) -> dict:
+    """NixlConnector's prefill leg, as its proxy sends it: the kv_transfer_params its decode leg pulls with."""
+    params = dict.fromkeys(("remote_engine_id", "remote_block_ids", "remote_host", "remote_port"))
+    pre = dict(body, max_tokens=1, kv_transfer_params=dict(params, do_remote_decode=True, do_remote_prefill=False))
+    r = requests.post(p.url + "/v1/completions", json=pre, timeout=120)
+    r.raise_for_status()
+    return r.json()["kv_transfer_params"]
+
+
 def nixl_once(p: VllmServer, d: VllmServer, body: dict, gap: float = 0.0) -> PDAnswer:
     """One request through NixlConnector's two legs; `gap` as for kvbridge_once."""
     t0 = time.perf_counter()
-    pre = dict(body, max_tokens=1, kv_transfer_params={"do_remote_decode": True, "do_remote_prefill": False,
-                                                       "remote_engine_id": None, "remote_block_ids": None,
-                                                       "remote_host": None, "remote_port": None})
-    r = requests.post(p.url + "/v1/completions", json=pre, timeout=120)
-    r.raise_for_status()
-    params = r.json()["kv_transfer_params"]
+    params = nixl_prefill(p, body)
     prefill_s = time.perf_counter() - t0
     time.sleep(gap)
     got = stream_ttft(d.url, dict(body, kv_transfer_params=params))
@@ -176,10 +180,9 @@ def nixl_phase(label: str, kv_extra: dict, bodies: dict, repeats: int, gap: floa
     """NixlConnector prefill (core 0) + decode (core 1) with `kv_extra` in the connector config; {} if it fails."""
     kv = {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu",
           "kv_load_failure_policy": "recompute", **kv_extra}
-    p = start(f"{label}-prefill", kv_config=kv, env={"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()),
-                                                     "VLLM_CPU_OMP_THREADS_BIND": "0"})
-    d = start(f"{label}-decode", kv_config=kv, env={"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()),
-                                                    "VLLM_CPU_OMP_THREADS_BIND": "1"})
+    p, d = (start(f"{label}-{role}", kv_config=kv, env={"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()),
+                                                        "VLLM_CPU_OMP_THREADS_BIND": core})
+            for role, core in (("prefill", "0"), ("decode", "1")))
     try:
         return run_phase(label, [p, d], lambda b: nixl_once(p, d, b, gap), bodies, repeats)
     except requests.RequestException as e:  # the table still shows what the other phases measured
@@ -224,8 +227,7 @@ def main() -> None:
     def body(n: int) -> dict:
         return {"model": "tiny", "prompt": [rng.randrange(10, 1000) for _ in range(n)], "max_tokens": args.max_tokens,
                 "temperature": 0}
-    bodies = {n: [body(n) for _ in range(args.repeats)] for n in args.lengths}
-    bodies["warmup"] = [body(64)]
+    bodies = {**{n: [body(n) for _ in range(args.repeats)] for n in args.lengths}, "warmup": [body(64)]}
     print("phase 1: aggregated")
     # One core each for prefill and decode compute, as two nodes would have; aggregated gets core 0.
     agg = start("agg", env={"VLLM_CPU_OMP_THREADS_BIND": args.agg_core})
