@@ -3,18 +3,18 @@
 bench/pd_interleaved.py measured kvbridge's decode node 4-7 % slower per token than aggregated vLLM in one
 24-prompt run, and its per-step hooks cost microseconds; this says whether the excess sits in the first steps after the KV arrived (the
 scatter's freshly touched pages, the receive's bookkeeping, the slot's release) or spreads over the whole answer
-(the connector's threads, the process itself). Three systems, each prompt to all three back to back in a rotating
-order, every decode on core 1, the prefill node confined to core 0:
+(the connector's threads, the process itself). Four systems, each prompt to all four back to back in a rotating
+order, every decode on core 1, every prefill node confined to core 0:
 
 - `pd`: kvbridge's prefill node pushes the KV, `--decode-after` seconds of quiet, then the decode node decodes;
 - `decode-node-local`: the same decode node computes a prompt of the same length itself, then after the same pause
   decodes it (a prefix-cache hit that recomputes its last partial block): the same process and connector, no
   transfer;
 - `aggregated`: vLLM without a connector, the same sequence (bench/pd_interleaved.py's `paused_aggregated`);
-- `nixl-best`: vLLM's NixlConnector in its best configuration here (bench/pd_interleaved.py's BEST), its prefill
+- `nixl-best`: vLLM's NixlConnector in its best configuration here (bench/pd_bench.py's BEST), its prefill
   node confined to core 0 and its decode on core 1 like ours: the prefill leg, the same pause, then the decode
-  leg, which pulls the KV before its first token. `pd` and `nixl-best` get the same prompt, so their answers are
-  compared too (temperature 0: both must equal what the prompt computed in place gives).
+  leg, which pulls the KV before its first token. `pd` and `nixl-best` get the same prompt, and the bench counts
+  the prompts on which their answers were equal (temperature 0: two PD paths that moved the same prompt's KV).
 
     python -m bench.decode_gaps [--lengths 1000] [--repeats 12] [--max-tokens 96] [--decode-after 1.5] [--no-nixl]
 
@@ -34,8 +34,8 @@ import requests
 
 from bench.confine import confine
 from bench.median_ci import median_ci
-from bench.pd_bench import MODEL, nixl_prefill, start
-from bench.pd_interleaved import BEST, paused_aggregated
+from bench.pd_bench import BEST, MODEL, nixl_prefill, start
+from bench.pd_interleaved import paused_aggregated
 from bench.streamed import Streamed, gaps_by_index, in_range, stream_ttft
 from launch.local_servers import free_port, start_vllm
 from launch.servers import VllmServer

@@ -23,8 +23,7 @@ import random
 import statistics
 
 from bench.decode_under_arrivals import Target, one_round
-from bench.pd_bench import MODEL, hook_lines, start
-from bench.pd_interleaved import BEST
+from bench.pd_bench import BEST, MODEL, hook_lines, start
 from launch.local_servers import free_port, start_vllm
 from launch.tiny_model import make_tiny_model
 

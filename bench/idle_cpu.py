@@ -17,6 +17,7 @@ import uuid
 
 import requests
 
+from bench.pd_bench import NIXL
 from launch.local_servers import MODEL_DIR, free_port, start_vllm
 from launch.servers import VllmServer
 from launch.tiny_model import make_tiny_model
@@ -58,13 +59,11 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0)
     a = ap.parse_args()
     make_tiny_model(MODEL_DIR)
-    nixl = {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu",
-            "kv_load_failure_policy": "recompute"}
     servers = {"aggregated (no connector)": start_vllm("idle-agg"),
                "kvbridge producer": start_vllm("idle-kvb-producer", "prefill", {}),
                "kvbridge consumer": start_vllm("idle-kvb-consumer", "decode", {"load_timeout_s": 60.0}),
                "NixlConnector (kv_both)": start_vllm("idle-nixl",
-                                                     vllm_args=("--kv-transfer-config", json.dumps(nixl)),
+                                                     vllm_args=("--kv-transfer-config", json.dumps(NIXL)),
                                                      env={"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port())})}
     try:
         for s in servers.values():

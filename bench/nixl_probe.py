@@ -21,7 +21,7 @@ import time
 import requests
 
 from bench.idle_cpu import busy, show
-from bench.pd_bench import MODEL, nixl_once, start
+from bench.pd_bench import MODEL, NIXL, nixl_once, start
 from launch.local_servers import free_port
 from launch.tiny_model import make_tiny_model
 
@@ -89,8 +89,7 @@ def main() -> None:
         os.environ["KVB_NIXL_PYSTACKS"] = "1"
     os.makedirs(a.dump_dir, exist_ok=True)
     make_tiny_model(MODEL, "bench")
-    kv = {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu",
-          "kv_load_failure_policy": "recompute", "kv_connector_extra_config": a.extra}
+    kv = dict(NIXL, kv_connector_extra_config=a.extra)
     if a.module:
         kv["kv_connector_module_path"] = a.module
     p = start("probe-prefill", kv_config=kv, env={"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()),

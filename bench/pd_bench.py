@@ -1,9 +1,9 @@
 """PD TTFT overhead, kvbridge vs vLLM's own NixlConnector, both over aggregated serving, in one run.
 
-Phases on this machine, same model and prompts: (1) one aggregated vLLM; (2) kvbridge prefill + decode,
-the legs sent as the router does (`--kvbridge-dispatch`); (3) NixlConnector prefill + decode in its stock configuration, and
-(4) "nixl-best", NixlConnector in its best configuration here, both sequential as vLLM's proxy does (prefill
-answers with the pull handle, then decode pulls). TTFT is measured to the first streamed token; each point is
+Phases on this machine, same model and prompts: (1) one aggregated vLLM; (2) kvbridge prefill + decode, the legs sent
+as the router does (`--kvbridge-dispatch`); (3) NixlConnector prefill + decode in its stock configuration (NIXL), and (4)
+"nixl-best" (BEST), NixlConnector in its best configuration here, both sequential as vLLM's proxy does (prefill answers
+with the pull handle, then decode pulls). TTFT is measured to the first streamed token; each point is
 the median of repeats. Tokens of every PD answer are checked against the aggregated answer; kvbridge's overhead
 is also printed as a ratio to NixlConnector-best's.
 
@@ -44,6 +44,9 @@ from launch.tiny_model import make_tiny_model
 from router.leg_bodies import decode_body, prefill_body
 
 MODEL = MODEL_DIR.parent / "bench"
+NIXL = {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu",
+        "kv_load_failure_policy": "recompute"}  # vLLM's NixlConnector as shipped
+BEST = dict(NIXL, kv_connector_module_path="pd.nixl_best", kv_connector_extra_config={"num_threads": 0})
 
 
 def start(name: str, role: str = "aggregated", kv_config: dict | None = None,
@@ -137,11 +140,13 @@ def router_once(router_url: str, body: dict, exposed: ExposedTimes) -> PDAnswer:
 
 def nixl_prefill(p: VllmServer, body: dict) -> dict:
     """NixlConnector's prefill leg, as its proxy sends it: the kv_transfer_params its decode leg pulls with."""
-    params = dict.fromkeys(("remote_engine_id", "remote_block_ids", "remote_host", "remote_port"))
-    pre = dict(body, max_tokens=1, kv_transfer_params=dict(params, do_remote_decode=True, do_remote_prefill=False))
+    none = dict.fromkeys(("remote_engine_id", "remote_block_ids", "remote_host", "remote_port"))
+    pre = dict(body, max_tokens=1, kv_transfer_params=dict(none, do_remote_decode=True, do_remote_prefill=False))
     r = requests.post(p.url + "/v1/completions", json=pre, timeout=120)
     r.raise_for_status()
-    return r.json()["kv_transfer_params"]
+    if not (params := r.json().get("kv_transfer_params")):
+        raise RuntimeError(f"NixlConnector's prefill node gave no kv_transfer_params (log: {p.log_path})")
+    return params
 
 
 def nixl_once(p: VllmServer, d: VllmServer, body: dict, gap: float = 0.0) -> PDAnswer:
@@ -176,10 +181,8 @@ def run_phase(label: str, servers: list, once, bodies: dict, repeats: int) -> di
     return out
 
 
-def nixl_phase(label: str, kv_extra: dict, bodies: dict, repeats: int, gap: float = 0.0) -> dict:
-    """NixlConnector prefill (core 0) + decode (core 1) with `kv_extra` in the connector config; {} if it fails."""
-    kv = {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu",
-          "kv_load_failure_policy": "recompute", **kv_extra}
+def nixl_phase(label: str, kv: dict, bodies: dict, repeats: int, gap: float = 0.0) -> dict:
+    """NixlConnector prefill (core 0) + decode (core 1) with the kv-transfer-config `kv`; {} if it fails."""
     p, d = (start(f"{label}-{role}", kv_config=kv, env={"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()),
                                                         "VLLM_CPU_OMP_THREADS_BIND": core})
             for role, core in (("prefill", "0"), ("decode", "1")))
@@ -234,8 +237,7 @@ def main() -> None:
     base = run_phase("aggregated", [agg], lambda b: stream_ttft(agg.url, b), bodies, args.repeats)
     print("phase 2: kvbridge (push)")
     kp = start_vllm("bench-kvb-prefill", "prefill", args.prefill_connector, model=MODEL, max_model_len=4096)
-    decode_connector = dict(args.decode_connector)
-    decode_connector.setdefault("metrics_port", free_port())
+    decode_connector = {"metrics_port": free_port(), **args.decode_connector}
     kd = start_vllm("bench-kvb-decode", "decode", decode_connector, model=MODEL, max_model_len=4096)
     exposed = ExposedTimes(f"http://127.0.0.1:{decode_connector['metrics_port']}/metrics")
     ours = run_phase("kvbridge", [kp, kd], lambda b: kvbridge_once(kp, kd, b, exposed, args.kvbridge_dispatch,
@@ -245,11 +247,9 @@ def main() -> None:
     theirs, best = {}, {}
     if not args.skip_nixl:
         print("phase 3: NixlConnector (pull), stock configuration")
-        theirs = nixl_phase("nixl", {}, bodies, args.repeats, args.decode_after)
+        theirs = nixl_phase("nixl", NIXL, bodies, args.repeats, args.decode_after)
         print("phase 4: NixlConnector (pull), best configuration here (pd/nixl_best.py)")
-        best = nixl_phase("nixl-best", {"kv_connector_module_path": "pd.nixl_best",
-                                        "kv_connector_extra_config": {"num_threads": 0}}, bodies, args.repeats,
-                          args.decode_after)
+        best = nixl_phase("nixl-best", BEST, bodies, args.repeats, args.decode_after)
     nan = {"ttft_ms": float("nan"), "tpot_ms": float("nan"), "texts": None}
     if args.decode_after:
         print(f"\n(--decode-after {args.decode_after}: the PD TTFT columns and kvbridge's exposed transfer times "

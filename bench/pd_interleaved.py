@@ -49,7 +49,7 @@ import requests
 
 from bench.confine import confine
 from bench.median_ci import MedianCI, median_ci
-from bench.pd_bench import (MODEL, ExposedTimes, PDAnswer, kvbridge_once, nixl_once, parse_with_decode_after,
+from bench.pd_bench import (BEST, MODEL, ExposedTimes, PDAnswer, kvbridge_once, nixl_once, parse_with_decode_after,
                              router_once, start)
 from bench.streamed import Streamed, stream_ttft
 from launch.local_servers import free_port, start_router, start_vllm
@@ -59,9 +59,6 @@ from launch.tiny_model import make_tiny_model
 
 PD = ("kvbridge", "nixl-best")  # the PD systems: their TTFT is compared with aggregated's
 PAUSED = "aggregated after the same pause"  # with --decode-after: see paused_aggregated
-BEST = {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu",
-        "kv_load_failure_policy": "recompute", "kv_connector_module_path": "pd.nixl_best",
-        "kv_connector_extra_config": {"num_threads": 0}}
 
 
 def start_side_by_side(tag: str, prefill_connector: dict, metrics_port: int, agg_core: str = "0"

@@ -75,12 +75,12 @@ class RoleConfig(BaseModel):
 
     def listener_warning(self, env: dict[str, str]) -> str:
         """Before vLLM starts: refuse (ConfigError) a listener on a routable address with no secret in `env` or
-        secret_file unless `insecure: true` — the decode's consumer endpoint, and any role's store admin — as the
+        secret_file unless `insecure: true` — the consumer endpoint of a decode, the store admin of a producer — as the
         connector would once vLLM loaded it; the warnings to print in that case, else ''."""
         c = self.connector
         listeners = ([(f"{self.name}'s kvbridge connector", LEASE_RISK)] if self.role in ("decode", "both") else []) + \
-                    ([(f"{self.name}'s store admin (port {c.store.admin_port})", ADMIN_RISK)]
-                     if self.role != "aggregated" and c.store and c.store.admin_port else [])
+                    ([(f"{self.name}'s store admin (port {c.store.admin_port} + TP rank)", ADMIN_RISK)]
+                     if self.role in ("prefill", "both") and c.store and c.store.admin_port else [])
         if not listeners:
             return ""
         try:

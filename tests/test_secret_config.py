@@ -92,7 +92,7 @@ def test_up_refuses_a_store_admin_listener_without_a_secret_before_starting_anyt
                                                                  "kv_address": "127.0.0.1:5600"}]}))
     graph = tmp_path / "deployment.yaml"
     graph.write_text("role: deployment\nname: t\nprefill: [p.yaml]\ndecode: [d.yaml]\nrouter: r.yaml\n")
-    with pytest.raises(SystemExit, match=r"p0's store admin \(port 5700\) would listen on 0.0.0.0 without a secret: "
+    with pytest.raises(SystemExit, match=r"p0's store admin \(port 5700 \+ TP rank\) would listen on 0.0.0.0 without a secret: "
                                          r"anyone who reaches it could read the store's statistics and clear it"):
         main(["up", str(graph), "--log-dir", str(tmp_path / "logs")])
     insecure = load_config(_write(tmp_path, dict(prefill, connector=dict(prefill["connector"], insecure=True))))

@@ -46,6 +46,9 @@ def tp2(tiny_model):
                 break
         else:
             pytest.fail("no warm-up request moved KV on both ranks:\n" + "\n".join(failures(trio)))
+        # A failed attempt's slots come back quarantine_s after its producer's fence, or fence_timeout_s (30 s)
+        # past its lease's deadline without one: the tests below start with both pools full.
+        wait_for(lambda: all(p.free == p.total for p in rank_pools(trio)), 45, what="both ranks' slot pools full")
         yield trio
     finally:
         for s in trio.values():
@@ -63,7 +66,7 @@ def scattered(servers: dict) -> list[int]:
 def failures(servers: dict) -> list[str]:
     """What both nodes logged of transfers that did not complete (a failed assertion prints it)."""
     return ["prefill:", *log_lines(servers["prefill"], "-> FAILED", "withdr", "not delivered"),
-            "decode:", *log_lines(servers["decode"], "-> FAILED", "-> EXPIRED", "recomput")]
+            "decode:", *log_lines(servers["decode"], "-> FAILED", "-> EXPIRED", "KV load failure")]
 
 
 @pytest.mark.parametrize("prompt", [random_words(40, seed=91), random_token_prompt(300, seed=92),
