@@ -4,7 +4,8 @@ A stream's headers go to the client only once the decode leg's first event arriv
 node that fails before producing anything can still be replaced (nothing was sent). After that the
 router never sends a second response: an upstream failure ends the stream with an OpenAI-shaped
 `error` event and `data: [DONE]`. Client writes raise ClientGone, never a connection error that
-could be taken for the backend's. `kv_transfer_params` is internal and is removed from every answer.
+could be taken for the backend's. `kv_transfer_params` is internal and is removed from every answer, and the
+cached tokens the decode node reports are corrected by the prefill node's (router/usage.py).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import aiohttp
 from aiohttp import web
@@ -20,9 +22,16 @@ from router.failures import ClientGone, UpstreamFailure
 from router.metrics import ITL, child
 from router.registry import Backend
 from router.upstream import read_all, read_event
+from router.usage import lower_cached_tokens
 
 HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "content-encoding", "keep-alive"}
 DONE = b"data: [DONE]"
+CachedTokens = Callable[[], "int | None"]  # the prefill node's reported cached tokens, once its leg answered
+
+
+def no_prefill() -> None:
+    """No prefill leg (or none answered): the decode node's own count stands."""
+    return None
 
 
 @dataclass
@@ -43,25 +52,32 @@ def client_headers(up: aiohttp.ClientResponse, request_id: str) -> dict[str, str
     return headers
 
 
-def without_kv_params(data: bytes) -> bytes:
-    """`data` (a JSON object) without its top-level kv_transfer_params; anything else unchanged."""
-    if b'"kv_transfer_params"' not in data:
+def fix_answer(data: bytes, prefill_cached: CachedTokens = no_prefill) -> bytes:
+    """`data` (a JSON object) without its top-level kv_transfer_params, and its usage's cached tokens no more than
+    the prefill node's; anything else unchanged (and not parsed unless one of the two is there)."""
+    params = b'"kv_transfer_params"' in data
+    cached = prefill_cached() if b'"cached_tokens"' in data else None
+    if not params and cached is None:
         return data
     try:
         obj = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError):
         return data
-    if isinstance(obj, dict):
-        obj.pop("kv_transfer_params", None)
-        return json.dumps(obj).encode()
-    return data
+    if not isinstance(obj, dict):
+        return data
+    lowered = cached is not None and lower_cached_tokens(obj, cached)
+    if "kv_transfer_params" not in obj and not lowered:
+        return data
+    obj.pop("kv_transfer_params", None)
+    return json.dumps(obj).encode()
 
 
-def rewrite_event(event: bytes) -> bytes:
-    if b'"kv_transfer_params"' not in event:
+def rewrite_event(event: bytes, prefill_cached: CachedTokens = no_prefill) -> bytes:
+    if b'"kv_transfer_params"' not in event and b'"cached_tokens"' not in event:
         return event
     lines = event.split(b"\n")
-    return b"\n".join(b"data: " + without_kv_params(ln[6:]) if ln.startswith(b"data: ") else ln for ln in lines)
+    return b"\n".join(b"data: " + fix_answer(ln[6:], prefill_cached) if ln.startswith(b"data: ") else ln
+                      for ln in lines)
 
 
 def error_event(message: str) -> bytes:
@@ -82,16 +98,19 @@ async def write(resp: web.StreamResponse, data: bytes, timeout_s: float) -> None
         raise ClientGone(f"client read nothing for {timeout_s:g} s") from None
 
 
-async def relay_whole(up: aiohttp.ClientResponse, b: Backend, request_id: str, timeout_s: float) -> RelayOutcome:
+async def relay_whole(up: aiohttp.ClientResponse, b: Backend, request_id: str, timeout_s: float,
+                      prefill_cached: CachedTokens = no_prefill) -> RelayOutcome:
     """A non-streamed answer (or a stream's 4xx), read in full before anything is sent: an
     UpstreamFailure here leaves the request free to be retried."""
     data = await read_all(up, b, timeout_s)
-    response = web.Response(body=without_kv_params(data), status=up.status, headers=client_headers(up, request_id))
+    response = web.Response(body=fix_answer(data, prefill_cached), status=up.status,
+                            headers=client_headers(up, request_id))
     return RelayOutcome(response, first_byte_at=time.monotonic())
 
 
 async def relay_stream(request: web.Request, up: aiohttp.ClientResponse, b: Backend, request_id: str,
-                       first_byte_timeout_s: float, read_timeout_s: float, write_timeout_s: float) -> RelayOutcome:
+                       first_byte_timeout_s: float, read_timeout_s: float, write_timeout_s: float,
+                       prefill_cached: CachedTokens = no_prefill) -> RelayOutcome:
     first = await read_event(up, b, first_byte_timeout_s)  # a failure here: nothing sent, retryable
     if not first.strip():
         raise UpstreamFailure(b.name, "stream ended before its first event")
@@ -102,7 +121,7 @@ async def relay_stream(request: web.Request, up: aiohttp.ClientResponse, b: Back
             await resp.prepare(request)
         except ConnectionError as e:
             raise ClientGone(str(e)) from None
-        await write(resp, rewrite_event(first), write_timeout_s)
+        await write(resp, rewrite_event(first, prefill_cached), write_timeout_s)
         out.first_byte_at = time.monotonic()
         done = first.startswith(DONE)
         last, itl = time.monotonic(), child(ITL, request.path)
@@ -120,7 +139,7 @@ async def relay_stream(request: web.Request, up: aiohttp.ClientResponse, b: Back
                 now = time.monotonic()
                 itl.observe(now - last)
                 last = now
-            await write(resp, rewrite_event(event), write_timeout_s)
+            await write(resp, rewrite_event(event, prefill_cached), write_timeout_s)
         if out.failure:
             await write(resp, error_event(f"the decode instance failed mid-stream: {out.failure}"), write_timeout_s)
         try:

@@ -27,6 +27,7 @@ from router.placement_config import Mode, PlacementConfig
 from router.placement_decision import Candidate, Decision
 from router.prefix_index import SHARED, PrefixIndex, prompt_text
 from router.registry import Backend, Registry
+from router.usage import cached_tokens
 
 MODE_CODE = {"auto": 0, "always": 1, "never": 2}
 SHORT_LEG_TOKENS = 64
@@ -206,8 +207,7 @@ class Placement:
         the correction changed, if anything."""
         p, note = d.prefill, None
         prompt_tokens = (usage or {}).get("prompt_tokens")
-        details = (usage or {}).get("prompt_tokens_details") or {}
-        cached = details.get("cached_tokens") if isinstance(details, dict) else None
+        cached = cached_tokens(usage)
         if isinstance(prompt_tokens, int) and prompt_tokens > 0:
             if self.cfg.learn:
                 self.rates.chars_per_token.observe(d.chars / prompt_tokens)

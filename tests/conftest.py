@@ -53,9 +53,10 @@ def servers(tiny_model, redis_url, store_dir):
                          store={"memory_bytes": "64MiB", "disk_path": str(store_dir), "disk_bytes": "256MiB",
                                 "redis_url": redis_url, "redis_timeout_s": 2.0, "lookup_timeout_s": 1.0,
                                 "admin_port": free_port()})
-    trio = {"agg": start_vllm("agg"),
-            "decode": start_vllm("decode-0", "decode", DECODE_EXTRA),
-            "prefill": start_vllm("prefill-0", "prefill", prefill_extra, vllm_args=("--no-enable-prefix-caching",))}
+    details = ("--enable-prompt-tokens-details",)  # usage's cached tokens, compared by tests/test_router_e2e.py
+    trio = {"agg": start_vllm("agg", vllm_args=details),
+            "decode": start_vllm("decode-0", "decode", DECODE_EXTRA, vllm_args=details),
+            "prefill": start_vllm("prefill-0", "prefill", prefill_extra, vllm_args=(*details, "--no-enable-prefix-caching"))}
     try:
         for s in trio.values():
             s.wait_ready()

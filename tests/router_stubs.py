@@ -35,12 +35,14 @@ class StubNode:
     `held.clear()`) and its unstreamed answers report `usage` as vLLM does, 4 characters a token, with the longest held prefix as `cached_tokens` (`details=False`: no
     `prompt_tokens_details`, as vLLM without --enable-prompt-tokens-details). `scattered`: its
     connector says of every transfer asked about that it was received and scattered (else that it has none).
-    `pad`: characters added to each streamed event's text. `healthy` and `health_hangs` (set at any time): /health answers 500, or never answers."""
+    `pad`: characters added to each streamed event's text. `healthy` and `health_hangs` (set at any time): /health answers 500, or never answers.
+    `received`: a decode node that got the prompt's KV over PD, as vLLM reports one: every prompt token cached, in
+    its unstreamed answers and in a stream's usage chunk (asked for with stream_options.include_usage)."""
 
     def __init__(self, name: str, mode: str = "ok", events: int = 4,
                  interval: float | Callable[[dict], float] = 0.0, die_after: int = 2,
                  kv: bool = False, store: bool = False, ranks: int = 1, scattered: bool = False,
-                 details: bool = True, pad: int = 0, refuse_status: int = 400) -> None:
+                 details: bool = True, pad: int = 0, refuse_status: int = 400, received: bool = False) -> None:
         self.name, self.mode, self.events, self.interval, self.die_after = name, mode, events, interval, die_after
         self.bodies, self.headers, self.cancels, self.answered = [], [], [], []  # each leg's, rank 0 connector's
         self.rank_notices: dict[int, list[tuple[str, str]]] = {r: [] for r in range(1, ranks)}  # (type, tid)
@@ -48,7 +50,7 @@ class StubNode:
         self._stop = threading.Event()
         self.held: list[str] | None = [] if store else None
         self.ranks, self.scattered, self.details, self.pad = ranks, scattered, details, pad
-        self.refuse_status = refuse_status
+        self.refuse_status, self.received = refuse_status, received
         self.kv_port = self._start_connector() if kv else None
 
     def _start_connector(self) -> int:
@@ -109,9 +111,12 @@ class StubNode:
         return {"name": self.name, "url": self.url, **({"kv_address": f"127.0.0.1:{self.kv_port}"} if self.kv_port else {})}
 
     def _usage(self, body: dict) -> dict:
-        if self.held is None or not isinstance(body.get("prompt"), str):
+        if (self.held is None and not self.received) or not isinstance(body.get("prompt"), str):
             return {}
         prompt = body["prompt"]
+        if self.received:
+            return {"usage": {"prompt_tokens": len(prompt) // 4, "prompt_tokens_details": {"cached_tokens":
+                                                                                           len(prompt) // 4}}}
         common = max((len(os.path.commonprefix([prompt, h])) for h in self.held), default=0)
         self.held.append(prompt)
         details = {"prompt_tokens_details": {"cached_tokens": common // 4}} if self.details else {}
@@ -155,6 +160,8 @@ class StubNode:
                 chunk = {"choices": [{"index": 0, "text": f"t{i}" + "x" * self.pad}], **({"kv_transfer_params": {"kvbridge": {}}} if i == 0 else {})}
                 await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
                 await asyncio.sleep(self.interval)
+            if (body.get("stream_options") or {}).get("include_usage"):
+                await resp.write(b"data: " + json.dumps({"choices": [], **self._usage(body)}).encode() + b"\n\n")
             await resp.write(b"data: [DONE]\n\n")
             return resp
         except asyncio.CancelledError:

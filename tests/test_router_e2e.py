@@ -52,6 +52,23 @@ def test_openai_client_same_text_as_aggregated(servers, router, stream, words):
     assert chat(router.url, text, stream) == chat(servers["agg"].url, text, False)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_usage_reports_cached_tokens_as_aggregated_does(servers, router, stream):
+    """vLLM counts KV a connector loaded as cached: the decode node would report the whole fresh prompt as cached;
+    the router reports the prefill node's hit, as aggregated vLLM reports its own (router/usage.py)."""
+    body = {"model": "tiny", "prompt": random_words(300, seed=41 + stream), "max_tokens": 4, "temperature": 0}
+    want = requests.post(servers["agg"].url + "/v1/completions", json=body, timeout=120).json()["usage"]
+    if stream:
+        r = requests.post(router.url + "/v1/completions", json=dict(body, stream=True, stream_options={
+            "include_usage": True}), timeout=120)
+        chunks = [json.loads(e.removeprefix("data: ")) for e in r.text.split("\n\n") if e.startswith("data: {")]
+        got = next(c["usage"] for c in chunks if c.get("usage"))
+    else:
+        got = requests.post(router.url + "/v1/completions", json=body, timeout=120).json()["usage"]
+    assert want["prompt_tokens_details"] == {"cached_tokens": 0}, "a fresh prompt"
+    assert (got["prompt_tokens"], got["prompt_tokens_details"]) == (want["prompt_tokens"], {"cached_tokens": 0})
+
+
 def test_values_vllm_reads_leniently_are_read_so_by_the_router_too(servers, router):
     """`"stream": "true"`, `"max_tokens": "8"` and `"n": "2"` are what vLLM reads as true, 8 and 2: the router
     streams the answer and gives the decode two claims on the transfer, so both choices are aggregated's."""
