@@ -13,7 +13,7 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
@@ -22,15 +22,15 @@ from router.failures import ClientGone, UpstreamFailure
 from router.metrics import ITL, child
 from router.registry import Backend
 from router.upstream import read_all, read_event
-from router.usage import lower_cached_tokens
+from router.usage import correct_details
 
 HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "content-encoding", "keep-alive"}
 DONE = b"data: [DONE]"
-CachedTokens = Callable[[], "int | None"]  # the prefill node's reported cached tokens, once its leg answered
+PrefillDetails = Callable[[], Awaitable["dict | None"]]  # the prefill leg's prompt_tokens_details (router/usage.py)
 
 
-def no_prefill() -> None:
-    """No prefill leg (or none answered): the decode node's own count stands."""
+async def no_prefill() -> None:
+    """No prefill leg: the decode node's own counts stand."""
     return None
 
 
@@ -52,12 +52,10 @@ def client_headers(up: aiohttp.ClientResponse, request_id: str) -> dict[str, str
     return headers
 
 
-def fix_answer(data: bytes, prefill_cached: CachedTokens = no_prefill) -> bytes:
-    """`data` (a JSON object) without its top-level kv_transfer_params, and its usage's cached tokens no more than
-    the prefill node's; anything else unchanged (and not parsed unless one of the two is there)."""
-    params = b'"kv_transfer_params"' in data
-    cached = prefill_cached() if b'"cached_tokens"' in data else None
-    if not params and cached is None:
+def fix_answer(data: bytes, prefill: dict | None = None) -> bytes:
+    """`data` (a JSON object) without its top-level kv_transfer_params, and its usage's counts corrected by the
+    prefill leg's `prefill` details; anything else unchanged (and not parsed unless one of the two is there)."""
+    if b'"kv_transfer_params"' not in data and (prefill is None or b'"cached_tokens"' not in data):
         return data
     try:
         obj = json.loads(data)
@@ -65,19 +63,21 @@ def fix_answer(data: bytes, prefill_cached: CachedTokens = no_prefill) -> bytes:
         return data
     if not isinstance(obj, dict):
         return data
-    lowered = cached is not None and lower_cached_tokens(obj, cached)
-    if "kv_transfer_params" not in obj and not lowered:
+    corrected = prefill is not None and correct_details(obj, prefill)
+    if "kv_transfer_params" not in obj and not corrected:
         return data
     obj.pop("kv_transfer_params", None)
     return json.dumps(obj).encode()
 
 
-def rewrite_event(event: bytes, prefill_cached: CachedTokens = no_prefill) -> bytes:
-    if b'"kv_transfer_params"' not in event and b'"cached_tokens"' not in event:
+async def rewrite_event(event: bytes, prefill_details: PrefillDetails) -> bytes:
+    """An SSE event with each data line fixed (fix_answer); the prefill leg's details are awaited only for an
+    event that carries cached tokens (the usage chunk at a stream's end)."""
+    prefill = await prefill_details() if b'"cached_tokens"' in event else None
+    if b'"kv_transfer_params"' not in event and prefill is None:
         return event
     lines = event.split(b"\n")
-    return b"\n".join(b"data: " + fix_answer(ln[6:], prefill_cached) if ln.startswith(b"data: ") else ln
-                      for ln in lines)
+    return b"\n".join(b"data: " + fix_answer(ln[6:], prefill) if ln.startswith(b"data: ") else ln for ln in lines)
 
 
 def error_event(message: str) -> bytes:
@@ -99,18 +99,19 @@ async def write(resp: web.StreamResponse, data: bytes, timeout_s: float) -> None
 
 
 async def relay_whole(up: aiohttp.ClientResponse, b: Backend, request_id: str, timeout_s: float,
-                      prefill_cached: CachedTokens = no_prefill) -> RelayOutcome:
+                      prefill_details: PrefillDetails = no_prefill) -> RelayOutcome:
     """A non-streamed answer (or a stream's 4xx), read in full before anything is sent: an
     UpstreamFailure here leaves the request free to be retried."""
     data = await read_all(up, b, timeout_s)
-    response = web.Response(body=fix_answer(data, prefill_cached), status=up.status,
+    prefill = await prefill_details() if b'"cached_tokens"' in data else None
+    response = web.Response(body=fix_answer(data, prefill), status=up.status,
                             headers=client_headers(up, request_id))
     return RelayOutcome(response, first_byte_at=time.monotonic())
 
 
 async def relay_stream(request: web.Request, up: aiohttp.ClientResponse, b: Backend, request_id: str,
                        first_byte_timeout_s: float, read_timeout_s: float, write_timeout_s: float,
-                       prefill_cached: CachedTokens = no_prefill) -> RelayOutcome:
+                       prefill_details: PrefillDetails = no_prefill) -> RelayOutcome:
     first = await read_event(up, b, first_byte_timeout_s)  # a failure here: nothing sent, retryable
     if not first.strip():
         raise UpstreamFailure(b.name, "stream ended before its first event")
@@ -121,7 +122,7 @@ async def relay_stream(request: web.Request, up: aiohttp.ClientResponse, b: Back
             await resp.prepare(request)
         except ConnectionError as e:
             raise ClientGone(str(e)) from None
-        await write(resp, rewrite_event(first, prefill_cached), write_timeout_s)
+        await write(resp, await rewrite_event(first, prefill_details), write_timeout_s)
         out.first_byte_at = time.monotonic()
         done = first.startswith(DONE)
         last, itl = time.monotonic(), child(ITL, request.path)
@@ -139,7 +140,7 @@ async def relay_stream(request: web.Request, up: aiohttp.ClientResponse, b: Back
                 now = time.monotonic()
                 itl.observe(now - last)
                 last = now
-            await write(resp, rewrite_event(event, prefill_cached), write_timeout_s)
+            await write(resp, await rewrite_event(event, prefill_details), write_timeout_s)
         if out.failure:
             await write(resp, error_event(f"the decode instance failed mid-stream: {out.failure}"), write_timeout_s)
         try:

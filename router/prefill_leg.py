@@ -24,7 +24,6 @@ from router.pool_probe import cancel_transfer, prefill_answered
 from router.registry import Backend, Registry
 from router.request_trace import Trace
 from router.upstream import post, read_all
-from router.usage import cached_tokens
 
 log = logging.getLogger("kvbridge.router")
 # The request's own content refused (a prompt over the context length, a bad parameter, a body too large); other
@@ -42,14 +41,6 @@ class PrefillResult:
     seconds: float
     usage: dict | None = None
     refusal: tuple[int, bytes] | None = None  # the node refused the request itself: its 4xx status and body
-
-
-def answered_cached_tokens(task: asyncio.Task | None) -> int | None:
-    """The cached tokens the prefill leg's node reported, once the leg answered (router/usage.py); else None."""
-    if task is None or not task.done() or task.cancelled() or task.exception() is not None:
-        return None
-    result: PrefillResult = task.result()
-    return cached_tokens(result.usage) if result.ok else None
 
 
 def reply_usage(raw: bytes) -> dict | None:

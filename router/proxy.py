@@ -36,10 +36,11 @@ from router.openai_errors import APIError
 from router.placement import Placement
 from router.placement_decision import Decision
 from router.pool_probe import cancel_transfer, transfer_trace
-from router.prefill_leg import PrefillResult, answered_cached_tokens, run_prefill
+from router.prefill_leg import PrefillResult, run_prefill
 from router.registry import Backend, Registry
 from router.request_trace import Trace, TraceBook
 from router.upstream import post
+from router.usage import prefill_details
 
 MAX_ATTEMPTS = 2  # the first dispatch and one retry, only while nothing was sent
 
@@ -150,12 +151,12 @@ class Proxy:
             up = await post(self.session, decode, path, decode_leg, headers, self._first_wait(body))
             if prefill_task is not None and self.cfg.on_prefill_failure == "error" and not (await prefill_task).ok:
                 return prefill_failed(prefill_task, trace.id)
-            prefill_cached = functools.partial(answered_cached_tokens, prefill_task)  # router/usage.py says why
+            details = functools.partial(prefill_details, prefill_task)  # router/usage.py says why
             if body.get("stream") and up.status == 200:
                 outcome = await relay_stream(request, up, decode, trace.id, self.cfg.first_byte_timeout_s,
-                                             self.cfg.read_timeout_s, self.cfg.client_write_timeout_s, prefill_cached)
+                                             self.cfg.read_timeout_s, self.cfg.client_write_timeout_s, details)
             else:
-                outcome = await relay_whole(up, decode, trace.id, self._first_wait(body), prefill_cached)
+                outcome = await relay_whole(up, decode, trace.id, self._first_wait(body), details)
             if outcome.first_byte_at is not None:
                 child(TTFT, path).observe(outcome.first_byte_at - trace.t0)
             self._settle(outcome, decode, trace)

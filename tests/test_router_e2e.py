@@ -58,6 +58,7 @@ def test_usage_reports_cached_tokens_as_aggregated_does(servers, router, stream)
     the router reports the prefill node's hit, as aggregated vLLM reports its own (router/usage.py)."""
     body = {"model": "tiny", "prompt": random_words(300, seed=41 + stream), "max_tokens": 4, "temperature": 0}
     want = requests.post(servers["agg"].url + "/v1/completions", json=body, timeout=120).json()["usage"]
+    before = pool_status(servers["decode"].handshake).counters.get("transfers_scattered", 0)
     if stream:
         r = requests.post(router.url + "/v1/completions", json=dict(body, stream=True, stream_options={
             "include_usage": True}), timeout=120)
@@ -65,8 +66,9 @@ def test_usage_reports_cached_tokens_as_aggregated_does(servers, router, stream)
         got = next(c["usage"] for c in chunks if c.get("usage"))
     else:
         got = requests.post(router.url + "/v1/completions", json=body, timeout=120).json()["usage"]
-    assert want["prompt_tokens_details"] == {"cached_tokens": 0}, "a fresh prompt"
-    assert (got["prompt_tokens"], got["prompt_tokens_details"]) == (want["prompt_tokens"], {"cached_tokens": 0})
+    assert pool_status(servers["decode"].handshake).counters.get("transfers_scattered", 0) == before + 1, "over PD"
+    assert want["prompt_tokens_details"]["cached_tokens"] == 0, "a fresh prompt"
+    assert (got["prompt_tokens"], got["prompt_tokens_details"]["cached_tokens"]) == (want["prompt_tokens"], 0)
 
 
 def test_values_vllm_reads_leniently_are_read_so_by_the_router_too(servers, router):

@@ -58,5 +58,23 @@ def test_kv_transfer_params_leave_every_answer_null_or_not_and_other_bytes_pass_
     assert json.loads(fix_answer(b'{"id": "x", "kv_transfer_params": null}')) == {"id": "x"}
     assert json.loads(fix_answer(b'{"id": "x", "kv_transfer_params": {"kvbridge": {}}}')) == {"id": "x"}
     plain = b'{"id":  "x", "usage": {"prompt_tokens_details": {"cached_tokens": 3}}}'
-    assert fix_answer(plain) is plain and fix_answer(plain, lambda: 5) is plain
-    assert json.loads(fix_answer(plain, lambda: 1))["usage"]["prompt_tokens_details"]["cached_tokens"] == 1
+    assert fix_answer(plain) is plain and fix_answer(plain, {"cached_tokens": 5}) is plain
+    assert json.loads(fix_answer(plain, {"cached_tokens": 1}))["usage"]["prompt_tokens_details"]["cached_tokens"] == 1
+
+
+def test_a_chat_answers_cache_writes_are_the_prefill_nodes_too():
+    """The decode node wrote none of the prompt to its cache; the prefill node wrote what it computed."""
+    chat = b'{"usage": {"prompt_tokens_details": {"cached_tokens": 100, "created_cache_tokens": 0}}}'
+    fixed = json.loads(fix_answer(chat, {"cached_tokens": 20, "created_cache_tokens": 80}))
+    assert fixed["usage"]["prompt_tokens_details"] == {"cached_tokens": 20, "created_cache_tokens": 80}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_decode_answer_that_ends_before_the_prefill_leg_answered_waits_for_its_count(make, stream):
+    """Sent with the prefill leg, a short decode answer can be whole before the prefill node's answer was read:
+    the router waits for it (at most router/usage.py's ANSWER_WAIT_S) rather than pass the decode's count."""
+    url, _ = await make([StubNode("p", store=True, interval=0.3)], [StubNode("d", kv=True, received=True)],
+                        decode_dispatch="with_prefill")
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 4, "stream": stream,
+            **({"stream_options": {"include_usage": True}} if stream else {})}
+    assert cached_of(await ask(url, body)) == 0
