@@ -13,7 +13,6 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
@@ -22,16 +21,10 @@ from router.failures import ClientGone, UpstreamFailure
 from router.metrics import ITL, child
 from router.registry import Backend
 from router.upstream import read_all, read_event
-from router.usage import correct_details
+from router.usage import correct_details, prefill_details
 
 HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "content-encoding", "keep-alive"}
 DONE = b"data: [DONE]"
-PrefillDetails = Callable[[], Awaitable["dict | None"]]  # the prefill leg's prompt_tokens_details (router/usage.py)
-
-
-async def no_prefill() -> None:
-    """No prefill leg: the decode node's own counts stand."""
-    return None
 
 
 @dataclass
@@ -70,10 +63,10 @@ def fix_answer(data: bytes, prefill: dict | None = None) -> bytes:
     return json.dumps(obj).encode()
 
 
-async def rewrite_event(event: bytes, prefill_details: PrefillDetails) -> bytes:
+async def rewrite_event(event: bytes, prefill_leg: asyncio.Task | None) -> bytes:
     """An SSE event with each data line fixed (fix_answer); the prefill leg's details are awaited only for an
     event that carries cached tokens (the usage chunk at a stream's end)."""
-    prefill = await prefill_details() if b'"cached_tokens"' in event else None
+    prefill = await prefill_details(prefill_leg) if b'"cached_tokens"' in event else None
     if b'"kv_transfer_params"' not in event and prefill is None:
         return event
     lines = event.split(b"\n")
@@ -99,11 +92,11 @@ async def write(resp: web.StreamResponse, data: bytes, timeout_s: float) -> None
 
 
 async def relay_whole(up: aiohttp.ClientResponse, b: Backend, request_id: str, timeout_s: float,
-                      prefill_details: PrefillDetails = no_prefill) -> RelayOutcome:
+                      prefill_leg: asyncio.Task | None) -> RelayOutcome:
     """A non-streamed answer (or a stream's 4xx), read in full before anything is sent: an
-    UpstreamFailure here leaves the request free to be retried."""
+    UpstreamFailure here leaves the request free to be retried. `prefill_leg`: router/usage.py."""
     data = await read_all(up, b, timeout_s)
-    prefill = await prefill_details() if b'"cached_tokens"' in data else None
+    prefill = await prefill_details(prefill_leg) if b'"cached_tokens"' in data else None
     response = web.Response(body=fix_answer(data, prefill), status=up.status,
                             headers=client_headers(up, request_id))
     return RelayOutcome(response, first_byte_at=time.monotonic())
@@ -111,7 +104,7 @@ async def relay_whole(up: aiohttp.ClientResponse, b: Backend, request_id: str, t
 
 async def relay_stream(request: web.Request, up: aiohttp.ClientResponse, b: Backend, request_id: str,
                        first_byte_timeout_s: float, read_timeout_s: float, write_timeout_s: float,
-                       prefill_details: PrefillDetails = no_prefill) -> RelayOutcome:
+                       prefill_leg: asyncio.Task | None) -> RelayOutcome:
     first = await read_event(up, b, first_byte_timeout_s)  # a failure here: nothing sent, retryable
     if not first.strip():
         raise UpstreamFailure(b.name, "stream ended before its first event")
@@ -122,7 +115,7 @@ async def relay_stream(request: web.Request, up: aiohttp.ClientResponse, b: Back
             await resp.prepare(request)
         except ConnectionError as e:
             raise ClientGone(str(e)) from None
-        await write(resp, await rewrite_event(first, prefill_details), write_timeout_s)
+        await write(resp, await rewrite_event(first, prefill_leg), write_timeout_s)
         out.first_byte_at = time.monotonic()
         done = first.startswith(DONE)
         last, itl = time.monotonic(), child(ITL, request.path)
@@ -140,7 +133,7 @@ async def relay_stream(request: web.Request, up: aiohttp.ClientResponse, b: Back
                 now = time.monotonic()
                 itl.observe(now - last)
                 last = now
-            await write(resp, await rewrite_event(event, prefill_details), write_timeout_s)
+            await write(resp, await rewrite_event(event, prefill_leg), write_timeout_s)
         if out.failure:
             await write(resp, error_event(f"the decode instance failed mid-stream: {out.failure}"), write_timeout_s)
         try:

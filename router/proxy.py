@@ -15,7 +15,6 @@ drop the transfer, so slots and staging come back now rather than after a TTL.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import math
 import time
@@ -40,7 +39,6 @@ from router.prefill_leg import PrefillResult, run_prefill
 from router.registry import Backend, Registry
 from router.request_trace import Trace, TraceBook
 from router.upstream import post
-from router.usage import prefill_details
 
 MAX_ATTEMPTS = 2  # the first dispatch and one retry, only while nothing was sent
 
@@ -151,12 +149,11 @@ class Proxy:
             up = await post(self.session, decode, path, decode_leg, headers, self._first_wait(body))
             if prefill_task is not None and self.cfg.on_prefill_failure == "error" and not (await prefill_task).ok:
                 return prefill_failed(prefill_task, trace.id)
-            details = functools.partial(prefill_details, prefill_task)  # router/usage.py says why
-            if body.get("stream") and up.status == 200:
+            if body.get("stream") and up.status == 200:  # prefill_task: its cached tokens (router/usage.py)
                 outcome = await relay_stream(request, up, decode, trace.id, self.cfg.first_byte_timeout_s,
-                                             self.cfg.read_timeout_s, self.cfg.client_write_timeout_s, details)
+                                             self.cfg.read_timeout_s, self.cfg.client_write_timeout_s, prefill_task)
             else:
-                outcome = await relay_whole(up, decode, trace.id, self._first_wait(body), details)
+                outcome = await relay_whole(up, decode, trace.id, self._first_wait(body), prefill_task)
             if outcome.first_byte_at is not None:
                 child(TTFT, path).observe(outcome.first_byte_at - trace.t0)
             self._settle(outcome, decode, trace)
