@@ -1,18 +1,19 @@
 """Transfer benchmark: producer and consumer as two processes on 127.0.0.1, real NIXL.
 
-For each size it times one contiguous WRITE (post -> DONE, median of repeats) and a
-single-process memcpy of the same bytes in the same run, and prints the ratio. On the host it also times the
-kernel copy UCX's `cma` transport is built on (one `process_vm_writev` of the same bytes into the consumer's
-registered buffer, in one call): what crossing from one process to another costs here, which an in-process
-memcpy does not pay, as `ratio_cma` (UCX, splitting a write in pieces, can beat the one call). Every buffer is
-what the engine registers (`zeroed_buffer`: huge pages on the host), the memcpy's included. Each
-write carries a chunk notice, as the producer's do. Once a notice has gone over TCP (UCX's lane
-for NIXL notifications with peer error handling) the next write completes only after the receiver
-has made progress, so while writes are timed the consumer polls NIXL every `stream_poll_s`, as the
-consumer endpoint does while chunks are on their way; while memcpy is timed it sleeps. Two
-extra rows show why kvbridge gathers: a paged-KV workload (csrc gathers blocks into staging,
-then one write per chunk, all chunks in flight; each half also timed alone) and the same bytes
-as 64 KiB descriptors.
+For each size it times one contiguous WRITE (post -> DONE) beside a single-process memcpy of the same bytes
+(every thread, and one thread as UCX copies) and, on the host, the kernel copy UCX's `cma` transport is built on
+(one `process_vm_writev` of the same bytes into the consumer's registered buffer, in one call): what crossing
+from one process to another costs here, which an in-process memcpy does not pay (UCX, splitting a write in
+pieces, can beat the one call). The timings are paired: each repeat times every one of them once, back to back,
+in an order that rotates between repeats, and a ratio is the median of the repeats' own ratios with its 95 %
+interval. Memory bandwidth on this shared machine moves by 2-4x between seconds; timed in separate blocks, as
+before, a ratio said more about the box than about the transfer. Every buffer is what the engine registers
+(`zeroed_buffer`: huge pages on the host), the memcpy's included. Each write carries a chunk notice, as the
+producer's do. Once a notice has gone over TCP (UCX's lane for NIXL notifications with peer error handling) the
+next write completes only after the receiver has made progress, so around each timed write the consumer polls
+NIXL every `stream_poll_s`, as the consumer endpoint does while chunks are on their way; around the copies it
+sleeps. Two extra rows show why kvbridge gathers: a paged-KV workload (csrc gathers blocks into staging, then
+one write per chunk, all chunks in flight; each half also timed alone) and the same bytes as 64 KiB descriptors.
 
     python -m bench.transfer_bench [--device cuda] [--repeats 7] [--json] [--max-mib 256] [--desc-mib 16]
 
@@ -28,8 +29,11 @@ import multiprocessing as mp
 import os
 import statistics
 import time
+from typing import Callable, NamedTuple
 
 import torch
+
+from bench.median_ci import median_ci
 
 from pd.block_copy import block_copy_for
 from transfer.consumer_settings import ConsumerSettings
@@ -42,7 +46,8 @@ MiB = 1 << 20
 def _consumer(conn, nbytes: int, device: str) -> None:
     """Registers the destination and drives UCX progress as the consumer endpoint does while told
     'receiving' (chunks on their way): every stream_poll_s (it never spins: it shares the decode engine's
-    core); in 1 ms sleeps while told 'idle'."""
+    core); in 1 ms sleeps while told 'idle'. Each change of mode is acknowledged, so that no timed write
+    waits for the consumer to notice it."""
     agent = NixlAgent("bench-consumer")
     region = agent.register(zeroed_buffer(nbytes, device))
     conn.send((agent.metadata(), region.addr, region.mem_type, region.dev_id))
@@ -53,6 +58,7 @@ def _consumer(conn, nbytes: int, device: str) -> None:
             if msg == "done":
                 break
             receiving = msg == "receiving"
+            conn.send("ok")
         agent.notifications()
         if receiving:
             time.sleep(ConsumerSettings.stream_poll_s)
@@ -64,32 +70,48 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _median_s(fn, repeats: int, device: str) -> float:
-    fn()
-    out = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
+class _Op(NamedTuple):
+    """One timed operation; `enter` and `leave` run around it, outside the time."""
+    fn: Callable[[], None]
+    enter: Callable[[], None] = lambda: None
+    leave: Callable[[], None] = lambda: None
+
+
+def _paired(ops: dict[str, _Op], repeats: int, device: str) -> dict[str, list[float]]:
+    """Seconds per repeat of every op: each op once (untimed) to warm up, then each repeat times every op once,
+    back to back, starting one op further on each time, so that whatever else the machine runs in that
+    moment weighs on all of them and no op always follows the same one."""
+    names = list(ops)
+    out: dict[str, list[float]] = {n: [] for n in names}
+    for rep in range(-1, repeats):
+        for i in range(len(names)):
+            op = ops[names[(rep + i) % len(names)]]
+            op.enter()
+            _sync(device)
+            t0 = time.perf_counter()
+            op.fn()
+            _sync(device)
+            dt = time.perf_counter() - t0
+            op.leave()
+            if rep >= 0:
+                out[names[(rep + i) % len(names)]].append(dt)
+    return out
 
 
 class _IoVec(ctypes.Structure):
     _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
 
 
-def _cma_s(pid: int, src_addr: int, dst_addr: int, size: int, repeats: int) -> float:
-    """One process_vm_writev of `size` bytes into process `pid` (the kernel copy UCX's cma transport makes, in
-    the writer's thread), median seconds."""
+def _cma_write(pid: int, src_addr: int, dst_addr: int, size: int) -> Callable[[], None]:
+    """One process_vm_writev of `size` bytes into process `pid`: the kernel copy UCX's cma transport makes, in
+    the writer's thread."""
     libc = ctypes.CDLL(None, use_errno=True)
     local, remote = _IoVec(src_addr, size), _IoVec(dst_addr, size)
 
     def write() -> None:
         if libc.process_vm_writev(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0) != size:
             raise OSError(ctypes.get_errno(), "process_vm_writev into the consumer failed")
-    return _median_s(write, repeats, "cpu")
+    return write
 
 
 def _notice(chunk: int, nbytes: int) -> bytes:
@@ -136,27 +158,32 @@ def run(device: str, repeats: int, max_mib: int = 256, desc_mib: int = 16) -> li
     local = agent.register(src)
     w = _Writer(agent, local, agent.add_remote(meta), raddr, rmem, rdev)
     dst = zeroed_buffer(total, device)
-    rows = []
+    threads = torch.get_num_threads()
 
-    def nixl_s(fn) -> float:
-        conn.send("receiving")
-        try:
-            return _median_s(fn, repeats, device)
-        finally:
-            conn.send("idle")
+    def tell(mode: str) -> Callable[[], None]:
+        def send() -> None:
+            conn.send(mode)
+            conn.recv()  # "ok": the consumer is in that mode
+        return send
+
+    def measured(name: str, nbytes: int, op: Callable[[], None], writes: bool, cma: Callable[[], None] | None = None
+                 ) -> dict:
+        """`op` paired with memcpy (every thread: torch's copy_; one thread: as UCX copies) and the cma call."""
+        ops = {"op": _Op(op, tell("receiving"), tell("idle")) if writes else _Op(op),
+               "memcpy": _Op(lambda: dst[:nbytes].copy_(src[:nbytes])),
+               "memcpy_1thread": _Op(lambda: dst[:nbytes].copy_(src[:nbytes]), lambda: torch.set_num_threads(1),
+                                     lambda: torch.set_num_threads(threads))}
+        if cma is not None:
+            ops["cma"] = _Op(cma)
+        return _row(name, nbytes, _paired(ops, repeats, device))
+
+    rows = []
     for size in sizes:
-        t_nixl = nixl_s(lambda: w.write([[(0, 0, size)]]))
-        t_copy = _median_s(lambda: dst[:size].copy_(src[:size]), repeats, device)
-        rows.append(_row(f"contiguous {size // MiB} MiB", size, t_nixl, t_copy,
-                         _copy_1t(dst, src, size, repeats, device)))
-        if device == "cpu":
-            cma_gbs = size / _cma_s(proc.pid, local.addr, raddr, size, repeats) / 1e9
-            rows[-1].update(cma_gb_s=round(cma_gbs, 2), ratio_cma=round(rows[-1]["gb_s"] / cma_gbs, 3))
+        cma = _cma_write(proc.pid, local.addr, raddr, size) if device == "cpu" else None
+        rows.append(measured(f"contiguous {size // MiB} MiB", size, lambda: w.write([[(0, 0, size)]]), True, cma))
     size, piece = desc_mib * MiB, 64 * 1024
-    t_desc = nixl_s(lambda: w.write([[(o, o, piece) for o in range(0, size, piece)]]))
-    t_copy = _median_s(lambda: dst[:size].copy_(src[:size]), repeats, device)
-    rows.append(_row(f"{desc_mib} MiB as {size // piece} x 64 KiB descriptors", size, t_desc, t_copy,
-                     _copy_1t(dst, src, size, repeats, device)))
+    rows.append(measured(f"{desc_mib} MiB as {size // piece} x 64 KiB descriptors", size,
+                         lambda: w.write([[(o, o, piece) for o in range(0, size, piece)]]), True))
 
     caches, blocks, per_chunk = _paged_workload(device)
     slab = caches[0][0].numel() * caches[0].element_size()
@@ -180,29 +207,26 @@ def run(device: str, repeats: int, max_mib: int = 256, desc_mib: int = 16) -> li
                               lambda: w.write(spans), True),
                              (f"paged KV {nbytes // MiB} MiB: gather + {len(spans)} chunk writes",
                               lambda: w.write(gather()), True)):
-        t = nixl_s(fn) if writes else _median_s(fn, repeats, device)
-        t_copy = _median_s(lambda: dst[:nbytes].copy_(src[:nbytes]), repeats, device)
-        rows.append(_row(name, nbytes, t, t_copy, _copy_1t(dst, src, nbytes, repeats, device)))
+        rows.append(measured(name, nbytes, fn, writes))
     conn.send("done")
     proc.join(10)
     return rows
 
 
-def _copy_1t(dst: torch.Tensor, src: torch.Tensor, n: int, repeats: int, device: str) -> float:
-    """One-thread memcpy: UCX copies with one thread, torch's copy_ with every core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _median_s(lambda: dst[:n].copy_(src[:n]), repeats, device)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _row(name: str, nbytes: int, t: float, t_copy: float, t_copy_1t: float) -> dict:
-    gbs, copy_gbs, copy1 = nbytes / t / 1e9, nbytes / t_copy / 1e9, nbytes / t_copy_1t / 1e9
-    return {"case": name, "bytes": nbytes, "gb_s": round(gbs, 2), "memcpy_gb_s": round(copy_gbs, 2),
-            "ratio": round(gbs / copy_gbs, 3), "memcpy_1thread_gb_s": round(copy1, 2),
-            "ratio_1thread": round(gbs / copy1, 3)}
+def _row(name: str, nbytes: int, t: dict[str, list[float]]) -> dict:
+    """GB/s from each op's median time; each ratio (op's GB/s over the reference's) is the median of the
+    repeats' own ratios, so it need not equal the quotient of the GB/s columns, with its interval as [low, high]
+    (95 %, or `ci_level` where too few repeats give less)."""
+    row: dict = {"case": name, "bytes": nbytes, "gb_s": round(nbytes / statistics.median(t["op"]) / 1e9, 2)}
+    for ref, gbs_key, ratio_key in (("memcpy", "memcpy_gb_s", "ratio"),
+                                    ("memcpy_1thread", "memcpy_1thread_gb_s", "ratio_1thread"),
+                                    ("cma", "cma_gb_s", "ratio_cma")):
+        if ref in t:
+            ci = median_ci([r / o for r, o in zip(t[ref], t["op"])])
+            row[gbs_key] = round(nbytes / statistics.median(t[ref]) / 1e9, 2)
+            row[ratio_key], row[ratio_key + "_ci"] = round(ci.median, 3), [round(ci.low, 3), round(ci.high, 3)]
+            row["ci_level"] = round(ci.level, 3)  # below 0.95 with fewer than 6 repeats (bench/median_ci.py)
+    return row
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -221,12 +245,18 @@ def main(argv: list[str] | None = None) -> None:
         result.close()
         return
     rows = run(args.device, args.repeats, args.max_mib, args.desc_mib)
-    print(f"{'case':58} {'GB/s':>7} {'memcpy':>7} {'ratio':>6} {'memcpy1t':>8} {'ratio1t':>7} {'cma':>6} "
-          f"{'ratio_cma':>9}")
+    level = min(r["ci_level"] for r in rows)
+    print(f"GB/s: from median times; ratios: median of the {args.repeats} paired repeats' own ratios "
+          f"[{'95 %' if level >= 0.95 else f'{level:.0%}'} interval]")
+    print(f"{'case':52} {'GB/s':>6} {'memcpy':>6} {'ratio':>21} {'memcpy1t':>8} {'ratio1t':>21} {'cma':>6} "
+          f"{'ratio_cma':>21}")
+
+    def ratio(r: dict, key: str) -> str:
+        return f"{r[key]:.2f} [{r[key + '_ci'][0]:.2f}, {r[key + '_ci'][1]:.2f}]"
     for r in rows:
-        cma = f"{r['cma_gb_s']:6.2f} {r['ratio_cma']:9.2f}" if "cma_gb_s" in r else ""
-        print(f"{r['case']:58} {r['gb_s']:7.2f} {r['memcpy_gb_s']:7.2f} {r['ratio']:6.2f} "
-              f"{r['memcpy_1thread_gb_s']:8.2f} {r['ratio_1thread']:7.2f} {cma}")
+        cma = f"{r['cma_gb_s']:6.2f} {ratio(r, 'ratio_cma'):>21}" if "cma_gb_s" in r else ""
+        print(f"{r['case']:52} {r['gb_s']:6.2f} {r['memcpy_gb_s']:6.2f} {ratio(r, 'ratio'):>21} "
+              f"{r['memcpy_1thread_gb_s']:8.2f} {ratio(r, 'ratio_1thread'):>21} {cma}")
 
 
 if __name__ == "__main__":
