@@ -279,3 +279,13 @@ def test_a_pinned_lease_ended_early_whose_chunks_then_all_land_is_free_at_its_la
     assert pool.stats().quarantined == 2
     assert "lease has ended" in pool.accept(notice("a", 2, lease.epoch))
     assert pool.stats().free == 2
+
+
+def test_a_lease_is_under_way_from_its_first_chunk_until_its_last():
+    pool = SlotPool(4, 100, clock=Clock())
+    lease = pool.grant("a", sizes(2), 10.0, "p1")
+    assert pool.receiving() and not pool.under_way()  # granted, nothing written yet
+    assert pool.accept(notice("a", 0, lease.epoch)) == ""
+    assert pool.under_way()
+    assert pool.accept(notice("a", 1, lease.epoch)) == ""
+    assert not pool.under_way() and not pool.receiving()  # complete: waits for no more

@@ -2,9 +2,8 @@
 
 It owns the slot region (registered once at start), the slot pool, the receive book the
 engine reads (`book`) and the NIXL agent that producers write into. One thread serves both
-the ZMQ ROUTER socket and NIXL notifications; it looks every `stream_poll_s` while chunks stream, every
-`lease_poll_s` while a lease waits for them and sleeps in `idle_poll_s` steps otherwise (never without a
-pause: it shares the decode worker's interpreter and core with the engine thread; consumer_settings.py).
+the ZMQ ROUTER socket and NIXL notifications, looking as often as `poll_pace.py` says (never without a
+pause: it shares the decode worker's interpreter and core with the engine thread).
 
 Every frame is opened by `control_auth.Authenticator` first. With a secret, a frame that is not
 authentic and fresh gets one generic refusal and nothing else (no layout, no reason); an authentic
@@ -22,7 +21,7 @@ import zlib
 import torch
 import zmq
 
-from transfer import wire
+from transfer import poll_pace, wire
 from transfer.control_auth import AuthError, Authenticator, Opened
 from transfer.credentials import require_secret
 from transfer.config_errors import ConfigError
@@ -78,6 +77,7 @@ class ConsumerEndpoint:
         self._stop = threading.Event()
         self._arrived = threading.Condition()
         self.arrivals = 0  # batches of chunk notices pumped (grows under _arrived)
+        self._awaited_until = 0.0  # wait_arrivals: until then the engine sits idle waiting for chunks
         self._thread = start_io_thread(self._run, "kvbridge-consumer")
         log.info("consumer endpoint %s incarnation %s: %d slots x %d bytes (%d tokens)", self.address,
                  self.incarnation[:12], settings.num_slots, self.slot_bytes, settings.chunk_tokens)
@@ -105,6 +105,7 @@ class ConsumerEndpoint:
     def wait_arrivals(self, timeout_s: float, seen: int | None = None) -> bool:
         """Whether chunks arrived after the caller read `arrivals == seen` (default: now), waiting up to the
         timeout; read before a look at the transfers, a chunk landing after that look ends the wait at once."""
+        self._awaited_until = time.monotonic() + timeout_s  # the pump may hurry meanwhile (poll_pace.py)
         with self._arrived:
             since = self.arrivals if seen is None else seen
             return self._arrived.wait_for(lambda: self.arrivals != since, timeout_s)
@@ -118,21 +119,19 @@ class ConsumerEndpoint:
     def _run(self) -> None:
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
-        idle_ms, lease_ms, spin_until = self.cfg.idle_poll_s * 1000, self.cfg.lease_poll_s * 1000, 0.0
+        noticed = -1e9  # when the last chunk notice came
         while not self._stop.is_set():
-            # A write completes only as this thread drives NIXL: while chunks stream it looks every
-            # stream_poll_s; a lease waiting for its first chunk every lease_poll_s, a settling scatter every
-            # busy_poll_s (ZMQ's poll counts whole milliseconds, so those look, then sleep)
-            try:
+            try:  # how often it looks: poll_pace.py
                 settling, receiving = self.book.settle(), self.pool.receiving()
-                streaming = receiving and time.monotonic() < spin_until
-                events = dict(poller.poll(0 if settling or streaming else lease_ms if receiving else idle_ms))
+                streaming = poll_pace.streaming(self.cfg, time.monotonic(), noticed, self._awaited_until, receiving,
+                                                self.pool.under_way)
+                events = dict(poller.poll(poll_pace.poll_timeout_ms(self.cfg, settling, streaming, receiving)))
                 if not events and (settling or streaming):
                     time.sleep(self.cfg.stream_poll_s if streaming else self.cfg.busy_poll_s)
                 if self._sock in events:
                     self._drain_socket()
                 if self._pump_notifications():
-                    spin_until = time.monotonic() + self.cfg.spin_s
+                    noticed = time.monotonic()
             except Exception:  # the only thread serving leases and notices: every later transfer needs it
                 log.exception("consumer endpoint %s: unexpected error; serving on", self.address)
                 self.book.count("endpoint_loop_errors")

@@ -26,6 +26,14 @@ class ConsumerSettings:
     # p90) spinning, 53 / 68 ms pausing (aggregated vLLM prefilling the same arrivals: 62-63 / 89-103 ms), and
     # the transfer itself was no slower (bench/exposed_bench.py: last chunk staged -> complete 8-10 ms both ways).
     spin_s: float = 0.02
+    # ... and for idle_spin_s after it while the engine sits idle waiting for the rest of a transfer under way
+    # (nothing of its own to slow down): a chunked prefill's next forward, or the last group of layers its
+    # forward pushes, comes later than spin_s, and its write (which completes only as this thread looks) and
+    # then its notice each waited for a lease_poll_s look. bench/exposed_bench.py, the last of 4 chunks staged
+    # 50 ms after the others, last staged -> seen complete, median of 30, in 3 runs: 8.1-10.0 ms with spin_s
+    # alone, 2.5-3.0 ms so; all 4 staged at once: unchanged (3.8-6.0 ms, both ways). Bounded: looking every
+    # stream_poll_s costs this thread ~7 % of a core (measured: 0.75 s in 10.5 s), maybe the prefill's core.
+    idle_spin_s: float = 0.1
     stream_poll_s: float = 0.0005
     # A granted lease may wait a whole prefill forward for its first chunk; polling it every busy_poll_s took the
     # engine thread's interpreter lock ~2000 times a second, and running decodes slowed by a fifth meanwhile

@@ -145,9 +145,14 @@ class SlotPool:
             return [k for k in self._leases if k == transfer_id or k.startswith(transfer_id + KEY_SEPARATOR)]
 
     def receiving(self) -> bool:
-        """Whether any live lease still waits for chunks (the endpoint then polls fast)."""
+        """Whether any live lease still waits for chunks (the endpoint then polls every lease_poll_s)."""
         with self._lock:
             return any(not lease.complete for lease in self._leases.values())
+
+    def under_way(self) -> bool:
+        """Whether a live lease took chunks and waits for more: its rest comes with its prefill's next forwards."""
+        with self._lock:
+            return any((lease.arrived or lease.freed) and not lease.complete for lease in self._leases.values())
 
     def count_drop(self) -> None:
         with self._lock:
