@@ -4,6 +4,7 @@ whenever the pump's wake-up came between the two)."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -44,3 +45,19 @@ def test_a_chunk_landing_during_the_wait_wakes_it(endpoint):
         assert endpoint.wait_arrivals(60.0) is True
     finally:
         timer.join()
+
+
+def test_the_wait_tells_the_pump_the_engine_sits_idle_for_as_long_as_it_waits_and_no_longer(endpoint):
+    """poll_pace.py hurries the pump for a transfer under way only while the engine waits idle: through the
+    wait, and once a chunk ended it (the engine then steps, and would wait again within a lease_poll_s
+    if still idle) for at most lease_poll_s."""
+    during = []
+    timer = threading.Timer(0.05, lambda: (during.append(endpoint.awaited_until), pump_batch(endpoint)))
+    t0 = time.monotonic()
+    timer.start()
+    try:
+        assert endpoint.wait_arrivals(60.0) is True
+    finally:
+        timer.join()
+    assert during[0] >= t0 + 60.0
+    assert endpoint.awaited_until <= time.monotonic() + endpoint.cfg.lease_poll_s

@@ -1,6 +1,7 @@
-"""How often the consumer endpoint's thread looks at the wire: fast only while chunks stream, and longer while
-an idle engine waits for the rest of a transfer under way; never fast for a lease still waiting for its first
-chunk, nor with nothing received. Times are plain numbers (the decision takes `now`)."""
+"""How often the consumer endpoint's thread looks at the wire: fast for spin_s after a notice, and longer while
+an idle engine waits for the rest of a transfer under way; a lease still waiting for its first chunk gets no
+more than spin_s after another one's notice, and nothing received nothing fast. Times are plain numbers (the
+decision takes `now`)."""
 from __future__ import annotations
 
 from transfer.consumer_settings import ConsumerSettings

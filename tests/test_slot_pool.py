@@ -289,3 +289,12 @@ def test_a_lease_is_under_way_from_its_first_chunk_until_its_last():
     assert pool.under_way()
     assert pool.accept(notice("a", 1, lease.epoch)) == ""
     assert not pool.under_way() and not pool.receiving()  # complete: waits for no more
+
+
+def test_a_windowed_lease_stays_under_way_while_its_window_was_read_and_freed_and_more_chunks_are_due():
+    pool = SlotPool(2, 100, clock=Clock())
+    lease = pool.grant("a", sizes(4), ttl_s=10.0, producer="p1", window=2)
+    pool.accept(notice("a", 0, lease.epoch))
+    pool.take_front("a", lease.epoch)
+    pool.free_front(lease, 1)  # chunk 0 scattered: its slot takes chunk 2
+    assert not lease.arrived and pool.under_way()

@@ -77,7 +77,7 @@ class ConsumerEndpoint:
         self._stop = threading.Event()
         self._arrived = threading.Condition()
         self.arrivals = 0  # batches of chunk notices pumped (grows under _arrived)
-        self._awaited_until = 0.0  # wait_arrivals: until then the engine sits idle waiting for chunks
+        self.awaited_until = 0.0  # until then the engine sits idle waiting for chunks (wait_arrivals)
         self._thread = start_io_thread(self._run, "kvbridge-consumer")
         log.info("consumer endpoint %s incarnation %s: %d slots x %d bytes (%d tokens)", self.address,
                  self.incarnation[:12], settings.num_slots, self.slot_bytes, settings.chunk_tokens)
@@ -105,10 +105,13 @@ class ConsumerEndpoint:
     def wait_arrivals(self, timeout_s: float, seen: int | None = None) -> bool:
         """Whether chunks arrived after the caller read `arrivals == seen` (default: now), waiting up to the
         timeout; read before a look at the transfers, a chunk landing after that look ends the wait at once."""
-        self._awaited_until = time.monotonic() + timeout_s  # the pump may hurry meanwhile (poll_pace.py)
-        with self._arrived:
-            since = self.arrivals if seen is None else seen
-            return self._arrived.wait_for(lambda: self.arrivals != since, timeout_s)
+        self.awaited_until = time.monotonic() + timeout_s  # the pump may hurry meanwhile (poll_pace.py)
+        try:
+            with self._arrived:
+                since = self.arrivals if seen is None else seen
+                return self._arrived.wait_for(lambda: self.arrivals != since, timeout_s)
+        finally:  # the engine steps now, and waits again within lease_poll_s if still idle: so long, no more
+            self.awaited_until = min(self.awaited_until, time.monotonic() + self.cfg.lease_poll_s)
 
     def close(self) -> None:
         self._stop.set()
@@ -123,7 +126,7 @@ class ConsumerEndpoint:
         while not self._stop.is_set():
             try:  # how often it looks: poll_pace.py
                 settling, receiving = self.book.settle(), self.pool.receiving()
-                streaming = poll_pace.streaming(self.cfg, time.monotonic(), noticed, self._awaited_until, receiving,
+                streaming = poll_pace.streaming(self.cfg, time.monotonic(), noticed, self.awaited_until, receiving,
                                                 self.pool.under_way)
                 events = dict(poller.poll(poll_pace.poll_timeout_ms(self.cfg, settling, streaming, receiving)))
                 if not events and (settling or streaming):
