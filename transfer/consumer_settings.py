@@ -31,8 +31,8 @@ class ConsumerSettings:
     # forward pushes, comes later than spin_s, and its write (which completes only as this thread looks) and
     # then its notice each waited for a lease_poll_s look. bench/exposed_bench.py, the last of 4 chunks staged
     # 50 ms after the others, last staged -> seen complete, median of 30, in 3 runs: 8.1-10.0 ms with spin_s
-    # alone, 2.5-3.0 ms so; all 4 staged at once: unchanged (3.8-6.0 ms, both ways). Bounded: looking every
-    # stream_poll_s costs this thread ~7 % of a core (measured: 0.75 s in 10.5 s), maybe the prefill's core.
+    # alone, 2.5-3.0 ms so (all 4 staged at once, which spin_s covers: 5.3-9.3 and 3.8-6.0 ms). Bounded: looking
+    # every stream_poll_s costs this thread ~7 % of a core (measured: 0.75 s in 10.5 s), maybe the prefill's core.
     idle_spin_s: float = 0.1
     stream_poll_s: float = 0.0005
     # A granted lease may wait a whole prefill forward for its first chunk; polling it every busy_poll_s took the
