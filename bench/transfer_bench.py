@@ -85,7 +85,8 @@ def _paired(ops: dict[str, _Op], repeats: int, device: str) -> dict[str, list[fl
     out: dict[str, list[float]] = {n: [] for n in names}
     for rep in range(-1, repeats):
         for i in range(len(names)):
-            op = ops[names[(rep + i) % len(names)]]
+            name = names[(rep + i) % len(names)]
+            op = ops[name]
             op.enter()
             _sync(device)
             t0 = time.perf_counter()
@@ -94,7 +95,7 @@ def _paired(ops: dict[str, _Op], repeats: int, device: str) -> dict[str, list[fl
             dt = time.perf_counter() - t0
             op.leave()
             if rep >= 0:
-                out[names[(rep + i) % len(names)]].append(dt)
+                out[name].append(dt)
     return out
 
 
