@@ -138,10 +138,12 @@ def main() -> None:
         for once, _ in systems.values():
             once(warm)
         for n in args.lengths:
-            for _ in range(args.repeats):
+            for rep in range(args.repeats):
                 body = {"model": "tiny", "prompt": [rng.randrange(10, 1000) for _ in range(n)], "max_tokens": 32,
                         "temperature": 0}
-                for name, (once, gs) in systems.items():
+                names = list(systems)  # the order rotates: no system always follows the same one
+                for name in names[rep % len(names):] + names[:rep % len(names)]:
+                    once, gs = systems[name]
                     if name.endswith("plain") and not args.plain:
                         continue
                     time.sleep(args.settle)
