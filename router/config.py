@@ -51,17 +51,24 @@ class RouterConfig(BaseModel):
     decode_dispatch: Literal["auto", "with_prefill", "after_prefill"] = Field(
         default="auto", description="when a disaggregated request's decode leg is sent. with_prefill: beside the "
         "prefill leg; the decode node admits it at once and takes the KV the step it lands, but vLLM's engine "
-        "steps without pause while its only request waits for KV (measured here: an idle decode node spinning "
-        "that way slowed the prefill on the neighbouring core by 10-30 %). after_prefill: once the prefill leg "
+        "steps without pause while its only request waits for KV (measured on a 2-core box: an idle decode node "
+        "spinning that way, its threads free to run on the prefill's core, slowed that prefill by 10-30 %; with "
+        "each node's threads kept on its own core, by 2-5 %). after_prefill: once the prefill leg "
         "answered, as vLLM's NixlConnector proxy does; the pushed KV waits in the decode node's slots, and the "
         "decode node admits the request only then. auto: when the chosen decode node has nothing of ours running, "
-        "`decode_lead_s` before the prefill leg's predicted end (from the placement model's learned rates), or "
+        "`decode_lead_s` before the prefill leg's predicted end (from the placement model's learned rates; earlier "
+        "when recent legs answered sooner than predicted, decode_lead_cover), or "
         "when it answered if that comes first: the decode node admits the request while the prompt's last "
         "layers compute and spins only that long; with_prefill when it is busy (its steps run anyway)")
     decode_lead_s: float = Field(
         default=0.15, ge=0, description="auto dispatch: how long before an idle decode node's prefill leg is "
         "predicted to end its decode leg is sent. Measured here: a decode node took 40-130 ms from its leg's "
         "arrival to its first token when the KV was already there")
+    decode_lead_cover: float = Field(
+        default=0.9, ge=0, lt=1, description="auto dispatch: the share of prefill legs whose decode leg should go "
+        "before they answer. The router keeps the last 64 legs' actual / predicted times and sends the decode leg "
+        "earlier by what the legs at the early edge (this quantile from below: 1 - cover) ran short of their "
+        "prediction, at most half of it; 0 keeps decode_lead_s alone (router/dispatch_lead.py)")
     health_interval_s: float = Field(default=2.0, gt=0, description="pause between two health checks of a node; "
                                      "each node is checked on its own schedule")
     health_timeout_s: float = Field(default=1.0, gt=0, description="how long /health (and, for a decode node, its "

@@ -23,6 +23,9 @@ RETRIES = Counter("kvbridge_router_retries_total", "Requests re-dispatched befor
 DECODE_DISPATCH = Counter("kvbridge_router_decode_dispatch_total", "Disaggregated requests by when their decode "
                           "leg was sent: with_prefill, before_prefill_end (auto's lead before the prefill's predicted end) or "
                           "after_prefill (router config decode_dispatch)", ["order"])
+DECODE_LEAD_SCALE = Gauge("kvbridge_router_decode_lead_scale", "Auto dispatch: the share of a prefill leg's "
+                          "predicted time an idle decode node's leg waits before decode_lead_s is taken off (1 until "
+                          "enough legs answered; lower when recent legs answered sooner than predicted)")
 STREAM_ERRORS = Counter("kvbridge_router_stream_errors_total", "Started streams ended by an upstream failure")
 AGGREGATED = Counter("kvbridge_router_aggregated_total", "Requests served on the decode node without a "
                      "prefill leg because transferred KV cannot honour them", ["reason"])

@@ -3,7 +3,8 @@
 The prefill leg carries `max_tokens=1` and names the decode instance's kv address; the decode leg
 says KV is coming. The connector does not care which arrives first; when the decode leg goes is
 `decode_dispatch`: to a busy decode node at once, to an idle one (whose engine would spin while it
-waits) `decode_lead_s` before the prefill leg's predicted end, or once it answered if that is sooner.
+waits) `decode_lead_s` before the prefill leg's predicted end (earlier when recent predictions ran long:
+router/dispatch_lead.py), or once it answered if that is sooner.
 
 Failures are sorted by whose they are (router/failures.py). A decode failure before anything was
 sent to the client is retried once on another decode instance, with a fresh transfer; after the
@@ -28,6 +29,7 @@ from router.admission import Admission
 from router.auth import upstream_headers
 from router.config import RouterConfig
 from router.decode_relay import RelayOutcome, relay_stream, relay_whole
+from router.dispatch_lead import DispatchLead
 from router.failures import UpstreamFailure
 from router.leg_bodies import decode_body, needs_aggregated, prefill_body
 from router.metrics import AGGREGATED, CANCELLED, DECODE_DISPATCH, RETRIES, STREAM_ERRORS, TTFT, child
@@ -66,6 +68,7 @@ class Proxy:
         self._deferred: dict[str, int] = {}  # decode node -> requests whose decode leg waits for their prefill
         self._next_link_sample: dict[str, float] = {}  # decode node -> when it may next be asked for a receive time
         self.placement = Placement(cfg.placement, registry, cfg.policy == "prefix_aware")
+        self.lead = DispatchLead(cfg.decode_lead_s, cfg.decode_lead_cover)
 
     async def handle(self, request: web.Request, path: str, body: dict) -> web.StreamResponse:
         self.admission.enter()
@@ -137,7 +140,7 @@ class Proxy:
         self.registry.acquire(decode)
         try:
             if wait_s > 0:
-                ok = await self._prefill_answered(prefill_task, decode, trace, wait_s)
+                ok = await self._prefill_answered(prefill_task, decode, trace, wait_s, decision.prefill_eta_s)
                 DECODE_DISPATCH.labels("before_prefill_end" if ok is None else "after_prefill").inc()
                 if ok is False and self.cfg.on_prefill_failure == "error":
                     return prefill_failed(prefill_task, trace.id)
@@ -173,15 +176,15 @@ class Proxy:
                     self._end_unanswered_prefill(prefill_task, prefill_over, decode, tid)
 
     async def _prefill_answered(self, prefill_task: asyncio.Task, decode: Backend, trace: Trace,
-                                wait_s: float) -> bool | None:
+                                wait_s: float, eta_s: float) -> bool | None:
         """Wait up to `wait_s` for the prefill leg before sending the decode leg: whether it answered, or None
         when the wait ended first (the decode leg then goes out while the prefill computes, as with_prefill)."""
         self._deferred[decode.name] = self._deferred.get(decode.name, 0) + 1
         try:  # asyncio.wait leaves the leg running: a client leaving ends it through _abort_legs, as in every case
             done, _ = await asyncio.wait({prefill_task}, timeout=None if math.isinf(wait_s) else wait_s)
             if not done:
-                trace.add("decode_dispatched", f"{self.cfg.decode_lead_s:g} s before the prefill leg's predicted "
-                          f"end, {wait_s * 1000:.0f} ms after it was sent")
+                trace.add("decode_dispatched", f"{eta_s - wait_s:.3g} s before the prefill leg's "
+                          f"predicted end, {wait_s * 1000:.0f} ms after it was sent")
                 return None
             ok = prefill_task.result().ok
         except Exception:  # a fault in the leg itself, not a client leaving: the decode node prefills
@@ -195,15 +198,15 @@ class Proxy:
     def _decode_wait_s(self, decision: Decision) -> float:
         """How long this request's decode leg waits for its prefill leg's answer before it is sent anyway
         (`decode_dispatch`): 0 sends it at once, inf waits for the answer. auto: a decode node with nothing of
-        ours running gets its leg `decode_lead_s` before the prefill leg's predicted end, so it admits the
-        request while the prompt's last layers compute, but spins its engine only that long; a busy one at once
-        (its steps run anyway)."""
+        ours running gets its leg `decode_lead_s` before the prefill leg's predicted end, brought forward by what
+        recent predictions missed by (router/dispatch_lead.py), so it admits the request while the prompt's last
+        layers compute, but spins its engine only that long; a busy one at once (its steps run anyway)."""
         if self.cfg.decode_dispatch != "auto":
             return math.inf if self.cfg.decode_dispatch == "after_prefill" else 0.0
         decode = decision.decode
         if decode.outstanding - self._deferred.get(decode.name, 0) > 0:  # others of ours run there
             return 0.0
-        return max(0.0, decision.prefill_eta_s - self.cfg.decode_lead_s)
+        return self.lead.wait_s(decision.prefill_eta_s)
 
     def _prefill_finished(self, decision: Decision, task: asyncio.Task, was_idle: bool, trace: Trace) -> None:
         """The prefill leg ended: its node's queue shrinks, and a leg that answered teaches the placement model."""
@@ -212,6 +215,8 @@ class Proxy:
             return
         result: PrefillResult = task.result()
         if result.ok:
+            if decision.prefill_eta_s is not None:
+                self.lead.observe(decision.prefill_eta_s, result.seconds)
             note = self.placement.prefill_done(decision, result.seconds, result.usage, was_idle)
             if note:
                 trace.add("prefix_index_corrected", note)

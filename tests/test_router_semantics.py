@@ -87,6 +87,21 @@ async def test_auto_dispatch_sends_an_idle_decode_its_leg_shortly_before_the_pre
     assert {o: after[o] - before[o] for o in after} == {"with_prefill": 1, "before_prefill_end": 1, "after_prefill": 0}
 
 
+async def test_auto_dispatch_sends_the_decode_leg_sooner_once_prefill_legs_answered_before_their_prediction(make):
+    """Legs predicted at 1.0 s (not learned) that answer in 0.3 s teach the router its predictions run long (router/
+    dispatch_lead.py): after 8 of them an idle decode node's leg goes at half the prediction less decode_lead_s
+    (0.4 s after the prefill leg), not at 0.9 s, so a prefill that ends early still finds its decode leg there."""
+    times = iter([0.3] * 8 + [2.0])
+    pre, dec = StubNode("p", interval=lambda body: next(times)), StubNode("d", kv=True)
+    url, api = await make([pre], [dec], decode_lead_s=0.1, placement={"request_s": 1.0, "learn": False})
+    for _ in range(8):
+        status, headers, _ = await post(url, REQ)
+        assert status == 200 and phase_at(api, headers, "decode_dispatched")[0] == "after the prefill leg (answered)"
+    status, headers, _ = await post(url, REQ)
+    detail, sent_ms = phase_at(api, headers, "decode_dispatched")
+    assert status == 200 and detail.startswith("0.6 s before the prefill leg's predicted end") and 400 <= sent_ms < 900
+
+
 async def test_auto_dispatch_waits_for_a_prefill_that_answers_before_its_predicted_end(make):
     """A prediction too long costs nothing: the leg goes when the prefill answered, as after_prefill would."""
     pre, dec = StubNode("p", interval=0.3), StubNode("d", kv=True)
