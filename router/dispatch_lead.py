@@ -10,9 +10,9 @@ steps without pause while a request waits for KV), so the lead grows only by wha
 
 The rule: over the last `window` prefill legs that answered, take actual / predicted; its `1 - cover` quantile q
 is how much sooner than predicted the legs at the early edge answered. The leg waits `eta * min(q, 1) -
-decode_lead_s` (at least 0; q is taken as at least 0.5, so an idle engine spins for at most half a predicted
-prefill plus decode_lead_s). With cover 0.9, about 9 in 10 legs are sent before their prefill answers, if the
-next predictions miss as the last ones did. Until `min_samples` legs answered, and with cover 0, the lead is
+decode_lead_s` (at least 0; q is taken as at least 0.5, so the leg is held for at least half the prediction less
+decode_lead_s). With cover 0.9, about 9 in 10 legs are sent before their prefill answers, if the next
+predictions miss as the last ones did and by less than half. Until `min_samples` legs answered, and with cover 0, the lead is
 `decode_lead_s` alone.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ class DispatchLead:
         if self.cover <= 0 or len(self._ratios) < self.min_samples:
             return 1.0
         ordered = sorted(self._ratios)
-        q = ordered[min(len(ordered) - 1, int((1 - self.cover) * len(ordered)))]
+        q = ordered[min(len(ordered) - 1, math.floor(round((1 - self.cover) * len(ordered), 9)))]  # 1 - 0.9 < 0.1
         return max(MIN_SCALE, min(1.0, q))
 
     def wait_s(self, eta_s: float) -> float:

@@ -30,6 +30,11 @@ def test_legs_that_answered_sooner_bring_the_leg_forward_by_the_early_edges_shor
     assert REGISTRY.get_sample_value("kvbridge_router_decode_lead_scale") == pytest.approx(0.8)
 
 
+@pytest.mark.parametrize("ratios, scale", [([0.7, 0.8, 0.9] + [1.0] * 17, 0.9), ([0.6, 0.7] + [1.0] * 8, 0.7)])
+def test_the_scale_is_the_ratio_that_leaves_one_leg_in_ten_below_it(ratios, scale):
+    assert taught(ratios).scale() == pytest.approx(scale)
+
+
 def test_a_few_early_legs_below_the_cover_leave_the_lead_alone():
     lead = taught([1.0] * 19 + [0.6])  # one in 20: within the 10 % the lead need not cover
     assert lead.scale() == 1.0
