@@ -10,7 +10,8 @@ seconds apart (an idle server costs the others little: kvbridge's and NixlConnec
 0.02 of a core, but a vLLM worker busy-polls for 1 s after its last step, on its node's core, and without the pause
 whoever follows the aggregated server, which decodes on core 0, paid for it). kvbridge's requests go through its
 router (started here; it learns its prefill rates from a few prompts of each length first), which sends an idle decode node
-its leg `decode_lead_s` before the prefill leg's predicted end; `--kvbridge-dispatch after_prefill|with_prefill`
+its leg `decode_lead_s` before the prefill leg's predicted end, earlier by what its predictions ran long
+(router/dispatch_lead.py); `--kvbridge-dispatch after_prefill|with_prefill`
 sends the legs from here instead (bench/core_share.py says why the order matters). NixlConnector-best's legs are
 sent from here, as its proxy would, without a router's cost. Stock NixlConnector is left out: its progress
 threads spin a core per node, which would slow the others. Prints per length the median overhead of each system, the
@@ -149,7 +150,7 @@ def print_ttft(rows: list[Length], exposed: ExposedTimes, repeats: int) -> None:
         print(f"{r.n:6} {kp:15.1f} / {bp:7.1f}{'':22}{ka:15.1f} / {ba:7.1f}; {after}")
     if any(r.eta for r in rows):
         print("the router's predicted prefill leg time / the leg's actual time (auto dispatch sends an idle decode "
-              "node its leg decode_lead_s before the predicted end): "
+              "node its leg decode_lead_s before the predicted end, earlier by what they ran long): "
               + ", ".join(f"{r.n} tokens {median_ci(r.eta)}" for r in rows if r.eta))
 
 
@@ -174,8 +175,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--kvbridge-dispatch", choices=["router", "after_prefill", "with_prefill"], default="router",
                     help="when kvbridge's decode leg is sent: router sends kvbridge's requests through its router "
-                    "(decode_dispatch auto: for requests one at a time, decode_lead_s before the prefill leg's "
-                    "predicted end), the others play the router with that decode_dispatch")
+                    "(decode_dispatch auto: for requests one at a time, decode_lead_s and what its predictions ran "
+                    "long before the prefill leg's predicted end), the others play the router with that decode_dispatch")
     ap.add_argument("--settle", type=float, default=1.5, help="seconds between requests: an idle vLLM worker "
                     "busy-polls for 1 s after its last step, on its node's core, and would slow whoever comes next")
     ap.add_argument("--prefill-connector", type=json.loads, default={},
