@@ -1,19 +1,20 @@
 """How long auto dispatch holds an idle decode node's leg: until `decode_lead_s` before the prefill leg's
 predicted end, brought forward by what the predictions lately missed by.
 
-Why: a decode node that gets its leg before the prefill answered admits the request while the prompt computes
-and takes the KV the step it lands; one that gets it after the answer first receives the leg, then admits it
-(on this box 80-160 ms of exposed transfer time against 10-30). Predictions on a loaded box miss by 15-20 %
-either way, so with a fixed lead of 0.15 s a 2000-token prompt predicted at 2.2 s that computed in 1.8 s had its
-decode leg sent after its answer: 4 of 16 requests in one run. Holding the leg still matters (vLLM's engine
-steps without pause while a request waits for KV), so the lead grows only by what the predictions missed by.
+Why: a decode node that gets its leg well before the prefill ends admits the request while the prompt computes
+and takes the KV the step it lands; one that gets it late, or after the answer, admits it only then. Predictions
+on a loaded box miss by 15-20 % either way. With a fixed lead of 0.15 s, one run here (bench/pd_interleaved.py,
+20 prompts of 1000 and 2000 tokens) sent 4 decode legs after their prefill answered (a 2000-token prompt
+predicted at 2.26 s computed in 1.81 s), and the decode nodes waited 23-195 ms for their KV after the prefill's
+last forward; with this rule, none, and 5-18 ms. Holding the leg still matters (vLLM's engine steps without
+pause while a request waits for KV), so the lead grows only by what the predictions missed by.
 
 The rule: over the last `window` prefill legs that answered, take actual / predicted; its `1 - cover` quantile q
 is how much sooner than predicted the legs at the early edge answered. The leg waits `eta * min(q, 1) -
 decode_lead_s` (at least 0; q is taken as at least 0.5, so the leg is held for at least half the prediction less
 decode_lead_s). With cover 0.9, about 9 in 10 legs are sent before their prefill answers, if the next
-predictions miss as the last ones did and by less than half. Until `min_samples` legs answered, and with cover 0, the lead is
-`decode_lead_s` alone.
+predictions miss as the last ones did and by less than half. Until `min_samples` legs answered, and with
+cover 0, the lead is `decode_lead_s` alone.
 """
 from __future__ import annotations
 
