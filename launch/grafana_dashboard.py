@@ -72,6 +72,12 @@ def _panels() -> list[tuple[str, list[timeseries.Panel]]]:
             _panel("Prefix hits expected and confirmed", "short", "Prompt tokens the chosen node was believed to "
                    "hold against those its reply said it held; a gap means the router's index is stale.",
                    [(f"sum by (kind) (rate(kvbridge_router_prefix_hit_tokens_total[{RI}]))", "{{kind}}")]),
+            _panel("Decode leg dispatch", "short", "When disaggregated requests' decode legs went: with_prefill, "
+                   "before_prefill_end (to an idle decode node, ahead of the prefill's predicted end) or after_prefill "
+                   "(answered before its leg went: that decode admits the request late); and the learned lead scale "
+                   "(router/dispatch_lead.py: below 1 when recent prefill legs ran shorter than predicted).",
+                   [(f"sum by (order) (rate(kvbridge_router_decode_dispatch_total[{RI}]))", "{{order}}"),
+                    ("kvbridge_router_decode_lead_scale", "lead scale {{instance}}")]),
             _panel("Learned rates", "short", "The cost model's rates, learned from completed requests.",
                    [("kvbridge_router_learned_rate", "{{rate}}")]),
             _panel("Placement settings", "short", "Mode (0 auto, 1 always remote, 2 never remote) and the break-even "
