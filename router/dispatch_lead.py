@@ -32,22 +32,23 @@ class DispatchLead:
     def __init__(self, lead_s: float, cover: float, window: int = 64, min_samples: int = 8) -> None:
         self.lead_s, self.cover, self.min_samples = lead_s, cover, min_samples
         self._ratios: deque[float] = deque(maxlen=window)
+        self._scale = 1.0  # kept from the last observe: every request reads it, only answered legs change it
         DECODE_LEAD_SCALE.set(1.0)
 
     def observe(self, predicted_s: float, actual_s: float) -> None:
         """A prefill leg answered after `actual_s`; it had been predicted at `predicted_s`."""
         if predicted_s > 0 and actual_s > 0 and math.isfinite(predicted_s) and math.isfinite(actual_s):
             self._ratios.append(actual_s / predicted_s)
-            DECODE_LEAD_SCALE.set(self.scale())
+            if self.cover > 0 and len(self._ratios) >= self.min_samples:
+                ordered = sorted(self._ratios)
+                q = ordered[min(len(ordered) - 1, math.floor(round((1 - self.cover) * len(ordered), 9)))]  # 1-0.9<0.1
+                self._scale = max(MIN_SCALE, min(1.0, q))
+                DECODE_LEAD_SCALE.set(self._scale)
 
     def scale(self) -> float:
         """The share of a prediction the legs at the early edge took (1.0 while nothing is learned)."""
-        if self.cover <= 0 or len(self._ratios) < self.min_samples:
-            return 1.0
-        ordered = sorted(self._ratios)
-        q = ordered[min(len(ordered) - 1, math.floor(round((1 - self.cover) * len(ordered), 9)))]  # 1 - 0.9 < 0.1
-        return max(MIN_SCALE, min(1.0, q))
+        return self._scale
 
     def wait_s(self, eta_s: float) -> float:
         """How long after the prefill leg went the decode leg is sent, for a leg predicted at `eta_s`."""
-        return max(0.0, eta_s * self.scale() - self.lead_s)
+        return max(0.0, eta_s * self._scale - self.lead_s)

@@ -215,8 +215,7 @@ class Proxy:
             return
         result: PrefillResult = task.result()
         if result.ok:
-            if decision.prefill_eta_s is not None:
-                self.lead.observe(decision.prefill_eta_s, result.seconds)
+            self.lead.observe(decision.prefill_eta_s, result.seconds)  # set when the leg was sent
             note = self.placement.prefill_done(decision, result.seconds, result.usage, was_idle)
             if note:
                 trace.add("prefix_index_corrected", note)
