@@ -28,16 +28,24 @@ async def cancel_transfer(control: ControlChannels, addresses: list[str], transf
     return all(a is not None for a in answers)
 
 
-def prefill_answered(control: ControlChannels, addresses: list[str], transfer_id: str, timeout_s: float) -> None:
+def prefill_answered(control: ControlChannels, addresses: list[str], transfer_id: str, timeout_s: float,
+                     after_s: float, unless: asyncio.Event) -> None:
     """Tell every rank of the decode connector the prefill node answered: a producer it has not heard from by
     then cannot reach it, and its request stops waiting after the connector's `no_show_s` instead of
-    `load_timeout_s`. Sent, not awaited: a rank that cannot take it within `timeout_s` is down."""
-    for a in addresses:
-        try:
-            control.tell(a, wire.PrefillAnswered(rid=1, transfer_id=transfer_id), timeout_s)
-        except Exception as e:  # a notice that cannot go (no socket to be had) must not fail the leg that answered
-            log.warning("could not tell the decode connector at %s that transfer %s's prefill answered: %s",
-                        a, transfer_id, e)
+    `load_timeout_s`. Sent `after_s` from now, and only if `unless` (the decode leg began answering: its KV
+    arrived, or it computed the prompt itself) is not set by then, so a transfer that went well costs no message;
+    not awaited: a rank that cannot take it within `timeout_s` is down."""
+    def send() -> None:
+        if unless.is_set():
+            return
+        for a in addresses:
+            try:
+                control.tell(a, wire.PrefillAnswered(rid=1, transfer_id=transfer_id), timeout_s)
+            except Exception as e:  # a notice that cannot go (no socket to be had) must not fail the router
+                log.warning("could not tell the decode connector at %s that transfer %s's prefill answered: %s",
+                            a, transfer_id, e)
+    if not unless.is_set():
+        asyncio.get_running_loop().call_later(after_s, send)
 
 
 async def transfer_trace(control: ControlChannels, address: str, transfer_id: str, timeout_s: float) -> dict | None:

@@ -12,6 +12,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from router.app import PROXY
+from router.prefill_leg import ANSWERED_NOTICE_AFTER_S
 from tests.router_stubs import REQ, StubNode, eventually, events, post, states
 
 
@@ -135,10 +136,12 @@ async def test_an_answer_done_before_its_prefill_replied_cancels_that_leg_only_i
 @pytest.mark.parametrize("dispatch", ["after_prefill", "with_prefill"])
 @pytest.mark.parametrize("mode", ["ok", "reset"])
 async def test_the_decode_connector_hears_that_the_prefill_answered_or_failed(make, mode, dispatch):
-    """A prefill that answered is announced (a producer the connector has not heard from by then cannot reach
-    it: its request gives up after no_show_s); a failed one is cancelled (recompute at once)."""
+    """A prefill that answered is announced to a decode leg that has not begun answering ANSWERED_NOTICE_AFTER_S
+    later (a producer the connector has not heard from by then cannot reach it: its request gives up after
+    no_show_s); a failed one is cancelled (recompute at once)."""
     # scattered: a decode that got the KV says so (a leg sent beside a prefill that answered may end first)
-    pre, dec = StubNode("p", mode=mode, die_after=0), StubNode("d", kv=True, scattered=mode == "ok")
+    pre = StubNode("p", mode=mode, die_after=0)
+    dec = StubNode("d", kv=True, scattered=mode == "ok", interval=3 * ANSWERED_NOTICE_AFTER_S)
     url, _ = await make([pre], [dec], decode_dispatch=dispatch)
     assert (await post(url, REQ))[0] == 200
     tid = transfer_id(pre)
@@ -149,11 +152,23 @@ async def test_the_decode_connector_hears_that_the_prefill_answered_or_failed(ma
     assert await eventually(lambda: (dec.answered, dec.cancels) == want), (dec.answered, dec.cancels)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_decode_leg_answering_soon_after_its_prefill_costs_its_connector_no_notice(make, stream):
+    """The notice matters only to a transfer whose producer never came: a decode leg that began answering within
+    ANSWERED_NOTICE_AFTER_S of its prefill's answer had its KV (or computed the prompt), and no message is sent."""
+    pre, dec = StubNode("p"), StubNode("d", kv=True)
+    url, _ = await make([pre], [dec], decode_dispatch="after_prefill")
+    assert (await post(url, dict(REQ, stream=stream)))[0] == 200
+    await asyncio.sleep(3 * ANSWERED_NOTICE_AFTER_S)
+    assert (dec.answered, dec.cancels) == ([], [])
+
+
 @pytest.mark.parametrize("mode", ["ok", "reset"])
 async def test_every_tp_rank_of_the_decode_connector_hears_of_its_transfer(make, mode):
     """Each rank of a TP decode node is its own process with its own endpoint (port + rank) and book: a notice
     sent to rank 0 only would leave the other ranks waiting for their producers until load_timeout_s."""
-    pre, dec = StubNode("p", mode=mode, die_after=0), StubNode("d", kv=True, ranks=3)
+    pre = StubNode("p", mode=mode, die_after=0)
+    dec = StubNode("d", kv=True, ranks=3, interval=3 * ANSWERED_NOTICE_AFTER_S)  # still waiting: it is told
     # after_prefill: one notice per rank (a leg sent beside a failing prefill may end first and cancel it again)
     url, api = await make([pre], [dec], decode_dispatch="after_prefill")
     assert api[PROXY].registry.backends["decode"][0].ranks == 3  # learned from its connector's pool status
