@@ -23,7 +23,7 @@ systems do differently: kvbridge pushed the KV during the prefill, NixlConnector
 
     python -m bench.pd_interleaved [--lengths 128 1000 2000] [--repeats 6] [--kvbridge-dispatch router]
         [--settle 1.5] [--prefill-connector JSON] [--agg-core 1] [--decode-after 1.5] [--confine-prefills]
-        [--confine-decodes]
+        [--confine-decodes] [--confine-aggregated]
 
 `--decode-after S` sleeps S seconds between each PD request's prefill answer and its decode leg, so the decode's
 time per output token is timed with its prefill node quiet (that node's worker busy-polls its core for 1 s after its
@@ -42,6 +42,12 @@ for KV (kvbridge's decode leg sent with its prefill leg) steps its engine withou
 not bound to core 1 may then run on core 0 too. One run, 8 prompts each, kvbridge's prefill leg took 130 ms (1000
 tokens) and 259 ms (2000) longer than aggregated's TTFT, and 30 ms and 389 ms with both flags (NixlConnector-best's:
 -12 and 86 ms, then 26 and 117 ms): equal at 1000 tokens, not at 2000.
+`--confine-aggregated` keeps every thread of the aggregated server on `--agg-core`: unconfined, its API server
+streams tokens from the other core while a confined decode node's shares its engine's, and a time per output token
+compared across the two is then one core against two. One run with every flag, `--agg-core 1 --decode-after 1.5`,
+10 prompts each: kvbridge's time per output token ÷ aggregated's 1.092 [0.921, 1.227] at 1000 tokens and 0.935
+[0.904, 1.063] at 2000 (NixlConnector-best's 1.060 and 0.947); one without `--decode-after`, `--agg-core 0`, 8 each:
+1.111 [0.867, 1.620] and 1.007 [0.927, 1.239]. Two earlier runs with the aggregated server unconfined: 1.01-1.23.
 """
 from __future__ import annotations
 
@@ -189,6 +195,9 @@ def main() -> None:
                     "kvbridge's router) on core 0, as separate hosts would keep their work off the decode nodes' core")
     ap.add_argument("--confine-decodes", action="store_true", help="every thread of both decode nodes on core 1, as "
                     "separate hosts would keep a waiting decode engine's steps off the prefills' core")
+    ap.add_argument("--confine-aggregated", action="store_true", help="every thread of the aggregated server (its "
+                    "API server's too) on --agg-core, so that its time per output token is timed on one core, as the "
+                    "decode nodes' with --confine-decodes")
     args = parse_with_decode_after(ap)
     if args.repeats < 1:
         ap.error("--repeats must be at least 1")
@@ -222,6 +231,9 @@ def main() -> None:
         if args.confine_decodes:
             print(f"confined to core 1: {confine(s['kd'], {1})} threads of kvbridge's decode node, "
                   f"{confine(s['nd'], {1})} of NixlConnector-best's", flush=True)
+        if args.confine_aggregated:
+            print(f"confined to core {args.agg_core}: {confine(s['agg'], {int(args.agg_core)})} threads of the "
+                  "aggregated server", flush=True)
         if args.kvbridge_dispatch == "router":
             router.append(start_router(RouterConfig(
                 port=free_port(), model="tiny", prefill=[{"name": "kp", "url": s["kp"].url}],

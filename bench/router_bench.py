@@ -151,8 +151,9 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--decode-dispatch", choices=["auto", "with_prefill", "after_prefill"], default="auto",
-                    help="the router's decode_dispatch. The stub is always idle, so auto sends the decode leg after "
-                    "the prefill leg answered (two stub round trips in series); with_prefill sends both at once")
+                    help="the router's decode_dispatch. The stub's prefill legs answer in well under decode_lead_s, so "
+                    "auto sends both legs at once, as with_prefill does; after_prefill sends the decode leg once the "
+                    "prefill leg answered (two stub round trips in series)")
     args = ap.parse_args()
     stub_port, router_port = 18601, 18600
     # The stub runs this module's run_stub() in its own process, started like every other server.
