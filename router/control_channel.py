@@ -110,6 +110,7 @@ class ControlChannels:
     def __init__(self, cred: Credential, in_use: Callable[[str], bool] | None = None) -> None:
         self.cred = cred
         self._in_use = in_use
+        self._closed = False  # after close(), no channel is opened again (a late notice, a background cancel)
         self._channels: dict[str, _Channel] = {}
 
     async def ask(self, address: str, msg: wire.Message, timeout_s: float) -> wire.ReplyMessage | None:
@@ -126,7 +127,7 @@ class ControlChannels:
 
     def _channel(self, address: str) -> _Channel | None:
         channel = self._channels.get(address)
-        if channel is None:
+        if channel is None and not self._closed:
             if self._in_use is not None and not self._in_use(address):
                 log.debug("no control message to %s: no node uses that connector now", address)
                 return None
@@ -143,6 +144,7 @@ class ControlChannels:
             channel.close()
 
     def close(self) -> None:
+        self._closed = True
         for channel in self._channels.values():
             channel.close()
         self._channels.clear()

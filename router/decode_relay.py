@@ -92,12 +92,10 @@ async def write(resp: web.StreamResponse, data: bytes, timeout_s: float) -> None
 
 
 async def relay_whole(up: aiohttp.ClientResponse, b: Backend, request_id: str, timeout_s: float,
-                      prefill_leg: asyncio.Task | None, answering: asyncio.Event) -> RelayOutcome:
+                      prefill_leg: asyncio.Task | None) -> RelayOutcome:
     """A non-streamed answer (or a stream's 4xx), read in full before anything is sent: an
-    UpstreamFailure here leaves the request free to be retried. `prefill_leg`: router/usage.py. `answering` is set
-    once the answer is read (the prefill leg's notice to the decode connector is then moot: router/prefill_leg.py)."""
+    UpstreamFailure here leaves the request free to be retried. `prefill_leg`: router/usage.py."""
     data = await read_all(up, b, timeout_s)
-    answering.set()
     prefill = await prefill_details(prefill_leg) if b'"cached_tokens"' in data else None
     response = web.Response(body=fix_answer(data, prefill), status=up.status,
                             headers=client_headers(up, request_id))
@@ -106,12 +104,13 @@ async def relay_whole(up: aiohttp.ClientResponse, b: Backend, request_id: str, t
 
 async def relay_stream(request: web.Request, up: aiohttp.ClientResponse, b: Backend, request_id: str,
                        first_byte_timeout_s: float, read_timeout_s: float, write_timeout_s: float,
-                       prefill_leg: asyncio.Task | None, answering: asyncio.Event) -> RelayOutcome:
-    """A stream, relayed event by event once its first event arrived (`answering` is set then, as in relay_whole)."""
+                       prefill_leg: asyncio.Task | None, kv_wait_over: asyncio.Event) -> RelayOutcome:
+    """A stream, relayed event by event once its first event arrived. `kv_wait_over` is set then: a decode node
+    that streams a token has its KV or computed the prompt itself (router/prefill_leg.py's notice is moot)."""
     first = await read_event(up, b, first_byte_timeout_s)  # a failure here: nothing sent, retryable
     if not first.strip():
         raise UpstreamFailure(b.name, "stream ended before its first event")
-    answering.set()
+    kv_wait_over.set()
     resp = web.StreamResponse(status=up.status, headers=client_headers(up, request_id))
     out = RelayOutcome(resp)
     try:

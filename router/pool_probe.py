@@ -32,9 +32,9 @@ def prefill_answered(control: ControlChannels, addresses: list[str], transfer_id
                      after_s: float, unless: asyncio.Event) -> None:
     """Tell every rank of the decode connector the prefill node answered: a producer it has not heard from by
     then cannot reach it, and its request stops waiting after the connector's `no_show_s` instead of
-    `load_timeout_s`. Sent `after_s` from now, and only if `unless` (the decode leg began answering: its KV
-    arrived, or it computed the prompt itself) is not set by then, so a transfer that went well costs no message;
-    not awaited: a rank that cannot take it within `timeout_s` is down."""
+    `load_timeout_s`. Sent `after_s` from now, and only if `unless` (the decode leg no longer waits for KV) is not
+    set by then, so a transfer whose decode leg answered or ended by then costs no message; not awaited: a rank
+    that cannot take it within `timeout_s` is down."""
     def send() -> None:
         if unless.is_set():
             return

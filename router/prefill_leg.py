@@ -6,7 +6,8 @@ prompt over its context length, a parameter out of range), which the decode node
 for the client (`refusal`) and counted as no failure. A failed leg cancels the transfer at the decode connector, which
 then recomputes the prompt itself instead of waiting for KV that will not come; a leg that answered tells
 the connector so, which then gives up on a producer it has not heard from within its `no_show_s`, unless the decode
-leg began answering within `ANSWERED_NOTICE_AFTER_S` (the transfer went well: nothing to give up on).
+leg stopped waiting for KV within `ANSWERED_NOTICE_AFTER_S`: a streamed answer's first token came, or the decode
+leg is over (answered in full, or ended and its transfer cancelled). Nothing is then left to give up on.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ log = logging.getLogger("kvbridge.router")
 # 4xx (401, 403, 404, 405, 408, 429...) say the router or node is misconfigured or busy: a prefill failure
 REQUEST_REFUSED = frozenset({400, 413, 422})
 ANSWERED_SEND_S = 0.25  # a decode connector that cannot take the notice this soon is down or unreachable
-# The notice waits this long for the decode leg to begin answering: a transfer that went well needs none, and each
+# The notice waits this long for the decode leg to stop waiting for KV: a transfer that went well needs none, and each
 # one sent is a ZMQ message each way and a wake-up of the connector's thread (164 of the router's 1306 Python calls
 # per routed request in bench/router_bench.py). In one bench/pd_interleaved.py run through the router (28 prompts),
 # the decode's first token came 194 ms before to 111 ms after its prefill leg answered, before it for 17. A producer
@@ -60,10 +61,10 @@ def reply_usage(raw: bytes) -> dict | None:
 
 async def run_prefill(cfg: RouterConfig, registry: Registry, session: aiohttp.ClientSession, b: Backend,
                       path: str, body: dict, headers: dict[str, str], trace: Trace, kv_addresses: list[str],
-                      transfer_id: str, over: asyncio.Event, decode_answering: asyncio.Event) -> PrefillResult:
+                      transfer_id: str, over: asyncio.Event, kv_wait_over: asyncio.Event) -> PrefillResult:
     """`over` is set once the leg is over on its node: its reply headers arrived (the node has finished the
     request: one token, not streamed) or the leg failed. Closing the connection would then abort nothing there.
-    `decode_answering`: set by the proxy once the decode leg's answer began (no notice is needed then)."""
+    `kv_wait_over`: set once the decode leg no longer waits for KV (router/proxy.py, router/decode_relay.py)."""
     t0, usage, refusal = time.monotonic(), None, None
     registry.acquire(b)
     try:
@@ -81,7 +82,7 @@ async def run_prefill(cfg: RouterConfig, registry: Registry, session: aiohttp.Cl
             registry.report_success(b)
         if ok:
             prefill_answered(registry.control, kv_addresses, transfer_id, ANSWERED_SEND_S, ANSWERED_NOTICE_AFTER_S,
-                             decode_answering)
+                             kv_wait_over)
     except UpstreamFailure as e:
         over.set()
         registry.report_failure(b, e.why)

@@ -113,14 +113,14 @@ class Proxy:
         aggregated = needs_aggregated(body)
         decode, prefill = decision.decode, decision.prefill
         prefill_task: asyncio.Task | None = None
-        prefill_over, decode_answering = asyncio.Event(), asyncio.Event()
+        prefill_over, kv_wait_over = asyncio.Event(), asyncio.Event()  # kv_wait_over: router/prefill_leg.py
         if prefill is not None:
             was_idle = not self.placement.pending_requests.get(prefill.name)
             decision.prefill_eta_s = self.placement.prefill_eta_s(decision)
             prefill_task = asyncio.create_task(run_prefill(
                 self.cfg, self.registry, self.session, prefill, path, prefill_body(body, tid, decode.kv_address,
                                                                       self.cfg.push_key, self.cfg.push_token_ttl_s),
-                headers, trace, decode.rank_addresses, tid, prefill_over, decode_answering))
+                headers, trace, decode.rank_addresses, tid, prefill_over, kv_wait_over))
             prefill_task.add_done_callback(lambda t: self._prefill_finished(decision, t, was_idle, trace))
             decode_leg = decode_body(body, tid)
             trace.transfer = (decode.kv_address, tid)
@@ -155,10 +155,9 @@ class Proxy:
             if body.get("stream") and up.status == 200:  # prefill_task: its cached tokens (router/usage.py)
                 outcome = await relay_stream(request, up, decode, trace.id, self.cfg.first_byte_timeout_s,
                                              self.cfg.read_timeout_s, self.cfg.client_write_timeout_s, prefill_task,
-                                             decode_answering)
+                                             kv_wait_over)
             else:
-                outcome = await relay_whole(up, decode, trace.id, self._first_wait(body), prefill_task,
-                                            decode_answering)
+                outcome = await relay_whole(up, decode, trace.id, self._first_wait(body), prefill_task)
             if outcome.first_byte_at is not None:
                 child(TTFT, path).observe(outcome.first_byte_at - trace.t0)
             self._settle(outcome, decode, trace)
@@ -166,6 +165,7 @@ class Proxy:
                 self._learn_after(decision, tid if prefill_task is not None else None)
             return outcome.response
         finally:
+            kv_wait_over.set()  # the decode leg is over: answered in full, or closed and its transfer cancelled below
             self.registry.release(decode)
             if prefill is None:
                 self.placement.computed(decision)

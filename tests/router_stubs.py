@@ -169,6 +169,11 @@ class StubNode:
             raise
 
 
+def transfer_id(prefill: StubNode) -> str:
+    """The transfer id the router gave the first prefill leg `prefill` received."""
+    return prefill.bodies[0]["kv_transfer_params"]["kvbridge"]["transfer_id"]
+
+
 @pytest.fixture
 async def make():
     """make(prefill=[StubNode], decode=[StubNode], **router config) -> (router url, api app); all stopped after."""

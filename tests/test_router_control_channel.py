@@ -101,3 +101,21 @@ async def test_no_answer_is_none():
         assert await channels.ask(f"127.0.0.1:{free_port()}", wire.Stats(rid=1), 0.2) is None
     finally:
         channels.close()
+
+
+async def test_once_closed_no_channel_is_opened_again():
+    """A notice whose timer fires while the router stops (router/pool_probe.py) must not open a socket that
+    nothing would close."""
+    port, stop = free_port(), threading.Event()
+    thread = connector(port, 1, stop)
+    channels = ControlChannels(Credential("router", None))
+    try:
+        assert await ask_many(channels, f"127.0.0.1:{port}", ["t0"]) == ["t0"]
+        channels.close()
+        channels.tell(f"127.0.0.1:{port}", wire.PrefillAnswered(rid=1, transfer_id="t1"), 0.2)
+        assert await channels.ask(f"127.0.0.1:{port}", wire.Stats(rid=1), 0.2) is None
+        assert channels._channels == {}
+    finally:
+        channels.close()
+        stop.set()
+        thread.join()

@@ -12,8 +12,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from router.app import PROXY
-from router.prefill_leg import ANSWERED_NOTICE_AFTER_S
-from tests.router_stubs import REQ, StubNode, eventually, events, post, states
+from tests.router_stubs import REQ, StubNode, eventually, events, post, states, transfer_id
 
 
 async def test_clients_leaving_mid_stream_never_count_against_decode(make):
@@ -32,10 +31,6 @@ async def test_clients_leaving_mid_stream_never_count_against_decode(make):
     assert states(api) == ["up"] and api[PROXY].registry.backends["decode"][0].request_fails == 0
     # every abandoned request: its decode connection closed (vLLM would abort it) and its transfer CANCELled
     assert await eventually(lambda: dec.aborted == 24 and len(dec.cancels) == 24), (dec.aborted, dec.cancels)
-
-
-def transfer_id(prefill: StubNode) -> str:
-    return prefill.bodies[0]["kv_transfer_params"]["kvbridge"]["transfer_id"]
 
 
 @pytest.mark.parametrize("dispatch", ["with_prefill", "after_prefill"])
@@ -131,52 +126,6 @@ async def test_an_answer_done_before_its_prefill_replied_cancels_that_leg_only_i
     else:
         assert await eventually(lambda: (pre.aborted, dec.cancels) == (1, [transfer_id(pre)]))
         assert not any(p == "prefill_done" for p, _, _ in trace.events)
-
-
-@pytest.mark.parametrize("dispatch", ["after_prefill", "with_prefill"])
-@pytest.mark.parametrize("mode", ["ok", "reset"])
-async def test_the_decode_connector_hears_that_the_prefill_answered_or_failed(make, mode, dispatch):
-    """A prefill that answered is announced to a decode leg that has not begun answering ANSWERED_NOTICE_AFTER_S
-    later (a producer the connector has not heard from by then cannot reach it: its request gives up after
-    no_show_s); a failed one is cancelled (recompute at once)."""
-    # scattered: a decode that got the KV says so (a leg sent beside a prefill that answered may end first)
-    pre = StubNode("p", mode=mode, die_after=0)
-    dec = StubNode("d", kv=True, scattered=mode == "ok", interval=3 * ANSWERED_NOTICE_AFTER_S)
-    url, _ = await make([pre], [dec], decode_dispatch=dispatch)
-    assert (await post(url, REQ))[0] == 200
-    tid = transfer_id(pre)
-    # a failed prefill pushed nothing: a decode leg sent after it prefills itself; one sent beside it waits for
-    # KV until the cancel
-    assert ("kv_transfer_params" in dec.bodies[0]) == (mode == "ok" or dispatch == "with_prefill")
-    want = ([tid], []) if mode == "ok" else ([], [tid])
-    assert await eventually(lambda: (dec.answered, dec.cancels) == want), (dec.answered, dec.cancels)
-
-
-@pytest.mark.parametrize("stream", [False, True])
-async def test_a_decode_leg_answering_soon_after_its_prefill_costs_its_connector_no_notice(make, stream):
-    """The notice matters only to a transfer whose producer never came: a decode leg that began answering within
-    ANSWERED_NOTICE_AFTER_S of its prefill's answer had its KV (or computed the prompt), and no message is sent."""
-    pre, dec = StubNode("p"), StubNode("d", kv=True)
-    url, _ = await make([pre], [dec], decode_dispatch="after_prefill")
-    assert (await post(url, dict(REQ, stream=stream)))[0] == 200
-    await asyncio.sleep(3 * ANSWERED_NOTICE_AFTER_S)
-    assert (dec.answered, dec.cancels) == ([], [])
-
-
-@pytest.mark.parametrize("mode", ["ok", "reset"])
-async def test_every_tp_rank_of_the_decode_connector_hears_of_its_transfer(make, mode):
-    """Each rank of a TP decode node is its own process with its own endpoint (port + rank) and book: a notice
-    sent to rank 0 only would leave the other ranks waiting for their producers until load_timeout_s."""
-    pre = StubNode("p", mode=mode, die_after=0)
-    dec = StubNode("d", kv=True, ranks=3, interval=3 * ANSWERED_NOTICE_AFTER_S)  # still waiting: it is told
-    # after_prefill: one notice per rank (a leg sent beside a failing prefill may end first and cancel it again)
-    url, api = await make([pre], [dec], decode_dispatch="after_prefill")
-    assert api[PROXY].registry.backends["decode"][0].ranks == 3  # learned from its connector's pool status
-    assert (await post(url, REQ))[0] == 200
-    tid = transfer_id(pre)
-    kind = "prefill_answered" if mode == "ok" else "cancel"
-    assert await eventually(lambda: dec.rank_notices == {1: [(kind, tid)], 2: [(kind, tid)]}), dec.rank_notices
-    assert (dec.answered, dec.cancels) == (([tid], []) if mode == "ok" else ([], [tid]))
 
 
 async def test_decode_dying_mid_stream_ends_with_error_event_and_done_without_retry(make):
