@@ -35,17 +35,22 @@ def prefill_answered(control: ControlChannels, addresses: list[str], transfer_id
     `load_timeout_s`. Sent `after_s` from now, and only if `unless` (the decode leg no longer waits for KV) is not
     set by then, so a transfer whose decode leg answered or ended by then costs no message; not awaited: a rank
     that cannot take it within `timeout_s` is down."""
+    loop = asyncio.get_running_loop()
+    answered_at = loop.time()
+
     def send() -> None:
         if unless.is_set():
             return
+        # the connector dates the answer back: a producer's word that came after it, while this waited, is life
+        ago = min(60.0, loop.time() - answered_at)
         for a in addresses:
             try:
-                control.tell(a, wire.PrefillAnswered(rid=1, transfer_id=transfer_id), timeout_s)
+                control.tell(a, wire.PrefillAnswered(rid=1, transfer_id=transfer_id, answered_s_ago=ago), timeout_s)
             except Exception as e:  # a notice that cannot go (no socket to be had) must not fail the router
                 log.warning("could not tell the decode connector at %s that transfer %s's prefill answered: %s",
                             a, transfer_id, e)
     if not unless.is_set():
-        asyncio.get_running_loop().call_later(after_s, send)
+        loop.call_later(after_s, send)
 
 
 async def transfer_trace(control: ControlChannels, address: str, transfer_id: str, timeout_s: float) -> dict | None:

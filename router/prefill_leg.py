@@ -35,8 +35,9 @@ ANSWERED_SEND_S = 0.25  # a decode connector that cannot take the notice this so
 # The notice waits this long for the decode leg to stop waiting for KV: a transfer that went well needs none, and each
 # one sent is a ZMQ message each way and a wake-up of the connector's thread (164 of the router's 1306 Python calls
 # per routed request in bench/router_bench.py). In one bench/pd_interleaved.py run through the router (28 prompts),
-# the decode's first token came 194 ms before to 111 ms after its prefill leg answered, before it for 17. A producer
-# that cannot reach its consumer is given up on this much later than the connector's `no_show_s`.
+# the decode's first token came 194 ms before to 111 ms after its prefill leg answered, before it for 17. The notice
+# carries how long ago the prefill answered, so the connector still gives up on a producer that cannot reach it
+# `no_show_s` after the answer (or on the notice, when `no_show_s` is shorter than this).
 ANSWERED_NOTICE_AFTER_S = 0.1
 
 

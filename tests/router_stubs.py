@@ -45,6 +45,7 @@ class StubNode:
                  details: bool = True, pad: int = 0, refuse_status: int = 400, received: bool = False) -> None:
         self.name, self.mode, self.events, self.interval, self.die_after = name, mode, events, interval, die_after
         self.bodies, self.headers, self.cancels, self.answered = [], [], [], []  # each leg's, rank 0 connector's
+        self.answered_ago: list[float] = []  # each prefill_answered notice's age of the answer (rank 0)
         self.rank_notices: dict[int, list[tuple[str, str]]] = {r: [] for r in range(1, ranks)}  # (type, tid)
         self.aborted, self.healthy, self.health_hangs = 0, True, False  # aborted: requests the router closed before their answer was whole
         self._stop = threading.Event()
@@ -83,6 +84,8 @@ class StubNode:
                     self.rank_notices[rank].append((req.type, req.transfer_id))
                 else:
                     (self.cancels if isinstance(req, wire.Cancel) else self.answered).append(req.transfer_id)
+                    if isinstance(req, wire.PrefillAnswered):
+                        self.answered_ago.append(req.answered_s_ago)
             if isinstance(req, wire.TraceQuery):  # `scattered`: every transfer was received and used
                 reply = wire.TransferTrace(rid=req.rid, found=self.scattered, state="SCATTERED" if self.scattered else "")
                 sock.send_multipart([ident, auth.seal_reply(opened, wire.encode(reply))])

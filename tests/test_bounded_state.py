@@ -2,6 +2,8 @@
 remembered cancels and failures, traces, and the control plane's seen-nonce table."""
 from __future__ import annotations
 
+import pytest
+
 from transfer import wire
 from transfer.ended_keys import EndedKeys
 from transfer.layout import KVLayout
@@ -93,6 +95,17 @@ def test_an_alloc_that_came_before_its_request_is_a_sign_of_life():
     book.prefill_answered("t")
     now[0] = 6.0
     assert book.alloc_waits("t", 0.05) and book.last_sign("t") == 6.0 > book.answered_at("t") == 5.0
+
+
+def test_a_notice_sent_late_is_dated_back_to_the_prefill_answer():
+    """The router sends its notice a moment after the prefill answered: a producer heard from in between showed
+    life after the answer, and is no no-show."""
+    now = [5.0]
+    book = ReceiveBook(SlotPool(2, 1024, 0.0), 30.0, clock=lambda: now[0])
+    book.sign_of_life("t")
+    now[0] = 5.05
+    book.prefill_answered("t", ago_s=0.1)
+    assert book.answered_at("t") == pytest.approx(4.95) and book.last_sign("t") == 5.0
 
 
 def test_grants_no_request_ever_finishes_are_forgotten_when_their_transfer_ends():

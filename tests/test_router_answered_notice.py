@@ -32,6 +32,8 @@ async def test_the_decode_connector_hears_that_the_prefill_answered_or_failed(ma
     assert ("kv_transfer_params" in dec.bodies[0]) == (mode == "ok" or dispatch == "with_prefill")
     want = ([tid], []) if mode == "ok" else ([], [tid])
     assert await eventually(lambda: (dec.answered, dec.cancels) == want), (dec.answered, dec.cancels)
+    # sent once due, and dated back to the answer: a producer heard from meanwhile is not taken for a no-show
+    assert all(ANSWERED_NOTICE_AFTER_S - 0.01 <= ago < STILL_WAITING_S for ago in dec.answered_ago), dec.answered_ago
 
 
 @pytest.mark.parametrize("mode", ["ok", "reset"])

@@ -255,7 +255,7 @@ class ConsumerEndpoint:
         return wire.Ack(ok=True)
 
     def _on_prefill_answered(self, msg: wire.PrefillAnswered) -> wire.Message:
-        self.book.prefill_answered(msg.transfer_id)
+        self.book.prefill_answered(msg.transfer_id, msg.answered_s_ago)
         return wire.Ack(ok=True)
 
     def _on_stats(self, msg: wire.Stats) -> wire.Message:

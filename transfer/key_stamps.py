@@ -20,12 +20,13 @@ class KeyStamps:
         self._lock = threading.Lock()
         self._at: dict[str, float] = {}
 
-    def stamp(self, key: str) -> None:
+    def stamp(self, key: str, ago_s: float = 0.0) -> None:
+        """`key` showed its sign now, or `ago_s` seconds ago (a sign reported late)."""
         now = self._clock()
         with self._lock:
-            self._at.pop(key, None)  # to the end: the dict stays in stamp order
+            self._at.pop(key, None)  # to the end: the dict stays (nearly) in stamp order
             drop_front(self._at, self.max_keys, lambda t: now - t >= self.remember_s)
-            self._at[key] = now
+            self._at[key] = now - ago_s
 
     def at(self, key: str) -> float:
         """When `key` was last stamped (0 if never, or forgotten)."""

@@ -234,10 +234,11 @@ class ReceiveBook:
         """When `key`'s producer last showed life without a lease in use (0 if never)."""
         return self._signs.at(key)
 
-    def prefill_answered(self, transfer_id: str) -> None:
-        """From the router: the prefill node answered. Its producer asks for slots before the forward, so
-        from now on its silence means it cannot reach this node (or gave up unable to say so)."""
-        self._answered.stamp(transfer_id)
+    def prefill_answered(self, transfer_id: str, ago_s: float = 0.0) -> None:
+        """From the router: the prefill node answered, `ago_s` before the router said so. Its producer asks for
+        slots before the forward, so from then on its silence means it cannot reach this node (or gave up unable to
+        say so)."""
+        self._answered.stamp(transfer_id, ago_s)
 
     def answered_at(self, key: str) -> float:  # when the router said so for `key`'s transfer (0: not yet)
         return self._answered.at(transfer_id_of(key))

@@ -13,9 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from transfer.layout import KVLayout
 
-# 8: PoolStatus.ranks; 7: PrefillAnswered; 6: Grant.incarnation; 5: windowed grants (Grant.chunks, Progress/WindowState) and Pending;
+# 10: PrefillAnswered.answered_s_ago; 8: PoolStatus.ranks; 7: PrefillAnswered; 6: Grant.incarnation; 5: windowed grants (Grant.chunks, Progress/WindowState) and Pending;
 # 4: HMAC frames
-PROTOCOL_VERSION = 9
+PROTOCOL_VERSION = 10
 MAX_MESSAGE_BYTES = 1 << 20
 # The longest prompt an ALLOC may carry (16.7M tokens, beyond any model's context today): the consumer builds
 # one entry per chunk of it, so an unbounded count from a buggy or hostile peer would stall or exhaust it.
@@ -124,10 +124,12 @@ class Cancel(_Request):
 
 
 class PrefillAnswered(_Request):
-    """From the router: the prefill node answered this transfer's request. A producer that has not been
-    heard from by then cannot reach the consumer: its request stops waiting after `no_show_s`."""
+    """From the router: the prefill node answered this transfer's request, `answered_s_ago` seconds before this
+    message went (the router waits a moment to see whether the decode leg still needs it). A producer that has not
+    been heard from since the answer cannot reach the consumer: its request stops waiting after `no_show_s`."""
     type: Literal["prefill_answered"] = "prefill_answered"
     transfer_id: str = Field(min_length=1, max_length=256)
+    answered_s_ago: float = Field(default=0.0, ge=0, le=60)
 
 
 class Stats(_Request):
