@@ -7,7 +7,7 @@ load asynchronously (pd/store_loads.py: fetched off the engine thread, scattered
 reported as a finished receive; one that went missing is reported as a load error and recomputed).
 Consumer: each step checks its expected transfers; a complete one is verified, scattered into the blocks vLLM
 allocated and its slots released (a windowed one chunk by chunk as it lands: pd/lease_scatter.py); one that
-expires (no sign of life for `load_timeout_s`, or none `no_show_s` after the router said its prefill answered:
+expires (no sign of life for `load_timeout_s`, or none `no_show_s` after its prefill answered, as the router says:
 `handshake_grace_s` while a producer's first handshake may be under way) or fails is a failed receive, and
 vLLM's `kv_load_failure_policy` (recompute | fail) decides what the request sees.
 """

@@ -83,9 +83,9 @@ class StubNode:
                 if rank:
                     self.rank_notices[rank].append((req.type, req.transfer_id))
                 else:
-                    (self.cancels if isinstance(req, wire.Cancel) else self.answered).append(req.transfer_id)
-                    if isinstance(req, wire.PrefillAnswered):
+                    if isinstance(req, wire.PrefillAnswered):  # its age first: whoever sees the id sees the age
                         self.answered_ago.append(req.answered_s_ago)
+                    (self.cancels if isinstance(req, wire.Cancel) else self.answered).append(req.transfer_id)
             if isinstance(req, wire.TraceQuery):  # `scattered`: every transfer was received and used
                 reply = wire.TransferTrace(rid=req.rid, found=self.scattered, state="SCATTERED" if self.scattered else "")
                 sock.send_multipart([ident, auth.seal_reply(opened, wire.encode(reply))])

@@ -1,7 +1,7 @@
 """The router's word to the decode connector about a transfer's prefill leg (router/prefill_leg.py): a cancel when
 the leg failed, and `prefill_answered` when it answered but the decode leg still waits for KV
-`ANSWERED_NOTICE_AFTER_S` later (a producer the connector has not heard from by then cannot reach it: its request
-gives up after `no_show_s`). A decode leg that streamed a token or ended by then needs no notice, and gets none."""
+`ANSWERED_NOTICE_AFTER_S` later, dated back to the answer (a producer the connector has not heard from since the
+answer cannot reach it: its request gives up `no_show_s` after the answer). A decode leg that streamed a token or ended by then needs no notice, and gets none."""
 from __future__ import annotations
 
 import asyncio
@@ -33,6 +33,7 @@ async def test_the_decode_connector_hears_that_the_prefill_answered_or_failed(ma
     want = ([tid], []) if mode == "ok" else ([], [tid])
     assert await eventually(lambda: (dec.answered, dec.cancels) == want), (dec.answered, dec.cancels)
     # sent once due, and dated back to the answer: a producer heard from meanwhile is not taken for a no-show
+    assert len(dec.answered_ago) == len(want[0]), dec.answered_ago
     assert all(ANSWERED_NOTICE_AFTER_S - 0.01 <= ago < STILL_WAITING_S for ago in dec.answered_ago), dec.answered_ago
 
 

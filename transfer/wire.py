@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from transfer.layout import KVLayout
 
-# 10: PrefillAnswered.answered_s_ago; 8: PoolStatus.ranks; 7: PrefillAnswered; 6: Grant.incarnation; 5: windowed grants (Grant.chunks, Progress/WindowState) and Pending;
+# 10: PrefillAnswered.answered_s_ago; 9: Withdraw; 8: PoolStatus.ranks; 7: PrefillAnswered; 6: Grant.incarnation; 5: windowed grants (Grant.chunks, Progress/WindowState) and Pending;
 # 4: HMAC frames
 PROTOCOL_VERSION = 10
 MAX_MESSAGE_BYTES = 1 << 20
