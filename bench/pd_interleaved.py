@@ -188,9 +188,9 @@ def main() -> None:
                     "busy-polls for 1 s after its last step, on its node's core, and would slow whoever comes next")
     ap.add_argument("--prefill-connector", type=json.loads, default={},
                     help='extra kvbridge settings for the prefill node, e.g. \'{"gil_switch_interval_ms": 5}\'')
-    ap.add_argument("--agg-core", default="0", choices=["0", "1"], help="the aggregated server's core: 0, the prefill nodes' (its TTFT "
-                    "computes where theirs do), or 1, the decode nodes' (its time per output token is measured "
-                    "where theirs is)")
+    ap.add_argument("--agg-core", default="0", choices=["0", "1"], help="the aggregated server's core: 0, the "
+                    "prefill nodes' (its TTFT computes where theirs do), or 1, the decode nodes' (its time per output "
+                    "token is measured where theirs is)")
     ap.add_argument("--confine-prefills", action="store_true", help="every thread of both prefill nodes (and of "
                     "kvbridge's router) on core 0, as separate hosts would keep their work off the decode nodes' core")
     ap.add_argument("--confine-decodes", action="store_true", help="every thread of both decode nodes on core 1, as "

@@ -55,8 +55,8 @@ class ConnectorConfig(BaseModel):
     alloc_timeout_s: float = Field(default=5.0, gt=0, description="how long a producer waits for consumer slots")
     load_timeout_s: float = Field(default=10.0, gt=0, description="how long a consumer waits for KV that never starts")
     no_show_s: float = Field(default=0.25, gt=0, description="once the prefill node answered (as the router says, "
-                             "a moment later), how long a consumer waits for its producer's first word (it asks for slots before the "
-                             "forward) before the request follows its load-failure policy")
+                             "a moment later), how long a consumer waits for its producer's first word (it asks for "
+                             "slots before the forward) before the request follows its load-failure policy")
     handshake_grace_s: float = Field(default=4.0, gt=0, description="no_show_s becomes this while a producer "
                                      "admitted within as long may still be finishing its first handshake (it took "
                                      "up to 3 s on two loaded cores)")

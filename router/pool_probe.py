@@ -42,7 +42,7 @@ def prefill_answered(control: ControlChannels, addresses: list[str], transfer_id
         if unless.is_set():
             return
         # the connector dates the answer back: a producer's word that came after it, while this waited, is life
-        ago = min(60.0, loop.time() - answered_at)
+        ago = min(wire.MAX_ANSWER_AGE_S, loop.time() - answered_at)
         for a in addresses:
             try:
                 control.tell(a, wire.PrefillAnswered(rid=1, transfer_id=transfer_id, answered_s_ago=ago), timeout_s)

@@ -1,7 +1,8 @@
 """The router's word to the decode connector about a transfer's prefill leg (router/prefill_leg.py): a cancel when
 the leg failed, and `prefill_answered` when it answered but the decode leg still waits for KV
 `ANSWERED_NOTICE_AFTER_S` later, dated back to the answer (a producer the connector has not heard from since the
-answer cannot reach it: its request gives up `no_show_s` after the answer). A decode leg that streamed a token or ended by then needs no notice, and gets none."""
+answer cannot reach it: its request gives up `no_show_s` after the answer). A decode leg that streamed a token or
+ended by then needs no notice, and gets none."""
 from __future__ import annotations
 
 import asyncio

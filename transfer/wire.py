@@ -13,8 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from transfer.layout import KVLayout
 
-# 10: PrefillAnswered.answered_s_ago; 9: Withdraw; 8: PoolStatus.ranks; 7: PrefillAnswered; 6: Grant.incarnation; 5: windowed grants (Grant.chunks, Progress/WindowState) and Pending;
-# 4: HMAC frames
+# 10: PrefillAnswered.answered_s_ago; 9: Withdraw; 8: PoolStatus.ranks; 7: PrefillAnswered; 6: Grant.incarnation;
+# 5: windowed grants (Grant.chunks, Progress/WindowState) and Pending; 4: HMAC frames
 PROTOCOL_VERSION = 10
 MAX_MESSAGE_BYTES = 1 << 20
 # The longest prompt an ALLOC may carry (16.7M tokens, beyond any model's context today): the consumer builds
@@ -23,6 +23,8 @@ MAX_PROMPT_TOKENS = 1 << 24
 # engine requests that may read one transfer (a request's `n`, in the decode leg's kv_transfer_params); a request
 # with more is served aggregated by the router
 MAX_CLAIMS = 256
+# how far back a PrefillAnswered may date the prefill's answer (the router sends it 0.1 s late, a stalled one later)
+MAX_ANSWER_AGE_S = 60.0
 
 
 class WireError(ValueError):
@@ -129,7 +131,7 @@ class PrefillAnswered(_Request):
     been heard from since the answer cannot reach the consumer: its request stops waiting after `no_show_s`."""
     type: Literal["prefill_answered"] = "prefill_answered"
     transfer_id: str = Field(min_length=1, max_length=256)
-    answered_s_ago: float = Field(default=0.0, ge=0, le=60)
+    answered_s_ago: float = Field(default=0.0, ge=0, le=MAX_ANSWER_AGE_S)
 
 
 class Stats(_Request):
