@@ -13,6 +13,7 @@ staged, so only what is staged by the last forward is exposed: `--forward-ms 0` 
 the `--chunks` before it (a chunked prefill: the earlier chunks left meanwhile).
 
     python -m bench.exposed_bench [--repeats 30] [--chunks 3] [--forward-ms 0 50] [--busy-poll-ms 0.5 0.1]
+                                  [--ucx-error-handling peer none]
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from transfer.consumer_settings import ConsumerSettings
 from transfer.device_fence import COMPLETED
 from transfer.identity import TransferSpec
 from transfer.layout import KVLayout
+from transfer.nixl_agent import ERROR_HANDLING
 from transfer.producer import Producer, ProducerSettings
 from transfer.receive_book import Arrival
 
@@ -40,9 +42,10 @@ CHUNK_TOKENS = 256
 TOKEN_HASH = "ab" * 16
 
 
-def _decode(conn, busy_poll_s: float) -> None:
+def _decode(conn, busy_poll_s: float, error_handling: str) -> None:
     """The decode worker's side: expect, wait as an idle engine step does, claim, report when it was complete."""
-    ep = ConsumerEndpoint(LAYOUT, ConsumerSettings(chunk_tokens=CHUNK_TOKENS, num_slots=64, busy_poll_s=busy_poll_s))
+    ep = ConsumerEndpoint(LAYOUT, ConsumerSettings(chunk_tokens=CHUNK_TOKENS, num_slots=64, busy_poll_s=busy_poll_s,
+                                                   ucx_error_handling=error_handling))
     conn.send(ep.address)
     while (msg := conn.recv()) is not None:
         key, num_tokens = msg
@@ -65,13 +68,15 @@ def _filler(value: int, nbytes: int):
     return fill
 
 
-def measure(busy_poll_s: float, repeats: int, chunks: int, forward_s: float) -> dict[str, float]:
+def measure(busy_poll_s: float, repeats: int, chunks: int, forward_s: float, error_handling: str = "peer"
+            ) -> dict[str, float]:
     ctx = mp.get_context("spawn")
     conn, child = ctx.Pipe()
-    proc = ctx.Process(target=_decode, args=(child, busy_poll_s), daemon=True)
+    proc = ctx.Process(target=_decode, args=(child, busy_poll_s, error_handling), daemon=True)
     proc.start()
     address = conn.recv()
-    producer = Producer(LAYOUT, CHUNK_TOKENS, ProducerSettings(producer_id=f"exposed-bench-{uuid.uuid4().hex[:8]}"))
+    producer = Producer(LAYOUT, CHUNK_TOKENS, ProducerSettings(producer_id=f"exposed-bench-{uuid.uuid4().hex[:8]}",
+                                                               ucx_error_handling=error_handling))
     nbytes = LAYOUT.chunk_bytes(CHUNK_TOKENS)
     complete, posted = [], []
     try:
@@ -109,17 +114,21 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=3, help="chunks before the last one")
     ap.add_argument("--forward-ms", type=float, nargs="+", default=[0.0, 50.0])
     ap.add_argument("--busy-poll-ms", type=float, nargs="+", default=[0.5, 0.1])
+    ap.add_argument("--ucx-error-handling", nargs="+", default=["peer", "none"], choices=list(ERROR_HANDLING),
+                    help="UCX error handling of both sides (transfer/nixl_agent.py)")
     args = ap.parse_args()
     # The prefill engine gathers with the one OpenMP thread bound to its core; torch's default (all cores) here
     # made each 8 MiB fill wait 15-35 ms for a descheduled OpenMP thread on a loaded 2-core box.
     torch.set_num_threads(1)
     print(f"{args.chunks + 1} chunks of {LAYOUT.chunk_bytes(CHUNK_TOKENS) >> 20} MiB; medians of {args.repeats}")
-    print(f"{'last forward ms':>15} {'consumer busy poll':>18} {'stage->posted ms':>17} {'stage->complete ms':>19}")
+    print(f"{'last forward ms':>15} {'UCX errors':>10} {'consumer busy poll':>18} {'stage->posted ms':>17} "
+          f"{'stage->complete ms':>19}")
     for fwd in args.forward_ms:
-        for ms in args.busy_poll_ms:
-            r = measure(ms / 1000, args.repeats, args.chunks, fwd / 1000)
-            print(f"{fwd:15.0f} {ms:15.2f} ms {r['stage_to_posted_ms']:17.3f} {r['stage_to_complete_ms']:19.3f}",
-                  flush=True)
+        for mode in args.ucx_error_handling:
+            for ms in args.busy_poll_ms:
+                r = measure(ms / 1000, args.repeats, args.chunks, fwd / 1000, mode)
+                print(f"{fwd:15.0f} {mode:>10} {ms:15.2f} ms {r['stage_to_posted_ms']:17.3f} "
+                      f"{r['stage_to_complete_ms']:19.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,12 @@ before, a ratio said more about the box than about the transfer. Every buffer is
 producer's do. Once a notice has gone over TCP (UCX's lane for NIXL notifications with peer error handling) the
 next write completes only after the receiver has made progress, so around each timed write the consumer polls
 NIXL every `stream_poll_s`, as the consumer endpoint does while chunks are on their way; around the copies it
-sleeps. Two extra rows show why kvbridge gathers: a paged-KV workload (csrc gathers blocks into staging, then
+sleeps. With `--ucx-error-handling none` notifications go through shared memory and a write completes with its
+copy (transfer/nixl_agent.py says what each mode gives up). Two extra rows show why kvbridge gathers: a paged-KV workload (csrc gathers blocks into staging, then
 one write per chunk, all chunks in flight; each half also timed alone) and the same bytes as 64 KiB descriptors.
 
     python -m bench.transfer_bench [--device cuda] [--repeats 7] [--json] [--max-mib 256] [--desc-mib 16]
+                                   [--ucx-error-handling peer none]
 
 With --json, stdout carries the JSON alone: everything else written to it (NIXL's and UCX's own log
 lines, from Python or native code, in either process) goes to stderr.
@@ -37,18 +39,18 @@ from bench.median_ci import median_ci
 
 from pd.block_copy import block_copy_for
 from transfer.consumer_settings import ConsumerSettings
-from transfer.nixl_agent import NixlAgent, zeroed_buffer
+from transfer.nixl_agent import ERROR_HANDLING, NixlAgent, zeroed_buffer
 from transfer.notice import ChunkNotice
 
 MiB = 1 << 20
 
 
-def _consumer(conn, nbytes: int, device: str) -> None:
+def _consumer(conn, nbytes: int, device: str, error_handling: str) -> None:
     """Registers the destination and drives UCX progress as the consumer endpoint does while told
     'receiving' (chunks on their way): every stream_poll_s (it never spins: it shares the decode engine's
     core); in 1 ms sleeps while told 'idle'. Each change of mode is acknowledged, so that no timed write
     waits for the consumer to notice it."""
-    agent = NixlAgent("bench-consumer")
+    agent = NixlAgent("bench-consumer", error_handling)
     region = agent.register(zeroed_buffer(nbytes, device))
     conn.send((agent.metadata(), region.addr, region.mem_type, region.dev_id))
     receiving = False
@@ -146,15 +148,16 @@ def _paged_workload(device: str):
     return caches, blocks, chunk_tokens // bs
 
 
-def run(device: str, repeats: int, max_mib: int = 256, desc_mib: int = 16) -> list[dict]:
+def run(device: str, repeats: int, max_mib: int = 256, desc_mib: int = 16, error_handling: str = "peer"
+        ) -> list[dict]:
     ctx = mp.get_context("spawn")
     conn, child = ctx.Pipe()
     sizes = [s * MiB for s in (1, 16, 64, 256, 512, 1024) if s <= max_mib]
     total = max(sizes + [desc_mib * MiB, 64 * MiB])  # 64 MiB: the paged workload below
-    proc = ctx.Process(target=_consumer, args=(child, total, device), daemon=True)
+    proc = ctx.Process(target=_consumer, args=(child, total, device, error_handling), daemon=True)
     proc.start()
     meta, raddr, rmem, rdev = conn.recv()
-    agent = NixlAgent("bench-producer")
+    agent = NixlAgent("bench-producer", error_handling)
     src = zeroed_buffer(total, device).random_(0, 256)
     local = agent.register(src)
     w = _Writer(agent, local, agent.add_remote(meta), raddr, rmem, rdev)
@@ -211,7 +214,7 @@ def run(device: str, repeats: int, max_mib: int = 256, desc_mib: int = 16) -> li
         rows.append(measured(name, nbytes, fn, writes))
     conn.send("done")
     proc.join(10)
-    return rows
+    return [dict(r, ucx_error_handling=agent.error_handling) for r in rows]
 
 
 def _row(name: str, nbytes: int, t: dict[str, list[float]]) -> dict:
@@ -237,26 +240,31 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--max-mib", type=int, default=256, help="largest contiguous write (1, 16, 256, 512, 1024)")
     ap.add_argument("--desc-mib", type=int, default=16, help="bytes moved as 64 KiB descriptors")
+    ap.add_argument("--ucx-error-handling", nargs="+", default=["peer"], choices=list(ERROR_HANDLING),
+                    help="UCX error handling of both agents (transfer/nixl_agent.py); several: the whole bench "
+                         "once for each, in turn, each row saying which")
     args = ap.parse_args(argv)
     if args.json:
         result = os.fdopen(os.dup(1), "w")
         os.dup2(2, 1)  # before any agent exists: native logs, and the consumer process, inherit stderr as fd 1
-        rows = run(args.device, args.repeats, args.max_mib, args.desc_mib)
+        rows = [r for mode in args.ucx_error_handling
+                for r in run(args.device, args.repeats, args.max_mib, args.desc_mib, mode)]
         result.write(json.dumps(rows, indent=1) + "\n")
         result.close()
         return
-    rows = run(args.device, args.repeats, args.max_mib, args.desc_mib)
+    rows = [r for mode in args.ucx_error_handling for r in run(args.device, args.repeats, args.max_mib, args.desc_mib,
+                                                                mode)]
     level = min(r["ci_level"] for r in rows)
     print(f"GB/s: from median times; ratios: median of the {args.repeats} paired repeats' own ratios "
           f"[{'95 %' if level >= 0.95 else f'{level:.0%}'} interval]")
-    print(f"{'case':52} {'GB/s':>6} {'memcpy':>6} {'ratio':>21} {'memcpy1t':>8} {'ratio1t':>21} {'cma':>6} "
+    print(f"{'UCX errors':10} {'case':52} {'GB/s':>6} {'memcpy':>6} {'ratio':>21} {'memcpy1t':>8} {'ratio1t':>21} {'cma':>6} "
           f"{'ratio_cma':>21}")
 
     def ratio(r: dict, key: str) -> str:
         return f"{r[key]:.2f} [{r[key + '_ci'][0]:.2f}, {r[key + '_ci'][1]:.2f}]"
     for r in rows:
         cma = f"{r['cma_gb_s']:6.2f} {ratio(r, 'ratio_cma'):>21}" if "cma_gb_s" in r else ""
-        print(f"{r['case']:52} {r['gb_s']:6.2f} {r['memcpy_gb_s']:6.2f} {ratio(r, 'ratio'):>21} "
+        print(f"{r['ucx_error_handling']:10} {r['case']:52} {r['gb_s']:6.2f} {r['memcpy_gb_s']:6.2f} {ratio(r, 'ratio'):>21} "
               f"{r['memcpy_1thread_gb_s']:8.2f} {ratio(r, 'ratio_1thread'):>21} {cma}")
 
 

@@ -104,12 +104,13 @@ class WorkerSide:
                 chunk_tokens=chunk_tokens, num_slots=self.cfg.slots_for(chunk_bytes), host=self.cfg.listen_host, port=port,
                 secret=self._secret, insecure=self.cfg.insecure,
                 device="pinned" if self.cfg.slot_memory == "host" else device, quarantine_s=self.cfg.quarantine_s,
-                fence_timeout_s=self.cfg.fence_timeout_s, unclaimed_ttl_s=self.cfg.unclaimed_ttl_s, window_slots=self.cfg.window_slots))
+                fence_timeout_s=self.cfg.fence_timeout_s, unclaimed_ttl_s=self.cfg.unclaimed_ttl_s, window_slots=self.cfg.window_slots,
+                ucx_error_handling=self.cfg.ucx_error_handling))
         if self.is_producer:
             self.producer = Producer(layout, chunk_tokens, ProducerSettings(
                 producer_id=f"{name}/rank{layout.tp_rank}", staging_chunks=self.cfg.staging_for(chunk_bytes), lease_ttl_s=self.cfg.lease_ttl_s,
                 write_margin_s=self.cfg.write_margin_s, alloc_timeout_s=self.cfg.alloc_timeout_s,
-                checksum=self.cfg.checksum, secret=self._secret, device=device))
+                checksum=self.cfg.checksum, secret=self._secret, device=device, ucx_error_handling=self.cfg.ucx_error_handling))
         if self.cfg.store is not None and self.is_producer:
             mc = self.vllm_config.model_config
             self.store = PrefixStore(self.cfg.store, layout, chunk_tokens, mc.model,

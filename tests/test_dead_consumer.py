@@ -3,7 +3,9 @@
 Real NIXL between processes. The producer must notice the dead consumer from its connection (a frozen one
 from one unanswered call), fail every transfer it had there at once (not one RPC timeout after another on
 its single push thread), give its staging back, and keep pushing to a healthy consumer meanwhile; a
-consumer restarted on the same address, or woken up, is used again."""
+consumer restarted on the same address, or woken up, is used again. The tests with a healthy consumer run
+with either UCX error handling on every agent (transfer/nixl_agent.py): without `peer`, a killed consumer on
+this host still fails the producer's next write, and a frozen one is still found out by its control calls."""
 from __future__ import annotations
 
 import os
@@ -23,17 +25,24 @@ LEASE_TTL_S = 3.0
 RPC_TIMEOUT_S = 2.0  # ProducerSettings' default
 
 
+@pytest.fixture(params=["peer", "none"])
+def ucx(request) -> str:
+    """UCX's error handling for every agent of the test."""
+    return request.param
+
+
 @pytest.fixture
-def healthy():
-    c = ConsumerProcess(LAYOUT, chunk_tokens=CHUNK_TOKENS, num_slots=8, quarantine_s=0.3)
+def healthy(ucx):
+    c = ConsumerProcess(LAYOUT, chunk_tokens=CHUNK_TOKENS, num_slots=8, quarantine_s=0.3, ucx_error_handling=ucx)
     yield c
     c.stop()
 
 
-def test_transfers_to_a_killed_consumer_fail_at_once_and_free_staging(healthy):
+def test_transfers_to_a_killed_consumer_fail_at_once_and_free_staging(healthy, ucx):
     port = free_port()
-    doomed = ConsumerProcess(LAYOUT, chunk_tokens=CHUNK_TOKENS, num_slots=3 * DOOMED, port=port)
-    p = make_producer("bereaved", lease_ttl_s=LEASE_TTL_S, staging_chunks=16)
+    doomed = ConsumerProcess(LAYOUT, chunk_tokens=CHUNK_TOKENS, num_slots=3 * DOOMED, port=port, ucx_error_handling=ucx)
+    p = make_producer("bereaved", lease_ttl_s=LEASE_TTL_S, staging_chunks=16, ucx_error_handling=ucx)
+    assert p.agent.error_handling == ucx
     try:
         keys = lease_some(p, doomed, "dead")
         doomed.kill()
@@ -48,7 +57,7 @@ def test_transfers_to_a_killed_consumer_fail_at_once_and_free_staging(healthy):
         wait_for(lambda: p.staging.free == p.staging.num_slots, LEASE_TTL_S, 0.01, "staging back to full")
         assert not p._jobs
 
-        back = ConsumerProcess(LAYOUT, chunk_tokens=CHUNK_TOKENS, num_slots=4, port=port)
+        back = ConsumerProcess(LAYOUT, chunk_tokens=CHUNK_TOKENS, num_slots=4, port=port, ucx_error_handling=ucx)
         try:  # the same address restarted: the producer reconnects and pushes there again
             crcs = push(p, back, "reborn-1", 2)
             assert finished(p, {"reborn-1"})["reborn-1"] == State.SENT
@@ -77,9 +86,9 @@ def lease_some(p, consumer: ConsumerProcess, prefix: str) -> list[str]:
     return keys
 
 
-def test_transfers_to_a_frozen_consumer_fail_after_one_unanswered_call(healthy):
-    frozen = ConsumerProcess(LAYOUT, chunk_tokens=CHUNK_TOKENS, num_slots=3 * DOOMED)
-    p = make_producer("patient", lease_ttl_s=LEASE_TTL_S, staging_chunks=16)
+def test_transfers_to_a_frozen_consumer_fail_after_one_unanswered_call(healthy, ucx):
+    frozen = ConsumerProcess(LAYOUT, chunk_tokens=CHUNK_TOKENS, num_slots=3 * DOOMED, ucx_error_handling=ucx)
+    p = make_producer("patient", lease_ttl_s=LEASE_TTL_S, staging_chunks=16, ucx_error_handling=ucx)
     try:
         keys = lease_some(p, frozen, "frozen")
         os.kill(frozen.proc.pid, signal.SIGSTOP)  # connection open, nobody answers: a swapping or stuck node
@@ -128,12 +137,12 @@ def test_an_alloc_a_frozen_consumer_takes_in_late_is_withdrawn_and_holds_no_slot
         p.close()
 
 
-def test_a_frozen_consumer_does_not_hold_pushes_to_another(healthy):
+def test_a_frozen_consumer_does_not_hold_pushes_to_another(healthy, ucx):
     """Calls to each consumer run on a thread of their own: an ALLOC that a frozen consumer leaves unanswered
     (here for as long as the long RPC timeout) does not stop a healthy consumer's transfer from completing;
     the lease it grants once it wakes is released at once, its transfer having been aborted meanwhile."""
-    frozen = ConsumerProcess(LAYOUT, chunk_tokens=CHUNK_TOKENS, num_slots=4, quarantine_s=0.1)
-    p = make_producer("unhindered", lease_ttl_s=60.0, staging_chunks=16, rpc_timeout_s=60.0)
+    frozen = ConsumerProcess(LAYOUT, chunk_tokens=CHUNK_TOKENS, num_slots=4, quarantine_s=0.1, ucx_error_handling=ucx)
+    p = make_producer("unhindered", lease_ttl_s=60.0, staging_chunks=16, rpc_timeout_s=60.0, ucx_error_handling=ucx)
     try:
         p.link(frozen.address).ensure()  # met before it froze: the next call is a plain ALLOC
         os.kill(frozen.proc.pid, signal.SIGSTOP)

@@ -53,7 +53,7 @@ class ConsumerEndpoint:
         self.geometry = ChunkGeometry(layout, settings.chunk_tokens)
         self.slot_bytes = self.geometry.slot_bytes
         self.incarnation = uuid.uuid4().hex
-        self.agent = NixlAgent(f"kvb-consumer-{self.incarnation[:12]}")
+        self.agent = NixlAgent(f"kvb-consumer-{self.incarnation[:12]}", settings.ucx_error_handling)
         self.region = self.agent.register(zeroed_buffer(settings.num_slots * self.slot_bytes + FENCE_BYTES,
                                                         settings.device))  # fences land after the slots
         self.pool = SlotPool(settings.num_slots, self.slot_bytes, settings.quarantine_s, settings.fence_timeout_s,

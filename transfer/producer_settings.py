@@ -19,4 +19,5 @@ class ProducerSettings:
     checksum: bool = False
     secret: bytes | None = None  # deployment secret: control messages are signed with a key derived from it
     device: str = "cpu"
+    ucx_error_handling: str = "peer"  # nixl_agent.py: "none" lets a write to a consumer on this host skip its look
     fence: Callable[[], Fence] | None = None  # recorded after each gather; default: per `device`
