@@ -77,7 +77,10 @@ def build_app(cfg: RouterConfig) -> web.Application:
     async def on_startup(app: web.Application) -> None:
         conn = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=UPSTREAM_KEEPALIVE_S)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout_s)
-        app[SESSION] = aiohttp.ClientSession(connector=conn, timeout=timeout, read_bufsize=READ_BUFSIZE)
+        # No cookie jar: one session carries every client's requests, and a cookie a backend set on one answer
+        # would ride on the next request to that host, any port, whoever sent it.
+        app[SESSION] = aiohttp.ClientSession(connector=conn, timeout=timeout, read_bufsize=READ_BUFSIZE,
+                                             cookie_jar=aiohttp.DummyCookieJar())
         await registry.start(app[SESSION])
         app[PROXY] = Proxy(cfg, registry, app[SESSION], backend_key)
 
