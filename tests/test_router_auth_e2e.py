@@ -7,6 +7,8 @@ and a client's wrong key is the client's fault, never a backend's. `/health` and
 without a key (they are for probes and scrapers; `admin_port` moves /metrics off the API address)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import requests
 
@@ -78,15 +80,18 @@ def router_requests(url: str) -> dict[str, float]:
     return out
 
 
-def kv_arrived(url: str, response: requests.Response) -> bool:
-    """The decode node scattered KV the prefill node pushed for this request: the prefill leg was let in
-    (refused, it would have pushed nothing and the decode node would have recomputed the prompt). The trace asks
-    for the router's key too."""
+def kv_arrived(url: str, response: requests.Response) -> dict:
+    """The request's trace if the decode node scattered KV the prefill node pushed for it (the prefill leg was let
+    in: refused, it would have pushed nothing and the decode node would have recomputed the prompt), else {}
+    after printing the trace, whose connector parts say why. The trace asks for the router's key too."""
     rid = response.headers["x-kvbridge-request-id"]
     trace = requests.get(f"{url}/debug/requests/{rid}", headers=bearer(ROUTER_KEY), timeout=5)
     assert trace.status_code == 200, trace.text
     trace = trace.json()
-    return (trace.get("decode_connector") or {}).get("state") == "SCATTERED"
+    if (trace.get("decode_connector") or {}).get("state") == "SCATTERED":
+        return trace
+    print("no KV scattered for", rid, json.dumps(trace, indent=1))
+    return {}
 
 
 def test_router_key_required_and_backend_key_sent_on_both_legs(guarded, expected):
