@@ -31,9 +31,9 @@ from transfer.consumer_settings import ConsumerSettings
 from transfer.device_fence import COMPLETED
 from transfer.identity import TransferSpec
 from transfer.layout import KVLayout
-from transfer.nixl_agent import ERROR_HANDLING
 from transfer.producer import Producer, ProducerSettings
 from transfer.receive_book import Arrival
+from transfer.ucx_error_handling import ERROR_HANDLING
 
 # The bench model's cache (launch/tiny_model.py, bench size): 8 layers, 4 KV heads of 128, float32 (32 KiB a token).
 LAYOUT = KVLayout(model_id="bench", num_layers=8, num_kv_heads=4, kv_heads_per_rank=4, head_size=128,
@@ -114,8 +114,8 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=3, help="chunks before the last one")
     ap.add_argument("--forward-ms", type=float, nargs="+", default=[0.0, 50.0])
     ap.add_argument("--busy-poll-ms", type=float, nargs="+", default=[0.5, 0.1])
-    ap.add_argument("--ucx-error-handling", nargs="+", default=["peer", "none"], choices=list(ERROR_HANDLING),
-                    help="UCX error handling of both sides (transfer/nixl_agent.py)")
+    ap.add_argument("--ucx-error-handling", nargs="+", default=["peer"], choices=list(ERROR_HANDLING),
+                    help="UCX error handling of both sides, each in turn (transfer/ucx_error_handling.py)")
     args = ap.parse_args()
     # The prefill engine gathers with the one OpenMP thread bound to its core; torch's default (all cores) here
     # made each 8 MiB fill wait 15-35 ms for a descheduled OpenMP thread on a loaded 2-core box.

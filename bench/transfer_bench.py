@@ -13,8 +13,9 @@ producer's do. Once a notice has gone over TCP (UCX's lane for NIXL notification
 next write completes only after the receiver has made progress, so around each timed write the consumer polls
 NIXL every `stream_poll_s`, as the consumer endpoint does while chunks are on their way; around the copies it
 sleeps. With `--ucx-error-handling none` notifications go through shared memory and a write completes with its
-copy (transfer/nixl_agent.py says what each mode gives up). Two extra rows show why kvbridge gathers: a paged-KV workload (csrc gathers blocks into staging, then
-one write per chunk, all chunks in flight; each half also timed alone) and the same bytes as 64 KiB descriptors.
+copy (transfer/ucx_error_handling.py says what each mode gives up). Two extra rows show why kvbridge gathers: a
+paged-KV workload (csrc gathers blocks into staging, then one write per chunk, all chunks in flight; each half also
+timed alone) and the same bytes as 64 KiB descriptors.
 
     python -m bench.transfer_bench [--device cuda] [--repeats 7] [--json] [--max-mib 256] [--desc-mib 16]
                                    [--ucx-error-handling peer none]
@@ -39,7 +40,8 @@ from bench.median_ci import median_ci
 
 from pd.block_copy import block_copy_for
 from transfer.consumer_settings import ConsumerSettings
-from transfer.nixl_agent import ERROR_HANDLING, NixlAgent, zeroed_buffer
+from transfer.nixl_agent import NixlAgent, zeroed_buffer
+from transfer.ucx_error_handling import ERROR_HANDLING
 from transfer.notice import ChunkNotice
 
 MiB = 1 << 20
@@ -241,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-mib", type=int, default=256, help="largest contiguous write (1, 16, 256, 512, 1024)")
     ap.add_argument("--desc-mib", type=int, default=16, help="bytes moved as 64 KiB descriptors")
     ap.add_argument("--ucx-error-handling", nargs="+", default=["peer"], choices=list(ERROR_HANDLING),
-                    help="UCX error handling of both agents (transfer/nixl_agent.py); several: the whole bench "
+                    help="UCX error handling of both agents (transfer/ucx_error_handling.py); several: the whole bench "
                          "once for each, in turn, each row saying which")
     args = ap.parse_args(argv)
     if args.json:
@@ -252,20 +254,20 @@ def main(argv: list[str] | None = None) -> None:
         result.write(json.dumps(rows, indent=1) + "\n")
         result.close()
         return
-    rows = [r for mode in args.ucx_error_handling for r in run(args.device, args.repeats, args.max_mib, args.desc_mib,
-                                                                mode)]
+    rows = [r for mode in args.ucx_error_handling
+            for r in run(args.device, args.repeats, args.max_mib, args.desc_mib, mode)]
     level = min(r["ci_level"] for r in rows)
     print(f"GB/s: from median times; ratios: median of the {args.repeats} paired repeats' own ratios "
           f"[{'95 %' if level >= 0.95 else f'{level:.0%}'} interval]")
-    print(f"{'UCX errors':10} {'case':52} {'GB/s':>6} {'memcpy':>6} {'ratio':>21} {'memcpy1t':>8} {'ratio1t':>21} {'cma':>6} "
-          f"{'ratio_cma':>21}")
+    print(f"{'UCX errors':10} {'case':52} {'GB/s':>6} {'memcpy':>6} {'ratio':>21} {'memcpy1t':>8} {'ratio1t':>21} "
+          f"{'cma':>6} {'ratio_cma':>21}")
 
     def ratio(r: dict, key: str) -> str:
         return f"{r[key]:.2f} [{r[key + '_ci'][0]:.2f}, {r[key + '_ci'][1]:.2f}]"
     for r in rows:
         cma = f"{r['cma_gb_s']:6.2f} {ratio(r, 'ratio_cma'):>21}" if "cma_gb_s" in r else ""
-        print(f"{r['ucx_error_handling']:10} {r['case']:52} {r['gb_s']:6.2f} {r['memcpy_gb_s']:6.2f} {ratio(r, 'ratio'):>21} "
-              f"{r['memcpy_1thread_gb_s']:8.2f} {ratio(r, 'ratio_1thread'):>21} {cma}")
+        print(f"{r['ucx_error_handling']:10} {r['case']:52} {r['gb_s']:6.2f} {r['memcpy_gb_s']:6.2f} "
+              f"{ratio(r, 'ratio'):>21} {r['memcpy_1thread_gb_s']:8.2f} {ratio(r, 'ratio_1thread'):>21} {cma}")
 
 
 if __name__ == "__main__":

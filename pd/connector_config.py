@@ -15,6 +15,7 @@ from storage.config import StoreConfig, parse_bytes
 from transfer.config_errors import ConfigError, format_errors
 from transfer.credentials import DEFAULT_SECRET_ENV, CredentialError, load_secret
 from transfer.push_token import PushPolicy, push_key
+from transfer.ucx_error_handling import UcxErrorHandling
 
 
 class ConnectorConfigError(ConfigError):
@@ -64,12 +65,12 @@ class ConnectorConfig(BaseModel):
     idle_wait_ms: float = Field(default=20.0, gt=0, le=1000,
                                 description="an idle decode engine sleeps this long per step while KV is on its way")
     checksum: bool = Field(default=False, description="crc32 per chunk, verified before scatter")
-    ucx_error_handling: Literal["peer", "none"] = Field(
-        default="peer", description="UCX's error handling on this node's NIXL agent (set it alike on both roles). "
-        "peer: a dead peer fails its transfers on every transport, but between processes on one host "
-        "notifications go over TCP and each chunk's write waits for the consumer's next look; none: one host's "
-        "prefill and decode talk through shared memory, a write completes when its copy does, and a peer on "
-        "another host that vanishes is noticed by lease deadlines (transfer/nixl_agent.py)")
+    ucx_error_handling: UcxErrorHandling = Field(
+        default="peer", description="UCX's error handling on this node's NIXL agent, set alike on both roles "
+        "(transfer/ucx_error_handling.py). peer: a dead peer fails its transfers; between processes on one host "
+        "notifications go over TCP and each chunk's write waits for the consumer's next look. none: one host's "
+        "prefill and decode talk through shared memory and a write completes when its copy does; measured on one "
+        "host only, keep peer for a decode node on another host")
     gil_switch_interval_ms: float = Field(
         default=0.5, gt=0, le=100, description="the engine process's interpreter switch interval: kvbridge's "
         "threads must get the interpreter while the engine computes (5 ms, Python's default, delays every lease "

@@ -104,13 +104,14 @@ class WorkerSide:
                 chunk_tokens=chunk_tokens, num_slots=self.cfg.slots_for(chunk_bytes), host=self.cfg.listen_host, port=port,
                 secret=self._secret, insecure=self.cfg.insecure,
                 device="pinned" if self.cfg.slot_memory == "host" else device, quarantine_s=self.cfg.quarantine_s,
-                fence_timeout_s=self.cfg.fence_timeout_s, unclaimed_ttl_s=self.cfg.unclaimed_ttl_s, window_slots=self.cfg.window_slots,
-                ucx_error_handling=self.cfg.ucx_error_handling))
+                fence_timeout_s=self.cfg.fence_timeout_s, unclaimed_ttl_s=self.cfg.unclaimed_ttl_s,
+                window_slots=self.cfg.window_slots, ucx_error_handling=self.cfg.ucx_error_handling))
         if self.is_producer:
             self.producer = Producer(layout, chunk_tokens, ProducerSettings(
                 producer_id=f"{name}/rank{layout.tp_rank}", staging_chunks=self.cfg.staging_for(chunk_bytes), lease_ttl_s=self.cfg.lease_ttl_s,
                 write_margin_s=self.cfg.write_margin_s, alloc_timeout_s=self.cfg.alloc_timeout_s,
-                checksum=self.cfg.checksum, secret=self._secret, device=device, ucx_error_handling=self.cfg.ucx_error_handling))
+                checksum=self.cfg.checksum, secret=self._secret, device=device,
+                ucx_error_handling=self.cfg.ucx_error_handling))
         if self.cfg.store is not None and self.is_producer:
             mc = self.vllm_config.model_config
             self.store = PrefixStore(self.cfg.store, layout, chunk_tokens, mc.model,
@@ -126,8 +127,8 @@ class WorkerSide:
                                  self.cfg.layer_groups)
         if self.cfg.metrics_port:
             start_http_server(self.cfg.metrics_port + layout.tp_rank, addr=self.cfg.listen_host)
-        log.info("kvbridge %s ready: %s, %d tokens/chunk (%d bytes)", name, layout.model_dump(), chunk_tokens,
-                 layout.chunk_bytes(chunk_tokens))
+        log.info("kvbridge %s ready: %s, %d tokens/chunk (%d bytes), UCX error handling %s", name, layout.model_dump(),
+                 chunk_tokens, layout.chunk_bytes(chunk_tokens), (self.endpoint or self.producer).agent.error_handling)
         report_device_memory(self.kv.device, self.endpoint.region if self.endpoint else None,
                              self.producer.staging.region if self.producer else None,
                              scratch_bytes=self.kv.chunk_nbytes(self.blocks_per_chunk) if self.store else 0)

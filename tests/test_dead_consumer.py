@@ -4,8 +4,8 @@ Real NIXL between processes. The producer must notice the dead consumer from its
 from one unanswered call), fail every transfer it had there at once (not one RPC timeout after another on
 its single push thread), give its staging back, and keep pushing to a healthy consumer meanwhile; a
 consumer restarted on the same address, or woken up, is used again. The tests with a healthy consumer run
-with either UCX error handling on every agent (transfer/nixl_agent.py): without `peer`, a killed consumer on
-this host still fails the producer's next write, and a frozen one is still found out by its control calls."""
+with either UCX error handling on every agent (transfer/ucx_error_handling.py): the control link finds a dead or
+frozen consumer out the same way in both (a write to a dead one: tests/test_ucx_error_handling.py)."""
 from __future__ import annotations
 
 import os

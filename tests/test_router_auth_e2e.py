@@ -80,18 +80,15 @@ def router_requests(url: str) -> dict[str, float]:
     return out
 
 
-def kv_arrived(url: str, response: requests.Response) -> dict:
-    """The request's trace if the decode node scattered KV the prefill node pushed for it (the prefill leg was let
-    in: refused, it would have pushed nothing and the decode node would have recomputed the prompt), else {}
-    after printing the trace, whose connector parts say why. The trace asks for the router's key too."""
+def assert_kv_arrived(url: str, response: requests.Response) -> None:
+    """The decode node scattered KV the prefill node pushed for this request: the prefill leg was let in
+    (refused, it would have pushed nothing and the decode node would have recomputed the prompt). Else the
+    request's trace is the failure's message: its connector parts say why. The trace asks for the router's key."""
     rid = response.headers["x-kvbridge-request-id"]
     trace = requests.get(f"{url}/debug/requests/{rid}", headers=bearer(ROUTER_KEY), timeout=5)
     assert trace.status_code == 200, trace.text
     trace = trace.json()
-    if (trace.get("decode_connector") or {}).get("state") == "SCATTERED":
-        return trace
-    print("no KV scattered for", rid, json.dumps(trace, indent=1))
-    return {}
+    assert (trace.get("decode_connector") or {}).get("state") == "SCATTERED", json.dumps(trace, indent=1)
 
 
 def test_router_key_required_and_backend_key_sent_on_both_legs(guarded, expected):
@@ -109,7 +106,7 @@ def test_router_key_required_and_backend_key_sent_on_both_legs(guarded, expected
 
     r = requests.post(guarded.url + "/v1/completions", json=BODY, headers=bearer(ROUTER_KEY), timeout=60)
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected, r.text
-    assert kv_arrived(guarded.url, r)
+    assert_kv_arrived(guarded.url, r)
     models = requests.get(guarded.url + "/v1/models", headers=bearer(ROUTER_KEY), timeout=30)
     assert models.status_code == 200 and models.json()["data"][0]["id"] == SERVED_MODEL, models.text
 
@@ -128,7 +125,7 @@ def test_without_a_backend_key_the_clients_authorization_passes_through(keyed_no
     try:
         ok = requests.post(r.url + "/v1/completions", json=BODY, headers=bearer(BACKEND_KEY), timeout=60)
         assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == expected, ok.text
-        assert kv_arrived(r.url, ok)
+        assert_kv_arrived(r.url, ok)
         for headers in ({}, bearer("wrong")):
             refused = requests.post(r.url + "/v1/completions", json=BODY, headers=headers, timeout=60)
             assert refused.status_code == 401, refused.text

@@ -216,7 +216,6 @@ async def test_headers_pass_to_both_legs_and_router_key_is_required(make, monkey
     assert [{k: leg.get(k) for k in sent} for leg in (pre.headers[0], dec.headers[0])] == [sent, sent]
 
 
-
 class CookieSetter(StubNode):
     """A backend (or a proxy in front of it) that hands each unstreamed answer a session cookie of its own,
     reached by a host name (a cookie jar keeps no cookie from a bare IP address)."""
@@ -239,6 +238,7 @@ async def test_a_backends_cookie_is_never_sent_on_a_later_request(make):
         assert (await post(url, REQ))[0] == 200
     assert len(pre.headers) == len(dec.headers) == 3
     assert [h.get("Cookie") for h in pre.headers + dec.headers] == [None] * 6
+
 
 async def test_models_proxied_and_admin_routes_on_their_own_port(make, unused_tcp_port):
     url, _ = await make([StubNode("p")], [StubNode("d", kv=True)], admin_port=unused_tcp_port)

@@ -23,7 +23,7 @@ import zmq
 
 from transfer import poll_pace, wire
 from transfer.control_auth import AuthError, Authenticator, Opened
-from transfer.credentials import require_secret
+from transfer.credentials import is_loopback, require_secret
 from transfer.config_errors import ConfigError
 from transfer.consumer_settings import ConsumerSettings
 from transfer.geometry import ChunkGeometry
@@ -48,6 +48,10 @@ class ConsumerEndpoint:
         self.cfg = settings
         if warning := require_secret(settings.host, settings.secret, settings.insecure, "the consumer endpoint"):
             log.warning(warning)
+        if settings.ucx_error_handling == "none" and not is_loopback(settings.host):
+            log.warning("consumer endpoint on %s with UCX error handling 'none': measured between processes on one "
+                        "host only; a producer on another host should use 'peer' (transfer/ucx_error_handling.py)",
+                        settings.host)
         self.auth = Authenticator(settings.secret)
         self._refused, self._refused_logged_at = 0, 0.0
         self.geometry = ChunkGeometry(layout, settings.chunk_tokens)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from transfer.ucx_error_handling import UcxErrorHandling
+
 
 @dataclass(frozen=True)
 class ConsumerSettings:
@@ -13,7 +15,7 @@ class ConsumerSettings:
     secret: bytes | None = None
     insecure: bool = False  # a routable listener without a secret starts (with a warning) instead of refusing
     device: str = "cpu"  # where the slots live: "cpu", "cuda:N", or "pinned" host memory
-    ucx_error_handling: str = "peer"  # nixl_agent.py: "peer" or "none"
+    ucx_error_handling: UcxErrorHandling = "peer"  # ucx_error_handling.py
     quarantine_s: float = 2.0
     fence_timeout_s: float = 30.0  # quarantine.py: how long an ended lease's slots wait for a silent producer's fence
     unclaimed_ttl_s: float = 30.0

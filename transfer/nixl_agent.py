@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from transfer.host_buffer import huge_page_buffer, pinned_buffer
+from transfer.ucx_error_handling import ERROR_HANDLING, UcxErrorHandling
 
 try:
     from nixl._api import nixl_agent, nixl_agent_config
@@ -79,11 +80,8 @@ def zeroed_buffer(nbytes: int, device: str) -> torch.Tensor:
     return torch.zeros(nbytes, dtype=torch.uint8, device=device)
 
 
-ERROR_HANDLING = ("peer", "none")
-
-
 class NixlAgent:
-    def __init__(self, name: str, error_handling: str = "peer") -> None:
+    def __init__(self, name: str, error_handling: UcxErrorHandling = "peer") -> None:
         if error_handling not in ERROR_HANDLING:
             raise ValueError(f"UCX error handling must be one of {ERROR_HANDLING}, got {error_handling!r}")
         self.name = name
@@ -93,18 +91,8 @@ class NixlAgent:
         self.error_handling = self._create_ucx_backend(error_handling)
         self._remotes: set[str] = set()
 
-    def _create_ucx_backend(self, wanted: str) -> str:
-        """UCX's error handling, `peer` or `none`; the mode it got.
-
-        `peer`: a dead peer fails its transfers instead of hanging them, on every transport. Between two
-        processes on one host it keeps UCX off its shared-memory transports (they refuse it), so notifications
-        go over TCP, and a write posted after one completes only once the receiving process has driven UCX:
-        each chunk's write waits for the consumer's next look (bench/transfer_bench.py's contiguous 1 MiB write:
-        ~0.7 ms, of which the copy is ~0.1 ms). Where the selected transports cannot do `peer` at all, it falls
-        back to `none` and says so.
-        `none`: notifications between processes on one host go through shared memory and a write completes when
-        its copy does. A consumer process that died still fails the producer's next write on one host (UCX
-        sees the process gone); across hosts a vanished peer is noticed by lease deadlines instead."""
+    def _create_ucx_backend(self, wanted: UcxErrorHandling) -> str:
+        """The UCX backend with `wanted` error handling (transfer/ucx_error_handling.py); the mode it got."""
         if wanted == "peer":
             try:
                 self._agent.create_backend("UCX", {"ucx_error_handling_mode": "peer"})

@@ -52,8 +52,7 @@ class Producer:
         self.geometry = ChunkGeometry(layout, chunk_tokens)
         self.incarnation = uuid.uuid4().hex
         self.generation = time.time_ns()  # a restart of the same producer id is a newer generation
-        self.agent = NixlAgent(f"kvb-producer-{settings.producer_id}-{self.incarnation[:12]}",
-                               settings.ucx_error_handling)
+        self.agent = NixlAgent(f"kvb-producer-{settings.producer_id}-{self.incarnation[:12]}", settings.ucx_error_handling)
         self._record_fence = settings.fence or recorder_for(settings.device)
         self.staging = StagingBuffer(self.agent, settings.staging_chunks, self.geometry.slot_bytes, settings.device)
         self._hello = wire.Hello(producer_id=settings.producer_id, generation=self.generation,

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from transfer.device_fence import Fence
+from transfer.ucx_error_handling import UcxErrorHandling
 
 
 @dataclass
@@ -19,5 +20,5 @@ class ProducerSettings:
     checksum: bool = False
     secret: bytes | None = None  # deployment secret: control messages are signed with a key derived from it
     device: str = "cpu"
-    ucx_error_handling: str = "peer"  # nixl_agent.py: "none" lets a write to a consumer on this host skip its look
+    ucx_error_handling: UcxErrorHandling = "peer"  # ucx_error_handling.py
     fence: Callable[[], Fence] | None = None  # recorded after each gather; default: per `device`
