@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pd.connector_config import ConnectorConfig, ConnectorConfigError
-from transfer.nixl_agent import NixlAgent, TransferError, zeroed_buffer
+from transfer.nixl_agent import CMA_SEG_SIZE, NixlAgent, TransferError, zeroed_buffer
 
 NBYTES = 1 << 20
 
@@ -79,3 +79,12 @@ def test_a_write_lands_and_one_to_a_killed_consumer_fails(mode):
     finally:
         proc.kill()
         proc.join(10)
+
+
+def test_cma_writes_go_in_one_segment_unless_the_operator_said_otherwise(monkeypatch):
+    monkeypatch.delenv("UCX_CMA_SEG_SIZE", raising=False)
+    NixlAgent("seg-default")
+    assert os.environ["UCX_CMA_SEG_SIZE"] == CMA_SEG_SIZE
+    monkeypatch.setenv("UCX_CMA_SEG_SIZE", "1m")
+    NixlAgent("seg-operator")
+    assert os.environ["UCX_CMA_SEG_SIZE"] == "1m"
