@@ -12,7 +12,8 @@ Stock NixlConnector (as vLLM creates it) spins a core per node even when idle (N
 compute, to the last core, so prefill and decode compute both land on core 1 whatever VLLM_CPU_OMP_THREADS_BIND
 says. NixlConnector-best (pd/nixl_best.py, loaded as the connector module; only the NIXL agent's settings and
 the core binding differ): progress thread off, `num_threads` 0 (no UCX worker threads; the engines' own
-per-step polling drives UCX), and the core binding kvbridge's nodes have (prefill core 0, decode core 1). Idle
+per-step polling drives UCX), UCX's copy segment kvbridge's agents use (UCX_CMA_SEG_SIZE=64m), and the core
+binding kvbridge's nodes have (prefill core 0, decode core 1). Idle
 it burns 0.02 of a core per node, and it ran 21 of 21 sequential 128–2000-token requests. With the progress
 thread off but vLLM's own pinning kept, requests stalled within five in each of five probe runs: both workers sat
 on core 1, where the decode worker busy-steps while it waits for KV, and the stalled prefill worker was runnable

@@ -4,6 +4,8 @@ vLLM creates its NIXL agent with the progress thread on and no connector setting
 spins (NIXL starts it with no delay between polls), so it keeps a core busy even when idle, which on a
 2-core machine takes the other node's compute. With it off, UCX moves only when someone calls into the
 agent. Load it with `"kv_connector": "NixlConnector", "kv_connector_module_path": "pd.nixl_best"`.
+It also gets the UCX copy segment kvbridge's agents use (transfer/nixl_agent.py's CMA_SEG_SIZE, unless the
+server's environment sets UCX_CMA_SEG_SIZE): a peer compared at its best gets every setting ours has.
 
 Diagnostic knobs (environment of the vLLM server): KVB_NIXL_PROG_THREAD=1 keeps the thread on,
 KVB_NIXL_SYNC=none|strict|rw picks NIXL's agent locking (unset: NIXL's default), KVB_NIXL_PYSTACKS=1 makes
@@ -26,6 +28,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlConn
 
 from pd.connector import route_logs_through_vllm
 from pd.hook_timer import time_peer_hooks
+from transfer.nixl_agent import CMA_SEG_SIZE
 
 _config = base_worker.nixl_agent_config
 _sync_t = sys.modules[_config.__module__].nixl_thread_sync_t
@@ -35,6 +38,7 @@ _kwargs: dict = {"enable_prog_thread": os.environ.get("KVB_NIXL_PROG_THREAD", "0
 if os.environ.get("KVB_NIXL_SYNC"):
     _kwargs["sync_mode"] = _SYNC[os.environ["KVB_NIXL_SYNC"]]
 base_worker.nixl_agent_config = functools.partial(_config, **_kwargs)
+os.environ.setdefault("UCX_CMA_SEG_SIZE", CMA_SEG_SIZE)  # before vLLM creates the agent
 if os.environ.get("KVB_NIXL_PYSTACKS") == "1":
     faulthandler.register(signal.SIGUSR2, all_threads=True)
 

@@ -127,8 +127,9 @@ class WorkerSide:
                                  self.cfg.layer_groups)
         if self.cfg.metrics_port:
             start_http_server(self.cfg.metrics_port + layout.tp_rank, addr=self.cfg.listen_host)
-        log.info("kvbridge %s ready: %s, %d tokens/chunk (%d bytes), UCX error handling %s", name, layout.model_dump(),
-                 chunk_tokens, layout.chunk_bytes(chunk_tokens), (self.endpoint or self.producer).agent.error_handling)
+        log.info("kvbridge %s ready: %s, %d tokens/chunk (%d bytes), UCX error handling %s, UCX_CMA_SEG_SIZE %s", name,
+                 layout.model_dump(), chunk_tokens, layout.chunk_bytes(chunk_tokens),
+                 (self.endpoint or self.producer).agent.error_handling, os.environ.get("UCX_CMA_SEG_SIZE"))
         report_device_memory(self.kv.device, self.endpoint.region if self.endpoint else None,
                              self.producer.staging.region if self.producer else None,
                              scratch_bytes=self.kv.chunk_nbytes(self.blocks_per_chunk) if self.store else 0)

@@ -82,7 +82,8 @@ def test_a_write_lands_and_one_to_a_killed_consumer_fails(mode):
 
 
 def test_cma_writes_go_in_one_segment_unless_the_operator_said_otherwise(monkeypatch):
-    monkeypatch.delenv("UCX_CMA_SEG_SIZE", raising=False)
+    monkeypatch.setenv("UCX_CMA_SEG_SIZE", "")  # recorded, so the test's end puts the environment back
+    monkeypatch.delenv("UCX_CMA_SEG_SIZE")
     NixlAgent("seg-default")
     assert os.environ["UCX_CMA_SEG_SIZE"] == CMA_SEG_SIZE
     monkeypatch.setenv("UCX_CMA_SEG_SIZE", "1m")

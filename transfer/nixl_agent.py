@@ -80,9 +80,9 @@ def zeroed_buffer(nbytes: int, device: str) -> torch.Tensor:
     return torch.zeros(nbytes, dtype=torch.uint8, device=device)
 
 
-# UCX's cma transport (a write between processes on one host: process_vm_writev) copies in segments of 512 KiB
-# unless told otherwise; each segment is a system call that pins its pages anew. One segment per write (chunks
-# are at most tens of MiB; strace: a 16 MiB write is 1 call instead of 32) made a 64 MiB write 0.92-0.94 x one
+# UCX's cma transport (a host-memory write between processes on one host: process_vm_writev) copies in segments
+# of 512 KiB unless told otherwise, one system call each. One segment per write of up to 64 MiB (chunks are at
+# most tens of MiB; strace: a 16 MiB write is 1 call instead of 32) made a 64 MiB write 0.92-0.94 x one
 # process_vm_writev of the same bytes instead of 0.83-0.88, a 256 MiB one 0.98-0.99 instead of 0.87-0.94
 # (bench/transfer_bench.py: two runs with, three without, both error handlings). An operator's own value wins.
 CMA_SEG_SIZE = "64m"
