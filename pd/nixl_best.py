@@ -5,7 +5,7 @@ spins (NIXL starts it with no delay between polls), so it keeps a core busy even
 2-core machine takes the other node's compute. With it off, UCX moves only when someone calls into the
 agent. Load it with `"kv_connector": "NixlConnector", "kv_connector_module_path": "pd.nixl_best"`.
 It also gets the UCX copy segment kvbridge's agents use (transfer/nixl_agent.py's CMA_SEG_SIZE, unless the
-server's environment sets UCX_CMA_SEG_SIZE): a peer compared at its best gets every setting ours has.
+server's environment sets UCX_CMA_SEG_SIZE): a setting of ours that would help the peer too is the peer's.
 
 Diagnostic knobs (environment of the vLLM server): KVB_NIXL_PROG_THREAD=1 keeps the thread on,
 KVB_NIXL_SYNC=none|strict|rw picks NIXL's agent locking (unset: NIXL's default), KVB_NIXL_PYSTACKS=1 makes
