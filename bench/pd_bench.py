@@ -7,20 +7,19 @@ with the pull handle, then decode pulls). TTFT is measured to the first streamed
 the median of repeats. Tokens of every PD answer are checked against the aggregated answer; kvbridge's overhead
 is also printed as a ratio to NixlConnector-best's.
 
-Stock NixlConnector (as vLLM creates it) spins a core per node even when idle (NIXL's progress thread, about
-0.95 of a core each, bench/nixl_probe.py), and on CPU its worker pins its main thread, which runs the model's
-compute, to the last core, so prefill and decode compute both land on core 1 whatever VLLM_CPU_OMP_THREADS_BIND
-says. NixlConnector-best (pd/nixl_best.py, loaded as the connector module; only the NIXL agent's settings and
-the core binding differ): progress thread off, `num_threads` 0 (no UCX worker threads; the engines' own
-per-step polling drives UCX), UCX's copy segment kvbridge's agents use (UCX_CMA_SEG_SIZE=64m), and the core
-binding kvbridge's nodes have (prefill core 0, decode core 1). Idle
-it burns 0.02 of a core per node, and it ran 21 of 21 sequential 128–2000-token requests. With the progress
-thread off but vLLM's own pinning kept, requests stalled within five in each of five probe runs: both workers sat
-on core 1, where the decode worker busy-steps while it waits for KV, and the stalled prefill worker was runnable
-but got no CPU (likely why an earlier attempt here hung). Each NixlConnector row prints both legs' times. For kvbridge
-each request also prints its exposed transfer time (the decode's kvbridge_exposed_transfer_seconds: end of the
-prefill's last forward to the decode being able to schedule the request), read from the decode worker's
-metrics endpoint.
+Stock NixlConnector (as vLLM creates it) spins a core per node even when idle (NIXL's progress thread, about 0.95 of
+a core each, bench/nixl_probe.py), and on CPU its worker pins its main thread, which runs the model's compute, to
+the last core, so prefill and decode compute both land on core 1 whatever VLLM_CPU_OMP_THREADS_BIND says.
+NixlConnector-best (pd/nixl_best.py, loaded as the connector module; only the NIXL agent's settings and the core
+binding differ): progress thread off, `num_threads` 0 (no UCX worker threads; the engines' own per-step polling
+drives UCX), UCX's copy segment kvbridge's agents use (UCX_CMA_SEG_SIZE=64m), and the core binding kvbridge's nodes
+have (prefill core 0, decode core 1). Idle it burns 0.02 of a core per node, and it ran 21 of 21 sequential
+128–2000-token requests. With the progress thread off but vLLM's own pinning kept, requests stalled within five in
+each of five probe runs: both workers sat on core 1, where the decode worker busy-steps while it waits for KV, and
+the stalled prefill worker was runnable but got no CPU (likely why an earlier attempt here hung). Each NixlConnector
+row prints both legs' times. For kvbridge each request also prints its exposed transfer time (the decode's
+kvbridge_exposed_transfer_seconds: end of the prefill's last forward to the decode being able to schedule the
+request), read from the decode worker's metrics endpoint.
 
     python bench/pd_bench.py [--lengths 128 1000 2000] [--repeats 5] [--agg-core 1 --decode-after 1.5]
 """
