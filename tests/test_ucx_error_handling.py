@@ -81,7 +81,7 @@ def test_a_write_lands_and_one_to_a_killed_consumer_fails(mode):
         proc.join(10)
 
 
-def test_cma_writes_go_in_one_segment_unless_the_operator_said_otherwise(monkeypatch):
+def test_agents_ask_ucx_for_one_copy_segment_per_write_unless_the_operator_set_one(monkeypatch):
     monkeypatch.setenv("UCX_CMA_SEG_SIZE", "")  # recorded, so the test's end puts the environment back
     monkeypatch.delenv("UCX_CMA_SEG_SIZE")
     NixlAgent("seg-default")
