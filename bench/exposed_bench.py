@@ -33,7 +33,7 @@ from transfer.identity import TransferSpec
 from transfer.layout import KVLayout
 from transfer.producer import Producer, ProducerSettings
 from transfer.receive_book import Arrival
-from transfer.ucx_error_handling import ERROR_HANDLING
+from transfer.ucx_error_handling import ERROR_HANDLING, UcxErrorHandling
 
 # The bench model's cache (launch/tiny_model.py, bench size): 8 layers, 4 KV heads of 128, float32 (32 KiB a token).
 LAYOUT = KVLayout(model_id="bench", num_layers=8, num_kv_heads=4, kv_heads_per_rank=4, head_size=128,
@@ -42,7 +42,7 @@ CHUNK_TOKENS = 256
 TOKEN_HASH = "ab" * 16
 
 
-def _decode(conn, busy_poll_s: float, error_handling: str) -> None:
+def _decode(conn, busy_poll_s: float, error_handling: UcxErrorHandling) -> None:
     """The decode worker's side: expect, wait as an idle engine step does, claim, report when it was complete."""
     ep = ConsumerEndpoint(LAYOUT, ConsumerSettings(chunk_tokens=CHUNK_TOKENS, num_slots=64, busy_poll_s=busy_poll_s,
                                                    ucx_error_handling=error_handling))
@@ -68,8 +68,8 @@ def _filler(value: int, nbytes: int):
     return fill
 
 
-def measure(busy_poll_s: float, repeats: int, chunks: int, forward_s: float, error_handling: str = "peer"
-            ) -> dict[str, float]:
+def measure(busy_poll_s: float, repeats: int, chunks: int, forward_s: float,
+            error_handling: UcxErrorHandling = "peer") -> dict[str, float]:
     ctx = mp.get_context("spawn")
     conn, child = ctx.Pipe()
     proc = ctx.Process(target=_decode, args=(child, busy_poll_s, error_handling), daemon=True)

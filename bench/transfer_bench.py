@@ -41,13 +41,13 @@ from bench.median_ci import median_ci
 from pd.block_copy import block_copy_for
 from transfer.consumer_settings import ConsumerSettings
 from transfer.nixl_agent import NixlAgent, zeroed_buffer
-from transfer.ucx_error_handling import ERROR_HANDLING
 from transfer.notice import ChunkNotice
+from transfer.ucx_error_handling import ERROR_HANDLING, UcxErrorHandling
 
 MiB = 1 << 20
 
 
-def _consumer(conn, nbytes: int, device: str, error_handling: str) -> None:
+def _consumer(conn, nbytes: int, device: str, error_handling: UcxErrorHandling) -> None:
     """Registers the destination and drives UCX progress as the consumer endpoint does while told
     'receiving' (chunks on their way): every stream_poll_s (it never spins: it shares the decode engine's
     core); in 1 ms sleeps while told 'idle'. Each change of mode is acknowledged, so that no timed write
@@ -150,8 +150,8 @@ def _paged_workload(device: str):
     return caches, blocks, chunk_tokens // bs
 
 
-def run(device: str, repeats: int, max_mib: int = 256, desc_mib: int = 16, error_handling: str = "peer"
-        ) -> list[dict]:
+def run(device: str, repeats: int, max_mib: int = 256, desc_mib: int = 16,
+        error_handling: UcxErrorHandling = "peer") -> list[dict]:
     ctx = mp.get_context("spawn")
     conn, child = ctx.Pipe()
     sizes = [s * MiB for s in (1, 16, 64, 256, 512, 1024) if s <= max_mib]
@@ -249,13 +249,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         result = os.fdopen(os.dup(1), "w")
         os.dup2(2, 1)  # before any agent exists: native logs, and the consumer process, inherit stderr as fd 1
-        rows = [r for mode in args.ucx_error_handling
-                for r in run(args.device, args.repeats, args.max_mib, args.desc_mib, mode)]
+    rows = [r for mode in args.ucx_error_handling
+            for r in run(args.device, args.repeats, args.max_mib, args.desc_mib, mode)]
+    if args.json:
         result.write(json.dumps(rows, indent=1) + "\n")
         result.close()
         return
-    rows = [r for mode in args.ucx_error_handling
-            for r in run(args.device, args.repeats, args.max_mib, args.desc_mib, mode)]
     level = min(r["ci_level"] for r in rows)
     print(f"GB/s: from median times; ratios: median of the {args.repeats} paired repeats' own ratios "
           f"[{'95 %' if level >= 0.95 else f'{level:.0%}'} interval]")
