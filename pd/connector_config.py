@@ -58,9 +58,10 @@ class ConnectorConfig(BaseModel):
     no_show_s: float = Field(default=0.25, gt=0, description="once the prefill node answered (as the router says, "
                              "a moment later), how long a consumer waits for its producer's first word (it asks for "
                              "slots before the forward) before the request follows its load-failure policy")
-    handshake_grace_s: float = Field(default=4.0, gt=0, description="no_show_s becomes this while a producer "
-                                     "admitted within as long may still be finishing its first handshake (it took "
-                                     "up to 3 s on two loaded cores)")
+    handshake_grace_s: float = Field(default=4.0, gt=0, description="no_show_s becomes this while a producer's "
+                                     "first handshake may be under way (it took up to 3 s on two loaded cores): "
+                                     "one admitted within as long, or a prefill node the router first named as long "
+                                     "ago (transfer/answered_notices.py)")
     unclaimed_ttl_s: float = Field(default=30.0, gt=0, description="how long arrived KV waits for its decode request")
     idle_wait_ms: float = Field(default=20.0, gt=0, le=1000,
                                 description="an idle decode engine sleeps this long per step while KV is on its way")

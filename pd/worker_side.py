@@ -8,8 +8,8 @@ reported as a finished receive; one that went missing is reported as a load erro
 Consumer: each step checks its expected transfers; a complete one is verified, scattered into the blocks vLLM
 allocated and its slots released (a windowed one chunk by chunk as it lands: pd/lease_scatter.py); one that
 expires (no sign of life for `load_timeout_s`, or none `no_show_s` after its prefill answered, as the router says:
-`handshake_grace_s` while a producer's first handshake may be under way) or fails is a failed receive, and
-vLLM's `kv_load_failure_policy` (recompute | fail) decides what the request sees.
+`handshake_grace_s` while a producer's first handshake may be under way, transfer/answered_notices.py) or fails is
+a failed receive, and vLLM's `kv_load_failure_policy` (recompute | fail) decides what the request sees.
 """
 from __future__ import annotations
 
@@ -105,7 +105,8 @@ class WorkerSide:
                 secret=self._secret, insecure=self.cfg.insecure,
                 device="pinned" if self.cfg.slot_memory == "host" else device, quarantine_s=self.cfg.quarantine_s,
                 fence_timeout_s=self.cfg.fence_timeout_s, unclaimed_ttl_s=self.cfg.unclaimed_ttl_s,
-                window_slots=self.cfg.window_slots, ucx_error_handling=self.cfg.ucx_error_handling))
+                window_slots=self.cfg.window_slots, handshake_grace_s=self.cfg.handshake_grace_s,
+                ucx_error_handling=self.cfg.ucx_error_handling))
         if self.is_producer:
             self.producer = Producer(layout, chunk_tokens, ProducerSettings(
                 producer_id=f"{name}/rank{layout.tp_rank}", staging_chunks=self.cfg.staging_for(chunk_bytes), lease_ttl_s=self.cfg.lease_ttl_s,
@@ -209,10 +210,11 @@ class WorkerSide:
             if arrival == Arrival.ENDED:
                 self._finish_load(rid, State.FAILED, reason)
             elif arrival == Arrival.WAITING:  # a queued prefill or an ALLOC waiting for slots is a sign too
-                sign, answered = book.last_sign(ld.task.spec.key), book.answered_at(ld.task.spec.key)
+                sign, (answered, first_contact) = book.last_sign(ld.task.spec.key), book.answered.at(ld.task.spec.key)
+                no_show = max(no_show_s, self.cfg.handshake_grace_s) if first_contact else no_show_s
                 if now - max(ld.last_sign, sign) > self.cfg.load_timeout_s:
                     self._finish_load(rid, State.EXPIRED, f"no sign of the transfer for {self.cfg.load_timeout_s}s")
-                elif answered > sign and now - answered > no_show_s:
+                elif answered > sign and now - answered > no_show:
                     self._finish_load(rid, State.EXPIRED, f"its prefill node answered {now - answered:.1f}s ago "
                                       "and its producer never reached this node")
             else:

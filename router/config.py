@@ -16,7 +16,8 @@ from transfer.push_token import push_key
 
 class Instance(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str
+    name: str = Field(min_length=1, max_length=200, description="the node as logs, metrics and the decode "
+                      "connectors' notices name it")
     url: str = Field(pattern=r"^https?://")
 
 

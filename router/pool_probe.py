@@ -28,13 +28,14 @@ async def cancel_transfer(control: ControlChannels, addresses: list[str], transf
     return all(a is not None for a in answers)
 
 
-def prefill_answered(control: ControlChannels, addresses: list[str], transfer_id: str, timeout_s: float,
-                     after_s: float, unless: asyncio.Event) -> None:
-    """Tell every rank of the decode connector the prefill node answered: a producer it has not heard from by
-    then cannot reach it, and its request stops waiting after the connector's `no_show_s` instead of
-    `load_timeout_s`. Sent `after_s` from now, and only if `unless` (the decode leg no longer waits for KV) is not
-    set by then, so a transfer whose decode leg answered or ended by then costs no message; not awaited: a rank
-    that cannot take it within `timeout_s` is down."""
+def prefill_answered(control: ControlChannels, addresses: list[str], transfer_id: str, prefill: str,
+                     timeout_s: float, after_s: float, unless: asyncio.Event) -> None:
+    """Tell every rank of the decode connector the prefill node `prefill` (its name and up-period) answered: a
+    producer it has not heard from by then cannot reach it, and its request stops waiting after the connector's
+    `no_show_s` instead of `load_timeout_s` (its handshake grace on a first contact with that node). Sent `after_s`
+    from now, and only if `unless` (the decode leg no longer waits for KV) is not set by then, so a transfer whose
+    decode leg answered or ended by then costs no message; not awaited: a rank that cannot take it within
+    `timeout_s` is down."""
     loop = asyncio.get_running_loop()
     answered_at = loop.time()
 
@@ -45,7 +46,8 @@ def prefill_answered(control: ControlChannels, addresses: list[str], transfer_id
         ago = min(wire.MAX_ANSWER_AGE_S, loop.time() - answered_at)
         for a in addresses:
             try:
-                control.tell(a, wire.PrefillAnswered(rid=1, transfer_id=transfer_id, answered_s_ago=ago), timeout_s)
+                control.tell(a, wire.PrefillAnswered(rid=1, transfer_id=transfer_id, answered_s_ago=ago,
+                                                     prefill=prefill), timeout_s)
             except Exception as e:  # a notice that cannot go (no socket to be had) must not fail the router
                 log.warning("could not tell the decode connector at %s that transfer %s's prefill answered: %s",
                             a, transfer_id, e)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import json
 import time
 import uuid
 
@@ -56,6 +57,16 @@ def log_lines(server, *needles: str, last: int = 8) -> list[str]:
     except OSError as e:
         return [f"(log unreadable: {e})"]
     return [ln[:300] for ln in lines if any(n in ln for n in needles)][-last:]
+
+
+def assert_kv_arrived(router_url: str, response: requests.Response, headers: dict | None = None) -> None:
+    """The decode node scattered KV the prefill node pushed for this routed request; else the request's trace, as
+    the router's /debug/requests shows it, is the failure's message: its connector parts say why."""
+    rid = response.headers["x-kvbridge-request-id"]
+    trace = requests.get(f"{router_url}/debug/requests/{rid}", headers=headers, timeout=5)
+    assert trace.status_code == 200, trace.text
+    trace = trace.json()
+    assert (trace.get("decode_connector") or {}).get("state") == "SCATTERED", json.dumps(trace, indent=1)
 
 
 def text_of(reply: dict) -> str:

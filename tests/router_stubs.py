@@ -46,6 +46,7 @@ class StubNode:
         self.name, self.mode, self.events, self.interval, self.die_after = name, mode, events, interval, die_after
         self.bodies, self.headers, self.cancels, self.answered = [], [], [], []  # each leg's, rank 0 connector's
         self.answered_ago: list[float] = []  # each prefill_answered notice's age of the answer (rank 0)
+        self.answered_by: list[str] = []  # and the prefill node it names, with its up-period
         self.rank_notices: dict[int, list[tuple[str, str]]] = {r: [] for r in range(1, ranks)}  # (type, tid)
         self.aborted, self.healthy, self.health_hangs = 0, True, False  # aborted: requests the router closed before their answer was whole
         self._stop = threading.Event()
@@ -85,6 +86,7 @@ class StubNode:
                 else:
                     if isinstance(req, wire.PrefillAnswered):  # its age first: whoever sees the id sees the age
                         self.answered_ago.append(req.answered_s_ago)
+                        self.answered_by.append(req.prefill)
                     (self.cancels if isinstance(req, wire.Cancel) else self.answered).append(req.transfer_id)
             if isinstance(req, wire.TraceQuery):  # `scattered`: every transfer was received and used
                 reply = wire.TransferTrace(rid=req.rid, found=self.scattered, state="SCATTERED" if self.scattered else "")

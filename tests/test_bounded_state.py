@@ -81,20 +81,20 @@ def test_signs_of_life_and_answered_notices_are_bounded_newest_kept():
     book = ReceiveBook(SlotPool(2, 1024, 0.0), 30.0, remember_s=60, clock=lambda: now[0], max_ended=100)
     for i in range(5000):
         now[0] = i * 1e-3  # all within remember_s: the oldest give way
-        book.prefill_answered(f"t-{i}")
+        book.answered.record(f"t-{i}", prefill=f"prefill-{i}")
         book.sign_of_life(f"k-{i}")
-    assert len(book._answered) <= 100 and len(book._signs) <= 100
-    assert book.answered_at("t-4999") == 4.999 and book.last_sign("k-4999") == 4.999
-    assert book.answered_at("t-0") == 0.0 and book.last_sign("k-0") == 0.0
+    assert len(book.answered) <= 100 and len(book.answered._first_named) <= 1024 and len(book._signs) <= 100
+    assert book.answered.at("t-4999")[0] == 4.999 and book.last_sign("k-4999") == 4.999
+    assert book.answered.at("t-0")[0] == 0.0 and book.last_sign("k-0") == 0.0
 
 
 def test_an_alloc_that_came_before_its_request_is_a_sign_of_life():
     """Such a producer reached the consumer: the router's 'prefill answered' must not make it a no-show."""
     now = [5.0]
     book = ReceiveBook(SlotPool(2, 1024, 0.0), 30.0, clock=lambda: now[0])
-    book.prefill_answered("t")
+    book.answered.record("t")
     now[0] = 6.0
-    assert book.alloc_waits("t", 0.05) and book.last_sign("t") == 6.0 > book.answered_at("t") == 5.0
+    assert book.alloc_waits("t", 0.05) and book.last_sign("t") == 6.0 > book.answered.at("t")[0] == 5.0
 
 
 def test_a_notice_sent_late_is_dated_back_to_the_prefill_answer():
@@ -104,8 +104,8 @@ def test_a_notice_sent_late_is_dated_back_to_the_prefill_answer():
     book = ReceiveBook(SlotPool(2, 1024, 0.0), 30.0, clock=lambda: now[0])
     book.sign_of_life("t")
     now[0] = 5.05
-    book.prefill_answered("t", ago_s=0.1)
-    assert book.answered_at("t") == pytest.approx(4.95) and book.last_sign("t") == 5.0
+    book.answered.record("t", ago_s=0.1)
+    assert book.answered.at("t")[0] == pytest.approx(4.95) and book.last_sign("t") == 5.0
 
 
 def test_grants_no_request_ever_finishes_are_forgotten_when_their_transfer_ends():

@@ -36,6 +36,23 @@ async def test_the_decode_connector_hears_that_the_prefill_answered_or_failed(ma
     # sent once due, and dated back to the answer: a producer heard from meanwhile is not taken for a no-show
     assert len(dec.answered_ago) == len(want[0]), dec.answered_ago
     assert all(ANSWERED_NOTICE_AFTER_S - 0.01 <= ago < STILL_WAITING_S for ago in dec.answered_ago), dec.answered_ago
+    assert dec.answered_by == ["p#0"] * len(want[0]), dec.answered_by  # the node, in its first up-period
+
+
+async def test_a_prefill_node_back_from_down_is_named_anew_its_producer_may_be_a_new_process(make):
+    """The connector gives a prefill node it has not heard named before its handshake's grace (a new producer's
+    first ALLOC waits for its handshake, transfer/answered_notices.py): after the node was down it is a new name."""
+    pre = StubNode("p")
+    dec = StubNode("d", kv=True, interval=STILL_WAITING_S)
+    url, api = await make([pre], [dec], decode_dispatch="after_prefill")
+    assert (await post(url, REQ))[0] == 200
+    backend = api[PROXY].registry.backends["prefill"][0]
+    pre.healthy = False
+    assert await eventually(lambda: backend.state == "down")
+    pre.healthy = True
+    assert await eventually(lambda: backend.state == "up")
+    assert (await post(url, REQ))[0] == 200
+    assert await eventually(lambda: dec.answered_by == ["p#0", "p#1"]), dec.answered_by
 
 
 @pytest.mark.parametrize("mode", ["ok", "reset"])

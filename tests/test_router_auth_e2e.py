@@ -7,14 +7,13 @@ and a client's wrong key is the client's fault, never a backend's. `/health` and
 without a key (they are for probes and scrapers; `admin_port` moves /metrics off the API address)."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import requests
 
 from launch.local_servers import SERVED_MODEL, free_port, start_router, start_vllm
 from launch.tiny_prompts import random_words
 from router.config import RouterConfig
+from tests import pd_client
 from tests.conftest import DECODE_EXTRA, PREFILL_EXTRA
 
 ROUTER_KEY, BACKEND_KEY = "router-key-4711", "vllm-key-0815"
@@ -81,14 +80,9 @@ def router_requests(url: str) -> dict[str, float]:
 
 
 def assert_kv_arrived(url: str, response: requests.Response) -> None:
-    """The decode node scattered KV the prefill node pushed for this request: the prefill leg was let in
-    (refused, it would have pushed nothing and the decode node would have recomputed the prompt). Else the
-    request's trace is the failure's message: its connector parts say why. The trace asks for the router's key."""
-    rid = response.headers["x-kvbridge-request-id"]
-    trace = requests.get(f"{url}/debug/requests/{rid}", headers=bearer(ROUTER_KEY), timeout=5)
-    assert trace.status_code == 200, trace.text
-    trace = trace.json()
-    assert (trace.get("decode_connector") or {}).get("state") == "SCATTERED", json.dumps(trace, indent=1)
+    """The prefill leg was let in (refused, it would have pushed nothing and the decode node would have recomputed
+    the prompt). The trace asks for the router's key."""
+    pd_client.assert_kv_arrived(url, response, bearer(ROUTER_KEY))
 
 
 def test_router_key_required_and_backend_key_sent_on_both_legs(guarded, expected):

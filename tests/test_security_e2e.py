@@ -9,6 +9,7 @@ import subprocess
 import uuid
 
 import pytest
+import requests
 import yaml
 import zmq
 
@@ -16,7 +17,7 @@ from launch.local_servers import LOG_DIR, SERVED_MODEL, free_port, start_vllm
 from launch.servers import RouterServer
 from launch.tiny_prompts import random_token_prompt
 from router.config import RouterConfig
-from tests.pd_client import pool_status, post, text_of
+from tests.pd_client import assert_kv_arrived, pool_status, post, text_of
 from transfer import control_auth, wire
 from transfer.control_auth import Credential
 from transfer.control_request import ask
@@ -63,8 +64,9 @@ def test_router_legs_are_signed_and_move_kv(secure):
     b = body(9100)
     want = text_of(post(secure["decode"].url, "/v1/completions", b)[1])  # computed on the decode node alone
     before = counters(secure).get("transfers_scattered", 0)
-    status, reply = post(secure["router"].url, "/v1/completions", b)
-    assert status == 200 and text_of(reply) == want
+    r = requests.post(secure["router"].url + "/v1/completions", json=b, timeout=120)
+    assert r.status_code == 200 and text_of(r.json()) == want
+    assert_kv_arrived(secure["router"].url, r)
     assert counters(secure).get("transfers_scattered", 0) == before + 1
 
 

@@ -62,7 +62,7 @@ class ConsumerEndpoint:
                                                         settings.device))  # fences land after the slots
         self.pool = SlotPool(settings.num_slots, self.slot_bytes, settings.quarantine_s, settings.fence_timeout_s,
                              on_expire=lambda key: self.book.expired(key))
-        self.book = ReceiveBook(self.pool, settings.unclaimed_ttl_s)
+        self.book = ReceiveBook(self.pool, settings.unclaimed_ttl_s, first_contact_s=settings.handshake_grace_s)
         self.producers = ProducerRegistry(self.agent, self.pool)
         self.intake = NoticeIntake(self.pool, self.book, self.producers, settings.unclaimed_ttl_s)
         self.desk = LeaseDesk(self.pool, self.book, self.geometry, self.region.addr, settings.window_slots,
@@ -259,7 +259,7 @@ class ConsumerEndpoint:
         return wire.Ack(ok=True)
 
     def _on_prefill_answered(self, msg: wire.PrefillAnswered) -> wire.Message:
-        self.book.prefill_answered(msg.transfer_id, msg.answered_s_ago)
+        self.book.answered.record(msg.transfer_id, msg.answered_s_ago, msg.prefill)
         return wire.Ack(ok=True)
 
     def _on_stats(self, msg: wire.Stats) -> wire.Message:

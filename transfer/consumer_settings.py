@@ -19,6 +19,7 @@ class ConsumerSettings:
     quarantine_s: float = 2.0
     fence_timeout_s: float = 30.0  # quarantine.py: how long an ended lease's slots wait for a silent producer's fence
     unclaimed_ttl_s: float = 30.0
+    handshake_grace_s: float = 4.0  # answered_notices.py: how long a prefill node's first contact lasts
     expect_wait_s: float = 0.0  # >0: an ALLOC before its decode request waits this long to learn the held chunks
     window_slots: int = 0  # most slots one transfer holds (larger ones stream through them); 0: the whole pool
     busy_poll_s: float = 0.0005  # while a scatter still reads a slot (GPU)

@@ -2,8 +2,8 @@
 
 The worker (engine thread) says which transfers it expects (`expect`), asks where each stands
 (`status`), takes a complete one to scatter (`claim`) and says when it is done (`finish`). The
-endpoint thread records grants, failures reported by producers, cancels from the router and
-expired leases. Both threads meet only here, under one lock.
+endpoint thread records grants, failures reported by producers, cancels from the router, its word that
+a prefill answered (answered_notices.py), and expired leases. Both threads meet only here, under one lock.
 
 A claimed lease stays pinned until the fence recorded after its scatter is done (`settle`, called by
 the endpoint thread and by `finish`): on a GPU the scatter is still queued when `finish` is called, and a
@@ -25,6 +25,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from enum import Enum
 
+from transfer.answered_notices import AnsweredNotices
 from transfer.device_fence import COMPLETED, Fence
 from transfer.ended_keys import EndedKeys
 from transfer.identity import transfer_id_of
@@ -53,7 +54,7 @@ class _Expected:
 
 class ReceiveBook:
     def __init__(self, pool: SlotPool, unclaimed_ttl_s: float, remember_s: float = 60.0, keep_traces: int = 1024,
-                 clock=time.monotonic, max_ended: int = 65536) -> None:
+                 clock=time.monotonic, max_ended: int = 65536, first_contact_s: float = 4.0) -> None:
         self.max_ended = max_ended
         self.pool = pool
         self.unclaimed_ttl_s = unclaimed_ttl_s
@@ -70,7 +71,7 @@ class ReceiveBook:
         self._settling: list[tuple[Fence, str, Lease, bool, int | None]] = []
         self._readers: dict[str, str] = {}  # windowed key -> the one request reading its stream
         self._signs = KeyStamps(remember_s, max_ended, clock)  # key: its producer showed life without chunks
-        self._answered = KeyStamps(remember_s, max_ended, clock)  # transfer id: the router said its prefill answered
+        self.answered = AnsweredNotices(first_contact_s, remember_s, max_ended, clock=clock)  # the router's word
         self.counters: dict[str, int] = {}
 
     # --- engine (worker) side
@@ -233,15 +234,6 @@ class ReceiveBook:
     def last_sign(self, key: str) -> float:
         """When `key`'s producer last showed life without a lease in use (0 if never)."""
         return self._signs.at(key)
-
-    def prefill_answered(self, transfer_id: str, ago_s: float = 0.0) -> None:
-        """From the router: the prefill node answered, `ago_s` before the router said so. Its producer asks for
-        slots before the forward, so from then on its silence means it cannot reach this node (or gave up unable to
-        say so)."""
-        self._answered.stamp(transfer_id, ago_s)
-
-    def answered_at(self, key: str) -> float:  # when the router said so for `key`'s transfer (0: not yet)
-        return self._answered.at(transfer_id_of(key))
 
     def fail(self, key: str, reason: str) -> None:
         """The transfer cannot be delivered (its producer gave up, a chunk was wrong, its lease expired):

@@ -13,9 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from transfer.layout import KVLayout
 
-# 10: PrefillAnswered.answered_s_ago; 9: Withdraw; 8: PoolStatus.ranks; 7: PrefillAnswered; 6: Grant.incarnation;
-# 5: windowed grants (Grant.chunks, Progress/WindowState) and Pending; 4: HMAC frames
-PROTOCOL_VERSION = 10
+# 11: PrefillAnswered.prefill; 10: PrefillAnswered.answered_s_ago; 9: Withdraw; 8: PoolStatus.ranks;
+# 7: PrefillAnswered; 6: Grant.incarnation; 5: windowed grants (Grant.chunks, Progress/WindowState) and Pending;
+# 4: HMAC frames
+PROTOCOL_VERSION = 11
 MAX_MESSAGE_BYTES = 1 << 20
 # The longest prompt an ALLOC may carry (16.7M tokens, beyond any model's context today): the consumer builds
 # one entry per chunk of it, so an unbounded count from a buggy or hostile peer would stall or exhaust it.
@@ -128,10 +129,13 @@ class Cancel(_Request):
 class PrefillAnswered(_Request):
     """From the router: the prefill node answered this transfer's request, `answered_s_ago` seconds before this
     message went (the router waits a moment to see whether the decode leg still needs it). A producer that has not
-    been heard from since the answer cannot reach the consumer: its request stops waiting after `no_show_s`."""
+    been heard from since the answer cannot reach the consumer: its request stops waiting after `no_show_s`, unless
+    `prefill` (the node as the router names it, with its up-period) is new to the consumer: its producer may still be
+    shaking hands (answered_notices.py)."""
     type: Literal["prefill_answered"] = "prefill_answered"
     transfer_id: str = Field(min_length=1, max_length=256)
     answered_s_ago: float = Field(default=0.0, ge=0, le=MAX_ANSWER_AGE_S)
+    prefill: str = Field(default="", max_length=256)
 
 
 class Stats(_Request):
