@@ -61,7 +61,8 @@ class ConnectorConfig(BaseModel):
     handshake_grace_s: float = Field(default=4.0, gt=0, description="no_show_s becomes this while a producer's "
                                      "first handshake may be under way (it took up to 3 s on two loaded cores): "
                                      "one admitted within as long, or a prefill node the router first named as long "
-                                     "ago (transfer/answered_notices.py)")
+                                     "ago (transfer/answered_notices.py), whose request also waits at least this "
+                                     "long for its KV to start, whatever load_timeout_s")
     unclaimed_ttl_s: float = Field(default=30.0, gt=0, description="how long arrived KV waits for its decode request")
     idle_wait_ms: float = Field(default=20.0, gt=0, le=1000,
                                 description="an idle decode engine sleeps this long per step while KV is on its way")

@@ -7,9 +7,9 @@ load asynchronously (pd/store_loads.py: fetched off the engine thread, scattered
 reported as a finished receive; one that went missing is reported as a load error and recomputed).
 Consumer: each step checks its expected transfers; a complete one is verified, scattered into the blocks vLLM
 allocated and its slots released (a windowed one chunk by chunk as it lands: pd/lease_scatter.py); one that
-expires (no sign of life for `load_timeout_s`, or none `no_show_s` after its prefill answered, as the router says:
-`handshake_grace_s` while a producer's first handshake may be under way, transfer/answered_notices.py) or fails is
-a failed receive, and vLLM's `kv_load_failure_policy` (recompute | fail) decides what the request sees.
+expires (no sign of life for `load_timeout_s`, or none `no_show_s` after its prefill answered, as the router says;
+both at least `handshake_grace_s` on a prefill node's first contact, transfer/answered_notices.py, and `no_show_s`
+also while a producer admitted lately may be finishing its handshake) or fails is a failed receive, and vLLM's `kv_load_failure_policy` (recompute | fail) decides what the request sees.
 """
 from __future__ import annotations
 
@@ -210,13 +210,14 @@ class WorkerSide:
             if arrival == Arrival.ENDED:
                 self._finish_load(rid, State.FAILED, reason)
             elif arrival == Arrival.WAITING:  # a queued prefill or an ALLOC waiting for slots is a sign too
-                sign, (answered, first_contact) = book.last_sign(ld.task.spec.key), book.answered.at(ld.task.spec.key)
-                no_show = max(no_show_s, self.cfg.handshake_grace_s) if first_contact else no_show_s
-                if now - max(ld.last_sign, sign) > self.cfg.load_timeout_s:
-                    self._finish_load(rid, State.EXPIRED, f"no sign of the transfer for {self.cfg.load_timeout_s}s")
-                elif answered > sign and now - answered > no_show:
+                sign, (answered, first) = book.last_sign(ld.task.spec.key), book.answered.at(ld.task.spec.key)
+                grace = self.cfg.handshake_grace_s if first else 0.0  # a first contact: a handshake comes first
+                quiet_s = max(self.cfg.load_timeout_s, grace)
+                if now - max(ld.last_sign, sign) > quiet_s:
+                    self._finish_load(rid, State.EXPIRED, f"no sign of the transfer for {quiet_s}s")
+                elif answered > sign and now - answered > max(no_show_s, grace):
                     self._finish_load(rid, State.EXPIRED, f"its prefill node answered {now - answered:.1f}s ago "
-                                      "and its producer never reached this node")
+                                      f"and its producer never reached this node{' (first contact)' if first else ''}")
             else:
                 ld.last_sign = now
                 if ld.t.state == State.EXPECTED:

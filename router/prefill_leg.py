@@ -82,8 +82,7 @@ async def run_prefill(cfg: RouterConfig, registry: Registry, session: aiohttp.Cl
         if ok or refusal:  # it answered as a healthy node does
             registry.report_success(b)
         if ok:
-            # named with its up-period: a node back from down may be a new process, its first handshake to come
-            prefill_answered(registry.control, kv_addresses, transfer_id, f"{b.name}#{b.downs}", ANSWERED_SEND_S,
+            prefill_answered(registry.control, kv_addresses, transfer_id, b.up_period, ANSWERED_SEND_S,
                              ANSWERED_NOTICE_AFTER_S, kv_wait_over)
     except UpstreamFailure as e:
         over.set()

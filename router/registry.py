@@ -18,6 +18,7 @@ import asyncio
 import itertools
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
@@ -50,6 +51,7 @@ class Backend:
     draining: bool = False  # takes no new request; those in flight finish
     removal: asyncio.Task | None = None  # a waiting drain's: removes it once none is in flight (router/node_admin.py)
     downs: int = 0  # times it went down: what it held may be gone (router/placement.py forgets it)
+    incarnation: str = field(default_factory=lambda: uuid.uuid4().hex[:8])  # this router's record of the node
     down_since: float | None = field(default_factory=time.monotonic)  # state starts "down": since creation
     watchers: set[Callable[[], None]] = field(default_factory=set)
 
@@ -61,6 +63,12 @@ class Backend:
     @property
     def name(self) -> str:
         return self.inst.name
+
+    @property
+    def up_period(self) -> str:
+        """The node and its time up as decode connectors are told it (transfer/answered_notices.py): new once it
+        was down, re-added or this router restarted, as a new process may be behind it, its first handshake to come."""
+        return f"{self.name}#{self.incarnation}.{self.downs}"
 
     @property
     def kv_address(self) -> str | None:

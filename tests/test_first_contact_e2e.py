@@ -15,7 +15,7 @@ import pytest
 
 from launch.polling import wait_for
 from launch.tiny_prompts import random_token_prompt
-from tests.pd_client import post, text_of, wait_producer_idle
+from tests.pd_client import pd_request, post, text_of, wait_producer_idle
 from transfer import wire
 from transfer.control_request import ask
 
@@ -29,7 +29,9 @@ def trace(servers, tid: str) -> wire.TransferTrace:
 
 @pytest.mark.parametrize("named", [True, False], ids=["new prefill node named", "no name"])
 def test_a_producer_late_on_its_first_contact_still_delivers(servers, named):
-    body = {"model": "tiny", "prompt": random_token_prompt(200, seed=31), "max_tokens": 8, "temperature": 0}
+    # the nodes' own first handshake done (this file alone): the late push below is late by LATE_S only
+    assert pd_request(servers, "/v1/completions", {"model": "tiny", "prompt": "warm", "max_tokens": 1})[1][0] == 200
+    body = {"model": "tiny", "prompt": random_token_prompt(200, seed=31 + named), "max_tokens": 8, "temperature": 0}
     code, reply = post(servers["agg"].url, "/v1/completions", body)
     assert code == 200, reply
     tid = uuid.uuid4().hex
@@ -43,15 +45,12 @@ def test_a_producer_late_on_its_first_contact_still_delivers(servers, named):
             time.sleep(LATE_S)
             assert not trace(servers, tid).found, "still waiting for its producer"
         else:
-            wait_for(lambda: trace(servers, tid).state == "EXPIRED", 5.0, 0.05, "the decode request gave up")
+            wait_for(lambda: trace(servers, tid).state == "EXPIRED", 10.0, 0.05, "the decode request gave up")
         pre = post(servers["prefill"].url, "/v1/completions", dict(body, max_tokens=1, kv_transfer_params={
             "kvbridge": {"transfer_id": tid, "push_to": servers["decode"].handshake}}))
         assert pre[0] == 200, pre
         code, got = decode.result()
     assert code == 200 and text_of(got) == text_of(reply)
     t = trace(servers, tid)
-    if named:
-        assert t.state == "SCATTERED", t
-    else:
-        assert t.state == "EXPIRED" and "never reached this node" in t.reason, t
+    assert t.state == ("SCATTERED" if named else "EXPIRED"), t  # unnamed: given up before its producer came
     wait_producer_idle(servers["prefill"])

@@ -82,3 +82,16 @@ def test_a_notice_naming_no_prefill_node_is_never_a_first_contact():
     n = notices(now)
     n.record("t1")
     assert n.at("t1") == (100.0, False) and n.at("never-said") == (0.0, False)
+
+
+def test_at_the_bound_the_prefill_node_least_recently_named_is_forgotten_not_one_still_answering():
+    now = [100.0]
+    n = AnsweredNotices(first_contact_s=4.0, remember_s=60.0, max_keys=100, max_nodes=2, clock=lambda: now[0])
+    n.record("t1", prefill="a#1.0")
+    n.record("t2", prefill="b#1.0")
+    now[0] = 110.0
+    n.record("t3", prefill="a#1.0")  # a answers again: b is now the least recently named
+    n.record("t4", prefill="c#1.0")  # at the bound: b goes
+    n.record("t5", prefill="a#1.0")
+    n.record("t6", prefill="b#1.0")
+    assert [n.at(t)[1] for t in ("t3", "t4", "t5", "t6")] == [False, True, False, True]

@@ -6,8 +6,12 @@ since cannot reach this node: its request stops waiting after `no_show_s` (pd/wo
 contact: the producer's first ALLOC waits behind its first handshake (a control round trip, each side loading the
 other's NIXL metadata), which on two loaded cores outlasted the whole prefill of a short prompt, and the first
 routed request between a fresh pair was recomputed while its KV was on its way. The router names the prefill node
-with its up-period (a node back from down may be a new process); an answer from a node this consumer first heard
-named less than `first_contact_s` before is a first contact, and its request waits the handshake's grace instead.
+with its up-period (router/registry.py: a node back from down, re-added, or seen by a restarted router may be a
+new process); an answer from a node this consumer first heard named less than `first_contact_s` before is a first
+contact, and its request waits the handshake's grace instead, for its producer's first word and for its KV to
+start (pd/worker_side.py). Not covered: a node restarted between two of the router's health checks keeps its name
+(its producer's admission then gives the grace only once its handshake is done: producer_registry.py), and so does
+a producer this consumer forgot for its silence, which greets it again.
 
 Bounded like the other per-transfer memories (key_stamps.py), and the names too, so a flood cannot grow them.
 """
@@ -39,10 +43,12 @@ class AnsweredNotices:
         with self._lock:
             first = False
             if prefill:
-                if prefill not in self._first_named:
+                named = self._first_named.pop(prefill, None)  # to the end: at the bound the least recently named go
+                if named is None:
                     drop_front(self._first_named, self.max_nodes, lambda t: False)
-                    self._first_named[prefill] = at
-                first = at - self._first_named[prefill] < self.first_contact_s
+                    named = at
+                self._first_named[prefill] = named
+                first = at - named < self.first_contact_s
             self._answered.pop(transfer_id, None)  # to the end: the dict stays (nearly) in answer order
             drop_front(self._answered, self.max_keys, lambda v: now - v[0] >= self.remember_s)
             self._answered[transfer_id] = (at, first)
