@@ -24,10 +24,12 @@ def post(url: str, path: str, body: dict, timeout: float = 120) -> tuple[int, di
 
 
 def pd_request(servers: dict, path: str, body: dict, push_to: str | None = None, prefill: bool = True,
-               transfer_id: str | None = None, prefill_after_s: float = 0.0
+               transfer_id: str | None = None, prefill_after_s: float = 0.0, named: bool = True
                ) -> tuple[tuple[int, dict] | None, tuple[int, dict]]:
     """Both legs concurrently, as the router does (the prefill leg `prefill_after_s` later), and like the
-    router tells the decode connector when the prefill answered; returns (prefill reply, decode reply)."""
+    router tells the decode connector when the prefill answered, naming the prefill node by its process as the
+    router names a node by its time up (without `named`: a router that does not, so a node first named lately
+    gets no handshake grace: transfer/answered_notices.py); returns (prefill reply, decode reply)."""
     tid = transfer_id or uuid.uuid4().hex
     pre_body = dict(body, max_tokens=1, stream=False,
                     kv_transfer_params={"kvbridge": {"transfer_id": tid,
@@ -38,7 +40,9 @@ def pd_request(servers: dict, path: str, body: dict, push_to: str | None = None,
     f_pre = _pool.submit(post, servers["prefill"].url, path, pre_body) if prefill else None
     pre = f_pre.result() if f_pre else None
     if pre is not None and pre[0] == 200:
-        asyncio.run(ask(servers["decode"].handshake, wire.PrefillAnswered(rid=1, transfer_id=tid), 5.0))
+        name = f"{servers['prefill'].name}#{servers['prefill'].proc.pid}" if named else ""
+        notice = wire.PrefillAnswered(rid=1, transfer_id=tid, prefill=name)
+        asyncio.run(ask(servers["decode"].handshake, notice, 5.0))
     return pre, f_dec.result()
 
 
