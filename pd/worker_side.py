@@ -9,7 +9,8 @@ Consumer: each step checks its expected transfers; a complete one is verified, s
 allocated and its slots released (a windowed one chunk by chunk as it lands: pd/lease_scatter.py); one that
 expires (no sign of life for `load_timeout_s`, or none `no_show_s` after its prefill answered, as the router says;
 both at least `handshake_grace_s` on a prefill node's first contact, transfer/answered_notices.py, and `no_show_s`
-also while a producer admitted lately may be finishing its handshake) or fails is a failed receive, and vLLM's `kv_load_failure_policy` (recompute | fail) decides what the request sees.
+also while a producer admitted lately may be finishing its handshake) or fails is a failed receive, and vLLM's
+`kv_load_failure_policy` (recompute | fail) decides what the request sees.
 """
 from __future__ import annotations
 
