@@ -5,6 +5,9 @@ is one the router first named to this consumer so recently that its producer may
 (transfer/answered_notices.py)."""
 from __future__ import annotations
 
+import pytest
+from pydantic import ValidationError
+
 from tests.test_bounded_state import FakeAgent, hello
 from transfer import wire
 from transfer.answered_notices import AnsweredNotices
@@ -95,3 +98,9 @@ def test_at_the_bound_the_prefill_node_least_recently_named_is_forgotten_not_one
     n.record("t5", prefill="a#1.0")
     n.record("t6", prefill="b#1.0")
     assert [n.at(t)[1] for t in ("t3", "t4", "t5", "t6")] == [False, True, False, True]
+
+
+def test_the_wire_refuses_a_prefill_node_name_longer_than_256_characters():
+    assert wire.PrefillAnswered(transfer_id="t", prefill="p" * 256).prefill == "p" * 256
+    with pytest.raises(ValidationError):
+        wire.PrefillAnswered(transfer_id="t", prefill="p" * 257)
