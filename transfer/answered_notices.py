@@ -13,7 +13,8 @@ start (pd/worker_side.py). Not covered: a node restarted between two of the rout
 (its producer's admission then gives the grace only once its handshake is done: producer_registry.py), and so does
 a producer this consumer forgot for its silence, which greets it again.
 
-Bounded like the other per-transfer memories (key_stamps.py), and the names too, so a flood cannot grow them.
+Per transfer, two bounded memories of key_stamps.py (when answered; which answered on a first contact), and the
+names bounded too, so a flood cannot grow them.
 """
 from __future__ import annotations
 
@@ -23,42 +24,43 @@ from typing import Callable
 
 from transfer.ended_keys import drop_front
 from transfer.identity import transfer_id_of
+from transfer.key_stamps import KeyStamps
 
 
 class AnsweredNotices:
     def __init__(self, first_contact_s: float, remember_s: float, max_keys: int, max_nodes: int = 1024,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.first_contact_s = first_contact_s
-        self.remember_s = remember_s
-        self.max_keys, self.max_nodes = max_keys, max_nodes
+        self.max_nodes = max_nodes
         self._clock = clock
-        self._lock = threading.Lock()
-        self._answered: dict[str, tuple[float, bool]] = {}  # transfer id -> (when answered, on a first contact)
+        self._answered = KeyStamps(remember_s, max_keys, clock)  # transfer id -> when its prefill answered
+        self._first_contact = KeyStamps(remember_s, max_keys, clock)  # those of them answered on a first contact
+        self._lock = threading.Lock()  # guards the names
         self._first_named: dict[str, float] = {}  # prefill node (name#up-period) -> its first answer heard of
 
     def record(self, transfer_id: str, ago_s: float = 0.0, prefill: str = "") -> None:
         """The prefill node `prefill` ('' when the router did not say) answered `transfer_id` `ago_s` seconds ago."""
-        now = self._clock()
-        at = now - ago_s
-        with self._lock:
-            first = False
-            if prefill:
+        at = self._clock() - ago_s
+        first = False
+        if prefill:
+            with self._lock:
                 named = self._first_named.pop(prefill, None)  # to the end: at the bound the least recently named go
                 if named is None:
                     drop_front(self._first_named, self.max_nodes, lambda t: False)
                     named = at
                 self._first_named[prefill] = named
-                first = at - named < self.first_contact_s
-            self._answered.pop(transfer_id, None)  # to the end: the dict stays (nearly) in answer order
-            drop_front(self._answered, self.max_keys, lambda v: now - v[0] >= self.remember_s)
-            self._answered[transfer_id] = (at, first)
+            first = at - named < self.first_contact_s
+        self._answered.stamp(transfer_id, ago_s)
+        if first:
+            self._first_contact.stamp(transfer_id, ago_s)
+        else:
+            self._first_contact.forget(transfer_id)
 
     def at(self, key: str) -> tuple[float, bool]:
         """When the prefill of `key`'s transfer answered (0 if not said, or forgotten), and whether on a first
         contact."""
-        with self._lock:
-            return self._answered.get(transfer_id_of(key), (0.0, False))
+        transfer_id = transfer_id_of(key)
+        return self._answered.at(transfer_id), self._first_contact.at(transfer_id) > 0
 
     def __len__(self) -> int:
-        with self._lock:
-            return len(self._answered)
+        return len(self._answered)
