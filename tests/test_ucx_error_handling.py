@@ -1,8 +1,8 @@
 """UCX's error handling is a setting of the connector (transfer/ucx_error_handling.py says what each mode gives up).
 
 `peer` stays the default; `none` is asked for by name and reaches the NIXL agent; a value that is neither is
-refused before any agent exists. In both modes a write lands byte for byte, and a write to a consumer process
-killed on this host fails as a peer gone instead of hanging. Pushes through a killed and a frozen consumer in
+refused before any agent exists. In both modes, and with a producer in one and its consumer in the other, a write
+lands byte for byte, and a write to a consumer process killed on this host fails as a peer gone instead of hanging. Pushes through a killed and a frozen consumer in
 both modes: test_dead_consumer.py."""
 from __future__ import annotations
 
@@ -58,16 +58,18 @@ def _write(agent: NixlAgent, local, remote: str, addr: int, mem: str, dev: int) 
     return state
 
 
-@pytest.mark.parametrize("mode", ["peer", "none"])
-def test_a_write_lands_and_one_to_a_killed_consumer_fails(mode):
+@pytest.mark.parametrize("mode,consumer_mode", [("peer", "peer"), ("none", "none"),
+                                                ("peer", "none"), ("none", "peer")])
+def test_a_write_lands_and_one_to_a_killed_consumer_fails(mode, consumer_mode):
+    """Mixed modes too: a deployment that changes the setting restarts its nodes one at a time."""
     ctx = mp.get_context("spawn")
     conn, child = ctx.Pipe()
-    proc = ctx.Process(target=_consumer, args=(child, mode), daemon=True)
+    proc = ctx.Process(target=_consumer, args=(child, consumer_mode), daemon=True)
     proc.start()
     try:
         got, meta, addr, mem, dev = conn.recv()
-        agent = NixlAgent(f"ucx-mode-producer-{mode}", mode)
-        assert (agent.error_handling, got) == (mode, mode)
+        agent = NixlAgent(f"ucx-mode-producer-{mode}-{consumer_mode}", mode)
+        assert (agent.error_handling, got) == (mode, consumer_mode)
         src = zeroed_buffer(NBYTES, "cpu").random_(0, 256)
         local, remote = agent.register(src), agent.add_remote(meta)
         assert _write(agent, local, remote, addr, mem, dev) == "DONE"
