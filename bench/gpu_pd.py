@@ -8,7 +8,7 @@ producer's. Time runs from the moment the KV exists to the moment the last scatt
 as GB/s next to a device-to-device copy of the same bytes in the same run (the goal: 0.8 x D2D / 3, since
 gather, write and scatter each cross HBM once). Medians of --repeats.
 
-    python -m bench.gpu_pd [--device cuda] [--layout LBNHC] [--repeats 5]
+    python -m bench.gpu_pd [--device cuda] [--layout LBNHC] [--repeats 5] [--ucx-error-handling peer|none]
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from transfer.device_fence import recorder_for
 from transfer.identity import TransferSpec
 from transfer.producer import Producer, ProducerSettings
 from transfer.receive_book import Arrival
+from transfer.ucx_error_handling import ERROR_HANDLING
 
 TOKENS, CHUNK_TOKENS = 4096, 256
 
@@ -38,11 +39,12 @@ def _digest(kv: PagedKV, ids: list[int]) -> str:
     return hashlib.blake2b(out.cpu().numpy().tobytes(), digest_size=16).hexdigest()
 
 
-def _consumer(conn, device: str, layout_name: str, layers: int, n_blocks: int) -> None:
+def _consumer(conn, device: str, layout_name: str, layers: int, n_blocks: int, ucx: str) -> None:
     layout = llama_layout(layout_name, layers)
     kv = PagedKV(llama_views(layout_name, n_blocks, device, layers), layout)
     n_chunks = TOKENS // CHUNK_TOKENS
-    ep = ConsumerEndpoint(layout, ConsumerSettings(chunk_tokens=CHUNK_TOKENS, num_slots=2 * n_chunks, device=device))
+    ep = ConsumerEndpoint(layout, ConsumerSettings(chunk_tokens=CHUNK_TOKENS, num_slots=2 * n_chunks, device=device,
+                                                   ucx_error_handling=ucx))
     conn.send(ep.address)
     fence = recorder_for(device)
     bpc = CHUNK_TOKENS // BLOCK
@@ -75,18 +77,18 @@ def _forward_then_kv(views: list[torch.Tensor], seed: int, device: str) -> None:
         v.copy_(torch.randn(v.shape, generator=g, device=device, dtype=torch.float32).to(v.dtype) + a[0, 0])
 
 
-def run(device: str, layout_name: str, repeats: int, layers: int = LAYERS) -> dict:
+def run(device: str, layout_name: str, repeats: int, layers: int = LAYERS, ucx: str = "peer") -> dict:
     n_blocks = 2 * TOKENS // BLOCK
     ctx = mp.get_context("spawn")
     conn, child = ctx.Pipe()
-    proc = ctx.Process(target=_consumer, args=(child, device, layout_name, layers, n_blocks), daemon=True)
+    proc = ctx.Process(target=_consumer, args=(child, device, layout_name, layers, n_blocks, ucx), daemon=True)
     proc.start()
     address = conn.recv()
     layout = llama_layout(layout_name, layers)
     views = llama_views(layout_name, n_blocks, device, layers)
     kv = PagedKV(views, layout)
     p = Producer(layout, CHUNK_TOKENS, ProducerSettings(producer_id="bench", staging_chunks=TOKENS // CHUNK_TOKENS,
-                                                        device=device))
+                                                        device=device, ucx_error_handling=ucx))
     nbytes = kv.chunk_nbytes(TOKENS // BLOCK)
     src, dst = (torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(2))
     times, d2d = [], []
@@ -129,10 +131,13 @@ def main() -> None:
     ap.add_argument("--layout", default="LBNHC")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--layers", type=int, default=LAYERS, help="fewer layers for a quick run on CPU")
+    ap.add_argument("--ucx-error-handling", choices=ERROR_HANDLING, default="peer",
+                    help="both agents' UCX error handling (transfer/ucx_error_handling.py)")
     a = ap.parse_args()
-    r = run(a.device, a.layout, a.repeats, a.layers)
+    r = run(a.device, a.layout, a.repeats, a.layers, a.ucx_error_handling)
     name = torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu"
-    print(f"{r['bytes'] / 2**20:.0f} MiB of KV ({TOKENS} tokens, layout {a.layout}) on {name}, "
+    print(f"{r['bytes'] / 2**20:.0f} MiB of KV ({TOKENS} tokens, layout {a.layout}) on {name}, UCX error "
+          f"handling {a.ucx_error_handling}, "
           f"medians of {r['repeats']}: PD {r['pd_gb_s']:.1f} GB/s, D2D copy {r['d2d_gb_s']:.1f} GB/s, "
           f"PD / (D2D/3) = {r['ratio_to_d2d_over_3']:.2f} (goal >= 0.8); every repeat's bytes landed equal")
 

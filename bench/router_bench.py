@@ -8,6 +8,10 @@ printed are medians over repeats of each repeat's pair (router minus direct p50,
 requests/s), so a change in what else the machine runs between repeats cancels out. The router's CPU time
 per request is printed too: unlike the ratios it does not depend on how busy the rest of the machine is.
 
+A third server, a bare relay (`run_bare_relay`: aiohttp on uvloop, as the router, sending both legs at once and
+relaying the decode leg's answer, nothing else), is measured in the same repeats: what the framework alone costs for
+the same three HTTP exchanges per request, so the router's figures can be set beside it (router / bare relay).
+
 Everything shares this machine's cores: the load generator, the stub (which answers two calls per routed
 request) and the router. Stub and load generator run on uvloop when it is installed, as the router does,
 so that the harness takes as little of the cores as it can from either side.
@@ -23,6 +27,7 @@ import os
 import statistics
 import sys
 import time
+import uuid
 from typing import Awaitable, TypeVar
 
 import aiohttp
@@ -70,6 +75,32 @@ def run_loop(coro: Awaitable[T]) -> T:
     except ImportError:
         return asyncio.run(coro)
     return uvloop.run(coro)
+
+
+def run_bare_relay(port: int, upstream: str) -> None:
+    """The least an aiohttp PD router does per request: two legs of one transfer to `upstream` at once, the decode
+    leg's answer relayed. No placement, trace, auth, metrics, admission or failure handling."""
+    async def completions(request: web.Request) -> web.Response:
+        body, tid = await request.json(), uuid.uuid4().hex
+        legs = ({**body, "max_tokens": 1, "kv_transfer_params": {"kvbridge": {"transfer_id": tid}}},
+                {**body, "kv_transfer_params": {"kvbridge": {"transfer_id": tid, "receive": True}}})
+
+        async def leg(leg_body: dict) -> tuple[int, bytes]:
+            async with request.app["session"].post(upstream + "/v1/completions", json=leg_body) as r:
+                return r.status, await r.read()
+        _, (status, raw) = await asyncio.gather(*(leg(b) for b in legs))
+        return web.Response(status=status, body=raw, content_type="application/json")
+
+    async def serve() -> None:
+        app = web.Application()
+        app["session"] = aiohttp.ClientSession()
+        app.router.add_post("/v1/completions", completions)
+        app.router.add_get("/health", lambda _: web.Response(text="ok"))
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        await asyncio.Event().wait()
+    run_loop(serve())
 
 
 def run_stub(port: int) -> None:
@@ -155,30 +186,38 @@ def main() -> None:
                     "auto sends both legs at once, as with_prefill does; after_prefill sends the decode leg once the "
                     "prefill leg answered (two stub round trips in series)")
     args = ap.parse_args()
-    stub_port, router_port = 18601, 18600
-    # The stub runs this module's run_stub() in its own process, started like every other server.
+    stub_port, router_port, relay_port = 18601, 18600, 18603
+    # The stub and the bare relay run this module's functions, each in its own process, started like every server.
     stub = ProcessHandle("router-bench-stub", [sys.executable, "-c", "from bench.router_bench import run_stub; "
                                                f"run_stub({stub_port})"],
                          f"http://127.0.0.1:{stub_port}/health", None, LOG_DIR)
+    relay = ProcessHandle("router-bench-relay", [sys.executable, "-c", "from bench.router_bench import "
+                                                 f"run_bare_relay; run_bare_relay({relay_port}, "
+                                                 f"'http://127.0.0.1:{stub_port}')"],
+                          f"http://127.0.0.1:{relay_port}/health", None, LOG_DIR)
     cfg = RouterConfig(port=router_port, model="tiny", health_interval_s=5, decode_dispatch=args.decode_dispatch,
                        prefill=[{"name": "p", "url": f"http://127.0.0.1:{stub_port}"}],
                        decode=[{"name": "d", "url": f"http://127.0.0.1:{stub_port}",
                                 "kv_address": f"127.0.0.1:{stub_port + 1}"}])
-    procs = [stub]
+    procs = [stub, relay]
     try:
-        stub.start()
-        stub.wait_ready(30)
+        for p in procs:
+            p.start()
+            p.wait_ready(30)
         router = start_router(cfg)
         procs.append(router)
-        rows = {"direct": [], "router": []}
+        rows = {"direct": [], "router": [], "bare relay": []}
         for i in range(args.repeats):
             d = run_loop(measure(f"http://127.0.0.1:{stub_port}", args.requests))
             r = run_loop(measure(f"http://127.0.0.1:{router_port}", args.requests, router.proc.pid))
-            rows["direct"].append(d)
-            rows["router"].append(r)
+            b = run_loop(measure(f"http://127.0.0.1:{relay_port}", args.requests, relay.proc.pid))
+            for k, v in zip(rows, (d, r, b)):
+                rows[k].append(v)
             print(f"repeat {i + 1}: direct p50 {d['p50_ms']:.3f} ms {d['rps']:.0f} req/s | router p50 "
                   f"{r['p50_ms']:.3f} ms {r['rps']:.0f} req/s, {r['cpu_ms']:.3f} CPU ms/request | adds "
-                  f"{r['p50_ms'] - d['p50_ms']:.3f} ms, ratio {r['rps'] / d['rps']:.2f}", flush=True)
+                  f"{r['p50_ms'] - d['p50_ms']:.3f} ms, ratio {r['rps'] / d['rps']:.2f} | bare relay "
+                  f"{b['rps']:.0f} req/s, {b['cpu_ms']:.3f} CPU ms/request, ratio {b['rps'] / d['rps']:.2f}",
+                  flush=True)
         med = {k: {m: statistics.median(r[m] for r in v) for m in ("p50_ms", "p99_ms", "rps")}
                for k, v in rows.items()}
         for k, v in med.items():
@@ -195,6 +234,12 @@ def main() -> None:
               f"prefill leg + decode leg, so 0.5 is the ceiling)")
         print(f"router CPU {cpu:.3f} ms per request at 32 concurrent (on {os.cpu_count()} cores shared with the "
               f"stub and the load generator)")
+        bare = list(zip(rows["direct"], rows["bare relay"], rows["router"]))
+        print(f"bare aiohttp relay (the framework's floor for the same exchanges): ratio to direct "
+              f"{statistics.median(b['rps'] / d['rps'] for d, b, _ in bare):.2f}, CPU "
+              f"{statistics.median(b['cpu_ms'] for _, b, _ in bare):.3f} ms per request; router / bare relay: "
+              f"throughput {statistics.median(r['rps'] / b['rps'] for _, b, r in bare):.2f}, CPU "
+              f"{statistics.median(r['cpu_ms'] / b['cpu_ms'] for _, b, r in bare):.2f}")
         print("medians over repeats of each repeat's router-vs-direct pair")
     finally:
         for p in procs:
