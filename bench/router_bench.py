@@ -8,9 +8,11 @@ printed are medians over repeats of each repeat's pair (router minus direct p50,
 requests/s), so a change in what else the machine runs between repeats cancels out. The router's CPU time
 per request is printed too: unlike the ratios it does not depend on how busy the rest of the machine is.
 
-A third server, a bare relay (`run_bare_relay`: aiohttp on uvloop, as the router, sending both legs at once and
-relaying the decode leg's answer, nothing else), is measured in the same repeats: what the framework alone costs for
-the same three HTTP exchanges per request, so the router's figures can be set beside it (router / bare relay).
+Two more servers are measured in the same repeats, each sending both legs of a request at once and relaying the
+decode leg's answer, nothing else: a bare relay (`run_bare_relay`: aiohttp on uvloop, as the router), what the
+framework alone costs for the same three HTTP exchanges per request (router / bare relay says what kvbridge's
+own work adds), and a raw relay (bench/raw_relay.py: asyncio protocols and httptools' parser, no framework),
+the floor of those exchanges on this machine.
 
 Everything shares this machine's cores: the load generator, the stub (which answers two calls per routed
 request) and the router. Stub and load generator run on uvloop when it is installed, as the router does,
@@ -186,7 +188,7 @@ def main() -> None:
                     "auto sends both legs at once, as with_prefill does; after_prefill sends the decode leg once the "
                     "prefill leg answered (two stub round trips in series)")
     args = ap.parse_args()
-    stub_port, router_port, relay_port = 18601, 18600, 18603
+    stub_port, router_port, relay_port, raw_port = 18601, 18600, 18603, 18604
     # The stub and the bare relay run this module's functions, each in its own process, started like every server.
     stub = ProcessHandle("router-bench-stub", [sys.executable, "-c", "from bench.router_bench import run_stub; "
                                                f"run_stub({stub_port})"],
@@ -195,33 +197,37 @@ def main() -> None:
                                                  f"run_bare_relay; run_bare_relay({relay_port}, "
                                                  f"'http://127.0.0.1:{stub_port}')"],
                           f"http://127.0.0.1:{relay_port}/health", None, LOG_DIR)
+    raw = ProcessHandle("router-bench-raw-relay", [sys.executable, "-c", "from bench.raw_relay import run; "
+                                                   f"run({raw_port}, {stub_port})"],
+                        f"http://127.0.0.1:{raw_port}/health", None, LOG_DIR)
     cfg = RouterConfig(port=router_port, model="tiny", health_interval_s=5, decode_dispatch=args.decode_dispatch,
                        prefill=[{"name": "p", "url": f"http://127.0.0.1:{stub_port}"}],
                        decode=[{"name": "d", "url": f"http://127.0.0.1:{stub_port}",
                                 "kv_address": f"127.0.0.1:{stub_port + 1}"}])
-    procs = [stub, relay]
+    procs = [stub, relay, raw]
     try:
         for p in procs:
             p.start()
             p.wait_ready(30)
         router = start_router(cfg)
         procs.append(router)
-        rows = {"direct": [], "router": [], "bare relay": []}
+        rows = {"direct": [], "router": [], "bare relay": [], "raw relay": []}
         for i in range(args.repeats):
             d = run_loop(measure(f"http://127.0.0.1:{stub_port}", args.requests))
             r = run_loop(measure(f"http://127.0.0.1:{router_port}", args.requests, router.proc.pid))
             b = run_loop(measure(f"http://127.0.0.1:{relay_port}", args.requests, relay.proc.pid))
-            for k, v in zip(rows, (d, r, b)):
+            w = run_loop(measure(f"http://127.0.0.1:{raw_port}", args.requests, raw.proc.pid))
+            for k, v in zip(rows, (d, r, b, w)):
                 rows[k].append(v)
             print(f"repeat {i + 1}: direct p50 {d['p50_ms']:.3f} ms {d['rps']:.0f} req/s | router p50 "
                   f"{r['p50_ms']:.3f} ms {r['rps']:.0f} req/s, {r['cpu_ms']:.3f} CPU ms/request | adds "
                   f"{r['p50_ms'] - d['p50_ms']:.3f} ms, ratio {r['rps'] / d['rps']:.2f} | bare relay "
-                  f"{b['rps']:.0f} req/s, {b['cpu_ms']:.3f} CPU ms/request, ratio {b['rps'] / d['rps']:.2f}",
-                  flush=True)
+                  f"{b['rps']:.0f} req/s, {b['cpu_ms']:.3f} CPU ms/request, ratio {b['rps'] / d['rps']:.2f} | raw relay "
+                  f"{w['rps']:.0f} req/s, {w['cpu_ms']:.3f} CPU ms/request, ratio {w['rps'] / d['rps']:.2f}", flush=True)
         med = {k: {m: statistics.median(r[m] for r in v) for m in ("p50_ms", "p99_ms", "rps")}
                for k, v in rows.items()}
         for k, v in med.items():
-            print(f"{k:7} p50 {v['p50_ms']:.3f} ms  p99 {v['p99_ms']:.3f} ms  {v['rps']:.0f} req/s (32 concurrent)")
+            print(f"{k:10} p50 {v['p50_ms']:.3f} ms  p99 {v['p99_ms']:.3f} ms  {v['rps']:.0f} req/s (32 concurrent)")
         pairs = list(zip(rows["direct"], rows["router"]))
         added = statistics.median(r["p50_ms"] - d["p50_ms"] for d, r in pairs)
         added99 = statistics.median(r["p99_ms"] - d["p99_ms"] for d, r in pairs)
@@ -234,12 +240,12 @@ def main() -> None:
               f"prefill leg + decode leg, so 0.5 is the ceiling)")
         print(f"router CPU {cpu:.3f} ms per request at 32 concurrent (on {os.cpu_count()} cores shared with the "
               f"stub and the load generator)")
-        bare = list(zip(rows["direct"], rows["bare relay"], rows["router"]))
-        print(f"bare aiohttp relay (the framework's floor for the same exchanges): ratio to direct "
-              f"{statistics.median(b['rps'] / d['rps'] for d, b, _ in bare):.2f}, CPU "
-              f"{statistics.median(b['cpu_ms'] for _, b, _ in bare):.3f} ms per request; router / bare relay: "
-              f"throughput {statistics.median(r['rps'] / b['rps'] for _, b, r in bare):.2f}, CPU "
-              f"{statistics.median(r['cpu_ms'] / b['cpu_ms'] for _, b, r in bare):.2f}")
+        for name, floor in (("bare relay", "aiohttp's floor"), ("raw relay", "this machine's floor, no framework")):
+            trio = list(zip(rows["direct"], rows[name], rows["router"]))
+            print(f"{name} ({floor}): ratio to direct {statistics.median(b['rps'] / d['rps'] for d, b, _ in trio):.2f}"
+                  f", CPU {statistics.median(b['cpu_ms'] for _, b, _ in trio):.3f} ms per request; router / {name}: "
+                  f"throughput {statistics.median(r['rps'] / b['rps'] for _, b, r in trio):.2f}, CPU "
+                  f"{statistics.median(r['cpu_ms'] / b['cpu_ms'] for _, b, r in trio):.2f}")
         print("medians over repeats of each repeat's router-vs-direct pair")
     finally:
         for p in procs:
