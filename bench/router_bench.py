@@ -95,7 +95,7 @@ def run_bare_relay(port: int, upstream: str) -> None:
 
     async def serve() -> None:
         app = web.Application()
-        app["session"] = aiohttp.ClientSession()
+        app["session"] = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())  # as the router's
         app.router.add_post("/v1/completions", completions)
         app.router.add_get("/health", lambda _: web.Response(text="ok"))
         runner = web.AppRunner(app, access_log=None)
@@ -189,7 +189,7 @@ def main() -> None:
                     "prefill leg answered (two stub round trips in series)")
     args = ap.parse_args()
     stub_port, router_port, relay_port, raw_port = 18601, 18600, 18603, 18604
-    # The stub and the bare relay run this module's functions, each in its own process, started like every server.
+    # The stub and the two relays each run in their own process, started like every other server.
     stub = ProcessHandle("router-bench-stub", [sys.executable, "-c", "from bench.router_bench import run_stub; "
                                                f"run_stub({stub_port})"],
                          f"http://127.0.0.1:{stub_port}/health", None, LOG_DIR)
