@@ -31,6 +31,13 @@ class _Upstream(asyncio.Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The stub closed it (its keep-alive ran out between repeats): never handed out again."""
+        if self in self.idle:
+            self.idle.remove(self)
+        if self.answer is not None and not self.answer.done():
+            self.answer.set_exception(ConnectionError("the stub closed the connection"))
+
     def data_received(self, data: bytes) -> None:
         self.parser.feed_data(data)
 
