@@ -28,7 +28,7 @@ from transfer.device_fence import recorder_for
 from transfer.identity import TransferSpec
 from transfer.producer import Producer, ProducerSettings
 from transfer.receive_book import Arrival
-from transfer.ucx_error_handling import ERROR_HANDLING
+from transfer.ucx_error_handling import ERROR_HANDLING, UcxErrorHandling
 
 TOKENS, CHUNK_TOKENS = 4096, 256
 
@@ -39,7 +39,7 @@ def _digest(kv: PagedKV, ids: list[int]) -> str:
     return hashlib.blake2b(out.cpu().numpy().tobytes(), digest_size=16).hexdigest()
 
 
-def _consumer(conn, device: str, layout_name: str, layers: int, n_blocks: int, ucx: str) -> None:
+def _consumer(conn, device: str, layout_name: str, layers: int, n_blocks: int, ucx: UcxErrorHandling) -> None:
     layout = llama_layout(layout_name, layers)
     kv = PagedKV(llama_views(layout_name, n_blocks, device, layers), layout)
     n_chunks = TOKENS // CHUNK_TOKENS
@@ -77,7 +77,7 @@ def _forward_then_kv(views: list[torch.Tensor], seed: int, device: str) -> None:
         v.copy_(torch.randn(v.shape, generator=g, device=device, dtype=torch.float32).to(v.dtype) + a[0, 0])
 
 
-def run(device: str, layout_name: str, repeats: int, layers: int = LAYERS, ucx: str = "peer") -> dict:
+def run(device: str, layout_name: str, repeats: int, layers: int = LAYERS, ucx: UcxErrorHandling = "peer") -> dict:
     n_blocks = 2 * TOKENS // BLOCK
     ctx = mp.get_context("spawn")
     conn, child = ctx.Pipe()

@@ -3,8 +3,9 @@
 asyncio protocols on uvloop with httptools' parser (uvicorn's, installed with vLLM), keep-alive connections to the
 upstream, and per request what `run_bare_relay` does: parse the JSON body, send both legs of one transfer at
 once, answer with the decode leg's body. It speaks only what the bench's stub and load generator send (one
-POST path, bodies with Content-Length, no chunked encoding, no errors, no timeouts), so it measures what three
-HTTP exchanges per request cost the box, not a router anyone could run.
+POST path, bodies with Content-Length, no chunked encoding, no timeouts; a relay that fails answers 502 and
+closes the client's connection), so it measures what three HTTP exchanges per request cost the box, not a router
+anyone could run.
 
     python -c "from bench.raw_relay import run; run(18604, 18601)"
 """
@@ -16,8 +17,9 @@ import uuid
 
 import httptools
 
-HEAD = b"POST /v1/completions HTTP/1.1\r\nHost: upstream\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
-ANSWER = b"HTTP/1.1 %d OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+HEAD = (b"POST /v1/completions HTTP/1.1\r\nHost: upstream\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n")
+ANSWER = b"HTTP/1.1 %d -\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
 
 
 class _Upstream(asyncio.Protocol):
@@ -61,6 +63,7 @@ class _Client(asyncio.Protocol):
     def __init__(self, relay: _Relay) -> None:
         self.relay, self.parser = relay, httptools.HttpRequestParser(self)
         self.body: list[bytes] = []
+        self.url = b""
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
@@ -68,20 +71,26 @@ class _Client(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.parser.feed_data(data)
 
+    def on_url(self, url: bytes) -> None:
+        self.url = url
+
     def on_body(self, body: bytes) -> None:
         self.body.append(body)
 
     def on_message_complete(self) -> None:
         raw, self.body = b"".join(self.body), []
-        if not raw:  # the readiness probe's GET /health
+        if self.url == b"/health":  # the readiness probe
             self.transport.write(ANSWER % (200, 2) + b"{}")
             return
-        asyncio.ensure_future(self.relay.relay(raw, self.transport))
+        task = asyncio.ensure_future(self.relay.relay(raw, self.transport))
+        self.relay.running.add(task)
+        task.add_done_callback(self.relay.running.discard)
 
 
 class _Relay:
     def __init__(self, upstream_port: int) -> None:
         self.port, self.idle = upstream_port, []
+        self.running: set[asyncio.Task] = set()
 
     async def _post(self, payload: bytes) -> tuple[int, bytes]:
         conn = self.idle.pop() if self.idle else (await asyncio.get_running_loop().create_connection(
@@ -89,19 +98,25 @@ class _Relay:
         return await conn.post(payload)
 
     async def relay(self, raw: bytes, client: asyncio.Transport) -> None:
-        body, tid = json.loads(raw), uuid.uuid4().hex
-        legs = ({**body, "max_tokens": 1, "kv_transfer_params": {"kvbridge": {"transfer_id": tid}}},
-                {**body, "kv_transfer_params": {"kvbridge": {"transfer_id": tid, "receive": True}}})
-        _, (status, out) = await asyncio.gather(*(self._post(json.dumps(b).encode()) for b in legs))
+        try:
+            body, tid = json.loads(raw), uuid.uuid4().hex
+            legs = ({**body, "max_tokens": 1, "kv_transfer_params": {"kvbridge": {"transfer_id": tid}}},
+                    {**body, "kv_transfer_params": {"kvbridge": {"transfer_id": tid, "receive": True}}})
+            _, (status, out) = await asyncio.gather(*(self._post(json.dumps(b).encode()) for b in legs))
+        except (ValueError, OSError) as e:  # the load generator sees a failed request at once, not a hang
+            out = json.dumps({"error": f"{type(e).__name__}: {e}"}).encode()
+            client.write(ANSWER % (502, len(out)) + out)
+            client.close()
+            return
         client.write(ANSWER % (status, len(out)) + out)
 
 
 def run(port: int, upstream_port: int) -> None:
     """Serve on 127.0.0.1:`port`, relaying to the stub on `upstream_port`, until killed."""
-    import uvloop
+    from bench.router_bench import run_loop
 
     async def serve() -> None:
         relay = _Relay(upstream_port)
         await asyncio.get_running_loop().create_server(lambda: _Client(relay), "127.0.0.1", port)
         await asyncio.Event().wait()
-    uvloop.run(serve())
+    run_loop(serve())

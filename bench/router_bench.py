@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import statistics
@@ -37,6 +38,7 @@ from aiohttp import web
 
 from launch.local_servers import LOG_DIR, start_router
 from launch.process_handle import ProcessHandle
+from router.app import UPSTREAM_KEEPALIVE_S
 from router.config import RouterConfig
 
 T = TypeVar("T")
@@ -93,11 +95,16 @@ def run_bare_relay(port: int, upstream: str) -> None:
         _, (status, raw) = await asyncio.gather(*(leg(b) for b in legs))
         return web.Response(status=status, body=raw, content_type="application/json")
 
+    async def health(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
     async def serve() -> None:
         app = web.Application()
-        app["session"] = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())  # as the router's
+        # as the router's session: no cookie jar, pooled connections let go of after the same idle time
+        app["session"] = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(), connector=aiohttp.TCPConnector(
+            limit=0, keepalive_timeout=UPSTREAM_KEEPALIVE_S))
         app.router.add_post("/v1/completions", completions)
-        app.router.add_get("/health", lambda _: web.Response(text="ok"))
+        app.router.add_get("/health", health)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port).start()
@@ -179,6 +186,26 @@ async def measure(url: str, n: int, pid: int | None = None) -> dict:
     return out
 
 
+def floor_servers(stub_port: int, dispatch: str) -> dict[str, tuple[ProcessHandle, str]]:
+    """The relays measured beside the router, by name, with what each one is the floor of. Both send a request's
+    two legs at once: beside a router told to wait for the prefill leg (after_prefill) they are no floor, so
+    none is run then; the raw relay needs httptools (installed with vLLM)."""
+    if dispatch == "after_prefill":
+        print("floors not measured: the relays send both legs at once, the router (after_prefill) one after the other")
+        return {}
+    floors = {"bare relay": (ProcessHandle("router-bench-relay", [
+        sys.executable, "-c", "from bench.router_bench import run_bare_relay; "
+        f"run_bare_relay(18603, 'http://127.0.0.1:{stub_port}')"], "http://127.0.0.1:18603/health", None, LOG_DIR),
+        "aiohttp's floor")}
+    if importlib.util.find_spec("httptools") is None:
+        print("raw relay not measured: httptools is not installed")
+    else:
+        floors["raw relay"] = (ProcessHandle("router-bench-raw-relay", [
+            sys.executable, "-c", f"from bench.raw_relay import run; run(18604, {stub_port})"],
+            "http://127.0.0.1:18604/health", None, LOG_DIR), "this machine's floor, no framework")
+    return floors
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=2000)
@@ -188,42 +215,38 @@ def main() -> None:
                     "auto sends both legs at once, as with_prefill does; after_prefill sends the decode leg once the "
                     "prefill leg answered (two stub round trips in series)")
     args = ap.parse_args()
-    stub_port, router_port, relay_port, raw_port = 18601, 18600, 18603, 18604
-    # The stub and the two relays each run in their own process, started like every other server.
+    stub_port, router_port = 18601, 18600
+    # The stub runs this module's run_stub() in its own process, started like every other server.
     stub = ProcessHandle("router-bench-stub", [sys.executable, "-c", "from bench.router_bench import run_stub; "
                                                f"run_stub({stub_port})"],
                          f"http://127.0.0.1:{stub_port}/health", None, LOG_DIR)
-    relay = ProcessHandle("router-bench-relay", [sys.executable, "-c", "from bench.router_bench import "
-                                                 f"run_bare_relay; run_bare_relay({relay_port}, "
-                                                 f"'http://127.0.0.1:{stub_port}')"],
-                          f"http://127.0.0.1:{relay_port}/health", None, LOG_DIR)
-    raw = ProcessHandle("router-bench-raw-relay", [sys.executable, "-c", "from bench.raw_relay import run; "
-                                                   f"run({raw_port}, {stub_port})"],
-                        f"http://127.0.0.1:{raw_port}/health", None, LOG_DIR)
+    floors = floor_servers(stub_port, args.decode_dispatch)
     cfg = RouterConfig(port=router_port, model="tiny", health_interval_s=5, decode_dispatch=args.decode_dispatch,
                        prefill=[{"name": "p", "url": f"http://127.0.0.1:{stub_port}"}],
                        decode=[{"name": "d", "url": f"http://127.0.0.1:{stub_port}",
                                 "kv_address": f"127.0.0.1:{stub_port + 1}"}])
-    procs = [stub, relay, raw]
+    procs = [stub] + [handle for handle, _ in floors.values()]
     try:
         for p in procs:
             p.start()
             p.wait_ready(30)
         router = start_router(cfg)
         procs.append(router)
-        rows = {"direct": [], "router": [], "bare relay": [], "raw relay": []}
+        rows: dict[str, list[dict]] = {"direct": [], "router": [], **{name: [] for name in floors}}
         for i in range(args.repeats):
             d = run_loop(measure(f"http://127.0.0.1:{stub_port}", args.requests))
             r = run_loop(measure(f"http://127.0.0.1:{router_port}", args.requests, router.proc.pid))
-            b = run_loop(measure(f"http://127.0.0.1:{relay_port}", args.requests, relay.proc.pid))
-            w = run_loop(measure(f"http://127.0.0.1:{raw_port}", args.requests, raw.proc.pid))
-            for k, v in zip(rows, (d, r, b, w)):
-                rows[k].append(v)
-            print(f"repeat {i + 1}: direct p50 {d['p50_ms']:.3f} ms {d['rps']:.0f} req/s | router p50 "
-                  f"{r['p50_ms']:.3f} ms {r['rps']:.0f} req/s, {r['cpu_ms']:.3f} CPU ms/request | adds "
-                  f"{r['p50_ms'] - d['p50_ms']:.3f} ms, ratio {r['rps'] / d['rps']:.2f} | bare relay "
-                  f"{b['rps']:.0f} req/s, {b['cpu_ms']:.3f} CPU ms/request, ratio {b['rps'] / d['rps']:.2f} | raw relay "
-                  f"{w['rps']:.0f} req/s, {w['cpu_ms']:.3f} CPU ms/request, ratio {w['rps'] / d['rps']:.2f}", flush=True)
+            rows["direct"].append(d)
+            rows["router"].append(r)
+            line = (f"repeat {i + 1}: direct p50 {d['p50_ms']:.3f} ms {d['rps']:.0f} req/s | router p50 "
+                    f"{r['p50_ms']:.3f} ms {r['rps']:.0f} req/s, {r['cpu_ms']:.3f} CPU ms/request | adds "
+                    f"{r['p50_ms'] - d['p50_ms']:.3f} ms, ratio {r['rps'] / d['rps']:.2f}")
+            for name, (handle, _) in floors.items():
+                f = run_loop(measure(handle.health_url.removesuffix("/health"), args.requests, handle.proc.pid))
+                rows[name].append(f)
+                line += (f" | {name} {f['rps']:.0f} req/s, {f['cpu_ms']:.3f} CPU ms/request, ratio "
+                         f"{f['rps'] / d['rps']:.2f}")
+            print(line, flush=True)
         med = {k: {m: statistics.median(r[m] for r in v) for m in ("p50_ms", "p99_ms", "rps")}
                for k, v in rows.items()}
         for k, v in med.items():
@@ -240,13 +263,13 @@ def main() -> None:
               f"prefill leg + decode leg, so 0.5 is the ceiling)")
         print(f"router CPU {cpu:.3f} ms per request at 32 concurrent (on {os.cpu_count()} cores shared with the "
               f"stub and the load generator)")
-        for name, floor in (("bare relay", "aiohttp's floor"), ("raw relay", "this machine's floor, no framework")):
+        for name, (_, what) in floors.items():
             trio = list(zip(rows["direct"], rows[name], rows["router"]))
-            print(f"{name} ({floor}): ratio to direct {statistics.median(b['rps'] / d['rps'] for d, b, _ in trio):.2f}"
-                  f", CPU {statistics.median(b['cpu_ms'] for _, b, _ in trio):.3f} ms per request; router / {name}: "
-                  f"throughput {statistics.median(r['rps'] / b['rps'] for _, b, r in trio):.2f}, CPU "
-                  f"{statistics.median(r['cpu_ms'] / b['cpu_ms'] for _, b, r in trio):.2f}")
-        print("medians over repeats of each repeat's router-vs-direct pair")
+            print(f"{name} ({what}): ratio to direct {statistics.median(f['rps'] / d['rps'] for d, f, _ in trio):.2f}"
+                  f", CPU {statistics.median(f['cpu_ms'] for _, f, _ in trio):.3f} ms per request; router / {name}: "
+                  f"throughput {statistics.median(r['rps'] / f['rps'] for _, f, r in trio):.2f}, CPU "
+                  f"{statistics.median(r['cpu_ms'] / f['cpu_ms'] for _, f, r in trio):.2f}")
+        print("medians over repeats of each repeat's pair (a server against direct, the router against a floor)")
     finally:
         for p in procs:
             p.stop()

@@ -1,8 +1,8 @@
 """UCX's error handling for a node's NIXL agent: `peer` or `none`, meant to be set alike on a deployment's nodes.
 
-A producer in one mode and its consumer in the other still move KV and still see a killed consumer fail the next
-write, on one host (tests/test_ucx_error_handling.py), so nodes can be switched one at a time; the handshake does not
-compare the setting.
+A producer in one mode and its consumer in the other still move host memory and still see a killed consumer fail
+the next write, on one host (tests/test_ucx_error_handling.py: not measured between GPUs or across hosts), so nodes
+there can be switched one at a time; the handshake does not compare the setting.
 
 `peer` (the default): a dead peer fails its transfers instead of hanging them, on the transports that support
 it (TCP, InfiniBand, RoCE, cuda_ipc). Between two processes on one host it keeps UCX's shared-memory message
