@@ -4,8 +4,9 @@ namespaces, so no socket of the test's reaches both).
 
 - consumer: registers NBYTES of zeros, writes its NIXL metadata and address, then drives NIXL progress every
   10 ms until DIR/stop, recording to DIR/events the times (its monotonic clock) at which the buffer's
-  nonzero count changed, at which it zeroed the buffer (told by DIR/zero: a slot handed to someone else) and
-  at which a LeaseFence arrived (also DIR/fenced);
+  nonzero count changed, at which it zeroed the buffer (told by DIR/zero: a slot handed to someone else;
+  with DIR/forget, it first removes the producer's NIXL agent, as a consumer forgetting it would) and at which
+  a LeaseFence arrived (also DIR/fenced); DIR/late once a byte landed after the zeroing;
 - producer: loads the consumer, posts one WRITE of NBYTES of 0xAB with a chunk notice, releases the write's
   handle when told (DIR/release, as the producer gives up on a stuck write), then posts a LeaseFence as
   transfer/fence_writes.py does (the notification of a 1-byte write after the consumer's watched bytes) and
@@ -44,11 +45,13 @@ def consumer(d: Path, nbytes: int) -> None:
     (d / "addr").write_text(str(region.addr))
     (d / "meta.part").rename(d / "meta")
     _wait(d / "producer-meta")
-    agent.add_remote((d / "producer-meta").read_bytes())
+    producer = agent.add_remote((d / "producer-meta").read_bytes())
     events, last = [], 0
     with open(d / "events.part", "w") as out:
         while not (d / "stop").exists():
             if (d / "zero").exists() and not any(e[0] == "zeroed" for e in events):
+                if (d / "forget").exists():
+                    agent.remove_remote(producer)
                 buf.zero_()
                 events.append(("zeroed", time.monotonic(), 0))
                 last = 0
@@ -57,6 +60,8 @@ def consumer(d: Path, nbytes: int) -> None:
             if nonzero != last:  # recorded before this look's fence: they came with it or before it
                 events.append(("bytes", time.monotonic(), nonzero))
                 last = nonzero
+                if any(e[0] == "zeroed" for e in events):
+                    (d / "late").touch()
             if any(_is_fence(raw) for msgs in got.values() for raw in msgs):
                 events.append(("fence", time.monotonic(), 0))
                 (d / "fenced").touch()
