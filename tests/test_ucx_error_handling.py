@@ -3,8 +3,7 @@
 `peer` stays the default; `none` is asked for by name and reaches the NIXL agent; a value that is neither is
 refused before any agent exists. In both modes, and with a producer in one and its consumer in the other, a write
 of host memory lands byte for byte, and a write to a consumer process killed on this host fails as a peer gone
-instead of hanging. Pushes through a killed and a frozen consumer in
-both modes: test_dead_consumer.py."""
+instead of hanging. Pushes through a killed and a frozen consumer in both modes: test_dead_consumer.py."""
 from __future__ import annotations
 
 import multiprocessing as mp
