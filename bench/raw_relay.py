@@ -1,11 +1,11 @@
 """The floor of a PD relay on this machine, below any HTTP framework: bench/router_bench.py's fourth server.
 
-asyncio protocols (on uvloop when installed, as the router) with httptools' parser (uvicorn's, installed with
-vLLM), keep-alive connections to the upstream, and per request what `run_bare_relay` does: parse the JSON body,
-send both legs of one transfer at once, answer with the decode leg's body. It speaks only what the bench's stub and load generator send (one
-POST path, bodies with Content-Length, no chunked encoding, no timeouts; a relay that fails answers 502 and
-closes the client's connection), so it measures what three HTTP exchanges per request cost the box, not a router
-anyone could run.
+asyncio protocols (on uvloop when installed, as the router) with httptools' parser (uvicorn's, installed with vLLM),
+keep-alive connections to the upstream, and per request what `run_bare_relay` does: parse the JSON body, send both
+legs of one transfer at once, answer with the decode leg's body. It speaks only what the bench's stub and load
+generator send (one POST path, bodies with Content-Length, no chunked encoding, no timeouts; a relay that fails
+answers 502 and closes the client's connection), so it measures what three HTTP exchanges per request cost the box,
+not a router anyone could run.
 
     python -c "from bench.raw_relay import run; run(18604, 18601)"
 """
