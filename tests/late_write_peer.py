@@ -5,8 +5,8 @@ namespaces, so no socket of the test's reaches both).
 - consumer: registers NBYTES of zeros, writes its NIXL metadata and address, then drives NIXL progress every
   10 ms until DIR/stop, recording to DIR/events the times (its monotonic clock) at which the buffer's
   nonzero count changed, at which it zeroed the buffer (told by DIR/zero: a slot handed to someone else;
-  with DIR/forget, it first removes the producer's NIXL agent, as a consumer forgetting it would) and at which
-  a LeaseFence arrived (also DIR/fenced); DIR/late once a byte landed after the zeroing;
+  with DIR/forget, it first removes the producer's NIXL agent, as a consumer forgetting it would: "forgotten")
+  and at which a LeaseFence arrived (also DIR/fenced); DIR/late once a byte landed after the zeroing;
 - producer: loads the consumer, posts one WRITE of NBYTES of 0xAB with a chunk notice, releases the write's
   handle when told (DIR/release, as the producer gives up on a stuck write), then posts a LeaseFence as
   transfer/fence_writes.py does (the notification of a 1-byte write after the consumer's watched bytes) and
@@ -52,6 +52,7 @@ def consumer(d: Path, nbytes: int) -> None:
             if (d / "zero").exists() and not any(e[0] == "zeroed" for e in events):
                 if (d / "forget").exists():
                     agent.remove_remote(producer)
+                    events.append(("forgotten", time.monotonic(), 0))
                 buf.zero_()
                 events.append(("zeroed", time.monotonic(), 0))
                 last = 0

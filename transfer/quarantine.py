@@ -3,8 +3,8 @@ write can land in them.
 
 A one-sided write cannot be refused, and one posted before a link was cut lands when the link comes back, however
 late (TCP holds it and retransmits; releasing the write's handle does not recall it, and neither does this side
-removing the producer's NIXL agent: tests/test_late_write.py). So an ended lease's slots go
-back only once nothing its producer wrote there can still be on the way:
+removing the producer's NIXL agent: tests/test_late_write.py). So an ended lease's slots go back only once nothing
+its producer wrote there can still be on the way:
 - every chunk of the lease arrived: each chunk is written once and its notice comes after its bytes, so no write
   is left; the slots are free at once (a chunk notice that comes after the end still counts, `landed`);
 - its producer's fence came (`fenced`, notice.py): NIXL sends it only after every byte that producer posted to
