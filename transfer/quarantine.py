@@ -18,9 +18,9 @@ its producer wrote there can still be on the way:
   overlap in a rolling restart): `quarantine_s` past the later of then and that deadline;
 - otherwise (expired, or ended by the consumer, with no word from its producer in time): until its fence, or
   `fence_timeout_s` past its deadline. A link cut for longer than that can still land old bytes in reused slots;
-  with `fence_timeout_s` None no timer ends the rest: only the fence or the producer's restart does (a producer
-  gone for good, or one whose fence never arrives, then holds the slots until it restarts, counted as
-  quarantined).
+  with `fence_timeout_s` None no timer ends the rest: only the fence or the producer's restart does (its
+  producer stops sending the fence after transfer/fence_writes.py's `PATIENCE_S`; a producer gone for good then
+  holds the slots, counted as quarantined).
 A lease a reader still pins (`draining`) keeps its slots whatever ended it; they take one of the ways above at
 the last unpin.
 """
