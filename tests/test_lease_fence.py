@@ -2,17 +2,14 @@
 
 A write posted before a link was cut lands when the link comes back, however late; its producer's fence follows
 it on the same connection. So such a lease waits for the fence (then `quarantine_s`), for its producer's word
-before the deadline, or for its producer's restart; otherwise `fence_timeout_s` past its deadline (None: no
-timer at all).
+before the deadline, or for its producer's restart; otherwise `fence_timeout_s` past its deadline.
 """
 from __future__ import annotations
 
 import logging
 
 import msgpack
-import pytest
 
-from pd.connector_config import ConnectorConfig, ConnectorConfigError
 from tests.test_slot_pool import Clock, notice, sizes
 from transfer.notice import ChunkNotice, LeaseFence, NoticeError, decode_notification
 from transfer.notice_intake import NoticeIntake
@@ -35,29 +32,6 @@ def test_an_expired_lease_whose_producer_said_nothing_rests_fence_timeout_s_past
     assert pool.stats().quarantined == 2 and pool.grant("b", sizes(1), 1.0, "p1") is None
     clock.t = 31.1
     assert pool.stats().free == 2
-
-
-def test_without_a_fence_timeout_a_silent_producers_lease_rests_until_its_fence_or_its_restart_however_long():
-    """`fence_timeout_s=None`: no timer ends the rest, so no write a cut link held can land in reused slots."""
-    clock = Clock()
-    pool = SlotPool(3, 100, quarantine_s=2.0, fence_timeout_s=None, clock=clock)
-    fenced = pool.grant("a", sizes(1), ttl_s=1.0, producer="p1")
-    pool.grant("b", sizes(1), ttl_s=1.0, producer="p2")
-    clock.t = 1e6  # both expired long ago, their producers silent
-    assert pool.stats().quarantined == 2 and pool.stats().free == 1
-    assert pool.fence("a", fenced.epoch, "p1")
-    clock.t += 2.1
-    assert pool.stats().free == 2
-    pool.release_producer("p2", restarted=True)  # a newer generation of p2 said hello
-    clock.t += 2.1
-    assert pool.stats().free == 3 and pool.stats().quarantined == 0
-
-
-def test_the_connector_takes_null_for_no_fence_timeout_and_refuses_a_negative_one():
-    assert ConnectorConfig.from_extra({}).fence_timeout_s == 30.0
-    assert ConnectorConfig.from_extra({"fence_timeout_s": None}).fence_timeout_s is None
-    with pytest.raises(ConnectorConfigError, match="fence_timeout_s"):
-        ConnectorConfig.from_extra({"fence_timeout_s": -1})
 
 
 def test_a_fence_frees_an_ended_lease_quarantine_s_after_it_comes_even_long_past_its_deadline():

@@ -17,16 +17,12 @@ its producer wrote there can still be on the way:
   of it at its next renewal at the latest and never writes past the deadline it was told (two generations may
   overlap in a rolling restart): `quarantine_s` past the later of then and that deadline;
 - otherwise (expired, or ended by the consumer, with no word from its producer in time): until its fence, or
-  `fence_timeout_s` past its deadline. A link cut for longer than that can still land old bytes in reused slots;
-  with `fence_timeout_s` None no timer ends the rest: only the fence or the producer's restart does (its
-  producer stops sending the fence after transfer/fence_writes.py's `PATIENCE_S`; a producer gone for good then
-  holds the slots, counted as quarantined).
+  `fence_timeout_s` past its deadline. A link cut for longer than that can still land old bytes in reused slots.
 A lease a reader still pins (`draining`) keeps its slots whatever ended it; they take one of the ways above at
 the last unpin.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Protocol
 
 
@@ -48,9 +44,9 @@ class EndedLease(Protocol):
 class Quarantine:
     """Not thread-safe: the slot pool calls it under its own lock. Methods that give slots back return them."""
 
-    def __init__(self, quarantine_s: float, fence_timeout_s: float | None) -> None:
+    def __init__(self, quarantine_s: float, fence_timeout_s: float) -> None:
         self.quarantine_s = quarantine_s
-        self.fence_timeout_s = math.inf if fence_timeout_s is None else max(fence_timeout_s, quarantine_s)
+        self.fence_timeout_s = max(fence_timeout_s, quarantine_s)
         self._draining: list[EndedLease] = []  # ended while pinned: slots return at the last unpin
         self._resting: list[tuple[float, EndedLease]] = []  # (free from, lease)
 

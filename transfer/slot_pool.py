@@ -43,7 +43,7 @@ class PoolStats:
 
 
 class SlotPool:
-    def __init__(self, num_slots: int, slot_bytes: int, quarantine_s: float = 2.0, fence_timeout_s: float | None = 30.0,
+    def __init__(self, num_slots: int, slot_bytes: int, quarantine_s: float = 2.0, fence_timeout_s: float = 30.0,
                  clock: Callable[[], float] = time.monotonic,
                  on_expire: Callable[[str], None] | None = None) -> None:
         """`on_expire(transfer_id)` runs (under the pool's lock: it must not call back into the pool)
