@@ -26,9 +26,10 @@ def probe(*cores: str, binding: str | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in OPENMP_BINDING}
     if binding is not None:
         env["GOMP_CPU_AFFINITY"] = binding
-    out = subprocess.run([sys.executable, "-m", "tests.thread_probe", *cores], capture_output=True, text=True,
-                         timeout=60, cwd=ROOT, env=env, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    done = subprocess.run([sys.executable, "-m", "tests.thread_probe", *cores], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT, env=env)
+    assert done.returncode == 0, f"the probe failed ({done.returncode}):\n{done.stderr}"
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def test_a_background_thread_is_named_for_the_os():

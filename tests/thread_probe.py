@@ -47,11 +47,16 @@ def main() -> int:
 
 
 def zmq_io_threads() -> list[int]:
+    """The ZMQ I/O threads' ids. A thread that ends while this looks (the probe's own thread, joined a moment
+    before, leaves /proc only as the kernel finishes it) is not one of them: it is skipped."""
     tids = []
     for task in glob.glob(f"/proc/{os.getpid()}/task/*"):
-        with open(task + "/comm") as f:
-            if f.read().startswith("ZMQbg/IO"):
-                tids.append(int(task.rsplit("/", 1)[1]))
+        try:
+            with open(task + "/comm") as f:
+                if f.read().startswith("ZMQbg/IO"):
+                    tids.append(int(task.rsplit("/", 1)[1]))
+        except (FileNotFoundError, ProcessLookupError):
+            continue
     return tids
 
 
