@@ -2,10 +2,10 @@
 
 asyncio protocols (on uvloop when installed, as the router) with httptools' parser (uvicorn's, installed with vLLM),
 keep-alive connections to the upstream, and per request what `run_bare_relay` does: parse the JSON body, send both
-legs of one transfer at once, answer with the decode leg's body. It speaks only what the bench's stub and load
-generator send (one POST path, bodies with Content-Length, no chunked encoding, no timeouts; a relay that fails
-answers 502 and closes the client's connection), so it measures what three HTTP exchanges per request cost the box,
-not a router anyone could run.
+legs of one transfer at once (`pd_legs`: the router's leg bodies), answer with the decode leg's body. It speaks only
+what the bench's stub and load generator send (one POST path, bodies with Content-Length, no chunked encoding, no
+timeouts; a relay that fails answers 502 and closes the client's connection), so it measures what three HTTP
+exchanges per request cost the box, not a router anyone could run.
 
     python -c "from bench.raw_relay import run; run(18604, 18601)"
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
+from typing import Callable
 
 import httptools
 
@@ -88,8 +88,8 @@ class _Client(asyncio.Protocol):
 
 
 class _Relay:
-    def __init__(self, upstream_port: int) -> None:
-        self.port, self.idle = upstream_port, []
+    def __init__(self, upstream_port: int, legs: Callable[[dict, int], tuple[dict, dict]]) -> None:
+        self.port, self.legs, self.idle = upstream_port, legs, []
         self.running: set[asyncio.Task] = set()
 
     async def _post(self, payload: bytes) -> tuple[int, bytes]:
@@ -99,9 +99,7 @@ class _Relay:
 
     async def relay(self, raw: bytes, client: asyncio.Transport) -> None:
         try:
-            body, tid = json.loads(raw), uuid.uuid4().hex
-            legs = ({**body, "max_tokens": 1, "kv_transfer_params": {"kvbridge": {"transfer_id": tid}}},
-                    {**body, "kv_transfer_params": {"kvbridge": {"transfer_id": tid, "receive": True}}})
+            legs = self.legs(json.loads(raw), self.port)
             _, (status, out) = await asyncio.gather(*(self._post(json.dumps(b).encode()) for b in legs))
         except (ValueError, OSError) as e:  # the load generator sees a failed request at once, not a hang
             out = json.dumps({"error": f"{type(e).__name__}: {e}"}).encode()
@@ -113,10 +111,10 @@ class _Relay:
 
 def run(port: int, upstream_port: int) -> None:
     """Serve on 127.0.0.1:`port`, relaying to the stub on `upstream_port`, until killed."""
-    from bench.router_bench import run_loop
+    from bench.router_bench import pd_legs, run_loop
 
     async def serve() -> None:
-        relay = _Relay(upstream_port)
+        relay = _Relay(upstream_port, pd_legs)
         await asyncio.get_running_loop().create_server(lambda: _Client(relay), "127.0.0.1", port)
         await asyncio.Event().wait()
     run_loop(serve())

@@ -40,6 +40,7 @@ from launch.local_servers import LOG_DIR, start_router
 from launch.process_handle import ProcessHandle
 from router.app import UPSTREAM_KEEPALIVE_S
 from router.config import RouterConfig
+from router.leg_bodies import decode_body, prefill_body
 
 T = TypeVar("T")
 ADDED_P50_TARGET_MS, RATIO_TARGET = 1.0, 0.4  # each routed request is two upstream calls: 0.5 is the ceiling
@@ -81,18 +82,22 @@ def run_loop(coro: Awaitable[T]) -> T:
     return uvloop.run(coro)
 
 
-def run_bare_relay(port: int, upstream: str) -> None:
-    """The least an aiohttp PD router does per request: two legs of one transfer to `upstream` at once, the decode
-    leg's answer relayed. No placement, trace, auth, metrics, admission or failure handling."""
-    async def completions(request: web.Request) -> web.Response:
-        body, tid = await request.json(), uuid.uuid4().hex
-        legs = ({**body, "max_tokens": 1, "kv_transfer_params": {"kvbridge": {"transfer_id": tid}}},
-                {**body, "kv_transfer_params": {"kvbridge": {"transfer_id": tid, "receive": True}}})
+def pd_legs(body: dict, stub_port: int) -> tuple[dict, dict]:
+    """A request's prefill and decode legs for the stub, built as the router builds them (router/leg_bodies.py)."""
+    tid = uuid.uuid4().hex
+    return prefill_body(body, tid, f"127.0.0.1:{stub_port + 1}"), decode_body(body, tid)
 
+
+def run_bare_relay(port: int, stub_port: int) -> None:
+    """The least an aiohttp PD router does per request: two legs of one transfer to the stub at once, the decode
+    leg's answer relayed. No placement, trace, auth, metrics, admission or failure handling."""
+    upstream = f"http://127.0.0.1:{stub_port}/v1/completions"
+
+    async def completions(request: web.Request) -> web.Response:
         async def leg(leg_body: dict) -> tuple[int, bytes]:
-            async with request.app["session"].post(upstream + "/v1/completions", json=leg_body) as r:
+            async with request.app["session"].post(upstream, json=leg_body) as r:
                 return r.status, await r.read()
-        _, (status, raw) = await asyncio.gather(*(leg(b) for b in legs))
+        _, (status, raw) = await asyncio.gather(*(leg(b) for b in pd_legs(await request.json(), stub_port)))
         return web.Response(status=status, body=raw, content_type="application/json")
 
     async def health(_: web.Request) -> web.Response:
@@ -195,7 +200,7 @@ def floor_servers(stub_port: int, dispatch: str) -> dict[str, tuple[ProcessHandl
         return {}
     floors = {"bare relay": (ProcessHandle("router-bench-relay", [
         sys.executable, "-c", "from bench.router_bench import run_bare_relay; "
-        f"run_bare_relay(18603, 'http://127.0.0.1:{stub_port}')"], "http://127.0.0.1:18603/health", None, LOG_DIR),
+        f"run_bare_relay(18603, {stub_port})"], "http://127.0.0.1:18603/health", None, LOG_DIR),
         "aiohttp's floor")}
     if importlib.util.find_spec("httptools") is None:
         print("raw relay not measured: httptools is not installed")
