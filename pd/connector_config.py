@@ -52,7 +52,8 @@ class ConnectorConfig(BaseModel):
                                 "after its producer's fence (or its word before the deadline) before reuse")
     fence_timeout_s: float = Field(default=30.0, ge=0, description="slots of a lease that ended unfilled, with no "
                                    "word from its producer in time, rest this long past its deadline unless the "
-                                   "producer's fence comes first (writes a cut link held land when it comes back)")
+                                   "producer's fence comes first (writes a cut link held land when it comes back, until the "
+                                   "producer's TCP gives up: transfer/write_hold.py)")
     alloc_timeout_s: float = Field(default=5.0, gt=0, description="how long a producer waits for consumer slots")
     load_timeout_s: float = Field(default=10.0, gt=0, description="how long a consumer waits for KV that never starts")
     no_show_s: float = Field(default=0.25, gt=0, description="once the prefill node answered (as the router says, "

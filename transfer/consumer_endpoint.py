@@ -37,6 +37,7 @@ from transfer.sender_rules import forbidden
 from transfer.receive_book import ReceiveBook
 from transfer.slot_pool import Lease, SlotPool
 from transfer.threads import io_context, start_io_thread
+from transfer.write_hold import hold_warning
 
 log = logging.getLogger("kvbridge.consumer")
 REFUSED = wire.Error(code="unauthenticated", message="refused")  # all an unauthenticated peer ever learns
@@ -208,6 +209,8 @@ class ConsumerEndpoint:
         refused = self.producers.hello(msg)
         if refused:
             return wire.Reject(reasons=[refused])
+        if held := hold_warning(msg.producer_id, msg.tcp_retries2, self.cfg.fence_timeout_s):
+            log.warning(held)
         return wire.Welcome(incarnation=self.incarnation, layout=self.layout,
                             agent_name=self.agent.name, agent_meta=self.agent.metadata(),
                             chunk_tokens=self.cfg.chunk_tokens, slot_bytes=self.slot_bytes,

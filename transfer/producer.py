@@ -1,11 +1,10 @@
 """Producer push engine: lease slots on a consumer, write staged chunks, renew, clean up.
 
-The engine thread calls `begin` when a request first appears and `stage` as soon as a
-chunk's KV exists (per scheduler step), or `open` a chunk before the forward that computes it and
-`stage_part` each group of its layers as the forward goes (staged_chunk.py), so writes leave while
-prefill continues. One
-background thread drives NIXL and each transfer's state, sleeping when there is nothing to post or
-poll; control calls (lease, renew, window progress, release) run on each consumer's own thread (link_calls.py).
+The engine thread calls `begin` when a request first appears and `stage` as soon as a chunk's KV exists (per
+scheduler step), or `open` a chunk before the forward that computes it and `stage_part` each group of its layers as
+the forward goes (staged_chunk.py), so writes leave while prefill continues. One background thread drives NIXL and
+each transfer's state, sleeping when there is nothing to post or poll; control calls (lease, renew, window progress,
+release) run on each consumer's own thread (link_calls.py).
 """
 from __future__ import annotations
 
@@ -37,6 +36,7 @@ from transfer.fence_writes import FenceWrites
 from transfer.push_window import window_blocked
 from transfer.staged_chunk import HELD, StagedChunk
 from transfer.staging import StagingBuffer
+from transfer.write_hold import local_tcp_retries2
 
 log = logging.getLogger("kvbridge.producer")
 STAGING_FREE = Gauge("kvbridge_producer_staging_free_slots", "Producer staging slots not holding a chunk")
@@ -55,9 +55,9 @@ class Producer:
         self.agent = NixlAgent(f"kvb-producer-{settings.producer_id}-{self.incarnation[:12]}", settings.ucx_error_handling)
         self._record_fence = settings.fence or recorder_for(settings.device)
         self.staging = StagingBuffer(self.agent, settings.staging_chunks, self.geometry.slot_bytes, settings.device)
-        self._hello = wire.Hello(producer_id=settings.producer_id, generation=self.generation,
-                                 incarnation=self.incarnation, layout=layout, chunk_tokens=chunk_tokens,
-                                 agent_name=self.agent.name, agent_meta=self.agent.metadata())
+        self._hello = wire.Hello(producer_id=settings.producer_id, generation=self.generation, layout=layout,
+                                 incarnation=self.incarnation, chunk_tokens=chunk_tokens, agent_name=self.agent.name,
+                                 agent_meta=self.agent.metadata(), tcp_retries2=local_tcp_retries2())
         self._calls = LinkCalls(lambda c: ConsumerLink(c, self.agent, self._hello, settings.secret,
                                                      settings.rpc_timeout_s), self._wake)
         self.announcer = Announcer(lambda a: ConsumerLink(a, self.agent, self._hello, settings.secret,

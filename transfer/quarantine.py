@@ -17,7 +17,8 @@ its producer wrote there can still be on the way:
   of it at its next renewal at the latest and never writes past the deadline it was told (two generations may
   overlap in a rolling restart): `quarantine_s` past the later of then and that deadline;
 - otherwise (expired, or ended by the consumer, with no word from its producer in time): until its fence, or
-  `fence_timeout_s` past its deadline. A link cut for longer than that can still land old bytes in reused slots.
+  `fence_timeout_s` past its deadline. A link cut for longer than that can still land old bytes in reused slots,
+  until the producer's TCP gives up on it (write_hold.py: the consumer warns when `fence_timeout_s` is shorter).
 A lease a reader still pins (`draining`) keeps its slots whatever ended it; they take one of the ways above at
 the last unpin.
 """

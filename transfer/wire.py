@@ -13,10 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from transfer.layout import KVLayout
 
-# 11: PrefillAnswered.prefill; 10: PrefillAnswered.answered_s_ago; 9: Withdraw; 8: PoolStatus.ranks;
-# 7: PrefillAnswered; 6: Grant.incarnation; 5: windowed grants (Grant.chunks, Progress/WindowState) and Pending;
-# 4: HMAC frames
-PROTOCOL_VERSION = 11
+# 12: Hello.tcp_retries2; 11: PrefillAnswered.prefill; 10: PrefillAnswered.answered_s_ago; 9: Withdraw;
+# 8: PoolStatus.ranks; 7: PrefillAnswered; 6: Grant.incarnation; 5: windowed grants (Grant.chunks,
+# Progress/WindowState) and Pending; 4: HMAC frames
+PROTOCOL_VERSION = 12
 MAX_MESSAGE_BYTES = 1 << 20
 # The longest prompt an ALLOC may carry (16.7M tokens, beyond any model's context today): the consumer builds
 # one entry per chunk of it, so an unbounded count from a buggy or hostile peer would stall or exhaust it.
@@ -57,6 +57,7 @@ class Hello(_Request):
     chunk_tokens: int = Field(gt=0)
     agent_name: str = Field(max_length=256)
     agent_meta: bytes
+    tcp_retries2: int = Field(default=15, ge=0, le=255)  # its host's: how long TCP holds a write (write_hold.py)
 
 
 class Alloc(_Request):

@@ -1,0 +1,68 @@
+"""How late a write held by a cut link can still land: how long its producer's TCP retransmits before giving up.
+
+A write posted before a link was cut lands when the link comes back (TCP keeps the unacknowledged bytes and
+retransmits them), however late, as long as TCP has not given up on the connection; once it has (after
+`net.ipv4.tcp_retries2` retransmissions on the producer's host), it drops them, and UCX does not send them again
+on another connection (both in tests/test_late_write.py). So a consumer that rests an unanswered lease's slots
+(quarantine.py) for at least this long past the lease's deadline cannot get that lease's bytes in them later. The
+producer tells its consumers its host's setting in its hello; the consumer warns when its own `fence_timeout_s`
+is shorter (consumer_endpoint.py), naming both fixes: a longer `fence_timeout_s`, or a lower `tcp_retries2` there.
+
+Linux times the give-up by a model, from the first retransmission: timeouts from 200 ms (TCP_RTO_MIN), doubling,
+each at most 120 s (TCP_RTO_MAX); the default 15 retransmissions give 924.6 s. A connection's real timeouts start
+from its own RTO (200 ms or more), and the kernel checks the span only when one fires, so the give-up can come up
+to one backoff after the model's span: `write_hold_s` is the model's span for one retransmission more. It counts
+from the lease's deadline, when the producer stops posting to it; bytes it posted before then that are still
+queued behind a slow link keep going out after it, and a cut that comes while they do starts TCP's count later,
+by as much.
+"""
+from __future__ import annotations
+
+import math
+
+RTO_MIN_S = 0.2
+RTO_MAX_S = 120.0
+LINUX_DEFAULT_RETRIES2 = 15
+_LINEAR_FROM = int(math.log2(RTO_MAX_S / RTO_MIN_S))  # retransmissions after which every timeout is RTO_MAX_S
+
+
+def tcp_give_up_s(retries2: int) -> float:
+    """Linux's model of how long TCP retransmits before giving up, for `net.ipv4.tcp_retries2` = `retries2`."""
+    if retries2 <= _LINEAR_FROM:
+        return ((2 << retries2) - 1) * RTO_MIN_S
+    return ((2 << _LINEAR_FROM) - 1) * RTO_MIN_S + (retries2 - _LINEAR_FROM) * RTO_MAX_S
+
+
+def write_hold_s(retries2: int) -> float:
+    """Seconds past its producer's last chance to post it (the lease's deadline) that a write held by a cut link
+    may still land, for a producer host with `net.ipv4.tcp_retries2` = `retries2`."""
+    return tcp_give_up_s(retries2 + 1)
+
+
+def local_tcp_retries2() -> int:
+    """This host's `net.ipv4.tcp_retries2` (in this network namespace), Linux's default where it cannot be read."""
+    try:
+        with open("/proc/sys/net/ipv4/tcp_retries2") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return LINUX_DEFAULT_RETRIES2
+
+
+def retries2_within(seconds: float) -> int | None:
+    """The largest `net.ipv4.tcp_retries2` whose `write_hold_s` is at most `seconds` (None: not even 0's)."""
+    fits = [r for r in range(32) if write_hold_s(r) <= seconds]
+    return fits[-1] if fits else None
+
+
+def hold_warning(producer_id: str, retries2: int, fence_timeout_s: float) -> str | None:
+    """What a consumer resting unanswered leases `fence_timeout_s` should tell its operator about a producer whose
+    host has `retries2`, or None when that rest outlasts the producer's TCP."""
+    hold = write_hold_s(retries2)
+    if hold <= fence_timeout_s:
+        return None
+    fits = retries2_within(fence_timeout_s)
+    lower = f", or net.ipv4.tcp_retries2 <= {fits} on that host" if fits is not None else ""
+    return (f"producer {producer_id}: its host's net.ipv4.tcp_retries2={retries2} lets a write held by a cut link "
+            f"land up to {hold:.0f} s past its lease's deadline, and this consumer gives an unanswered lease's slots "
+            f"back {fence_timeout_s:g} s past it (fence_timeout_s): a cut that long can put old KV in reused slots. "
+            f"Set fence_timeout_s >= {hold:.0f} here{lower}")
