@@ -51,9 +51,9 @@ class ConnectorConfig(BaseModel):
     quarantine_s: float = Field(default=2.0, ge=0, description="slots of a lease that ended unfilled rest this long "
                                 "after its producer's fence (or its word before the deadline) before reuse")
     fence_timeout_s: float = Field(default=30.0, ge=0, description="slots of a lease that ended unfilled, with no "
-                                   "word from its producer in time, rest this long past its deadline unless the "
-                                   "producer's fence comes first (writes a cut link held land when it comes back, until the "
-                                   "producer's TCP gives up: transfer/write_hold.py)")
+                                   "word from its producer in time, rest at least this long past its deadline unless "
+                                   "the producer's fence comes first (writes a cut link held land when it comes back; "
+                                   "longer for a producer whose TCP holds them longer: transfer/write_hold.py)")
     alloc_timeout_s: float = Field(default=5.0, gt=0, description="how long a producer waits for consumer slots")
     load_timeout_s: float = Field(default=10.0, gt=0, description="how long a consumer waits for KV that never starts")
     no_show_s: float = Field(default=0.25, gt=0, description="once the prefill node answered (as the router says, "

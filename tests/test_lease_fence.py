@@ -2,7 +2,8 @@
 
 A write posted before a link was cut lands when the link comes back, however late; its producer's fence follows
 it on the same connection. So such a lease waits for the fence (then `quarantine_s`), for its producer's word
-before the deadline, or for its producer's restart; otherwise `fence_timeout_s` past its deadline.
+before the deadline, or for its producer's restart; otherwise `fence_timeout_s` past its deadline, or as long as its
+producer's TCP may hold a write (transfer/write_hold.py) if that is longer.
 """
 from __future__ import annotations
 
@@ -32,6 +33,35 @@ def test_an_expired_lease_whose_producer_said_nothing_rests_fence_timeout_s_past
     assert pool.stats().quarantined == 2 and pool.grant("b", sizes(1), 1.0, "p1") is None
     clock.t = 31.1
     assert pool.stats().free == 2
+
+
+def test_a_silent_producer_whose_tcp_holds_writes_longer_rests_its_lease_that_long_past_the_deadline():
+    """Its host's TCP may land a cut link's write up to `write_hold_s` past the deadline: `fence_timeout_s` is then
+    not enough."""
+    clock = Clock()
+    pool = pool_at(clock)
+    pool.grant("a", sizes(2), ttl_s=1.0, producer="p1", write_hold_s=100.0)
+    clock.t = 1.0
+    assert pool.stats().expired_total == 1
+    clock.t = 100.9
+    assert pool.stats().quarantined == 2 and pool.grant("b", sizes(1), 1.0, "p1") is None
+    clock.t = 101.1
+    assert pool.stats().free == 2
+
+
+def test_a_fence_or_a_restart_still_ends_a_long_hold_quarantine_s_after_it():
+    clock = Clock()
+    pool = pool_at(clock, 4)
+    lease = pool.grant("a", sizes(2), ttl_s=1.0, producer="p1", write_hold_s=1000.0)
+    pool.grant("b", sizes(2), ttl_s=1.0, producer="p2", write_hold_s=1000.0)
+    clock.t = 5.0
+    assert pool.stats().quarantined == 4
+    assert pool.fence("a", lease.epoch, "p1")
+    pool.release_producer("p2", restarted=True)  # a newer generation of p2 said hello
+    clock.t = 6.9
+    assert pool.stats().quarantined == 4
+    clock.t = 7.1
+    assert pool.stats().free == 4
 
 
 def test_a_fence_frees_an_ended_lease_quarantine_s_after_it_comes_even_long_past_its_deadline():

@@ -1,6 +1,8 @@
 """How late a cut link's held write can land (transfer/write_hold.py), and the producer telling its consumer so:
-the consumer warns when it would give an unanswered lease's slots back sooner."""
+the consumer rests an unanswered lease's slots at least that long."""
 from __future__ import annotations
+
+import logging
 
 import pytest
 
@@ -10,7 +12,7 @@ from transfer import wire
 from transfer.consumer_endpoint import ConsumerEndpoint
 from transfer.consumer_settings import ConsumerSettings
 from transfer.states import State
-from transfer.write_hold import hold_warning, local_tcp_retries2, retries2_within, tcp_give_up_s, write_hold_s
+from transfer.write_hold import held_rest, local_tcp_retries2, retries2_within, tcp_give_up_s, write_hold_s
 
 
 def test_the_give_up_span_doubles_from_200_ms_then_grows_by_120_s_as_linux_models_it():
@@ -32,13 +34,11 @@ def test_the_largest_retries_that_fit_a_rest_are_named():
     assert retries2_within(0.5) is None
 
 
-def test_a_rest_shorter_than_the_producers_hold_is_warned_about_with_both_fixes():
-    said = hold_warning("prefill-0", 15, 30.0)
-    assert said is not None and "prefill-0" in said and "tcp_retries2=15" in said
-    assert "fence_timeout_s >= 1045" in said and "tcp_retries2 <= 5 on that host" in said
-    assert hold_warning("prefill-0", 5, 30.0) is None
-    assert hold_warning("prefill-0", 15, 1044.6) is None
-    assert "on that host" not in hold_warning("prefill-0", 2, 0.5)
+def test_a_longer_rest_is_told_with_the_setting_that_would_shorten_it():
+    said = held_rest("prefill-0/rank0", 15, 30.0)
+    assert "prefill-0/rank0" in said and "rest 1045 s" in said and "net.ipv4.tcp_retries2=15" in said
+    assert "<= 5 brings it within fence_timeout_s, 30 s" in said
+    assert "brings it within" not in held_rest("prefill-0/rank0", 15, 0.5)
 
 
 def test_this_hosts_setting_is_read_from_proc():
@@ -56,21 +56,25 @@ def test_a_hello_carries_the_setting_and_rejects_one_out_of_range():
         wire.decode_request(wire.encode(hello.model_copy(update={"tcp_retries2": 1000})))
 
 
-@pytest.mark.parametrize("fence_timeout_s,warned", [(30.0, True), (None, False)], ids=["short_rest", "long_rest"])
-def test_a_producers_hello_tells_the_consumer_its_hold_and_a_short_rest_is_warned(caplog, fence_timeout_s, warned):
-    hold = write_hold_s(local_tcp_retries2())
-    rest = fence_timeout_s if fence_timeout_s is not None else hold
-    ep = ConsumerEndpoint(LAYOUT, ConsumerSettings(chunk_tokens=CHUNK_TOKENS, num_slots=4, fence_timeout_s=rest))
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"], ids=["loopback", "routable"])
+def test_a_lease_keeps_the_hold_its_producers_hello_gave_unless_the_consumer_listens_on_loopback_only(caplog, host):
+    """A consumer reachable from other hosts reckons each producer's hold from its hello's tcp_retries2 and says so
+    when that outlasts fence_timeout_s; one on loopback only has producers on its own host: no link to cut."""
+    caplog.set_level(logging.INFO, logger="kvbridge.consumer")
+    hold = write_hold_s(local_tcp_retries2()) if host == "0.0.0.0" else 0.0
+    ep = ConsumerEndpoint(LAYOUT, ConsumerSettings(chunk_tokens=CHUNK_TOKENS, num_slots=4, host=host, insecure=True,
+                                                   fence_timeout_s=30.0))
     p = make_producer("hold-p")
     try:
         push(p, ep, "hold-t", 1)
         assert finished(p, {"hold-t"})["hold-t"] == State.SENT  # the handshake went through
+        lease = wait_for(lambda: (x := ep.pool.live("hold-t")) is not None and x.complete and x, 5, 0.01,
+                         "the chunk landed")
+        assert lease.write_hold_s == pytest.approx(hold)
         said = [r.getMessage() for r in caplog.records if "tcp_retries2" in r.getMessage()]
-        assert bool(said) == (warned and hold > rest), said
+        assert bool(said) == (hold > 30.0), said
         if said:
             assert f"net.ipv4.tcp_retries2={local_tcp_retries2()}" in said[0] and "producer hold-p" in said[0]
-        wait_for(lambda: ep.pool.live("hold-t") is not None and ep.pool.live("hold-t").complete, 5, 0.01,
-                 "the chunk landed")
         assert ep.pool.release("hold-t")
         assert p.staging.free == p.staging.num_slots and ep.pool.stats().free == ep.pool.num_slots
     finally:

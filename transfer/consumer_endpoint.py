@@ -37,7 +37,7 @@ from transfer.sender_rules import forbidden
 from transfer.receive_book import ReceiveBook
 from transfer.slot_pool import Lease, SlotPool
 from transfer.threads import io_context, start_io_thread
-from transfer.write_hold import hold_warning
+from transfer.write_hold import held_rest, write_hold_s
 
 log = logging.getLogger("kvbridge.consumer")
 REFUSED = wire.Error(code="unauthenticated", message="refused")  # all an unauthenticated peer ever learns
@@ -206,11 +206,11 @@ class ConsumerEndpoint:
         if diffs:
             log.warning("rejected producer %s: %s", msg.producer_id, "; ".join(diffs))
             return wire.Reject(reasons=diffs)
-        refused = self.producers.hello(msg)
-        if refused:
+        hold = 0.0 if is_loopback(self.cfg.host) else write_hold_s(msg.tcp_retries2)  # on this host: no link to cut
+        if refused := self.producers.hello(msg, hold):
             return wire.Reject(reasons=[refused])
-        if held := hold_warning(msg.producer_id, msg.tcp_retries2, self.cfg.fence_timeout_s):
-            log.warning(held)
+        if hold > self.cfg.fence_timeout_s:
+            log.info(held_rest(msg.producer_id, msg.tcp_retries2, self.cfg.fence_timeout_s))
         return wire.Welcome(incarnation=self.incarnation, layout=self.layout,
                             agent_name=self.agent.name, agent_meta=self.agent.metadata(),
                             chunk_tokens=self.cfg.chunk_tokens, slot_bytes=self.slot_bytes,
@@ -224,7 +224,7 @@ class ConsumerEndpoint:
         if msg.weights_fingerprint != self.layout.weights_fingerprint:
             return wire.Error(code="mismatch", message=f"producer weights {msg.weights_fingerprint!r}, "
                               f"consumer {self.address} weights {self.layout.weights_fingerprint!r}")
-        return self.desk.alloc(msg)
+        return self.desk.alloc(msg, self.producers.write_hold_of(msg.incarnation))
 
     def _on_renew(self, msg: wire.Renew) -> wire.Message:
         return wire.Ack(ok=self.pool.renew(msg.transfer_id, msg.epoch, msg.ttl_s) is not None)

@@ -17,7 +17,7 @@ class ConsumerSettings:
     device: str = "cpu"  # where the slots live: "cpu", "cuda:N", or "pinned" host memory
     ucx_error_handling: UcxErrorHandling = "peer"  # ucx_error_handling.py
     quarantine_s: float = 2.0
-    fence_timeout_s: float = 30.0  # quarantine.py: how long an ended lease's slots wait for a silent producer's fence
+    fence_timeout_s: float = 30.0  # quarantine.py: how long at least an ended lease's slots wait for a silent fence
     unclaimed_ttl_s: float = 30.0
     handshake_grace_s: float = 4.0  # answered_notices.py: how long a prefill node's first contact lasts
     expect_wait_s: float = 0.0  # >0: an ALLOC before its decode request waits this long to learn the held chunks

@@ -28,6 +28,7 @@ class Lease:
     fenced: bool = False  # its producer's fence came: nothing it wrote here is still on the way (quarantine.py)
     producer_gone: bool = False  # its producer restarted: it writes nothing past the deadline (quarantine.py)
     alloc_ids: set[int] = field(default_factory=set)  # the ALLOCs answered with it (wire.Withdraw names one)
+    write_hold_s: float = 0.0  # how long past the deadline its producer's TCP may still land a write (write_hold.py)
 
     @property
     def complete(self) -> bool:

@@ -91,7 +91,8 @@ class LeaseDesk:
             if len(self._withdrawn) > MAX_WITHDRAWN:
                 self._withdrawn.popitem(last=False)
 
-    def alloc(self, msg: wire.Alloc) -> wire.Message:
+    def alloc(self, msg: wire.Alloc, write_hold_s: float = 0.0) -> wire.Message:
+        """Answer an ALLOC; `write_hold_s`: how long a cut link may hold its producer's writes (quarantine.py)."""
         if (msg.incarnation, msg.transfer_id, msg.alloc_id) in self._withdrawn:
             del self._withdrawn[(msg.incarnation, msg.transfer_id, msg.alloc_id)]
             self.book.count("allocs_refused_withdrawn")
@@ -111,7 +112,8 @@ class LeaseDesk:
         window = min(len(sizes), self.window_slots)
         try:
             lease = self.pool.grant(msg.transfer_id, sizes, msg.ttl_s, msg.incarnation, msg.attempt, skip, window,
-                                    keep_free=self.queue.reserved_before(msg.transfer_id), alloc_id=msg.alloc_id)
+                                    keep_free=self.queue.reserved_before(msg.transfer_id), alloc_id=msg.alloc_id,
+                                    write_hold_s=write_hold_s)
         except LeaseInUse as e:
             self.book.count("allocs_refused_lease_in_use")
             return wire.Error(code=wire.LEASE_IN_USE, message=str(e))

@@ -31,6 +31,7 @@ class _Producer:
     incarnation: str
     agent_name: str
     last_heard: float
+    write_hold_s: float  # how late its writes may land after a cut (write_hold.py): each lease it is granted keeps it
 
 
 class ProducerRegistry:
@@ -48,6 +49,11 @@ class ProducerRegistry:
     def owner(self, incarnation: str) -> str | None:
         """The producer id that introduced this incarnation, None when none we still know did."""
         return self._incarnations.get(incarnation)
+
+    def write_hold_of(self, incarnation: str) -> float:
+        """How long past a lease's deadline that producer incarnation's writes may still land (0 if unknown)."""
+        p = self._by_id.get(self._incarnations.get(incarnation, ""))
+        return p.write_hold_s if p is not None and p.incarnation == incarnation else 0.0
 
     def agent_of(self, incarnation: str) -> str | None:
         """The NIXL agent name of a producer incarnation we still know (its fences must come from it)."""
@@ -71,10 +77,11 @@ class ProducerRegistry:
             log.info("producer %s silent for %.0fs: forgotten", oldest_id, now - oldest.last_heard)
             self._forget(oldest_id)
 
-    def hello(self, msg: wire.Hello) -> str:
-        """Admit the producer ('' ) or say why not."""
+    def hello(self, msg: wire.Hello, write_hold_s: float = 0.0) -> str:
+        """Admit the producer ('' ) or say why not; `write_hold_s` as the consumer reckons it for this producer."""
         old = self._by_id.get(msg.producer_id)
         if old is not None and old.incarnation == msg.incarnation:
+            old.write_hold_s = write_hold_s
             self._by_id.move_to_end(msg.producer_id)
             return ""
         if old is not None:
@@ -87,7 +94,7 @@ class ProducerRegistry:
         while len(self._by_id) >= self._max:
             self._forget(next(iter(self._by_id)))
         self._by_id[msg.producer_id] = _Producer(msg.generation, msg.incarnation,
-                                                 self._agent.add_remote(msg.agent_meta), self._clock())
+                                                 self._agent.add_remote(msg.agent_meta), self._clock(), write_hold_s)
         self._incarnations[msg.incarnation] = msg.producer_id
         self._last_admitted = self._clock()
         return ""

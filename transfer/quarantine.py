@@ -17,8 +17,8 @@ its producer wrote there can still be on the way:
   of it at its next renewal at the latest and never writes past the deadline it was told (two generations may
   overlap in a rolling restart): `quarantine_s` past the later of then and that deadline;
 - otherwise (expired, or ended by the consumer, with no word from its producer in time): until its fence, or
-  `fence_timeout_s` past its deadline. A link cut for longer than that can still land old bytes in reused slots,
-  until the producer's TCP gives up on it (write_hold.py: the consumer warns when `fence_timeout_s` is shorter).
+  past its deadline by `fence_timeout_s` or, if longer, by the lease's `write_hold_s`: how long its producer's TCP
+  retransmits a write a cut link holds before dropping it (write_hold.py; 0 for a producer on this host).
 A lease a reader still pins (`draining`) keeps its slots whatever ended it; they take one of the ways above at
 the last unpin.
 """
@@ -37,6 +37,7 @@ class EndedLease(Protocol):
     producer_stopped: bool
     fenced: bool
     producer_gone: bool
+    write_hold_s: float
 
     @property
     def complete(self) -> bool: ...
@@ -65,7 +66,8 @@ class Quarantine:
         """When an ended lease's slots come back, by what its producer said (or did not) by `now`."""
         if lease.producer_stopped or lease.fenced:
             return now + self.quarantine_s
-        return max(now, lease.deadline) + (self.quarantine_s if lease.producer_gone else self.fence_timeout_s)
+        silent = max(self.fence_timeout_s, lease.write_hold_s)
+        return max(now, lease.deadline) + (self.quarantine_s if lease.producer_gone else silent)
 
     def unpinned(self, lease: EndedLease, now: float) -> list[int]:
         """A pin of `lease` was dropped: an ended lease whose last pin is gone ends for good now."""

@@ -5,7 +5,8 @@ quarantine, not from checks on arrival:
 - the producer stops writing `write_margin_s` before the lease deadline it was told;
 - slots of a lease that ends without all its chunks sit in quarantine before reuse (quarantine.py: until its
   producer's fence, which NIXL sends only after its earlier writes landed, or its word before the deadline that it
-  stopped, each plus `quarantine_s`; else `fence_timeout_s` past its deadline; at once when its last chunk's
+  stopped, each plus `quarantine_s`; else `fence_timeout_s`, or as long as its producer's TCP may hold a write if
+  longer, past its deadline; at once when its last chunk's
   notice comes), so a late write can only land in a slot nobody holds;
 - a notice for a chunk is accepted only if transfer key, epoch and producer incarnation
   match a live lease and its byte count is exactly what that chunk index must hold;
@@ -62,12 +63,13 @@ class SlotPool:
         self.dropped_total = 0
 
     def grant(self, transfer_id: str, chunk_nbytes: list[int], ttl_s: float, producer: str, attempt: int = 0,
-              first_chunk: int = 0, window: int | None = None, keep_free: int = 0, alloc_id: int = 0) -> Lease | None:
+              first_chunk: int = 0, window: int | None = None, keep_free: int = 0, alloc_id: int = 0,
+              write_hold_s: float = 0.0) -> Lease | None:
         """Lease `window` slots (default: one per chunk) while leaving `keep_free` slots free for others, or None
         when that is not possible now (caller says NO_CAPACITY). The same producer asking again for the same
         attempt gets its lease back (a lost reply) while nothing arrived in it; once a chunk did, the ask is a
         second push and raises LeaseInUse. A new attempt, another producer, or a push after the old one's fence
-        ends the old lease first."""
+        ends the old lease first. `write_hold_s`: how long a cut link may hold its producer's writes (quarantine.py)."""
         if any(n <= 0 or n > self.slot_bytes for n in chunk_nbytes):
             raise ValueError(f"chunk sizes {chunk_nbytes} do not fit {self.slot_bytes}-byte slots")
         with self._lock:
@@ -86,7 +88,7 @@ class SlotPool:
                 return None
             slots = [self._free.pop() for _ in range(want)]
             lease = Lease(transfer_id, slots, self._next_epoch, self._clock() + ttl_s, producer,
-                          list(chunk_nbytes), attempt, first_chunk, alloc_ids={alloc_id})
+                          list(chunk_nbytes), attempt, first_chunk, alloc_ids={alloc_id}, write_hold_s=write_hold_s)
             self._next_epoch += 1
             self._leases[transfer_id] = lease
             return lease

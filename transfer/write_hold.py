@@ -5,8 +5,10 @@ retransmits them), however late, as long as TCP has not given up on the connecti
 `net.ipv4.tcp_retries2` retransmissions on the producer's host), it drops them, and UCX does not send them again
 on another connection (both in tests/test_late_write.py). So a consumer that rests an unanswered lease's slots
 (quarantine.py) for at least this long past the lease's deadline cannot get that lease's bytes in them later. The
-producer tells its consumers its host's setting in its hello; the consumer warns when its own `fence_timeout_s`
-is shorter (consumer_endpoint.py), naming both fixes: a longer `fence_timeout_s`, or a lower `tcp_retries2` there.
+producer tells its consumers its host's setting in its hello, and a consumer rests the unanswered leases of a
+producer on another host that long at least (one on its own host has no link to cut: a consumer listening on
+loopback only reckons 0), saying so at the handshake when that is longer than its `fence_timeout_s`, with how to
+shorten it: a lower `tcp_retries2` in the producer's network namespace (a pod's own sysctl).
 
 Linux times the give-up by a model, from the first retransmission: timeouts from 200 ms (TCP_RTO_MIN), doubling,
 each at most 120 s (TCP_RTO_MAX); the default 15 retransmissions give 924.6 s. A connection's real timeouts start
@@ -54,15 +56,12 @@ def retries2_within(seconds: float) -> int | None:
     return fits[-1] if fits else None
 
 
-def hold_warning(producer_id: str, retries2: int, fence_timeout_s: float) -> str | None:
-    """What a consumer resting unanswered leases `fence_timeout_s` should tell its operator about a producer whose
-    host has `retries2`, or None when that rest outlasts the producer's TCP."""
-    hold = write_hold_s(retries2)
-    if hold <= fence_timeout_s:
-        return None
+def held_rest(producer_id: str, retries2: int, fence_timeout_s: float) -> str:
+    """What a consumer tells its operator when a producer's hold makes its unanswered leases rest longer than
+    `fence_timeout_s`, and how to shorten that."""
     fits = retries2_within(fence_timeout_s)
-    lower = f", or net.ipv4.tcp_retries2 <= {fits} on that host" if fits is not None else ""
-    return (f"producer {producer_id}: its host's net.ipv4.tcp_retries2={retries2} lets a write held by a cut link "
-            f"land up to {hold:.0f} s past its lease's deadline, and this consumer gives an unanswered lease's slots "
-            f"back {fence_timeout_s:g} s past it (fence_timeout_s): a cut that long can put old KV in reused slots. "
-            f"Set fence_timeout_s >= {hold:.0f} here{lower}")
+    lower = f" (<= {fits} brings it within fence_timeout_s, {fence_timeout_s:g} s)" if fits is not None else ""
+    return (f"producer {producer_id}: slots of its leases that end with no word from it rest "
+            f"{write_hold_s(retries2):.0f} s past their deadline, as long as its host's TCP may still land a write a "
+            f"cut link holds (net.ipv4.tcp_retries2={retries2} there); a lower tcp_retries2 in its network "
+            f"namespace shortens that{lower}")
