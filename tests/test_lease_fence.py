@@ -49,18 +49,35 @@ def test_a_silent_producer_whose_tcp_holds_writes_longer_rests_its_lease_that_lo
     assert pool.stats().free == 2
 
 
-def test_a_fence_or_a_restart_still_ends_a_long_hold_quarantine_s_after_it():
+def test_a_fence_still_ends_a_long_hold_quarantine_s_after_it():
+    clock = Clock()
+    pool = pool_at(clock)
+    lease = pool.grant("a", sizes(2), ttl_s=1.0, producer="p1", write_hold_s=1000.0)
+    clock.t = 5.0
+    assert pool.stats().quarantined == 2
+    assert pool.fence("a", lease.epoch, "p1")
+    clock.t = 6.9
+    assert pool.stats().quarantined == 2
+    clock.t = 7.1
+    assert pool.stats().free == 2
+
+
+def test_a_restart_ends_a_long_hold_one_retransmission_timeout_after_the_new_hello():
+    """The old connection may still hold writes; the new hello shows the link is back, and TCP retransmits within
+    RTO_MAX_S (120 s) from then. A producer with no hold (a loopback consumer's) rests quarantine_s as before."""
     clock = Clock()
     pool = pool_at(clock, 4)
-    lease = pool.grant("a", sizes(2), ttl_s=1.0, producer="p1", write_hold_s=1000.0)
-    pool.grant("b", sizes(2), ttl_s=1.0, producer="p2", write_hold_s=1000.0)
+    pool.grant("a", sizes(2), ttl_s=1.0, producer="p1", write_hold_s=1000.0)
+    pool.grant("b", sizes(2), ttl_s=1.0, producer="p2")
     clock.t = 5.0
     assert pool.stats().quarantined == 4
-    assert pool.fence("a", lease.epoch, "p1")
-    pool.release_producer("p2", restarted=True)  # a newer generation of p2 said hello
-    clock.t = 6.9
-    assert pool.stats().quarantined == 4
+    pool.release_producer("p1", restarted=True)  # a newer generation of each said hello
+    pool.release_producer("p2", restarted=True)
     clock.t = 7.1
+    assert pool.stats().quarantined == 2  # p2's: quarantine_s
+    clock.t = 5.0 + 120.0 + 2.0 - 0.1
+    assert pool.stats().quarantined == 2
+    clock.t = 5.0 + 120.0 + 2.0 + 0.1
     assert pool.stats().free == 4
 
 

@@ -54,6 +54,7 @@ class ConsumerEndpoint:
                         "host only; a producer on another host should use 'peer' (transfer/ucx_error_handling.py)",
                         settings.host)
         self.auth = Authenticator(settings.secret)
+        self._loopback_only = is_loopback(settings.host)  # write_hold.py
         self._refused, self._refused_logged_at = 0, 0.0
         self.geometry = ChunkGeometry(layout, settings.chunk_tokens)
         self.slot_bytes = self.geometry.slot_bytes
@@ -206,7 +207,7 @@ class ConsumerEndpoint:
         if diffs:
             log.warning("rejected producer %s: %s", msg.producer_id, "; ".join(diffs))
             return wire.Reject(reasons=diffs)
-        hold = 0.0 if is_loopback(self.cfg.host) else write_hold_s(msg.tcp_retries2)  # on this host: no link to cut
+        hold = 0.0 if self._loopback_only else write_hold_s(msg.tcp_retries2)  # producers on this host: no link to cut
         if refused := self.producers.hello(msg, hold):
             return wire.Reject(reasons=[refused])
         if hold > self.cfg.fence_timeout_s:

@@ -5,7 +5,8 @@ posts a write's notification only once the connection to that consumer is flushe
 before has landed, on whichever lanes UCX spread them over), so the consumer reads the fence after any byte of
 the lease that a cut link still held, and may then reuse its slots. Until the link carries them, the write and
 its notification wait in UCX, which moves only when driven: `poll` drives them until done, for up to
-`PATIENCE_S` (a consumer stops waiting for a fence after its own `fence_timeout_s`).
+`PATIENCE_S` (a consumer stops waiting for a fence after its own `fence_timeout_s`, or after the longer hold a
+producer's TCP may have: quarantine.py).
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ class FenceWrites:
         try:
             handle = self._agent.write(self._staging.region, [(0, after_slots, 1)], w.agent_name, w.mem_type,
                                        w.dev_id, fence.encode())
-        except TransferError as e:  # a consumer we cannot reach: its lease waits for its fence_timeout_s
+        except TransferError as e:  # a consumer we cannot reach: its lease rests as an unanswered one
             log.info("fence for %s to %s not sent: %s", job.spec.key, job.consumer, e)
             return
         self._pending.append((handle, time.monotonic(), job.spec.key))
@@ -63,7 +64,7 @@ class FenceWrites:
 
     def flush(self, timeout_s: float) -> None:
         """At shutdown: drive the fences still on their way for up to `timeout_s` (a consumer that never gets
-        one rests the lease's slots for its fence_timeout_s)."""
+        one rests the lease's slots as an unanswered lease's, quarantine.py)."""
         end = time.monotonic() + timeout_s
         while self.poll(time.monotonic()) and time.monotonic() < end:
             time.sleep(0.01)

@@ -13,7 +13,8 @@ transfer whose producer stops asking (it retries every `retry_after_s`) leaves t
 A producer whose ALLOC went unanswered withdraws it (wire.Withdraw) once it reaches us again. The ALLOC may
 have come before (its lease, answered to nobody, ends: `SlotPool.withdraw`) or come after, on the old
 connection a healed link delivers late: the desk remembers the last `MAX_WITHDRAWN` withdrawals that came
-first and refuses their ALLOCs (one evicted from that memory holds its slots until `fence_timeout_s`).
+first and refuses their ALLOCs (one evicted from that memory holds its slots for its unanswered rest,
+quarantine.py).
 """
 from __future__ import annotations
 

@@ -15,16 +15,22 @@ its producer wrote there can still be on the way:
   proves nothing about its writes;
 - its producer restarted (a new generation said hello, `producer_gone`): the old one, forgotten here, learns
   of it at its next renewal at the latest and never writes past the deadline it was told (two generations may
-  overlap in a rolling restart): `quarantine_s` past the later of then and that deadline;
+  overlap in a rolling restart): `quarantine_s` past the later of then and that deadline, or for a lease with a
+  `write_hold_s` (below) up to `RTO_MAX_S` (120 s) more: the old connection (the old process's, or the kernel's
+  once that died) may still hold writes, and with the link back, as the new hello shows, it retransmits them
+  within one timeout;
 - otherwise (expired, or ended by the consumer, with no word from its producer in time): until its fence, or
   past its deadline by `fence_timeout_s` or, if longer, by the lease's `write_hold_s`: how long its producer's TCP
-  retransmits a write a cut link holds before dropping it (write_hold.py; 0 for a producer on this host).
+  retransmits a write a cut link holds before dropping it (write_hold.py; 0 when this consumer listens on loopback
+  only).
 A lease a reader still pins (`draining`) keeps its slots whatever ended it; they take one of the ways above at
 the last unpin.
 """
 from __future__ import annotations
 
 from typing import Callable, Protocol
+
+from transfer.write_hold import RTO_MAX_S
 
 
 class EndedLease(Protocol):
@@ -66,8 +72,10 @@ class Quarantine:
         """When an ended lease's slots come back, by what its producer said (or did not) by `now`."""
         if lease.producer_stopped or lease.fenced:
             return now + self.quarantine_s
-        silent = max(self.fence_timeout_s, lease.write_hold_s)
-        return max(now, lease.deadline) + (self.quarantine_s if lease.producer_gone else silent)
+        if lease.producer_gone:
+            return max(now, lease.deadline) + max(self.quarantine_s, min(lease.write_hold_s,
+                                                                         RTO_MAX_S + self.quarantine_s))
+        return max(now, lease.deadline) + max(self.fence_timeout_s, lease.write_hold_s)
 
     def unpinned(self, lease: EndedLease, now: float) -> list[int]:
         """A pin of `lease` was dropped: an ended lease whose last pin is gone ends for good now."""
@@ -89,8 +97,8 @@ class Quarantine:
                           "fenced")
 
     def producer_gone(self, producer: str, now: float) -> None:
-        """That producer incarnation restarted: its leases rest `quarantine_s` past the later of now and their
-        deadline, not waiting for its fence."""
+        """That producer incarnation restarted: its leases rest past the later of now and their deadline as the
+        module says for a restart, not waiting for its fence."""
         self._told(lambda x: x.producer == producer, now, "producer_gone")
 
     def _told(self, match: Callable[[EndedLease], bool], now: float, fact: str) -> bool:

@@ -2,8 +2,8 @@
 
 An ALLOC whose call timed out may still arrive: a cut link holds it and delivers it when it heals, on the
 old connection, however late. The consumer then leases slots that nobody will write or release, and the lease
-has no fence to come either (we never learnt its epoch), so its slots would rest until the consumer's
-`fence_timeout_s`. So the link keeps each unanswered ALLOC here and, while the consumer's connection is not
+has no fence to come either (we never learnt its epoch), so its slots would rest for an unanswered lease's rest
+(the consumer's `fence_timeout_s`, or longer: transfer/quarantine.py). So the link keeps each unanswered ALLOC here and, while the consumer's connection is not
 known lost, tries every `RETRY_S` to send a `wire.Withdraw` naming it: the consumer ends the lease it got
 (its slots rest quarantine_s), or refuses it when it comes (transfer/lease_desk.py). A withdrawal not
 delivered within `GIVE_UP_S` is dropped; its ALLOC, if it ever arrives, holds slots as before this module.

@@ -5,18 +5,23 @@ retransmits them), however late, as long as TCP has not given up on the connecti
 `net.ipv4.tcp_retries2` retransmissions on the producer's host), it drops them, and UCX does not send them again
 on another connection (both in tests/test_late_write.py). So a consumer that rests an unanswered lease's slots
 (quarantine.py) for at least this long past the lease's deadline cannot get that lease's bytes in them later. The
-producer tells its consumers its host's setting in its hello, and a consumer rests the unanswered leases of a
-producer on another host that long at least (one on its own host has no link to cut: a consumer listening on
-loopback only reckons 0), saying so at the handshake when that is longer than its `fence_timeout_s`, with how to
-shorten it: a lower `tcp_retries2` in the producer's network namespace (a pod's own sysctl).
+producer tells its consumers its host's setting in its hello, and a consumer that listens beyond loopback rests
+each producer's unanswered leases that long at least (one that listens on loopback only has producers on its own
+host alone, with no link to cut, and reckons 0), saying so at the handshake when that is longer than its
+`fence_timeout_s`, with how to shorten it: a lower `tcp_retries2` in the producer's network namespace (in
+Kubernetes a pod sysctl the kubelet must allow: `--allowed-unsafe-sysctls`).
 
-Linux times the give-up by a model, from the first retransmission: timeouts from 200 ms (TCP_RTO_MIN), doubling,
-each at most 120 s (TCP_RTO_MAX); the default 15 retransmissions give 924.6 s. A connection's real timeouts start
-from its own RTO (200 ms or more), and the kernel checks the span only when one fires, so the give-up can come up
-to one backoff after the model's span: `write_hold_s` is the model's span for one retransmission more. It counts
-from the lease's deadline, when the producer stops posting to it; bytes it posted before then that are still
-queued behind a slow link keep going out after it, and a cut that comes while they do starts TCP's count later,
-by as much.
+Linux times the give-up by a model (`tcp_give_up_s`), from the first retransmission: timeouts from 200 ms
+(TCP_RTO_MIN), doubling, each at most 120 s (TCP_RTO_MAX); the default 15 retransmissions give 924.6 s. But the
+timer fires at the connection's own timeouts, from its RTO r (200 ms plus about its round trip), and the kernel
+checks the span only when one fires: the first retransmission comes r after the cut, each wait is the elapsed time
+plus 2r (doubling) or 120 s, so TCP lets go at most the span + min(the span, 120 s) + 3r after the cut.
+`write_hold_s` takes r <= `RTO_ASSUMED_S` (1 s: round trips well under a second; a link slower than that needs a
+longer `fence_timeout_s`). It counts from the lease's deadline, when the producer stops posting to it; bytes it
+posted before then that are still queued behind a slow link keep going out after it, and a cut that comes while
+they do starts TCP's count later, by as much. The producer reads the setting when it starts: a change takes effect
+at its next start. The consumer tells a producer's host by where it listens, not by the data path: a loopback
+listener reached through a forwarder (a port-forward, an ssh tunnel) would take a remote producer for a local one.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import math
 
 RTO_MIN_S = 0.2
 RTO_MAX_S = 120.0
+RTO_ASSUMED_S = 1.0  # the largest RTO of a producer's connection that write_hold_s covers
 LINUX_DEFAULT_RETRIES2 = 15
 _LINEAR_FROM = int(math.log2(RTO_MAX_S / RTO_MIN_S))  # retransmissions after which every timeout is RTO_MAX_S
 
@@ -38,14 +44,15 @@ def tcp_give_up_s(retries2: int) -> float:
 def write_hold_s(retries2: int) -> float:
     """Seconds past its producer's last chance to post it (the lease's deadline) that a write held by a cut link
     may still land, for a producer host with `net.ipv4.tcp_retries2` = `retries2`."""
-    return tcp_give_up_s(retries2 + 1)
+    span = tcp_give_up_s(retries2)
+    return span + min(span, RTO_MAX_S) + 3 * RTO_ASSUMED_S
 
 
 def local_tcp_retries2() -> int:
     """This host's `net.ipv4.tcp_retries2` (in this network namespace), Linux's default where it cannot be read."""
     try:
         with open("/proc/sys/net/ipv4/tcp_retries2") as f:
-            return int(f.read())
+            return min(max(int(f.read()), 0), 255)  # what a hello carries
     except (OSError, ValueError):
         return LINUX_DEFAULT_RETRIES2
 
@@ -63,5 +70,5 @@ def held_rest(producer_id: str, retries2: int, fence_timeout_s: float) -> str:
     lower = f" (<= {fits} brings it within fence_timeout_s, {fence_timeout_s:g} s)" if fits is not None else ""
     return (f"producer {producer_id}: slots of its leases that end with no word from it rest "
             f"{write_hold_s(retries2):.0f} s past their deadline, as long as its host's TCP may still land a write a "
-            f"cut link holds (net.ipv4.tcp_retries2={retries2} there); a lower tcp_retries2 in its network "
-            f"namespace shortens that{lower}")
+            f"cut link holds (net.ipv4.tcp_retries2={retries2} there when it started); a lower tcp_retries2 in its "
+            f"network namespace shortens that from its next start{lower}")
