@@ -10,6 +10,7 @@ prefill's compute, and SENDING->SENT includes the wait for chunks not yet comput
 bound on what the link carried while KV was on it.
 
     python bench/hosts_bench.py [--lengths 1000 2000] [--repeats 5] [--rate 10gbit] [--delay 50us]
+        [--ucx-error-handling peer|none]
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from launch.netns import LinkShape, NetnsError, entered
 from launch.placement import ROUTER, Placement
 from launch.role_config import load_config
 from launch.tiny_model import make_tiny_model
+from transfer.ucx_error_handling import ERROR_HANDLING, UcxErrorHandling
 
 MODEL = MODEL_DIR.parent / "bench"
 METRICS_PORT = 9300
@@ -42,17 +44,17 @@ _ENV = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_NUM_OF_R
 _ARGS = ["--enforce-eager", "--dtype", "float32", "--max-model-len", "4096"]
 
 
-def write_graph(folder: Path) -> Path:
+def write_graph(folder: Path, ucx: UcxErrorHandling = "peer") -> Path:
     """The prefill host keeps no prefix cache: its own (aggregated) run of a prompt must not make the
-    PD run of the same prompt free."""
+    PD run of the same prompt free. Both nodes' UCX error handling is `ucx`."""
     files = {
         "prefill.yaml": {"role": "prefill", "name": "prefill-0", "model": str(MODEL), "served_model_name": "tiny",
                          "port": 8100, "vllm_args": [*_ARGS, "--no-enable-prefix-caching"],
                          "env": dict(_ENV, VLLM_CPU_OMP_THREADS_BIND="0"),
-                         "connector": {"metrics_port": METRICS_PORT}},
+                         "connector": {"metrics_port": METRICS_PORT, "ucx_error_handling": ucx}},
         "decode.yaml": {"role": "decode", "name": "decode-0", "model": str(MODEL), "served_model_name": "tiny",
                         "port": 8200, "vllm_args": _ARGS, "env": dict(_ENV, VLLM_CPU_OMP_THREADS_BIND="1"),
-                        "connector": {"listen_port": 5600}},
+                        "connector": {"listen_port": 5600, "ucx_error_handling": ucx}},
         "router.yaml": {"role": "router", "port": 8000, "model": "tiny",
                         "prefill": [{"name": "prefill-0", "url": "http://127.0.0.1:8100"}],
                         "decode": [{"name": "decode-0", "url": "http://127.0.0.1:8200",
@@ -143,19 +145,23 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--rate", default="10gbit")
     ap.add_argument("--delay", default="50us")
+    ap.add_argument("--ucx-error-handling", choices=ERROR_HANDLING, default="peer",
+                    help="both nodes' UCX error handling (transfer/ucx_error_handling.py)")
     args = ap.parse_args()
     why = netns.unavailable()
     if why:
         raise SystemExit(why)
     make_tiny_model(MODEL, "bench")
     rng = random.Random(0)
-    dep = load_config(write_graph(Path(tempfile.mkdtemp(prefix="hosts-bench-"))))
+    dep = load_config(write_graph(Path(tempfile.mkdtemp(prefix="hosts-bench-")), args.ucx_error_handling))
     env = {"KVBRIDGE_SECRET": secrets.token_hex(16)}
     with Placement(dep, *dep.load()) as placed:
         link = shaped(placed, args.rate, args.delay)
         raw = statistics.median(raw_tcp_gbps(placed, "hp", "hd") for _ in range(3))
         print(f"links: {link}; raw TCP prefill->decode (one stream, median of 3): {raw:.2f} GB/s", flush=True)
-        engine = {mib: transfer_gbps(placed.net, "hp", "hd", mib << 20, 3) for mib in (32, 256)}
+        print(f"UCX error handling on both nodes: {args.ucx_error_handling}", flush=True)
+        engine = {mib: transfer_gbps(placed.net, "hp", "hd", mib << 20, 3, args.ucx_error_handling)
+                  for mib in (32, 256)}
         for mib, gbps in engine.items():
             print(f"kvbridge transfer engine prefill->decode, {mib} MiB (ALLOC to last chunk landed, median of 3): "
                   f"{gbps:.2f} GB/s = {gbps / raw:.2f} x raw TCP", flush=True)

@@ -24,19 +24,20 @@ from pathlib import Path
 from bench.exposed_bench import CHUNK_TOKENS, LAYOUT, TOKEN_HASH, _filler
 from launch.netns import Network
 from launch.placement import transport_env
+from transfer.ucx_error_handling import UcxErrorHandling
 
 CONSUMER_PORT = 5650
 WAIT_S = 60.0  # a transfer not complete by then is reported, not waited for
 
 
-def _consumer(conn, env: dict, address: str, secret: bytes, num_slots: int) -> None:
+def _consumer(conn, env: dict, address: str, secret: bytes, num_slots: int, ucx: UcxErrorHandling) -> None:
     os.environ.update(env)
     from transfer.consumer_endpoint import ConsumerEndpoint
     from transfer.consumer_settings import ConsumerSettings
     from transfer.device_fence import COMPLETED
     from transfer.receive_book import Arrival
     ep = ConsumerEndpoint(LAYOUT, ConsumerSettings(chunk_tokens=CHUNK_TOKENS, num_slots=num_slots, host=address,
-                                                   port=CONSUMER_PORT, secret=secret))
+                                                   port=CONSUMER_PORT, secret=secret, ucx_error_handling=ucx))
     conn.send(ep.address)
     while (msg := conn.recv()) is not None:
         key, num_tokens = msg
@@ -55,12 +56,13 @@ def _consumer(conn, env: dict, address: str, secret: bytes, num_slots: int) -> N
     ep.close()
 
 
-def _producer(conn, env: dict, secret: bytes) -> None:
+def _producer(conn, env: dict, secret: bytes, ucx: UcxErrorHandling) -> None:
     os.environ.update(env)
     from transfer.identity import TransferSpec
     from transfer.producer import Producer, ProducerSettings
     producer = Producer(LAYOUT, CHUNK_TOKENS, ProducerSettings(producer_id=f"hosts-bench-{uuid.uuid4().hex[:8]}",
-                                                               secret=secret, staging_chunks=64))
+                                                               secret=secret, staging_chunks=64,
+                                                               ucx_error_handling=ucx))
     nbytes = LAYOUT.chunk_bytes(CHUNK_TOKENS)
     while (msg := conn.recv()) is not None:
         key, chunks, target = msg
@@ -79,14 +81,15 @@ def _interpreter_in(namespace: str, folder: Path) -> str:
     return str(wrapper)
 
 
-def transfer_gbps(net: Network, src: str, dst: str, nbytes: int, repeats: int) -> float:
-    """Median GB/s of `repeats` transfers of about `nbytes` from host `src` to host `dst` (one warm-up first)."""
+def transfer_gbps(net: Network, src: str, dst: str, nbytes: int, repeats: int, ucx: UcxErrorHandling = "peer") -> float:
+    """Median GB/s of `repeats` transfers of about `nbytes` from host `src` to host `dst` (one warm-up first), both
+    agents with UCX error handling `ucx`."""
     chunks = max(1, nbytes // LAYOUT.chunk_bytes(CHUNK_TOKENS))
     secret, ctx = secrets.token_bytes(32), mp.get_context("spawn")
     (cp, cc), (pp, pc) = ctx.Pipe(), ctx.Pipe()
-    consumer = ctx.Process(target=_consumer, args=(cc, transport_env(net, dst), net.hosts[dst].address, secret, chunks),
-                           daemon=True)
-    producer = ctx.Process(target=_producer, args=(pc, transport_env(net, src), secret), daemon=True)
+    consumer = ctx.Process(target=_consumer, daemon=True,
+                           args=(cc, transport_env(net, dst), net.hosts[dst].address, secret, chunks, ucx))
+    producer = ctx.Process(target=_producer, args=(pc, transport_env(net, src), secret, ucx), daemon=True)
     folder = Path(tempfile.mkdtemp(prefix="hosts-transfer-"))
     try:
         for proc, host in ((consumer, dst), (producer, src)):
