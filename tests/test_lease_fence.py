@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 import msgpack
+import pytest
 
 from tests.test_slot_pool import Clock, notice, sizes
 from transfer.notice import ChunkNotice, LeaseFence, NoticeError, decode_notification
@@ -22,30 +23,18 @@ def pool_at(clock: Clock, n: int = 2) -> SlotPool:
     return SlotPool(n, 100, quarantine_s=2.0, fence_timeout_s=30.0, clock=clock)
 
 
-def test_an_expired_lease_whose_producer_said_nothing_rests_fence_timeout_s_past_its_deadline():
-    """The producer may be cut off with its writes queued: `quarantine_s` past the deadline is not enough."""
+@pytest.mark.parametrize("hold,rest", [(0.0, 30.0), (100.0, 100.0)], ids=["no_hold", "tcp_holds_longer"])
+def test_an_expired_lease_whose_producer_said_nothing_rests_the_longer_of_fence_timeout_s_and_its_hold(hold, rest):
+    """The producer may be cut off with its writes queued: `quarantine_s` past the deadline is not enough, and its
+    host's TCP may land them up to `write_hold_s` past it (transfer/write_hold.py)."""
     clock = Clock()
     pool = pool_at(clock)
-    pool.grant("a", sizes(2), ttl_s=1.0, producer="p1")
+    pool.grant("a", sizes(2), ttl_s=1.0, producer="p1", write_hold_s=hold)
     clock.t = 1.0
     assert pool.stats().expired_total == 1
-    clock.t = 29.0
+    clock.t = 1.0 + rest - 0.1
     assert pool.stats().quarantined == 2 and pool.grant("b", sizes(1), 1.0, "p1") is None
-    clock.t = 31.1
-    assert pool.stats().free == 2
-
-
-def test_a_silent_producer_whose_tcp_holds_writes_longer_rests_its_lease_that_long_past_the_deadline():
-    """Its host's TCP may land a cut link's write up to `write_hold_s` past the deadline: `fence_timeout_s` is then
-    not enough."""
-    clock = Clock()
-    pool = pool_at(clock)
-    pool.grant("a", sizes(2), ttl_s=1.0, producer="p1", write_hold_s=100.0)
-    clock.t = 1.0
-    assert pool.stats().expired_total == 1
-    clock.t = 100.9
-    assert pool.stats().quarantined == 2 and pool.grant("b", sizes(1), 1.0, "p1") is None
-    clock.t = 101.1
+    clock.t = 1.0 + rest + 0.1
     assert pool.stats().free == 2
 
 
