@@ -60,8 +60,10 @@ def _panels() -> list[tuple[str, list[timeseries.Panel]]]:
                    [(f'sum by (role, state) (rate(kvbridge_transfer_transitions_total{{state=~"{FINAL}"}}[{RI}]))',
                      "{{role}} {{state}}")]),
             _panel("Slot pool and staging", "percentunit", "Free share of each decode node's receive slots and "
-                   "each prefill node's staging; at zero, pushes wait.",
+                   "each prefill node's staging; at zero, pushes wait. Slots resting: ended unfilled, waiting until "
+                   "no late write can land.",
                    [("kvbridge_router_decode_pool_free", "slots free {{instance}}"),
+                    ("kvbridge_router_decode_pool_resting", "slots resting {{instance}}"),
                     ("kvbridge_producer_staging_free_slots / kvbridge_producer_staging_slots",
                      "staging free {{instance}}")]),
         ]),

@@ -18,6 +18,9 @@ INSTANCE_HEALTHY = Gauge("kvbridge_router_instance_healthy", "1 if the instance 
 OUTSTANDING = Gauge("kvbridge_router_outstanding", "Requests in flight per instance", ["kind", "instance"])
 DECODE_POOL_FREE = Gauge("kvbridge_router_decode_pool_free", "Free fraction of a decode connector's slots",
                          ["instance"])
+DECODE_POOL_RESTING = Gauge("kvbridge_router_decode_pool_resting", "Fraction of a decode connector's slots resting "
+                            "after an unfilled lease until no late write can land (transfer/quarantine.py)",
+                            ["instance"])
 REJECTED = Counter("kvbridge_router_rejected_total", "Requests refused with 429, by which cap", ["cap"])
 RETRIES = Counter("kvbridge_router_retries_total", "Requests re-dispatched before their first byte", ["kind"])
 DECODE_DISPATCH = Counter("kvbridge_router_decode_dispatch_total", "Disaggregated requests by when their decode "
@@ -56,7 +59,7 @@ def child(metric: MetricWrapperBase, *labels: str) -> MetricWrapperBase:
 def forget_instance(kind: str, name: str) -> None:
     """A removed node's series go with it: a drained node must not show as healthy (or busy) forever."""
     for metric, labels in ((INSTANCE_HEALTHY, (kind, name)), (INSTANCE_STATE, (kind, name)),
-                           (OUTSTANDING, (kind, name)), (DECODE_POOL_FREE, (name,))):
+                           (OUTSTANDING, (kind, name)), (DECODE_POOL_FREE, (name,)), (DECODE_POOL_RESTING, (name,))):
         try:
             metric.remove(*labels)
         except KeyError:  # never exported (DECODE_POOL_FREE for a prefill node, OUTSTANDING before a request)

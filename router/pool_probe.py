@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import NamedTuple
 
 from router.control_channel import ControlChannels
 from transfer import wire
@@ -13,12 +14,20 @@ from transfer import wire
 log = logging.getLogger("kvbridge.router")
 
 
-async def pool_status(control: ControlChannels, address: str, timeout_s: float) -> tuple[float, int] | None:
-    """(free slots / total, the node's TP ranks), or None when the connector does not answer in time."""
+class PoolShare(NamedTuple):
+    free: float  # free slots / total
+    resting: float  # slots of ended leases waiting until no late write can land in them / total
+    ranks: int  # the node's TP ranks
+
+
+async def pool_status(control: ControlChannels, address: str, timeout_s: float) -> PoolShare | None:
+    """A decode connector's slot pool as shares, or None when it does not answer in time."""
     reply = await control.ask(address, wire.Stats(rid=1), timeout_s)
     if not isinstance(reply, wire.PoolStatus):
         return None
-    return (reply.free / reply.total if reply.total else 0.0), reply.ranks
+    if not reply.total:
+        return PoolShare(0.0, 0.0, reply.ranks)
+    return PoolShare(reply.free / reply.total, reply.quarantined / reply.total, reply.ranks)
 
 
 async def cancel_transfer(control: ControlChannels, addresses: list[str], transfer_id: str, timeout_s: float) -> bool:

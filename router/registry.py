@@ -28,7 +28,8 @@ from router.admission import AtCapacity
 from router.config import DecodeInstance, Instance, RouterConfig
 from router.control_channel import ControlChannels
 from router.failures import UpstreamFailure
-from router.metrics import DECODE_POOL_FREE, INSTANCE_HEALTHY, INSTANCE_STATE, OUTSTANDING, child, forget_instance
+from router.metrics import (DECODE_POOL_FREE, DECODE_POOL_RESTING, INSTANCE_HEALTHY, INSTANCE_STATE, OUTSTANDING,
+                            child, forget_instance)
 from router.node_file import NodeFile
 from router.pool_probe import pool_status
 from transfer.rank_address import rank_address
@@ -238,11 +239,13 @@ class Registry:
         if ok and b.kv_address:
             status = await pool_status(self.control, b.kv_address, self.cfg.health_timeout_s)
             ok, why = status is not None, "its kvbridge connector does not answer"
-            if status is not None and status[1] < b.ranks:  # restarted with fewer ranks: those ports are gone
-                for address in b.rank_addresses[status[1]:]:
+            if status is not None and status.ranks < b.ranks:  # restarted with fewer ranks: those ports are gone
+                for address in b.rank_addresses[status.ranks:]:
                     self.control.drop(address)
-            b.pool_free, b.ranks = status if status is not None else (0.0, b.ranks)
+            b.pool_free, b.ranks = (status.free, status.ranks) if status is not None else (0.0, b.ranks)
             DECODE_POOL_FREE.labels(b.name).set(b.pool_free)
+            if status is not None:
+                DECODE_POOL_RESTING.labels(b.name).set(status.resting)
         if ok:
             b.health_fails = 0
             if b.state != "up":

@@ -53,6 +53,7 @@ class StubNode:
         self.held: list[str] | None = [] if store else None
         self.ranks, self.scattered, self.details, self.pad = ranks, scattered, details, pad
         self.refuse_status, self.received = refuse_status, received
+        self.resting = 0  # of the connector's 8 slots, resting after unfilled leases (the rest are free)
         self.kv_port = self._start_connector() if kv else None
 
     def _start_connector(self) -> int:
@@ -93,8 +94,8 @@ class StubNode:
                 sock.send_multipart([ident, auth.seal_reply(opened, wire.encode(reply))])
                 continue
             reply = wire.Ack(rid=req.rid, ok=True) if isinstance(req, (wire.Cancel, wire.PrefillAnswered)) else wire.PoolStatus(
-                rid=req.rid, incarnation="stub", total=8, free=8, used=0, quarantined=0, expired_total=0,
-                dropped_total=0, ranks=self.ranks)
+                rid=req.rid, incarnation="stub", total=8, free=8 - self.resting, used=0, quarantined=self.resting,
+                expired_total=0, dropped_total=0, ranks=self.ranks)
             sock.send_multipart([ident, auth.seal_reply(opened, wire.encode(reply))])
         sock.close(0)
 

@@ -170,7 +170,19 @@ async def test_health_is_503_while_every_decode_node_drains_and_a_removed_node_l
     await asyncio.to_thread(nodes_command, url, "drain", name="d0")
     for metric in ("kvbridge_router_instance_healthy", "kvbridge_router_instance_state", "kvbridge_router_outstanding"):
         assert REGISTRY.get_sample_value(metric, {"kind": "decode", "instance": "d0"}) is None, metric
-    assert REGISTRY.get_sample_value("kvbridge_router_decode_pool_free", {"instance": "d0"}) is None
+    for metric in ("kvbridge_router_decode_pool_free", "kvbridge_router_decode_pool_resting"):
+        assert REGISTRY.get_sample_value(metric, {"instance": "d0"}) is None, metric
+
+
+async def test_each_decode_nodes_free_and_resting_shares_of_its_slots_are_exported(make):
+    """Slots resting after unfilled leases (until no late write can land: a silent producer's may rest its TCP's
+    hold, transfer/write_hold.py) are neither free nor in use: an operator sees them apart."""
+    d0 = StubNode("d0", kv=True)
+    d0.resting = 2
+    await make([StubNode("p")], [d0])
+    shares = {"instance": "d0"}
+    assert await eventually(lambda: REGISTRY.get_sample_value("kvbridge_router_decode_pool_resting", shares) == 0.25)
+    assert REGISTRY.get_sample_value("kvbridge_router_decode_pool_free", shares) == 0.75
 
 
 async def test_a_removed_decode_node_gets_no_control_message_from_then_on(make):
