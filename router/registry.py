@@ -31,7 +31,7 @@ from router.failures import UpstreamFailure
 from router.metrics import (DECODE_POOL_FREE, DECODE_POOL_RESTING, INSTANCE_HEALTHY, INSTANCE_STATE, OUTSTANDING,
                             child, forget_instance)
 from router.node_file import NodeFile
-from router.pool_probe import pool_status
+from router.pool_probe import PoolShare, pool_status
 from transfer.rank_address import rank_address
 
 log = logging.getLogger("kvbridge.router")
@@ -242,10 +242,10 @@ class Registry:
             if status is not None and status.ranks < b.ranks:  # restarted with fewer ranks: those ports are gone
                 for address in b.rank_addresses[status.ranks:]:
                     self.control.drop(address)
-            b.pool_free, b.ranks = (status.free, status.ranks) if status is not None else (0.0, b.ranks)
-            DECODE_POOL_FREE.labels(b.name).set(b.pool_free)
-            if status is not None:
-                DECODE_POOL_RESTING.labels(b.name).set(status.resting)
+            share = status or PoolShare(0.0, float("nan"), b.ranks)  # no answer: no room known, resting unknown
+            b.pool_free, b.ranks = share.free, share.ranks
+            DECODE_POOL_FREE.labels(b.name).set(share.free)
+            DECODE_POOL_RESTING.labels(b.name).set(share.resting)
         if ok:
             b.health_fails = 0
             if b.state != "up":

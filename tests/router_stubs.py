@@ -53,7 +53,8 @@ class StubNode:
         self.held: list[str] | None = [] if store else None
         self.ranks, self.scattered, self.details, self.pad = ranks, scattered, details, pad
         self.refuse_status, self.received = refuse_status, received
-        self.resting = 0  # of the connector's 8 slots, resting after unfilled leases (the rest are free)
+        self.resting = 0  # of the connector's 8 slots, resting after unfilled leases (the others free, or one used)
+        self.stats_silent = False  # (set at any time) the connector leaves the router's Stats unanswered
         self.kv_port = self._start_connector() if kv else None
 
     def _start_connector(self) -> int:
@@ -89,13 +90,16 @@ class StubNode:
                         self.answered_ago.append(req.answered_s_ago)
                         self.answered_by.append(req.prefill)
                     (self.cancels if isinstance(req, wire.Cancel) else self.answered).append(req.transfer_id)
+            if isinstance(req, wire.Stats) and self.stats_silent:
+                continue
             if isinstance(req, wire.TraceQuery):  # `scattered`: every transfer was received and used
                 reply = wire.TransferTrace(rid=req.rid, found=self.scattered, state="SCATTERED" if self.scattered else "")
                 sock.send_multipart([ident, auth.seal_reply(opened, wire.encode(reply))])
                 continue
             reply = wire.Ack(rid=req.rid, ok=True) if isinstance(req, (wire.Cancel, wire.PrefillAnswered)) else wire.PoolStatus(
-                rid=req.rid, incarnation="stub", total=8, free=8 - self.resting, used=0, quarantined=self.resting,
-                expired_total=0, dropped_total=0, ranks=self.ranks)
+                rid=req.rid, incarnation="stub", total=8, free=8 - self.resting - bool(self.resting),
+                used=int(bool(self.resting)), quarantined=self.resting, expired_total=0, dropped_total=0,
+                ranks=self.ranks)
             sock.send_multipart([ident, auth.seal_reply(opened, wire.encode(reply))])
         sock.close(0)
 

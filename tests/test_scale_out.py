@@ -3,6 +3,7 @@ launch/node_ctl.py), against stub backends: a drain loses no request, and the dr
 from __future__ import annotations
 
 import asyncio
+import math
 
 import aiohttp
 import pytest
@@ -182,7 +183,11 @@ async def test_each_decode_nodes_free_and_resting_shares_of_its_slots_are_export
     await make([StubNode("p")], [d0])
     shares = {"instance": "d0"}
     assert await eventually(lambda: REGISTRY.get_sample_value("kvbridge_router_decode_pool_resting", shares) == 0.25)
-    assert REGISTRY.get_sample_value("kvbridge_router_decode_pool_free", shares) == 0.75
+    assert REGISTRY.get_sample_value("kvbridge_router_decode_pool_free", shares) == 0.625  # and 1 of 8 in use
+    d0.stats_silent = True  # no answer: no room known, and what rests is unknown, not the last reading
+    resting = lambda: REGISTRY.get_sample_value("kvbridge_router_decode_pool_resting", shares)  # noqa: E731
+    assert await eventually(lambda: math.isnan(resting()))
+    assert REGISTRY.get_sample_value("kvbridge_router_decode_pool_free", shares) == 0.0
 
 
 async def test_a_removed_decode_node_gets_no_control_message_from_then_on(make):

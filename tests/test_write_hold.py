@@ -12,7 +12,11 @@ from transfer import wire
 from transfer.consumer_endpoint import ConsumerEndpoint
 from transfer.consumer_settings import ConsumerSettings
 from transfer.states import State
-from transfer.write_hold import held_rest, local_tcp_retries2, retries2_within, tcp_give_up_s, write_hold_s
+from tests.test_bounded_state import FakeAgent
+from transfer.producer_registry import ProducerRegistry
+from transfer.slot_pool import SlotPool
+from transfer.write_hold import (held_rest, host_facts, local_tcp_retries2, retries2_within, tcp_give_up_s,
+                                 write_hold_s)
 
 
 def test_the_give_up_span_doubles_from_200_ms_then_grows_by_120_s_as_linux_models_it():
@@ -46,6 +50,33 @@ def test_this_hosts_setting_is_read_from_proc():
         assert local_tcp_retries2() == int(f.read())
 
 
+def test_a_producer_says_which_kernel_it_runs_on():
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        assert host_facts() == {"tcp_retries2": local_tcp_retries2(), "boot_id": f.read().strip()}
+
+
+@pytest.mark.parametrize("boot_id,rest", [("boot-a", 122.0), ("boot-b", 1000.0)], ids=["same_kernel", "another"])
+def test_a_restart_from_another_kernel_leaves_the_old_leases_their_full_rest(boot_id, rest):
+    """A restart shows the old connection's link is back only when the new generation runs on the old one's
+    kernel; a pod rescheduled to another node under the same name shows nothing of it."""
+    now = [0.0]
+    pool = SlotPool(2, 1024, quarantine_s=2.0, fence_timeout_s=30.0, clock=lambda: now[0])
+    reg = ProducerRegistry(FakeAgent(), pool, clock=lambda: now[0])
+
+    def hello(generation: int, boot: str) -> wire.Hello:
+        return wire.Hello(producer_id="p", generation=generation, incarnation=f"inc-{generation}", layout=LAYOUT,
+                          chunk_tokens=CHUNK_TOKENS, agent_name=f"a{generation}", agent_meta=b"a%d" % generation,
+                          boot_id=boot)
+    assert reg.hello(hello(1, "boot-a"), write_hold_s=1000.0) == ""
+    assert pool.grant("t", [1024], 1.0, "inc-1", write_hold_s=reg.write_hold_of("inc-1")) is not None
+    now[0] = 5.0
+    assert reg.hello(hello(2, boot_id), write_hold_s=1000.0) == ""
+    now[0] = 5.0 + rest - 0.1
+    assert pool.stats().quarantined == 1
+    now[0] = 5.0 + rest + 0.1
+    assert pool.stats().free == 2
+
+
 def test_a_hello_carries_the_setting_and_rejects_one_out_of_range():
     from transfer.nixl_agent import NixlAgent
     agent = NixlAgent("hold-hello")
@@ -62,7 +93,7 @@ def test_a_lease_keeps_the_hold_its_producers_hello_gave_unless_the_consumer_lis
     """A consumer reachable from other hosts reckons each producer's hold from its hello's tcp_retries2 and says so
     when that outlasts fence_timeout_s; one on loopback only has producers on its own host: no link to cut."""
     caplog.set_level(logging.INFO, logger="kvbridge.consumer")
-    monkeypatch.setattr("transfer.producer.local_tcp_retries2", lambda: 7)  # not the wire's default, 15
+    monkeypatch.setattr("transfer.write_hold.local_tcp_retries2", lambda: 7)  # not the wire's default, 15
     hold = write_hold_s(7) if host == "0.0.0.0" else 0.0
     ep = ConsumerEndpoint(LAYOUT, ConsumerSettings(chunk_tokens=CHUNK_TOKENS, num_slots=4, host=host, insecure=True,
                                                    fence_timeout_s=30.0))

@@ -36,7 +36,7 @@ from transfer.fence_writes import FenceWrites
 from transfer.push_window import window_blocked
 from transfer.staged_chunk import HELD, StagedChunk
 from transfer.staging import StagingBuffer
-from transfer.write_hold import local_tcp_retries2
+from transfer.write_hold import host_facts
 
 log = logging.getLogger("kvbridge.producer")
 STAGING_FREE = Gauge("kvbridge_producer_staging_free_slots", "Producer staging slots not holding a chunk")
@@ -57,7 +57,7 @@ class Producer:
         self.staging = StagingBuffer(self.agent, settings.staging_chunks, self.geometry.slot_bytes, settings.device)
         self._hello = wire.Hello(producer_id=settings.producer_id, generation=self.generation, layout=layout,
                                  incarnation=self.incarnation, chunk_tokens=chunk_tokens, agent_name=self.agent.name,
-                                 agent_meta=self.agent.metadata(), tcp_retries2=local_tcp_retries2())
+                                 agent_meta=self.agent.metadata(), **host_facts())
         self._calls = LinkCalls(lambda c: ConsumerLink(c, self.agent, self._hello, settings.secret,
                                                      settings.rpc_timeout_s), self._wake)
         self.announcer = Announcer(lambda a: ConsumerLink(a, self.agent, self._hello, settings.secret,

@@ -32,6 +32,7 @@ class _Producer:
     agent_name: str
     last_heard: float
     write_hold_s: float  # how late its writes may land after a cut (write_hold.py): each lease it is granted keeps it
+    boot_id: str  # its kernel's: a newer generation from another kernel says nothing of the old one's link
 
 
 class ProducerRegistry:
@@ -88,13 +89,15 @@ class ProducerRegistry:
             if msg.generation <= old.generation:
                 return (f"producer {msg.producer_id} generation {msg.generation} is not newer than the live "
                         f"generation {old.generation}: two producers share this id (set distinct instance_id)")
-            n = self._forget(msg.producer_id, restarted=True)
-            log.info("producer %s restarted (generation %d -> %d): dropped its old agent, ended %d leases",
-                     msg.producer_id, old.generation, msg.generation, n)
+            here = old.boot_id == msg.boot_id  # else its old leases rest as unanswered ones (write_hold.py)
+            n = self._forget(msg.producer_id, restarted=here)
+            log.info("producer %s restarted%s (generation %d -> %d): dropped its old agent, ended %d leases",
+                     msg.producer_id, "" if here else " on another host", old.generation, msg.generation, n)
         while len(self._by_id) >= self._max:
             self._forget(next(iter(self._by_id)))
         self._by_id[msg.producer_id] = _Producer(msg.generation, msg.incarnation,
-                                                 self._agent.add_remote(msg.agent_meta), self._clock(), write_hold_s)
+                                                 self._agent.add_remote(msg.agent_meta), self._clock(), write_hold_s,
+                                                 msg.boot_id)
         self._incarnations[msg.incarnation] = msg.producer_id
         self._last_admitted = self._clock()
         return ""

@@ -18,7 +18,8 @@ its producer wrote there can still be on the way:
   overlap in a rolling restart): `quarantine_s` past the later of then and that deadline, or for a lease with a
   `write_hold_s` (below) up to `RTO_MAX_S` (120 s) more: the old connection (the old process's, or the kernel's
   once that died) may still hold writes, and with the link back, as the new hello shows, it retransmits them
-  within one timeout;
+  within one timeout. That takes the new generation on the old one's kernel: one from another (its hello's
+  `boot_id`) is not taken for a restart (producer_registry.py), and the old leases keep the rest below;
 - otherwise (expired, or ended by the consumer, with no word from its producer in time): until its fence, or
   past its deadline by `fence_timeout_s` or, if longer, by the lease's `write_hold_s`: how long its producer's TCP
   retransmits a write a cut link holds before dropping it (write_hold.py; 0 when this consumer listens on loopback

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from transfer.layout import KVLayout
 
-# 12: Hello.tcp_retries2; 11: PrefillAnswered.prefill; 10: PrefillAnswered.answered_s_ago; 9: Withdraw;
+# 12: Hello.tcp_retries2, .boot_id; 11: PrefillAnswered.prefill; 10: PrefillAnswered.answered_s_ago; 9: Withdraw;
 # 8: PoolStatus.ranks; 7: PrefillAnswered; 6: Grant.incarnation; 5: windowed grants (Grant.chunks,
 # Progress/WindowState) and Pending; 4: HMAC frames
 PROTOCOL_VERSION = 12
@@ -47,8 +47,8 @@ class _Request(_Msg):
 
 
 class Hello(_Request):
-    """A producer introduces itself. `producer_id` names the node and rank; `generation` grows with each
-    start of that producer, so a restart ends the old process's leases and a stale one cannot."""
+    """A producer introduces itself. `producer_id` names the node and rank; `generation` grows with each start of
+    it, so a restart ends the old process's leases and a stale one cannot. `tcp_retries2`, `boot_id`: write_hold.py"""
     type: Literal["hello"] = "hello"
     producer_id: str = Field(min_length=1, max_length=256)
     generation: int = Field(ge=0)
@@ -57,7 +57,8 @@ class Hello(_Request):
     chunk_tokens: int = Field(gt=0)
     agent_name: str = Field(max_length=256)
     agent_meta: bytes
-    tcp_retries2: int = Field(default=15, ge=0, le=255)  # its host's: how long TCP holds a write (write_hold.py)
+    tcp_retries2: int = Field(default=15, ge=0, le=255)
+    boot_id: str = Field(default="", max_length=64)
 
 
 class Alloc(_Request):
@@ -96,10 +97,9 @@ class Release(_Request):
 
 
 class Withdraw(_Request):
-    """An ALLOC of ours (`alloc_id`) went unanswered: we gave its transfer up and never learnt its lease, so we
-    write nothing there. A link cut mid-call can deliver that ALLOC late, and the lease it gets would hold slots
-    for nobody; whether the ALLOC came before this or comes after, its slots rest quarantine_s at most
-    (lease_desk.py)."""
+    """An ALLOC of ours (`alloc_id`) went unanswered: we gave its transfer up and never learnt its lease, so we write
+    nothing there. A link cut mid-call can deliver that ALLOC late, and the lease it gets would hold slots for
+    nobody; whether the ALLOC came before this or comes after, its slots rest quarantine_s at most (lease_desk.py)."""
     type: Literal["withdraw"] = "withdraw"
     incarnation: str = Field(max_length=64)
     transfer_id: str = Field(min_length=1, max_length=256)

@@ -22,6 +22,10 @@ posted before then that are still queued behind a slow link keep going out after
 they do starts TCP's count later, by as much. The producer reads the setting when it starts: a change takes effect
 at its next start. The consumer tells a producer's host by where it listens, not by the data path: a loopback
 listener reached through a forwarder (a port-forward, an ssh tunnel) would take a remote producer for a local one.
+
+A restart shortens the rest (quarantine.py) because the new generation's hello shows the old connection's link is
+back; that holds only if it came from the same host, so the hello also carries the kernel's boot id, and a restart
+from another kernel (a pod rescheduled to another node under the same name) leaves the old leases their full rest.
 """
 from __future__ import annotations
 
@@ -48,6 +52,16 @@ def write_hold_s(retries2: int) -> float:
     return span + min(span, RTO_MAX_S) + 3 * RTO_ASSUMED_S
 
 
+def host_facts() -> dict:
+    """What a producer's hello says of its host: `tcp_retries2` and the kernel's `boot_id` ("" if unreadable)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot_id = f.read().strip()[:64]
+    except OSError:
+        boot_id = ""
+    return {"tcp_retries2": local_tcp_retries2(), "boot_id": boot_id}
+
+
 def local_tcp_retries2() -> int:
     """This host's `net.ipv4.tcp_retries2` (in this network namespace), Linux's default where it cannot be read."""
     try:
@@ -59,7 +73,7 @@ def local_tcp_retries2() -> int:
 
 def retries2_within(seconds: float) -> int | None:
     """The largest `net.ipv4.tcp_retries2` whose `write_hold_s` is at most `seconds` (None: not even 0's)."""
-    fits = [r for r in range(32) if write_hold_s(r) <= seconds]
+    fits = [r for r in range(256) if write_hold_s(r) <= seconds]
     return fits[-1] if fits else None
 
 
