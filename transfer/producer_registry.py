@@ -51,15 +51,20 @@ class ProducerRegistry:
         """The producer id that introduced this incarnation, None when none we still know did."""
         return self._incarnations.get(incarnation)
 
+    def _known(self, incarnation: str) -> _Producer | None:
+        """The producer entry of an incarnation we still know."""
+        p = self._by_id.get(self._incarnations.get(incarnation, ""))
+        return p if p is not None and p.incarnation == incarnation else None
+
     def write_hold_of(self, incarnation: str) -> float:
         """How long past a lease's deadline that producer incarnation's writes may still land (0 if unknown)."""
-        p = self._by_id.get(self._incarnations.get(incarnation, ""))
-        return p.write_hold_s if p is not None and p.incarnation == incarnation else 0.0
+        p = self._known(incarnation)
+        return p.write_hold_s if p is not None else 0.0
 
     def agent_of(self, incarnation: str) -> str | None:
         """The NIXL agent name of a producer incarnation we still know (its fences must come from it)."""
-        p = self._by_id.get(self._incarnations.get(incarnation, ""))
-        return p.agent_name if p is not None and p.incarnation == incarnation else None
+        p = self._known(incarnation)
+        return p.agent_name if p is not None else None
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -81,8 +86,7 @@ class ProducerRegistry:
     def hello(self, msg: wire.Hello, write_hold_s: float = 0.0) -> str:
         """Admit the producer ('' ) or say why not; `write_hold_s` as the consumer reckons it for this producer."""
         old = self._by_id.get(msg.producer_id)
-        if old is not None and old.incarnation == msg.incarnation:
-            old.write_hold_s = write_hold_s
+        if old is not None and old.incarnation == msg.incarnation:  # the same hello again: the same hold
             self._by_id.move_to_end(msg.producer_id)
             return ""
         if old is not None:
