@@ -3,7 +3,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
-STAMP="$VENV/.kvbridge-env-v2"  # v2: the test extra gained kubernetes-validate and grafana-foundation-sdk
+STAMP="$VENV/.kvbridge-env-v3"  # v3: httptools named, the test extra gained trustme
 if [ ! -f "$STAMP" ]; then
   echo "[kvbridge] building $VENV (first run, about 2 minutes)"
   python3 -m venv "$VENV"

@@ -25,6 +25,7 @@ from router.openai_errors import TOO_DEEP, APIError, parse_request
 from router.pool_probe import transfer_trace
 from router.proxy import Proxy
 from router.registry import Registry
+from router.upstream_client import UpstreamPool
 
 log = logging.getLogger("kvbridge.router")
 MAX_BODY = 32 << 20
@@ -37,6 +38,7 @@ UPSTREAM_KEEPALIVE_S = 2.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 PROXY = web.AppKey("proxy", Proxy)
+LEGS = web.AppKey("legs", UpstreamPool)
 
 
 def add_admin_routes(app: web.Application, api: web.Application, cfg: RouterConfig) -> None:
@@ -82,10 +84,13 @@ def build_app(cfg: RouterConfig) -> web.Application:
         app[SESSION] = aiohttp.ClientSession(connector=conn, timeout=timeout, read_bufsize=READ_BUFSIZE,
                                              cookie_jar=aiohttp.DummyCookieJar())
         await registry.start(app[SESSION])
-        app[PROXY] = Proxy(cfg, registry, app[SESSION], backend_key)
+        # the legs' own client (router/upstream_client.py), with the session's keep-alive and connect timeout
+        app[LEGS] = UpstreamPool(UPSTREAM_KEEPALIVE_S, cfg.connect_timeout_s, READ_BUFSIZE)
+        app[PROXY] = Proxy(cfg, registry, app[LEGS], backend_key)
 
     async def on_cleanup(app: web.Application) -> None:
         await registry.stop()
+        app[LEGS].close()
         await app[SESSION].close()
 
     def openai_endpoint(path: str, kind: str) -> Handler:

@@ -14,13 +14,13 @@ import json
 import time
 from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
 
 from router.failures import ClientGone, UpstreamFailure
 from router.metrics import ITL, child
 from router.registry import Backend
 from router.upstream import read_all, read_event
+from router.upstream_client import UpstreamResponse
 from router.usage import correct_details, prefill_details
 
 HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "content-encoding", "keep-alive"}
@@ -39,7 +39,7 @@ class RelayOutcome:
         return self.failure is None and not self.client_gone
 
 
-def client_headers(up: aiohttp.ClientResponse, request_id: str) -> dict[str, str]:
+def client_headers(up: UpstreamResponse, request_id: str) -> dict[str, str]:
     headers = {k: v for k, v in up.headers.items() if k.lower() not in HOP_HEADERS}
     headers["x-kvbridge-request-id"] = request_id
     return headers
@@ -91,7 +91,7 @@ async def write(resp: web.StreamResponse, data: bytes, timeout_s: float) -> None
         raise ClientGone(f"client read nothing for {timeout_s:g} s") from None
 
 
-async def relay_whole(up: aiohttp.ClientResponse, b: Backend, request_id: str, timeout_s: float,
+async def relay_whole(up: UpstreamResponse, b: Backend, request_id: str, timeout_s: float,
                       prefill_leg: asyncio.Task | None) -> RelayOutcome:
     """A non-streamed answer (or a stream's 4xx), read in full before anything is sent: an
     UpstreamFailure here leaves the request free to be retried. `prefill_leg`: router/usage.py."""
@@ -102,7 +102,7 @@ async def relay_whole(up: aiohttp.ClientResponse, b: Backend, request_id: str, t
     return RelayOutcome(response, first_byte_at=time.monotonic())
 
 
-async def relay_stream(request: web.Request, up: aiohttp.ClientResponse, b: Backend, request_id: str,
+async def relay_stream(request: web.Request, up: UpstreamResponse, b: Backend, request_id: str,
                        first_byte_timeout_s: float, read_timeout_s: float, write_timeout_s: float,
                        prefill_leg: asyncio.Task | None, kv_wait_over: asyncio.Event) -> RelayOutcome:
     """A stream, relayed event by event once its first event arrived. `kv_wait_over` is set then: a decode node

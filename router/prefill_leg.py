@@ -17,8 +17,6 @@ import logging
 import time
 from dataclasses import dataclass
 
-import aiohttp
-
 from router.config import RouterConfig
 from router.failures import UpstreamFailure
 from router.metrics import PREFILL_FAILURES
@@ -26,6 +24,7 @@ from router.pool_probe import cancel_transfer, prefill_answered
 from router.registry import Backend, Registry
 from router.request_trace import Trace
 from router.upstream import post, read_all
+from router.upstream_client import UpstreamPool
 
 log = logging.getLogger("kvbridge.router")
 # The request's own content refused (a prompt over the context length, a bad parameter, a body too large); other
@@ -60,7 +59,7 @@ def reply_usage(raw: bytes) -> dict | None:
     return usage if isinstance(usage, dict) else None
 
 
-async def run_prefill(cfg: RouterConfig, registry: Registry, session: aiohttp.ClientSession, b: Backend,
+async def run_prefill(cfg: RouterConfig, registry: Registry, legs: UpstreamPool, b: Backend,
                       path: str, body: dict, headers: dict[str, str], trace: Trace, kv_addresses: list[str],
                       transfer_id: str, over: asyncio.Event, kv_wait_over: asyncio.Event) -> PrefillResult:
     """`over` is set once the leg is over on its node: its reply headers arrived (the node has finished the
@@ -69,7 +68,7 @@ async def run_prefill(cfg: RouterConfig, registry: Registry, session: aiohttp.Cl
     t0, usage, refusal = time.monotonic(), None, None
     registry.acquire(b)
     try:
-        up = await post(session, b, path, body, headers, cfg.first_byte_timeout_s)
+        up = await post(legs, b, path, body, headers, cfg.first_byte_timeout_s)
         over.set()
         try:
             raw = await read_all(up, b, cfg.first_byte_timeout_s)

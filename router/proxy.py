@@ -22,7 +22,6 @@ import time
 import uuid
 from dataclasses import replace
 
-import aiohttp
 from aiohttp import web
 
 from router.admission import Admission
@@ -41,6 +40,7 @@ from router.prefill_leg import PrefillResult, run_prefill
 from router.registry import Backend, Registry
 from router.request_trace import Trace, TraceBook
 from router.upstream import post
+from router.upstream_client import UpstreamPool, UpstreamResponse
 
 MAX_ATTEMPTS = 2  # the first dispatch and one retry, only while nothing was sent
 
@@ -59,9 +59,8 @@ def prefill_failed(leg: asyncio.Task, request_id: str) -> web.Response:
 
 
 class Proxy:
-    def __init__(self, cfg: RouterConfig, registry: Registry, session: aiohttp.ClientSession,
-                 backend_key: str | None) -> None:
-        self.cfg, self.registry, self.session, self.backend_key = cfg, registry, session, backend_key
+    def __init__(self, cfg: RouterConfig, registry: Registry, legs: UpstreamPool, backend_key: str | None) -> None:
+        self.cfg, self.registry, self.legs, self.backend_key = cfg, registry, legs, backend_key
         self.traces = TraceBook(cfg.trace_history)
         self.admission = Admission(cfg.max_inflight_total, cfg.retry_after_s)
         self._background: set[asyncio.Task] = set()
@@ -118,7 +117,7 @@ class Proxy:
             was_idle = not self.placement.pending_requests.get(prefill.name)
             decision.prefill_eta_s = self.placement.prefill_eta_s(decision)
             prefill_task = asyncio.create_task(run_prefill(
-                self.cfg, self.registry, self.session, prefill, path, prefill_body(body, tid, decode.kv_address,
+                self.cfg, self.registry, self.legs, prefill, path, prefill_body(body, tid, decode.kv_address,
                                                                       self.cfg.push_key, self.cfg.push_token_ttl_s),
                 headers, trace, decode.rank_addresses, tid, prefill_over, kv_wait_over))
             prefill_task.add_done_callback(lambda t: self._prefill_finished(decision, t, was_idle, trace))
@@ -134,7 +133,7 @@ class Proxy:
         trace.add("dispatched", f"prefill={prefill.name if prefill else None} decode={decode.name}"
                   + (f" aggregated ({aggregated})" if aggregated else "") + f": {decision.why}")
         self.placement.dispatched(decision)
-        up: aiohttp.ClientResponse | None = None
+        up: UpstreamResponse | None = None
         outcome: RelayOutcome | None = None
         wait_s = self._decode_wait_s(decision) if prefill_task is not None else 0.0
         self.registry.acquire(decode)
@@ -149,7 +148,7 @@ class Proxy:
             elif prefill_task is not None:
                 DECODE_DISPATCH.labels("with_prefill").inc()
                 await asyncio.sleep(0)  # the prefill leg goes out first: its KV is what the decode leg waits for
-            up = await post(self.session, decode, path, decode_leg, headers, self._first_wait(body))
+            up = await post(self.legs, decode, path, decode_leg, headers, self._first_wait(body))
             if prefill_task is not None and self.cfg.on_prefill_failure == "error" and not (await prefill_task).ok:
                 return prefill_failed(prefill_task, trace.id)
             if body.get("stream") and up.status == 200:  # prefill_task: its cached tokens (router/usage.py)
@@ -279,7 +278,7 @@ class Proxy:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _abort_legs(self, up: aiohttp.ClientResponse | None, prefill_task: asyncio.Task | None, decode: Backend,
+    def _abort_legs(self, up: UpstreamResponse | None, prefill_task: asyncio.Task | None, decode: Backend,
                     tid: str) -> None:
         """Close the decode connection (vLLM aborts the request), cancel the prefill leg (same), and tell
         the decode connector to drop the transfer now. Runs inside cancellation, so nothing here awaits."""

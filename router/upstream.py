@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import asyncio
-
-import aiohttp
-from aiohttp.http_exceptions import LineTooLong
+import json
 
 from router.failures import UpstreamFailure
 from router.registry import Backend, DownWatch
+from router.upstream_client import UpstreamError, UpstreamPool, UpstreamResponse
 
-UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError, LineTooLong)
+UPSTREAM_ERRORS = (UpstreamError, TimeoutError)
 MAX_EVENT_BYTES = 16 << 20  # one SSE event (a chunk with top-20 logprobs of n sequences is far below)
 
 
@@ -19,14 +18,14 @@ def describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
-async def post(session: aiohttp.ClientSession, b: Backend, path: str, body: dict, headers: dict[str, str],
-               timeout_s: float) -> aiohttp.ClientResponse:
-    """The backend's response once its headers arrived (the caller closes it). A 5xx is the backend's
-    failure; a 4xx is the request's and is returned."""
+async def post(pool: UpstreamPool, b: Backend, path: str, body: dict, headers: dict[str, str],
+               timeout_s: float) -> UpstreamResponse:
+    """The backend's response once its headers arrived (the caller releases or closes it). A 5xx is the
+    backend's failure; a 4xx is the request's and is returned."""
     try:
         with DownWatch(b):
             async with asyncio.timeout(timeout_s):
-                up = await session.post(b.inst.url + path, json=body, headers=headers)
+                up = await pool.post(b.inst.url + path, json.dumps(body).encode(), headers)
     except UPSTREAM_ERRORS as e:
         raise UpstreamFailure(b.name, describe(e)) from None
     if up.status >= 500:
@@ -41,7 +40,7 @@ async def post(session: aiohttp.ClientSession, b: Backend, path: str, body: dict
     return up
 
 
-async def read_all(up: aiohttp.ClientResponse, b: Backend, timeout_s: float) -> bytes:
+async def read_all(up: UpstreamResponse, b: Backend, timeout_s: float) -> bytes:
     try:
         with DownWatch(b):
             async with asyncio.timeout(timeout_s):
@@ -50,11 +49,11 @@ async def read_all(up: aiohttp.ClientResponse, b: Backend, timeout_s: float) -> 
         raise UpstreamFailure(b.name, describe(e)) from None
 
 
-async def read_event(up: aiohttp.ClientResponse, b: Backend, timeout_s: float) -> bytes:
+async def read_event(up: UpstreamResponse, b: Backend, timeout_s: float) -> bytes:
     """The next SSE event (through its blank line), or b"" at the end of the stream."""
     try:
         with DownWatch(b):
             async with asyncio.timeout(timeout_s):
-                return await up.content.readuntil(b"\n\n", max_size=MAX_EVENT_BYTES)
+                return await up.readuntil(b"\n\n", max_size=MAX_EVENT_BYTES)
     except UPSTREAM_ERRORS as e:
         raise UpstreamFailure(b.name, describe(e)) from None
