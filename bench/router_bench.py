@@ -9,9 +9,9 @@ requests/s), so a change in what else the machine runs between repeats cancels o
 per request is printed too: unlike the ratios it does not depend on how busy the rest of the machine is.
 
 Two more servers are measured in the same repeats, each sending both legs of a request at once and relaying the
-decode leg's answer, nothing else: a bare relay (`run_bare_relay`: aiohttp on uvloop, as the router), what the
-framework alone costs for the same three HTTP exchanges per request (router / bare relay says what kvbridge's
-own work adds), and a raw relay (bench/raw_relay.py: asyncio protocols and httptools' parser, no framework),
+decode leg's answer, nothing else: a bare relay (`run_bare_relay`: the router's HTTP stack, aiohttp's server on
+uvloop and the router's leg client), what that stack alone costs for the same three HTTP exchanges per request
+(router / bare relay says what kvbridge's own work adds), and a raw relay (bench/raw_relay.py: asyncio protocols and httptools' parser, no framework),
 the floor of those exchanges on this machine.
 
 Everything shares this machine's cores: the load generator, the stub (which answers two calls per routed
@@ -38,9 +38,10 @@ from aiohttp import web
 
 from launch.local_servers import LOG_DIR, start_router
 from launch.process_handle import ProcessHandle
-from router.app import UPSTREAM_KEEPALIVE_S
+from router.app import LEGS, READ_BUFSIZE, UPSTREAM_KEEPALIVE_S
 from router.config import RouterConfig
 from router.leg_bodies import decode_body, prefill_body
+from router.upstream_client import UpstreamPool
 
 T = TypeVar("T")
 ADDED_P50_TARGET_MS, RATIO_TARGET = 1.0, 0.4  # each routed request is two upstream calls: 0.5 is the ceiling
@@ -89,14 +90,17 @@ def pd_legs(body: dict, stub_port: int) -> tuple[dict, dict]:
 
 
 def run_bare_relay(port: int, stub_port: int) -> None:
-    """The least an aiohttp PD router does per request: two legs of one transfer to the stub at once, the decode
-    leg's answer relayed. No placement, trace, auth, metrics, admission or failure handling."""
+    """The least a PD router on the router's HTTP stack does per request: two legs of one transfer to the stub at
+    once, the decode leg's answer relayed. No placement, trace, auth, metrics, admission or failure handling."""
     upstream = f"http://127.0.0.1:{stub_port}/v1/completions"
 
     async def completions(request: web.Request) -> web.Response:
         async def leg(leg_body: dict) -> tuple[int, bytes]:
-            async with request.app["session"].post(upstream, json=leg_body) as r:
-                return r.status, await r.read()
+            up = await request.app[LEGS].post(upstream, json.dumps(leg_body).encode(), {})
+            try:
+                return up.status, await up.read()
+            finally:
+                up.release()
         _, (status, raw) = await asyncio.gather(*(leg(b) for b in pd_legs(await request.json(), stub_port)))
         return web.Response(status=status, body=raw, content_type="application/json")
 
@@ -105,9 +109,7 @@ def run_bare_relay(port: int, stub_port: int) -> None:
 
     async def serve() -> None:
         app = web.Application()
-        # as the router's session: no cookie jar, pooled connections let go of after the same idle time
-        app["session"] = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(), connector=aiohttp.TCPConnector(
-            limit=0, keepalive_timeout=UPSTREAM_KEEPALIVE_S))
+        app[LEGS] = UpstreamPool(UPSTREAM_KEEPALIVE_S, 5.0, READ_BUFSIZE)  # as the router's
         app.router.add_post("/v1/completions", completions)
         app.router.add_get("/health", health)
         runner = web.AppRunner(app, access_log=None)
@@ -201,7 +203,7 @@ def floor_servers(stub_port: int, dispatch: str) -> dict[str, tuple[ProcessHandl
     floors = {"bare relay": (ProcessHandle("router-bench-relay", [
         sys.executable, "-c", "from bench.router_bench import run_bare_relay; "
         f"run_bare_relay(18603, {stub_port})"], "http://127.0.0.1:18603/health", None, LOG_DIR),
-        "aiohttp's floor")}
+        "the router's HTTP stack")}
     if importlib.util.find_spec("httptools") is None:
         print("raw relay not measured: httptools is not installed")
     else:
