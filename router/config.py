@@ -4,6 +4,7 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -19,6 +20,14 @@ class Instance(BaseModel):
     name: str = Field(min_length=1, max_length=200, description="the node as logs, metrics and the decode "
                       "connectors' notices name it")
     url: str = Field(pattern=r"^https?://")
+
+    @field_validator("url")
+    @classmethod
+    def _no_credentials(cls, v: str) -> str:
+        if "@" in urlsplit(v).netloc:
+            raise ValueError(f"url {v.split('@')[-1]!r}: credentials in a backend URL are not sent; give the "
+                             "backends' key with backend_api_key_env or backend_api_key_file")
+        return v
 
 
 class DecodeInstance(Instance):

@@ -20,7 +20,7 @@ from router.failures import ClientGone, UpstreamFailure
 from router.metrics import ITL, child
 from router.registry import Backend
 from router.upstream import read_all, read_event
-from router.upstream_client import UpstreamResponse
+from router.upstream_response import UpstreamResponse
 from router.usage import correct_details, prefill_details
 
 HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "content-encoding", "keep-alive"}

@@ -40,7 +40,8 @@ from router.prefill_leg import PrefillResult, run_prefill
 from router.registry import Backend, Registry
 from router.request_trace import Trace, TraceBook
 from router.upstream import post
-from router.upstream_client import UpstreamPool, UpstreamResponse
+from router.upstream_client import UpstreamPool
+from router.upstream_response import UpstreamResponse
 
 MAX_ATTEMPTS = 2  # the first dispatch and one retry, only while nothing was sent
 

@@ -6,7 +6,8 @@ import json
 
 from router.failures import UpstreamFailure
 from router.registry import Backend, DownWatch
-from router.upstream_client import UpstreamError, UpstreamPool, UpstreamResponse
+from router.upstream_client import UpstreamPool
+from router.upstream_response import UpstreamError, UpstreamResponse
 
 UPSTREAM_ERRORS = (UpstreamError, TimeoutError)
 MAX_EVENT_BYTES = 16 << 20  # one SSE event (a chunk with top-20 logprobs of n sequences is far below)

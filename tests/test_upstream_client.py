@@ -3,19 +3,24 @@ and when it must not happen, answers split anywhere, broken answers as UpstreamE
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
+import struct
 
 import pytest
 import trustme
 
-from router.upstream_client import EventTooLarge, UpstreamError, UpstreamPool
+from router.config import Instance
+from router.upstream_client import UpstreamPool
+from router.upstream_response import EventTooLarge, UpstreamError
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
 
 
 class Backend:
     """A server answering each request with what `answer(request_bytes)` returns: bytes, or a list of parts
-    written 10 ms apart; None, or `hang_up`, closes the connection instead of reading another request."""
+    written 10 ms apart (b"RST": reset the connection); None, or `hang_up`, closes the connection instead of
+    reading another request."""
 
     def __init__(self, answer, hang_up: bool = False) -> None:
         self.answer, self.hang_up, self.requests, self.peers, self.closed = answer, hang_up, [], [], 0
@@ -37,6 +42,11 @@ class Backend:
                 if out is None:
                     break
                 for part in out if isinstance(out, list) else [out]:
+                    if part == b"RST":  # close with a reset instead of a FIN
+                        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                                                   struct.pack("ii", 1, 0))
+                        writer.transport.abort()
+                        return
                     writer.write(part)
                     await writer.drain()
                     await asyncio.sleep(0.01 if isinstance(out, list) else 0)
@@ -200,3 +210,89 @@ async def test_an_https_backend_is_verified_against_the_trusted_cas(monkeypatch,
     assert up.status == 200 and await up.read() == b"{}"
     up.close()
     await b.stop()
+
+
+async def test_an_answer_that_ends_unread_past_read_bufsize_leaves_its_connection_reading_for_the_next_leg():
+    b = Backend(lambda req: OK % (8192, b"x" * 8192))  # one write: the socket read that passes the limit ends it
+    url, p = await b.start(), pool(read_bufsize=4096)
+    for _ in range(2):
+        up = await asyncio.wait_for(p.post(url, b"{}", {}), 2)
+        await asyncio.sleep(0.1)
+        assert await up.read() == b"x" * 8192
+        up.release()
+    assert len(b.peers) == 1
+    p.close()
+    await b.stop()
+
+
+async def test_releasing_twice_or_closing_after_a_release_never_lends_one_connection_to_two_legs():
+    b = Backend(lambda req: OK % (len(req), req))
+    url, p = await b.start(), pool()
+    up = await p.post(url, b"{}", {})
+    await up.read()
+    up.release()
+    up.release()
+    up.close()
+    legs = await asyncio.gather(*(p.post(url, b'{"n": %d}' % i, {}) for i in range(2)))
+    assert [(await leg.read()).endswith(b'{"n": %d}' % i) for i, leg in enumerate(legs)] == [True, True]
+    assert len(b.peers) == 2 and b.closed == 0
+    p.close()
+    await b.stop()
+
+
+async def test_bytes_after_an_answer_or_an_upgrade_are_not_taken_for_the_next_answer():
+    b = Backend(lambda req: (OK % (2, b"{}")) + b"HTTP/1.1 2")  # the start of an answer nobody asked for
+    url, p = await b.start(), pool()
+    for _ in range(2):
+        up = await p.post(url, b"{}", {})
+        assert await up.read() == b"{}"
+        up.release()
+    assert len(b.peers) == 2  # the first connection was closed, not reused with a half-parsed answer in it
+    upgrade = Backend(lambda req: b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: ws\r\nConnection: upgrade\r\n\r\n")
+    with pytest.raises(UpstreamError, match="not valid HTTP"):
+        await p.post(await upgrade.start(), b"{}", {})
+    p.close()
+    await b.stop()
+    await upgrade.stop()
+
+
+async def test_a_reset_cuts_an_answer_with_no_length_short_instead_of_ending_it():
+    def reset(req: bytes) -> list[bytes]:
+        return [b"HTTP/1.1 200 OK\r\n\r\npart of it", b"RST"]
+    b = Backend(reset)
+    url, p = await b.start(), pool()
+    with pytest.raises(UpstreamError, match="closed the connection before its answer was complete"):
+        await (await p.post(url, b"{}", {})).read()
+    p.close()
+    await b.stop()
+
+
+async def test_idle_time_counts_from_the_answers_end_and_idle_connections_are_closed_without_another_leg():
+    b = Backend(lambda req: OK % (2, b"{}"))
+    url, p = await b.start(), pool(keepalive_s=0.3)
+    up = await p.post(url, b"{}", {})
+    await asyncio.sleep(0.2)  # the answer is in; the caller takes its time
+    await up.read()
+    up.release()
+    await asyncio.sleep(0.15)  # 0.35 s after the answer ended, 0.15 s after the release
+    up = await p.post(url, b"{}", {})
+    await up.read()
+    up.release()
+    assert len(b.peers) == 2 and b.closed == 1
+    await asyncio.sleep(0.8)
+    assert b.closed == 2  # the pool closed it on its own
+    p.close()
+    await b.stop()
+
+
+async def test_a_chunked_answers_trailer_is_not_one_of_its_headers_and_a_url_with_credentials_is_refused():
+    b = Backend(lambda req: b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-t\r\n\r\n"
+                b"2\r\n{}\r\n0\r\nx-t: 1\r\n\r\n")
+    url, p = await b.start(), pool()
+    up = await p.post(url, b"{}", {})
+    assert await up.read() == b"{}" and "x-t" not in up.headers and up.headers["trailer"] == "x-t"
+    up.release()
+    p.close()
+    await b.stop()
+    with pytest.raises(ValueError, match="credentials in a backend URL are not sent"):
+        Instance(name="p", url="http://user:secret@127.0.0.1:8100")
