@@ -40,7 +40,10 @@ class RelayOutcome:
 
 
 def client_headers(up: UpstreamResponse, request_id: str) -> dict[str, str]:
-    headers = {k: v for k, v in up.headers.items() if k.lower() not in HOP_HEADERS}
+    """The backend's headers for the client, less hop-by-hop ones and any that is not ASCII (HTTP's own rule for new
+    fields; a byte that is not UTF-8 could not be written back out)."""
+    headers = {k: v for k, v in up.headers.items()
+               if k.lower() not in HOP_HEADERS and k.isascii() and v.isascii()}
     headers["x-kvbridge-request-id"] = request_id
     return headers
 

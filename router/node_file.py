@@ -23,7 +23,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from router.config import DecodeInstance, Instance
-from transfer.config_errors import ConfigError
+from transfer.config_errors import ConfigError, format_errors
 
 log = logging.getLogger("kvbridge.router")
 
@@ -59,7 +59,10 @@ class NodeFile:
                 self._c = _Contents.model_validate(json.loads(path.read_text()))
                 for node in self._c.added:
                     node.instance()
-            except (ValueError, ValidationError) as e:
+            except ValidationError as e:  # its message only: str(e) would print a URL's credentials
+                raise ConfigError(f"{path}: not a node file this router can read ({format_errors(e, path.name)}); "
+                                  "move it away to start from the config file's nodes") from None
+            except ValueError as e:
                 raise ConfigError(f"{path}: not a node file this router can read ({e}); move it away to start "
                                   "from the config file's nodes") from None
 

@@ -71,7 +71,8 @@ class _Connection(asyncio.Protocol):
         if status < 200:
             self.informational, self.headers = True, CIMultiDict()
             return
-        self.ends_at_close = "content-length" not in self.headers and "transfer-encoding" not in self.headers
+        self.ends_at_close = ("content-length" not in self.headers
+                              and "chunked" not in self.headers.get("transfer-encoding", "").lower())
         self.resp = UpstreamResponse(self, status, self.headers)
         if not self.head.done():  # else the caller stopped waiting: post() closes the connection
             self.head.set_result(self.resp)
@@ -121,7 +122,9 @@ class _Connection(asyncio.Protocol):
             self.close()
 
     def close(self) -> None:
+        """Closed by the router: an answer still arriving on it fails as the router's doing, not the backend's."""
         if not self.closed:
+            self._fail(UpstreamError("the router closed the connection"))
             self.closed = True
             self.transport.close()
 
@@ -136,9 +139,12 @@ class UpstreamPool:
         self._targets: dict[str, tuple[tuple[str, int, bool], bytes]] = {}
         self._tls: ssl.SSLContext | None = None
         self._sweep: asyncio.TimerHandle | None = None
+        self._closed = False
 
     async def post(self, url: str, body: bytes, headers: dict[str, str]) -> UpstreamResponse:
         """POST a JSON `body` to `url`; the answer once its headers arrived. Raises UpstreamError."""
+        if self._closed:
+            raise UpstreamError("the router is shutting down")
         key, start = self._target(url)
         lines = b"".join(b"%s: %s\r\n" % (_header(k), _header(v)) for k, v in headers.items())
         conn = self._idle_connection(key) or await self._connect(key)
@@ -188,19 +194,23 @@ class UpstreamPool:
     def put_back(self, conn: _Connection) -> None:
         """An answered connection, idle since its answer ended, for the next request to its backend."""
         self._idle.setdefault(conn.key, []).append(conn)
-        if self._sweep is None:
-            self._sweep = asyncio.get_running_loop().call_later(self.keepalive_s, self._expire)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        """The sweep, due when the longest-idle pooled connection reaches keepalive_s."""
+        if self._sweep is None and any(self._idle.values()):
+            oldest = min(conn.idle_since for idle in self._idle.values() for conn in idle)
+            self._sweep = asyncio.get_running_loop().call_later(
+                max(0.0, oldest + self.keepalive_s - time.monotonic()), self._expire)
 
     def _expire(self) -> None:
-        """Close the connections idle past keepalive_s, and look again later while any stay pooled."""
+        """Close the connections idle past keepalive_s."""
         self._sweep, now = None, time.monotonic()
         for idle in self._idle.values():
-            stale = [conn for conn in idle if now - conn.idle_since >= self.keepalive_s]
-            for conn in stale:
+            for conn in [conn for conn in idle if now - conn.idle_since >= self.keepalive_s]:
                 idle.remove(conn)
                 conn.close()
-        if any(self._idle.values()):
-            self._sweep = asyncio.get_running_loop().call_later(self.keepalive_s, self._expire)
+        self._schedule()
 
     def forget(self, conn: _Connection) -> None:
         self._open.discard(conn)
@@ -209,6 +219,8 @@ class UpstreamPool:
             idle.remove(conn)
 
     def close(self) -> None:
+        """Every connection closed (an answer already whole can still be read); a leg asked for later fails."""
+        self._closed = True
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None
