@@ -44,6 +44,9 @@ from router.upstream_client import UpstreamPool
 from router.upstream_response import UpstreamResponse
 
 MAX_ATTEMPTS = 2  # the first dispatch and one retry, only while nothing was sent
+# A stream's relay stops reading at [DONE]; the chunked terminator comes right behind it. Its connection is pooled
+# once that arrives (else the decode node would take a new connection for every streamed request), closed if not.
+STREAM_TAIL_S = 1.0
 
 log = logging.getLogger("kvbridge.router")
 
@@ -173,7 +176,7 @@ class Proxy:
             if outcome is None or not outcome.complete or outcome.response.status >= 400:
                 self._abort_legs(up, prefill_task, decode, tid)
             else:
-                up.release()  # a stream may stop reading at [DONE], before the chunked terminator
+                up.release(STREAM_TAIL_S)
                 if prefill_task is not None and not prefill_task.done() and not prefill_over.is_set():
                     self._end_unanswered_prefill(prefill_task, prefill_over, decode, tid)
 

@@ -38,6 +38,7 @@ class _Connection(asyncio.Protocol):
         self.informational = False  # a 1xx answer, which the real one follows
         self.ends_at_close = False  # an answer with neither Content-Length nor chunked encoding
         self.idle_since = 0.0
+        self.tail: asyncio.TimerHandle | None = None  # released before its answer ended: closes it unless it ends
 
     def send(self, request: bytes) -> asyncio.Future:
         self.head, self.resp, self.headers = asyncio.get_running_loop().create_future(), None, CIMultiDict()
@@ -91,6 +92,10 @@ class _Connection(asyncio.Protocol):
         self.head = None
         self.resp._end(None)
         self.wanting()  # nothing more to buffer: a connection paused for its body reads again (its close, its FIN)
+        if self.tail is not None:  # released before this end arrived
+            self.tail.cancel()
+            self.tail = None
+            self.release(True, 0.0)
 
     def wanting(self) -> None:
         """The answer's reader waits for more: read the socket again."""
@@ -115,9 +120,11 @@ class _Connection(asyncio.Protocol):
             self.resp._end(error)
         self.head = None
 
-    def release(self, ended: bool) -> None:
+    def release(self, ended: bool, tail_s: float) -> None:
         if ended and self.keep_alive and not self.closed:
             self.pool.put_back(self)
+        elif tail_s > 0 and not self.closed and self.head is not None:  # the answer's end may be close behind
+            self.tail = asyncio.get_running_loop().call_later(tail_s, self.close)
         else:
             self.close()
 

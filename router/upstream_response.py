@@ -13,7 +13,7 @@ class Carrier(Protocol):
 
     def wanting(self) -> None: ...
 
-    def release(self, ended: bool) -> None: ...
+    def release(self, ended: bool, tail_s: float) -> None: ...
 
     def close(self) -> None: ...
 
@@ -64,11 +64,13 @@ class UpstreamResponse:
                 return out
             await self._wait()
 
-    def release(self) -> None:
-        """Done with this answer: its connection is reused if the answer ended and the backend keeps it open."""
+    def release(self, tail_s: float = 0.0) -> None:
+        """Done with this answer: its connection is reused if the answer ended and the backend keeps it open. An
+        answer whose reader stopped before its end is closed, or with `tail_s`, given that long for the rest to
+        arrive first (a stream read to its [DONE], its chunked terminator still on the way)."""
         if not self._let_go:
             self._let_go = True
-            self._conn.release(self._eof and self._error is None)
+            self._conn.release(self._eof and self._error is None, tail_s)
 
     def close(self) -> None:
         """Done with this answer, its connection closed (a backend drops the request behind it)."""

@@ -157,3 +157,27 @@ async def test_a_router_that_closes_a_leg_or_its_pool_says_so_instead_of_blaming
         await p.post(url, b"{}", {})
     await b.stop()
     await answered.stop()
+
+
+async def test_a_stream_released_at_its_done_is_reused_once_its_end_arrives_and_closed_if_it_never_does():
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    done = b"e\r\ndata: [DONE]\n\n\r\n"
+    ends = Backend(lambda req: [head + done, b"0\r\n\r\n"])  # the terminator 10 ms behind [DONE]
+    url, p = await ends.start(), pool()
+    for _ in range(2):
+        up = await p.post(url, b"{}", {})
+        assert await up.readuntil(b"\n\n", 1 << 10) == b"data: [DONE]\n\n"
+        up.release(tail_s=1.0)
+        await asyncio.sleep(0.1)
+    assert len(ends.peers) == 1 and ends.closed == 0
+    never = Backend(lambda req: [head + done, b""])  # no terminator, connection left open
+    up = await p.post(await never.start(), b"{}", {})
+    assert await up.readuntil(b"\n\n", 1 << 10) == b"data: [DONE]\n\n"
+    up.release(tail_s=0.3)
+    await asyncio.sleep(0.1)
+    assert never.closed == 0
+    await asyncio.sleep(0.4)
+    assert never.closed == 1
+    p.close()
+    await ends.stop()
+    await never.stop()
