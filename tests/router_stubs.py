@@ -37,14 +37,17 @@ class StubNode:
     connector says of every transfer asked about that it was received and scattered (else that it has none).
     `pad`: characters added to each streamed event's text. `healthy` and `health_hangs` (set at any time): /health answers 500, or never answers.
     `received`: a decode node that got the prompt's KV over PD, as vLLM reports one: every prompt token cached, in
-    its unstreamed answers and in a stream's usage chunk (asked for with stream_options.include_usage)."""
+    its unstreamed answers and in a stream's usage chunk (asked for with stream_options.include_usage).
+    `end_after_done`: seconds between a stream's [DONE] and its end (the chunked terminator)."""
 
     def __init__(self, name: str, mode: str = "ok", events: int = 4,
                  interval: float | Callable[[dict], float] = 0.0, die_after: int = 2,
                  kv: bool = False, store: bool = False, ranks: int = 1, scattered: bool = False,
-                 details: bool = True, pad: int = 0, refuse_status: int = 400, received: bool = False) -> None:
+                 details: bool = True, pad: int = 0, refuse_status: int = 400, received: bool = False,
+                 end_after_done: float = 0.0) -> None:
         self.name, self.mode, self.events, self.interval, self.die_after = name, mode, events, interval, die_after
         self.bodies, self.headers, self.cancels, self.answered = [], [], [], []  # each leg's, rank 0 connector's
+        self.peers: list[tuple] = []  # each leg's connection (the router's address and port)
         self.answered_ago: list[float] = []  # each prefill_answered notice's age of the answer (rank 0)
         self.answered_by: list[str] = []  # and the prefill node it names, with its up-period
         self.rank_notices: dict[int, list[tuple[str, str]]] = {r: [] for r in range(1, ranks)}  # (type, tid)
@@ -52,7 +55,7 @@ class StubNode:
         self._stop = threading.Event()
         self.held: list[str] | None = [] if store else None
         self.ranks, self.scattered, self.details, self.pad = ranks, scattered, details, pad
-        self.refuse_status, self.received = refuse_status, received
+        self.refuse_status, self.received, self.end_after_done = refuse_status, received, end_after_done
         self.resting = 0  # of the connector's 8 slots, resting after unfilled leases (the others free, or one used)
         self.stats_silent = False  # (set at any time) the connector leaves the router's Stats unanswered
         self.kv_port = self._start_connector() if kv else None
@@ -145,6 +148,7 @@ class StubNode:
         body = await request.json()
         self.bodies.append(body)
         self.headers.append(request.headers.copy())
+        self.peers.append(request.transport.get_extra_info("peername"))
         try:
             if self.mode == "reset":
                 request.transport.abort()
@@ -173,6 +177,7 @@ class StubNode:
             if (body.get("stream_options") or {}).get("include_usage"):
                 await resp.write(b"data: " + json.dumps({"choices": [], **self._usage(body)}).encode() + b"\n\n")
             await resp.write(b"data: [DONE]\n\n")
+            await asyncio.sleep(self.end_after_done)
             return resp
         except asyncio.CancelledError:
             self.aborted += 1
