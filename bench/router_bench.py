@@ -11,8 +11,8 @@ per request is printed too: unlike the ratios it does not depend on how busy the
 Two more servers are measured in the same repeats, each sending both legs of a request at once and relaying the
 decode leg's answer, nothing else: a bare relay (`run_bare_relay`: the router's HTTP stack, aiohttp's server on
 uvloop and the router's leg client), what that stack alone costs for the same three HTTP exchanges per request
-(router / bare relay says what kvbridge's own work adds), and a raw relay (bench/raw_relay.py: asyncio protocols and httptools' parser, no framework),
-the floor of those exchanges on this machine.
+(router / bare relay says what kvbridge's own work adds), and a raw relay (bench/raw_relay.py: asyncio protocols
+and httptools' parser, no framework), the floor of those exchanges on this machine.
 
 Everything shares this machine's cores: the load generator, the stub (which answers two calls per routed
 request) and the router. Stub and load generator run on uvloop when it is installed, as the router does,
@@ -109,7 +109,7 @@ def run_bare_relay(port: int, stub_port: int) -> None:
 
     async def serve() -> None:
         app = web.Application()
-        app[LEGS] = UpstreamPool(UPSTREAM_KEEPALIVE_S, 5.0, READ_BUFSIZE)  # as the router's
+        app[LEGS] = UpstreamPool(UPSTREAM_KEEPALIVE_S, RouterConfig().connect_timeout_s, READ_BUFSIZE)  # the router's
         app.router.add_post("/v1/completions", completions)
         app.router.add_get("/health", health)
         runner = web.AppRunner(app, access_log=None)

@@ -29,11 +29,11 @@ from router.upstream_client import UpstreamPool
 
 log = logging.getLogger("kvbridge.router")
 MAX_BODY = 32 << 20
-READ_BUFSIZE = 1 << 20  # upstream read buffer: SSE events are read whole
+READ_BUFSIZE = 1 << 20  # what a leg's answer buffers while unread (router/upstream_client.py)
 # vLLM's HTTP server closes a connection idle for 5 s (VLLM_HTTP_TIMEOUT_KEEP_ALIVE). A pooled connection kept
-# longer is reused just as the server closes it, and the request fails before a byte was sent ("Can not write
-# request body", "Server disconnected"), counted against a healthy decode node: under load two such failures in a
-# row turned a retried request into a 502 and three marked the node down. So the router lets go of them first.
+# longer is reused just as the server closes it, and the request fails before a byte was sent, counted against a
+# healthy decode node: under load two such failures in a row turned a retried request into a 502 and three marked
+# the node down. So the router lets go of them first.
 UPSTREAM_KEEPALIVE_S = 2.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SESSION = web.AppKey("session", aiohttp.ClientSession)
@@ -81,8 +81,7 @@ def build_app(cfg: RouterConfig) -> web.Application:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout_s)
         # No cookie jar: one session carries every client's requests, and a cookie a backend set on one answer
         # would ride on the next request to that host, any port, whoever sent it.
-        app[SESSION] = aiohttp.ClientSession(connector=conn, timeout=timeout, read_bufsize=READ_BUFSIZE,
-                                             cookie_jar=aiohttp.DummyCookieJar())
+        app[SESSION] = aiohttp.ClientSession(connector=conn, timeout=timeout, cookie_jar=aiohttp.DummyCookieJar())
         await registry.start(app[SESSION])
         # the legs' own client (router/upstream_client.py), with the session's keep-alive and connect timeout
         app[LEGS] = UpstreamPool(UPSTREAM_KEEPALIVE_S, cfg.connect_timeout_s, READ_BUFSIZE)

@@ -55,13 +55,16 @@ class _Connection(asyncio.Protocol):
             return
         try:
             self.parser.feed_data(data)
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:
+        except httptools.HttpParserUpgrade:
+            self._fail(UpstreamError("the backend switched protocols (an HTTP upgrade nobody asked for)"))
+            self.close()
+        except httptools.HttpParserError as e:
             self._fail(UpstreamError(f"the backend's answer is not valid HTTP: {e!r}"))
             self.close()
 
     def on_message_begin(self) -> None:
-        if self.head is None:  # bytes after the answer, in the same read: this connection is out of step
-            raise UpstreamError("the backend sent an answer nobody asked for")
+        if self.head is None:  # bytes after the answer, in the same read: this connection is out of step. Raising
+            raise UpstreamError("an answer nobody asked for")  # stops the parse; data_received closes it
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.resp is None:  # else a chunked body's trailer, not a header of the answer
@@ -124,12 +127,13 @@ class _Connection(asyncio.Protocol):
         if ended and self.keep_alive and not self.closed:
             self.pool.put_back(self)
         elif tail_s > 0 and not self.closed and self.head is not None:  # the answer's end may be close behind
+            self.wanting()  # a body paused at read_bufsize must be read on to reach that end
             self.tail = asyncio.get_running_loop().call_later(tail_s, self.close)
         else:
             self.close()
 
     def close(self) -> None:
-        """Closed by the router: an answer still arriving on it fails as the router's doing, not the backend's."""
+        """Closed by the router: an answer still arriving on it fails, its message saying the router closed it."""
         if not self.closed:
             self._fail(UpstreamError("the router closed the connection"))
             self.closed = True
@@ -170,7 +174,9 @@ class UpstreamPool:
             tls = parts.scheme == "https"
             key = (parts.hostname or "", parts.port or (443 if tls else 80), tls)
             path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            start = f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n".encode()
+            # identity: the answer is relayed as it comes, and a backend may compress one not asked to be plain
+            start = (f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
+                     "Accept-Encoding: identity\r\n").encode()
             got = self._targets[url] = (key, start)
         return got
 
@@ -178,7 +184,7 @@ class UpstreamPool:
         idle, now = self._idle.get(key), time.monotonic()
         while idle:
             conn = idle.pop()
-            if not conn.closed and now - conn.idle_since < self.keepalive_s:
+            if not conn.closed and not conn.transport.is_closing() and now - conn.idle_since < self.keepalive_s:
                 return conn
             conn.close()
         return None
@@ -195,6 +201,9 @@ class UpstreamPool:
             raise UpstreamError(f"connecting to {host}:{port} timed out after {self.connect_timeout_s} s") from None
         except OSError as e:
             raise UpstreamError(f"connecting to {host}:{port}: {e}") from None
+        if self._closed:  # shut while connecting
+            conn.close()
+            raise UpstreamError("the router is shutting down")
         self._open.add(conn)
         return conn
 
@@ -241,4 +250,4 @@ def _header(text: str) -> bytes:
     such client headers: this keeps a leg's request well-formed whatever the caller passes)."""
     if "\r" in text or "\n" in text:
         raise ValueError(f"a line break in header text {text[:40]!r}")
-    return text.encode()
+    return text.encode("utf-8", "surrogateescape")  # as aiohttp's server decoded the client's header bytes

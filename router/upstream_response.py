@@ -19,7 +19,8 @@ class Carrier(Protocol):
 
 
 class UpstreamError(ConnectionError):
-    """The connection failed or closed before the answer was complete, or the answer was not valid HTTP."""
+    """No whole answer: connecting failed or timed out, the connection closed (by the backend, or by the router, which
+    the message says) before the answer was complete, the answer was not HTTP/1.1 as asked, or the pool is shut."""
 
 
 class EventTooLarge(UpstreamError):
@@ -65,7 +66,7 @@ class UpstreamResponse:
             await self._wait()
 
     def release(self, tail_s: float = 0.0) -> None:
-        """Done with this answer: its connection is reused if the answer ended and the backend keeps it open. An
+        """Done with this answer: its connection is reused if the whole answer arrived and the backend keeps it open. An
         answer whose reader stopped before its end is closed, or with `tail_s`, given that long for the rest to
         arrive first (a stream read to its [DONE], its chunked terminator still on the way)."""
         if not self._let_go:

@@ -13,8 +13,15 @@ from router.config import Instance
 from router.decode_relay import client_headers
 from router.node_file import NodeFile
 from router.upstream_response import EventTooLarge, UpstreamError
-from tests.exact_backend import OK, Backend, pool
+from tests.exact_backend import ON_BOTH_LOOPS, OK, Backend, pool, runs_on_the_loop_named
+from tests.exact_backend import event_loop_policy  # noqa: F401 (fixture: each test on asyncio and on uvloop)
 from transfer.config_errors import ConfigError
+
+pytestmark = ON_BOTH_LOOPS
+
+
+async def test_each_test_here_runs_on_the_loop_it_names(event_loop_policy):  # noqa: F811 (the fixture)
+    assert await runs_on_the_loop_named(event_loop_policy)
 
 
 async def test_an_sse_stream_split_at_every_byte_reads_event_by_event_then_ends():
@@ -52,10 +59,16 @@ async def test_a_backend_that_closes_before_its_answer_is_complete_raises_upstre
     url, p = await b.start(), pool()
     with pytest.raises(UpstreamError, match="closed the connection before its answer was complete"):
         await (await p.post(url, b"{}", {})).read()
-    with pytest.raises(UpstreamError, match="not valid HTTP"):
-        garbage = Backend(lambda req: b"HTTP/1.1 abc\r\n\r\n")
-        await (await p.post(await garbage.start(), b"{}", {})).read()
     p.close()
+    await b.stop()
+
+
+async def test_an_answer_that_is_not_http_raises_upstream_error():
+    garbage, p = Backend(lambda req: b"HTTP/1.1 abc\r\n\r\n"), pool()
+    with pytest.raises(UpstreamError, match="not valid HTTP"):
+        await p.post(await garbage.start(), b"{}", {})
+    p.close()
+    await garbage.stop()
 
 
 async def test_an_answer_with_no_length_ends_where_its_connection_does_and_a_1xx_is_skipped():
@@ -93,7 +106,7 @@ async def test_bytes_after_an_answer_or_an_upgrade_are_not_taken_for_the_next_an
         up.release()
     assert len(b.peers) == 2  # the first connection was closed, not reused with a half-parsed answer in it
     upgrade = Backend(lambda req: b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: ws\r\nConnection: upgrade\r\n\r\n")
-    with pytest.raises(UpstreamError, match="not valid HTTP"):
+    with pytest.raises(UpstreamError, match="switched protocols"):
         await p.post(await upgrade.start(), b"{}", {})
     p.close()
     await b.stop()

@@ -8,18 +8,27 @@ import asyncio
 import pytest
 
 from router.upstream_response import UpstreamError
-from tests.exact_backend import OK, Backend, pool
+from tests.exact_backend import ON_BOTH_LOOPS, OK, Backend, pool, runs_on_the_loop_named, until
+from tests.exact_backend import event_loop_policy  # noqa: F401 (fixture: each test on asyncio and on uvloop)
+
+pytestmark = ON_BOTH_LOOPS
+
+
+async def test_each_test_here_runs_on_the_loop_it_names(event_loop_policy):  # noqa: F811 (the fixture)
+    assert await runs_on_the_loop_named(event_loop_policy)
 
 
 async def test_a_connection_is_reused_for_the_next_leg_and_both_bodies_arrive_whole():
     b = Backend(lambda req: OK % (len(req), req))  # echoes the request
     url, p = await b.start(), pool()
     for body in (b'{"prompt": "a"}', b'{"prompt": "' + b"x" * 200_000 + b'"}'):
-        up = await p.post(url, body, {"x-request-id": "r1"})
+        up = await p.post(url, body, {"x-request-id": "r1", "x-raw": "caf\udce9"})  # a byte aiohttp kept as is
         echoed = await up.read()
         up.release()
         assert up.status == 200 and echoed.endswith(b"\r\n\r\n" + body)
-        assert b"\r\nx-request-id: r1\r\n" in echoed and b"\r\nContent-Length: %d\r\n" % len(body) in echoed
+        assert b"\r\nx-request-id: r1\r\nx-raw: caf\xe9\r\n" in echoed
+        assert b"\r\nAccept-Encoding: identity\r\n" in echoed
+        assert b"\r\nContent-Length: %d\r\n" % len(body) in echoed
     assert len(b.peers) == 1
     p.close()
     await b.stop()
@@ -151,8 +160,7 @@ async def test_a_router_that_closes_a_leg_or_its_pool_says_so_instead_of_blaming
     p.close()
     assert await up.read() == b"{}"  # whole before the pool closed: still read, its connection closed with the pool
     up.release()
-    await asyncio.sleep(0.05)
-    assert answered.closed == 1
+    assert await until(lambda: answered.closed == 1)
     with pytest.raises(UpstreamError, match="shutting down"):
         await p.post(url, b"{}", {})
     await b.stop()
@@ -168,16 +176,32 @@ async def test_a_stream_released_at_its_done_is_reused_once_its_end_arrives_and_
         up = await p.post(url, b"{}", {})
         assert await up.readuntil(b"\n\n", 1 << 10) == b"data: [DONE]\n\n"
         up.release(tail_s=1.0)
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)  # the end is 10 ms behind
     assert len(ends.peers) == 1 and ends.closed == 0
     never = Backend(lambda req: [head + done, b""])  # no terminator, connection left open
     up = await p.post(await never.start(), b"{}", {})
     assert await up.readuntil(b"\n\n", 1 << 10) == b"data: [DONE]\n\n"
-    up.release(tail_s=0.3)
+    up.release(tail_s=0.5)
     await asyncio.sleep(0.1)
     assert never.closed == 0
-    await asyncio.sleep(0.4)
-    assert never.closed == 1
+    assert await until(lambda: never.closed == 1)
     p.close()
     await ends.stop()
     await never.stop()
+
+
+async def test_a_stream_paused_at_read_bufsize_when_released_at_its_done_still_reads_on_to_its_end():
+    events = b"".join(b"data: %04d\n\n" % i for i in range(800)) + b"data: [DONE]\n\n"  # 9 KiB, one chunk
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b = Backend(lambda req: [head + b"%x\r\n%s\r\n" % (len(events), events), b"0\r\n\r\n"])
+    url, p = await b.start(), pool(read_bufsize=4096)
+    for _ in range(2):
+        up = await p.post(url, b"{}", {})
+        await asyncio.sleep(0.1)  # all but the end arrives unread: reading pauses
+        while await up.readuntil(b"\n\n", 1 << 10) != b"data: [DONE]\n\n":
+            pass
+        up.release(tail_s=1.0)
+        await asyncio.sleep(0.3)
+    assert len(b.peers) == 1
+    p.close()
+    await b.stop()
