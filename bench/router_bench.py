@@ -44,6 +44,7 @@ from router.leg_bodies import decode_body, prefill_body
 from router.upstream_client import UpstreamPool
 
 T = TypeVar("T")
+CONNECT_TIMEOUT_S = RouterConfig.model_fields["connect_timeout_s"].default  # the router's default
 ADDED_P50_TARGET_MS, RATIO_TARGET = 1.0, 0.4  # each routed request is two upstream calls: 0.5 is the ceiling
 
 REPLY = {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": "tiny",
@@ -109,7 +110,7 @@ def run_bare_relay(port: int, stub_port: int) -> None:
 
     async def serve() -> None:
         app = web.Application()
-        app[LEGS] = UpstreamPool(UPSTREAM_KEEPALIVE_S, RouterConfig().connect_timeout_s, READ_BUFSIZE)  # the router's
+        app[LEGS] = UpstreamPool(UPSTREAM_KEEPALIVE_S, CONNECT_TIMEOUT_S, READ_BUFSIZE)  # as the router's
         app.router.add_post("/v1/completions", completions)
         app.router.add_get("/health", health)
         runner = web.AppRunner(app, access_log=None)
