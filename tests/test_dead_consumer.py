@@ -82,7 +82,7 @@ def lease_some(p, consumer: ConsumerProcess, prefix: str) -> list[str]:
     for key in keys:
         handle = p.begin(spec(key, 3), consumer.address)
         assert p.stage(handle, 0, lambda v: p.geometry.chunk_nbytes(spec(key, 3).num_tokens, 0))
-    wait_for(lambda: all(consumer.call("lease", k) for k in keys), 5, 0.01, "every lease granted")
+    wait_for(lambda: all(consumer.call("lease", k) for k in keys), 15, 0.01, "every lease granted")
     return keys
 
 
@@ -126,7 +126,7 @@ def test_an_alloc_a_frozen_consumer_takes_in_late_is_withdrawn_and_holds_no_slot
         assert finished(p, {"late"})["late"] == State.FAILED  # its ALLOC's call timed out
         os.kill(frozen.proc.pid, signal.SIGCONT)
         time.sleep(RPC_TIMEOUT_S)  # past the span in which calls fail at once
-        frozen.wait_pool_full(timeout_s=5)  # without the withdrawal: LEASE_TTL_S + 60 s
+        frozen.wait_pool_full(timeout_s=15)  # without the withdrawal: LEASE_TTL_S + 60 s
         counters = frozen.call("counters")
         # the ALLOC came first and its lease ended, or the withdrawal came first and the ALLOC was refused
         assert counters.get("allocs_withdrawn", 0) + counters.get("allocs_refused_withdrawn", 0) == 1, counters
@@ -147,7 +147,7 @@ def test_a_frozen_consumer_does_not_hold_pushes_to_another(healthy, ucx):
         p.link(frozen.address).ensure()  # met before it froze: the next call is a plain ALLOC
         os.kill(frozen.proc.pid, signal.SIGSTOP)
         stuck = p.begin(spec("stuck-1", 2), frozen.address)
-        wait_for(lambda: p._jobs[stuck].call is not None, 5, 0.01, "the ALLOC to the frozen consumer sent")
+        wait_for(lambda: p._jobs[stuck].call is not None, 15, 0.01, "the ALLOC to the frozen consumer sent")
         crcs = push(p, healthy, "alive-3", 2)
         assert finished(p, {"alive-3"})["alive-3"] == State.SENT
         check_landed(healthy, "alive-3", crcs)
