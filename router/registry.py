@@ -5,7 +5,7 @@ and to a suspect one when it is all there is (removing the last instance of a ki
 would turn one glitch into an outage). `down_after_failures` consecutive failed requests, or
 `unhealthy_after` failed health checks, take it *down*; a passing health check brings it back.
 A node that stays down by its health checks for `abandon_after_s` has whatever still waits on it
-cancelled (`DownWatch`), so no request hangs on a node that vanished without closing its
+cancelled (router/backend_wait.py), so no request hangs on a node that vanished without closing its
 connections; the grace keeps a node that is only slow to answer /health under load from losing
 its in-flight requests (a node that really died closes its connections, which fails them at once).
 
@@ -27,7 +27,6 @@ import aiohttp
 from router.admission import AtCapacity
 from router.config import DecodeInstance, Instance, RouterConfig
 from router.control_channel import ControlChannels
-from router.failures import UpstreamFailure
 from router.metrics import (DECODE_POOL_FREE, DECODE_POOL_RESTING, INSTANCE_HEALTHY, INSTANCE_STATE, OUTSTANDING,
                             child, forget_instance)
 from router.node_file import NodeFile
@@ -91,33 +90,9 @@ class Backend:
         INSTANCE_STATE.labels(self.kind, self.name).set(STATE_CODE[state])
 
     def abandon_waiters(self) -> None:
-        """End every request still waiting on this node (each DownWatch fires once)."""
+        """End every request still waiting on this node (router/backend_wait.py: each wait ends once)."""
         for fire in list(self.watchers):
             fire()
-
-
-class DownWatch:
-    """While inside, the current task is cancelled if `backend` is abandoned (down for abandon_after_s);
-    the cancel leaves the block as an UpstreamFailure (or stays a cancel when the client left too)."""
-
-    def __init__(self, backend: Backend) -> None:
-        self.backend, self.fired = backend, False
-        self.task: asyncio.Task | None = None
-
-    def _fire(self) -> None:
-        if not self.fired:  # one cancel, so that any second one is known to be the client's
-            self.fired = True
-            self.task.cancel()
-
-    def __enter__(self) -> DownWatch:
-        self.task = asyncio.current_task()
-        self.backend.watchers.add(self._fire)
-        return self
-
-    def __exit__(self, et: type | None, e: BaseException | None, tb: object) -> None:
-        self.backend.watchers.discard(self._fire)
-        if self.fired and isinstance(e, asyncio.CancelledError) and self.task.uncancel() == 0:
-            raise UpstreamFailure(self.backend.name, "down (health checks) while this request waited on it") from None
 
 
 class Registry:

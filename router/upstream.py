@@ -4,8 +4,9 @@ from __future__ import annotations
 import asyncio
 import json
 
+from router.backend_wait import BackendWait
 from router.failures import UpstreamFailure
-from router.registry import Backend, DownWatch
+from router.registry import Backend
 from router.upstream_client import UpstreamPool
 from router.upstream_response import UpstreamError, UpstreamResponse
 
@@ -24,9 +25,8 @@ async def post(pool: UpstreamPool, b: Backend, path: str, body: dict, headers: d
     """The backend's response once its headers arrived (the caller releases or closes it). A 5xx is the
     backend's failure; a 4xx is the request's and is returned."""
     try:
-        with DownWatch(b):
-            async with asyncio.timeout(timeout_s):
-                up = await pool.post(b.inst.url + path, json.dumps(body).encode(), headers)
+        with BackendWait(b, timeout_s):
+            up = await pool.post(b.inst.url + path, json.dumps(body).encode(), headers)
     except UPSTREAM_ERRORS as e:
         raise UpstreamFailure(b.name, describe(e)) from None
     if up.status >= 500:
@@ -43,9 +43,8 @@ async def post(pool: UpstreamPool, b: Backend, path: str, body: dict, headers: d
 
 async def read_all(up: UpstreamResponse, b: Backend, timeout_s: float) -> bytes:
     try:
-        with DownWatch(b):
-            async with asyncio.timeout(timeout_s):
-                return await up.read()
+        with BackendWait(b, timeout_s):
+            return await up.read()
     except UPSTREAM_ERRORS as e:
         raise UpstreamFailure(b.name, describe(e)) from None
 
@@ -53,8 +52,7 @@ async def read_all(up: UpstreamResponse, b: Backend, timeout_s: float) -> bytes:
 async def read_event(up: UpstreamResponse, b: Backend, timeout_s: float) -> bytes:
     """The next SSE event (through its blank line), or b"" at the end of the stream."""
     try:
-        with DownWatch(b):
-            async with asyncio.timeout(timeout_s):
-                return await up.readuntil(b"\n\n", max_size=MAX_EVENT_BYTES)
+        with BackendWait(b, timeout_s):
+            return await up.readuntil(b"\n\n", max_size=MAX_EVENT_BYTES)
     except UPSTREAM_ERRORS as e:
         raise UpstreamFailure(b.name, describe(e)) from None

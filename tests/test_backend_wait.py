@@ -1,0 +1,62 @@
+"""A wait on a backend ends at its timeout or at the node's abandonment, as a failure that names the node; a
+cancel that is not its own (the client leaving) stays a cancel; nothing of it outlives the block."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from router.backend_wait import ABANDONED, BackendWait
+from router.config import Instance
+from router.failures import UpstreamFailure
+from router.registry import Backend
+
+
+def node() -> Backend:
+    return Backend(Instance(name="decode-0", url="http://127.0.0.1:1"), "decode")
+
+
+async def test_a_wait_past_its_timeout_fails_naming_the_node():
+    with pytest.raises(UpstreamFailure) as e:
+        with BackendWait(node(), 0.05):
+            await asyncio.sleep(5)
+    assert (e.value.backend, e.value.why) == ("decode-0", "timed out")
+
+
+async def test_a_wait_on_a_node_abandoned_fails_at_once_saying_it_went_down():
+    b = node()
+
+    async def wait() -> None:
+        with BackendWait(b, 30):
+            await asyncio.sleep(30)
+    task = asyncio.create_task(wait())
+    await asyncio.sleep(0.01)
+    b.abandon_waiters()
+    with pytest.raises(UpstreamFailure) as e:
+        await asyncio.wait_for(task, 1)
+    assert (e.value.backend, e.value.why) == ("decode-0", ABANDONED)
+
+
+@pytest.mark.parametrize("order", [["client"], ["abandon", "client"], ["client", "abandon"]])
+async def test_a_cancel_from_elsewhere_stays_a_cancel_even_when_the_wait_ended_too(order):
+    b = node()
+
+    async def wait() -> None:
+        with BackendWait(b, 30):
+            await asyncio.sleep(30)
+    task = asyncio.create_task(wait())
+    await asyncio.sleep(0.01)
+    for who in order:  # both before the task runs again
+        task.cancel() if who == "client" else b.abandon_waiters()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_after_the_block_neither_the_timer_nor_the_watcher_reaches_the_task():
+    b = node()
+    with BackendWait(b, 0.02):
+        await asyncio.sleep(0)
+    assert not b.watchers
+    b.abandon_waiters()
+    await asyncio.sleep(0.05)  # past the timeout: a live timer would cancel this task here
+    assert asyncio.current_task().cancelling() == 0
