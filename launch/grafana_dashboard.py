@@ -42,7 +42,7 @@ def _panels() -> list[tuple[str, list[timeseries.Panel]]]:
             _panel("Requests by status", "reqps", "Answers by HTTP status; 429s are admission caps.",
                    [(f"sum by (status) (rate(kvbridge_router_requests_total[{RI}]))", "{{status}}")]),
             _panel("Outstanding requests", "short", "In flight per prefill and decode instance.",
-                   [("kvbridge_router_outstanding", "{{kind}} {{instance}}")]),
+                   [("kvbridge_router_outstanding", "{{kind}} {{backend}}")]),
         ]),
         ("KV transfers", [
             _panel("Transfer time", "s", "From a transfer's first state to SENT (producer) or SCATTERED (consumer).",
@@ -62,8 +62,8 @@ def _panels() -> list[tuple[str, list[timeseries.Panel]]]:
             _panel("Slot pool and staging", "percentunit", "Free share of each decode node's receive slots and "
                    "each prefill node's staging; at zero, pushes wait. Slots resting: ended unfilled, waiting until "
                    "no late write can land.",
-                   [("kvbridge_router_decode_pool_free", "slots free {{instance}}"),
-                    ("kvbridge_router_decode_pool_resting", "slots resting {{instance}}"),
+                   [("kvbridge_router_decode_pool_free", "slots free {{backend}}"),
+                    ("kvbridge_router_decode_pool_resting", "slots resting {{backend}}"),
                     ("kvbridge_producer_staging_free_slots / kvbridge_producer_staging_slots",
                      "staging free {{instance}}")]),
         ]),
@@ -99,10 +99,10 @@ def _panels() -> list[tuple[str, list[timeseries.Panel]]]:
         ]),
         ("Health", [
             _panel("Instance state", "short", "0 up, 1 suspect, 2 down, as the router sees each node.",
-                   [("kvbridge_router_instance_state", "{{kind}} {{instance}}")]),
+                   [("kvbridge_router_instance_state", "{{kind}} {{backend}}")]),
             _panel("Restarts", "short", "Process restarts (start time changed) and health flaps seen by the router.",
                    [("changes(process_start_time_seconds[1h])", "restarts {{job}} {{instance}}"),
-                    ("changes(kvbridge_router_instance_healthy[1h])", "health flaps {{kind}} {{instance}}"),
+                    ("changes(kvbridge_router_instance_healthy[1h])", "health flaps {{kind}} {{backend}}"),
                     ("increase(kvbridge_supervisor_restarts_total[1h])", "restarted by kvbridge up {{role}}"),
                     ("kvbridge_supervisor_given_up == 1", "given up {{role}}")]),
         ]),

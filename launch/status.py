@@ -85,7 +85,7 @@ def _last_errors(log_dir: Path, name: str, n: int = 3) -> list[str]:
 
 def _apply_router(rows: dict[str, InstanceStatus], samples: Samples) -> None:
     for name, labels, value in samples:
-        row = rows.get(labels.get("instance", ""))
+        row = rows.get(labels.get("backend", ""))
         if row is None:
             continue
         if name == "kvbridge_router_outstanding":

@@ -13,14 +13,16 @@ TTFT = Histogram("kvbridge_router_ttft_seconds", "From the request's arrival to 
                  buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
 PREFILL_FAILURES = Counter("kvbridge_router_prefill_failures_total", "Prefill legs that failed", ["action"])
 CANCELLED = Counter("kvbridge_router_cancelled_total", "Requests whose client went away")
+# A node is named by `backend`, not `instance`: Prometheus sets `instance` to the scraped target (the router) and
+# would rename ours `exported_instance`, so every node's series would show the router's address in dashboards.
 INSTANCE_HEALTHY = Gauge("kvbridge_router_instance_healthy", "1 if the instance passes health checks",
-                         ["kind", "instance"])
-OUTSTANDING = Gauge("kvbridge_router_outstanding", "Requests in flight per instance", ["kind", "instance"])
+                         ["kind", "backend"])
+OUTSTANDING = Gauge("kvbridge_router_outstanding", "Requests in flight per instance", ["kind", "backend"])
 DECODE_POOL_FREE = Gauge("kvbridge_router_decode_pool_free", "Free fraction of a decode connector's slots",
-                         ["instance"])
+                         ["backend"])
 DECODE_POOL_RESTING = Gauge("kvbridge_router_decode_pool_resting", "Fraction of a decode connector's slots resting "
                             "after an unfilled lease until no late write can land (transfer/quarantine.py)",
-                            ["instance"])
+                            ["backend"])
 REJECTED = Counter("kvbridge_router_rejected_total", "Requests refused with 429, by which cap", ["cap"])
 RETRIES = Counter("kvbridge_router_retries_total", "Requests re-dispatched before their first byte", ["kind"])
 DECODE_DISPATCH = Counter("kvbridge_router_decode_dispatch_total", "Disaggregated requests by when their decode "
@@ -35,7 +37,7 @@ AGGREGATED = Counter("kvbridge_router_aggregated_total", "Requests served on the
 ITL = Histogram("kvbridge_router_inter_event_seconds", "Time between two events of a relayed stream (inter-token "
                 "latency as the client sees it)", ["endpoint"],
                 buckets=(.001, .0025, .005, .01, .02, .04, .08, .16, .32, .64, 1.28, 5))
-INSTANCE_STATE = Gauge("kvbridge_router_instance_state", "0 up, 1 suspect, 2 down", ["kind", "instance"])
+INSTANCE_STATE = Gauge("kvbridge_router_instance_state", "0 up, 1 suspect, 2 down", ["kind", "backend"])
 PLACEMENT = Counter("kvbridge_router_placement_total", "Placement decisions by where the prompt was prefilled "
                     "(remote: a prefill node, local: the decode node) and why", ["where", "reason"])
 LEARNED_RATE = Gauge("kvbridge_router_learned_rate", "The placement cost model's learned rates (chars_per_token, "

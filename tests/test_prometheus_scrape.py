@@ -52,7 +52,7 @@ def prometheus(tmp_path, router):
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": ["alerts.yaml"],
-        "scrape_configs": [{"job_name": "kvbridge-router", "honor_labels": True,
+        "scrape_configs": [{"job_name": "kvbridge-router",  # a default scrape: honor_labels false
                             "static_configs": [{"targets": [f"127.0.0.1:{router.config.port}"]}]}]}))
     proc = ProcessHandle("prometheus", [exe, f"--config.file={tmp_path / 'prometheus.yml'}",
                                         f"--storage.tsdb.path={tmp_path / 'tsdb'}",
@@ -64,12 +64,15 @@ def prometheus(tmp_path, router):
     proc.stop()
 
 
-def test_prometheus_reads_a_router_series_back_and_loads_the_rules(prometheus):
+def test_prometheus_reads_a_router_series_back_and_loads_the_rules(prometheus, router):
     def series() -> list[dict]:
         return _get(f"{prometheus}/api/v1/query?query=kvbridge_router_instance_state")["data"]["result"]
     wait_for(lambda: len(series()) == 2, 60, interval=0.5)
-    assert {(s["metric"]["kind"], s["metric"]["instance"]) for s in series()} == {("prefill", "prefill-0"),
-                                                                                  ("decode", "decode-0")}
+    # each node under its own name, beside the scraped target's `instance` (a node label named `instance` would
+    # have been renamed exported_instance, and the dashboards' legends would show the router for every node)
+    assert {(s["metric"]["kind"], s["metric"]["backend"], s["metric"]["instance"]) for s in series()} == {
+        ("prefill", "prefill-0", f"127.0.0.1:{router.config.port}"),
+        ("decode", "decode-0", f"127.0.0.1:{router.config.port}")}
     groups = _get(f"{prometheus}/api/v1/rules")["data"]["groups"]
     assert {g["name"] for g in groups} == {"kvbridge-recording", "kvbridge-alerts"}
     assert all(r["health"] in ("ok", "unknown") for g in groups for r in g["rules"]), groups

@@ -167,12 +167,12 @@ async def test_health_is_503_while_every_decode_node_drains_and_a_removed_node_l
     async with aiohttp.ClientSession() as s, s.get(url + "/health") as r:
         assert r.status == 503
     assert (await flying)[0] == 200
-    assert REGISTRY.get_sample_value("kvbridge_router_instance_healthy", {"kind": "decode", "instance": "d0"}) == 1
+    assert REGISTRY.get_sample_value("kvbridge_router_instance_healthy", {"kind": "decode", "backend": "d0"}) == 1
     await asyncio.to_thread(nodes_command, url, "drain", name="d0")
     for metric in ("kvbridge_router_instance_healthy", "kvbridge_router_instance_state", "kvbridge_router_outstanding"):
-        assert REGISTRY.get_sample_value(metric, {"kind": "decode", "instance": "d0"}) is None, metric
+        assert REGISTRY.get_sample_value(metric, {"kind": "decode", "backend": "d0"}) is None, metric
     for metric in ("kvbridge_router_decode_pool_free", "kvbridge_router_decode_pool_resting"):
-        assert REGISTRY.get_sample_value(metric, {"instance": "d0"}) is None, metric
+        assert REGISTRY.get_sample_value(metric, {"backend": "d0"}) is None, metric
 
 
 async def test_each_decode_nodes_free_and_resting_shares_of_its_slots_are_exported(make):
@@ -181,7 +181,7 @@ async def test_each_decode_nodes_free_and_resting_shares_of_its_slots_are_export
     d0 = StubNode("d0", kv=True)
     d0.resting = 2
     await make([StubNode("p")], [d0])
-    shares = {"instance": "d0"}
+    shares = {"backend": "d0"}
     assert await eventually(lambda: REGISTRY.get_sample_value("kvbridge_router_decode_pool_resting", shares) == 0.25)
     assert REGISTRY.get_sample_value("kvbridge_router_decode_pool_free", shares) == 0.625  # and 1 of 8 in use
     d0.stats_silent = True  # no answer: no room known, and what rests is unknown, not the last reading

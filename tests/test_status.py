@@ -61,8 +61,8 @@ def _metrics_app(fill) -> web.Application:
 
 
 def _router_metrics(reg: CollectorRegistry) -> None:
-    out = Gauge("kvbridge_router_outstanding", "", ["kind", "instance"], registry=reg)
-    state = Gauge("kvbridge_router_instance_state", "", ["kind", "instance"], registry=reg)
+    out = Gauge("kvbridge_router_outstanding", "", ["kind", "backend"], registry=reg)
+    state = Gauge("kvbridge_router_instance_state", "", ["kind", "backend"], registry=reg)
     out.labels("prefill", "prefill-0").set(3)
     out.labels("decode", "decode-0").set(2)
     state.labels("prefill", "prefill-0").set(0)
