@@ -23,14 +23,19 @@ async def test_a_wait_past_its_timeout_fails_naming_the_node():
     assert (e.value.backend, e.value.why) == ("decode-0", "timed out")
 
 
-async def test_a_wait_on_a_node_abandoned_fails_at_once_saying_it_went_down():
-    b = node()
-
+async def waiting(b: Backend) -> asyncio.Task:
+    """A task inside a long wait on `b`."""
     async def wait() -> None:
         with BackendWait(b, 30):
             await asyncio.sleep(30)
     task = asyncio.create_task(wait())
     await asyncio.sleep(0.01)
+    return task
+
+
+async def test_a_wait_on_a_node_abandoned_fails_at_once_saying_it_went_down():
+    b = node()
+    task = await waiting(b)
     b.abandon_waiters()
     with pytest.raises(UpstreamFailure) as e:
         await asyncio.wait_for(task, 1)
@@ -40,12 +45,7 @@ async def test_a_wait_on_a_node_abandoned_fails_at_once_saying_it_went_down():
 @pytest.mark.parametrize("order", [["client"], ["abandon", "client"], ["client", "abandon"]])
 async def test_a_cancel_from_elsewhere_stays_a_cancel_even_when_the_wait_ended_too(order):
     b = node()
-
-    async def wait() -> None:
-        with BackendWait(b, 30):
-            await asyncio.sleep(30)
-    task = asyncio.create_task(wait())
-    await asyncio.sleep(0.01)
+    task = await waiting(b)
     for who in order:  # both before the task runs again
         task.cancel() if who == "client" else b.abandon_waiters()
     with pytest.raises(asyncio.CancelledError):
