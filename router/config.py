@@ -85,7 +85,8 @@ class RouterConfig(BaseModel):
                                     "connector's pool probe) may take before the check fails")
     unhealthy_after: int = Field(default=2, ge=1, description="consecutive failed health checks before removal")
     abandon_after_s: float = Field(default=3.0, ge=0, description="a node down by its health checks this long "
-                                   "has the requests still waiting on it ended (retried if nothing was sent)")
+                                   "has each request that has waited on it as long ended (retried if nothing was "
+                                   "sent); a stream whose events still arrive goes on")
     down_after_failures: int = Field(default=3, ge=2, description="consecutive failed requests before removal; "
                                      "one failed request only makes an instance suspect")
     connect_timeout_s: float = Field(default=5.0, gt=0)

@@ -4,7 +4,7 @@ One failed request makes an instance *suspect*: requests go to up instances whil
 and to a suspect one when it is all there is (removing the last instance of a kind on one error
 would turn one glitch into an outage). `down_after_failures` consecutive failed requests, or
 `unhealthy_after` failed health checks, take it *down*; a passing health check brings it back.
-A node that stays down by its health checks for `abandon_after_s` has whatever still waits on it
+A node that stays down by its health checks for `abandon_after_s` has what has waited on it that long
 cancelled (router/backend_wait.py), so no request hangs on a node that vanished without closing its
 connections; the grace keeps a node that is only slow to answer /health under load from losing
 its in-flight requests (a node that really died closes its connections, which fails them at once).
@@ -52,8 +52,9 @@ class Backend:
     removal: asyncio.Task | None = None  # a waiting drain's: removes it once none is in flight (router/node_admin.py)
     downs: int = 0  # times it went down: what it held may be gone (router/placement.py forgets it)
     incarnation: str = field(default_factory=lambda: uuid.uuid4().hex[:8])  # this router's record of the node
-    down_since: float | None = field(default_factory=time.monotonic)  # state starts "down": since creation
-    watchers: set[Callable[[], None]] = field(default_factory=set)
+    # when its health checks took it down (health_fails reached unhealthy_after); request failures do not count
+    health_down_since: float | None = None
+    watchers: set[Callable[[float], None]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         """Export the starting state, so a node that is down from the start shows (and alerts) as down."""
@@ -84,15 +85,15 @@ class Backend:
             return
         log.warning("%s %s is now %s%s", self.kind, self.name, state.upper(), f" ({why})" if why else "")
         self.state = state
-        self.down_since = time.monotonic() if state == "down" else None
         self.downs += state == "down"
         INSTANCE_HEALTHY.labels(self.kind, self.name).set(1 if state == "up" else 0)
         INSTANCE_STATE.labels(self.kind, self.name).set(STATE_CODE[state])
 
-    def abandon_waiters(self) -> None:
-        """End every request still waiting on this node (router/backend_wait.py: each wait ends once)."""
+    def abandon_waiters(self, waited_s: float) -> None:
+        """End every request that has waited on this node `waited_s` or more (router/backend_wait.py: each wait
+        ends once). A wait begun since is left alone: a stream's wait for its next event while tokens still flow."""
         for fire in list(self.watchers):
-            fire()
+            fire(waited_s)
 
 
 class Registry:
@@ -228,9 +229,12 @@ class Registry:
                 b.set_state("up")
         else:
             b.health_fails += 1
+            if b.health_fails == self.cfg.unhealthy_after:
+                b.health_down_since = time.monotonic()
             if b.health_fails >= self.cfg.unhealthy_after or b.state == "down":
                 b.set_state("down", why)
-                if time.monotonic() - b.down_since >= self.cfg.abandon_after_s:
-                    b.abandon_waiters()
             elif b.state == "up":
                 b.set_state("suspect", why)
+            if (b.health_fails >= self.cfg.unhealthy_after
+                    and time.monotonic() - b.health_down_since >= self.cfg.abandon_after_s):
+                b.abandon_waiters(self.cfg.abandon_after_s)

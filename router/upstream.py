@@ -11,6 +11,7 @@ from router.upstream_client import UpstreamPool
 from router.upstream_response import UpstreamError, UpstreamResponse
 
 UPSTREAM_ERRORS = (UpstreamError, TimeoutError)
+ERROR_TEXT_WAIT_S = 5.0
 MAX_EVENT_BYTES = 16 << 20  # one SSE event (a chunk with top-20 logprobs of n sequences is far below)
 
 
@@ -30,8 +31,8 @@ async def post(pool: UpstreamPool, b: Backend, path: str, body: dict, headers: d
     except UPSTREAM_ERRORS as e:
         raise UpstreamFailure(b.name, describe(e)) from None
     if up.status >= 500:
-        try:
-            async with asyncio.timeout(timeout_s):
+        try:  # the answer is a failure already: its text is worth a short wait, not the leg's whole timeout
+            async with asyncio.timeout(min(timeout_s, ERROR_TEXT_WAIT_S)):
                 detail = (await up.read())[:300].decode(errors="replace")
         except UPSTREAM_ERRORS:
             detail = ""

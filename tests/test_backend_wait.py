@@ -36,10 +36,21 @@ async def waiting(b: Backend) -> asyncio.Task:
 async def test_a_wait_on_a_node_abandoned_fails_at_once_saying_it_went_down():
     b = node()
     task = await waiting(b)
-    b.abandon_waiters()
+    b.abandon_waiters(0.005)  # it has waited 10 ms
     with pytest.raises(UpstreamFailure) as e:
         await asyncio.wait_for(task, 1)
     assert (e.value.backend, e.value.why) == ("decode-0", ABANDONED)
+
+
+async def test_abandonment_leaves_a_wait_younger_than_it_asks_alone():
+    b = node()
+    task = await waiting(b)
+    b.abandon_waiters(1.0)  # it has waited 10 ms: a stream's wait for its next event while events flow
+    await asyncio.sleep(0.05)
+    assert not task.done()
+    b.abandon_waiters(0.0)
+    with pytest.raises(UpstreamFailure):
+        await asyncio.wait_for(task, 1)
 
 
 @pytest.mark.parametrize("order", [["client"], ["abandon", "client"], ["client", "abandon"]])
@@ -47,7 +58,7 @@ async def test_a_cancel_from_elsewhere_stays_a_cancel_even_when_the_wait_ended_t
     b = node()
     task = await waiting(b)
     for who in order:  # both before the task runs again
-        task.cancel() if who == "client" else b.abandon_waiters()
+        task.cancel() if who == "client" else b.abandon_waiters(0.0)
     with pytest.raises(asyncio.CancelledError):
         await task
 
@@ -57,6 +68,6 @@ async def test_after_the_block_neither_the_timer_nor_the_watcher_reaches_the_tas
     with BackendWait(b, 0.02):
         await asyncio.sleep(0)
     assert not b.watchers
-    b.abandon_waiters()
+    b.abandon_waiters(0.0)
     await asyncio.sleep(0.05)  # past the timeout: a live timer would cancel this task here
     assert asyncio.current_task().cancelling() == 0

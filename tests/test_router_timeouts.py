@@ -5,6 +5,7 @@ tests/test_router_semantics.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 
@@ -56,6 +57,38 @@ async def test_a_node_whose_health_check_hangs_delays_no_other_nodes_check(make)
     d1.healthy = True
     assert await within(3.0, lambda: states(api)[1] == "up")
     assert states(api)[0] == "up"  # its check has not ended yet: nothing is known against it
+
+
+async def test_a_stream_still_receiving_events_is_not_cut_when_its_node_fails_its_health_checks(make):
+    """Abandonment ends waits that lasted abandon_after_s, not a stream whose events keep coming: d0 fails /health
+    from the stream's start on and is abandoned from about 1.2 s, while its events arrive every 50 ms for 3 s."""
+    d0 = StubNode("d0", kv=True, events=60, interval=0.05)
+    url, api = await make([StubNode("p")], [d0], abandon_after_s=1.0)
+    streaming = asyncio.create_task(post(url, dict(REQ, stream=True)))
+    assert await eventually(lambda: len(d0.bodies) == 1)
+    d0.healthy = False
+    status, _, raw = await streaming
+    assert status == 200 and "error" not in raw.decode() and events(raw)[-1] == "[DONE]" and len(events(raw)) == 61
+    assert states(api) == ["down"]  # its checks did fail, for longer than abandon_after_s
+
+
+async def test_a_node_down_by_failed_requests_is_abandoned_only_once_its_health_checks_took_it_down(make):
+    """abandon_after_s counts from the check that took the node down, not from failed requests: d0, down by three
+    failed requests, fails /health from then on without its checks taking it down (unhealthy_after 100), so the
+    request waiting on it is not ended."""
+    d0 = StubNode("d0", mode="late", kv=True)
+    url, api = await make([StubNode("p")], [d0], unhealthy_after=100, abandon_after_s=0.3)
+    waiting = asyncio.create_task(post(url, REQ))
+    assert await eventually(lambda: len(d0.bodies) == 1)
+    registry = api[PROXY].registry
+    for _ in range(3):
+        registry.report_failure(registry.backends["decode"][0], "a failed request")
+    d0.healthy = False
+    await asyncio.sleep(1.5)  # about seven failed checks, each past abandon_after_s since the node went down
+    assert states(api) == ["down"] and not waiting.done()
+    waiting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiting
 
 
 async def within(seconds: float, cond) -> bool:
