@@ -2,9 +2,9 @@
 
 The registry abandons a node that stayed down by its health checks for `abandon_after_s` (router/registry.py): each
 wait on it that has lasted that long is ended, so no request hangs on a node that vanished without closing its
-connections, while a stream still receiving events (each a new, short wait) goes on. One timer and one watcher per
-wait: asyncio.timeout inside a separate watch took 5.6-6.7 us per wait on uvloop, this 3.5-4.3 (four waits per
-request: both legs' headers and bodies).
+connections, while a stream whose events come less than that apart (each a new wait) goes on. One timer and one
+watcher per wait: asyncio.timeout inside a separate watch took 5.6-6.7 us per wait on uvloop, this 3.5-4.3 (four
+waits per request: both legs' headers and bodies).
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ ABANDONED = "down (health checks) while this request waited on it"
 
 class BackendWait:
     """While inside, the current task is cancelled when `timeout_s` passes, or when `backend` is abandoned and this
-    wait has lasted as long as abandonment asks (a stream whose events still flow waits anew for each one, and is
-    not cut). That cancel leaves the block as an UpstreamFailure naming the node and saying which ("timed out", or
+    wait has lasted as long as abandonment asks (a stream waits anew for each event: one whose events come more
+    often than that is not cut). That cancel leaves the block as an UpstreamFailure naming the node and saying which ("timed out", or
     down); a cancel of anyone else's (the client leaving) stays a cancel."""
     __slots__ = ("backend", "timeout_s", "why", "task", "timer", "cancelling", "began")
 

@@ -86,7 +86,7 @@ class RouterConfig(BaseModel):
     unhealthy_after: int = Field(default=2, ge=1, description="consecutive failed health checks before removal")
     abandon_after_s: float = Field(default=3.0, ge=0, description="a node down by its health checks this long "
                                    "has each request that has waited on it as long ended (retried if nothing was "
-                                   "sent); a stream whose events still arrive goes on")
+                                   "sent); a stream whose events come less than this apart goes on")
     down_after_failures: int = Field(default=3, ge=2, description="consecutive failed requests before removal; "
                                      "one failed request only makes an instance suspect")
     connect_timeout_s: float = Field(default=5.0, gt=0)

@@ -52,7 +52,8 @@ class Backend:
     removal: asyncio.Task | None = None  # a waiting drain's: removes it once none is in flight (router/node_admin.py)
     downs: int = 0  # times it went down: what it held may be gone (router/placement.py forgets it)
     incarnation: str = field(default_factory=lambda: uuid.uuid4().hex[:8])  # this router's record of the node
-    # when its health checks took it down (health_fails reached unhealthy_after); request failures do not count
+    # when its health checks took it down (health_fails reached unhealthy_after; None while they pass); request
+    # failures do not count
     health_down_since: float | None = None
     watchers: set[Callable[[float], None]] = field(default_factory=set)
 
@@ -223,13 +224,13 @@ class Registry:
             DECODE_POOL_FREE.labels(b.name).set(share.free)
             DECODE_POOL_RESTING.labels(b.name).set(share.resting)
         if ok:
-            b.health_fails = 0
+            b.health_fails, b.health_down_since = 0, None
             if b.state != "up":
                 b.request_fails = 0
                 b.set_state("up")
         else:
             b.health_fails += 1
-            if b.health_fails == self.cfg.unhealthy_after:
+            if b.health_fails >= self.cfg.unhealthy_after and b.health_down_since is None:
                 b.health_down_since = time.monotonic()
             if b.health_fails >= self.cfg.unhealthy_after or b.state == "down":
                 b.set_state("down", why)

@@ -29,6 +29,8 @@ async def waiting(b: Backend) -> asyncio.Task:
         with BackendWait(b, 30):
             await asyncio.sleep(30)
     task = asyncio.create_task(wait())
+    while not b.watchers:  # inside the wait
+        await asyncio.sleep(0)
     await asyncio.sleep(0.01)
     return task
 

@@ -80,10 +80,11 @@ async def test_a_node_down_by_failed_requests_is_abandoned_only_once_its_health_
     url, api = await make([StubNode("p")], [d0], unhealthy_after=100, abandon_after_s=0.3)
     waiting = asyncio.create_task(post(url, REQ))
     assert await eventually(lambda: len(d0.bodies) == 1)
-    registry = api[PROXY].registry
-    for _ in range(3):
-        registry.report_failure(registry.backends["decode"][0], "a failed request")
+    registry, d0_seen = api[PROXY].registry, api[PROXY].registry.backends["decode"][0]
     d0.healthy = False
+    assert await eventually(lambda: d0_seen.health_fails >= 1)  # no check that passed is still on its way
+    for _ in range(3):
+        registry.report_failure(d0_seen, "a failed request")
     await asyncio.sleep(1.5)  # about seven failed checks, each past abandon_after_s since the node went down
     assert states(api) == ["down"] and not waiting.done()
     waiting.cancel()
