@@ -19,8 +19,8 @@ ABANDONED = "down (health checks) while this request waited on it"
 class BackendWait:
     """While inside, the current task is cancelled when `timeout_s` passes, or when `backend` is abandoned and this
     wait has lasted as long as abandonment asks (a stream waits anew for each event: one whose events come more
-    often than that is not cut). That cancel leaves the block as an UpstreamFailure naming the node and saying which ("timed out", or
-    down); a cancel of anyone else's (the client leaving) stays a cancel."""
+    often than that is not cut). That cancel leaves the block as an UpstreamFailure naming the node and saying
+    which ("timed out", or down); a cancel of anyone else's (the client leaving) stays a cancel."""
     __slots__ = ("backend", "timeout_s", "why", "task", "timer", "cancelling", "began")
 
     def __init__(self, backend: Backend, timeout_s: float) -> None:
