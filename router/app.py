@@ -89,6 +89,7 @@ def build_app(cfg: RouterConfig) -> web.Application:
 
     async def on_cleanup(app: web.Application) -> None:
         await registry.stop()
+        await app[PROXY].background.cancel_all()  # before the legs close: router/background.py
         app[LEGS].close()
         await app[SESSION].close()
 

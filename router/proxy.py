@@ -26,6 +26,7 @@ from aiohttp import web
 
 from router.admission import Admission
 from router.auth import upstream_headers
+from router.background import Background
 from router.config import RouterConfig
 from router.decode_relay import RelayOutcome, relay_stream, relay_whole
 from router.dispatch_lead import DispatchLead
@@ -67,7 +68,7 @@ class Proxy:
         self.cfg, self.registry, self.legs, self.backend_key = cfg, registry, legs, backend_key
         self.traces = TraceBook(cfg.trace_history)
         self.admission = Admission(cfg.max_inflight_total, cfg.retry_after_s)
-        self._background: set[asyncio.Task] = set()
+        self.background = Background()  # router/background.py: cancelled at shutdown before the legs close
         self._deferred: dict[str, int] = {}  # decode node -> requests whose decode leg waits for their prefill
         self._next_link_sample: dict[str, float] = {}  # decode node -> when it may next be asked for a receive time
         self.placement = Placement(cfg.placement, registry, cfg.policy == "prefix_aware")
@@ -120,7 +121,7 @@ class Proxy:
         if prefill is not None:
             was_idle = not self.placement.pending_requests.get(prefill.name)
             decision.prefill_eta_s = self.placement.prefill_eta_s(decision)
-            prefill_task = asyncio.create_task(run_prefill(
+            prefill_task = self.background.keep(run_prefill(
                 self.cfg, self.registry, self.legs, prefill, path, prefill_body(body, tid, decode.kv_address,
                                                                       self.cfg.push_key, self.cfg.push_token_ttl_s),
                 headers, trace, decode.rank_addresses, tid, prefill_over, kv_wait_over))
@@ -243,9 +244,7 @@ class Proxy:
             ms = (got or {}).get("ms") or {}
             if "RECEIVING" in ms and "RECEIVED" in ms:
                 self.placement.transfer_done(decision, ms["RECEIVED"] - ms["RECEIVING"])
-        task = asyncio.ensure_future(ask())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self.background.keep(ask())
 
     def _first_wait(self, body: dict) -> float:
         """A streamed answer starts with its first token; a whole one arrives when generation is done."""
@@ -278,9 +277,7 @@ class Proxy:
                 got = None
             if (got or {}).get("state") != "SCATTERED" and not over.is_set():
                 self._abort_legs(None, prefill_task, decode, tid)
-        task = asyncio.ensure_future(settle())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self.background.keep(settle())
 
     def _abort_legs(self, up: UpstreamResponse | None, prefill_task: asyncio.Task | None, decode: Backend,
                     tid: str) -> None:
@@ -291,7 +288,5 @@ class Proxy:
         if prefill_task is not None:
             if not prefill_task.done():
                 prefill_task.cancel()
-            task = asyncio.ensure_future(cancel_transfer(self.registry.control, decode.rank_addresses, tid,
-                                                         self.cfg.health_timeout_s))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self.background.keep(cancel_transfer(self.registry.control, decode.rank_addresses, tid,
+                                                 self.cfg.health_timeout_s))
