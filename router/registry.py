@@ -230,12 +230,12 @@ class Registry:
                 b.set_state("up")
         else:
             b.health_fails += 1
-            if b.health_fails >= self.cfg.unhealthy_after and b.health_down_since is None:
+            down_by_checks = b.health_fails >= self.cfg.unhealthy_after
+            if down_by_checks and b.health_down_since is None:
                 b.health_down_since = time.monotonic()
-            if b.health_fails >= self.cfg.unhealthy_after or b.state == "down":
+            if down_by_checks or b.state == "down":
                 b.set_state("down", why)
             elif b.state == "up":
                 b.set_state("suspect", why)
-            if (b.health_fails >= self.cfg.unhealthy_after
-                    and time.monotonic() - b.health_down_since >= self.cfg.abandon_after_s):
+            if down_by_checks and time.monotonic() - b.health_down_since >= self.cfg.abandon_after_s:
                 b.abandon_waiters(self.cfg.abandon_after_s)
