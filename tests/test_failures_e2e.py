@@ -233,6 +233,9 @@ def test_lease_expiring_mid_transfer_never_serves_partial_or_reused_slots(server
                 assert pre[0] == 200 and d[0] == 200 and text_of(d[1]) == w
         final = read_until(proc, "final")
         assert final.startswith("final FAILED"), f"the woken producer must give up, not finish: {final}"
+        proc.communicate(timeout=15)  # it closes, driving its fence out: killed, its slots would rest 30 s more
+        wait_for(lambda: pool_status(hs).counters.get("fences_received", 0) > before.counters.get("fences_received", 0),
+                 5, interval=0.05, what="the woken producer's fence")
         failure_report("lease expires mid-transfer (producer SIGSTOPped after chunk 0 of 2)",
                        "decode recomputed (correct); expired slots rested until the woken producer's fence while "
                        f"6 PD requests ran, all correct; woken producer gave up ({final[6:]})", detect, None,
