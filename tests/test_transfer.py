@@ -75,8 +75,9 @@ def finished(p: Producer, want: set[str]) -> dict[str, State]:
     got: dict[str, State] = {}
 
     def done():
-        for t in p.take_finished():  # by handle (key@attempt) and by key
-            got[t.transfer_id] = got[t.transfer_id.rsplit("@", 1)[0]] = t.state
+        for t in p.take_finished():  # by key@attempt and by key (a handle is key@attempt#push)
+            attempt = t.transfer_id.rsplit("#", 1)[0]
+            got[attempt] = got[attempt.rsplit("@", 1)[0]] = t.state
         return want <= set(got)
     wait_for(done, 10, 0.01, "transfers finished")
     return got

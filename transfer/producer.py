@@ -8,6 +8,7 @@ release) run on each consumer's own thread (link_calls.py).
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -72,18 +73,18 @@ class Producer:
         ACTIVE.set_function(lambda: len(self._jobs))
         self._finished: list[Transfer] = []
         self._stop = False
+        self._pushes = itertools.count(1)  # numbers each push's handle
         self._thread = start_io_thread(self._run, "kvbridge-producer")
 
     def begin(self, spec: TransferSpec, consumer: str) -> str:
-        """Start pushing one transfer attempt; returns its handle for `stage` and `abort` ('' when this
-        key is already being pushed: its consumer gets the bytes once; also when an earlier push of this
-        attempt ended but is not cleaned up yet: its staging slots, writes and lease are still its own)."""
-        handle = f"{spec.key}@{spec.attempt}"
+        """Start pushing one transfer attempt; returns its own handle for `stage` and `abort` (a request holding
+        an ended push's stages nothing into a later push of its prompt). '' when this key is already being pushed:
+        its consumer gets the bytes once; also when an earlier push of this attempt is not cleaned up yet."""
         with self._cv:
-            if handle in self._jobs:
-                return ""
-            if any(j.spec.key == spec.key and not (j.abort or j.t.done) for j in self._jobs.values()):
+            if any(j.spec.key == spec.key and (j.spec.attempt == spec.attempt or not (j.abort or j.t.done))
+                   for j in self._jobs.values()):
                 return ""  # the same prompt is on its way already (n > 1, a repeated prompt): one push is enough
+            handle = f"{spec.key}@{spec.attempt}#{next(self._pushes)}"
             self._jobs[handle] = PushJob(Transfer(handle, "producer"), spec, consumer,
                                       self.geometry.n_chunks(spec.num_tokens))
             self._cv.notify()
