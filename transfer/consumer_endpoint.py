@@ -242,8 +242,8 @@ class ConsumerEndpoint:
         """A producer's release also says it writes no more to that lease (unless it gave writes up on their
         way): ended by either side before its deadline, its slots then rest only quarantine_s (quarantine.py)."""
         self.desk.queue.leave(msg.transfer_id)
-        if msg.reason and (msg.epoch == 0 or self.pool.live(msg.transfer_id) is None
-                           or self.pool.live(msg.transfer_id).epoch == msg.epoch):
+        lease = self.pool.live(msg.transfer_id)  # once: a second look may find it expired in between
+        if msg.reason and (msg.epoch == 0 or lease is None or lease.epoch == msg.epoch):
             log.info("producer gave up on %s: %s", msg.transfer_id, msg.reason)
             self.book.fail(msg.transfer_id, f"producer gave up: {msg.reason}")
             if msg.writes_done:
