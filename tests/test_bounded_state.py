@@ -126,6 +126,18 @@ def test_grants_no_request_ever_finishes_are_forgotten_when_their_transfer_ends(
     assert book._granted == {}
 
 
+def test_a_prompts_discarded_key_forgets_its_grant_and_leaves_the_requests_other_prompts():
+    """The scheduler discards one engine request's transfer by its key (transfer id/prompt hash), the router a
+    whole request by its transfer id: either forgets the grants nothing will read."""
+    book = ReceiveBook(SlotPool(4, 100, 0.0), 30.0)
+    book.granted("T/a", 1, 10, "a")
+    book.granted("T/b", 2, 10, "b")
+    book.discard("T/a")
+    assert "T/a" not in book._granted and "T/b" in book._granted
+    book.discard("T")
+    assert book._granted == {}
+
+
 def test_claims_that_never_come_are_forgotten_when_the_lease_ends_but_a_waiting_request_keeps_its_own():
     book = ReceiveBook(SlotPool(4, 100, 0.0), 30.0)
     book.expect("n2/h", 10, "h", claims=2)  # parallel sampling: the second child never comes

@@ -248,10 +248,12 @@ class ReceiveBook:
         self._forget_unread([key])
 
     def discard(self, transfer_id: str) -> None:
-        """The router's request is gone: every transfer of it is refused from now on and freed."""
+        """The router's request is gone (`transfer_id`: every prompt's transfer), or one engine request will
+        not read its prompt's (`transfer_id` is that transfer's key): refused from now on and freed."""
         self._ended.remember(transfer_id, "cancelled: the request ended")
         with self._lock:
-            keys = [k for k in self._granted.keys() | self._expected.keys() if transfer_id_of(k) == transfer_id]
+            keys = [k for k in self._granted.keys() | self._expected.keys()
+                    if transfer_id in (k, transfer_id_of(k))]
         self._forget_unread(keys)
         for lease_key in self.pool.keys_of(transfer_id):
             if self.pool.release(lease_key):
