@@ -99,7 +99,8 @@ class SchedulerSide:
         # req_id -> tokens vLLM's own prefix cache held when it asked (request.num_computed_tokens is still 0
         # in update_state_after_alloc for an async load, so it cannot say which blocks to leave alone)
         self._local_hits: dict[str, int] = {}
-        self._attempts: dict[str, int] = {}  # req_id -> scheduling attempt (grows with each preemption)
+        self._attempts: dict[str, int] = {}  # req_id -> its preemptions seen here: the attempt it pushes as
+        self._resumed: set[str] = set()  # preempted outside schedule() and resumed in this step (_new_attempt)
         self._aborts: list[str] = []
         self._discards: list[str] = []
         self._queue = PrefillQueue()  # push requests not scheduled yet: announced to their consumers
@@ -112,6 +113,7 @@ class SchedulerSide:
             self._queue.arrived(request.request_id, key, p.push_to)
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
+        self._new_attempt(request)
         p = bridge_params(request)
         if self.is_consumer and p is not None and p.receive:
             if request.request_id in self._received:
@@ -152,6 +154,7 @@ class SchedulerSide:
         return max(0, usable * c - num_computed_tokens)
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        self._new_attempt(request)
         rid = request.request_id
         self._queue.left(rid)
         p = bridge_params(request)
@@ -174,10 +177,34 @@ class SchedulerSide:
         if receiving and rid not in self._received:
             self._received.add(rid)
             local = self._local_hits.pop(rid, request.num_computed_tokens)
+            spec = TransferSpec.for_prompt(p.transfer_id, request.prompt_token_ids)
             if num_external_tokens > 0:
                 self._loading.add(rid)
-                self._new_loads.append(LoadTask(rid, TransferSpec.for_prompt(p.transfer_id, request.prompt_token_ids),
-                                                p.claims, list(blocks.get_block_ids()[0]), local // self.block_size))
+                self._new_loads.append(LoadTask(rid, spec, p.claims, list(blocks.get_block_ids()[0]),
+                                                local // self.block_size))
+            else:  # vLLM overrode our answer (a request that skips the prefix cache, one asking for prompt
+                # logprobs): it computes its prompt, and its transfer is refused and freed, not left to hold
+                # decode slots until it goes unclaimed
+                self._discards.append(spec.key)
+
+    def _new_attempt(self, request: Any) -> None:
+        """vLLM preempted `request` and we have not seen it yet: a prefix-cache reset with running requests
+        preempts outside schedule(), and the next schedule() may resume the request before its
+        build_connector_meta reads the preemption. The earlier attempt ends here, so the resumed one asks the
+        store again and pushes anew instead of keeping the old push (aborted a moment later) or a store load
+        never made."""
+        rid = request.request_id
+        if request.num_preemptions > self._attempts.get(rid, 0):
+            self._attempts[rid] = request.num_preemptions
+            self._end_attempt(rid, self._aborts)
+            self._resumed.add(rid)
+
+    def _end_attempt(self, rid: str, aborts: list[str]) -> None:
+        """The request was preempted (its blocks freed): its push, if any, ends now; it asks the store again."""
+        self._store_answers.pop(rid, None)  # its chunks may be stored by now: ask again when rescheduled
+        self._store_loaded.discard(rid)  # it ran, so its load (if any) succeeded
+        if self._outgoing.pop(rid, None) is not None:
+            aborts.append(rid)  # this attempt's push ends; the rescheduled request pushes anew
 
     def _push_allowed(self, rid: str, p: BridgeParams) -> bool:
         if rid not in self._push_checked:
@@ -196,12 +223,11 @@ class SchedulerSide:
                               pending=self._queue.due())
         self._lookup_times = []
         self._new_loads, self._new_store_loads, self._aborts, self._discards = [], [], [], []
+        resumed, self._resumed = self._resumed, set()
         for rid in out.preempted_req_ids or ():
-            self._store_answers.pop(rid, None)  # its chunks may be stored by now: ask again when rescheduled
-            self._store_loaded.discard(rid)  # it ran, so its load (if any) succeeded
-            if self._outgoing.pop(rid, None) is not None:
-                meta.aborts.append(rid)  # this attempt's push ends; the rescheduled request pushes anew
+            if rid not in resumed:  # one resumed in this step ended its earlier attempt already
                 self._attempts[rid] = self._attempts.get(rid, 0) + 1
+                self._end_attempt(rid, meta.aborts)
         for new in out.scheduled_new_reqs if self._outgoing else ():
             task = self._outgoing.get(new.req_id)
             if task is not None:

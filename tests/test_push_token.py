@@ -49,7 +49,7 @@ def test_router_signs_each_prefill_leg_and_drops_the_clients_own_params():
 
 def request(params: dict) -> SimpleNamespace:
     return SimpleNamespace(request_id="r1", prompt_token_ids=list(range(300)), kv_transfer_params={PARAMS_KEY: params},
-                           num_computed_tokens=0)
+                           num_computed_tokens=0, num_preemptions=0)
 
 
 @pytest.mark.parametrize("token,why", [

@@ -31,7 +31,7 @@ def scheduler_with(server: LookupServer, timeout_s: float) -> SchedulerSide:
 
 
 def request(rid: str) -> SimpleNamespace:
-    return SimpleNamespace(request_id=rid, prompt_token_ids=PROMPT, kv_transfer_params=None)
+    return SimpleNamespace(request_id=rid, prompt_token_ids=PROMPT, kv_transfer_params=None, num_preemptions=0)
 
 
 def test_a_late_answer_is_waited_for_across_steps_and_used():

@@ -125,7 +125,8 @@ def store_scheduler() -> tuple[SchedulerSide, HeldClient]:
 
 def test_the_scheduler_asks_once_per_request_and_forgets_it_when_it_finishes():
     side, client = store_scheduler()
-    req = SimpleNamespace(request_id="r1", prompt_token_ids=list(range(13)), kv_transfer_params=None)
+    req = SimpleNamespace(request_id="r1", prompt_token_ids=list(range(13)), kv_transfer_params=None,
+                          num_preemptions=0)
     assert [side.get_num_new_matched_tokens(req, computed) for computed in (0, 0, 4, 0, 8)] == \
         [(8, True), (8, True), (4, True), (8, True), (0, False)]   # loaded asynchronously; once loaded, nothing
     assert client.asked == 1, "later steps of a waiting request must not ask the worker again"
@@ -138,7 +139,8 @@ def test_a_request_whose_store_load_failed_computes_its_prompt_instead_of_loadin
     store's index may still list it, and answering the same hit again loaded the same missing chunk again,
     forever (16 000 reschedules a request in one whole-suite run, the client waiting until it gave up)."""
     side, client = store_scheduler()
-    req = SimpleNamespace(request_id="r1", prompt_token_ids=list(range(13)), kv_transfer_params=None)
+    req = SimpleNamespace(request_id="r1", prompt_token_ids=list(range(13)), kv_transfer_params=None,
+                          num_preemptions=0)
     assert side.get_num_new_matched_tokens(req, 0) == (8, True)
     side.update_state_after_alloc(req, SimpleNamespace(get_block_ids=lambda: ([0, 1, 2, 3],)), 8)
     assert [t.keys for t in side.build_connector_meta(SimpleNamespace(
