@@ -206,7 +206,7 @@ def parse_with_decode_after(ap: argparse.ArgumentParser) -> argparse.Namespace:
 
 
 def push_times_ms(log_path: Path) -> list[float]:
-    pat = re.compile(r"producer \w+ -> SENT  \{.*'SENDING': ([\d.]+), 'SENT': ([\d.]+)\}")
+    pat = re.compile(r"producer \S+ -> SENT \{.*'SENDING': ([\d.]+), 'SENT': ([\d.]+)\}")
     return [float(b) - float(a) for a, b in pat.findall(log_path.read_text(errors="replace"))]
 
 
