@@ -100,7 +100,7 @@ class SchedulerSide:
         # in update_state_after_alloc for an async load, so it cannot say which blocks to leave alone)
         self._local_hits: dict[str, int] = {}
         self._attempts: dict[str, int] = {}  # req_id -> its preemptions seen here: the attempt it pushes as
-        self._resumed: set[str] = set()  # preempted outside schedule() and resumed in this step (_new_attempt)
+        self._resumed: set[str] = set()  # preempted outside schedule(): its attempt ended in this step already
         self._aborts: list[str] = []
         self._discards: list[str] = []
         self._queue = PrefillQueue()  # push requests not scheduled yet: announced to their consumers
@@ -225,7 +225,9 @@ class SchedulerSide:
         self._new_loads, self._new_store_loads, self._aborts, self._discards = [], [], [], []
         resumed, self._resumed = self._resumed, set()
         for rid in out.preempted_req_ids or ():
-            if rid not in resumed:  # one resumed in this step ended its earlier attempt already
+            # not one whose attempt ended in this step already, nor one that finished since (vLLM reports a
+            # preemption outside schedule() in the next step's output, after an abort in between)
+            if rid not in resumed and rid not in out.finished_req_ids:
                 self._attempts[rid] = self._attempts.get(rid, 0) + 1
                 self._end_attempt(rid, meta.aborts)
         for new in out.scheduled_new_reqs if self._outgoing else ():

@@ -16,10 +16,12 @@ from transfer.push_token import sign
 BLOCKS = SimpleNamespace(get_block_ids=lambda: [list(range(19))])
 
 
-def step(preempted: set[str] = frozenset(), scheduled: tuple[str, ...] = ()) -> SimpleNamespace:
+def step(preempted: set[str] = frozenset(), scheduled: tuple[str, ...] = (),
+         finished: set[str] = frozenset()) -> SimpleNamespace:
     """A SchedulerOutput where `scheduled` requests start from token 0 (16 tokens each)."""
     new = [SimpleNamespace(req_id=r, block_ids=(list(range(19)),), num_computed_tokens=0) for r in scheduled]
     return SimpleNamespace(total_num_scheduled_tokens=16 * len(new), preempted_req_ids=set(preempted),
+                           finished_req_ids=set(finished),
                            scheduled_new_reqs=new, num_scheduled_tokens={r: 16 for r in scheduled},
                            scheduled_cached_reqs=SimpleNamespace(req_ids=[], new_block_ids=[], num_computed_tokens=[]))
 
@@ -54,6 +56,16 @@ def test_a_request_preempted_in_schedule_ends_its_push_then_pushes_anew_once_res
     schedule(side, req)  # resumed in a later step
     meta = side.build_connector_meta(step(scheduled=("r1",)))
     assert meta.aborts == [] and [t.spec.attempt for t in meta.outgoing] == [1]
+
+
+def test_a_request_preempted_outside_schedule_then_aborted_leaves_nothing_behind():
+    """The reset's preemption is reported in the next step's output, after the client's abort in between."""
+    side, req = pusher()
+    req.num_preemptions = 1
+    side.request_finished(req, [])
+    meta = side.build_connector_meta(step(preempted={"r1"}, finished={"r1"}))
+    assert meta.aborts == ["r1"], "the push ends once, at the abort"
+    assert side._attempts == {} and side._outgoing == {}
 
 
 def test_a_store_hit_made_before_a_same_step_resume_is_asked_again_and_loaded():

@@ -15,7 +15,8 @@ from pd.worker_side import WorkerSide
 from tests.test_prefill_queue import IDLE_STEP
 from tests.test_push_token import request
 
-DECODE_STEP = SimpleNamespace(total_num_scheduled_tokens=8, preempted_req_ids=None, scheduled_new_reqs=[],
+DECODE_STEP = SimpleNamespace(total_num_scheduled_tokens=8, preempted_req_ids=None, finished_req_ids=set(),
+                              scheduled_new_reqs=[],
                               scheduled_cached_reqs=SimpleNamespace(req_ids=[f"d{i}" for i in range(8)]))
 
 
