@@ -76,8 +76,7 @@ def finished(p: Producer, want: set[str]) -> dict[str, State]:
 
     def done():
         for t in p.take_finished():  # by key@attempt and by key (a handle is key@attempt#push)
-            attempt = t.transfer_id.rsplit("#", 1)[0]
-            got[attempt] = got[attempt.rsplit("@", 1)[0]] = t.state
+            got[t.transfer_id.split("#")[0]] = got[t.transfer_id.split("@")[0]] = t.state
         return want <= set(got)
     wait_for(done, 10, 0.01, "transfers finished")
     return got

@@ -77,9 +77,8 @@ class Producer:
         self._thread = start_io_thread(self._run, "kvbridge-producer")
 
     def begin(self, spec: TransferSpec, consumer: str) -> str:
-        """Start pushing one transfer attempt; returns its own handle for `stage` and `abort` (a request holding
-        an ended push's stages nothing into a later push of its prompt). '' when this key is already being pushed:
-        its consumer gets the bytes once; also when an earlier push of this attempt is not cleaned up yet."""
+        """A new push of one transfer attempt: its own handle for `stage` and `abort`, so an ended push's takes no
+        chunk; '' while the key is being pushed (one push serves it) or this attempt's last push is being cleaned up."""
         with self._cv:
             if any(j.spec.key == spec.key and (j.spec.attempt == spec.attempt or not (j.abort or j.t.done))
                    for j in self._jobs.values()):
