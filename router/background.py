@@ -1,9 +1,10 @@
-"""The router's tasks that outlive the request that started them, kept until they end and cancelled at shutdown.
+"""The router's tasks that outlive what started them, kept until they end and cancelled at shutdown.
 
 A prefill leg left to answer on its own (its decode node already scattered the KV), a question to a decode
-connector, a transfer's cancel: the event loop holds tasks only weakly, so each is kept here until done. At
-shutdown they are cancelled before the legs' connections close: a leg ended by that close would fail as its node's
-fault ("the router closed the connection"), logged as a failed prefill and counted against a healthy node.
+connector, a transfer's cancel, a control message its connection did not take at once (router/control_channel.py):
+the event loop holds tasks only weakly, so each is kept here until done. At shutdown the proxy's are cancelled
+before the legs' connections close: a leg ended by that close would fail as its node's fault ("the router closed
+the connection"), logged as a failed prefill and counted against a healthy node.
 """
 from __future__ import annotations
 
@@ -22,9 +23,13 @@ class Background:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    def cancel(self) -> None:
+        """Cancel what is still running, without waiting for it to end."""
+        for task in self._tasks:
+            task.cancel()
+
     async def cancel_all(self) -> None:
         """Cancel what is still running and wait until each has ended."""
         tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
+        self.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

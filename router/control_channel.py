@@ -16,6 +16,7 @@ from typing import Callable
 import zmq
 import zmq.asyncio
 
+from router.background import Background
 from transfer import wire
 from transfer.control_auth import UNSIGNED_NONCE, AuthError, Credential, parse
 
@@ -35,7 +36,7 @@ class _Channel:
             raise
         self.waiting: dict[bytes, asyncio.Future[bytes]] = {}
         self.reader: asyncio.Task | None = None
-        self.sending: set[asyncio.Task] = set()  # tells that a connection did not take at once
+        self.sending = Background()  # tells that a connection did not take at once
 
     async def ask(self, msg: wire.Message, timeout_s: float) -> wire.ReplyMessage | None:
         frame, nonce = self.cred.seal(wire.encode(msg))
@@ -60,9 +61,7 @@ class _Channel:
         self._keep_reading()
         sent = self.sock.send(frame)
         if not sent.done():
-            task = asyncio.ensure_future(self._send_within(sent, timeout_s))
-            self.sending.add(task)  # the loop keeps only weak references to tasks
-            task.add_done_callback(self.sending.discard)
+            self.sending.keep(self._send_within(sent, timeout_s))
         elif sent.exception() is not None:
             log.debug("control message to %s not sent: %s", self.address, sent.exception())
 
@@ -97,8 +96,7 @@ class _Channel:
     def close(self) -> None:
         if self.reader is not None:
             self.reader.cancel()
-        for task in self.sending:
-            task.cancel()
+        self.sending.cancel()
         self.sock.close(0)
 
 
